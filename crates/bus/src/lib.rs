@@ -1,0 +1,127 @@
+//! Mercato's event plumbing.
+//!
+//! - [`event`]: the CloudEvents-style envelope and the payload schemas services agree on.
+//! - [`Stream`] (a partitioned, replayable log with consumer groups: Kafka's model) and
+//!   [`Queue`] (messages with visibility timeouts and dead-lettering: SQS's model).
+//! - [`outbox`]: events are written in the same transaction as the state they describe,
+//!   then relayed at least once; consumers deduplicate by event id.
+//! - [`embedded`]: both traits on one SQLite file, so `mercato up` needs nothing installed.
+
+pub mod embedded;
+pub mod event;
+pub mod outbox;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+pub use event::Event;
+
+/// Topic and queue names used across services.
+pub mod names {
+    pub const ORDERS_TOPIC: &str = "orders";
+    pub const PAYMENTS_TOPIC: &str = "payments";
+    pub const ORDER_EVENTS_QUEUE: &str = "order-events";
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    #[error("bus storage failed: {0}")]
+    Storage(#[from] sqlx::Error),
+    #[error("bus storage could not be opened: {0}")]
+    Open(#[from] kit::db::DbError),
+    #[error("unsupported bus url `{0}`")]
+    UnsupportedUrl(String),
+    #[error("malformed record: {0}")]
+    Malformed(String),
+}
+
+pub type Headers = BTreeMap<String, String>;
+
+/// A record to append to a stream.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Record {
+    /// Partitioning key: records with one key keep their order.
+    pub key: String,
+    pub headers: Headers,
+    pub payload: Vec<u8>,
+}
+
+/// A record read back from a stream, with its position.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Delivered {
+    pub topic: String,
+    pub partition: u32,
+    pub offset: i64,
+    pub record: Record,
+}
+
+/// A partitioned, replayable log (Kafka's model).
+#[async_trait]
+pub trait Stream: Send + Sync {
+    async fn publish(&self, topic: &str, records: &[Record]) -> Result<(), BusError>;
+
+    /// Joins `group` on `topic`; the consumer resumes after the group's committed offsets.
+    async fn subscribe(
+        &self,
+        topic: &str,
+        group: &str,
+    ) -> Result<Box<dyn StreamConsumer>, BusError>;
+}
+
+#[async_trait]
+pub trait StreamConsumer: Send {
+    /// Up to `max` records after the last polled position, waiting up to `wait` for the first.
+    async fn poll(&mut self, max: usize, wait: Duration) -> Result<Vec<Delivered>, BusError>;
+
+    /// Marks everything up to and including `delivered` as processed for the group.
+    async fn commit(&mut self, delivered: &[Delivered]) -> Result<(), BusError>;
+}
+
+/// A message to send to a queue.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutgoingMessage {
+    pub id: String,
+    pub body: String,
+    pub attributes: Headers,
+}
+
+/// A message received from a queue; invisible to others until deleted or released.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReceivedMessage {
+    pub id: String,
+    pub receipt: String,
+    pub body: String,
+    pub attributes: Headers,
+    pub receive_count: i64,
+    pub sent_at_ms: i64,
+}
+
+/// Messages with visibility timeouts, receive counts and dead-lettering (SQS's model).
+#[async_trait]
+pub trait Queue: Send + Sync {
+    async fn send_batch(&self, queue: &str, messages: &[OutgoingMessage]) -> Result<(), BusError>;
+
+    /// Up to `max` visible messages, waiting up to `wait` for the first (long polling).
+    async fn receive(
+        &self,
+        queue: &str,
+        max: usize,
+        wait: Duration,
+    ) -> Result<Vec<ReceivedMessage>, BusError>;
+
+    /// Acknowledges a processed message.
+    async fn delete(&self, queue: &str, receipt: &str) -> Result<(), BusError>;
+
+    /// Makes a failed message visible again after `delay`.
+    async fn release(&self, queue: &str, receipt: &str, delay: Duration) -> Result<(), BusError>;
+
+    /// Messages waiting (visible or in flight), for readiness and tests.
+    async fn depth(&self, queue: &str) -> Result<i64, BusError>;
+}
+
+/// The dead-letter queue paired with `queue`.
+pub fn dead_letter_queue(queue: &str) -> String {
+    format!("{queue}-dlq")
+}

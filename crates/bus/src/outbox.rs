@@ -1,0 +1,370 @@
+//! The transactional outbox: a service writes its events into its own database in the same
+//! transaction as the state change they describe, and the [`Relay`] publishes them afterwards,
+//! at least once, retrying with jittered exponential backoff. A crash between commit and
+//! publish delays an event; it never loses one. Consumers deduplicate by event id.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kit::db::{Db, now_ms};
+use sqlx::{Row, SqliteConnection};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::{BusError, Event, OutgoingMessage, Queue, Record, Stream};
+
+/// The outbox table, to include in the owning service's migrations.
+pub const MIGRATION: &str = "CREATE TABLE outbox (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_id TEXT NOT NULL,
+    destination TEXT NOT NULL,
+    key TEXT NOT NULL,
+    headers TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at INTEGER NOT NULL,
+    UNIQUE (event_id, destination)
+);
+CREATE INDEX outbox_due ON outbox (next_attempt_at, seq);";
+
+/// Where an outbox row goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Destination {
+    Stream(&'static str),
+    Queue(&'static str),
+}
+
+impl Destination {
+    fn encode(self) -> String {
+        match self {
+            Destination::Stream(topic) => format!("stream:{topic}"),
+            Destination::Queue(queue) => format!("queue:{queue}"),
+        }
+    }
+}
+
+/// Writes one row per destination for `event`, inside the caller's transaction.
+pub async fn enqueue(
+    conn: &mut SqliteConnection,
+    event: &Event,
+    destinations: &[Destination],
+) -> Result<(), sqlx::Error> {
+    let headers =
+        serde_json::to_string(&event.headers()).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+    let now = now_ms();
+    for destination in destinations {
+        sqlx::query(
+            "INSERT INTO outbox (event_id, destination, key, headers, payload, created_at, next_attempt_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(event.id.to_string())
+        .bind(destination.encode())
+        .bind(&event.subject)
+        .bind(&headers)
+        .bind(&event.data)
+        .bind(now)
+        .bind(now)
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(())
+}
+
+struct Pending {
+    seq: i64,
+    key: String,
+    event_id: String,
+    headers: crate::Headers,
+    payload: String,
+    attempts: i64,
+}
+
+/// Publishes a service's outbox rows to the stream and the queue.
+#[derive(Clone)]
+pub struct Relay {
+    db: Db,
+    stream: Arc<dyn Stream>,
+    queue: Arc<dyn Queue>,
+    wake: Arc<Notify>,
+    batch: i64,
+}
+
+impl Relay {
+    pub fn new(db: Db, stream: Arc<dyn Stream>, queue: Arc<dyn Queue>) -> Relay {
+        Relay {
+            db,
+            stream,
+            queue,
+            wake: Arc::new(Notify::new()),
+            batch: 256,
+        }
+    }
+
+    /// Call after committing outbox rows so they go out now rather than at the next poll.
+    pub fn waker(&self) -> Arc<Notify> {
+        self.wake.clone()
+    }
+
+    /// Relays until `shutdown`, then returns after the batch in hand.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut failures: u32 = 0;
+        loop {
+            match self.relay_once().await {
+                Ok(n) if n > 0 => {
+                    failures = 0;
+                    if shutdown.is_cancelled() {
+                        return;
+                    }
+                    continue;
+                }
+                Ok(_) => failures = 0,
+                Err(e) => {
+                    failures = failures.saturating_add(1);
+                    tracing::warn!(error = %e, "outbox relay pass failed");
+                }
+            }
+            let idle = if failures > 0 {
+                backoff(i64::from(failures))
+            } else {
+                Duration::from_millis(250)
+            };
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = self.wake.notified() => {},
+                () = tokio::time::sleep(idle) => {},
+            }
+        }
+    }
+
+    /// One pass: publishes every due row (up to a batch). Returns how many went out.
+    pub async fn relay_once(&self) -> Result<usize, BusError> {
+        let rows = sqlx::query(
+            "SELECT seq, event_id, destination, key, headers, payload, attempts FROM outbox
+             WHERE next_attempt_at <= ? ORDER BY seq LIMIT ?",
+        )
+        .bind(now_ms())
+        .bind(self.batch)
+        .fetch_all(&self.db.read)
+        .await?;
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let mut by_destination: BTreeMap<String, Vec<Pending>> = BTreeMap::new();
+        for row in rows {
+            let headers: String = row.try_get("headers")?;
+            by_destination
+                .entry(row.try_get("destination")?)
+                .or_default()
+                .push(Pending {
+                    seq: row.try_get("seq")?,
+                    key: row.try_get("key")?,
+                    event_id: row.try_get("event_id")?,
+                    headers: serde_json::from_str(&headers)
+                        .map_err(|e| BusError::Malformed(e.to_string()))?,
+                    payload: row.try_get("payload")?,
+                    attempts: row.try_get("attempts")?,
+                });
+        }
+        let mut published = 0;
+        for (destination, pending) in by_destination {
+            let outcome = self.publish(&destination, &pending).await;
+            let mut tx = self.db.begin().await?;
+            match &outcome {
+                Ok(()) => {
+                    for p in &pending {
+                        sqlx::query("DELETE FROM outbox WHERE seq = ?")
+                            .bind(p.seq)
+                            .execute(&mut *tx)
+                            .await?;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(destination, error = %e, events = pending.len(), "publishing failed; will retry");
+                    for p in &pending {
+                        let delay =
+                            i64::try_from(backoff(p.attempts + 1).as_millis()).unwrap_or(30_000);
+                        sqlx::query(
+                            "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = ? WHERE seq = ?",
+                        )
+                        .bind(now_ms() + delay)
+                        .bind(p.seq)
+                        .execute(&mut *tx)
+                        .await?;
+                    }
+                }
+            }
+            tx.commit().await?;
+            let outcome_label = if outcome.is_ok() {
+                "published"
+            } else {
+                "failed"
+            };
+            metrics::counter!("outbox_events_total", "destination" => destination.clone(), "outcome" => outcome_label)
+                .increment(pending.len() as u64);
+            if outcome.is_ok() {
+                published += pending.len();
+            }
+        }
+        Ok(published)
+    }
+
+    async fn publish(&self, destination: &str, pending: &[Pending]) -> Result<(), BusError> {
+        if let Some(topic) = destination.strip_prefix("stream:") {
+            let records: Vec<Record> = pending
+                .iter()
+                .map(|p| Record {
+                    key: p.key.clone(),
+                    headers: p.headers.clone(),
+                    payload: p.payload.clone().into_bytes(),
+                })
+                .collect();
+            self.stream.publish(topic, &records).await
+        } else if let Some(queue) = destination.strip_prefix("queue:") {
+            let messages: Vec<OutgoingMessage> = pending
+                .iter()
+                .map(|p| OutgoingMessage {
+                    id: p.event_id.clone(),
+                    body: p.payload.clone(),
+                    attributes: p.headers.clone(),
+                })
+                .collect();
+            self.queue.send_batch(queue, &messages).await
+        } else {
+            Err(BusError::Malformed(format!(
+                "unknown destination {destination}"
+            )))
+        }
+    }
+
+    /// Rows not yet published, for readiness and tests.
+    pub async fn pending(&self) -> Result<i64, BusError> {
+        Ok(sqlx::query_scalar("SELECT COUNT(*) FROM outbox")
+            .fetch_one(&self.db.read)
+            .await?)
+    }
+}
+
+/// 100 ms doubling per attempt up to 30 s, with ±20 % jitter so retries do not stampede.
+fn backoff(attempt: i64) -> Duration {
+    let exp = u32::try_from(attempt.clamp(0, 20)).unwrap_or(20);
+    let base = 100u64.saturating_mul(2u64.saturating_pow(exp)).min(30_000);
+    let jitter = fastrand::u64(0..=base / 5);
+    let ms = if fastrand::bool() {
+        base + jitter
+    } else {
+        base - jitter
+    };
+    Duration::from_millis(ms)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::embedded::{EmbeddedBus, EmbeddedOptions};
+    use async_trait::async_trait;
+    use kit::config::SqliteSettings;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    static STEPS: &[kit::db::Step] = &[(1, "outbox", MIGRATION)];
+
+    /// A queue that fails until told otherwise: a broker that is down.
+    struct Flaky {
+        inner: EmbeddedBus,
+        down: AtomicBool,
+    }
+
+    #[async_trait]
+    impl Queue for Flaky {
+        async fn send_batch(&self, q: &str, m: &[OutgoingMessage]) -> Result<(), BusError> {
+            if self.down.load(Ordering::SeqCst) {
+                return Err(BusError::UnsupportedUrl("down".into()));
+            }
+            self.inner.send_batch(q, m).await
+        }
+        async fn receive(
+            &self,
+            q: &str,
+            max: usize,
+            w: Duration,
+        ) -> Result<Vec<crate::ReceivedMessage>, BusError> {
+            self.inner.receive(q, max, w).await
+        }
+        async fn delete(&self, q: &str, r: &str) -> Result<(), BusError> {
+            self.inner.delete(q, r).await
+        }
+        async fn release(&self, q: &str, r: &str, d: Duration) -> Result<(), BusError> {
+            self.inner.release(q, r, d).await
+        }
+        async fn depth(&self, q: &str) -> Result<i64, BusError> {
+            self.inner.depth(q).await
+        }
+    }
+
+    #[tokio::test]
+    async fn events_survive_an_unreachable_queue_and_go_out_once_it_is_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(
+            &format!("sqlite://{}/svc.db", dir.path().display()),
+            &SqliteSettings::default(),
+            STEPS,
+        )
+        .await
+        .unwrap();
+        let bus = EmbeddedBus::open(
+            &format!("sqlite://{}/bus.db", dir.path().display()),
+            &SqliteSettings::default(),
+            EmbeddedOptions::default(),
+        )
+        .await
+        .unwrap();
+        let flaky = Arc::new(Flaky {
+            inner: bus.clone(),
+            down: AtomicBool::new(true),
+        });
+        let relay = Relay::new(db.clone(), Arc::new(bus.clone()), flaky.clone());
+
+        let event = Event::new(
+            uuid::Uuid::new_v4(),
+            "order.created",
+            "test",
+            "o1".into(),
+            &serde_json::json!({"n": 1}),
+        )
+        .unwrap();
+        let mut tx = db.begin().await.unwrap();
+        enqueue(
+            &mut tx,
+            &event,
+            &[Destination::Stream("orders"), Destination::Queue("q")],
+        )
+        .await
+        .unwrap();
+        tx.commit().await.unwrap();
+
+        assert_eq!(
+            relay.relay_once().await.unwrap(),
+            1,
+            "the stream row goes out"
+        );
+        assert_eq!(relay.pending().await.unwrap(), 1, "the queue row waits");
+        flaky.down.store(false, Ordering::SeqCst);
+        sqlx::query("UPDATE outbox SET next_attempt_at = 0")
+            .execute(db.writer())
+            .await
+            .unwrap();
+        assert_eq!(relay.relay_once().await.unwrap(), 1);
+        assert_eq!(relay.pending().await.unwrap(), 0);
+        let got = bus.receive("q", 10, Duration::ZERO).await.unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].id, event.id.to_string());
+    }
+
+    #[test]
+    fn backoff_grows_and_caps() {
+        assert!(backoff(1) <= Duration::from_millis(240));
+        assert!(backoff(30) <= Duration::from_millis(36_000));
+        assert!(backoff(30) >= Duration::from_millis(24_000));
+    }
+}

@@ -1,0 +1,161 @@
+//! Service-to-service HTTP: JSON in and out, a hard timeout on every call, the caller's
+//! request id forwarded, and failures sorted into "the other side said no" (4xx, with its
+//! problem) and "the other side is not there" (timeouts, refused connections, 5xx).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Method, StatusCode};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::config::HttpSettings;
+use crate::problem::Problem;
+use crate::server::REQUEST_ID;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    /// Timed out, refused, 5xx or an unreadable answer: the caller should answer 503.
+    #[error("{service} is unavailable: {reason}")]
+    Unavailable {
+        service: &'static str,
+        reason: String,
+    },
+    /// The dependency answered with a 4xx.
+    #[error("{service} answered {status}")]
+    Rejected {
+        service: &'static str,
+        status: StatusCode,
+        problem: Option<Box<Problem>>,
+    },
+}
+
+impl CallError {
+    pub fn status(&self) -> Option<StatusCode> {
+        match self {
+            CallError::Rejected { status, .. } => Some(*status),
+            CallError::Unavailable { .. } => None,
+        }
+    }
+}
+
+/// One pooled client for the whole process.
+pub fn http_client(settings: &HttpSettings) -> Result<reqwest::Client, reqwest::Error> {
+    reqwest::Client::builder()
+        .timeout(Duration::from_millis(settings.client_timeout_ms))
+        .connect_timeout(Duration::from_millis(settings.connect_timeout_ms))
+        .tcp_nodelay(true)
+        .pool_max_idle_per_host(256)
+        .build()
+}
+
+/// A client for one named dependency at one base URL.
+#[derive(Debug, Clone)]
+pub struct ServiceClient {
+    http: reqwest::Client,
+    base: Arc<str>,
+    service: &'static str,
+}
+
+impl ServiceClient {
+    pub fn new(service: &'static str, base_url: &str, http: reqwest::Client) -> Self {
+        ServiceClient {
+            http,
+            base: Arc::from(base_url.trim_end_matches('/')),
+            service,
+        }
+    }
+
+    pub fn base_url(&self) -> &str {
+        &self.base
+    }
+
+    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, CallError> {
+        self.call(Method::GET, path, None::<&()>).await
+    }
+
+    pub async fn post<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, CallError> {
+        self.call(Method::POST, path, Some(body)).await
+    }
+
+    /// A call whose answer body does not matter (204s, deletes).
+    pub async fn send<B: Serialize>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<(), CallError> {
+        self.exchange(method, path, body).await.map(|_| ())
+    }
+
+    pub async fn call<B: Serialize, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<T, CallError> {
+        let bytes = self.exchange(method, path, body).await?;
+        serde_json::from_slice(&bytes)
+            .map_err(|e| self.unavailable(format!("unreadable answer: {e}")))
+    }
+
+    async fn exchange<B: Serialize>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<bytes_compat::Bytes, CallError> {
+        let mut request = self.http.request(method, format!("{}{}", self.base, path));
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        if let Ok(Some(id)) = REQUEST_ID.try_with(Clone::clone) {
+            request = request.header("x-request-id", id);
+        }
+        let response = request
+            .send()
+            .await
+            .map_err(|e| self.unavailable(describe(&e)))?;
+        let status = response.status();
+        let bytes = response
+            .bytes()
+            .await
+            .map_err(|e| self.unavailable(describe(&e)))?;
+        if status.is_success() {
+            Ok(bytes)
+        } else if status.is_client_error() {
+            Err(CallError::Rejected {
+                service: self.service,
+                status,
+                problem: serde_json::from_slice(&bytes).ok().map(Box::new),
+            })
+        } else {
+            Err(self.unavailable(format!("answered {status}")))
+        }
+    }
+
+    fn unavailable(&self, reason: String) -> CallError {
+        CallError::Unavailable {
+            service: self.service,
+            reason,
+        }
+    }
+}
+
+mod bytes_compat {
+    pub type Bytes = axum::body::Bytes;
+}
+
+fn describe(e: &reqwest::Error) -> String {
+    if e.is_timeout() {
+        "timed out".into()
+    } else if e.is_connect() {
+        "connection refused".into()
+    } else {
+        "transport error".into()
+    }
+}

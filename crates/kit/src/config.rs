@@ -1,0 +1,361 @@
+//! Layered configuration: built-in defaults < `mercato.toml` < `MERCATO_*` environment.
+//!
+//! Nested keys use a double underscore (`MERCATO_ORDERS__PORT=9003`). The seed's own
+//! environment names (`DATABASE_URL`, `SQS_QUEUE_URL`, `KAFKA_BOOTSTRAP_SERVERS`, ...) are
+//! honoured too, so an existing deployment's settings carry over unchanged.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+/// The seed's environment names and where each lands in [`Settings`].
+pub const SEED_ENV: &[(&str, &str)] = &[
+    ("DATABASE_URL", "default_database_url"),
+    ("SQS_QUEUE_URL", "bus.queue_url"),
+    ("KAFKA_BOOTSTRAP_SERVERS", "bus.kafka.bootstrap_servers"),
+    ("KAFKA_SECURITY_PROTOCOL", "bus.kafka.security_protocol"),
+    ("KAFKA_SASL_MECHANISM", "bus.kafka.sasl_mechanism"),
+    ("KAFKA_API_KEY", "bus.kafka.api_key"),
+    ("KAFKA_API_SECRET", "bus.kafka.api_secret"),
+    ("ORDERS_TABLE", "tables.orders"),
+    ("PAYMENTS_TABLE", "tables.payments"),
+    ("NOTIFICATIONS_TABLE", "tables.notifications"),
+    ("AWS_REGION", "aws_region"),
+    ("LOG_LEVEL", "log.level"),
+];
+
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {0}")]
+pub struct ConfigError(#[from] Box<figment::Error>);
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    /// Where embedded databases live.
+    pub data_dir: PathBuf,
+    /// Address every listener binds.
+    pub host: IpAddr,
+    /// Seed a demo catalog into an empty products store at start-up.
+    pub demo: bool,
+    /// Used by every SQL store without a `database_url` of its own (the seed's `DATABASE_URL`).
+    pub default_database_url: Option<String>,
+    pub aws_region: Option<String>,
+    pub log: LogSettings,
+    pub http: HttpSettings,
+    pub sqlite: SqliteSettings,
+    pub bus: BusSettings,
+    pub tables: TableNames,
+    pub gateway: ServiceSettings,
+    pub users: ServiceSettings,
+    pub products: ServiceSettings,
+    pub orders: ServiceSettings,
+    pub payments: ServiceSettings,
+    pub notifications: ServiceSettings,
+    pub analytics: ServiceSettings,
+    pub saga: SagaSettings,
+    pub notifier: NotifierSettings,
+    pub analytics_engine: AnalyticsSettings,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServiceSettings {
+    /// Listening port; 0 picks a free one.
+    pub port: u16,
+    /// How other services reach this one; derived from host and bound port when unset.
+    pub url: Option<String>,
+    /// Storage URL; `sqlite://<data_dir>/<service>.db` when unset.
+    pub database_url: Option<String>,
+}
+
+impl ServiceSettings {
+    fn on(port: u16) -> Self {
+        ServiceSettings {
+            port,
+            url: None,
+            database_url: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogSettings {
+    /// `json` (default, one object per line) or `pretty`.
+    pub format: String,
+    /// A tracing filter such as `info` or `info,orders=debug`.
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpSettings {
+    /// Whole-call timeout for service-to-service requests.
+    pub client_timeout_ms: u64,
+    pub connect_timeout_ms: u64,
+    /// Largest accepted request body.
+    pub body_limit_bytes: usize,
+    /// Gateway: how long an upstream may take to answer.
+    pub upstream_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct SqliteSettings {
+    /// `normal` survives a process crash (WAL); `full` also survives power loss, slower.
+    pub synchronous: String,
+    pub busy_timeout_ms: u64,
+    pub read_connections: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct BusSettings {
+    /// Embedded bus database; `sqlite://<data_dir>/bus.db` when unset.
+    pub url: Option<String>,
+    /// Queue backend override (the seed's `SQS_QUEUE_URL`).
+    pub queue_url: Option<String>,
+    pub kafka: KafkaSettings,
+    pub visibility_timeout_ms: u64,
+    /// Deliveries before a queue message is moved to the dead-letter queue.
+    pub max_receives: i64,
+    pub stream_partitions: u32,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct KafkaSettings {
+    pub bootstrap_servers: Option<String>,
+    pub security_protocol: Option<String>,
+    pub sasl_mechanism: Option<String>,
+    pub api_key: Option<String>,
+    pub api_secret: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TableNames {
+    pub orders: String,
+    pub payments: String,
+    pub notifications: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct SagaSettings {
+    /// Unpaid orders are cancelled, and their stock released, after this long.
+    pub pending_order_ttl_secs: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct NotifierSettings {
+    pub batch_size: usize,
+    pub poll_interval_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AnalyticsSettings {
+    pub window_secs: i64,
+    pub poll_interval_ms: u64,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            data_dir: PathBuf::from("data"),
+            host: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            demo: true,
+            default_database_url: None,
+            aws_region: None,
+            log: LogSettings::default(),
+            http: HttpSettings::default(),
+            sqlite: SqliteSettings::default(),
+            bus: BusSettings::default(),
+            tables: TableNames::default(),
+            gateway: ServiceSettings::on(8080),
+            users: ServiceSettings::on(8001),
+            products: ServiceSettings::on(8002),
+            orders: ServiceSettings::on(8003),
+            payments: ServiceSettings::on(8004),
+            notifications: ServiceSettings::on(8005),
+            analytics: ServiceSettings::on(8006),
+            saga: SagaSettings::default(),
+            notifier: NotifierSettings::default(),
+            analytics_engine: AnalyticsSettings::default(),
+        }
+    }
+}
+
+impl Default for ServiceSettings {
+    fn default() -> Self {
+        ServiceSettings::on(0)
+    }
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        LogSettings {
+            format: "json".into(),
+            level: "info".into(),
+        }
+    }
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        HttpSettings {
+            client_timeout_ms: 2_000,
+            connect_timeout_ms: 500,
+            body_limit_bytes: 1024 * 1024,
+            upstream_timeout_ms: 10_000,
+        }
+    }
+}
+
+impl Default for SqliteSettings {
+    fn default() -> Self {
+        SqliteSettings {
+            synchronous: "normal".into(),
+            busy_timeout_ms: 5_000,
+            read_connections: 4,
+        }
+    }
+}
+
+impl Default for BusSettings {
+    fn default() -> Self {
+        BusSettings {
+            url: None,
+            queue_url: None,
+            kafka: KafkaSettings::default(),
+            visibility_timeout_ms: 30_000,
+            max_receives: 5,
+            stream_partitions: 1,
+        }
+    }
+}
+
+impl Default for TableNames {
+    fn default() -> Self {
+        TableNames {
+            orders: "orders".into(),
+            payments: "payments".into(),
+            notifications: "notifications".into(),
+        }
+    }
+}
+
+impl Default for SagaSettings {
+    fn default() -> Self {
+        SagaSettings {
+            pending_order_ttl_secs: 15 * 60,
+        }
+    }
+}
+
+impl Default for NotifierSettings {
+    fn default() -> Self {
+        NotifierSettings {
+            batch_size: 10,
+            poll_interval_ms: 100,
+        }
+    }
+}
+
+impl Default for AnalyticsSettings {
+    fn default() -> Self {
+        AnalyticsSettings {
+            window_secs: 60,
+            poll_interval_ms: 100,
+        }
+    }
+}
+
+impl Settings {
+    /// Loads defaults, then `file` (or `./mercato.toml` if present), then the environment.
+    pub fn load(file: Option<&Path>) -> Result<Settings, ConfigError> {
+        Self::figment(file)
+            .extract()
+            .map_err(|e| ConfigError(Box::new(e)))
+    }
+
+    pub fn figment(file: Option<&Path>) -> Figment {
+        let mut figment = Figment::from(Serialized::defaults(Settings::default()));
+        figment = match file {
+            Some(path) => figment.merge(Toml::file_exact(path)),
+            None => figment.merge(Toml::file("mercato.toml")),
+        };
+        figment
+            .merge(Env::raw().filter_map(|key| {
+                SEED_ENV
+                    .iter()
+                    .find(|(name, _)| key.as_str().eq_ignore_ascii_case(name))
+                    .map(|(_, path)| (*path).into())
+            }))
+            .merge(Env::prefixed("MERCATO_").split("__"))
+    }
+
+    /// The storage URL of a service: its own, else the shared one, else a SQLite file.
+    pub fn database_url(&self, service: &ServiceSettings, name: &str) -> String {
+        service
+            .database_url
+            .clone()
+            .or_else(|| self.default_database_url.clone())
+            .unwrap_or_else(|| {
+                format!(
+                    "sqlite://{}",
+                    self.data_dir.join(format!("{name}.db")).display()
+                )
+            })
+    }
+
+    pub fn bus_url(&self) -> String {
+        self.bus
+            .url
+            .clone()
+            .unwrap_or_else(|| format!("sqlite://{}", self.data_dir.join("bus.db").display()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layers_apply_in_order() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "mercato.toml",
+                "demo = false\n[orders]\nport = 9100\n[users]\nport = 9101\n",
+            )?;
+            jail.set_env("MERCATO_ORDERS__PORT", "9200");
+            jail.set_env("DATABASE_URL", "postgres://db/mercato");
+            jail.set_env("SQS_QUEUE_URL", "http://localhost:4566/000/q");
+            let s = Settings::load(None).map_err(|e| e.to_string())?;
+            assert!(!s.demo);
+            assert_eq!(s.orders.port, 9200, "env beats file");
+            assert_eq!(s.users.port, 9101, "file beats default");
+            assert_eq!(s.products.port, 8002, "default");
+            assert_eq!(s.database_url(&s.users, "users"), "postgres://db/mercato");
+            assert_eq!(
+                s.bus.queue_url.as_deref(),
+                Some("http://localhost:4566/000/q")
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("mercato.toml", "[orders]\nprot = 1\n")?;
+            assert!(Settings::load(None).is_err());
+            Ok(())
+        });
+    }
+}

@@ -1,0 +1,17 @@
+//! Shared plumbing for every Mercato service.
+//!
+//! A service crate builds its domain and routes; everything that must behave the same
+//! across services (configuration, error bodies, metrics, shutdown, outbound HTTP, money,
+//! SQLite setup) lives here so that it is written, and fixed, once.
+
+pub mod client;
+pub mod config;
+pub mod db;
+pub mod extract;
+pub mod money;
+pub mod problem;
+pub mod server;
+pub mod telemetry;
+
+pub use money::Money;
+pub use problem::Problem;

@@ -1,0 +1,88 @@
+//! `mercato`: the command line. `mercato up` (the default) runs the whole platform in one
+//! process; `mercato serve <service>` runs one service, wired to the others by URL.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use kit::config::Settings;
+use mercato::startup::{self, ServiceName};
+
+#[derive(Debug, Parser)]
+#[command(name = "mercato", version, about = "The Mercato e-commerce platform")]
+struct Cli {
+    /// Configuration file (default: ./mercato.toml when present).
+    #[arg(long, global = true, env = "MERCATO_CONFIG")]
+    config: Option<PathBuf>,
+    /// Where embedded databases live.
+    #[arg(long, global = true)]
+    data_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run all seven services in this process (the default).
+    Up {
+        /// Do not seed the demo catalog into an empty products store.
+        #[arg(long)]
+        no_demo: bool,
+    },
+    /// Run one service; the others are reached at their configured URLs.
+    Serve {
+        #[arg(value_enum)]
+        service: ServiceName,
+        #[arg(long)]
+        no_demo: bool,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let mut settings = Settings::load(cli.config.as_deref())?;
+    if let Some(dir) = cli.data_dir {
+        settings.data_dir = dir;
+    }
+    let (services, no_demo): (Vec<ServiceName>, bool) = match cli.command {
+        None => (ServiceName::ALL.to_vec(), false),
+        Some(Command::Up { no_demo }) => (ServiceName::ALL.to_vec(), no_demo),
+        Some(Command::Serve { service, no_demo }) => (vec![service], no_demo),
+    };
+    if no_demo {
+        settings.demo = false;
+    }
+    kit::telemetry::init_logging(&settings.log);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    runtime.block_on(run(settings, services))
+}
+
+async fn run(settings: Settings, services: Vec<ServiceName>) -> anyhow::Result<()> {
+    let platform = startup::start(&settings, &services).await?;
+    let width = 14;
+    println!(
+        "Mercato is up: {} service(s) listening after {} ms; data in {}",
+        platform.addresses.len(),
+        platform.startup.as_millis(),
+        settings.data_dir.display()
+    );
+    for (service, addr) in &platform.addresses {
+        println!("  {:<width$} http://{addr}", service.as_str());
+    }
+    if let Some(gateway) = platform.url(ServiceName::Gateway) {
+        println!("Try: curl {gateway}/api/v1/products");
+    }
+    println!("Press Ctrl-C to stop.");
+    tracing::info!(
+        startup_ms = platform.startup.as_millis() as u64,
+        "mercato started"
+    );
+    kit::server::shutdown_signal().await;
+    println!("Stopping...");
+    platform.stop().await;
+    println!("Stopped.");
+    Ok(())
+}

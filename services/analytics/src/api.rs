@@ -1,0 +1,60 @@
+//! `GET /api/v1/analytics/windows?from=&to=` and `GET /api/v1/analytics/summary`.
+
+use axum::extract::State;
+use axum::routing::get;
+use axum::{Json, Router};
+use chrono::{DateTime, Duration, Utc};
+use kit::Problem;
+use kit::extract::Query;
+use serde::Deserialize;
+
+use crate::engine::WindowReport;
+use crate::store::{AnalyticsStore, Summary};
+
+/// The widest range one request may ask for.
+const MAX_RANGE_DAYS: i64 = 31;
+
+#[derive(Debug, Deserialize)]
+pub struct Range {
+    /// RFC 3339; an hour before `to` when absent.
+    pub from: Option<DateTime<Utc>>,
+    /// RFC 3339; now when absent.
+    pub to: Option<DateTime<Utc>>,
+}
+
+pub fn router(store: AnalyticsStore) -> Router {
+    Router::new()
+        .route("/api/v1/analytics/windows", get(windows))
+        .route("/api/v1/analytics/summary", get(summary))
+        .with_state(store)
+}
+
+fn internal(e: impl std::fmt::Display) -> Problem {
+    tracing::error!(error = %e, "analytics store failed");
+    Problem::internal()
+}
+
+async fn windows(
+    State(store): State<AnalyticsStore>,
+    Query(range): Query<Range>,
+) -> Result<Json<Vec<WindowReport>>, Problem> {
+    let to = range
+        .to
+        .unwrap_or_else(|| Utc::now() + Duration::minutes(1));
+    let from = range.from.unwrap_or(to - Duration::hours(1));
+    if from >= to {
+        return Err(Problem::bad_request("`from` must be before `to`"));
+    }
+    if to - from > Duration::days(MAX_RANGE_DAYS) {
+        return Err(Problem::bad_request(format!(
+            "a range may span at most {MAX_RANGE_DAYS} days"
+        )));
+    }
+    Ok(Json(
+        store.windows_between(from, to).await.map_err(internal)?,
+    ))
+}
+
+async fn summary(State(store): State<AnalyticsStore>) -> Result<Json<Summary>, Problem> {
+    Ok(Json(store.summary().await.map_err(internal)?))
+}

@@ -1,0 +1,70 @@
+//! Feeds the `orders` stream into the window store. Offsets are committed only after the
+//! batch's state is committed; a crash in between replays the batch, which the store's
+//! event-id check turns into a no-op.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bus::Stream;
+use bus::event::OrderEvent;
+use bus::names::ORDERS_TOPIC;
+use tokio_util::sync::CancellationToken;
+
+use crate::store::AnalyticsStore;
+
+pub const CONSUMER_GROUP: &str = "analytics";
+
+pub async fn run(store: AnalyticsStore, stream: Arc<dyn Stream>, shutdown: CancellationToken) {
+    let mut delay = Duration::from_millis(200);
+    while !shutdown.is_cancelled() {
+        let mut consumer = match stream.subscribe(ORDERS_TOPIC, CONSUMER_GROUP).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot subscribe to orders");
+                tokio::select! { () = shutdown.cancelled() => return, () = tokio::time::sleep(delay) => {} }
+                continue;
+            }
+        };
+        loop {
+            let batch = tokio::select! {
+                () = shutdown.cancelled() => return,
+                b = consumer.poll(500, Duration::from_millis(500)) => b,
+            };
+            let batch = match batch {
+                Ok(b) if b.is_empty() => continue,
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::warn!(error = %e, "polling orders failed");
+                    break;
+                }
+            };
+            let events: Vec<OrderEvent> = batch
+                .iter()
+                .filter_map(|d| match serde_json::from_slice::<OrderEvent>(&d.record.payload) {
+                    Ok(e) => Some(e),
+                    Err(e) => {
+                        tracing::error!(offset = d.offset, error = %e, "skipping an unreadable order event");
+                        metrics::counter!("analytics_malformed_events_total").increment(1);
+                        None
+                    }
+                })
+                .collect();
+            match store.apply(&events).await {
+                Ok(fresh) => {
+                    metrics::counter!("analytics_events_total").increment(fresh as u64);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "applying order events failed; will replay");
+                    break;
+                }
+            }
+            if let Err(e) = consumer.commit(&batch).await {
+                tracing::warn!(error = %e, "committing offsets failed; the batch will be replayed and deduplicated");
+                break;
+            }
+            delay = Duration::from_millis(200);
+        }
+        tokio::select! { () = shutdown.cancelled() => return, () = tokio::time::sleep(delay) => {} }
+        delay = (delay * 2).min(Duration::from_secs(10));
+    }
+}

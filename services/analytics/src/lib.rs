@@ -1,0 +1,14 @@
+//! Real-time order analytics over the `orders` stream.
+//!
+//! [`engine`] is pure: event-time tumbling windows and the arithmetic on them. [`store`]
+//! keeps window state in SQLite and applies each event exactly once (by event id, in the same
+//! transaction as the state change), so a replay after a crash never double-counts.
+//! [`consumer`] feeds it from the stream; [`api`] answers `/api/v1/analytics/...`.
+
+pub mod api;
+pub mod consumer;
+pub mod engine;
+pub mod store;
+
+pub use api::router;
+pub use store::AnalyticsStore;

@@ -1,0 +1,318 @@
+//! Window state in SQLite, applied exactly once per event id.
+
+use bus::event::{OrderEvent, types};
+use chrono::{DateTime, Utc};
+use kit::Money;
+use kit::db::{Db, DbError, Step, now_ms};
+use serde::Serialize;
+use sqlx::Row;
+
+use crate::engine::{WindowReport, Windows, average};
+
+pub static MIGRATIONS: &[Step] = &[(
+    1,
+    "windows",
+    "CREATE TABLE processed_events (
+        event_id TEXT PRIMARY KEY,
+        processed_at INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE windows (
+        window_start INTEGER PRIMARY KEY,
+        window_end INTEGER NOT NULL,
+        order_count INTEGER NOT NULL DEFAULT 0,
+        revenue_cents INTEGER NOT NULL DEFAULT 0,
+        items_sold INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE window_users (
+        window_start INTEGER NOT NULL,
+        user_id TEXT NOT NULL,
+        PRIMARY KEY (window_start, user_id)
+    ) WITHOUT ROWID;
+    CREATE TABLE window_products (
+        window_start INTEGER NOT NULL,
+        product_id TEXT NOT NULL,
+        quantity INTEGER NOT NULL,
+        revenue_cents INTEGER NOT NULL,
+        PRIMARY KEY (window_start, product_id)
+    ) WITHOUT ROWID;
+    CREATE TABLE window_event_types (
+        window_start INTEGER NOT NULL,
+        event_type TEXT NOT NULL,
+        count INTEGER NOT NULL,
+        PRIMARY KEY (window_start, event_type)
+    ) WITHOUT ROWID;
+    CREATE TABLE users_seen (user_id TEXT PRIMARY KEY) WITHOUT ROWID;",
+)];
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("stored value is corrupt")]
+    Corrupt,
+    #[error(transparent)]
+    Db(#[from] sqlx::Error),
+}
+
+/// Totals since the first event.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Summary {
+    pub order_count: i64,
+    pub unique_users: i64,
+    pub total_revenue: Money,
+    pub avg_order_value: Money,
+    pub items_sold: i64,
+    pub events_processed: i64,
+    pub first_window_start: Option<DateTime<Utc>>,
+    pub last_window_end: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone)]
+pub struct AnalyticsStore {
+    db: Db,
+    windows: Windows,
+}
+
+fn ts(ms: i64) -> Result<DateTime<Utc>, StoreError> {
+    DateTime::from_timestamp_millis(ms).ok_or(StoreError::Corrupt)
+}
+
+impl AnalyticsStore {
+    pub async fn open(
+        url: &str,
+        sqlite: &kit::config::SqliteSettings,
+        windows: Windows,
+    ) -> Result<Self, DbError> {
+        Ok(AnalyticsStore {
+            db: Db::open(url, sqlite, MIGRATIONS).await?,
+            windows,
+        })
+    }
+
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    pub fn windows(&self) -> Windows {
+        self.windows
+    }
+
+    /// Applies a batch in one transaction; events already applied are skipped.
+    /// Returns how many were new.
+    pub async fn apply(&self, events: &[OrderEvent]) -> Result<usize, StoreError> {
+        let mut tx = self.db.begin().await?;
+        let mut fresh = 0;
+        for e in events {
+            let first_time = sqlx::query(
+                "INSERT OR IGNORE INTO processed_events (event_id, processed_at) VALUES (?, ?)",
+            )
+            .bind(e.event_id.to_string())
+            .bind(now_ms())
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+                == 1;
+            if !first_time {
+                continue;
+            }
+            fresh += 1;
+            let start = self.windows.start_of(e.created_at);
+            let end = start + self.windows.size_ms();
+            sqlx::query("INSERT OR IGNORE INTO windows (window_start, window_end) VALUES (?, ?)")
+                .bind(start)
+                .bind(end)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query(
+                "INSERT INTO window_event_types (window_start, event_type, count) VALUES (?, ?, 1)
+                 ON CONFLICT (window_start, event_type) DO UPDATE SET count = count + 1",
+            )
+            .bind(start)
+            .bind(&e.event_type)
+            .execute(&mut *tx)
+            .await?;
+            if e.event_type != types::ORDER_CREATED {
+                continue;
+            }
+            sqlx::query(
+                "UPDATE windows SET order_count = order_count + 1, revenue_cents = revenue_cents + ?, items_sold = items_sold + ?
+                 WHERE window_start = ?",
+            )
+            .bind(e.total_amount.cents())
+            .bind(e.items_count)
+            .bind(start)
+            .execute(&mut *tx)
+            .await?;
+            let user = e.user_id.to_string();
+            sqlx::query("INSERT OR IGNORE INTO window_users (window_start, user_id) VALUES (?, ?)")
+                .bind(start)
+                .bind(&user)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query("INSERT OR IGNORE INTO users_seen (user_id) VALUES (?)")
+                .bind(&user)
+                .execute(&mut *tx)
+                .await?;
+            for item in &e.items {
+                let revenue = item
+                    .unit_price
+                    .checked_mul(item.quantity)
+                    .unwrap_or(Money::ZERO);
+                sqlx::query(
+                    "INSERT INTO window_products (window_start, product_id, quantity, revenue_cents) VALUES (?, ?, ?, ?)
+                     ON CONFLICT (window_start, product_id) DO UPDATE SET
+                        quantity = quantity + excluded.quantity, revenue_cents = revenue_cents + excluded.revenue_cents",
+                )
+                .bind(start)
+                .bind(item.product_id.to_string())
+                .bind(item.quantity)
+                .bind(revenue.cents())
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(fresh)
+    }
+
+    /// Windows starting in `[from, to)`, oldest first.
+    pub async fn windows_between(
+        &self,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> Result<Vec<WindowReport>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT w.window_start, w.window_end, w.order_count, w.revenue_cents, w.items_sold,
+                    (SELECT COUNT(*) FROM window_users u WHERE u.window_start = w.window_start) AS unique_users
+             FROM windows w WHERE w.window_start >= ? AND w.window_start < ? ORDER BY w.window_start",
+        )
+        .bind(self.windows.start_of(from))
+        .bind(to.timestamp_millis())
+        .fetch_all(&self.db.read)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let orders: i64 = row.try_get("order_count")?;
+                let revenue = Money::from_cents(row.try_get("revenue_cents")?)
+                    .map_err(|_| StoreError::Corrupt)?;
+                Ok(WindowReport {
+                    window_start: ts(row.try_get("window_start")?)?,
+                    window_end: ts(row.try_get("window_end")?)?,
+                    order_count: orders,
+                    unique_users: row.try_get("unique_users")?,
+                    total_revenue: revenue,
+                    avg_order_value: average(revenue, orders),
+                    items_sold: row.try_get("items_sold")?,
+                })
+            })
+            .collect()
+    }
+
+    pub async fn summary(&self) -> Result<Summary, StoreError> {
+        let row = sqlx::query(
+            "SELECT COALESCE(SUM(order_count), 0) AS orders, COALESCE(SUM(revenue_cents), 0) AS revenue,
+                    COALESCE(SUM(items_sold), 0) AS items, MIN(window_start) AS first, MAX(window_end) AS last,
+                    (SELECT COUNT(*) FROM users_seen) AS users,
+                    (SELECT COUNT(*) FROM processed_events) AS events
+             FROM windows",
+        )
+        .fetch_one(&self.db.read)
+        .await?;
+        let orders: i64 = row.try_get("orders")?;
+        let revenue =
+            Money::from_cents(row.try_get("revenue")?).map_err(|_| StoreError::Corrupt)?;
+        let first: Option<i64> = row.try_get("first")?;
+        let last: Option<i64> = row.try_get("last")?;
+        Ok(Summary {
+            order_count: orders,
+            unique_users: row.try_get("users")?,
+            total_revenue: revenue,
+            avg_order_value: average(revenue, orders),
+            items_sold: row.try_get("items")?,
+            events_processed: row.try_get("events")?,
+            first_window_start: first.map(ts).transpose()?,
+            last_window_end: last.map(ts).transpose()?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bus::event::OrderEventItem;
+    use uuid::Uuid;
+
+    fn created(user: u128, cents: i64, at: &str) -> OrderEvent {
+        OrderEvent {
+            event_id: Uuid::now_v7(),
+            event_type: types::ORDER_CREATED.into(),
+            order_id: Uuid::now_v7(),
+            user_id: Uuid::from_u128(user),
+            total_amount: Money::from_cents(cents).unwrap(),
+            currency: "USD".into(),
+            status: "pending".into(),
+            items_count: 2,
+            created_at: DateTime::parse_from_rfc3339(at)
+                .unwrap()
+                .with_timezone(&Utc),
+            occurred_at: None,
+            items: vec![OrderEventItem {
+                product_id: Uuid::from_u128(7),
+                quantity: 2,
+                unit_price: Money::from_cents(cents / 2).unwrap(),
+            }],
+        }
+    }
+
+    #[tokio::test]
+    async fn windows_count_each_event_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = AnalyticsStore::open(
+            &format!("sqlite://{}/a.db", dir.path().display()),
+            &Default::default(),
+            Windows::of_secs(60).unwrap(),
+        )
+        .await
+        .unwrap();
+        let a = created(1, 1000, "2026-11-24T10:00:10Z");
+        let b = created(1, 2001, "2026-11-24T10:00:50Z");
+        let c = created(2, 500, "2026-11-24T10:01:00Z");
+        assert_eq!(
+            store
+                .apply(&[a.clone(), b.clone(), c.clone()])
+                .await
+                .unwrap(),
+            3
+        );
+        assert_eq!(
+            store.apply(&[a.clone(), c.clone()]).await.unwrap(),
+            0,
+            "replays are ignored"
+        );
+
+        let from = DateTime::parse_from_rfc3339("2026-11-24T10:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let windows = store
+            .windows_between(from, from + chrono::Duration::minutes(5))
+            .await
+            .unwrap();
+        assert_eq!(windows.len(), 2);
+        assert_eq!((windows[0].order_count, windows[0].unique_users), (2, 1));
+        assert_eq!(windows[0].total_revenue.to_string(), "30.01");
+        assert_eq!(
+            windows[0].avg_order_value.to_string(),
+            "15.00",
+            "1500.5 cents rounds half to even"
+        );
+        assert_eq!((windows[1].order_count, windows[1].unique_users), (1, 1));
+        let summary = store.summary().await.unwrap();
+        assert_eq!(
+            (
+                summary.order_count,
+                summary.unique_users,
+                summary.events_processed
+            ),
+            (3, 2, 3)
+        );
+        assert_eq!(summary.total_revenue.to_string(), "35.01");
+    }
+}

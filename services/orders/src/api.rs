@@ -1,0 +1,262 @@
+//! HTTP handlers and DTOs of the orders service, and the status changes they share with the saga.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use kit::Money;
+use kit::Problem;
+use kit::client::CallError;
+use kit::extract::{self, PageParams, Path, Query};
+use serde::Deserialize;
+use uuid::Uuid;
+
+use crate::clients::Dependencies;
+use crate::domain::{OrderError, OrderRequest, OrderStatus};
+use crate::store::{Order, OrderStore, StoreError, Transition};
+
+/// What every handler and the saga work with.
+#[derive(Debug, Clone)]
+pub struct ApiContext {
+    pub store: OrderStore,
+    pub deps: Dependencies,
+    /// How long an order may stay unpaid before it is cancelled.
+    pub order_ttl: chrono::Duration,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct CreateOrderItem {
+    pub product_id: Uuid,
+    pub quantity: i64,
+    /// Accepted for compatibility with the seed's clients and ignored: prices come from the catalog.
+    #[serde(default)]
+    pub price: Option<Money>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct CreateOrder {
+    pub user_id: Uuid,
+    pub items: Vec<CreateOrderItem>,
+    pub shipping_address: String,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct StatusChange {
+    pub status: String,
+}
+
+pub fn router(ctx: ApiContext) -> Router {
+    Router::new()
+        .route("/api/v1/orders", post(create_order))
+        .route("/api/v1/orders/{id}", get(get_order))
+        .route("/api/v1/orders/user/{user_id}", get(list_user_orders))
+        .route("/api/v1/orders/{id}/status", put(set_status_by_operator))
+        .route("/internal/v1/orders/{id}", get(get_order))
+        .route("/internal/v1/orders/{id}/status", post(set_status_internal))
+        .with_state(ctx)
+}
+
+fn store_problem(e: StoreError) -> Problem {
+    match e {
+        StoreError::NotFound => Problem::not_found("the order"),
+        StoreError::IllegalTransition { from, to } => Problem::conflict(
+            "illegal-transition",
+            format!("an order cannot go from {from} to {to}"),
+        )
+        .with("from", from.as_str())
+        .with("to", to.as_str()),
+        StoreError::Overflow => Problem::invalid("the order total is too large"),
+        StoreError::Corrupt | StoreError::Encode(_) | StoreError::Db(_) => {
+            tracing::error!(error = %e, "orders store failed");
+            Problem::internal()
+        }
+    }
+}
+
+/// A dependency's answer as this service's answer: its 4xx problems pass through (they are
+/// about the client's request), anything else is "unavailable".
+fn dependency_problem(e: CallError) -> Problem {
+    match e {
+        CallError::Unavailable { service, reason } => {
+            tracing::warn!(service, reason, "dependency unavailable");
+            Problem::unavailable(service)
+        }
+        CallError::Rejected {
+            problem: Some(problem),
+            status,
+            ..
+        } if status != StatusCode::NOT_FOUND => *problem,
+        CallError::Rejected {
+            service, status, ..
+        } => Problem::invalid(format!("{service} refused the request ({status})")),
+    }
+}
+
+async fn create_order(
+    State(ctx): State<ApiContext>,
+    extract::Json(body): extract::Json<CreateOrder>,
+) -> Result<(StatusCode, Json<Order>), Problem> {
+    let items: Vec<(Uuid, i64)> = body
+        .items
+        .iter()
+        .map(|i| (i.product_id, i.quantity))
+        .collect();
+    let request = OrderRequest::parse(body.user_id, &items, &body.shipping_address)
+        .map_err(|e: OrderError| Problem::invalid(e.to_string()).with("field", e.field()))?;
+
+    match ctx.deps.user(request.user_id).await {
+        Ok(_) => {}
+        Err(CallError::Rejected {
+            status: StatusCode::NOT_FOUND,
+            ..
+        }) => {
+            return Err(Problem::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "unknown-user",
+                "Unknown user",
+            )
+            .with_detail(format!("user {} does not exist", request.user_id))
+            .with("user_id", request.user_id.to_string()));
+        }
+        Err(e) => return Err(dependency_problem(e)),
+    }
+
+    let order_id = Uuid::now_v7();
+    let reservation = match ctx.deps.reserve(order_id, &request.lines).await {
+        Ok(r) => r,
+        Err(e) => {
+            if matches!(e, CallError::Unavailable { .. }) {
+                // The reservation may have been made before the call failed: give it back.
+                release_in_background(ctx.deps.clone(), order_id);
+            }
+            return Err(dependency_problem(e));
+        }
+    };
+    let lines: Vec<(Uuid, i64, Money)> = reservation
+        .items
+        .iter()
+        .map(|l| (l.product_id, l.quantity, l.unit_price))
+        .collect();
+    let order = OrderStore::new_order(
+        order_id,
+        request.user_id,
+        &lines,
+        request.shipping_address,
+        ctx.order_ttl,
+    )
+    .map_err(store_problem)?;
+    if let Err(e) = ctx.store.insert(&order).await {
+        release_in_background(ctx.deps.clone(), order_id);
+        return Err(store_problem(e));
+    }
+    metrics::counter!("orders_created_total").increment(1);
+    Ok((StatusCode::CREATED, Json(order)))
+}
+
+fn release_in_background(deps: Dependencies, order_id: Uuid) {
+    tokio::spawn(async move {
+        if let Err(e) = deps.release(order_id).await {
+            tracing::warn!(%order_id, error = %e, "could not release the reservation of a failed order");
+        }
+    });
+}
+
+async fn get_order(
+    State(ctx): State<ApiContext>,
+    Path(id): Path<Uuid>,
+) -> Result<Json<Order>, Problem> {
+    ctx.store
+        .get(id)
+        .await
+        .map_err(store_problem)?
+        .map(Json)
+        .ok_or_else(|| Problem::not_found("the order"))
+}
+
+async fn list_user_orders(
+    State(ctx): State<ApiContext>,
+    Path(user_id): Path<Uuid>,
+    Query(page): Query<PageParams>,
+) -> Result<Json<Vec<Order>>, Problem> {
+    let page = page.checked()?;
+    Ok(Json(
+        ctx.store
+            .list_by_user(user_id, page.skip, page.limit)
+            .await
+            .map_err(store_problem)?,
+    ))
+}
+
+fn parse_status(raw: &str) -> Result<OrderStatus, Problem> {
+    raw.parse::<OrderStatus>().map_err(|()| {
+        Problem::invalid(format!("unknown status `{raw}`"))
+            .with("field", "status")
+            .with(
+                "allowed",
+                OrderStatus::ALL
+                    .iter()
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>(),
+            )
+    })
+}
+
+/// Operators move orders along fulfilment (shipped, delivered) or cancel them; payment
+/// states follow the payments service only.
+async fn set_status_by_operator(
+    State(ctx): State<ApiContext>,
+    Path(id): Path<Uuid>,
+    extract::Json(body): extract::Json<StatusChange>,
+) -> Result<Json<Order>, Problem> {
+    let to = parse_status(&body.status)?;
+    if !to.settable_by_operator() {
+        return Err(Problem::conflict(
+            "status-not-settable",
+            format!("status `{to}` follows from payments and cannot be set directly"),
+        ));
+    }
+    Ok(Json(apply_status(&ctx, id, to, None).await?.order))
+}
+
+async fn set_status_internal(
+    State(ctx): State<ApiContext>,
+    Path(id): Path<Uuid>,
+    extract::Json(body): extract::Json<StatusChange>,
+) -> Result<Json<Order>, Problem> {
+    let to = parse_status(&body.status)?;
+    Ok(Json(apply_status(&ctx, id, to, None).await?.order))
+}
+
+/// Moves an order to `to`, settling its stock first: the products service's reservation
+/// (held → released or committed, each at most once) decides races between a payment and a
+/// cancellation, so stock is never both sold and given back.
+pub async fn apply_status(
+    ctx: &ApiContext,
+    id: Uuid,
+    to: OrderStatus,
+    event_id: Option<Uuid>,
+) -> Result<Transition, Problem> {
+    let current = ctx
+        .store
+        .get(id)
+        .await
+        .map_err(store_problem)?
+        .ok_or_else(|| Problem::not_found("the order"))?;
+    if current.status != to && !current.status.can_become(to) {
+        return Err(store_problem(StoreError::IllegalTransition {
+            from: current.status,
+            to,
+        }));
+    }
+    if current.status != to {
+        if to.releases_stock() {
+            ctx.deps.release(id).await.map_err(dependency_problem)?;
+        } else if to == OrderStatus::Paid {
+            ctx.deps.commit(id).await.map_err(dependency_problem)?;
+        }
+    }
+    ctx.store
+        .transition(id, to, event_id)
+        .await
+        .map_err(store_problem)
+}

@@ -1,0 +1,16 @@
+//! The orders service: where the order saga runs.
+//!
+//! Creating an order (see [`api`]): check the user (users service), reserve all stock at once
+//! keyed by the order id (products service), price the order from the catalog, then write the
+//! order and its `order.created` outbox rows in one transaction. The relay publishes them to
+//! the `orders` stream and the `order-events` queue. [`saga`] applies payment outcomes from the
+//! `payments` stream and cancels unpaid orders when they expire, releasing their stock.
+
+pub mod api;
+pub mod clients;
+pub mod domain;
+pub mod saga;
+pub mod store;
+
+pub use api::{ApiContext, router};
+pub use store::OrderStore;

@@ -1,0 +1,274 @@
+//! HTTP handlers and DTOs of the products service.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use kit::Money;
+use kit::Problem;
+use kit::extract::{self, PageParams, Path, Query};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::domain::{self, FieldError, ReservationLines};
+use crate::store::{
+    NewProduct, Product, ProductChanges, ProductStore, Reservation, StockLevel, StoreError,
+};
+
+#[derive(Debug, Deserialize)]
+pub struct CreateProduct {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    pub price: Money,
+    pub stock: i64,
+    pub sku: String,
+    #[serde(default = "default_category")]
+    pub category: String,
+}
+
+fn default_category() -> String {
+    "general".into()
+}
+
+/// Every field optional: only the ones sent change.
+#[derive(Debug, Deserialize)]
+pub struct UpdateProduct {
+    pub name: Option<String>,
+    pub description: Option<String>,
+    pub price: Option<Money>,
+    pub stock: Option<i64>,
+    pub sku: Option<String>,
+    pub category: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ListParams {
+    #[serde(flatten)]
+    pub page: PageParams,
+    pub category: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ReserveItem {
+    pub product_id: Uuid,
+    pub quantity: i64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ReserveRequest {
+    pub order_id: Uuid,
+    pub items: Vec<ReserveItem>,
+}
+
+pub fn router(store: ProductStore) -> Router {
+    Router::new()
+        .route("/api/v1/products", get(list_products).post(create_product))
+        .route(
+            "/api/v1/products/{id}",
+            get(get_product).put(update_product).delete(delete_product),
+        )
+        .route("/api/v1/products/{id}/stock", get(get_stock))
+        .route("/internal/v1/reservations", post(reserve_stock))
+        .route(
+            "/internal/v1/reservations/{order_id}",
+            delete(release_reservation),
+        )
+        .route(
+            "/internal/v1/reservations/{order_id}/commit",
+            post(commit_reservation),
+        )
+        .with_state(store)
+}
+
+fn field(e: FieldError) -> Problem {
+    Problem::invalid(e.to_string()).with("field", e.field())
+}
+
+fn store_problem(e: StoreError) -> Problem {
+    match e {
+        StoreError::DuplicateSku => {
+            Problem::conflict("sku-taken", "a product with this sku already exists")
+        }
+        StoreError::UnknownProduct(id) => Problem::invalid(format!("product {id} does not exist"))
+            .with("product_id", id.to_string()),
+        StoreError::InsufficientStock {
+            product_id,
+            requested,
+            available,
+        } => Problem::conflict(
+            "insufficient-stock",
+            format!("product {product_id} has {available} in stock, {requested} requested"),
+        )
+        .with("product_id", product_id.to_string())
+        .with("available", available)
+        .with("requested", requested),
+        StoreError::WrongState(status) => Problem::conflict(
+            "reservation-state",
+            format!("the reservation is already {}", serde_plain(status)),
+        ),
+        StoreError::Corrupt | StoreError::Db(_) => {
+            tracing::error!(error = %e, "products store failed");
+            Problem::internal()
+        }
+    }
+}
+
+fn serde_plain<T: Serialize>(v: T) -> String {
+    serde_json::to_value(v)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+async fn create_product(
+    State(store): State<ProductStore>,
+    extract::Json(body): extract::Json<CreateProduct>,
+) -> Result<(StatusCode, Json<Product>), Problem> {
+    let new = NewProduct {
+        name: domain::name(&body.name).map_err(field)?,
+        description: domain::description(&body.description).map_err(field)?,
+        price: domain::price(body.price).map_err(field)?,
+        stock: domain::stock(body.stock).map_err(field)?,
+        sku: domain::sku(&body.sku).map_err(field)?,
+        category: domain::category(&body.category).map_err(field)?,
+    };
+    let product = store.create(new).await.map_err(store_problem)?;
+    Ok((StatusCode::CREATED, Json(product)))
+}
+
+async fn list_products(
+    State(store): State<ProductStore>,
+    Query(params): Query<ListParams>,
+) -> Result<Json<Vec<Product>>, Problem> {
+    let page = params.page.checked()?;
+    let products = store
+        .list(page.skip, page.limit, params.category.as_deref())
+        .await
+        .map_err(store_problem)?;
+    Ok(Json(products))
+}
+
+async fn get_product(
+    State(store): State<ProductStore>,
+    Path(id): Path<Uuid>,
+) -> Result<Json<Product>, Problem> {
+    store
+        .get(id)
+        .await
+        .map_err(store_problem)?
+        .map(Json)
+        .ok_or_else(|| Problem::not_found("the product"))
+}
+
+async fn update_product(
+    State(store): State<ProductStore>,
+    Path(id): Path<Uuid>,
+    extract::Json(body): extract::Json<UpdateProduct>,
+) -> Result<Json<Product>, Problem> {
+    let changes = ProductChanges {
+        name: body
+            .name
+            .as_deref()
+            .map(domain::name)
+            .transpose()
+            .map_err(field)?,
+        description: body
+            .description
+            .as_deref()
+            .map(domain::description)
+            .transpose()
+            .map_err(field)?,
+        price: body.price.map(domain::price).transpose().map_err(field)?,
+        stock: body.stock.map(domain::stock).transpose().map_err(field)?,
+        sku: body
+            .sku
+            .as_deref()
+            .map(domain::sku)
+            .transpose()
+            .map_err(field)?,
+        category: body
+            .category
+            .as_deref()
+            .map(domain::category)
+            .transpose()
+            .map_err(field)?,
+    };
+    store
+        .update(id, changes)
+        .await
+        .map_err(store_problem)?
+        .map(Json)
+        .ok_or_else(|| Problem::not_found("the product"))
+}
+
+async fn delete_product(
+    State(store): State<ProductStore>,
+    Path(id): Path<Uuid>,
+) -> Result<impl IntoResponse, Problem> {
+    if store.delete(id).await.map_err(store_problem)? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(Problem::not_found("the product"))
+    }
+}
+
+async fn get_stock(
+    State(store): State<ProductStore>,
+    Path(id): Path<Uuid>,
+) -> Result<Json<StockLevel>, Problem> {
+    store
+        .stock(id)
+        .await
+        .map_err(store_problem)?
+        .map(Json)
+        .ok_or_else(|| Problem::not_found("the product"))
+}
+
+/// 201 when stock was taken now, 200 when this order already held it (a retry).
+async fn reserve_stock(
+    State(store): State<ProductStore>,
+    extract::Json(body): extract::Json<ReserveRequest>,
+) -> Result<(StatusCode, Json<Reservation>), Problem> {
+    let items: Vec<(Uuid, i64)> = body
+        .items
+        .iter()
+        .map(|i| (i.product_id, i.quantity))
+        .collect();
+    let lines = ReservationLines::parse(&items).map_err(field)?;
+    let (reservation, created) = store
+        .reserve(body.order_id, &lines)
+        .await
+        .map_err(store_problem)?;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(reservation)))
+}
+
+async fn release_reservation(
+    State(store): State<ProductStore>,
+    Path(order_id): Path<Uuid>,
+) -> Result<Json<Reservation>, Problem> {
+    store
+        .release(order_id)
+        .await
+        .map_err(store_problem)?
+        .map(Json)
+        .ok_or_else(|| Problem::not_found("the reservation"))
+}
+
+async fn commit_reservation(
+    State(store): State<ProductStore>,
+    Path(order_id): Path<Uuid>,
+) -> Result<Json<Reservation>, Problem> {
+    store
+        .commit(order_id)
+        .await
+        .map_err(store_problem)?
+        .map(Json)
+        .ok_or_else(|| Problem::not_found("the reservation"))
+}
