@@ -38,6 +38,15 @@ enum Command {
     },
 }
 
+/// Prints to stdout, ignoring a closed stdout (a supervisor that stopped reading must not
+/// turn a clean shutdown into a panic).
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let mut settings = Settings::load(cli.config.as_deref())?;
@@ -63,26 +72,26 @@ fn main() -> anyhow::Result<()> {
 async fn run(settings: Settings, services: Vec<ServiceName>) -> anyhow::Result<()> {
     let platform = startup::start(&settings, &services).await?;
     let width = 14;
-    println!(
+    say!(
         "Mercato is up: {} service(s) listening after {} ms; data in {}",
         platform.addresses.len(),
         platform.startup.as_millis(),
         settings.data_dir.display()
     );
     for (service, addr) in &platform.addresses {
-        println!("  {:<width$} http://{addr}", service.as_str());
+        say!("  {:<width$} http://{addr}", service.as_str());
     }
     if let Some(gateway) = platform.url(ServiceName::Gateway) {
-        println!("Try: curl {gateway}/api/v1/products");
+        say!("Try: curl {gateway}/api/v1/products");
     }
-    println!("Press Ctrl-C to stop.");
+    say!("Press Ctrl-C to stop.");
     tracing::info!(
         startup_ms = platform.startup.as_millis() as u64,
         "mercato started"
     );
     kit::server::shutdown_signal().await;
-    println!("Stopping...");
+    say!("Stopping...");
     platform.stop().await;
-    println!("Stopped.");
+    say!("Stopped.");
     Ok(())
 }

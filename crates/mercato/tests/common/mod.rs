@@ -1,0 +1,183 @@
+//! Shared test helpers: start the platform in-process on free ports, and talk JSON to it.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use kit::config::Settings;
+use mercato::startup::{self, Platform, ServiceName};
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+pub struct TestApp {
+    pub gateway: String,
+    pub client: reqwest::Client,
+    pub platform: Option<Platform>,
+    pub dir: tempfile::TempDir,
+}
+
+/// Settings for a private platform: every port 0, data in a fresh directory, no demo data.
+pub fn test_settings(dir: &tempfile::TempDir) -> Settings {
+    let mut s = Settings::default();
+    s.data_dir = dir.path().to_owned();
+    s.demo = false;
+    for svc in [
+        &mut s.gateway,
+        &mut s.users,
+        &mut s.products,
+        &mut s.orders,
+        &mut s.payments,
+        &mut s.notifications,
+        &mut s.analytics,
+    ] {
+        svc.port = 0;
+    }
+    s
+}
+
+pub async fn spawn_app() -> TestApp {
+    let dir = tempfile::tempdir().unwrap();
+    spawn_with(test_settings(&dir), &ServiceName::ALL, dir).await
+}
+
+pub async fn spawn_with(
+    settings: Settings,
+    services: &[ServiceName],
+    dir: tempfile::TempDir,
+) -> TestApp {
+    let platform = startup::start(&settings, services)
+        .await
+        .expect("platform starts");
+    TestApp {
+        gateway: platform.url(ServiceName::Gateway).unwrap_or_default(),
+        client: reqwest::Client::new(),
+        platform: Some(platform),
+        dir,
+    }
+}
+
+pub struct Answer {
+    pub status: StatusCode,
+    pub content_type: String,
+    pub body: Value,
+}
+
+impl TestApp {
+    pub async fn stop(mut self) {
+        if let Some(p) = self.platform.take() {
+            p.stop().await;
+        }
+    }
+
+    pub async fn send(&self, method: Method, path: &str, body: Option<Value>) -> Answer {
+        let mut req = self
+            .client
+            .request(method, format!("{}{}", self.gateway, path));
+        if let Some(body) = body {
+            req = req.json(&body);
+        }
+        answer(req.send().await.unwrap()).await
+    }
+
+    pub async fn send_raw(
+        &self,
+        method: Method,
+        path: &str,
+        content_type: &str,
+        body: Vec<u8>,
+    ) -> Answer {
+        let req = self
+            .client
+            .request(method, format!("{}{}", self.gateway, path))
+            .header("content-type", content_type)
+            .body(body);
+        answer(req.send().await.unwrap()).await
+    }
+
+    pub async fn get(&self, path: &str) -> Answer {
+        self.send(Method::GET, path, None).await
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> Answer {
+        self.send(Method::POST, path, Some(body)).await
+    }
+
+    pub async fn create_user(&self, email: &str) -> String {
+        let a = self
+            .post(
+                "/api/v1/users",
+                json!({"name": "Test User", "email": email, "phone": "+1 555 010 9999"}),
+            )
+            .await;
+        assert_eq!(a.status, StatusCode::CREATED, "{}", a.body);
+        a.body["id"].as_str().unwrap().to_owned()
+    }
+
+    pub async fn create_product(&self, sku: &str, price: &str, stock: i64) -> String {
+        let body = format!(
+            r#"{{"name":"Product {sku}","price":{price},"stock":{stock},"sku":"{sku}","category":"test"}}"#
+        );
+        let a = self
+            .send_raw(
+                Method::POST,
+                "/api/v1/products",
+                "application/json",
+                body.into_bytes(),
+            )
+            .await;
+        assert_eq!(a.status, StatusCode::CREATED, "{}", a.body);
+        a.body["id"].as_str().unwrap().to_owned()
+    }
+
+    pub async fn order(&self, user: &str, items: &[(&str, i64)]) -> Answer {
+        let items: Vec<Value> = items
+            .iter()
+            .map(|(p, q)| json!({"product_id": p, "quantity": q}))
+            .collect();
+        self.post(
+            "/api/v1/orders",
+            json!({"user_id": user, "items": items, "shipping_address": "1 Main St, Pune"}),
+        )
+        .await
+    }
+
+    pub async fn stock(&self, product: &str) -> i64 {
+        self.get(&format!("/api/v1/products/{product}/stock"))
+            .await
+            .body["stock"]
+            .as_i64()
+            .unwrap()
+    }
+}
+
+pub async fn answer(response: reqwest::Response) -> Answer {
+    let status = response.status();
+    let content_type = response
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let bytes = response.bytes().await.unwrap();
+    let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    Answer {
+        status,
+        content_type,
+        body,
+    }
+}
+
+/// Polls `check` until it returns `Some`, for at most `secs` seconds.
+pub async fn eventually<T, F, Fut>(secs: u64, mut check: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        if let Some(v) = check().await {
+            return Some(v);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}

@@ -1,0 +1,228 @@
+//! End to end: the real `mercato` binary, driven through its gateway like a user would,
+//! stopped and started again (gracefully, then by SIGKILL) to show that everything persists.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::{TestApp, answer, eventually};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+struct Running {
+    child: Child,
+    gateway: String,
+}
+
+/// Starts `mercato up` on free ports and waits for its banner.
+fn launch(data: &Path) -> Running {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_mercato"));
+    cmd.arg("--data-dir").arg(data).arg("up").arg("--no-demo");
+    for svc in [
+        "GATEWAY",
+        "USERS",
+        "PRODUCTS",
+        "ORDERS",
+        "PAYMENTS",
+        "NOTIFICATIONS",
+        "ANALYTICS",
+    ] {
+        cmd.env(format!("MERCATO_{svc}__PORT"), "0");
+    }
+    cmd.env("MERCATO_LOG__LEVEL", "warn");
+    let log = std::fs::File::create(data.join("mercato.log")).unwrap();
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .expect("mercato starts");
+    let stdout = child.stdout.take().unwrap();
+    let mut gateway = None;
+    let mut lines = BufReader::new(stdout).lines();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        if let Some(rest) = line.trim().strip_prefix("gateway") {
+            gateway = Some(rest.trim().to_owned());
+        }
+        if line.starts_with("Press Ctrl-C") {
+            break;
+        }
+    }
+    // Keep draining stdout so the process never writes into a closed pipe.
+    std::thread::spawn(move || lines.for_each(drop));
+    Running {
+        child,
+        gateway: gateway.expect("the banner names the gateway"),
+    }
+}
+
+fn signal(child: &Child, sig: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+fn wait_exit(mut child: Child) -> std::process::ExitStatus {
+    for _ in 0..300 {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    panic!("mercato did not stop within 15 s");
+}
+
+fn client_for(gateway: &str) -> TestApp {
+    TestApp {
+        gateway: gateway.to_owned(),
+        client: reqwest::Client::new(),
+        platform: None,
+        dir: tempfile::tempdir().unwrap(),
+    }
+}
+
+async fn wait_ready(app: &TestApp) {
+    let ready = eventually(10, || async {
+        (app.get("/ready").await.status == StatusCode::OK).then_some(())
+    })
+    .await;
+    assert!(ready.is_some(), "the platform became ready");
+}
+
+async fn state(
+    app: &TestApp,
+    user: &str,
+    product: &str,
+    order: &str,
+) -> (Value, i64, usize, Value) {
+    let order = app.get(&format!("/api/v1/orders/{order}")).await.body;
+    let stock = app.stock(product).await;
+    let notes = app
+        .get(&format!("/api/v1/notifications?user_id={user}"))
+        .await
+        .body
+        .as_array()
+        .unwrap()
+        .len();
+    let summary = app.get("/api/v1/analytics/summary").await.body;
+    (order, stock, notes, summary)
+}
+
+#[tokio::test]
+async fn the_tour_survives_restarts() {
+    let data = tempfile::tempdir().unwrap();
+    let running = launch(data.path());
+    let app = client_for(&running.gateway);
+    wait_ready(&app).await;
+
+    let user = app.create_user("tour@example.com").await;
+    let product = app.create_product("TOUR-1", "1999.99", 5).await;
+    let raw = app
+        .client
+        .post(format!("{}/api/v1/orders", app.gateway))
+        .json(&json!({"user_id": user, "items": [{"product_id": product, "quantity": 2}], "shipping_address": "221B Baker St"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(raw.status(), StatusCode::CREATED);
+    let text = raw.text().await.unwrap();
+    assert!(
+        text.contains(r#""total_amount":3999.98"#),
+        "exact money on the wire: {text}"
+    );
+    let order: Value = serde_json::from_str(&text).unwrap();
+    let order_id = order["id"].as_str().unwrap().to_owned();
+    assert_eq!(app.stock(&product).await, 3);
+
+    let notified = eventually(5, || async {
+        let n = app
+            .get(&format!("/api/v1/notifications?order_id={order_id}"))
+            .await
+            .body;
+        n.as_array()
+            .filter(|a| a.len() == 1 && a[0]["event_type"] == "order.created")
+            .map(|_| ())
+    })
+    .await;
+    assert!(
+        notified.is_some(),
+        "a notification for the order within 5 s"
+    );
+
+    let counted = eventually(5, || async {
+        let windows = app.get("/api/v1/analytics/windows").await.body;
+        windows
+            .as_array()
+            .and_then(|w| w.last().cloned())
+            .filter(|w| w["order_count"] == 1 && w["total_revenue"].as_f64() == Some(3999.98))
+    })
+    .await;
+    let window = counted.expect("the current window counts the order and its revenue");
+    assert_eq!(window["unique_users"], 1);
+
+    let paid = app
+        .post(
+            "/api/v1/payments",
+            json!({"order_id": order_id, "card_number": "4242 4242 4242 4242"}),
+        )
+        .await;
+    assert_eq!(paid.status, StatusCode::CREATED, "{}", paid.body);
+    assert_eq!(
+        app.get(&format!("/api/v1/orders/{order_id}")).await.body["status"],
+        "paid"
+    );
+    let both = eventually(5, || async {
+        let n = app
+            .get(&format!("/api/v1/notifications?user_id={user}"))
+            .await
+            .body;
+        (n.as_array().unwrap().len() == 2).then_some(())
+    })
+    .await;
+    assert!(both.is_some(), "order.paid notified too");
+    let before = state(&app, &user, &product, &order_id).await;
+
+    // A graceful stop, then a start: everything is still there.
+    signal(&running.child, "TERM");
+    assert!(wait_exit(running.child).success(), "SIGTERM stops cleanly");
+    let running = launch(data.path());
+    let app = client_for(&running.gateway);
+    wait_ready(&app).await;
+    let after = state(&app, &user, &product, &order_id).await;
+    assert_eq!(before, after);
+    assert_eq!(after.0["status"], "paid");
+    assert_eq!(after.1, 3);
+    assert_eq!(
+        after.3["order_count"], 1,
+        "no event counted twice after restart"
+    );
+
+    // A crash (SIGKILL), then a start: still all there, nothing doubled.
+    signal(&running.child, "KILL");
+    wait_exit(running.child);
+    let running = launch(data.path());
+    let app = client_for(&running.gateway);
+    wait_ready(&app).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(state(&app, &user, &product, &order_id).await, before);
+    let payments = answer(
+        app.client
+            .get(format!("{}/api/v1/payments/order/{order_id}", app.gateway))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(payments.body.as_array().unwrap().len(), 1);
+
+    signal(&running.child, "TERM");
+    assert!(wait_exit(running.child).success());
+}
