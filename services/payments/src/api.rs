@@ -134,27 +134,27 @@ async fn create_payment(
             return Err(Problem::unavailable("orders"));
         }
     };
-    if let Some(amount) = body.amount {
-        if amount != order.total_amount {
-            return Err(Problem::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "amount-mismatch",
-                "Amount does not match the order",
-            )
-            .with_detail(format!(
-                "the order total is {}, not {amount}",
-                order.total_amount
-            ))
-            .with("expected", order.total_amount.to_string()));
-        }
+    if let Some(amount) = body.amount
+        && amount != order.total_amount
+    {
+        return Err(Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "amount-mismatch",
+            "Amount does not match the order",
+        )
+        .with_detail(format!(
+            "the order total is {}, not {amount}",
+            order.total_amount
+        ))
+        .with("expected", order.total_amount.to_string()));
     }
-    if let Some(currency) = &body.currency {
-        if !currency.eq_ignore_ascii_case(&order.currency) {
-            return Err(
-                Problem::invalid(format!("the order is in {}", order.currency))
-                    .with("field", "currency"),
-            );
-        }
+    if let Some(currency) = &body.currency
+        && !currency.eq_ignore_ascii_case(&order.currency)
+    {
+        return Err(
+            Problem::invalid(format!("the order is in {}", order.currency))
+                .with("field", "currency"),
+        );
     }
     if ctx
         .store

@@ -15,9 +15,11 @@ pub struct TestApp {
 
 /// Settings for a private platform: every port 0, data in a fresh directory, no demo data.
 pub fn test_settings(dir: &tempfile::TempDir) -> Settings {
-    let mut s = Settings::default();
-    s.data_dir = dir.path().to_owned();
-    s.demo = false;
+    let mut s = Settings {
+        data_dir: dir.path().to_owned(),
+        demo: false,
+        ..Settings::default()
+    };
     for svc in [
         &mut s.gateway,
         &mut s.users,
