@@ -11,7 +11,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use kit::config::SqliteSettings;
 use kit::db::{Db, Step, now_ms};
-use sqlx::Row;
+use sqlx::{QueryBuilder, Row, Sqlite};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -54,6 +54,9 @@ static STEPS: &[Step] = &[(
     CREATE INDEX queue_messages_ready ON queue_messages (queue, visible_at, id);
     CREATE INDEX queue_messages_receipt ON queue_messages (receipt);",
 )];
+
+/// Rows per multi-row statement: well under SQLite's bound-parameter limit.
+const ROWS_PER_STATEMENT: usize = 256;
 
 /// How often a waiting consumer re-checks for records written by another process.
 const CROSS_PROCESS_POLL: Duration = Duration::from_millis(25);
@@ -152,36 +155,47 @@ impl Stream for EmbeddedBus {
             return Ok(());
         }
         let now = now_ms();
+        let encoded: Vec<(u32, &Record, String)> = records
+            .iter()
+            .map(|r| {
+                Ok((
+                    partition_for(&r.key, self.inner.partitions),
+                    r,
+                    encode_headers(&r.headers)?,
+                ))
+            })
+            .collect::<Result<_, BusError>>()?;
         let mut tx = self.inner.db.begin().await?;
+        // Next offset per partition touched, read once per batch.
         let mut next: HashMap<u32, i64> = HashMap::new();
-        for record in records {
-            let partition = partition_for(&record.key, self.inner.partitions);
-            let offset = match next.get(&partition) {
-                Some(o) => *o,
-                None => {
-                    sqlx::query_scalar::<_, i64>(
-                        "SELECT COALESCE(MAX(offset) + 1, 0) FROM stream_records WHERE topic = ? AND partition = ?",
-                    )
-                    .bind(topic)
-                    .bind(partition)
-                    .fetch_one(&mut *tx)
-                    .await?
-                }
-            };
-            sqlx::query(
-                "INSERT INTO stream_records (topic, partition, offset, key, headers, payload, appended_at)
-                 VALUES (?, ?, ?, ?, ?, ?, ?)",
-            )
-            .bind(topic)
-            .bind(partition)
-            .bind(offset)
-            .bind(&record.key)
-            .bind(encode_headers(&record.headers)?)
-            .bind(&record.payload)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-            next.insert(partition, offset + 1);
+        for (partition, _, _) in &encoded {
+            if !next.contains_key(partition) {
+                let offset = sqlx::query_scalar::<_, i64>(
+                    "SELECT COALESCE(MAX(offset) + 1, 0) FROM stream_records WHERE topic = ? AND partition = ?",
+                )
+                .bind(topic)
+                .bind(partition)
+                .fetch_one(&mut *tx)
+                .await?;
+                next.insert(*partition, offset);
+            }
+        }
+        for chunk in encoded.chunks(ROWS_PER_STATEMENT) {
+            let mut insert = QueryBuilder::<Sqlite>::new(
+                "INSERT INTO stream_records (topic, partition, offset, key, headers, payload, appended_at) ",
+            );
+            insert.push_values(chunk, |mut row, (partition, record, headers)| {
+                let offset = next.get(partition).copied().unwrap_or(0);
+                next.insert(*partition, offset + 1);
+                row.push_bind(topic)
+                    .push_bind(*partition)
+                    .push_bind(offset)
+                    .push_bind(&record.key)
+                    .push_bind(headers)
+                    .push_bind(&record.payload)
+                    .push_bind(now);
+            });
+            insert.build().execute(&mut *tx).await?;
         }
         tx.commit().await?;
         self.inner.appended.notify_waiters();
@@ -315,20 +329,24 @@ impl Queue for EmbeddedBus {
             return Ok(());
         }
         let now = now_ms();
+        let encoded: Vec<(&OutgoingMessage, String)> = messages
+            .iter()
+            .map(|m| Ok((m, encode_headers(&m.attributes)?)))
+            .collect::<Result<_, BusError>>()?;
         let mut tx = self.inner.db.begin().await?;
-        for m in messages {
-            sqlx::query(
-                "INSERT INTO queue_messages (queue, message_id, body, attributes, visible_at, sent_at)
-                 VALUES (?, ?, ?, ?, ?, ?)",
-            )
-            .bind(queue)
-            .bind(&m.id)
-            .bind(&m.body)
-            .bind(encode_headers(&m.attributes)?)
-            .bind(now)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
+        for chunk in encoded.chunks(ROWS_PER_STATEMENT) {
+            let mut insert = QueryBuilder::<Sqlite>::new(
+                "INSERT INTO queue_messages (queue, message_id, body, attributes, visible_at, sent_at) ",
+            );
+            insert.push_values(chunk, |mut row, (m, attributes)| {
+                row.push_bind(queue)
+                    .push_bind(&m.id)
+                    .push_bind(&m.body)
+                    .push_bind(attributes)
+                    .push_bind(now)
+                    .push_bind(now);
+            });
+            insert.build().execute(&mut *tx).await?;
         }
         tx.commit().await?;
         self.inner.appended.notify_waiters();
@@ -371,6 +389,21 @@ impl Queue for EmbeddedBus {
             .bind(receipt)
             .execute(self.inner.db.writer())
             .await?;
+        Ok(())
+    }
+
+    async fn delete_batch(&self, queue: &str, receipts: &[String]) -> Result<(), BusError> {
+        for chunk in receipts.chunks(ROWS_PER_STATEMENT) {
+            let mut delete =
+                QueryBuilder::<Sqlite>::new("DELETE FROM queue_messages WHERE queue = ");
+            delete.push_bind(queue).push(" AND receipt IN (");
+            let mut list = delete.separated(", ");
+            for receipt in chunk {
+                list.push_bind(receipt);
+            }
+            delete.push(")");
+            delete.build().execute(self.inner.db.writer()).await?;
+        }
         Ok(())
     }
 
@@ -601,6 +634,26 @@ mod tests {
         assert_eq!(later.len(), 1);
         assert_eq!(later[0].receive_count, 3);
         assert_eq!(bus.depth("q").await.unwrap(), 1);
+    }
+
+    #[tokio::test]
+    async fn batch_delete_acknowledges_only_the_given_receipts() {
+        let dir = tempfile::tempdir().unwrap();
+        let bus = bus(&dir, EmbeddedOptions::default()).await;
+        bus.send_batch("q", &[message("a"), message("b"), message("c")])
+            .await
+            .unwrap();
+        bus.send_batch("other", &[message("z")]).await.unwrap();
+        let got = bus.receive("q", 10, Duration::ZERO).await.unwrap();
+        assert_eq!(
+            got.iter().map(|m| m.id.as_str()).collect::<Vec<_>>(),
+            vec!["a", "b", "c"]
+        );
+        bus.delete_batch("q", &[got[0].receipt.clone(), got[2].receipt.clone()])
+            .await
+            .unwrap();
+        assert_eq!(bus.depth("q").await.unwrap(), 1);
+        assert_eq!(bus.depth("other").await.unwrap(), 1);
     }
 
     #[tokio::test]

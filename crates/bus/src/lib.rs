@@ -114,6 +114,9 @@ pub trait Queue: Send + Sync {
     /// Acknowledges a processed message.
     async fn delete(&self, queue: &str, receipt: &str) -> Result<(), BusError>;
 
+    /// Acknowledges several processed messages at once.
+    async fn delete_batch(&self, queue: &str, receipts: &[String]) -> Result<(), BusError>;
+
     /// Makes a failed message visible again after `delay`.
     async fn release(&self, queue: &str, receipt: &str, delay: Duration) -> Result<(), BusError>;
 

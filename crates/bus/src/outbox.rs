@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kit::db::{Db, now_ms};
-use sqlx::{Row, SqliteConnection};
+use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -51,24 +51,26 @@ pub async fn enqueue(
     event: &Event,
     destinations: &[Destination],
 ) -> Result<(), sqlx::Error> {
+    if destinations.is_empty() {
+        return Ok(());
+    }
     let headers =
         serde_json::to_string(&event.headers()).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
     let now = now_ms();
-    for destination in destinations {
-        sqlx::query(
-            "INSERT INTO outbox (event_id, destination, key, headers, payload, created_at, next_attempt_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(event.id.to_string())
-        .bind(destination.encode())
-        .bind(&event.subject)
-        .bind(&headers)
-        .bind(&event.data)
-        .bind(now)
-        .bind(now)
-        .execute(&mut *conn)
-        .await?;
-    }
+    let id = event.id.to_string();
+    let mut insert = QueryBuilder::<Sqlite>::new(
+        "INSERT INTO outbox (event_id, destination, key, headers, payload, created_at, next_attempt_at) ",
+    );
+    insert.push_values(destinations, |mut row, destination| {
+        row.push_bind(&id)
+            .push_bind(destination.encode())
+            .push_bind(&event.subject)
+            .push_bind(&headers)
+            .push_bind(&event.data)
+            .push_bind(now)
+            .push_bind(now);
+    });
+    insert.build().execute(&mut *conn).await?;
     Ok(())
 }
 
@@ -170,32 +172,26 @@ impl Relay {
         let mut published = 0;
         for (destination, pending) in by_destination {
             let outcome = self.publish(&destination, &pending).await;
-            let mut tx = self.db.begin().await?;
+            let seqs: Vec<i64> = pending.iter().map(|p| p.seq).collect();
             match &outcome {
                 Ok(()) => {
-                    for p in &pending {
-                        sqlx::query("DELETE FROM outbox WHERE seq = ?")
-                            .bind(p.seq)
-                            .execute(&mut *tx)
-                            .await?;
-                    }
+                    let mut delete =
+                        QueryBuilder::<Sqlite>::new("DELETE FROM outbox WHERE seq IN (");
+                    push_list(&mut delete, &seqs);
+                    delete.build().execute(self.db.writer()).await?;
                 }
                 Err(e) => {
                     tracing::warn!(destination, error = %e, events = pending.len(), "publishing failed; will retry");
-                    for p in &pending {
-                        let delay =
-                            i64::try_from(backoff(p.attempts + 1).as_millis()).unwrap_or(30_000);
-                        sqlx::query(
-                            "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = ? WHERE seq = ?",
-                        )
-                        .bind(now_ms() + delay)
-                        .bind(p.seq)
-                        .execute(&mut *tx)
-                        .await?;
-                    }
+                    let attempts = pending.iter().map(|p| p.attempts).max().unwrap_or(0) + 1;
+                    let delay = i64::try_from(backoff(attempts).as_millis()).unwrap_or(30_000);
+                    let mut update = QueryBuilder::<Sqlite>::new(
+                        "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = ",
+                    );
+                    update.push_bind(now_ms() + delay).push(" WHERE seq IN (");
+                    push_list(&mut update, &seqs);
+                    update.build().execute(self.db.writer()).await?;
                 }
             }
-            tx.commit().await?;
             let outcome_label = if outcome.is_ok() {
                 "published"
             } else {
@@ -246,6 +242,14 @@ impl Relay {
     }
 }
 
+fn push_list(query: &mut QueryBuilder<'_, Sqlite>, values: &[i64]) {
+    let mut list = query.separated(", ");
+    for v in values {
+        list.push_bind(*v);
+    }
+    query.push(")");
+}
+
 /// 100 ms doubling per attempt up to 30 s, with ±20 % jitter so retries do not stampede.
 fn backoff(attempt: i64) -> Duration {
     let exp = u32::try_from(attempt.clamp(0, 20)).unwrap_or(20);
@@ -293,6 +297,9 @@ mod tests {
         }
         async fn delete(&self, q: &str, r: &str) -> Result<(), BusError> {
             self.inner.delete(q, r).await
+        }
+        async fn delete_batch(&self, q: &str, r: &[String]) -> Result<(), BusError> {
+            self.inner.delete_batch(q, r).await
         }
         async fn release(&self, q: &str, r: &str, d: Duration) -> Result<(), BusError> {
             self.inner.release(q, r, d).await

@@ -153,15 +153,15 @@ pub struct SagaSettings {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct NotifierSettings {
+    /// Messages per batch handed to the handler (Lambda's own mapping allows 10 without a window).
     pub batch_size: usize,
-    pub poll_interval_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct AnalyticsSettings {
+    /// Tumbling window size.
     pub window_secs: i64,
-    pub poll_interval_ms: u64,
 }
 
 impl Default for Settings {
@@ -260,19 +260,13 @@ impl Default for SagaSettings {
 
 impl Default for NotifierSettings {
     fn default() -> Self {
-        NotifierSettings {
-            batch_size: 10,
-            poll_interval_ms: 100,
-        }
+        NotifierSettings { batch_size: 25 }
     }
 }
 
 impl Default for AnalyticsSettings {
     fn default() -> Self {
-        AnalyticsSettings {
-            window_secs: 60,
-            poll_interval_ms: 100,
-        }
+        AnalyticsSettings { window_secs: 60 }
     }
 }
 

@@ -316,7 +316,7 @@ pub async fn start(settings: &Settings, services: &[ServiceName]) -> anyhow::Res
             queue: queue.clone(),
             store: store.clone(),
             sender: Arc::new(notifications::sender::LogSender),
-            batch_size: settings.notifier.batch_size.clamp(1, 10),
+            batch_size: settings.notifier.batch_size.clamp(1, 100),
         };
         tasks.spawn(poller.run(shutdown.clone()));
         apps.push((

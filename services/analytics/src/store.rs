@@ -5,7 +5,9 @@ use chrono::{DateTime, Utc};
 use kit::Money;
 use kit::db::{Db, DbError, Step, now_ms};
 use serde::Serialize;
-use sqlx::Row;
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+
+use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection};
 
 use crate::engine::{WindowReport, Windows, average};
 
@@ -65,6 +67,126 @@ pub struct Summary {
     pub last_window_end: Option<DateTime<Utc>>,
 }
 
+const ROWS_PER_STATEMENT: usize = 200;
+
+/// What a batch of new events adds, aggregated per window before touching the database.
+#[derive(Debug, Default)]
+struct Delta {
+    /// window start → (window end, orders, revenue cents, items)
+    windows: BTreeMap<i64, (i64, i64, i64, i64)>,
+    event_types: BTreeMap<(i64, String), i64>,
+    window_users: BTreeSet<(i64, String)>,
+    users: BTreeSet<String>,
+    /// (window start, product) → (quantity, revenue cents)
+    products: BTreeMap<(i64, String), (i64, i64)>,
+}
+
+impl Delta {
+    fn add(&mut self, windows: Windows, e: &OrderEvent) {
+        let start = windows.start_of(e.created_at);
+        let window = self
+            .windows
+            .entry(start)
+            .or_insert((start + windows.size_ms(), 0, 0, 0));
+        *self
+            .event_types
+            .entry((start, e.event_type.clone()))
+            .or_insert(0) += 1;
+        if e.event_type != types::ORDER_CREATED {
+            return;
+        }
+        window.1 += 1;
+        window.2 += e.total_amount.cents();
+        window.3 += e.items_count;
+        let user = e.user_id.to_string();
+        self.window_users.insert((start, user.clone()));
+        self.users.insert(user);
+        for item in &e.items {
+            let revenue = item
+                .unit_price
+                .checked_mul(item.quantity)
+                .unwrap_or(Money::ZERO)
+                .cents();
+            let p = self
+                .products
+                .entry((start, item.product_id.to_string()))
+                .or_insert((0, 0));
+            p.0 += item.quantity;
+            p.1 += revenue;
+        }
+    }
+
+    async fn write(&self, conn: &mut SqliteConnection) -> Result<(), sqlx::Error> {
+        let windows: Vec<_> = self.windows.iter().collect();
+        for chunk in windows.chunks(ROWS_PER_STATEMENT) {
+            let mut q = QueryBuilder::<Sqlite>::new(
+                "INSERT INTO windows (window_start, window_end, order_count, revenue_cents, items_sold) ",
+            );
+            q.push_values(chunk, |mut row, (start, (end, orders, revenue, items))| {
+                row.push_bind(**start)
+                    .push_bind(*end)
+                    .push_bind(*orders)
+                    .push_bind(*revenue)
+                    .push_bind(*items);
+            });
+            q.push(
+                " ON CONFLICT (window_start) DO UPDATE SET order_count = order_count + excluded.order_count,
+                  revenue_cents = revenue_cents + excluded.revenue_cents, items_sold = items_sold + excluded.items_sold",
+            );
+            q.build().execute(&mut *conn).await?;
+        }
+        let types: Vec<_> = self.event_types.iter().collect();
+        for chunk in types.chunks(ROWS_PER_STATEMENT) {
+            let mut q = QueryBuilder::<Sqlite>::new(
+                "INSERT INTO window_event_types (window_start, event_type, count) ",
+            );
+            q.push_values(chunk, |mut row, ((start, kind), n)| {
+                row.push_bind(*start)
+                    .push_bind(kind.as_str())
+                    .push_bind(**n);
+            });
+            q.push(" ON CONFLICT (window_start, event_type) DO UPDATE SET count = count + excluded.count");
+            q.build().execute(&mut *conn).await?;
+        }
+        let window_users: Vec<_> = self.window_users.iter().collect();
+        for chunk in window_users.chunks(ROWS_PER_STATEMENT) {
+            let mut q = QueryBuilder::<Sqlite>::new(
+                "INSERT OR IGNORE INTO window_users (window_start, user_id) ",
+            );
+            q.push_values(chunk, |mut row, (start, user)| {
+                row.push_bind(*start).push_bind(user.as_str());
+            });
+            q.build().execute(&mut *conn).await?;
+        }
+        let users: Vec<_> = self.users.iter().collect();
+        for chunk in users.chunks(ROWS_PER_STATEMENT) {
+            let mut q = QueryBuilder::<Sqlite>::new("INSERT OR IGNORE INTO users_seen (user_id) ");
+            q.push_values(chunk, |mut row, user| {
+                row.push_bind(user.as_str());
+            });
+            q.build().execute(&mut *conn).await?;
+        }
+        let products: Vec<_> = self.products.iter().collect();
+        for chunk in products.chunks(ROWS_PER_STATEMENT) {
+            let mut q = QueryBuilder::<Sqlite>::new(
+                "INSERT INTO window_products (window_start, product_id, quantity, revenue_cents) ",
+            );
+            q.push_values(chunk, |mut row, ((start, product), (quantity, revenue))| {
+                row.push_bind(*start)
+                    .push_bind(product.as_str())
+                    .push_bind(*quantity)
+                    .push_bind(*revenue);
+            });
+            q.push(
+                " ON CONFLICT (window_start, product_id) DO UPDATE SET quantity = quantity + excluded.quantity,
+                  revenue_cents = revenue_cents + excluded.revenue_cents",
+            );
+            q.build().execute(&mut *conn).await?;
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct AnalyticsStore {
     db: Db,
@@ -95,80 +217,42 @@ impl AnalyticsStore {
         self.windows
     }
 
-    /// Applies a batch in one transaction; events already applied are skipped.
-    /// Returns how many were new.
+    /// Applies a batch in one transaction; events already applied (now or in an earlier
+    /// batch) are skipped. The batch is aggregated in memory first, so the number of
+    /// statements depends on the windows touched, not on the number of events.
+    /// Returns how many events were new.
     pub async fn apply(&self, events: &[OrderEvent]) -> Result<usize, StoreError> {
+        if events.is_empty() {
+            return Ok(0);
+        }
         let mut tx = self.db.begin().await?;
+        let now = now_ms();
+        let mut fresh_ids: HashSet<String> = HashSet::new();
+        for chunk in events.chunks(ROWS_PER_STATEMENT) {
+            let mut insert = QueryBuilder::<Sqlite>::new(
+                "INSERT OR IGNORE INTO processed_events (event_id, processed_at) ",
+            );
+            insert.push_values(chunk, |mut row, e| {
+                row.push_bind(e.event_id.to_string()).push_bind(now);
+            });
+            insert.push(" RETURNING event_id");
+            fresh_ids.extend(
+                insert
+                    .build_query_scalar::<String>()
+                    .fetch_all(&mut *tx)
+                    .await?,
+            );
+        }
+        let mut delta = Delta::default();
         let mut fresh = 0;
         for e in events {
-            let first_time = sqlx::query(
-                "INSERT OR IGNORE INTO processed_events (event_id, processed_at) VALUES (?, ?)",
-            )
-            .bind(e.event_id.to_string())
-            .bind(now_ms())
-            .execute(&mut *tx)
-            .await?
-            .rows_affected()
-                == 1;
-            if !first_time {
-                continue;
-            }
-            fresh += 1;
-            let start = self.windows.start_of(e.created_at);
-            let end = start + self.windows.size_ms();
-            sqlx::query("INSERT OR IGNORE INTO windows (window_start, window_end) VALUES (?, ?)")
-                .bind(start)
-                .bind(end)
-                .execute(&mut *tx)
-                .await?;
-            sqlx::query(
-                "INSERT INTO window_event_types (window_start, event_type, count) VALUES (?, ?, 1)
-                 ON CONFLICT (window_start, event_type) DO UPDATE SET count = count + 1",
-            )
-            .bind(start)
-            .bind(&e.event_type)
-            .execute(&mut *tx)
-            .await?;
-            if e.event_type != types::ORDER_CREATED {
-                continue;
-            }
-            sqlx::query(
-                "UPDATE windows SET order_count = order_count + 1, revenue_cents = revenue_cents + ?, items_sold = items_sold + ?
-                 WHERE window_start = ?",
-            )
-            .bind(e.total_amount.cents())
-            .bind(e.items_count)
-            .bind(start)
-            .execute(&mut *tx)
-            .await?;
-            let user = e.user_id.to_string();
-            sqlx::query("INSERT OR IGNORE INTO window_users (window_start, user_id) VALUES (?, ?)")
-                .bind(start)
-                .bind(&user)
-                .execute(&mut *tx)
-                .await?;
-            sqlx::query("INSERT OR IGNORE INTO users_seen (user_id) VALUES (?)")
-                .bind(&user)
-                .execute(&mut *tx)
-                .await?;
-            for item in &e.items {
-                let revenue = item
-                    .unit_price
-                    .checked_mul(item.quantity)
-                    .unwrap_or(Money::ZERO);
-                sqlx::query(
-                    "INSERT INTO window_products (window_start, product_id, quantity, revenue_cents) VALUES (?, ?, ?, ?)
-                     ON CONFLICT (window_start, product_id) DO UPDATE SET
-                        quantity = quantity + excluded.quantity, revenue_cents = revenue_cents + excluded.revenue_cents",
-                )
-                .bind(start)
-                .bind(item.product_id.to_string())
-                .bind(item.quantity)
-                .bind(revenue.cents())
-                .execute(&mut *tx)
-                .await?;
+            // `remove` also drops a repeat of the same id inside this batch.
+            if fresh_ids.remove(&e.event_id.to_string()) {
+                fresh += 1;
+                delta.add(self.windows, e);
             }
         }
+        delta.write(&mut tx).await?;
         tx.commit().await?;
         Ok(fresh)
     }
@@ -287,6 +371,12 @@ mod tests {
             0,
             "replays are ignored"
         );
+        let d = created(3, 100, "2026-11-24T10:02:00Z");
+        assert_eq!(
+            store.apply(&[d.clone(), d.clone()]).await.unwrap(),
+            1,
+            "a repeat inside one batch counts once"
+        );
 
         let from = DateTime::parse_from_rfc3339("2026-11-24T10:00:00Z")
             .unwrap()
@@ -295,7 +385,7 @@ mod tests {
             .windows_between(from, from + chrono::Duration::minutes(5))
             .await
             .unwrap();
-        assert_eq!(windows.len(), 2);
+        assert_eq!(windows.len(), 3);
         assert_eq!((windows[0].order_count, windows[0].unique_users), (2, 1));
         assert_eq!(windows[0].total_revenue.to_string(), "30.01");
         assert_eq!(
@@ -311,8 +401,8 @@ mod tests {
                 summary.unique_users,
                 summary.events_processed
             ),
-            (3, 2, 3)
+            (4, 3, 4)
         );
-        assert_eq!(summary.total_revenue.to_string(), "35.01");
+        assert_eq!(summary.total_revenue.to_string(), "36.01");
     }
 }

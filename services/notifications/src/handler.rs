@@ -5,7 +5,7 @@ use aws_lambda_events::event::sqs::{BatchItemFailure, SqsBatchResponse, SqsEvent
 use bus::event::OrderEvent;
 use chrono::Utc;
 
-use crate::content::compose;
+use crate::content::{Notification, compose};
 use crate::sender::Sender;
 use crate::store::NotificationStore;
 
@@ -22,28 +22,26 @@ pub enum Outcome {
 pub enum RecordError {
     #[error("the message body is not an order event: {0}")]
     Malformed(String),
-    #[error(transparent)]
-    Store(#[from] crate::store::StoreError),
 }
 
 /// Handles every record; a record that fails is reported alone, so SQS redelivers only it.
+/// Records are parsed one by one and stored in one batch write.
 pub async fn handle_sqs_event(
     store: &dyn NotificationStore,
     sender: &dyn Sender,
     event: SqsEvent,
 ) -> SqsBatchResponse {
     let mut failures = Vec::new();
+    let mut ids = Vec::new();
+    let mut batch = Vec::new();
     for record in &event.records {
         let message_id = record.message_id.clone().unwrap_or_default();
-        match handle_record(store, sender, record).await {
-            Ok(outcome) => {
-                let label = match outcome {
-                    Outcome::Stored => "stored",
-                    Outcome::Duplicate => "duplicate",
-                    Outcome::Ignored => "ignored",
-                };
-                metrics::counter!("notifications_processed_total", "outcome" => label).increment(1);
+        match parse_record(record) {
+            Ok(Some(notification)) => {
+                ids.push(message_id);
+                batch.push(notification);
             }
+            Ok(None) => count(Outcome::Ignored),
             Err(e) => {
                 tracing::warn!(message_id, error = %e, "notification record failed");
                 metrics::counter!("notifications_processed_total", "outcome" => "failed")
@@ -54,34 +52,57 @@ pub async fn handle_sqs_event(
             }
         }
     }
+    match store.insert_batch(&batch).await {
+        Ok(stored) => {
+            for (notification, fresh) in batch.iter().zip(stored) {
+                if !fresh {
+                    count(Outcome::Duplicate);
+                    continue;
+                }
+                count(Outcome::Stored);
+                if let Err(e) = sender.send(notification).await {
+                    // The record is kept; delivery failures are visible in logs and metrics.
+                    tracing::error!(event_id = %notification.event_id, error = %e, "notification stored but not delivered");
+                }
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, records = ids.len(), "storing notifications failed");
+            metrics::counter!("notifications_processed_total", "outcome" => "failed")
+                .increment(ids.len() as u64);
+            failures.extend(
+                ids.into_iter()
+                    .map(|item_identifier| BatchItemFailure { item_identifier }),
+            );
+        }
+    }
     SqsBatchResponse {
         batch_item_failures: failures,
     }
 }
 
-pub async fn handle_record(
-    store: &dyn NotificationStore,
-    sender: &dyn Sender,
-    record: &SqsMessage,
-) -> Result<Outcome, RecordError> {
+fn count(outcome: Outcome) {
+    let label = match outcome {
+        Outcome::Stored => "stored",
+        Outcome::Duplicate => "duplicate",
+        Outcome::Ignored => "ignored",
+    };
+    metrics::counter!("notifications_processed_total", "outcome" => label).increment(1);
+}
+
+/// The notification a record asks for, `None` for event types nobody is told about.
+pub fn parse_record(record: &SqsMessage) -> Result<Option<Notification>, RecordError> {
     let body = record
         .body
         .as_deref()
         .ok_or_else(|| RecordError::Malformed("empty body".into()))?;
     let event: OrderEvent =
         serde_json::from_str(body).map_err(|e| RecordError::Malformed(e.to_string()))?;
-    let Some(notification) = compose(&event, Utc::now()) else {
+    let notification = compose(&event, Utc::now());
+    if notification.is_none() {
         tracing::info!(event_id = %event.event_id, event_type = event.event_type, "no notification for this event type");
-        return Ok(Outcome::Ignored);
-    };
-    if !store.insert_once(&notification).await? {
-        return Ok(Outcome::Duplicate);
     }
-    if let Err(e) = sender.send(&notification).await {
-        // The record is kept; delivery failures are visible in logs and metrics.
-        tracing::error!(event_id = %event.event_id, error = %e, "notification stored but not delivered");
-    }
-    Ok(Outcome::Stored)
+    Ok(notification)
 }
 
 #[cfg(test)]

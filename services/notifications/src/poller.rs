@@ -90,19 +90,25 @@ impl Poller {
                 .into_iter()
                 .map(|f| f.item_identifier)
                 .collect();
+            let mut done = Vec::with_capacity(messages.len());
             for m in &messages {
-                let result = if failed.contains(&m.id) {
+                if failed.contains(&m.id) {
                     let delay = Duration::from_secs(1u64 << m.receive_count.clamp(0, 6));
-                    self.queue
+                    if let Err(e) = self
+                        .queue
                         .release(ORDER_EVENTS_QUEUE, &m.receipt, delay)
                         .await
+                    {
+                        tracing::warn!(message_id = m.id, error = %e, "releasing a failed message failed");
+                    }
                 } else {
-                    self.queue.delete(ORDER_EVENTS_QUEUE, &m.receipt).await
-                };
-                if let Err(e) = result {
-                    // Not fatal: the visibility timeout makes the message come back.
-                    tracing::warn!(message_id = m.id, error = %e, "acknowledging a message failed");
+                    done.push(m.receipt.clone());
                 }
+            }
+            if let Err(e) = self.queue.delete_batch(ORDER_EVENTS_QUEUE, &done).await {
+                // Not fatal: the messages come back after the visibility timeout, and the
+                // handler recognises them as duplicates.
+                tracing::warn!(error = %e, "acknowledging messages failed");
             }
         }
     }

@@ -5,8 +5,10 @@ use async_trait::async_trait;
 use chrono::DateTime;
 use kit::Money;
 use kit::db::{Db, DbError, Step};
-use sqlx::Row;
+use std::collections::HashSet;
+
 use sqlx::sqlite::SqliteRow;
+use sqlx::{QueryBuilder, Row, Sqlite};
 use uuid::Uuid;
 
 use crate::content::Notification;
@@ -28,8 +30,19 @@ pub struct Filter {
 
 #[async_trait]
 pub trait NotificationStore: Send + Sync {
-    /// Stores `n` unless a record for its event id exists; `true` if stored now.
-    async fn insert_once(&self, n: &Notification) -> Result<bool, StoreError>;
+    /// Stores each notification unless a record for its event id exists (in the store or
+    /// earlier in `batch`). Returns, per input, whether it was stored now.
+    async fn insert_batch(&self, batch: &[Notification]) -> Result<Vec<bool>, StoreError>;
+
+    async fn insert_once(&self, n: &Notification) -> Result<bool, StoreError> {
+        Ok(self
+            .insert_batch(std::slice::from_ref(n))
+            .await?
+            .first()
+            .copied()
+            .unwrap_or(false))
+    }
+
     async fn find(&self, filter: &Filter) -> Result<Vec<Notification>, StoreError>;
 }
 
@@ -93,25 +106,38 @@ fn to_notification(row: &SqliteRow) -> Result<Notification, StoreError> {
 
 #[async_trait]
 impl NotificationStore for SqliteNotificationStore {
-    async fn insert_once(&self, n: &Notification) -> Result<bool, StoreError> {
-        let done = sqlx::query(
-            "INSERT INTO notifications (id, event_id, event_type, order_id, user_id, recipient, subject, body, amount_cents, currency, created_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (event_id) DO NOTHING",
-        )
-        .bind(n.id.to_string())
-        .bind(n.event_id.to_string())
-        .bind(&n.event_type)
-        .bind(n.order_id.to_string())
-        .bind(n.user_id.to_string())
-        .bind(&n.recipient)
-        .bind(&n.subject)
-        .bind(&n.body)
-        .bind(n.amount.cents())
-        .bind(&n.currency)
-        .bind(n.created_at.timestamp_millis())
-        .execute(self.db.writer())
-        .await?;
-        Ok(done.rows_affected() == 1)
+    async fn insert_batch(&self, batch: &[Notification]) -> Result<Vec<bool>, StoreError> {
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut insert = QueryBuilder::<Sqlite>::new(
+            "INSERT INTO notifications (id, event_id, event_type, order_id, user_id, recipient, subject, body, amount_cents, currency, created_at) ",
+        );
+        insert.push_values(batch, |mut row, n| {
+            row.push_bind(n.id.to_string())
+                .push_bind(n.event_id.to_string())
+                .push_bind(&n.event_type)
+                .push_bind(n.order_id.to_string())
+                .push_bind(n.user_id.to_string())
+                .push_bind(&n.recipient)
+                .push_bind(&n.subject)
+                .push_bind(&n.body)
+                .push_bind(n.amount.cents())
+                .push_bind(&n.currency)
+                .push_bind(n.created_at.timestamp_millis());
+        });
+        insert.push(" ON CONFLICT (event_id) DO NOTHING RETURNING event_id");
+        let mut stored: HashSet<String> = insert
+            .build_query_scalar::<String>()
+            .fetch_all(self.db.writer())
+            .await?
+            .into_iter()
+            .collect();
+        // The first record of an event id is the one stored; repeats are duplicates.
+        Ok(batch
+            .iter()
+            .map(|n| stored.remove(&n.event_id.to_string()))
+            .collect())
     }
 
     async fn find(&self, filter: &Filter) -> Result<Vec<Notification>, StoreError> {

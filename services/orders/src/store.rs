@@ -14,7 +14,7 @@ use kit::Money;
 use kit::db::{Db, DbError, Step, now_ms};
 use serde::Serialize;
 use sqlx::sqlite::SqliteRow;
-use sqlx::{Row, SqliteConnection};
+use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection};
 use tokio::sync::Notify;
 use uuid::Uuid;
 
@@ -234,15 +234,17 @@ impl OrderStore {
         .bind(order.expires_at.timestamp_millis())
         .execute(&mut *tx)
         .await?;
-        for line in &order.items {
-            sqlx::query("INSERT INTO order_items (order_id, product_id, quantity, unit_price_cents) VALUES (?, ?, ?, ?)")
-                .bind(order.id.to_string())
-                .bind(line.product_id.to_string())
-                .bind(line.quantity)
-                .bind(line.unit_price.cents())
-                .execute(&mut *tx)
-                .await?;
-        }
+        let id = order.id.to_string();
+        let mut items = QueryBuilder::<Sqlite>::new(
+            "INSERT INTO order_items (order_id, product_id, quantity, unit_price_cents) ",
+        );
+        items.push_values(&order.items, |mut row, line| {
+            row.push_bind(&id)
+                .push_bind(line.product_id.to_string())
+                .push_bind(line.quantity)
+                .push_bind(line.unit_price.cents());
+        });
+        items.build().execute(&mut *tx).await?;
         outbox::enqueue(&mut tx, &event, DESTINATIONS).await?;
         tx.commit().await?;
         self.wake_relay.notify_one();

@@ -10,7 +10,7 @@ use kit::Money;
 use kit::db::{Db, DbError, Step, is_unique_violation, now_ms};
 use serde::Serialize;
 use sqlx::sqlite::SqliteRow;
-use sqlx::{Row, SqliteConnection};
+use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection};
 use uuid::Uuid;
 
 use crate::domain::ReservationLines;
@@ -333,10 +333,23 @@ impl ProductStore {
         lines: &ReservationLines,
     ) -> Result<(Reservation, bool), StoreError> {
         let mut tx = self.db.begin().await?;
-        if let Some(existing) = load_reservation(&mut tx, order_id).await? {
+        let now = now_ms();
+        let claimed = sqlx::query(
+            "INSERT INTO reservations (order_id, status, created_at, updated_at) VALUES (?, 'held', ?, ?)
+             ON CONFLICT (order_id) DO NOTHING",
+        )
+        .bind(order_id.to_string())
+        .bind(now)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if claimed == 0 {
+            let existing = load_reservation(&mut tx, order_id)
+                .await?
+                .ok_or(StoreError::Corrupt)?;
             return Ok((existing, false));
         }
-        let now = now_ms();
         let mut reserved = Vec::with_capacity(lines.lines().len());
         for (product_id, quantity) in lines.lines() {
             let price: Option<i64> = sqlx::query_scalar(
@@ -348,7 +361,7 @@ impl ProductStore {
             .fetch_optional(&mut *tx)
             .await?;
             let Some(price) = price else {
-                // Dropping `tx` rolls back every line taken so far.
+                // Dropping `tx` rolls back the reservation and every line taken so far.
                 let available: Option<i64> =
                     sqlx::query_scalar("SELECT stock FROM products WHERE id = ?")
                         .bind(product_id.to_string())
@@ -369,23 +382,17 @@ impl ProductStore {
                 unit_price: Money::from_cents(price).map_err(|_| StoreError::Corrupt)?,
             });
         }
-        sqlx::query("INSERT INTO reservations (order_id, status, created_at, updated_at) VALUES (?, 'held', ?, ?)")
-            .bind(order_id.to_string())
-            .bind(now)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-        for line in &reserved {
-            sqlx::query(
-                "INSERT INTO reservation_items (order_id, product_id, quantity, unit_price_cents) VALUES (?, ?, ?, ?)",
-            )
-            .bind(order_id.to_string())
-            .bind(line.product_id.to_string())
-            .bind(line.quantity)
-            .bind(line.unit_price.cents())
-            .execute(&mut *tx)
-            .await?;
-        }
+        let order = order_id.to_string();
+        let mut items = QueryBuilder::<Sqlite>::new(
+            "INSERT INTO reservation_items (order_id, product_id, quantity, unit_price_cents) ",
+        );
+        items.push_values(&reserved, |mut row, line| {
+            row.push_bind(&order)
+                .push_bind(line.product_id.to_string())
+                .push_bind(line.quantity)
+                .push_bind(line.unit_price.cents());
+        });
+        items.build().execute(&mut *tx).await?;
         tx.commit().await?;
         Ok((
             Reservation {
