@@ -11,7 +11,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use kit::config::SqliteSettings;
 use kit::db::{Db, Step, now_ms};
-use sqlx::{QueryBuilder, Row, Sqlite};
+use rusqlite::params;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -54,9 +54,6 @@ static STEPS: &[Step] = &[(
     CREATE INDEX queue_messages_ready ON queue_messages (queue, visible_at, id);
     CREATE INDEX queue_messages_receipt ON queue_messages (receipt);",
 )];
-
-/// Rows per multi-row statement: well under SQLite's bound-parameter limit.
-const ROWS_PER_STATEMENT: usize = 256;
 
 /// How often a waiting consumer re-checks for records written by another process.
 const CROSS_PROCESS_POLL: Duration = Duration::from_millis(25);
@@ -154,50 +151,40 @@ impl Stream for EmbeddedBus {
         if records.is_empty() {
             return Ok(());
         }
-        let now = now_ms();
-        let encoded: Vec<(u32, &Record, String)> = records
+        let rows: Vec<(u32, Record, String)> = records
             .iter()
             .map(|r| {
                 Ok((
                     partition_for(&r.key, self.inner.partitions),
-                    r,
+                    r.clone(),
                     encode_headers(&r.headers)?,
                 ))
             })
             .collect::<Result<_, BusError>>()?;
-        let mut tx = self.inner.db.begin().await?;
-        // Next offset per partition touched, read once per batch.
-        let mut next: HashMap<u32, i64> = HashMap::new();
-        for (partition, _, _) in &encoded {
-            if !next.contains_key(partition) {
-                let offset = sqlx::query_scalar::<_, i64>(
-                    "SELECT COALESCE(MAX(offset) + 1, 0) FROM stream_records WHERE topic = ? AND partition = ?",
-                )
-                .bind(topic)
-                .bind(partition)
-                .fetch_one(&mut *tx)
-                .await?;
-                next.insert(*partition, offset);
-            }
-        }
-        for chunk in encoded.chunks(ROWS_PER_STATEMENT) {
-            let mut insert = QueryBuilder::<Sqlite>::new(
-                "INSERT INTO stream_records (topic, partition, offset, key, headers, payload, appended_at) ",
-            );
-            insert.push_values(chunk, |mut row, (partition, record, headers)| {
-                let offset = next.get(partition).copied().unwrap_or(0);
-                next.insert(*partition, offset + 1);
-                row.push_bind(topic)
-                    .push_bind(*partition)
-                    .push_bind(offset)
-                    .push_bind(&record.key)
-                    .push_bind(headers)
-                    .push_bind(&record.payload)
-                    .push_bind(now);
-            });
-            insert.build().execute(&mut *tx).await?;
-        }
-        tx.commit().await?;
+        let topic = topic.to_owned();
+        self.inner
+            .db
+            .write(move |tx| {
+                let now = now_ms();
+                let mut next: HashMap<u32, i64> = HashMap::new();
+                let mut last_offset = tx.prepare_cached(
+                    "SELECT COALESCE(MAX(offset) + 1, 0) FROM stream_records WHERE topic = ?1 AND partition = ?2",
+                )?;
+                let mut insert = tx.prepare_cached(
+                    "INSERT INTO stream_records (topic, partition, offset, key, headers, payload, appended_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                )?;
+                for (partition, record, headers) in &rows {
+                    let offset = match next.get(partition) {
+                        Some(o) => *o,
+                        None => last_offset.query_row(params![topic, partition], |r| r.get(0))?,
+                    };
+                    insert.execute(params![topic, partition, offset, record.key, headers, record.payload, now])?;
+                    next.insert(*partition, offset + 1);
+                }
+                Ok::<_, BusError>(())
+            })
+            .await?;
         self.inner.appended.notify_waiters();
         Ok(())
     }
@@ -207,17 +194,20 @@ impl Stream for EmbeddedBus {
         topic: &str,
         group: &str,
     ) -> Result<Box<dyn StreamConsumer>, BusError> {
-        let rows = sqlx::query(
-            "SELECT partition, next_offset FROM stream_offsets WHERE consumer_group = ? AND topic = ?",
-        )
-        .bind(group)
-        .bind(topic)
-        .fetch_all(&self.inner.db.read)
-        .await?;
+        let (t, g) = (topic.to_owned(), group.to_owned());
+        let committed: Vec<(u32, i64)> = self
+            .inner
+            .db
+            .read(move |conn| {
+                let mut q = conn.prepare_cached(
+                    "SELECT partition, next_offset FROM stream_offsets WHERE consumer_group = ?1 AND topic = ?2",
+                )?;
+                let rows = q.query_map(params![g, t], |r| Ok((r.get(0)?, r.get(1)?)))?;
+                Ok::<_, BusError>(rows.collect::<Result<Vec<_>, _>>()?)
+            })
+            .await?;
         let mut positions: HashMap<u32, i64> = (0..self.inner.partitions).map(|p| (p, 0)).collect();
-        for row in rows {
-            positions.insert(row.try_get("partition")?, row.try_get("next_offset")?);
-        }
+        positions.extend(committed);
         Ok(Box::new(EmbeddedConsumer {
             bus: self.clone(),
             topic: topic.to_owned(),
@@ -237,39 +227,47 @@ struct EmbeddedConsumer {
 
 impl EmbeddedConsumer {
     async fn read_available(&mut self, max: usize) -> Result<Vec<Delivered>, BusError> {
-        let mut out = Vec::new();
-        let mut partitions: Vec<u32> = self.positions.keys().copied().collect();
-        partitions.sort_unstable();
-        for partition in partitions {
-            if out.len() >= max {
-                break;
-            }
-            let from = self.positions.get(&partition).copied().unwrap_or(0);
-            let rows = sqlx::query(
-                "SELECT offset, key, headers, payload FROM stream_records
-                 WHERE topic = ? AND partition = ? AND offset >= ? ORDER BY offset LIMIT ?",
-            )
-            .bind(&self.topic)
-            .bind(partition)
-            .bind(from)
-            .bind(i64::try_from(max - out.len()).unwrap_or(i64::MAX))
-            .fetch_all(&self.bus.inner.db.read)
+        let mut from: Vec<(u32, i64)> = self.positions.iter().map(|(p, o)| (*p, *o)).collect();
+        from.sort_unstable();
+        let topic = self.topic.clone();
+        let rows: Vec<(u32, i64, String, String, Vec<u8>)> = self
+            .bus
+            .inner
+            .db
+            .read(move |conn| {
+                let mut q = conn.prepare_cached(
+                    "SELECT offset, key, headers, payload FROM stream_records
+                     WHERE topic = ?1 AND partition = ?2 AND offset >= ?3 ORDER BY offset LIMIT ?4",
+                )?;
+                let mut out = Vec::new();
+                for (partition, offset) in from {
+                    if out.len() >= max {
+                        break;
+                    }
+                    let limit = i64::try_from(max - out.len()).unwrap_or(i64::MAX);
+                    let rows = q.query_map(params![topic, partition, offset, limit], |r| {
+                        Ok((partition, r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                    })?;
+                    for row in rows {
+                        out.push(row?);
+                    }
+                }
+                Ok::<_, BusError>(out)
+            })
             .await?;
-            for row in rows {
-                let offset: i64 = row.try_get("offset")?;
-                let headers: String = row.try_get("headers")?;
-                out.push(Delivered {
-                    topic: self.topic.clone(),
-                    partition,
-                    offset,
-                    record: Record {
-                        key: row.try_get("key")?,
-                        headers: decode_headers(&headers)?,
-                        payload: row.try_get("payload")?,
-                    },
-                });
-                self.positions.insert(partition, offset + 1);
-            }
+        let mut out = Vec::with_capacity(rows.len());
+        for (partition, offset, key, headers, payload) in rows {
+            self.positions.insert(partition, offset + 1);
+            out.push(Delivered {
+                topic: self.topic.clone(),
+                partition,
+                offset,
+                record: Record {
+                    key,
+                    headers: decode_headers(&headers)?,
+                    payload,
+                },
+            });
         }
         Ok(out)
     }
@@ -303,22 +301,22 @@ impl StreamConsumer for EmbeddedConsumer {
         if upto.is_empty() {
             return Ok(());
         }
-        let mut tx = self.bus.inner.db.begin().await?;
-        for (partition, next) in upto {
-            sqlx::query(
-                "INSERT INTO stream_offsets (consumer_group, topic, partition, next_offset) VALUES (?, ?, ?, ?)
-                 ON CONFLICT (consumer_group, topic, partition)
-                 DO UPDATE SET next_offset = MAX(next_offset, excluded.next_offset)",
-            )
-            .bind(&self.group)
-            .bind(&self.topic)
-            .bind(partition)
-            .bind(next)
-            .execute(&mut *tx)
-            .await?;
-        }
-        tx.commit().await?;
-        Ok(())
+        let (group, topic) = (self.group.clone(), self.topic.clone());
+        self.bus
+            .inner
+            .db
+            .write(move |tx| {
+                let mut upsert = tx.prepare_cached(
+                    "INSERT INTO stream_offsets (consumer_group, topic, partition, next_offset) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT (consumer_group, topic, partition)
+                     DO UPDATE SET next_offset = MAX(next_offset, excluded.next_offset)",
+                )?;
+                for (partition, next) in upto {
+                    upsert.execute(params![group, topic, partition, next])?;
+                }
+                Ok::<_, BusError>(())
+            })
+            .await
     }
 }
 
@@ -328,27 +326,25 @@ impl Queue for EmbeddedBus {
         if messages.is_empty() {
             return Ok(());
         }
-        let now = now_ms();
-        let encoded: Vec<(&OutgoingMessage, String)> = messages
+        let rows: Vec<(OutgoingMessage, String)> = messages
             .iter()
-            .map(|m| Ok((m, encode_headers(&m.attributes)?)))
+            .map(|m| Ok((m.clone(), encode_headers(&m.attributes)?)))
             .collect::<Result<_, BusError>>()?;
-        let mut tx = self.inner.db.begin().await?;
-        for chunk in encoded.chunks(ROWS_PER_STATEMENT) {
-            let mut insert = QueryBuilder::<Sqlite>::new(
-                "INSERT INTO queue_messages (queue, message_id, body, attributes, visible_at, sent_at) ",
-            );
-            insert.push_values(chunk, |mut row, (m, attributes)| {
-                row.push_bind(queue)
-                    .push_bind(&m.id)
-                    .push_bind(&m.body)
-                    .push_bind(attributes)
-                    .push_bind(now)
-                    .push_bind(now);
-            });
-            insert.build().execute(&mut *tx).await?;
-        }
-        tx.commit().await?;
+        let queue = queue.to_owned();
+        self.inner
+            .db
+            .write(move |tx| {
+                let now = now_ms();
+                let mut insert = tx.prepare_cached(
+                    "INSERT INTO queue_messages (queue, message_id, body, attributes, visible_at, sent_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?5)",
+                )?;
+                for (m, attributes) in &rows {
+                    insert.execute(params![queue, m.id, m.body, attributes, now])?;
+                }
+                Ok::<_, BusError>(())
+            })
+            .await?;
         self.inner.appended.notify_waiters();
         Ok(())
     }
@@ -363,14 +359,18 @@ impl Queue for EmbeddedBus {
         loop {
             let now = now_ms();
             // A cheap read first: an idle poll must not take the write lock.
-            let any: Option<i64> = sqlx::query_scalar(
-                "SELECT id FROM queue_messages WHERE queue = ? AND visible_at <= ? LIMIT 1",
-            )
-            .bind(queue)
-            .bind(now)
-            .fetch_optional(&self.inner.db.read)
-            .await?;
-            if any.is_some() {
+            let q = queue.to_owned();
+            let any: bool = self
+                .inner
+                .db
+                .read(move |conn| {
+                    let mut check = conn.prepare_cached(
+                        "SELECT EXISTS (SELECT 1 FROM queue_messages WHERE queue = ?1 AND visible_at <= ?2)",
+                    )?;
+                    Ok::<_, BusError>(check.query_row(params![q, now], |r| r.get(0))?)
+                })
+                .await?;
+            if any {
                 let batch = self.claim(queue, max.max(1), now).await?;
                 if !batch.is_empty() {
                     return Ok(batch);
@@ -384,47 +384,55 @@ impl Queue for EmbeddedBus {
     }
 
     async fn delete(&self, queue: &str, receipt: &str) -> Result<(), BusError> {
-        sqlx::query("DELETE FROM queue_messages WHERE queue = ? AND receipt = ?")
-            .bind(queue)
-            .bind(receipt)
-            .execute(self.inner.db.writer())
-            .await?;
-        Ok(())
+        self.delete_batch(queue, &[receipt.to_owned()]).await
     }
 
     async fn delete_batch(&self, queue: &str, receipts: &[String]) -> Result<(), BusError> {
-        for chunk in receipts.chunks(ROWS_PER_STATEMENT) {
-            let mut delete =
-                QueryBuilder::<Sqlite>::new("DELETE FROM queue_messages WHERE queue = ");
-            delete.push_bind(queue).push(" AND receipt IN (");
-            let mut list = delete.separated(", ");
-            for receipt in chunk {
-                list.push_bind(receipt);
-            }
-            delete.push(")");
-            delete.build().execute(self.inner.db.writer()).await?;
+        if receipts.is_empty() {
+            return Ok(());
         }
-        Ok(())
+        let (queue, receipts) = (queue.to_owned(), receipts.to_vec());
+        self.inner
+            .db
+            .write(move |tx| {
+                let mut delete = tx.prepare_cached(
+                    "DELETE FROM queue_messages WHERE queue = ?1 AND receipt = ?2",
+                )?;
+                for receipt in &receipts {
+                    delete.execute(params![queue, receipt])?;
+                }
+                Ok::<_, BusError>(())
+            })
+            .await
     }
 
     async fn release(&self, queue: &str, receipt: &str, delay: Duration) -> Result<(), BusError> {
         let visible_at = now_ms() + i64::try_from(delay.as_millis()).unwrap_or(i64::MAX / 2);
-        sqlx::query("UPDATE queue_messages SET visible_at = ? WHERE queue = ? AND receipt = ?")
-            .bind(visible_at)
-            .bind(queue)
-            .bind(receipt)
-            .execute(self.inner.db.writer())
-            .await?;
-        Ok(())
+        let (queue, receipt) = (queue.to_owned(), receipt.to_owned());
+        self.inner
+            .db
+            .write(move |tx| {
+                tx.execute(
+                    "UPDATE queue_messages SET visible_at = ?1 WHERE queue = ?2 AND receipt = ?3",
+                    params![visible_at, queue, receipt],
+                )?;
+                Ok::<_, BusError>(())
+            })
+            .await
     }
 
     async fn depth(&self, queue: &str) -> Result<i64, BusError> {
-        Ok(
-            sqlx::query_scalar("SELECT COUNT(*) FROM queue_messages WHERE queue = ?")
-                .bind(queue)
-                .fetch_one(&self.inner.db.read)
-                .await?,
-        )
+        let queue = queue.to_owned();
+        self.inner
+            .db
+            .read(move |conn| {
+                Ok::<_, BusError>(conn.query_row(
+                    "SELECT COUNT(*) FROM queue_messages WHERE queue = ?1",
+                    params![queue],
+                    |r| r.get(0),
+                )?)
+            })
+            .await
     }
 }
 
@@ -438,32 +446,39 @@ impl EmbeddedBus {
     ) -> Result<Vec<ReceivedMessage>, BusError> {
         let visible_at = now + i64::try_from(self.inner.visibility.as_millis()).unwrap_or(30_000);
         let batch = uuid::Uuid::new_v4().to_string();
-        let mut tx = self.inner.db.begin().await?;
-        let dead = sqlx::query(
-            "UPDATE queue_messages SET queue = ?, receive_count = 0, receipt = NULL
-             WHERE queue = ? AND visible_at <= ? AND receive_count >= ?",
-        )
-        .bind(dead_letter_queue(queue))
-        .bind(queue)
-        .bind(now)
-        .bind(self.inner.max_receives)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        let rows = sqlx::query(
-            "UPDATE queue_messages
-             SET receive_count = receive_count + 1, visible_at = ?, receipt = ? || ':' || id
-             WHERE id IN (SELECT id FROM queue_messages WHERE queue = ? AND visible_at <= ? ORDER BY id LIMIT ?)
-             RETURNING message_id, receipt, body, attributes, receive_count, sent_at",
-        )
-        .bind(visible_at)
-        .bind(&batch)
-        .bind(queue)
-        .bind(now)
-        .bind(i64::try_from(max).unwrap_or(10))
-        .fetch_all(&mut *tx)
-        .await?;
-        tx.commit().await?;
+        let max_receives = self.inner.max_receives;
+        let q = queue.to_owned();
+        let (dead, rows) = self
+            .inner
+            .db
+            .write(move |tx| {
+                let dead = tx.execute(
+                    "UPDATE queue_messages SET queue = ?1, receive_count = 0, receipt = NULL
+                     WHERE queue = ?2 AND visible_at <= ?3 AND receive_count >= ?4",
+                    params![dead_letter_queue(&q), q, now, max_receives],
+                )?;
+                let mut claim = tx.prepare_cached(
+                    "UPDATE queue_messages
+                     SET receive_count = receive_count + 1, visible_at = ?1, receipt = ?2 || ':' || id
+                     WHERE id IN (SELECT id FROM queue_messages WHERE queue = ?3 AND visible_at <= ?4 ORDER BY id LIMIT ?5)
+                     RETURNING message_id, receipt, body, attributes, receive_count, sent_at, id",
+                )?;
+                let rows = claim
+                    .query_map(params![visible_at, batch, q, now, i64::try_from(max).unwrap_or(10)], |r| {
+                        Ok((
+                            r.get::<_, String>(0)?,
+                            r.get::<_, String>(1)?,
+                            r.get::<_, String>(2)?,
+                            r.get::<_, String>(3)?,
+                            r.get::<_, i64>(4)?,
+                            r.get::<_, i64>(5)?,
+                            r.get::<_, i64>(6)?,
+                        ))
+                    })?
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok::<_, BusError>((dead, rows))
+            })
+            .await?;
         if dead > 0 {
             tracing::warn!(
                 queue,
@@ -471,22 +486,25 @@ impl EmbeddedBus {
                 "messages moved to the dead-letter queue"
             );
             metrics::counter!("queue_dead_lettered_total", "queue" => queue.to_owned())
-                .increment(dead);
+                .increment(dead as u64);
         }
         let mut out = Vec::with_capacity(rows.len());
-        for row in rows {
-            let attributes: String = row.try_get("attributes")?;
-            out.push(ReceivedMessage {
-                id: row.try_get("message_id")?,
-                receipt: row.try_get("receipt")?,
-                body: row.try_get("body")?,
-                attributes: decode_headers(&attributes)?,
-                receive_count: row.try_get("receive_count")?,
-                sent_at_ms: row.try_get("sent_at")?,
-            });
+        for (id, receipt, body, attributes, receive_count, sent_at_ms, seq) in rows {
+            out.push((
+                seq,
+                ReceivedMessage {
+                    id,
+                    receipt,
+                    body,
+                    attributes: decode_headers(&attributes)?,
+                    receive_count,
+                    sent_at_ms,
+                },
+            ));
         }
-        out.sort_by_key(|m| m.sent_at_ms);
-        Ok(out)
+        // RETURNING gives no order guarantee; deliver in send order.
+        out.sort_by_key(|(seq, _)| *seq);
+        Ok(out.into_iter().map(|(_, m)| m).collect())
     }
 }
 

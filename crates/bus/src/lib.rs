@@ -28,9 +28,9 @@ pub mod names {
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {
     #[error("bus storage failed: {0}")]
-    Storage(#[from] sqlx::Error),
-    #[error("bus storage could not be opened: {0}")]
-    Open(#[from] kit::db::DbError),
+    Storage(#[from] rusqlite::Error),
+    #[error("bus storage failed: {0}")]
+    Db(#[from] kit::db::DbError),
     #[error("unsupported bus url `{0}`")]
     UnsupportedUrl(String),
     #[error("malformed record: {0}")]

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kit::db::{Db, now_ms};
-use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection};
+use rusqlite::{Connection, params};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -46,31 +46,29 @@ impl Destination {
 }
 
 /// Writes one row per destination for `event`, inside the caller's transaction.
-pub async fn enqueue(
-    conn: &mut SqliteConnection,
+pub fn enqueue(
+    conn: &Connection,
     event: &Event,
     destinations: &[Destination],
-) -> Result<(), sqlx::Error> {
-    if destinations.is_empty() {
-        return Ok(());
-    }
-    let headers =
-        serde_json::to_string(&event.headers()).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+) -> Result<(), rusqlite::Error> {
+    let headers = serde_json::to_string(&event.headers())
+        .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
     let now = now_ms();
     let id = event.id.to_string();
-    let mut insert = QueryBuilder::<Sqlite>::new(
-        "INSERT INTO outbox (event_id, destination, key, headers, payload, created_at, next_attempt_at) ",
-    );
-    insert.push_values(destinations, |mut row, destination| {
-        row.push_bind(&id)
-            .push_bind(destination.encode())
-            .push_bind(&event.subject)
-            .push_bind(&headers)
-            .push_bind(&event.data)
-            .push_bind(now)
-            .push_bind(now);
-    });
-    insert.build().execute(&mut *conn).await?;
+    let mut insert = conn.prepare_cached(
+        "INSERT INTO outbox (event_id, destination, key, headers, payload, created_at, next_attempt_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)",
+    )?;
+    for destination in destinations {
+        insert.execute(params![
+            id,
+            destination.encode(),
+            event.subject,
+            headers,
+            event.data,
+            now
+        ])?;
+    }
     Ok(())
 }
 
@@ -142,32 +140,51 @@ impl Relay {
 
     /// One pass: publishes every due row (up to a batch). Returns how many went out.
     pub async fn relay_once(&self) -> Result<usize, BusError> {
-        let rows = sqlx::query(
-            "SELECT seq, event_id, destination, key, headers, payload, attempts FROM outbox
-             WHERE next_attempt_at <= ? ORDER BY seq LIMIT ?",
-        )
-        .bind(now_ms())
-        .bind(self.batch)
-        .fetch_all(&self.db.read)
-        .await?;
+        let batch = self.batch;
+        let rows: Vec<(String, Pending)> = self
+            .db
+            .read(move |conn| {
+                let mut q = conn.prepare_cached(
+                    "SELECT seq, event_id, destination, key, headers, payload, attempts FROM outbox
+                     WHERE next_attempt_at <= ?1 ORDER BY seq LIMIT ?2",
+                )?;
+                let rows = q.query_map(params![now_ms(), batch], |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, String>(3)?,
+                        r.get::<_, String>(4)?,
+                        r.get::<_, String>(5)?,
+                        r.get::<_, i64>(6)?,
+                    ))
+                })?;
+                let mut out = Vec::new();
+                for row in rows {
+                    let (seq, event_id, destination, key, headers, payload, attempts) = row?;
+                    let headers = serde_json::from_str(&headers)
+                        .map_err(|e| BusError::Malformed(e.to_string()))?;
+                    out.push((
+                        destination,
+                        Pending {
+                            seq,
+                            key,
+                            event_id,
+                            headers,
+                            payload,
+                            attempts,
+                        },
+                    ));
+                }
+                Ok::<_, BusError>(out)
+            })
+            .await?;
         if rows.is_empty() {
             return Ok(0);
         }
         let mut by_destination: BTreeMap<String, Vec<Pending>> = BTreeMap::new();
-        for row in rows {
-            let headers: String = row.try_get("headers")?;
-            by_destination
-                .entry(row.try_get("destination")?)
-                .or_default()
-                .push(Pending {
-                    seq: row.try_get("seq")?,
-                    key: row.try_get("key")?,
-                    event_id: row.try_get("event_id")?,
-                    headers: serde_json::from_str(&headers)
-                        .map_err(|e| BusError::Malformed(e.to_string()))?,
-                    payload: row.try_get("payload")?,
-                    attempts: row.try_get("attempts")?,
-                });
+        for (destination, pending) in rows {
+            by_destination.entry(destination).or_default().push(pending);
         }
         let mut published = 0;
         for (destination, pending) in by_destination {
@@ -175,21 +192,33 @@ impl Relay {
             let seqs: Vec<i64> = pending.iter().map(|p| p.seq).collect();
             match &outcome {
                 Ok(()) => {
-                    let mut delete =
-                        QueryBuilder::<Sqlite>::new("DELETE FROM outbox WHERE seq IN (");
-                    push_list(&mut delete, &seqs);
-                    delete.build().execute(self.db.writer()).await?;
+                    self.db
+                        .write(move |tx| {
+                            let mut delete =
+                                tx.prepare_cached("DELETE FROM outbox WHERE seq = ?1")?;
+                            for seq in seqs {
+                                delete.execute([seq])?;
+                            }
+                            Ok::<_, BusError>(())
+                        })
+                        .await?;
                 }
                 Err(e) => {
                     tracing::warn!(destination, error = %e, events = pending.len(), "publishing failed; will retry");
                     let attempts = pending.iter().map(|p| p.attempts).max().unwrap_or(0) + 1;
-                    let delay = i64::try_from(backoff(attempts).as_millis()).unwrap_or(30_000);
-                    let mut update = QueryBuilder::<Sqlite>::new(
-                        "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = ",
-                    );
-                    update.push_bind(now_ms() + delay).push(" WHERE seq IN (");
-                    push_list(&mut update, &seqs);
-                    update.build().execute(self.db.writer()).await?;
+                    let retry_at =
+                        now_ms() + i64::try_from(backoff(attempts).as_millis()).unwrap_or(30_000);
+                    self.db
+                        .write(move |tx| {
+                            let mut update = tx.prepare_cached(
+                                "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = ?1 WHERE seq = ?2",
+                            )?;
+                            for seq in seqs {
+                                update.execute([retry_at, seq])?;
+                            }
+                            Ok::<_, BusError>(())
+                        })
+                        .await?;
                 }
             }
             let outcome_label = if outcome.is_ok() {
@@ -236,18 +265,12 @@ impl Relay {
 
     /// Rows not yet published, for readiness and tests.
     pub async fn pending(&self) -> Result<i64, BusError> {
-        Ok(sqlx::query_scalar("SELECT COUNT(*) FROM outbox")
-            .fetch_one(&self.db.read)
-            .await?)
+        self.db
+            .read(|conn| {
+                Ok::<_, BusError>(conn.query_row("SELECT COUNT(*) FROM outbox", [], |r| r.get(0))?)
+            })
+            .await
     }
-}
-
-fn push_list(query: &mut QueryBuilder<'_, Sqlite>, values: &[i64]) {
-    let mut list = query.separated(", ");
-    for v in values {
-        list.push_bind(*v);
-    }
-    query.push(")");
 }
 
 /// 100 ms doubling per attempt up to 30 s, with ±20 % jitter so retries do not stampede.
@@ -340,15 +363,17 @@ mod tests {
             &serde_json::json!({"n": 1}),
         )
         .unwrap();
-        let mut tx = db.begin().await.unwrap();
-        enqueue(
-            &mut tx,
-            &event,
-            &[Destination::Stream("orders"), Destination::Queue("q")],
-        )
+        let e = event.clone();
+        db.write(move |tx| {
+            enqueue(
+                tx,
+                &e,
+                &[Destination::Stream("orders"), Destination::Queue("q")],
+            )
+            .map_err(BusError::from)
+        })
         .await
         .unwrap();
-        tx.commit().await.unwrap();
 
         assert_eq!(
             relay.relay_once().await.unwrap(),
@@ -357,8 +382,7 @@ mod tests {
         );
         assert_eq!(relay.pending().await.unwrap(), 1, "the queue row waits");
         flaky.down.store(false, Ordering::SeqCst);
-        sqlx::query("UPDATE outbox SET next_attempt_at = 0")
-            .execute(db.writer())
+        db.write(|tx| Ok::<_, BusError>(tx.execute("UPDATE outbox SET next_attempt_at = 0", [])?))
             .await
             .unwrap();
         assert_eq!(relay.relay_once().await.unwrap(), 1);

@@ -598,7 +598,7 @@ async fn problems_never_leak_internals_and_carry_request_ids() {
     assert!(response.headers().contains_key("x-request-id"));
     let text = response.text().await.unwrap();
     assert!(
-        !text.to_lowercase().contains("sqlx") && !text.contains("src/"),
+        !text.to_lowercase().contains("sqlite") && !text.contains("src/"),
         "{text}"
     );
     app.stop().await;

@@ -5,9 +5,9 @@ use chrono::{DateTime, Utc};
 use kit::Money;
 use kit::db::{Db, DbError, Step, now_ms};
 use serde::Serialize;
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
 
-use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection};
+use rusqlite::{Connection, params};
 
 use crate::engine::{WindowReport, Windows, average};
 
@@ -51,7 +51,9 @@ pub enum StoreError {
     #[error("stored value is corrupt")]
     Corrupt,
     #[error(transparent)]
-    Db(#[from] sqlx::Error),
+    Sqlite(#[from] rusqlite::Error),
+    #[error(transparent)]
+    Db(#[from] DbError),
 }
 
 /// Totals since the first event.
@@ -66,8 +68,6 @@ pub struct Summary {
     pub first_window_start: Option<DateTime<Utc>>,
     pub last_window_end: Option<DateTime<Utc>>,
 }
-
-const ROWS_PER_STATEMENT: usize = 200;
 
 /// What a batch of new events adds, aggregated per window before touching the database.
 #[derive(Debug, Default)]
@@ -116,72 +116,40 @@ impl Delta {
         }
     }
 
-    async fn write(&self, conn: &mut SqliteConnection) -> Result<(), sqlx::Error> {
-        let windows: Vec<_> = self.windows.iter().collect();
-        for chunk in windows.chunks(ROWS_PER_STATEMENT) {
-            let mut q = QueryBuilder::<Sqlite>::new(
-                "INSERT INTO windows (window_start, window_end, order_count, revenue_cents, items_sold) ",
-            );
-            q.push_values(chunk, |mut row, (start, (end, orders, revenue, items))| {
-                row.push_bind(**start)
-                    .push_bind(*end)
-                    .push_bind(*orders)
-                    .push_bind(*revenue)
-                    .push_bind(*items);
-            });
-            q.push(
-                " ON CONFLICT (window_start) DO UPDATE SET order_count = order_count + excluded.order_count,
-                  revenue_cents = revenue_cents + excluded.revenue_cents, items_sold = items_sold + excluded.items_sold",
-            );
-            q.build().execute(&mut *conn).await?;
+    fn write(&self, conn: &Connection) -> Result<(), rusqlite::Error> {
+        let mut windows = conn.prepare_cached(
+            "INSERT INTO windows (window_start, window_end, order_count, revenue_cents, items_sold) VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (window_start) DO UPDATE SET order_count = order_count + excluded.order_count,
+                revenue_cents = revenue_cents + excluded.revenue_cents, items_sold = items_sold + excluded.items_sold",
+        )?;
+        for (start, (end, orders, revenue, items)) in &self.windows {
+            windows.execute(params![start, end, orders, revenue, items])?;
         }
-        let types: Vec<_> = self.event_types.iter().collect();
-        for chunk in types.chunks(ROWS_PER_STATEMENT) {
-            let mut q = QueryBuilder::<Sqlite>::new(
-                "INSERT INTO window_event_types (window_start, event_type, count) ",
-            );
-            q.push_values(chunk, |mut row, ((start, kind), n)| {
-                row.push_bind(*start)
-                    .push_bind(kind.as_str())
-                    .push_bind(**n);
-            });
-            q.push(" ON CONFLICT (window_start, event_type) DO UPDATE SET count = count + excluded.count");
-            q.build().execute(&mut *conn).await?;
+        let mut types = conn.prepare_cached(
+            "INSERT INTO window_event_types (window_start, event_type, count) VALUES (?1, ?2, ?3)
+             ON CONFLICT (window_start, event_type) DO UPDATE SET count = count + excluded.count",
+        )?;
+        for ((start, kind), n) in &self.event_types {
+            types.execute(params![start, kind, n])?;
         }
-        let window_users: Vec<_> = self.window_users.iter().collect();
-        for chunk in window_users.chunks(ROWS_PER_STATEMENT) {
-            let mut q = QueryBuilder::<Sqlite>::new(
-                "INSERT OR IGNORE INTO window_users (window_start, user_id) ",
-            );
-            q.push_values(chunk, |mut row, (start, user)| {
-                row.push_bind(*start).push_bind(user.as_str());
-            });
-            q.build().execute(&mut *conn).await?;
+        let mut window_users = conn.prepare_cached(
+            "INSERT OR IGNORE INTO window_users (window_start, user_id) VALUES (?1, ?2)",
+        )?;
+        for (start, user) in &self.window_users {
+            window_users.execute(params![start, user])?;
         }
-        let users: Vec<_> = self.users.iter().collect();
-        for chunk in users.chunks(ROWS_PER_STATEMENT) {
-            let mut q = QueryBuilder::<Sqlite>::new("INSERT OR IGNORE INTO users_seen (user_id) ");
-            q.push_values(chunk, |mut row, user| {
-                row.push_bind(user.as_str());
-            });
-            q.build().execute(&mut *conn).await?;
+        let mut users =
+            conn.prepare_cached("INSERT OR IGNORE INTO users_seen (user_id) VALUES (?1)")?;
+        for user in &self.users {
+            users.execute([user])?;
         }
-        let products: Vec<_> = self.products.iter().collect();
-        for chunk in products.chunks(ROWS_PER_STATEMENT) {
-            let mut q = QueryBuilder::<Sqlite>::new(
-                "INSERT INTO window_products (window_start, product_id, quantity, revenue_cents) ",
-            );
-            q.push_values(chunk, |mut row, ((start, product), (quantity, revenue))| {
-                row.push_bind(*start)
-                    .push_bind(product.as_str())
-                    .push_bind(*quantity)
-                    .push_bind(*revenue);
-            });
-            q.push(
-                " ON CONFLICT (window_start, product_id) DO UPDATE SET quantity = quantity + excluded.quantity,
-                  revenue_cents = revenue_cents + excluded.revenue_cents",
-            );
-            q.build().execute(&mut *conn).await?;
+        let mut products = conn.prepare_cached(
+            "INSERT INTO window_products (window_start, product_id, quantity, revenue_cents) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (window_start, product_id) DO UPDATE SET quantity = quantity + excluded.quantity,
+                revenue_cents = revenue_cents + excluded.revenue_cents",
+        )?;
+        for ((start, product), (quantity, revenue)) in &self.products {
+            products.execute(params![start, product, quantity, revenue])?;
         }
         Ok(())
     }
@@ -218,43 +186,32 @@ impl AnalyticsStore {
     }
 
     /// Applies a batch in one transaction; events already applied (now or in an earlier
-    /// batch) are skipped. The batch is aggregated in memory first, so the number of
-    /// statements depends on the windows touched, not on the number of events.
-    /// Returns how many events were new.
+    /// batch) are skipped. The batch is aggregated in memory first, so the number of writes
+    /// depends on the windows touched, not on the number of events. Returns how many were new.
     pub async fn apply(&self, events: &[OrderEvent]) -> Result<usize, StoreError> {
         if events.is_empty() {
             return Ok(0);
         }
-        let mut tx = self.db.begin().await?;
-        let now = now_ms();
-        let mut fresh_ids: HashSet<String> = HashSet::new();
-        for chunk in events.chunks(ROWS_PER_STATEMENT) {
-            let mut insert = QueryBuilder::<Sqlite>::new(
-                "INSERT OR IGNORE INTO processed_events (event_id, processed_at) ",
-            );
-            insert.push_values(chunk, |mut row, e| {
-                row.push_bind(e.event_id.to_string()).push_bind(now);
-            });
-            insert.push(" RETURNING event_id");
-            fresh_ids.extend(
-                insert
-                    .build_query_scalar::<String>()
-                    .fetch_all(&mut *tx)
-                    .await?,
-            );
-        }
-        let mut delta = Delta::default();
-        let mut fresh = 0;
-        for e in events {
-            // `remove` also drops a repeat of the same id inside this batch.
-            if fresh_ids.remove(&e.event_id.to_string()) {
-                fresh += 1;
-                delta.add(self.windows, e);
-            }
-        }
-        delta.write(&mut tx).await?;
-        tx.commit().await?;
-        Ok(fresh)
+        let events = events.to_vec();
+        let windows = self.windows;
+        self.db
+            .write(move |tx| {
+                let now = now_ms();
+                let mut mark =
+                    tx.prepare_cached("INSERT OR IGNORE INTO processed_events (event_id, processed_at) VALUES (?1, ?2)")?;
+                let mut delta = Delta::default();
+                let mut fresh = 0;
+                for e in &events {
+                    // Also drops a repeat of the same id inside this batch.
+                    if mark.execute(params![e.event_id.to_string(), now])? == 1 {
+                        fresh += 1;
+                        delta.add(windows, e);
+                    }
+                }
+                delta.write(tx)?;
+                Ok(fresh)
+            })
+            .await
     }
 
     /// Windows starting in `[from, to)`, oldest first.
@@ -263,58 +220,78 @@ impl AnalyticsStore {
         from: DateTime<Utc>,
         to: DateTime<Utc>,
     ) -> Result<Vec<WindowReport>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT w.window_start, w.window_end, w.order_count, w.revenue_cents, w.items_sold,
-                    (SELECT COUNT(*) FROM window_users u WHERE u.window_start = w.window_start) AS unique_users
-             FROM windows w WHERE w.window_start >= ? AND w.window_start < ? ORDER BY w.window_start",
-        )
-        .bind(self.windows.start_of(from))
-        .bind(to.timestamp_millis())
-        .fetch_all(&self.db.read)
-        .await?;
-        rows.iter()
-            .map(|row| {
-                let orders: i64 = row.try_get("order_count")?;
-                let revenue = Money::from_cents(row.try_get("revenue_cents")?)
-                    .map_err(|_| StoreError::Corrupt)?;
-                Ok(WindowReport {
-                    window_start: ts(row.try_get("window_start")?)?,
-                    window_end: ts(row.try_get("window_end")?)?,
-                    order_count: orders,
-                    unique_users: row.try_get("unique_users")?,
-                    total_revenue: revenue,
-                    avg_order_value: average(revenue, orders),
-                    items_sold: row.try_get("items_sold")?,
-                })
+        let (from, to) = (self.windows.start_of(from), to.timestamp_millis());
+        self.db
+            .read(move |conn| {
+                let rows = conn
+                    .prepare_cached(
+                        "SELECT w.window_start, w.window_end, w.order_count, w.revenue_cents, w.items_sold,
+                                (SELECT COUNT(*) FROM window_users u WHERE u.window_start = w.window_start)
+                         FROM windows w WHERE w.window_start >= ?1 AND w.window_start < ?2 ORDER BY w.window_start",
+                    )?
+                    .query_map([from, to], |r| {
+                        Ok((
+                            r.get::<_, i64>(0)?,
+                            r.get::<_, i64>(1)?,
+                            r.get::<_, i64>(2)?,
+                            r.get::<_, i64>(3)?,
+                            r.get::<_, i64>(4)?,
+                            r.get::<_, i64>(5)?,
+                        ))
+                    })?
+                    .collect::<Result<Vec<_>, _>>()?;
+                rows.into_iter()
+                    .map(|(start, end, orders, revenue, items, users)| {
+                        let revenue = Money::from_cents(revenue).map_err(|_| StoreError::Corrupt)?;
+                        Ok(WindowReport {
+                            window_start: ts(start)?,
+                            window_end: ts(end)?,
+                            order_count: orders,
+                            unique_users: users,
+                            total_revenue: revenue,
+                            avg_order_value: average(revenue, orders),
+                            items_sold: items,
+                        })
+                    })
+                    .collect()
             })
-            .collect()
+            .await
     }
 
     pub async fn summary(&self) -> Result<Summary, StoreError> {
-        let row = sqlx::query(
-            "SELECT COALESCE(SUM(order_count), 0) AS orders, COALESCE(SUM(revenue_cents), 0) AS revenue,
-                    COALESCE(SUM(items_sold), 0) AS items, MIN(window_start) AS first, MAX(window_end) AS last,
-                    (SELECT COUNT(*) FROM users_seen) AS users,
-                    (SELECT COUNT(*) FROM processed_events) AS events
-             FROM windows",
-        )
-        .fetch_one(&self.db.read)
-        .await?;
-        let orders: i64 = row.try_get("orders")?;
-        let revenue =
-            Money::from_cents(row.try_get("revenue")?).map_err(|_| StoreError::Corrupt)?;
-        let first: Option<i64> = row.try_get("first")?;
-        let last: Option<i64> = row.try_get("last")?;
-        Ok(Summary {
-            order_count: orders,
-            unique_users: row.try_get("users")?,
-            total_revenue: revenue,
-            avg_order_value: average(revenue, orders),
-            items_sold: row.try_get("items")?,
-            events_processed: row.try_get("events")?,
-            first_window_start: first.map(ts).transpose()?,
-            last_window_end: last.map(ts).transpose()?,
-        })
+        self.db
+            .read(|conn| {
+                let (orders, revenue, items, first, last, users, events) = conn.query_row(
+                    "SELECT COALESCE(SUM(order_count), 0), COALESCE(SUM(revenue_cents), 0), COALESCE(SUM(items_sold), 0),
+                            MIN(window_start), MAX(window_end),
+                            (SELECT COUNT(*) FROM users_seen), (SELECT COUNT(*) FROM processed_events)
+                     FROM windows",
+                    [],
+                    |r| {
+                        Ok((
+                            r.get::<_, i64>(0)?,
+                            r.get::<_, i64>(1)?,
+                            r.get::<_, i64>(2)?,
+                            r.get::<_, Option<i64>>(3)?,
+                            r.get::<_, Option<i64>>(4)?,
+                            r.get::<_, i64>(5)?,
+                            r.get::<_, i64>(6)?,
+                        ))
+                    },
+                )?;
+                let revenue = Money::from_cents(revenue).map_err(|_| StoreError::Corrupt)?;
+                Ok(Summary {
+                    order_count: orders,
+                    unique_users: users,
+                    total_revenue: revenue,
+                    avg_order_value: average(revenue, orders),
+                    items_sold: items,
+                    events_processed: events,
+                    first_window_start: first.map(ts).transpose()?,
+                    last_window_end: last.map(ts).transpose()?,
+                })
+            })
+            .await
     }
 }
 

@@ -5,20 +5,19 @@ use async_trait::async_trait;
 use chrono::DateTime;
 use kit::Money;
 use kit::db::{Db, DbError, Step};
-use std::collections::HashSet;
 
-use sqlx::sqlite::SqliteRow;
-use sqlx::{QueryBuilder, Row, Sqlite};
+use rusqlite::types::Type;
+use rusqlite::{Row, params};
 use uuid::Uuid;
 
 use crate::content::Notification;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("stored value is corrupt")]
-    Corrupt,
     #[error(transparent)]
-    Db(#[from] sqlx::Error),
+    Sqlite(#[from] rusqlite::Error),
+    #[error(transparent)]
+    Db(#[from] DbError),
 }
 
 #[derive(Debug, Clone, Default)]
@@ -83,24 +82,27 @@ impl SqliteNotificationStore {
     }
 }
 
-fn to_notification(row: &SqliteRow) -> Result<Notification, StoreError> {
-    let id = |c: &str| -> Result<Uuid, StoreError> {
-        let s: String = row.try_get(c)?;
-        s.parse().map_err(|_| StoreError::Corrupt)
+const COLUMNS: &str = "id, event_id, event_type, order_id, user_id, recipient, subject, body, amount_cents, currency, created_at";
+
+fn to_notification(row: &Row<'_>) -> rusqlite::Result<Notification> {
+    let corrupt = |i: usize| {
+        move |e: uuid::Error| rusqlite::Error::FromSqlConversionFailure(i, Type::Text, Box::new(e))
+    };
+    let id = |i: usize| -> rusqlite::Result<Uuid> {
+        row.get::<_, String>(i)?.parse().map_err(corrupt(i))
     };
     Ok(Notification {
-        id: id("id")?,
-        event_id: id("event_id")?,
-        event_type: row.try_get("event_type")?,
-        order_id: id("order_id")?,
-        user_id: id("user_id")?,
-        recipient: row.try_get("recipient")?,
-        subject: row.try_get("subject")?,
-        body: row.try_get("body")?,
-        amount: Money::from_cents(row.try_get("amount_cents")?).map_err(|_| StoreError::Corrupt)?,
-        currency: row.try_get("currency")?,
-        created_at: DateTime::from_timestamp_millis(row.try_get("created_at")?)
-            .ok_or(StoreError::Corrupt)?,
+        id: id(0)?,
+        event_id: id(1)?,
+        event_type: row.get(2)?,
+        order_id: id(3)?,
+        user_id: id(4)?,
+        recipient: row.get(5)?,
+        subject: row.get(6)?,
+        body: row.get(7)?,
+        amount: Money::from_cents(row.get(8)?).unwrap_or(Money::ZERO),
+        currency: row.get(9)?,
+        created_at: DateTime::from_timestamp_millis(row.get(10)?).unwrap_or_default(),
     })
 }
 
@@ -110,47 +112,56 @@ impl NotificationStore for SqliteNotificationStore {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
-        let mut insert = QueryBuilder::<Sqlite>::new(
-            "INSERT INTO notifications (id, event_id, event_type, order_id, user_id, recipient, subject, body, amount_cents, currency, created_at) ",
-        );
-        insert.push_values(batch, |mut row, n| {
-            row.push_bind(n.id.to_string())
-                .push_bind(n.event_id.to_string())
-                .push_bind(&n.event_type)
-                .push_bind(n.order_id.to_string())
-                .push_bind(n.user_id.to_string())
-                .push_bind(&n.recipient)
-                .push_bind(&n.subject)
-                .push_bind(&n.body)
-                .push_bind(n.amount.cents())
-                .push_bind(&n.currency)
-                .push_bind(n.created_at.timestamp_millis());
-        });
-        insert.push(" ON CONFLICT (event_id) DO NOTHING RETURNING event_id");
-        let mut stored: HashSet<String> = insert
-            .build_query_scalar::<String>()
-            .fetch_all(self.db.writer())
-            .await?
-            .into_iter()
-            .collect();
-        // The first record of an event id is the one stored; repeats are duplicates.
-        Ok(batch
-            .iter()
-            .map(|n| stored.remove(&n.event_id.to_string()))
-            .collect())
+        let batch = batch.to_vec();
+        self.db
+            .write(move |tx| {
+                let mut insert = tx.prepare_cached(
+                    "INSERT INTO notifications (id, event_id, event_type, order_id, user_id, recipient, subject, body, amount_cents, currency, created_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) ON CONFLICT (event_id) DO NOTHING",
+                )?;
+                // One row per event id: a repeat (stored before or earlier in this batch) changes nothing.
+                let mut stored = Vec::with_capacity(batch.len());
+                for n in &batch {
+                    let changed = insert.execute(params![
+                        n.id.to_string(),
+                        n.event_id.to_string(),
+                        n.event_type,
+                        n.order_id.to_string(),
+                        n.user_id.to_string(),
+                        n.recipient,
+                        n.subject,
+                        n.body,
+                        n.amount.cents(),
+                        n.currency,
+                        n.created_at.timestamp_millis()
+                    ])?;
+                    stored.push(changed == 1);
+                }
+                Ok(stored)
+            })
+            .await
     }
 
     async fn find(&self, filter: &Filter) -> Result<Vec<Notification>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT * FROM notifications
-             WHERE (?1 IS NULL OR user_id = ?1) AND (?2 IS NULL OR order_id = ?2)
-             ORDER BY created_at, id LIMIT ?3",
-        )
-        .bind(filter.user_id.map(|u| u.to_string()))
-        .bind(filter.order_id.map(|u| u.to_string()))
-        .bind(filter.limit)
-        .fetch_all(&self.db.read)
-        .await?;
-        rows.iter().map(to_notification).collect()
+        let filter = filter.clone();
+        self.db
+            .read(move |conn| {
+                Ok(conn
+                    .prepare_cached(&format!(
+                        "SELECT {COLUMNS} FROM notifications
+                         WHERE (?1 IS NULL OR user_id = ?1) AND (?2 IS NULL OR order_id = ?2)
+                         ORDER BY created_at, id LIMIT ?3"
+                    ))?
+                    .query_map(
+                        params![
+                            filter.user_id.map(|u| u.to_string()),
+                            filter.order_id.map(|u| u.to_string()),
+                            filter.limit
+                        ],
+                        to_notification,
+                    )?
+                    .collect::<Result<Vec<_>, _>>()?)
+            })
+            .await
     }
 }

@@ -66,7 +66,7 @@ fn store_problem(e: StoreError) -> Problem {
         .with("from", from.as_str())
         .with("to", to.as_str()),
         StoreError::Overflow => Problem::invalid("the order total is too large"),
-        StoreError::Corrupt | StoreError::Encode(_) | StoreError::Db(_) => {
+        StoreError::Corrupt | StoreError::Encode(_) | StoreError::Sqlite(_) | StoreError::Db(_) => {
             tracing::error!(error = %e, "orders store failed");
             Problem::internal()
         }

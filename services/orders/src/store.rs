@@ -12,9 +12,9 @@ use bus::outbox::{self, Destination};
 use chrono::{DateTime, Utc};
 use kit::Money;
 use kit::db::{Db, DbError, Step, now_ms};
+use rusqlite::types::Type;
+use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
-use sqlx::sqlite::SqliteRow;
-use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection};
 use tokio::sync::Notify;
 use uuid::Uuid;
 
@@ -123,7 +123,9 @@ pub enum StoreError {
     #[error("event could not be encoded: {0}")]
     Encode(#[from] serde_json::Error),
     #[error(transparent)]
-    Db(#[from] sqlx::Error),
+    Sqlite(#[from] rusqlite::Error),
+    #[error(transparent)]
+    Db(#[from] DbError),
 }
 
 /// The outcome of a status change: the order as it is now, and whether this call changed it.
@@ -144,17 +146,10 @@ pub struct OrderStore {
     wake_relay: Arc<Notify>,
 }
 
-fn uuid_of(row: &SqliteRow, column: &str) -> Result<Uuid, StoreError> {
-    let s: String = row.try_get(column)?;
-    s.parse().map_err(|_| StoreError::Corrupt)
-}
-
-fn time_of(row: &SqliteRow, column: &str) -> Result<DateTime<Utc>, StoreError> {
-    DateTime::from_timestamp_millis(row.try_get(column)?).ok_or(StoreError::Corrupt)
-}
-
-fn money_of(row: &SqliteRow, column: &str) -> Result<Money, StoreError> {
-    Money::from_cents(row.try_get(column)?).map_err(|_| StoreError::Corrupt)
+fn corrupt<E: std::error::Error + Send + Sync + 'static>(
+    column: usize,
+) -> impl FnOnce(E) -> rusqlite::Error {
+    move |e| rusqlite::Error::FromSqlConversionFailure(column, Type::Text, Box::new(e))
 }
 
 impl OrderStore {
@@ -218,42 +213,41 @@ impl OrderStore {
     /// Writes the order, its lines and its `order.created` outbox rows in one transaction.
     pub async fn insert(&self, order: &Order) -> Result<(), StoreError> {
         let event = order.event(bus::event::types::ORDER_CREATED)?;
-        let mut tx = self.db.begin().await?;
-        sqlx::query(
-            "INSERT INTO orders (id, user_id, status, total_cents, currency, shipping_address, created_at, updated_at, expires_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(order.id.to_string())
-        .bind(order.user_id.to_string())
-        .bind(order.status.as_str())
-        .bind(order.total_amount.cents())
-        .bind(&order.currency)
-        .bind(&order.shipping_address)
-        .bind(order.created_at.timestamp_millis())
-        .bind(order.updated_at.timestamp_millis())
-        .bind(order.expires_at.timestamp_millis())
-        .execute(&mut *tx)
-        .await?;
-        let id = order.id.to_string();
-        let mut items = QueryBuilder::<Sqlite>::new(
-            "INSERT INTO order_items (order_id, product_id, quantity, unit_price_cents) ",
-        );
-        items.push_values(&order.items, |mut row, line| {
-            row.push_bind(&id)
-                .push_bind(line.product_id.to_string())
-                .push_bind(line.quantity)
-                .push_bind(line.unit_price.cents());
-        });
-        items.build().execute(&mut *tx).await?;
-        outbox::enqueue(&mut tx, &event, DESTINATIONS).await?;
-        tx.commit().await?;
+        let order = order.clone();
+        self.db
+            .write(move |tx| {
+                let id = order.id.to_string();
+                tx.prepare_cached(
+                    "INSERT INTO orders (id, user_id, status, total_cents, currency, shipping_address, created_at, updated_at, expires_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                )?
+                .execute(params![
+                    id,
+                    order.user_id.to_string(),
+                    order.status.as_str(),
+                    order.total_amount.cents(),
+                    order.currency,
+                    order.shipping_address,
+                    order.created_at.timestamp_millis(),
+                    order.updated_at.timestamp_millis(),
+                    order.expires_at.timestamp_millis()
+                ])?;
+                let mut line = tx.prepare_cached(
+                    "INSERT INTO order_items (order_id, product_id, quantity, unit_price_cents) VALUES (?1, ?2, ?3, ?4)",
+                )?;
+                for item in &order.items {
+                    line.execute(params![id, item.product_id.to_string(), item.quantity, item.unit_price.cents()])?;
+                }
+                outbox::enqueue(tx, &event, DESTINATIONS)?;
+                Ok::<_, StoreError>(())
+            })
+            .await?;
         self.wake_relay.notify_one();
         Ok(())
     }
 
     pub async fn get(&self, id: Uuid) -> Result<Option<Order>, StoreError> {
-        let mut conn = self.db.read.acquire().await?;
-        load(&mut conn, id).await
+        self.db.read(move |conn| load(conn, id)).await
     }
 
     pub async fn list_by_user(
@@ -262,23 +256,21 @@ impl OrderStore {
         skip: u32,
         limit: u32,
     ) -> Result<Vec<Order>, StoreError> {
-        let mut conn = self.db.read.acquire().await?;
-        let ids: Vec<String> = sqlx::query_scalar(
-            "SELECT id FROM orders WHERE user_id = ? ORDER BY created_at, id LIMIT ? OFFSET ?",
-        )
-        .bind(user_id.to_string())
-        .bind(limit)
-        .bind(skip)
-        .fetch_all(&mut *conn)
-        .await?;
-        let mut orders = Vec::with_capacity(ids.len());
-        for id in ids {
-            let id = id.parse().map_err(|_| StoreError::Corrupt)?;
-            if let Some(order) = load(&mut conn, id).await? {
-                orders.push(order);
-            }
-        }
-        Ok(orders)
+        self.db
+            .read(move |conn| {
+                let ids: Vec<String> = conn
+                    .prepare_cached("SELECT id FROM orders WHERE user_id = ?1 ORDER BY created_at, id LIMIT ?2 OFFSET ?3")?
+                    .query_map(params![user_id.to_string(), limit, skip], |r| r.get(0))?
+                    .collect::<Result<_, _>>()?;
+                let mut orders = Vec::with_capacity(ids.len());
+                for id in ids {
+                    if let Some(order) = load(conn, id.parse().map_err(|_| StoreError::Corrupt)?)? {
+                        orders.push(order);
+                    }
+                }
+                Ok(orders)
+            })
+            .await
     }
 
     /// Moves an order to `to` if legal, publishing `order.<to>` in the same transaction.
@@ -290,116 +282,117 @@ impl OrderStore {
         to: OrderStatus,
         event_id: Option<Uuid>,
     ) -> Result<Transition, StoreError> {
-        let mut tx = self.db.begin().await?;
-        if let Some(event_id) = event_id {
-            let fresh = sqlx::query(
-                "INSERT OR IGNORE INTO processed_events (event_id, processed_at) VALUES (?, ?)",
-            )
-            .bind(event_id.to_string())
-            .bind(now_ms())
-            .execute(&mut *tx)
-            .await?
-            .rows_affected()
-                == 1;
-            if !fresh {
-                let order = load(&mut tx, id).await?.ok_or(StoreError::NotFound)?;
-                return Ok(Transition {
-                    order,
-                    changed: false,
-                });
-            }
-        }
-        let mut order = load(&mut tx, id).await?.ok_or(StoreError::NotFound)?;
-        if order.status == to {
-            tx.commit().await?;
-            return Ok(Transition {
-                order,
-                changed: false,
-            });
-        }
-        if !order.status.can_become(to) {
-            return Err(StoreError::IllegalTransition {
-                from: order.status,
-                to,
-            });
-        }
-        let now = now_ms();
-        sqlx::query("UPDATE orders SET status = ?, updated_at = ? WHERE id = ?")
-            .bind(to.as_str())
-            .bind(now)
-            .bind(id.to_string())
-            .execute(&mut *tx)
+        let transition = self
+            .db
+            .write(move |tx| {
+                if let Some(event_id) = event_id {
+                    let fresh = tx.execute(
+                        "INSERT OR IGNORE INTO processed_events (event_id, processed_at) VALUES (?1, ?2)",
+                        params![event_id.to_string(), now_ms()],
+                    )? == 1;
+                    if !fresh {
+                        let order = load(tx, id)?.ok_or(StoreError::NotFound)?;
+                        return Ok(Transition { order, changed: false });
+                    }
+                }
+                let mut order = load(tx, id)?.ok_or(StoreError::NotFound)?;
+                if order.status == to {
+                    return Ok(Transition { order, changed: false });
+                }
+                if !order.status.can_become(to) {
+                    return Err(StoreError::IllegalTransition { from: order.status, to });
+                }
+                let now = now_ms();
+                tx.execute(
+                    "UPDATE orders SET status = ?1, updated_at = ?2 WHERE id = ?3",
+                    params![to.as_str(), now, id.to_string()],
+                )?;
+                order.status = to;
+                order.updated_at = DateTime::from_timestamp_millis(now).unwrap_or_default();
+                outbox::enqueue(tx, &order.event(&to.event_type())?, DESTINATIONS)?;
+                Ok(Transition { order, changed: true })
+            })
             .await?;
-        order.status = to;
-        order.updated_at = DateTime::from_timestamp_millis(now).unwrap_or_default();
-        outbox::enqueue(&mut tx, &order.event(&to.event_type())?, DESTINATIONS).await?;
-        tx.commit().await?;
-        self.wake_relay.notify_one();
-        Ok(Transition {
-            order,
-            changed: true,
-        })
+        if transition.changed {
+            self.wake_relay.notify_one();
+        }
+        Ok(transition)
     }
 
     /// Pending orders whose payment window has closed.
     pub async fn expired_pending(&self, limit: u32) -> Result<Vec<Uuid>, StoreError> {
-        let ids: Vec<String> =
-            sqlx::query_scalar("SELECT id FROM orders WHERE status = 'pending' AND expires_at <= ? ORDER BY expires_at LIMIT ?")
-                .bind(now_ms())
-                .bind(limit)
-                .fetch_all(&self.db.read)
-                .await?;
-        ids.iter()
-            .map(|s| s.parse().map_err(|_| StoreError::Corrupt))
-            .collect()
+        self.db
+            .read(move |conn| {
+                let ids: Vec<String> = conn
+                    .prepare_cached(
+                        "SELECT id FROM orders WHERE status = 'pending' AND expires_at <= ?1 ORDER BY expires_at LIMIT ?2",
+                    )?
+                    .query_map(params![now_ms(), limit], |r| r.get(0))?
+                    .collect::<Result<_, _>>()?;
+                ids.iter().map(|s| s.parse().map_err(|_| StoreError::Corrupt)).collect()
+            })
+            .await
     }
 
     pub async fn count(&self) -> Result<i64, StoreError> {
-        Ok(sqlx::query_scalar("SELECT COUNT(*) FROM orders")
-            .fetch_one(&self.db.read)
-            .await?)
+        self.db
+            .read(|conn| Ok(conn.query_row("SELECT COUNT(*) FROM orders", [], |r| r.get(0))?))
+            .await
     }
 }
 
-async fn load(conn: &mut SqliteConnection, id: Uuid) -> Result<Option<Order>, StoreError> {
-    let Some(row) = sqlx::query("SELECT * FROM orders WHERE id = ?")
-        .bind(id.to_string())
-        .fetch_optional(&mut *conn)
-        .await?
+fn load(conn: &Connection, id: Uuid) -> Result<Option<Order>, StoreError> {
+    let key = id.to_string();
+    let row = conn
+        .prepare_cached(
+            "SELECT user_id, status, total_cents, currency, shipping_address, created_at, updated_at, expires_at
+             FROM orders WHERE id = ?1",
+        )?
+        .query_row([&key], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, String>(4)?,
+                r.get::<_, i64>(5)?,
+                r.get::<_, i64>(6)?,
+                r.get::<_, i64>(7)?,
+            ))
+        })
+        .optional()?;
+    let Some((user_id, status, total, currency, shipping_address, created, updated, expires)) = row
     else {
         return Ok(None);
     };
-    let lines = sqlx::query(
-        "SELECT product_id, quantity, unit_price_cents FROM order_items WHERE order_id = ? ORDER BY product_id",
-    )
-    .bind(id.to_string())
-    .fetch_all(&mut *conn)
-    .await?;
-    let mut items = Vec::with_capacity(lines.len());
-    for line in &lines {
-        let quantity: i64 = line.try_get("quantity")?;
-        let unit_price = money_of(line, "unit_price_cents")?;
-        items.push(OrderLine {
-            product_id: uuid_of(line, "product_id")?,
-            quantity,
-            unit_price,
-            line_total: unit_price
-                .checked_mul(quantity)
-                .ok_or(StoreError::Corrupt)?,
-        });
-    }
-    let status: String = row.try_get("status")?;
+    let items = conn
+        .prepare_cached(
+            "SELECT product_id, quantity, unit_price_cents FROM order_items WHERE order_id = ?1 ORDER BY product_id",
+        )?
+        .query_map([&key], |r| {
+            let product: String = r.get(0)?;
+            let quantity: i64 = r.get(1)?;
+            let unit_price = Money::from_cents(r.get(2)?).map_err(corrupt(2))?;
+            Ok(OrderLine {
+                product_id: product.parse().map_err(corrupt(0))?,
+                quantity,
+                unit_price,
+                line_total: unit_price.checked_mul(quantity).unwrap_or(Money::ZERO),
+            })
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    let time = |ms: i64| DateTime::from_timestamp_millis(ms).ok_or(StoreError::Corrupt);
     Ok(Some(Order {
         id,
-        user_id: uuid_of(&row, "user_id")?,
+        user_id: user_id.parse().map_err(|_| StoreError::Corrupt)?,
         status: status.parse().map_err(|()| StoreError::Corrupt)?,
         items,
-        total_amount: money_of(&row, "total_cents")?,
-        currency: row.try_get("currency")?,
-        shipping_address: row.try_get("shipping_address")?,
-        created_at: time_of(&row, "created_at")?,
-        updated_at: time_of(&row, "updated_at")?,
-        expires_at: time_of(&row, "expires_at")?,
+        total_amount: Money::from_cents(total).map_err(|_| StoreError::Corrupt)?,
+        currency,
+        shipping_address,
+        created_at: time(created)?,
+        updated_at: time(updated)?,
+        expires_at: time(expires)?,
     }))
 }
 
@@ -430,8 +423,11 @@ mod tests {
         .unwrap();
         assert_eq!(order.total_amount.to_string(), "3999.98");
         store.insert(&order).await.unwrap();
-        let outbox: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM outbox")
-            .fetch_one(&store.db().read)
+        let outbox: i64 = store
+            .db()
+            .read(|c| {
+                Ok::<_, StoreError>(c.query_row("SELECT COUNT(*) FROM outbox", [], |r| r.get(0))?)
+            })
             .await
             .unwrap();
         assert_eq!(outbox, 2, "one row per destination");
@@ -474,8 +470,11 @@ mod tests {
                 .unwrap()
                 .changed
         );
-        let outbox: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM outbox")
-            .fetch_one(&store.db().read)
+        let outbox: i64 = store
+            .db()
+            .read(|c| {
+                Ok::<_, StoreError>(c.query_row("SELECT COUNT(*) FROM outbox", [], |r| r.get(0))?)
+            })
             .await
             .unwrap();
         assert_eq!(outbox, 6, "created, paid, refunded: two rows each");

@@ -87,7 +87,7 @@ fn store_problem(e: StoreError) -> Problem {
             "a refund of {requested} exceeds the {remaining} left to refund"
         ))
         .with("remaining", remaining.to_string()),
-        StoreError::Corrupt | StoreError::Encode(_) | StoreError::Db(_) => {
+        StoreError::Corrupt | StoreError::Encode(_) | StoreError::Sqlite(_) | StoreError::Db(_) => {
             tracing::error!(error = %e, "payments store failed");
             Problem::internal()
         }

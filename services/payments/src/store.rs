@@ -13,9 +13,9 @@ use bus::outbox::{self, Destination};
 use chrono::{DateTime, Utc};
 use kit::Money;
 use kit::db::{Db, DbError, Step, is_unique_violation, now_ms};
+use rusqlite::types::Type;
+use rusqlite::{Connection, OptionalExtension, Row, params};
 use serde::Serialize;
-use sqlx::sqlite::SqliteRow;
-use sqlx::{Row, SqliteConnection};
 use tokio::sync::Notify;
 use uuid::Uuid;
 
@@ -96,34 +96,44 @@ pub enum StoreError {
     #[error("event could not be encoded: {0}")]
     Encode(#[from] serde_json::Error),
     #[error(transparent)]
-    Db(#[from] sqlx::Error),
+    Sqlite(#[from] rusqlite::Error),
+    #[error(transparent)]
+    Db(#[from] DbError),
 }
 
-fn uuid_of(row: &SqliteRow, column: &str) -> Result<Uuid, StoreError> {
-    let s: String = row.try_get(column)?;
-    s.parse().map_err(|_| StoreError::Corrupt)
+fn corrupt<E: std::error::Error + Send + Sync + 'static>(
+    column: usize,
+) -> impl FnOnce(E) -> rusqlite::Error {
+    move |e| rusqlite::Error::FromSqlConversionFailure(column, Type::Text, Box::new(e))
 }
 
-fn to_payment(row: &SqliteRow) -> Result<Payment, StoreError> {
-    let money = |c: &str| -> Result<Money, StoreError> {
-        Money::from_cents(row.try_get(c)?).map_err(|_| StoreError::Corrupt)
+const COLUMNS: &str =
+    "id, order_id, amount_cents, currency, status, payment_method, card_last4, provider_reference,
+                       failure_reason, refunded_cents, created_at, updated_at";
+
+fn to_payment(row: &Row<'_>) -> rusqlite::Result<Payment> {
+    let id = |i: usize| -> rusqlite::Result<Uuid> {
+        row.get::<_, String>(i)?.parse().map_err(corrupt(i))
     };
-    let time = |c: &str| -> Result<DateTime<Utc>, StoreError> {
-        DateTime::from_timestamp_millis(row.try_get(c)?).ok_or(StoreError::Corrupt)
+    let money = |i: usize| -> rusqlite::Result<Money> {
+        Money::from_cents(row.get(i)?).map_err(corrupt(i))
+    };
+    let time = |i: usize| -> rusqlite::Result<DateTime<Utc>> {
+        Ok(DateTime::from_timestamp_millis(row.get(i)?).unwrap_or_default())
     };
     Ok(Payment {
-        id: uuid_of(row, "id")?,
-        order_id: uuid_of(row, "order_id")?,
-        amount: money("amount_cents")?,
-        currency: row.try_get("currency")?,
-        status: row.try_get("status")?,
-        payment_method: row.try_get("payment_method")?,
-        card_last4: row.try_get("card_last4")?,
-        provider_reference: row.try_get("provider_reference")?,
-        failure_reason: row.try_get("failure_reason")?,
-        refunded_amount: money("refunded_cents")?,
-        created_at: time("created_at")?,
-        updated_at: time("updated_at")?,
+        id: id(0)?,
+        order_id: id(1)?,
+        amount: money(2)?,
+        currency: row.get(3)?,
+        status: row.get(4)?,
+        payment_method: row.get(5)?,
+        card_last4: row.get(6)?,
+        provider_reference: row.get(7)?,
+        failure_reason: row.get(8)?,
+        refunded_amount: money(9)?,
+        created_at: time(10)?,
+        updated_at: time(11)?,
     })
 }
 
@@ -186,55 +196,64 @@ impl PaymentStore {
             types::PAYMENT_FAILED
         };
         let event = event_for(payment, event_type, payment.amount)?;
-        let mut tx = self.db.begin().await?;
-        sqlx::query(
-            "INSERT INTO payments (id, order_id, amount_cents, currency, status, payment_method, card_last4,
-                                   provider_reference, failure_reason, refunded_cents, created_at, updated_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?)",
-        )
-        .bind(payment.id.to_string())
-        .bind(payment.order_id.to_string())
-        .bind(payment.amount.cents())
-        .bind(&payment.currency)
-        .bind(&payment.status)
-        .bind(&payment.payment_method)
-        .bind(&payment.card_last4)
-        .bind(&payment.provider_reference)
-        .bind(&payment.failure_reason)
-        .bind(payment.created_at.timestamp_millis())
-        .bind(payment.updated_at.timestamp_millis())
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| if is_unique_violation(&e) { StoreError::AlreadyPaid } else { StoreError::Db(e) })?;
-        outbox::enqueue(&mut tx, &event, DESTINATIONS).await?;
-        tx.commit().await?;
+        let p = payment.clone();
+        self.db
+            .write(move |tx| {
+                tx.execute(
+                    "INSERT INTO payments (id, order_id, amount_cents, currency, status, payment_method, card_last4,
+                                           provider_reference, failure_reason, refunded_cents, created_at, updated_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 0, ?10, ?11)",
+                    params![
+                        p.id.to_string(),
+                        p.order_id.to_string(),
+                        p.amount.cents(),
+                        p.currency,
+                        p.status,
+                        p.payment_method,
+                        p.card_last4,
+                        p.provider_reference,
+                        p.failure_reason,
+                        p.created_at.timestamp_millis(),
+                        p.updated_at.timestamp_millis()
+                    ],
+                )
+                .map_err(|e| if is_unique_violation(&e) { StoreError::AlreadyPaid } else { StoreError::Sqlite(e) })?;
+                outbox::enqueue(tx, &event, DESTINATIONS)?;
+                Ok::<_, StoreError>(())
+            })
+            .await?;
         self.wake_relay.notify_one();
         Ok(())
     }
 
     pub async fn has_success(&self, order_id: Uuid) -> Result<bool, StoreError> {
-        let n: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM payments WHERE order_id = ? AND status IN ('succeeded', 'partially_refunded', 'refunded')",
-        )
-        .bind(order_id.to_string())
-        .fetch_one(&self.db.read)
-        .await?;
-        Ok(n > 0)
+        self.db
+            .read(move |conn| {
+                Ok(conn
+                    .prepare_cached(
+                        "SELECT EXISTS (SELECT 1 FROM payments WHERE order_id = ?1
+                                        AND status IN ('succeeded', 'partially_refunded', 'refunded'))",
+                    )?
+                    .query_row([order_id.to_string()], |r| r.get(0))?)
+            })
+            .await
     }
 
     pub async fn get(&self, id: Uuid) -> Result<Option<Payment>, StoreError> {
-        let mut conn = self.db.read.acquire().await?;
-        load(&mut conn, id).await
+        self.db.read(move |conn| load(conn, id)).await
     }
 
     pub async fn by_order(&self, order_id: Uuid) -> Result<Vec<Payment>, StoreError> {
-        sqlx::query("SELECT * FROM payments WHERE order_id = ? ORDER BY created_at, id")
-            .bind(order_id.to_string())
-            .fetch_all(&self.db.read)
-            .await?
-            .iter()
-            .map(to_payment)
-            .collect()
+        self.db
+            .read(move |conn| {
+                Ok(conn
+                    .prepare_cached(&format!(
+                        "SELECT {COLUMNS} FROM payments WHERE order_id = ?1 ORDER BY created_at, id"
+                    ))?
+                    .query_map([order_id.to_string()], to_payment)?
+                    .collect::<Result<Vec<_>, _>>()?)
+            })
+            .await
     }
 
     /// Refunds `amount` (everything left when `None`); the sum of refunds never passes the charge.
@@ -243,81 +262,46 @@ impl PaymentStore {
         payment_id: Uuid,
         amount: Option<Money>,
     ) -> Result<Refund, StoreError> {
-        let mut tx = self.db.begin().await?;
-        let mut payment = load(&mut tx, payment_id)
-            .await?
-            .ok_or(StoreError::NotFound)?;
-        if !matches!(payment.status.as_str(), "succeeded" | "partially_refunded") {
-            return Err(StoreError::NotRefundable);
-        }
-        let remaining = payment
-            .amount
-            .checked_sub(payment.refunded_amount)
-            .ok_or(StoreError::Corrupt)?;
-        let amount = amount.unwrap_or(remaining);
-        if amount.cents() == 0 || amount > remaining {
-            return Err(StoreError::RefundTooLarge {
-                requested: amount,
-                remaining,
-            });
-        }
-        let refunded = payment
-            .refunded_amount
-            .checked_add(amount)
-            .ok_or(StoreError::Corrupt)?;
-        let now = now_ms();
-        payment.refunded_amount = refunded;
-        payment.status = if refunded == payment.amount {
-            "refunded".into()
-        } else {
-            "partially_refunded".into()
-        };
-        payment.updated_at = DateTime::from_timestamp_millis(now).unwrap_or_default();
-        sqlx::query(
-            "UPDATE payments SET refunded_cents = ?, status = ?, updated_at = ? WHERE id = ?",
-        )
-        .bind(refunded.cents())
-        .bind(&payment.status)
-        .bind(now)
-        .bind(payment_id.to_string())
-        .execute(&mut *tx)
-        .await?;
-        let refund_id = Uuid::now_v7();
-        sqlx::query(
-            "INSERT INTO refunds (id, payment_id, amount_cents, created_at) VALUES (?, ?, ?, ?)",
-        )
-        .bind(refund_id.to_string())
-        .bind(payment_id.to_string())
-        .bind(amount.cents())
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
-        outbox::enqueue(
-            &mut tx,
-            &event_for(&payment, types::PAYMENT_REFUNDED, amount)?,
-            DESTINATIONS,
-        )
-        .await?;
-        tx.commit().await?;
+        let refund = self
+            .db
+            .write(move |tx| {
+                let mut payment = load(tx, payment_id)?.ok_or(StoreError::NotFound)?;
+                if !matches!(payment.status.as_str(), "succeeded" | "partially_refunded") {
+                    return Err(StoreError::NotRefundable);
+                }
+                let remaining = payment.amount.checked_sub(payment.refunded_amount).ok_or(StoreError::Corrupt)?;
+                let amount = amount.unwrap_or(remaining);
+                if amount.cents() == 0 || amount > remaining {
+                    return Err(StoreError::RefundTooLarge { requested: amount, remaining });
+                }
+                let refunded = payment.refunded_amount.checked_add(amount).ok_or(StoreError::Corrupt)?;
+                let now = now_ms();
+                payment.refunded_amount = refunded;
+                payment.status = if refunded == payment.amount { "refunded".into() } else { "partially_refunded".into() };
+                payment.updated_at = DateTime::from_timestamp_millis(now).unwrap_or_default();
+                tx.execute(
+                    "UPDATE payments SET refunded_cents = ?1, status = ?2, updated_at = ?3 WHERE id = ?4",
+                    params![refunded.cents(), payment.status, now, payment_id.to_string()],
+                )?;
+                let refund_id = Uuid::now_v7();
+                tx.execute(
+                    "INSERT INTO refunds (id, payment_id, amount_cents, created_at) VALUES (?1, ?2, ?3, ?4)",
+                    params![refund_id.to_string(), payment_id.to_string(), amount.cents(), now],
+                )?;
+                outbox::enqueue(tx, &event_for(&payment, types::PAYMENT_REFUNDED, amount)?, DESTINATIONS)?;
+                Ok(Refund { id: refund_id, payment_id, amount, created_at: payment.updated_at, payment })
+            })
+            .await?;
         self.wake_relay.notify_one();
-        Ok(Refund {
-            id: refund_id,
-            payment_id,
-            amount,
-            created_at: payment.updated_at,
-            payment,
-        })
+        Ok(refund)
     }
 }
 
-async fn load(conn: &mut SqliteConnection, id: Uuid) -> Result<Option<Payment>, StoreError> {
-    sqlx::query("SELECT * FROM payments WHERE id = ?")
-        .bind(id.to_string())
-        .fetch_optional(&mut *conn)
-        .await?
-        .as_ref()
-        .map(to_payment)
-        .transpose()
+fn load(conn: &Connection, id: Uuid) -> Result<Option<Payment>, StoreError> {
+    Ok(conn
+        .prepare_cached(&format!("SELECT {COLUMNS} FROM payments WHERE id = ?1"))?
+        .query_row([id.to_string()], to_payment)
+        .optional()?)
 }
 
 #[cfg(test)]
@@ -378,8 +362,11 @@ mod tests {
             store.refund(ok.id, None).await,
             Err(StoreError::NotRefundable)
         ));
-        let events: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM outbox")
-            .fetch_one(&store.db().read)
+        let events: i64 = store
+            .db()
+            .read(|c| {
+                Ok::<_, StoreError>(c.query_row("SELECT COUNT(*) FROM outbox", [], |r| r.get(0))?)
+            })
             .await
             .unwrap();
         assert_eq!(events, 4, "failed, succeeded, two refunds");

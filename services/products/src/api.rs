@@ -108,7 +108,7 @@ fn store_problem(e: StoreError) -> Problem {
             "reservation-state",
             format!("the reservation is already {}", serde_plain(status)),
         ),
-        StoreError::Corrupt | StoreError::Db(_) => {
+        StoreError::Corrupt | StoreError::Sqlite(_) | StoreError::Db(_) => {
             tracing::error!(error = %e, "products store failed");
             Problem::internal()
         }
@@ -144,7 +144,7 @@ async fn list_products(
 ) -> Result<Json<Vec<Product>>, Problem> {
     let page = params.page.checked()?;
     let products = store
-        .list(page.skip, page.limit, params.category.as_deref())
+        .list(page.skip, page.limit, params.category)
         .await
         .map_err(store_problem)?;
     Ok(Json(products))

@@ -8,9 +8,9 @@
 use chrono::{DateTime, Utc};
 use kit::Money;
 use kit::db::{Db, DbError, Step, is_unique_violation, now_ms};
+use rusqlite::types::Type;
+use rusqlite::{Connection, OptionalExtension, Row, params};
 use serde::Serialize;
-use sqlx::sqlite::SqliteRow;
-use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection};
 use uuid::Uuid;
 
 use crate::domain::ReservationLines;
@@ -147,37 +147,43 @@ pub enum StoreError {
     #[error("stored value is corrupt")]
     Corrupt,
     #[error(transparent)]
-    Db(#[from] sqlx::Error),
+    Sqlite(#[from] rusqlite::Error),
+    #[error(transparent)]
+    Db(#[from] DbError),
 }
 
-fn uuid_of(row: &SqliteRow, column: &str) -> Result<Uuid, StoreError> {
-    let s: String = row.try_get(column)?;
-    s.parse().map_err(|_| StoreError::Corrupt)
+fn corrupt<E: std::error::Error + Send + Sync + 'static>(
+    column: usize,
+) -> impl FnOnce(E) -> rusqlite::Error {
+    move |e| rusqlite::Error::FromSqlConversionFailure(column, Type::Text, Box::new(e))
 }
 
-fn time_of(row: &SqliteRow, column: &str) -> Result<DateTime<Utc>, StoreError> {
-    DateTime::from_timestamp_millis(row.try_get(column)?).ok_or(StoreError::Corrupt)
-}
+const COLUMNS: &str =
+    "id, name, description, price_cents, stock, sku, category, created_at, updated_at";
 
-fn to_product(row: &SqliteRow) -> Result<Product, StoreError> {
+fn to_product(row: &Row<'_>) -> rusqlite::Result<Product> {
+    let id: String = row.get(0)?;
+    let time = |i: usize| -> rusqlite::Result<DateTime<Utc>> {
+        Ok(DateTime::from_timestamp_millis(row.get(i)?).unwrap_or_default())
+    };
     Ok(Product {
-        id: uuid_of(row, "id")?,
-        name: row.try_get("name")?,
-        description: row.try_get("description")?,
-        price: Money::from_cents(row.try_get("price_cents")?).map_err(|_| StoreError::Corrupt)?,
-        stock: row.try_get("stock")?,
-        sku: row.try_get("sku")?,
-        category: row.try_get("category")?,
-        created_at: time_of(row, "created_at")?,
-        updated_at: time_of(row, "updated_at")?,
+        id: id.parse().map_err(corrupt(0))?,
+        name: row.get(1)?,
+        description: row.get(2)?,
+        price: Money::from_cents(row.get(3)?).map_err(corrupt(3))?,
+        stock: row.get(4)?,
+        sku: row.get(5)?,
+        category: row.get(6)?,
+        created_at: time(7)?,
+        updated_at: time(8)?,
     })
 }
 
-fn unique_sku(e: sqlx::Error) -> StoreError {
+fn unique_sku(e: rusqlite::Error) -> StoreError {
     if is_unique_violation(&e) {
         StoreError::DuplicateSku
     } else {
-        StoreError::Db(e)
+        StoreError::Sqlite(e)
     }
 }
 
@@ -201,67 +207,65 @@ impl ProductStore {
     }
 
     pub async fn count(&self) -> Result<i64, StoreError> {
-        Ok(sqlx::query_scalar("SELECT COUNT(*) FROM products")
-            .fetch_one(&self.db.read)
-            .await?)
+        self.db
+            .read(|conn| Ok(conn.query_row("SELECT COUNT(*) FROM products", [], |r| r.get(0))?))
+            .await
     }
 
     pub async fn create(&self, new: NewProduct) -> Result<Product, StoreError> {
-        let now = now_ms();
-        let id = Uuid::now_v7();
-        let row = sqlx::query(
-            "INSERT INTO products (id, name, description, price_cents, stock, sku, category, created_at, updated_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING *",
-        )
-        .bind(id.to_string())
-        .bind(&new.name)
-        .bind(&new.description)
-        .bind(new.price.cents())
-        .bind(new.stock)
-        .bind(&new.sku)
-        .bind(&new.category)
-        .bind(now)
-        .bind(now)
-        .fetch_one(self.db.writer())
-        .await
-        .map_err(unique_sku)?;
-        to_product(&row)
+        self.db
+            .write(move |tx| {
+                let now = now_ms();
+                tx.query_row(
+                    &format!(
+                        "INSERT INTO products (id, name, description, price_cents, stock, sku, category, created_at, updated_at)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8) RETURNING {COLUMNS}"
+                    ),
+                    params![
+                        Uuid::now_v7().to_string(),
+                        new.name,
+                        new.description,
+                        new.price.cents(),
+                        new.stock,
+                        new.sku,
+                        new.category,
+                        now
+                    ],
+                    to_product,
+                )
+                .map_err(unique_sku)
+            })
+            .await
     }
 
     pub async fn get(&self, id: Uuid) -> Result<Option<Product>, StoreError> {
-        sqlx::query("SELECT * FROM products WHERE id = ?")
-            .bind(id.to_string())
-            .fetch_optional(&self.db.read)
-            .await?
-            .as_ref()
-            .map(to_product)
-            .transpose()
+        self.db
+            .read(move |conn| {
+                let mut q =
+                    conn.prepare_cached(&format!("SELECT {COLUMNS} FROM products WHERE id = ?1"))?;
+                Ok(q.query_row([id.to_string()], to_product).optional()?)
+            })
+            .await
     }
 
     pub async fn list(
         &self,
         skip: u32,
         limit: u32,
-        category: Option<&str>,
+        category: Option<String>,
     ) -> Result<Vec<Product>, StoreError> {
-        let rows = match category {
-            Some(c) => {
-                sqlx::query("SELECT * FROM products WHERE category = ? ORDER BY created_at, id LIMIT ? OFFSET ?")
-                    .bind(c)
-                    .bind(limit)
-                    .bind(skip)
-                    .fetch_all(&self.db.read)
-                    .await?
-            }
-            None => {
-                sqlx::query("SELECT * FROM products ORDER BY created_at, id LIMIT ? OFFSET ?")
-                    .bind(limit)
-                    .bind(skip)
-                    .fetch_all(&self.db.read)
-                    .await?
-            }
-        };
-        rows.iter().map(to_product).collect()
+        self.db
+            .read(move |conn| {
+                let mut q = conn.prepare_cached(&format!(
+                    "SELECT {COLUMNS} FROM products WHERE (?1 IS NULL OR category = ?1)
+                     ORDER BY created_at, id LIMIT ?2 OFFSET ?3"
+                ))?;
+                let products = q
+                    .query_map(params![category, limit, skip], to_product)?
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(products)
+            })
+            .await
     }
 
     /// Applies the given changes; `None` when the product does not exist.
@@ -270,59 +274,70 @@ impl ProductStore {
         id: Uuid,
         changes: ProductChanges,
     ) -> Result<Option<Product>, StoreError> {
-        let row = sqlx::query(
-            "UPDATE products SET
-                name = COALESCE(?, name),
-                description = COALESCE(?, description),
-                price_cents = COALESCE(?, price_cents),
-                stock = COALESCE(?, stock),
-                sku = COALESCE(?, sku),
-                category = COALESCE(?, category),
-                updated_at = ?
-             WHERE id = ? RETURNING *",
-        )
-        .bind(changes.name)
-        .bind(changes.description)
-        .bind(changes.price.map(Money::cents))
-        .bind(changes.stock)
-        .bind(changes.sku)
-        .bind(changes.category)
-        .bind(now_ms())
-        .bind(id.to_string())
-        .fetch_optional(self.db.writer())
-        .await
-        .map_err(unique_sku)?;
-        row.as_ref().map(to_product).transpose()
+        self.db
+            .write(move |tx| {
+                tx.query_row(
+                    &format!(
+                        "UPDATE products SET
+                            name = COALESCE(?1, name),
+                            description = COALESCE(?2, description),
+                            price_cents = COALESCE(?3, price_cents),
+                            stock = COALESCE(?4, stock),
+                            sku = COALESCE(?5, sku),
+                            category = COALESCE(?6, category),
+                            updated_at = ?7
+                         WHERE id = ?8 RETURNING {COLUMNS}"
+                    ),
+                    params![
+                        changes.name,
+                        changes.description,
+                        changes.price.map(Money::cents),
+                        changes.stock,
+                        changes.sku,
+                        changes.category,
+                        now_ms(),
+                        id.to_string()
+                    ],
+                    to_product,
+                )
+                .optional()
+                .map_err(unique_sku)
+            })
+            .await
     }
 
     pub async fn delete(&self, id: Uuid) -> Result<bool, StoreError> {
-        let done = sqlx::query("DELETE FROM products WHERE id = ?")
-            .bind(id.to_string())
-            .execute(self.db.writer())
-            .await?;
-        Ok(done.rows_affected() > 0)
+        self.db
+            .write(move |tx| {
+                Ok(tx.execute("DELETE FROM products WHERE id = ?1", [id.to_string()])? > 0)
+            })
+            .await
     }
 
     pub async fn stock(&self, id: Uuid) -> Result<Option<StockLevel>, StoreError> {
-        let row = sqlx::query(
-            "SELECT p.id, p.sku, p.stock,
-                    COALESCE((SELECT SUM(ri.quantity) FROM reservation_items ri
-                              JOIN reservations r ON r.order_id = ri.order_id
-                              WHERE ri.product_id = p.id AND r.status = 'held'), 0) AS reserved
-             FROM products p WHERE p.id = ?",
-        )
-        .bind(id.to_string())
-        .fetch_optional(&self.db.read)
-        .await?;
-        row.map(|row| {
-            Ok(StockLevel {
-                product_id: uuid_of(&row, "id")?,
-                sku: row.try_get("sku")?,
-                stock: row.try_get("stock")?,
-                reserved: row.try_get("reserved")?,
+        self.db
+            .read(move |conn| {
+                let mut q = conn.prepare_cached(
+                    "SELECT p.id, p.sku, p.stock,
+                            COALESCE((SELECT SUM(ri.quantity) FROM reservation_items ri
+                                      JOIN reservations r ON r.order_id = ri.order_id
+                                      WHERE ri.product_id = p.id AND r.status = 'held'), 0)
+                     FROM products p WHERE p.id = ?1",
+                )?;
+                let level = q
+                    .query_row([id.to_string()], |row| {
+                        let id: String = row.get(0)?;
+                        Ok(StockLevel {
+                            product_id: id.parse().map_err(corrupt(0))?,
+                            sku: row.get(1)?,
+                            stock: row.get(2)?,
+                            reserved: row.get(3)?,
+                        })
+                    })
+                    .optional()?;
+                Ok(level)
             })
-        })
-        .transpose()
+            .await
     }
 
     /// Reserves every line for `order_id`, or nothing. Returns the reservation and whether it
@@ -332,76 +347,55 @@ impl ProductStore {
         order_id: Uuid,
         lines: &ReservationLines,
     ) -> Result<(Reservation, bool), StoreError> {
-        let mut tx = self.db.begin().await?;
-        let now = now_ms();
-        let claimed = sqlx::query(
-            "INSERT INTO reservations (order_id, status, created_at, updated_at) VALUES (?, 'held', ?, ?)
-             ON CONFLICT (order_id) DO NOTHING",
-        )
-        .bind(order_id.to_string())
-        .bind(now)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if claimed == 0 {
-            let existing = load_reservation(&mut tx, order_id)
-                .await?
-                .ok_or(StoreError::Corrupt)?;
-            return Ok((existing, false));
-        }
-        let mut reserved = Vec::with_capacity(lines.lines().len());
-        for (product_id, quantity) in lines.lines() {
-            let price: Option<i64> = sqlx::query_scalar(
-                "UPDATE products SET stock = stock - ?1, updated_at = ?2 WHERE id = ?3 AND stock >= ?1 RETURNING price_cents",
-            )
-            .bind(quantity)
-            .bind(now)
-            .bind(product_id.to_string())
-            .fetch_optional(&mut *tx)
-            .await?;
-            let Some(price) = price else {
-                // Dropping `tx` rolls back the reservation and every line taken so far.
-                let available: Option<i64> =
-                    sqlx::query_scalar("SELECT stock FROM products WHERE id = ?")
-                        .bind(product_id.to_string())
-                        .fetch_optional(&mut *tx)
-                        .await?;
-                return Err(match available {
-                    None => StoreError::UnknownProduct(*product_id),
-                    Some(available) => StoreError::InsufficientStock {
+        let lines = lines.clone();
+        self.db
+            .write(move |tx| {
+                let now = now_ms();
+                let order = order_id.to_string();
+                let claimed = tx.execute(
+                    "INSERT INTO reservations (order_id, status, created_at, updated_at) VALUES (?1, 'held', ?2, ?2)
+                     ON CONFLICT (order_id) DO NOTHING",
+                    params![order, now],
+                )?;
+                if claimed == 0 {
+                    let existing = load_reservation(tx, order_id)?.ok_or(StoreError::Corrupt)?;
+                    return Ok((existing, false));
+                }
+                let mut take = tx.prepare_cached(
+                    "UPDATE products SET stock = stock - ?1, updated_at = ?2 WHERE id = ?3 AND stock >= ?1 RETURNING price_cents",
+                )?;
+                let mut record = tx.prepare_cached(
+                    "INSERT INTO reservation_items (order_id, product_id, quantity, unit_price_cents) VALUES (?1, ?2, ?3, ?4)",
+                )?;
+                let mut reserved = Vec::with_capacity(lines.lines().len());
+                for (product_id, quantity) in lines.lines() {
+                    let product = product_id.to_string();
+                    let price: Option<i64> =
+                        take.query_row(params![quantity, now, product], |r| r.get(0)).optional()?;
+                    let Some(price) = price else {
+                        // Returning an error rolls back the reservation and every line taken so far.
+                        let available: Option<i64> = tx
+                            .query_row("SELECT stock FROM products WHERE id = ?1", [&product], |r| r.get(0))
+                            .optional()?;
+                        return Err(match available {
+                            None => StoreError::UnknownProduct(*product_id),
+                            Some(available) => StoreError::InsufficientStock {
+                                product_id: *product_id,
+                                requested: *quantity,
+                                available,
+                            },
+                        });
+                    };
+                    record.execute(params![order, product, quantity, price])?;
+                    reserved.push(ReservedLine {
                         product_id: *product_id,
-                        requested: *quantity,
-                        available,
-                    },
-                });
-            };
-            reserved.push(ReservedLine {
-                product_id: *product_id,
-                quantity: *quantity,
-                unit_price: Money::from_cents(price).map_err(|_| StoreError::Corrupt)?,
-            });
-        }
-        let order = order_id.to_string();
-        let mut items = QueryBuilder::<Sqlite>::new(
-            "INSERT INTO reservation_items (order_id, product_id, quantity, unit_price_cents) ",
-        );
-        items.push_values(&reserved, |mut row, line| {
-            row.push_bind(&order)
-                .push_bind(line.product_id.to_string())
-                .push_bind(line.quantity)
-                .push_bind(line.unit_price.cents());
-        });
-        items.build().execute(&mut *tx).await?;
-        tx.commit().await?;
-        Ok((
-            Reservation {
-                order_id,
-                status: ReservationStatus::Held,
-                items: reserved,
-            },
-            true,
-        ))
+                        quantity: *quantity,
+                        unit_price: Money::from_cents(price).map_err(|_| StoreError::Corrupt)?,
+                    });
+                }
+                Ok((Reservation { order_id, status: ReservationStatus::Held, items: reserved }, true))
+            })
+            .await
     }
 
     /// Gives a held reservation's stock back, exactly once. `None` if there is no reservation.
@@ -420,68 +414,63 @@ impl ProductStore {
         order_id: Uuid,
         to: ReservationStatus,
     ) -> Result<Option<Reservation>, StoreError> {
-        let mut tx = self.db.begin().await?;
-        let Some(mut reservation) = load_reservation(&mut tx, order_id).await? else {
-            return Ok(None);
-        };
-        if reservation.status == to {
-            return Ok(Some(reservation));
-        }
-        if reservation.status != ReservationStatus::Held {
-            return Err(StoreError::WrongState(reservation.status));
-        }
-        let now = now_ms();
-        if to == ReservationStatus::Released {
-            for line in &reservation.items {
-                sqlx::query("UPDATE products SET stock = stock + ?, updated_at = ? WHERE id = ?")
-                    .bind(line.quantity)
-                    .bind(now)
-                    .bind(line.product_id.to_string())
-                    .execute(&mut *tx)
-                    .await?;
-            }
-        }
-        sqlx::query("UPDATE reservations SET status = ?, updated_at = ? WHERE order_id = ?")
-            .bind(to.as_str())
-            .bind(now)
-            .bind(order_id.to_string())
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        reservation.status = to;
-        Ok(Some(reservation))
+        self.db
+            .write(move |tx| {
+                let Some(mut reservation) = load_reservation(tx, order_id)? else {
+                    return Ok(None);
+                };
+                if reservation.status == to {
+                    return Ok(Some(reservation));
+                }
+                if reservation.status != ReservationStatus::Held {
+                    return Err(StoreError::WrongState(reservation.status));
+                }
+                let now = now_ms();
+                if to == ReservationStatus::Released {
+                    let mut give_back = tx.prepare_cached(
+                        "UPDATE products SET stock = stock + ?1, updated_at = ?2 WHERE id = ?3",
+                    )?;
+                    for line in &reservation.items {
+                        give_back.execute(params![
+                            line.quantity,
+                            now,
+                            line.product_id.to_string()
+                        ])?;
+                    }
+                }
+                tx.execute(
+                    "UPDATE reservations SET status = ?1, updated_at = ?2 WHERE order_id = ?3",
+                    params![to.as_str(), now, order_id.to_string()],
+                )?;
+                reservation.status = to;
+                Ok(Some(reservation))
+            })
+            .await
     }
 }
 
-async fn load_reservation(
-    conn: &mut SqliteConnection,
-    order_id: Uuid,
-) -> Result<Option<Reservation>, StoreError> {
-    let status: Option<String> =
-        sqlx::query_scalar("SELECT status FROM reservations WHERE order_id = ?")
-            .bind(order_id.to_string())
-            .fetch_optional(&mut *conn)
-            .await?;
+fn load_reservation(conn: &Connection, order_id: Uuid) -> Result<Option<Reservation>, StoreError> {
+    let order = order_id.to_string();
+    let status: Option<String> = conn
+        .prepare_cached("SELECT status FROM reservations WHERE order_id = ?1")?
+        .query_row([&order], |r| r.get(0))
+        .optional()?;
     let Some(status) = status else {
         return Ok(None);
     };
-    let rows = sqlx::query(
-        "SELECT product_id, quantity, unit_price_cents FROM reservation_items WHERE order_id = ? ORDER BY product_id",
-    )
-    .bind(order_id.to_string())
-    .fetch_all(&mut *conn)
-    .await?;
-    let items = rows
-        .iter()
-        .map(|row| {
+    let mut q = conn.prepare_cached(
+        "SELECT product_id, quantity, unit_price_cents FROM reservation_items WHERE order_id = ?1 ORDER BY product_id",
+    )?;
+    let items = q
+        .query_map([&order], |row| {
+            let product: String = row.get(0)?;
             Ok(ReservedLine {
-                product_id: uuid_of(row, "product_id")?,
-                quantity: row.try_get("quantity")?,
-                unit_price: Money::from_cents(row.try_get("unit_price_cents")?)
-                    .map_err(|_| StoreError::Corrupt)?,
+                product_id: product.parse().map_err(corrupt(0))?,
+                quantity: row.get(1)?,
+                unit_price: Money::from_cents(row.get(2)?).map_err(corrupt(2))?,
             })
-        })
-        .collect::<Result<Vec<_>, StoreError>>()?;
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(Some(Reservation {
         order_id,
         status: ReservationStatus::parse(&status),

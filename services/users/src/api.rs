@@ -53,7 +53,7 @@ async fn create_user(
             "email-taken",
             "a user with this email already exists",
         )),
-        Err(StoreError::Db(e)) => Err(internal(e)),
+        Err(e) => Err(internal(e)),
     }
 }
 

@@ -2,9 +2,9 @@
 
 use chrono::{DateTime, Utc};
 use kit::db::{Db, DbError, Step, is_unique_violation, now_ms};
+use rusqlite::types::Type;
+use rusqlite::{OptionalExtension, Row, params};
 use serde::Serialize;
-use sqlx::Row;
-use sqlx::sqlite::SqliteRow;
 use uuid::Uuid;
 
 use crate::domain::{Email, Phone, UserName};
@@ -36,7 +36,9 @@ pub enum StoreError {
     #[error("a user with this email already exists")]
     DuplicateEmail,
     #[error(transparent)]
-    Db(#[from] sqlx::Error),
+    Sqlite(#[from] rusqlite::Error),
+    #[error(transparent)]
+    Db(#[from] DbError),
 }
 
 #[derive(Debug, Clone)]
@@ -44,14 +46,18 @@ pub struct UserStore {
     db: Db,
 }
 
-fn to_user(row: &SqliteRow) -> Result<User, sqlx::Error> {
-    let id: String = row.try_get("id")?;
+const COLUMNS: &str = "id, name, email, phone, created_at";
+
+fn to_user(row: &Row<'_>) -> rusqlite::Result<User> {
+    let id: String = row.get(0)?;
     Ok(User {
-        id: id.parse().map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
-        name: row.try_get("name")?,
-        email: row.try_get("email")?,
-        phone: row.try_get("phone")?,
-        created_at: DateTime::from_timestamp_millis(row.try_get("created_at")?).unwrap_or_default(),
+        id: id
+            .parse()
+            .map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, Type::Text, Box::new(e)))?,
+        name: row.get(1)?,
+        email: row.get(2)?,
+        phone: row.get(3)?,
+        created_at: DateTime::from_timestamp_millis(row.get(4)?).unwrap_or_default(),
     })
 }
 
@@ -83,53 +89,49 @@ impl UserStore {
             phone: phone.map(|p| p.as_str().to_owned()),
             created_at: DateTime::from_timestamp_millis(now).unwrap_or_default(),
         };
-        sqlx::query(
-            "INSERT INTO users (id, name, email, phone, created_at) VALUES (?, ?, ?, ?, ?)",
-        )
-        .bind(user.id.to_string())
-        .bind(&user.name)
-        .bind(&user.email)
-        .bind(&user.phone)
-        .bind(now)
-        .execute(self.db.writer())
-        .await
-        .map_err(|e| {
-            if is_unique_violation(&e) {
-                StoreError::DuplicateEmail
-            } else {
-                StoreError::Db(e)
-            }
-        })?;
+        let row = user.clone();
+        self.db
+            .write(move |tx| {
+                tx.execute(
+                    "INSERT INTO users (id, name, email, phone, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+                    params![row.id.to_string(), row.name, row.email, row.phone, now],
+                )
+                .map_err(|e| if is_unique_violation(&e) { StoreError::DuplicateEmail } else { StoreError::Sqlite(e) })
+            })
+            .await?;
         Ok(user)
     }
 
-    pub async fn get(&self, id: Uuid) -> Result<Option<User>, sqlx::Error> {
-        sqlx::query("SELECT * FROM users WHERE id = ?")
-            .bind(id.to_string())
-            .fetch_optional(&self.db.read)
-            .await?
-            .as_ref()
-            .map(to_user)
-            .transpose()
+    pub async fn get(&self, id: Uuid) -> Result<Option<User>, StoreError> {
+        self.db
+            .read(move |conn| {
+                let mut q =
+                    conn.prepare_cached(&format!("SELECT {COLUMNS} FROM users WHERE id = ?1"))?;
+                Ok(q.query_row([id.to_string()], to_user).optional()?)
+            })
+            .await
     }
 
-    pub async fn list(&self, skip: u32, limit: u32) -> Result<Vec<User>, sqlx::Error> {
-        sqlx::query("SELECT * FROM users ORDER BY created_at, id LIMIT ? OFFSET ?")
-            .bind(limit)
-            .bind(skip)
-            .fetch_all(&self.db.read)
-            .await?
-            .iter()
-            .map(to_user)
-            .collect()
+    pub async fn list(&self, skip: u32, limit: u32) -> Result<Vec<User>, StoreError> {
+        self.db
+            .read(move |conn| {
+                let mut q = conn.prepare_cached(&format!(
+                    "SELECT {COLUMNS} FROM users ORDER BY created_at, id LIMIT ?1 OFFSET ?2"
+                ))?;
+                let users = q
+                    .query_map([limit, skip], to_user)?
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(users)
+            })
+            .await
     }
 
     /// True when a user was deleted.
-    pub async fn delete(&self, id: Uuid) -> Result<bool, sqlx::Error> {
-        let done = sqlx::query("DELETE FROM users WHERE id = ?")
-            .bind(id.to_string())
-            .execute(self.db.writer())
-            .await?;
-        Ok(done.rows_affected() > 0)
+    pub async fn delete(&self, id: Uuid) -> Result<bool, StoreError> {
+        self.db
+            .write(move |tx| {
+                Ok(tx.execute("DELETE FROM users WHERE id = ?1", [id.to_string()])? > 0)
+            })
+            .await
     }
 }
