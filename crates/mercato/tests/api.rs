@@ -587,6 +587,38 @@ async fn every_bad_input_gets_a_4xx_problem() {
 }
 
 #[tokio::test]
+async fn lists_page_and_filter() {
+    let app = spawn_app().await;
+    for i in 0..3 {
+        app.create_user(&format!("u{i}@example.com")).await;
+        app.create_product(&format!("LIST-{i}"), "1.00", 1).await;
+    }
+    let users = app.get("/api/v1/users?skip=1&limit=1").await;
+    assert_eq!(users.status, StatusCode::OK, "{}", users.body);
+    assert_eq!(users.body.as_array().unwrap().len(), 1);
+    let products = app
+        .get("/api/v1/products?skip=0&limit=2&category=test")
+        .await;
+    assert_eq!(products.status, StatusCode::OK, "{}", products.body);
+    assert_eq!(products.body.as_array().unwrap().len(), 2);
+    let none = app.get("/api/v1/products?category=nothing").await;
+    assert_eq!(none.body.as_array().unwrap().len(), 0);
+    let user = app.get("/api/v1/users?limit=1").await.body[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let orders = app
+        .get(&format!("/api/v1/orders/user/{user}?skip=0&limit=5"))
+        .await;
+    assert_eq!(orders.status, StatusCode::OK);
+    let notes = app
+        .get(&format!("/api/v1/notifications?user_id={user}&limit=5"))
+        .await;
+    assert_eq!(notes.status, StatusCode::OK);
+    app.stop().await;
+}
+
+#[tokio::test]
 async fn problems_never_leak_internals_and_carry_request_ids() {
     let app = spawn_app().await;
     let response = app

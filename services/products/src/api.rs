@@ -43,11 +43,19 @@ pub struct UpdateProduct {
     pub category: Option<String>,
 }
 
+/// `?skip=&limit=&category=`. (Not `#[serde(flatten)]` over [`PageParams`]: flattening makes
+/// serde_urlencoded hand numbers over as strings, and they would fail to parse.)
 #[derive(Debug, Deserialize)]
 pub struct ListParams {
-    #[serde(flatten)]
-    pub page: PageParams,
+    #[serde(default)]
+    pub skip: u32,
+    #[serde(default = "default_limit")]
+    pub limit: u32,
     pub category: Option<String>,
+}
+
+fn default_limit() -> u32 {
+    100
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -142,7 +150,11 @@ async fn list_products(
     State(store): State<ProductStore>,
     Query(params): Query<ListParams>,
 ) -> Result<Json<Vec<Product>>, Problem> {
-    let page = params.page.checked()?;
+    let page = PageParams {
+        skip: params.skip,
+        limit: params.limit,
+    }
+    .checked()?;
     let products = store
         .list(page.skip, page.limit, params.category)
         .await
