@@ -100,6 +100,8 @@ pub struct HttpSettings {
     pub body_limit_bytes: usize,
     /// Gateway: how long an upstream may take to answer.
     pub upstream_timeout_ms: u64,
+    /// How long an `Idempotency-Key` and its stored answer are kept.
+    pub idempotency_ttl_secs: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -148,6 +150,8 @@ pub struct TableNames {
 pub struct SagaSettings {
     /// Unpaid orders are cancelled, and their stock released, after this long.
     pub pending_order_ttl_secs: u64,
+    /// How often expired orders and orphaned reservations are looked for.
+    pub sweep_interval_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -213,6 +217,7 @@ impl Default for HttpSettings {
             connect_timeout_ms: 500,
             body_limit_bytes: 1024 * 1024,
             upstream_timeout_ms: 10_000,
+            idempotency_ttl_secs: 24 * 60 * 60,
         }
     }
 }
@@ -254,6 +259,7 @@ impl Default for SagaSettings {
     fn default() -> Self {
         SagaSettings {
             pending_order_ttl_secs: 15 * 60,
+            sweep_interval_ms: 5_000,
         }
     }
 }

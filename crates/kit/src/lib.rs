@@ -8,6 +8,7 @@ pub mod client;
 pub mod config;
 pub mod db;
 pub mod extract;
+pub mod idempotency;
 pub mod money;
 pub mod problem;
 pub mod server;

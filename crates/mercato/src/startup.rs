@@ -14,6 +14,7 @@ use bus::outbox::Relay;
 use bus::{Queue, Stream};
 use kit::client::{ServiceClient, http_client};
 use kit::config::{ServiceSettings, Settings};
+use kit::idempotency::Idempotency;
 use kit::server::{self, ReadyCheck, ready_check};
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
@@ -191,6 +192,8 @@ pub async fn start(settings: &Settings, services: &[ServiceName]) -> anyhow::Res
     let mut closers = Vec::new();
     let limit = settings.http.body_limit_bytes;
     let db_url = |s: ServiceName| settings.database_url(s.settings(settings), s.as_str());
+    let sweep_every = Duration::from_millis(settings.saga.sweep_interval_ms.max(10));
+    let idempotency_ttl = Duration::from_secs(settings.http.idempotency_ttl_secs);
 
     let mut apps: Vec<(ServiceName, axum::Router)> = Vec::new();
 
@@ -223,6 +226,11 @@ pub async fn start(settings: &Settings, services: &[ServiceName]) -> anyhow::Res
                 tracing::info!(products = added, "demo catalog seeded");
             }
         }
+        tasks.spawn(release_expired_reservations(
+            store.clone(),
+            sweep_every,
+            shutdown.clone(),
+        ));
         let db = store.db().clone();
         let ready = ready_check(move || {
             let db = db.clone();
@@ -264,7 +272,13 @@ pub async fn start(settings: &Settings, services: &[ServiceName]) -> anyhow::Res
             order_ttl: chrono::Duration::seconds(
                 i64::try_from(settings.saga.pending_order_ttl_secs).unwrap_or(900),
             ),
+            idempotency: Idempotency::new(store.db().clone(), idempotency_ttl, limit),
         };
+        tasks.spawn(
+            ctx.idempotency
+                .clone()
+                .run_purger(Duration::from_secs(600), shutdown.clone()),
+        );
         tasks.spawn(relay.run(shutdown.clone()));
         tasks.spawn(orders::saga::run_payment_listener(
             ctx.clone(),
@@ -273,7 +287,7 @@ pub async fn start(settings: &Settings, services: &[ServiceName]) -> anyhow::Res
         ));
         tasks.spawn(orders::saga::run_expiry_sweeper(
             ctx.clone(),
-            Duration::from_secs(5),
+            sweep_every,
             shutdown.clone(),
         ));
         let ready = bus_ready(store.db().clone());
@@ -294,7 +308,13 @@ pub async fn start(settings: &Settings, services: &[ServiceName]) -> anyhow::Res
         let ctx = payments::ApiContext {
             store: store.clone(),
             orders: ServiceClient::new("orders", &url(ServiceName::Orders), http.clone()),
+            idempotency: Idempotency::new(store.db().clone(), idempotency_ttl, limit),
         };
+        tasks.spawn(
+            ctx.idempotency
+                .clone()
+                .run_purger(Duration::from_secs(600), shutdown.clone()),
+        );
         let ready = bus_ready(store.db().clone());
         apps.push((
             ServiceName::Payments,
@@ -397,4 +417,23 @@ pub async fn start(settings: &Settings, services: &[ServiceName]) -> anyhow::Res
         closers,
         bus,
     })
+}
+
+/// Gives back stock held for orders that were never created or never settled.
+async fn release_expired_reservations(
+    store: products::ProductStore,
+    every: Duration,
+    shutdown: CancellationToken,
+) {
+    loop {
+        match store.release_expired(100).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(released = n, "expired stock reservations released"),
+            Err(e) => tracing::warn!(error = %e, "releasing expired reservations failed"),
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(every) => {}
+        }
+    }
 }

@@ -226,3 +226,195 @@ async fn the_tour_survives_restarts() {
     signal(&running.child, "TERM");
     assert!(wait_exit(running.child).success());
 }
+
+/// Every order of `user`, through the paginated list.
+async fn all_orders(app: &TestApp, user: &str) -> Vec<Value> {
+    let mut out = Vec::new();
+    loop {
+        let page = app
+            .get(&format!(
+                "/api/v1/orders/user/{user}?skip={}&limit=1000",
+                out.len()
+            ))
+            .await
+            .body;
+        let page = page.as_array().cloned().unwrap_or_default();
+        if page.is_empty() {
+            return out;
+        }
+        out.extend(page);
+    }
+}
+
+#[tokio::test]
+async fn a_crash_mid_flight_loses_nothing_and_doubles_nothing() {
+    const STOCK: i64 = 100_000;
+    let data = tempfile::tempdir().unwrap();
+    let running = launch(data.path());
+    let app = client_for(&running.gateway);
+    wait_ready(&app).await;
+    let users = [
+        app.create_user("crash-a@example.com").await,
+        app.create_user("crash-b@example.com").await,
+    ];
+    let products = [
+        app.create_product("CRASH-1", "3.33", STOCK).await,
+        app.create_product("CRASH-2", "10.01", STOCK).await,
+    ];
+
+    // Eight clients place orders as fast as they can; the process is killed under them.
+    let accepted = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let stop = stop_flag::Flag::default();
+    let mut clients = Vec::new();
+    for worker in 0..8usize {
+        let (gateway, accepted, stop) = (running.gateway.clone(), accepted.clone(), stop.clone());
+        let (user, product_a, product_b) = (
+            users[worker % 2].clone(),
+            products[0].clone(),
+            products[1].clone(),
+        );
+        clients.push(tokio::spawn(async move {
+            let http = reqwest::Client::builder().timeout(Duration::from_secs(2)).build().unwrap();
+            let mut n = 0u64;
+            while !stop.is_set() {
+                n += 1;
+                let body = json!({"user_id": user, "items": [{"product_id": product_a, "quantity": 1 + n % 3}, {"product_id": product_b, "quantity": 1}], "shipping_address": "Crash Ave"});
+                if let Ok(r) = http.post(format!("{gateway}/api/v1/orders")).json(&body).send().await
+                    && r.status() == StatusCode::CREATED
+                    && let Ok(order) = r.json::<Value>().await
+                {
+                    accepted.lock().unwrap().push(order["id"].as_str().unwrap_or_default().to_owned());
+                }
+            }
+        }));
+    }
+    let enough = eventually(20, || async {
+        (accepted.lock().unwrap().len() >= 100).then_some(())
+    })
+    .await;
+    assert!(
+        enough.is_some(),
+        "orders were being accepted before the crash"
+    );
+    signal(&running.child, "KILL");
+    wait_exit(running.child);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.set();
+    for c in clients {
+        let _ = c.await;
+    }
+    let accepted = accepted.lock().unwrap().clone();
+
+    let running = launch(data.path());
+    let app = client_for(&running.gateway);
+    wait_ready(&app).await;
+    let mut stored = Vec::new();
+    for user in &users {
+        stored.extend(all_orders(&app, user).await);
+    }
+    let stored_ids: std::collections::HashSet<String> = stored
+        .iter()
+        .map(|o| o["id"].as_str().unwrap().to_owned())
+        .collect();
+    for id in &accepted {
+        assert!(
+            stored_ids.contains(id),
+            "order {id} got a 201 and must exist after the crash"
+        );
+    }
+
+    // The relay finishes what the crash interrupted: analytics counts every order once.
+    let counted = eventually(20, || async {
+        let s = app.get("/api/v1/analytics/summary").await.body;
+        (s["order_count"].as_u64() == Some(stored.len() as u64)).then_some(s)
+    })
+    .await;
+    let summary = counted.unwrap_or_else(|| {
+        panic!(
+            "analytics counts each of the {} orders exactly once",
+            stored.len()
+        )
+    });
+    let revenue_cents: i64 = stored
+        .iter()
+        .map(|o| (o["total_amount"].as_f64().unwrap() * 100.0).round() as i64)
+        .sum();
+    assert_eq!(
+        (summary["total_revenue"].as_f64().unwrap() * 100.0).round() as i64,
+        revenue_cents
+    );
+
+    // Exactly one order.created notification per order.
+    let notified = eventually(20, || async {
+        let mut created = 0usize;
+        for user in &users {
+            let n = app
+                .get(&format!("/api/v1/notifications?user_id={user}&limit=1000"))
+                .await
+                .body;
+            created += n
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|n| n["event_type"] == "order.created")
+                .count();
+        }
+        (created == stored.len()).then_some(created)
+    })
+    .await;
+    assert!(
+        notified.is_some(),
+        "one order.created notification per order"
+    );
+    for user in &users {
+        let n = app
+            .get(&format!("/api/v1/notifications?user_id={user}&limit=1000"))
+            .await
+            .body;
+        let mut per_order = std::collections::HashMap::<String, usize>::new();
+        for note in n
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|n| n["event_type"] == "order.created")
+        {
+            *per_order
+                .entry(note["order_id"].as_str().unwrap().to_owned())
+                .or_default() += 1;
+        }
+        assert!(per_order.values().all(|c| *c == 1), "no duplicates");
+    }
+
+    // Stock: what is left plus what is held equals what there was.
+    for product in &products {
+        let level = app
+            .get(&format!("/api/v1/products/{product}/stock"))
+            .await
+            .body;
+        let (stock, reserved) = (
+            level["stock"].as_i64().unwrap(),
+            level["reserved"].as_i64().unwrap(),
+        );
+        assert_eq!(stock + reserved, STOCK, "{level}");
+    }
+    signal(&running.child, "TERM");
+    assert!(wait_exit(running.child).success());
+}
+
+/// A stop flag shared by the load tasks.
+mod stop_flag {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    #[derive(Clone, Default)]
+    pub struct Flag(Arc<AtomicBool>);
+
+    impl Flag {
+        pub fn set(&self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+        pub fn is_set(&self) -> bool {
+            self.0.load(Ordering::SeqCst)
+        }
+    }
+}

@@ -1,13 +1,16 @@
 //! HTTP handlers and DTOs of the orders service, and the status changes they share with the saga.
 
+use axum::Extension;
 use axum::extract::State;
 use axum::http::StatusCode;
+use axum::middleware;
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use kit::Money;
 use kit::Problem;
 use kit::client::CallError;
 use kit::extract::{self, PageParams, Path, Query};
+use kit::idempotency::{self, Idempotency, IdempotencyKey};
 use serde::Deserialize;
 use uuid::Uuid;
 
@@ -22,7 +25,11 @@ pub struct ApiContext {
     pub deps: Dependencies,
     /// How long an order may stay unpaid before it is cancelled.
     pub order_ttl: chrono::Duration,
+    pub idempotency: Idempotency,
 }
+
+/// Namespace of order ids derived from an Idempotency-Key (UUIDv5).
+const IDEMPOTENT_ORDER_IDS: Uuid = Uuid::from_u128(0x6d65_7263_6174_6f00_0000_0000_0000_0001);
 
 #[derive(Debug, Deserialize)]
 pub struct CreateOrderItem {
@@ -47,7 +54,13 @@ pub struct StatusChange {
 
 pub fn router(ctx: ApiContext) -> Router {
     Router::new()
-        .route("/api/v1/orders", post(create_order))
+        .route(
+            "/api/v1/orders",
+            post(create_order).layer(middleware::from_fn_with_state(
+                ctx.idempotency.clone(),
+                idempotency::guard,
+            )),
+        )
         .route("/api/v1/orders/{id}", get(get_order))
         .route("/api/v1/orders/user/{user_id}", get(list_user_orders))
         .route("/api/v1/orders/{id}/status", put(set_status_by_operator))
@@ -59,6 +72,7 @@ pub fn router(ctx: ApiContext) -> Router {
 fn store_problem(e: StoreError) -> Problem {
     match e {
         StoreError::NotFound => Problem::not_found("the order"),
+        StoreError::Duplicate => Problem::conflict("duplicate-order", "this order already exists"),
         StoreError::IllegalTransition { from, to } => Problem::conflict(
             "illegal-transition",
             format!("an order cannot go from {from} to {to}"),
@@ -94,6 +108,7 @@ fn dependency_problem(e: CallError) -> Problem {
 
 async fn create_order(
     State(ctx): State<ApiContext>,
+    key: Option<Extension<IdempotencyKey>>,
     extract::Json(body): extract::Json<CreateOrder>,
 ) -> Result<(StatusCode, Json<Order>), Problem> {
     let items: Vec<(Uuid, i64)> = body
@@ -121,8 +136,19 @@ async fn create_order(
         Err(e) => return Err(dependency_problem(e)),
     }
 
-    let order_id = Uuid::now_v7();
-    let reservation = match ctx.deps.reserve(order_id, &request.lines).await {
+    // With an Idempotency-Key the order id is derived from the request, so even a retry after
+    // a crash (before the answer was stored) reserves nothing twice and finds the same order.
+    let order_id = match &key {
+        Some(Extension(k)) => Uuid::new_v5(
+            &IDEMPOTENT_ORDER_IDS,
+            format!("{}\n{}", k.key, k.fingerprint).as_bytes(),
+        ),
+        None => Uuid::now_v7(),
+    };
+    // Held a minute past the order's own expiry, so a late payment still finds its stock.
+    let hold_secs =
+        u32::try_from(ctx.order_ttl.num_seconds().saturating_add(60)).unwrap_or(u32::MAX);
+    let reservation = match ctx.deps.reserve(order_id, &request.lines, hold_secs).await {
         Ok(r) => r,
         Err(e) => {
             if matches!(e, CallError::Unavailable { .. }) {
@@ -145,9 +171,22 @@ async fn create_order(
         ctx.order_ttl,
     )
     .map_err(store_problem)?;
-    if let Err(e) = ctx.store.insert(&order).await {
-        release_in_background(ctx.deps.clone(), order_id);
-        return Err(store_problem(e));
+    match ctx.store.insert(&order).await {
+        Ok(()) => {}
+        Err(StoreError::Duplicate) => {
+            // A retry of a request that already created this order.
+            let existing = ctx
+                .store
+                .get(order_id)
+                .await
+                .map_err(store_problem)?
+                .ok_or_else(Problem::internal)?;
+            return Ok((StatusCode::CREATED, Json(existing)));
+        }
+        Err(e) => {
+            release_in_background(ctx.deps.clone(), order_id);
+            return Err(store_problem(e));
+        }
     }
     metrics::counter!("orders_created_total").increment(1);
     Ok((StatusCode::CREATED, Json(order)))

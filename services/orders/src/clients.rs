@@ -27,6 +27,7 @@ struct ReserveItem {
 struct ReserveRequest<'a> {
     order_id: Uuid,
     items: &'a [ReserveItem],
+    hold_secs: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -48,10 +49,12 @@ impl Dependencies {
     }
 
     /// All-or-nothing, idempotent per order id; returns the catalog prices.
+    /// `hold_secs`: when to give the stock back if the order is never created or settled.
     pub async fn reserve(
         &self,
         order_id: Uuid,
         lines: &[(Uuid, i64)],
+        hold_secs: u32,
     ) -> Result<Reservation, CallError> {
         let items: Vec<ReserveItem> = lines
             .iter()
@@ -66,6 +69,7 @@ impl Dependencies {
                 &ReserveRequest {
                     order_id,
                     items: &items,
+                    hold_secs,
                 },
             )
             .await

@@ -50,6 +50,7 @@ pub static MIGRATIONS: &[Step] = &[
         ) WITHOUT ROWID;",
     ),
     (2, "outbox", outbox::MIGRATION),
+    (3, "idempotency keys", kit::idempotency::MIGRATION),
 ];
 
 pub const CURRENCY: &str = "USD";
@@ -114,6 +115,8 @@ impl Order {
 pub enum StoreError {
     #[error("order not found")]
     NotFound,
+    #[error("an order with this id already exists")]
+    Duplicate,
     #[error("an order cannot go from {from} to {to}")]
     IllegalTransition { from: OrderStatus, to: OrderStatus },
     #[error("an order total overflowed")]
@@ -231,7 +234,8 @@ impl OrderStore {
                     order.created_at.timestamp_millis(),
                     order.updated_at.timestamp_millis(),
                     order.expires_at.timestamp_millis()
-                ])?;
+                ])
+                .map_err(|e| if kit::db::is_unique_violation(&e) { StoreError::Duplicate } else { StoreError::Sqlite(e) })?;
                 let mut line = tx.prepare_cached(
                     "INSERT INTO order_items (order_id, product_id, quantity, unit_price_cents) VALUES (?1, ?2, ?3, ?4)",
                 )?;

@@ -2,6 +2,7 @@
 
 use axum::extract::State;
 use axum::http::StatusCode;
+use axum::middleware;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::DateTime;
@@ -11,6 +12,7 @@ use kit::Problem;
 use kit::client::{CallError, ServiceClient};
 use kit::db::now_ms;
 use kit::extract::{self, Path};
+use kit::idempotency::{self, Idempotency};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -21,6 +23,7 @@ use crate::store::{Payment, PaymentStore, Refund, StoreError};
 pub struct ApiContext {
     pub store: PaymentStore,
     pub orders: ServiceClient,
+    pub idempotency: Idempotency,
 }
 
 #[derive(Debug, Deserialize)]
@@ -62,7 +65,13 @@ struct StatusChange<'a> {
 
 pub fn router(ctx: ApiContext) -> Router {
     Router::new()
-        .route("/api/v1/payments", post(create_payment))
+        .route(
+            "/api/v1/payments",
+            post(create_payment).layer(middleware::from_fn_with_state(
+                ctx.idempotency.clone(),
+                idempotency::guard,
+            )),
+        )
         .route("/api/v1/payments/{id}", get(get_payment))
         .route("/api/v1/payments/order/{order_id}", get(payments_of_order))
         .route("/api/v1/payments/{id}/refund", post(refund_payment))

@@ -49,6 +49,7 @@ pub static MIGRATIONS: &[Step] = &[
         );",
     ),
     (2, "outbox", outbox::MIGRATION),
+    (3, "idempotency keys", kit::idempotency::MIGRATION),
 ];
 
 const SOURCE: &str = "mercato/payments";

@@ -68,7 +68,12 @@ pub struct ReserveItem {
 pub struct ReserveRequest {
     pub order_id: Uuid,
     pub items: Vec<ReserveItem>,
+    /// How long to hold the stock if the order never settles (default 16 minutes).
+    #[serde(default)]
+    pub hold_secs: Option<u32>,
 }
+
+const DEFAULT_HOLD_SECS: u32 = 16 * 60;
 
 pub fn router(store: ProductStore) -> Router {
     Router::new()
@@ -249,8 +254,13 @@ async fn reserve_stock(
         .map(|i| (i.product_id, i.quantity))
         .collect();
     let lines = ReservationLines::parse(&items).map_err(field)?;
+    let hold_ms = i64::from(body.hold_secs.unwrap_or(DEFAULT_HOLD_SECS)) * 1000;
     let (reservation, created) = store
-        .reserve(body.order_id, &lines)
+        .reserve(
+            body.order_id,
+            &lines,
+            kit::db::now_ms().saturating_add(hold_ms),
+        )
         .await
         .map_err(store_problem)?;
     let status = if created {

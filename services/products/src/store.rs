@@ -15,7 +15,8 @@ use uuid::Uuid;
 
 use crate::domain::ReservationLines;
 
-pub static MIGRATIONS: &[Step] = &[(
+pub static MIGRATIONS: &[Step] = &[
+    (
     1,
     "catalog and reservations",
     "CREATE TABLE products (
@@ -45,7 +46,15 @@ pub static MIGRATIONS: &[Step] = &[(
         PRIMARY KEY (order_id, product_id)
     ) WITHOUT ROWID;
     CREATE INDEX reservation_items_product ON reservation_items (product_id);",
-)];
+    ),
+    (
+        2,
+        "reservation expiry",
+        // Reservations made before this step never expire on their own.
+        "ALTER TABLE reservations ADD COLUMN expires_at INTEGER NOT NULL DEFAULT 9223372036854775807;
+        CREATE INDEX reservations_expiry ON reservations (status, expires_at);",
+    ),
+];
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Product {
@@ -342,10 +351,12 @@ impl ProductStore {
 
     /// Reserves every line for `order_id`, or nothing. Returns the reservation and whether it
     /// was made now (`true`) or already existed (a retry: nothing is taken twice).
+    /// A held reservation whose order never settles is released at `hold_until_ms`.
     pub async fn reserve(
         &self,
         order_id: Uuid,
         lines: &ReservationLines,
+        hold_until_ms: i64,
     ) -> Result<(Reservation, bool), StoreError> {
         let lines = lines.clone();
         self.db
@@ -353,9 +364,9 @@ impl ProductStore {
                 let now = now_ms();
                 let order = order_id.to_string();
                 let claimed = tx.execute(
-                    "INSERT INTO reservations (order_id, status, created_at, updated_at) VALUES (?1, 'held', ?2, ?2)
-                     ON CONFLICT (order_id) DO NOTHING",
-                    params![order, now],
+                    "INSERT INTO reservations (order_id, status, created_at, updated_at, expires_at)
+                     VALUES (?1, 'held', ?2, ?2, ?3) ON CONFLICT (order_id) DO NOTHING",
+                    params![order, now, hold_until_ms],
                 )?;
                 if claimed == 0 {
                     let existing = load_reservation(tx, order_id)?.ok_or(StoreError::Corrupt)?;
@@ -396,6 +407,35 @@ impl ProductStore {
                 Ok((Reservation { order_id, status: ReservationStatus::Held, items: reserved }, true))
             })
             .await
+    }
+
+    /// Releases held reservations past their hold (their order was never created, or never
+    /// settled); returns how many.
+    pub async fn release_expired(&self, limit: u32) -> Result<usize, StoreError> {
+        let due: Vec<String> = self
+            .db
+            .read(move |conn| {
+                Ok::<_, StoreError>(
+                    conn.prepare_cached(
+                        "SELECT order_id FROM reservations WHERE status = 'held' AND expires_at <= ?1 LIMIT ?2",
+                    )?
+                    .query_map(params![now_ms(), limit], |r| r.get(0))?
+                    .collect::<Result<Vec<_>, _>>()?,
+                )
+            })
+            .await?;
+        let mut released = 0;
+        for order in due {
+            let Ok(order_id) = order.parse::<Uuid>() else {
+                continue;
+            };
+            match self.release(order_id).await {
+                Ok(Some(_)) => released += 1,
+                Ok(None) | Err(StoreError::WrongState(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(released)
     }
 
     /// Gives a held reservation's stock back, exactly once. `None` if there is no reservation.
@@ -511,7 +551,7 @@ mod tests {
             .map(|_| {
                 let store = store.clone();
                 let lines = lines.clone();
-                tokio::spawn(async move { store.reserve(Uuid::new_v4(), &lines).await })
+                tokio::spawn(async move { store.reserve(Uuid::new_v4(), &lines, i64::MAX).await })
             })
             .collect();
         let mut ok = 0;
@@ -535,7 +575,7 @@ mod tests {
         let order = Uuid::new_v4();
         let too_many = ReservationLines::parse(&[(plenty.id, 3), (scarce.id, 2)]).unwrap();
         assert!(matches!(
-            store.reserve(order, &too_many).await,
+            store.reserve(order, &too_many, i64::MAX).await,
             Err(StoreError::InsufficientStock { available: 1, .. })
         ));
         assert_eq!(
@@ -545,9 +585,9 @@ mod tests {
         );
 
         let fits = ReservationLines::parse(&[(plenty.id, 3), (scarce.id, 1)]).unwrap();
-        let (first, created) = store.reserve(order, &fits).await.unwrap();
+        let (first, created) = store.reserve(order, &fits, i64::MAX).await.unwrap();
         assert!(created);
-        let (again, created) = store.reserve(order, &fits).await.unwrap();
+        let (again, created) = store.reserve(order, &fits, i64::MAX).await.unwrap();
         assert!(!created);
         assert_eq!(first, again);
         assert_eq!(store.get(plenty.id).await.unwrap().unwrap().stock, 7);
@@ -568,6 +608,23 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn expired_holds_are_released() {
+        let (_dir, store) = store().await;
+        let p = store.create(widget("EXP", 4)).await.unwrap();
+        let lines = ReservationLines::parse(&[(p.id, 3)]).unwrap();
+        store
+            .reserve(Uuid::new_v4(), &lines, now_ms() - 1)
+            .await
+            .unwrap();
+        let one = ReservationLines::parse(&[(p.id, 1)]).unwrap();
+        store.reserve(Uuid::new_v4(), &one, i64::MAX).await.unwrap();
+        assert_eq!(store.get(p.id).await.unwrap().unwrap().stock, 0);
+        assert_eq!(store.release_expired(100).await.unwrap(), 1);
+        assert_eq!(store.release_expired(100).await.unwrap(), 0);
+        assert_eq!(store.get(p.id).await.unwrap().unwrap().stock, 3);
+    }
+
+    #[tokio::test]
     async fn unknown_product_and_duplicate_sku() {
         let (_dir, store) = store().await;
         store.create(widget("DUP", 1)).await.unwrap();
@@ -577,7 +634,7 @@ mod tests {
         ));
         let lines = ReservationLines::parse(&[(Uuid::new_v4(), 1)]).unwrap();
         assert!(matches!(
-            store.reserve(Uuid::new_v4(), &lines).await,
+            store.reserve(Uuid::new_v4(), &lines, i64::MAX).await,
             Err(StoreError::UnknownProduct(_))
         ));
     }

@@ -1,0 +1,304 @@
+//! `Idempotency-Key` for POST routes: a retry with the same key gets the stored answer (same
+//! status and body, `idempotent-replayed: true`) without running the handler again; the same
+//! key with a different body is refused with 422; concurrent requests with one key wait for
+//! the first and then replay it. 5xx answers are not stored, so a retry after an outage runs
+//! again. Keys expire after a configurable time.
+//!
+//! The table lives in the owning service's database ([`MIGRATION`]). Handlers see the key as
+//! an [`IdempotencyKey`] extension, so they can also make their own writes idempotent (the
+//! orders service derives the order id from it), which closes the gap between committing the
+//! work and storing the answer.
+
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use rusqlite::params;
+
+use crate::db::{Db, DbError, now_ms};
+use crate::problem::Problem;
+
+pub const HEADER: &str = "idempotency-key";
+pub const REPLAYED_HEADER: &str = "idempotent-replayed";
+
+/// The idempotency table, to include in the owning service's migrations.
+pub const MIGRATION: &str = "CREATE TABLE idempotency_keys (
+    key TEXT PRIMARY KEY,
+    fingerprint TEXT NOT NULL,
+    status INTEGER,
+    content_type TEXT,
+    body BLOB,
+    created_at INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX idempotency_keys_expiry ON idempotency_keys (expires_at);";
+
+/// An in-flight claim older than this is taken to be abandoned (its process died).
+const ABANDONED_AFTER_MS: i64 = 60_000;
+/// How long a concurrent duplicate waits for the first request's answer.
+const WAIT_FOR_FIRST: Duration = Duration::from_secs(30);
+
+/// The validated key of the current request, with the fingerprint of its body: together
+/// they name "this request", so a handler can derive stable ids from them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdempotencyKey {
+    pub key: String,
+    pub fingerprint: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Idempotency {
+    db: Db,
+    ttl: Duration,
+    body_limit: usize,
+}
+
+enum Claim {
+    Mine,
+    Replay {
+        status: u16,
+        content_type: Option<String>,
+        body: Vec<u8>,
+    },
+    InFlight,
+    Mismatch,
+}
+
+impl Idempotency {
+    pub fn new(db: Db, ttl: Duration, body_limit: usize) -> Idempotency {
+        Idempotency {
+            db,
+            ttl,
+            body_limit,
+        }
+    }
+
+    async fn claim(&self, key: &str, fingerprint: &str) -> Result<Claim, DbError> {
+        let (key, fingerprint) = (key.to_owned(), fingerprint.to_owned());
+        let ttl = i64::try_from(self.ttl.as_millis()).unwrap_or(i64::MAX / 4);
+        self.db
+            .write(move |tx| {
+                let now = now_ms();
+                tx.execute(
+                    "DELETE FROM idempotency_keys WHERE key = ?1
+                     AND (expires_at <= ?2 OR (status IS NULL AND created_at <= ?3))",
+                    params![key, now, now - ABANDONED_AFTER_MS],
+                )?;
+                let mine = tx.execute(
+                    "INSERT INTO idempotency_keys (key, fingerprint, created_at, expires_at) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT (key) DO NOTHING",
+                    params![key, fingerprint, now, now.saturating_add(ttl)],
+                )? == 1;
+                if mine {
+                    return Ok(Claim::Mine);
+                }
+                let (stored_fingerprint, status, content_type, body): (String, Option<u16>, Option<String>, Option<Vec<u8>>) =
+                    tx.query_row(
+                        "SELECT fingerprint, status, content_type, body FROM idempotency_keys WHERE key = ?1",
+                        [&key],
+                        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+                    )?;
+                Ok(if stored_fingerprint != fingerprint {
+                    Claim::Mismatch
+                } else {
+                    match status {
+                        None => Claim::InFlight,
+                        Some(status) => Claim::Replay { status, content_type, body: body.unwrap_or_default() },
+                    }
+                })
+            })
+            .await
+    }
+
+    async fn complete(
+        &self,
+        key: &str,
+        status: u16,
+        content_type: Option<String>,
+        body: Bytes,
+    ) -> Result<(), DbError> {
+        let key = key.to_owned();
+        self.db
+            .write(move |tx| {
+                tx.execute(
+                    "UPDATE idempotency_keys SET status = ?1, content_type = ?2, body = ?3 WHERE key = ?4",
+                    params![status, content_type, body.as_ref(), key],
+                )?;
+                Ok(())
+            })
+            .await
+    }
+
+    async fn forget(&self, key: &str) -> Result<(), DbError> {
+        let key = key.to_owned();
+        self.db
+            .write(move |tx| {
+                tx.execute(
+                    "DELETE FROM idempotency_keys WHERE key = ?1 AND status IS NULL",
+                    [key],
+                )?;
+                Ok(())
+            })
+            .await
+    }
+
+    /// Purges expired keys every `every` until `shutdown`.
+    pub async fn run_purger(self, every: Duration, shutdown: tokio_util::sync::CancellationToken) {
+        loop {
+            match self.purge_expired().await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(purged = n, "expired idempotency keys removed"),
+                Err(e) => tracing::warn!(error = %e, "purging idempotency keys failed"),
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(every) => {}
+            }
+        }
+    }
+
+    /// Removes expired keys; returns how many.
+    pub async fn purge_expired(&self) -> Result<usize, DbError> {
+        self.db
+            .write(|tx| {
+                Ok(tx.execute(
+                    "DELETE FROM idempotency_keys WHERE expires_at <= ?1",
+                    [now_ms()],
+                )?)
+            })
+            .await
+    }
+}
+
+fn key_problem() -> Problem {
+    Problem::bad_request("Idempotency-Key must be 1 to 255 visible ASCII characters")
+        .with("header", HEADER)
+}
+
+/// What identifies "the same request": method, path and the body as canonical JSON (key
+/// order and whitespace do not matter), or the raw bytes when the body is not JSON.
+fn fingerprint(method: &str, path: &str, body: &[u8]) -> String {
+    let canonical = serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| serde_json::to_string(&v).ok())
+        .unwrap_or_else(|| String::from_utf8_lossy(body).into_owned());
+    format!("{method} {path}\n{canonical}")
+}
+
+/// The middleware: `post(handler).layer(middleware::from_fn_with_state(idempotency, guard))`.
+pub async fn guard(State(idem): State<Idempotency>, req: Request, next: Next) -> Response {
+    let Some(raw) = req.headers().get(HEADER) else {
+        return next.run(req).await;
+    };
+    let key = match raw.to_str() {
+        Ok(k) if !k.is_empty() && k.len() <= 255 && k.bytes().all(|b| b.is_ascii_graphic()) => {
+            k.to_owned()
+        }
+        _ => return key_problem().into_response(),
+    };
+    let (mut parts, body) = req.into_parts();
+    let bytes = match axum::body::to_bytes(body, idem.body_limit).await {
+        Ok(b) => b,
+        Err(_) => return crate::extract::too_large().into_response(),
+    };
+    let fingerprint = fingerprint(parts.method.as_str(), parts.uri.path(), &bytes);
+    let deadline = tokio::time::Instant::now() + WAIT_FOR_FIRST;
+    loop {
+        let claim = match idem.claim(&key, &fingerprint).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "idempotency store failed");
+                return Problem::internal().into_response();
+            }
+        };
+        match claim {
+            Claim::Mine => break,
+            Claim::Replay {
+                status,
+                content_type,
+                body,
+            } => return replay(status, content_type, body),
+            Claim::Mismatch => {
+                return Problem::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "idempotency-key-reused",
+                    "Idempotency-Key reused with a different request",
+                )
+                .with_detail("this Idempotency-Key was used for a different request; use a new key")
+                .into_response();
+            }
+            Claim::InFlight if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Claim::InFlight => {
+                return Problem::conflict(
+                    "idempotency-key-in-flight",
+                    "a request with this Idempotency-Key is still being processed; retry later",
+                )
+                .into_response();
+            }
+        }
+    }
+
+    parts.extensions.insert(IdempotencyKey {
+        key: key.clone(),
+        fingerprint,
+    });
+    let response = next
+        .run(Request::from_parts(parts, Body::from(bytes)))
+        .await;
+    if response.status().is_server_error() {
+        // Not an answer worth keeping: a retry should run again.
+        if let Err(e) = idem.forget(&key).await {
+            tracing::warn!(error = %e, "could not release an idempotency key");
+        }
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let Ok(body) = axum::body::to_bytes(body, usize::MAX).await else {
+        let _ = idem.forget(&key).await;
+        return Problem::internal().into_response();
+    };
+    let content_type = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    if let Err(e) = idem
+        .complete(&key, parts.status.as_u16(), content_type, body.clone())
+        .await
+    {
+        tracing::warn!(error = %e, "could not store an idempotent answer");
+    }
+    Response::from_parts(parts, Body::from(body))
+}
+
+fn replay(status: u16, content_type: Option<String>, body: Vec<u8>) -> Response {
+    let mut response =
+        (StatusCode::from_u16(status).unwrap_or(StatusCode::OK), body).into_response();
+    if let Some(ct) = content_type.and_then(|ct| HeaderValue::from_str(&ct).ok()) {
+        response.headers_mut().insert(header::CONTENT_TYPE, ct);
+    }
+    response
+        .headers_mut()
+        .insert(REPLAYED_HEADER, HeaderValue::from_static("true"));
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprints_ignore_json_formatting_but_not_content() {
+        let a = fingerprint("POST", "/x", br#"{"a": 1, "b": [1,2]}"#);
+        let b = fingerprint("POST", "/x", br#"{"b":[1,2],"a":1}"#);
+        let c = fingerprint("POST", "/x", br#"{"b":[1,2],"a":2}"#);
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        assert_ne!(a, fingerprint("POST", "/y", br#"{"a": 1, "b": [1,2]}"#));
+    }
+}

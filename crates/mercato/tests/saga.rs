@@ -1,0 +1,245 @@
+//! The order saga under retries, timeouts and failures, in-process through the gateway.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{eventually, spawn_app, spawn_with, test_settings};
+use mercato::ServiceName;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+async fn post_with_key(
+    app: &common::TestApp,
+    path: &str,
+    key: &str,
+    body: &Value,
+) -> (StatusCode, String, bool) {
+    let response = app
+        .client
+        .post(format!("{}{path}", app.gateway))
+        .header("idempotency-key", key)
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    let replayed = response.headers().contains_key("idempotent-replayed");
+    (response.status(), response.text().await.unwrap(), replayed)
+}
+
+#[tokio::test]
+async fn one_idempotency_key_sent_20_times_concurrently_makes_one_order() {
+    let app = spawn_app().await;
+    let user = app.create_user("idem@example.com").await;
+    let product = app.create_product("IDEM-1", "9.99", 10).await;
+    let body = json!({"user_id": user, "items": [{"product_id": product, "quantity": 3}], "shipping_address": "1 Key St"});
+    let answers = futures_util::future::join_all(
+        (0..20).map(|_| post_with_key(&app, "/api/v1/orders", "order-key-1", &body)),
+    )
+    .await;
+    let first = &answers[0];
+    assert_eq!(first.0, StatusCode::CREATED, "{}", first.1);
+    for a in &answers {
+        assert_eq!((a.0, &a.1), (first.0, &first.1), "identical responses");
+    }
+    assert_eq!(
+        answers.iter().filter(|a| !a.2).count(),
+        1,
+        "the handler ran once; 19 replays"
+    );
+    let orders = app.get(&format!("/api/v1/orders/user/{user}")).await.body;
+    assert_eq!(orders.as_array().unwrap().len(), 1, "one order");
+    assert_eq!(app.stock(&product).await, 7, "one reservation");
+
+    // Same key, different request → 422; a new key → a new order.
+    let other = json!({"user_id": user, "items": [{"product_id": product, "quantity": 1}], "shipping_address": "1 Key St"});
+    let (status, text, _) = post_with_key(&app, "/api/v1/orders", "order-key-1", &other).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{text}");
+    assert!(text.contains("idempotency-key-reused"));
+    let (status, _, replayed) = post_with_key(&app, "/api/v1/orders", "order-key-2", &other).await;
+    assert_eq!((status, replayed), (StatusCode::CREATED, false));
+    assert_eq!(app.stock(&product).await, 6);
+
+    // A rejected request is replayed as rejected, without touching stock again.
+    let too_many = json!({"user_id": user, "items": [{"product_id": product, "quantity": 50}], "shipping_address": "x"});
+    let a = post_with_key(&app, "/api/v1/orders", "order-key-3", &too_many).await;
+    let b = post_with_key(&app, "/api/v1/orders", "order-key-3", &too_many).await;
+    assert_eq!(
+        (a.0, b.0, b.2),
+        (StatusCode::CONFLICT, StatusCode::CONFLICT, true)
+    );
+    let bad_key = app
+        .client
+        .post(format!("{}/api/v1/orders", app.gateway))
+        .header("idempotency-key", "")
+        .json(&other)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad_key.status(), StatusCode::BAD_REQUEST);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn payment_retries_with_a_key_charge_once() {
+    let app = spawn_app().await;
+    let user = app.create_user("idem-pay@example.com").await;
+    let product = app.create_product("IDEM-PAY", "4.00", 2).await;
+    let order = app.order(&user, &[(&product, 1)]).await.body["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let body = json!({"order_id": order});
+    let answers = futures_util::future::join_all(
+        (0..5).map(|_| post_with_key(&app, "/api/v1/payments", "pay-key", &body)),
+    )
+    .await;
+    assert!(
+        answers
+            .iter()
+            .all(|a| a.0 == StatusCode::CREATED && a.1 == answers[0].1),
+        "{answers:?}"
+    );
+    let payments = app
+        .get(&format!("/api/v1/payments/order/{order}"))
+        .await
+        .body;
+    assert_eq!(payments.as_array().unwrap().len(), 1);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn unpaid_orders_expire_and_give_their_stock_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = test_settings(&dir);
+    settings.saga.pending_order_ttl_secs = 1;
+    settings.saga.sweep_interval_ms = 100;
+    let app = spawn_with(settings, &ServiceName::ALL, dir).await;
+    let user = app.create_user("late@example.com").await;
+    let product = app.create_product("EXPIRE-1", "2.00", 5).await;
+    let order = app.order(&user, &[(&product, 4)]).await.body["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(app.stock(&product).await, 1);
+    let cancelled = eventually(10, || async {
+        (app.get(&format!("/api/v1/orders/{order}")).await.body["status"] == "cancelled")
+            .then_some(())
+    })
+    .await;
+    assert!(cancelled.is_some(), "the order expired");
+    assert_eq!(app.stock(&product).await, 5);
+    let notified = eventually(5, || async {
+        let n = app
+            .get(&format!("/api/v1/notifications?order_id={order}"))
+            .await
+            .body;
+        n.as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n["event_type"] == "order.cancelled")
+            .then_some(())
+    })
+    .await;
+    assert!(notified.is_some());
+    let late = app
+        .post("/api/v1/payments", json!({"order_id": order}))
+        .await;
+    assert_eq!(
+        late.status,
+        StatusCode::CONFLICT,
+        "an expired order cannot be paid: {}",
+        late.body
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_slow_dependency_gives_a_fast_503_and_leaves_nothing_behind() {
+    // A "users service" that accepts connections and never answers.
+    let black_hole = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = black_hole.local_addr().unwrap();
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((socket, _)) = black_hole.accept().await {
+            open.push(socket);
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = test_settings(&dir);
+    settings.users.url = Some(format!("http://{address}"));
+    settings.http.client_timeout_ms = 300;
+    let services = [
+        ServiceName::Gateway,
+        ServiceName::Products,
+        ServiceName::Orders,
+        ServiceName::Payments,
+        ServiceName::Notifications,
+        ServiceName::Analytics,
+    ];
+    let app = spawn_with(settings, &services, dir).await;
+    let product = app.create_product("SLOW-1", "1.00", 3).await;
+    let started = Instant::now();
+    let a = app
+        .order("00000000-0000-0000-0000-000000000001", &[(&product, 1)])
+        .await;
+    let took = started.elapsed();
+    assert_eq!(a.status, StatusCode::SERVICE_UNAVAILABLE, "{}", a.body);
+    assert!(
+        took < Duration::from_secs(2),
+        "answered in {took:?}, within the 300 ms timeout plus overhead"
+    );
+    assert_eq!(app.stock(&product).await, 3, "no stock held");
+    app.stop().await;
+    held.abort();
+}
+
+#[tokio::test]
+async fn payment_network_errors_and_an_absent_orders_service_are_503s() {
+    let app = spawn_app().await;
+    let user = app.create_user("neterr@example.com").await;
+    let product = app.create_product("NET-1", "1.50", 2).await;
+    let order = app.order(&user, &[(&product, 1)]).await.body["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let a = app
+        .post(
+            "/api/v1/payments",
+            json!({"order_id": order, "card_number": "4000000000000119"}),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::SERVICE_UNAVAILABLE, "{}", a.body);
+    assert_eq!(
+        app.get(&format!("/api/v1/orders/{order}")).await.body["status"],
+        "pending"
+    );
+    assert!(
+        app.get(&format!("/api/v1/payments/order/{order}"))
+            .await
+            .body
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+    app.stop().await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = test_settings(&dir);
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    settings.orders.url = Some(format!("http://{}", dead.local_addr().unwrap()));
+    drop(dead);
+    let app = spawn_with(
+        settings,
+        &[ServiceName::Gateway, ServiceName::Payments],
+        dir,
+    )
+    .await;
+    let a = app
+        .post("/api/v1/payments", json!({"order_id": order}))
+        .await;
+    assert_eq!(a.status, StatusCode::SERVICE_UNAVAILABLE, "{}", a.body);
+    assert_eq!(a.body["dependency"], "orders");
+    app.stop().await;
+}
