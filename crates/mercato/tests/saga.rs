@@ -243,3 +243,87 @@ async fn payment_network_errors_and_an_absent_orders_service_are_503s() {
     assert_eq!(a.body["dependency"], "orders");
     app.stop().await;
 }
+
+#[tokio::test]
+async fn an_explicit_cancellation_releases_stock_once_and_is_announced() {
+    let app = spawn_app().await;
+    let user = app.create_user("cancel@example.com").await;
+    let product = app.create_product("CANCEL-1", "7.00", 4).await;
+    let order = app.order(&user, &[(&product, 3)]).await.body["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(app.stock(&product).await, 1);
+    let path = format!("/api/v1/orders/{order}/status");
+    let a = app
+        .send(
+            reqwest::Method::PUT,
+            &path,
+            Some(json!({"status": "cancelled"})),
+        )
+        .await;
+    assert_eq!(
+        (a.status, a.body["status"].as_str()),
+        (StatusCode::OK, Some("cancelled"))
+    );
+    let again = app
+        .send(
+            reqwest::Method::PUT,
+            &path,
+            Some(json!({"status": "cancelled"})),
+        )
+        .await;
+    assert_eq!(again.status, StatusCode::OK, "cancelling twice is a no-op");
+    assert_eq!(app.stock(&product).await, 4, "released exactly once");
+    let ship = app
+        .send(
+            reqwest::Method::PUT,
+            &path,
+            Some(json!({"status": "shipped"})),
+        )
+        .await;
+    assert_eq!(ship.status, StatusCode::CONFLICT);
+    let pay = app
+        .post("/api/v1/payments", json!({"order_id": order}))
+        .await;
+    assert_eq!(
+        pay.status,
+        StatusCode::CONFLICT,
+        "a cancelled order cannot be paid"
+    );
+    let seen = eventually(5, || async {
+        let n = app
+            .get(&format!("/api/v1/notifications?order_id={order}"))
+            .await
+            .body;
+        n.as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n["event_type"] == "order.cancelled")
+            .then_some(())
+    })
+    .await;
+    assert!(seen.is_some());
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn idempotency_keys_expire() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = test_settings(&dir);
+    settings.http.idempotency_ttl_secs = 0;
+    let app = spawn_with(settings, &ServiceName::ALL, dir).await;
+    let user = app.create_user("expiry@example.com").await;
+    let product = app.create_product("KEYEXP-1", "1.00", 5).await;
+    let first = json!({"user_id": user, "items": [{"product_id": product, "quantity": 1}], "shipping_address": "x"});
+    let second = json!({"user_id": user, "items": [{"product_id": product, "quantity": 2}], "shipping_address": "x"});
+    assert_eq!(
+        post_with_key(&app, "/api/v1/orders", "k", &first).await.0,
+        StatusCode::CREATED
+    );
+    // With a zero lifetime the key is forgotten at once: the same key may name a new request.
+    let (status, text, replayed) = post_with_key(&app, "/api/v1/orders", "k", &second).await;
+    assert_eq!((status, replayed), (StatusCode::CREATED, false), "{text}");
+    assert_eq!(app.stock(&product).await, 2);
+    app.stop().await;
+}
