@@ -813,6 +813,16 @@ async fn a_dependency_down_answers_503_and_holds_no_stock() {
 }
 
 #[tokio::test]
+async fn the_gateway_serves_its_openapi_document() {
+    let app = spawn_app().await;
+    let a = app.get("/openapi.json").await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert_eq!(a.body["openapi"], "3.1.0");
+    assert!(a.body["paths"]["/api/v1/orders"]["post"].is_object());
+    app.stop().await;
+}
+
+#[tokio::test]
 async fn metrics_label_routes_by_template() {
     let app = spawn_app().await;
     let _ = app.get(&format!("/api/v1/products/{NIL}")).await;

@@ -34,6 +34,9 @@ fn launch(data: &Path) -> Running {
         cmd.env(format!("MERCATO_{svc}__PORT"), "0");
     }
     cmd.env("MERCATO_LOG__LEVEL", "warn");
+    // A message claimed by the notifier when the process is killed reappears after the
+    // visibility timeout; keep it short so the crash test need not wait the default 30 s.
+    cmd.env("MERCATO_BUS__VISIBILITY_TIMEOUT_MS", "2000");
     let log = std::fs::File::create(data.join("mercato.log")).unwrap();
     let mut child = cmd
         .stdout(Stdio::piped())

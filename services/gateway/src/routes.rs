@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{Request, State};
-use axum::routing::any;
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::routing::{any, get};
 use futures_util::future::join_all;
 
 use crate::proxy::{Proxy, Upstream};
@@ -81,7 +83,7 @@ pub fn router(
     timeout: Duration,
 ) -> Result<Router, crate::proxy::ProxyError> {
     let proxy = Proxy::new(body_limit, timeout);
-    let mut router = Router::new();
+    let mut router = Router::new().route("/openapi.json", get(openapi));
     for (template, service) in PUBLIC_ROUTES {
         let upstream = Arc::new(Upstream::parse(upstreams.base(*service))?);
         router = router.route(
@@ -93,6 +95,14 @@ pub fn router(
         );
     }
     Ok(router.with_state(proxy))
+}
+
+/// The public API's OpenAPI 3.1 document, kept next to the route table it describes (a test
+/// holds the two together).
+pub const OPENAPI: &str = include_str!("../openapi.json");
+
+async fn openapi() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI)
 }
 
 /// Ready when every upstream's `/ready` answers 200 within a second.
@@ -137,5 +147,40 @@ pub mod probe {
             tokio::time::timeout(Duration::from_secs(1), client.get(uri)).await,
             Ok(Ok(response)) if response.status().is_success()
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_openapi_document_describes_exactly_the_public_routes() {
+        let spec: serde_json::Value = serde_json::from_str(OPENAPI).unwrap();
+        assert_eq!(spec["openapi"], "3.1.0");
+        let paths: Vec<&str> = spec["paths"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        for (template, _) in PUBLIC_ROUTES {
+            match template.strip_suffix("{*rest}") {
+                Some(prefix) => assert!(
+                    paths.iter().any(|p| p.starts_with(prefix)),
+                    "{template} undocumented"
+                ),
+                None => assert!(paths.contains(template), "{template} undocumented"),
+            }
+        }
+        for path in paths {
+            let routed = PUBLIC_ROUTES
+                .iter()
+                .any(|(t, _)| match t.strip_suffix("{*rest}") {
+                    Some(prefix) => path.starts_with(prefix),
+                    None => *t == path,
+                });
+            assert!(routed, "{path} is documented but not routed");
+        }
     }
 }

@@ -33,12 +33,14 @@ pub async fn handle_sqs_event(
 ) -> SqsBatchResponse {
     let mut failures = Vec::new();
     let mut ids = Vec::new();
+    let mut traces = Vec::new();
     let mut batch = Vec::new();
     for record in &event.records {
         let message_id = record.message_id.clone().unwrap_or_default();
         match parse_record(record) {
             Ok(Some(notification)) => {
                 ids.push(message_id);
+                traces.push(trace_id(record));
                 batch.push(notification);
             }
             Ok(None) => count(Outcome::Ignored),
@@ -54,12 +56,19 @@ pub async fn handle_sqs_event(
     }
     match store.insert_batch(&batch).await {
         Ok(stored) => {
-            for (notification, fresh) in batch.iter().zip(stored) {
+            for ((notification, fresh), trace_id) in batch.iter().zip(stored).zip(&traces) {
                 if !fresh {
                     count(Outcome::Duplicate);
                     continue;
                 }
                 count(Outcome::Stored);
+                tracing::info!(
+                    event_id = %notification.event_id,
+                    event_type = notification.event_type,
+                    order_id = %notification.order_id,
+                    trace_id = trace_id.as_deref().unwrap_or(""),
+                    "notification stored"
+                );
                 if let Err(e) = sender.send(notification).await {
                     // The record is kept; delivery failures are visible in logs and metrics.
                     tracing::error!(event_id = %notification.event_id, error = %e, "notification stored but not delivered");
@@ -79,6 +88,18 @@ pub async fn handle_sqs_event(
     SqsBatchResponse {
         batch_item_failures: failures,
     }
+}
+
+/// The W3C trace id the event travelled with (`traceparent` attribute), or X-Ray's header.
+fn trace_id(record: &SqsMessage) -> Option<String> {
+    if let Some(tp) = record
+        .message_attributes
+        .get("traceparent")
+        .and_then(|a| a.string_value.as_deref())
+    {
+        return tp.split('-').nth(1).map(str::to_owned);
+    }
+    record.attributes.get("AWSTraceHeader").cloned()
 }
 
 fn count(outcome: Outcome) {
@@ -111,24 +132,13 @@ mod tests {
     use crate::sender::LogSender;
     use crate::store::{Filter, SqliteNotificationStore};
 
-    fn message(id: &str, body: &str) -> SqsMessage {
-        SqsMessage {
-            message_id: Some(id.into()),
-            body: Some(body.into()),
-            ..Default::default()
-        }
+    /// Recorded SQS events (the shape Lambda delivers), in `tests/fixtures/`.
+    fn fixture(name: &str) -> SqsEvent {
+        let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
     }
 
-    fn order_event(event_id: &str, event_type: &str) -> String {
-        format!(
-            r#"{{"event_id":"{event_id}","event_type":"{event_type}","order_id":"0190b8a4-7e6f-7c3e-9a51-1f2d3c4b5a60",
-               "user_id":"0190b8a4-7e6f-7c3e-9a51-1f2d3c4b5a61","total_amount":3999.98,"currency":"USD",
-               "status":"pending","items_count":2,"created_at":"2026-11-24T10:00:00Z","items":[]}}"#
-        )
-    }
-
-    #[tokio::test]
-    async fn a_poison_record_is_reported_alone_and_duplicates_store_once() {
+    async fn run(name: &str) -> (Vec<String>, Vec<crate::content::Notification>) {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteNotificationStore::open(
             &format!("sqlite://{}/n.db", dir.path().display()),
@@ -136,37 +146,70 @@ mod tests {
         )
         .await
         .unwrap();
-        let e1 = "0190b8a4-0000-7000-8000-000000000001";
-        let event = SqsEvent {
-            records: vec![
-                message("m1", &order_event(e1, "order.created")),
-                message("m2", "{not json"),
-                message(
-                    "m3",
-                    &order_event("0190b8a4-0000-7000-8000-000000000003", "order.audited"),
-                ),
-                message("m4", &order_event(e1, "order.created")),
-            ],
-        };
-        let response = handle_sqs_event(&store, &LogSender, event).await;
-        let failed: Vec<&str> = response
+        let response = handle_sqs_event(&store, &LogSender, fixture(name)).await;
+        let failed = response
             .batch_item_failures
-            .iter()
-            .map(|f| f.item_identifier.as_str())
+            .into_iter()
+            .map(|f| f.item_identifier)
             .collect();
-        assert_eq!(failed, vec!["m2"]);
-        let all = store
+        let stored = store
             .find(&Filter {
                 limit: 100,
                 ..Default::default()
             })
             .await
             .unwrap();
+        (failed, stored)
+    }
+
+    #[tokio::test]
+    async fn a_valid_batch_stores_one_record_per_event() {
+        let (failed, stored) = run("valid_batch.json").await;
+        assert!(failed.is_empty());
+        let kinds: Vec<&str> = stored.iter().map(|n| n.event_type.as_str()).collect();
+        assert_eq!(kinds, vec!["order.created", "order.paid"]);
+        assert_eq!(stored[0].amount.to_string(), "3999.98", "exact, as sent");
+        assert_eq!(stored[0].subject, "Order 01a20f00 received");
+    }
+
+    #[tokio::test]
+    async fn a_malformed_body_is_reported_alone() {
+        let (failed, stored) = run("malformed_body.json").await;
+        assert_eq!(failed, vec!["m-poison"]);
         assert_eq!(
-            all.len(),
+            stored.len(),
             1,
-            "duplicate event stored once, unknown type ignored"
+            "the good record in the same batch is stored"
         );
-        assert_eq!(all[0].amount.to_string(), "3999.98");
+    }
+
+    #[tokio::test]
+    async fn an_unknown_event_type_is_acknowledged_without_a_record() {
+        let (failed, stored) = run("unknown_event_type.json").await;
+        assert!(failed.is_empty(), "not a poison message: nothing to retry");
+        assert!(stored.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_duplicate_message_stores_once() {
+        let (failed, stored) = run("duplicate_message_id.json").await;
+        assert!(failed.is_empty());
+        assert_eq!(stored.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn the_mixed_batch_used_by_the_lambda_test() {
+        let (failed, stored) = run("mixed_batch.json").await;
+        assert_eq!(failed, vec!["m-poison"]);
+        assert_eq!(stored.len(), 2);
+    }
+
+    #[test]
+    fn trace_ids_come_from_traceparent() {
+        let event = fixture("valid_batch.json");
+        assert_eq!(
+            trace_id(&event.records[0]).as_deref(),
+            Some("4bf92f3577b34da6a3ce929d0e0e4736")
+        );
     }
 }

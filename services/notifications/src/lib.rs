@@ -9,6 +9,8 @@
 
 pub mod api;
 pub mod content;
+#[cfg(feature = "dynamodb")]
+pub mod dynamo;
 pub mod handler;
 pub mod poller;
 pub mod sender;

@@ -14,6 +14,9 @@ use crate::content::Notification;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// A remote store (DynamoDB) failed or answered something unreadable.
+    #[error("notification store failed: {0}")]
+    Remote(String),
     #[error(transparent)]
     Sqlite(#[from] rusqlite::Error),
     #[error(transparent)]

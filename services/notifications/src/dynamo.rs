@@ -1,0 +1,193 @@
+//! Notification records in DynamoDB (the seed's `notifications` table), for the Lambda.
+//!
+//! Table design, no scans on the read paths:
+//! - partition key `event_id` (S): one record per event, enforced by a conditional put
+//!   (`attribute_not_exists(event_id)`), so a redelivered SQS message never writes twice;
+//! - GSI `user_id-created_at` and GSI `order_id-created_at` for the two lookups the API offers.
+//!
+//! `amount` is a DynamoDB number written from the decimal text (`3999.98`): exact, no float.
+
+use async_trait::async_trait;
+use aws_sdk_dynamodb::Client;
+use aws_sdk_dynamodb::error::SdkError;
+use aws_sdk_dynamodb::types::AttributeValue;
+use chrono::{DateTime, SecondsFormat, Utc};
+use kit::Money;
+use std::collections::HashMap;
+use uuid::Uuid;
+
+use crate::content::Notification;
+use crate::store::{Filter, NotificationStore, StoreError};
+
+pub const USER_INDEX: &str = "user_id-created_at";
+pub const ORDER_INDEX: &str = "order_id-created_at";
+
+#[derive(Debug, Clone)]
+pub struct DynamoNotificationStore {
+    client: Client,
+    table: String,
+}
+
+impl DynamoNotificationStore {
+    pub fn new(client: Client, table: impl Into<String>) -> Self {
+        DynamoNotificationStore {
+            client,
+            table: table.into(),
+        }
+    }
+
+    /// Region, credentials and endpoint (`AWS_ENDPOINT_URL` for local servers) from the
+    /// standard AWS environment, as Lambda provides it.
+    pub async fn from_env(table: impl Into<String>) -> Self {
+        let config = aws_config::load_from_env().await;
+        Self::new(Client::new(&config), table)
+    }
+}
+
+fn s(v: impl Into<String>) -> AttributeValue {
+    AttributeValue::S(v.into())
+}
+
+fn to_item(n: &Notification) -> HashMap<String, AttributeValue> {
+    HashMap::from([
+        ("event_id".to_owned(), s(n.event_id.to_string())),
+        ("id".to_owned(), s(n.id.to_string())),
+        ("event_type".to_owned(), s(&n.event_type)),
+        ("order_id".to_owned(), s(n.order_id.to_string())),
+        ("user_id".to_owned(), s(n.user_id.to_string())),
+        ("recipient".to_owned(), s(&n.recipient)),
+        ("subject".to_owned(), s(&n.subject)),
+        ("body".to_owned(), s(&n.body)),
+        ("amount".to_owned(), AttributeValue::N(n.amount.to_string())),
+        ("currency".to_owned(), s(&n.currency)),
+        (
+            "created_at".to_owned(),
+            s(n.created_at.to_rfc3339_opts(SecondsFormat::Millis, true)),
+        ),
+    ])
+}
+
+fn from_item(item: &HashMap<String, AttributeValue>) -> Result<Notification, StoreError> {
+    let text = |k: &str| -> Result<String, StoreError> {
+        item.get(k)
+            .and_then(|v| v.as_s().ok().or_else(|| v.as_n().ok()))
+            .cloned()
+            .ok_or_else(|| StoreError::Remote(format!("record without {k}")))
+    };
+    let id = |k: &str| -> Result<Uuid, StoreError> {
+        text(k)?
+            .parse()
+            .map_err(|_| StoreError::Remote(format!("{k} is not a UUID")))
+    };
+    Ok(Notification {
+        id: id("id")?,
+        event_id: id("event_id")?,
+        event_type: text("event_type")?,
+        order_id: id("order_id")?,
+        user_id: id("user_id")?,
+        recipient: text("recipient")?,
+        subject: text("subject")?,
+        body: text("body")?,
+        amount: text("amount")?
+            .parse::<Money>()
+            .map_err(|e| StoreError::Remote(e.to_string()))?,
+        currency: text("currency")?,
+        created_at: DateTime::parse_from_rfc3339(&text("created_at")?)
+            .map(|t| t.with_timezone(&Utc))
+            .map_err(|e| StoreError::Remote(e.to_string()))?,
+    })
+}
+
+#[async_trait]
+impl NotificationStore for DynamoNotificationStore {
+    async fn insert_batch(&self, batch: &[Notification]) -> Result<Vec<bool>, StoreError> {
+        let mut stored = Vec::with_capacity(batch.len());
+        for n in batch {
+            let put = self
+                .client
+                .put_item()
+                .table_name(&self.table)
+                .set_item(Some(to_item(n)))
+                .condition_expression("attribute_not_exists(event_id)")
+                .send()
+                .await;
+            match put {
+                Ok(_) => stored.push(true),
+                Err(SdkError::ServiceError(e))
+                    if e.err().is_conditional_check_failed_exception() =>
+                {
+                    stored.push(false)
+                }
+                Err(e) => {
+                    return Err(StoreError::Remote(
+                        aws_sdk_dynamodb::error::DisplayErrorContext(e).to_string(),
+                    ));
+                }
+            }
+        }
+        Ok(stored)
+    }
+
+    async fn find(&self, filter: &Filter) -> Result<Vec<Notification>, StoreError> {
+        let limit = i32::try_from(filter.limit).unwrap_or(1000);
+        let (index, key, value) = match (filter.order_id, filter.user_id) {
+            (Some(order), _) => (ORDER_INDEX, "order_id", order.to_string()),
+            (None, Some(user)) => (USER_INDEX, "user_id", user.to_string()),
+            (None, None) => {
+                return Err(StoreError::Remote(
+                    "the DynamoDB store needs user_id or order_id".into(),
+                ));
+            }
+        };
+        let out = self
+            .client
+            .query()
+            .table_name(&self.table)
+            .index_name(index)
+            .key_condition_expression("#k = :v")
+            .expression_attribute_names("#k", key)
+            .expression_attribute_values(":v", s(value))
+            .limit(limit)
+            .send()
+            .await
+            .map_err(|e| {
+                StoreError::Remote(aws_sdk_dynamodb::error::DisplayErrorContext(e).to_string())
+            })?;
+        let mut records = out
+            .items()
+            .iter()
+            .map(from_item)
+            .collect::<Result<Vec<_>, _>>()?;
+        if let (Some(user), Some(_)) = (filter.user_id, filter.order_id) {
+            records.retain(|n| n.user_id == user);
+        }
+        Ok(records)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn items_round_trip_with_exact_amounts() {
+        let n = Notification {
+            id: Uuid::now_v7(),
+            event_id: Uuid::now_v7(),
+            event_type: "order.created".into(),
+            order_id: Uuid::now_v7(),
+            user_id: Uuid::now_v7(),
+            recipient: "user:x".into(),
+            subject: "s".into(),
+            body: "b".into(),
+            amount: "3999.98".parse().unwrap(),
+            currency: "USD".into(),
+            created_at: DateTime::parse_from_rfc3339("2026-11-24T10:00:00.123Z")
+                .unwrap()
+                .with_timezone(&Utc),
+        };
+        let item = to_item(&n);
+        assert_eq!(item["amount"], AttributeValue::N("3999.98".into()));
+        assert_eq!(from_item(&item).unwrap(), n);
+    }
+}
