@@ -267,6 +267,16 @@ pub fn is_unique_violation(e: &rusqlite::Error) -> bool {
     )
 }
 
+/// Maps a value that parsed badly (a stored id that is not a UUID, say) to rusqlite's
+/// conversion error for that column, for use inside row mappers.
+pub fn corrupt<E: std::error::Error + Send + Sync + 'static>(
+    column: usize,
+) -> impl FnOnce(E) -> rusqlite::Error {
+    move |e| {
+        rusqlite::Error::FromSqlConversionFailure(column, rusqlite::types::Type::Text, Box::new(e))
+    }
+}
+
 /// Milliseconds since the Unix epoch, the timestamp unit of every embedded table.
 pub fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()

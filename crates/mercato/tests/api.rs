@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{eventually, spawn_app, spawn_with, test_settings};
+use common::{spawn_app, spawn_with, test_settings};
 use mercato::ServiceName;
 use reqwest::{Method, StatusCode};
 use serde_json::json;
@@ -16,10 +16,7 @@ async fn every_bad_input_gets_a_4xx_problem() {
     let app = spawn_app().await;
     let user = app.create_user("ada@example.com").await;
     let product = app.create_product("SKU-1", "1999.99", 5).await;
-    let order = app.order(&user, &[(&product, 1)]).await.body["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let order = app.place_order(&user, &[(&product, 1)]).await;
     let payment = app
         .post("/api/v1/payments", json!({"order_id": order}))
         .await
@@ -693,10 +690,7 @@ async fn a_declined_card_cancels_the_order_and_returns_the_stock() {
     let app = spawn_app().await;
     let user = app.create_user("declined@example.com").await;
     let product = app.create_product("DEC-1", "5.00", 3).await;
-    let order = app.order(&user, &[(&product, 2)]).await.body["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let order = app.place_order(&user, &[(&product, 2)]).await;
     assert_eq!(app.stock(&product).await, 1);
     let a = app
         .post(
@@ -711,19 +705,10 @@ async fn a_declined_card_cancels_the_order_and_returns_the_stock() {
         "cancelled"
     );
     assert_eq!(app.stock(&product).await, 3);
-    let seen = eventually(5, || async {
-        let n = app
-            .get(&format!("/api/v1/notifications?order_id={order}"))
-            .await
-            .body;
-        n.as_array()
-            .unwrap()
-            .iter()
-            .any(|n| n["event_type"] == "order.cancelled")
-            .then_some(())
-    })
-    .await;
-    assert!(seen.is_some(), "the notifier saw order.cancelled");
+    assert!(
+        app.notified(&order, "order.cancelled").await,
+        "the notifier saw order.cancelled"
+    );
     app.stop().await;
 }
 
@@ -732,10 +717,7 @@ async fn payment_refund_and_one_success_per_order() {
     let app = spawn_app().await;
     let user = app.create_user("pay@example.com").await;
     let product = app.create_product("PAY-1", "12.50", 3).await;
-    let order = app.order(&user, &[(&product, 2)]).await.body["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let order = app.place_order(&user, &[(&product, 2)]).await;
     let paid = app
         .post(
             "/api/v1/payments",

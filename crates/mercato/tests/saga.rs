@@ -86,10 +86,7 @@ async fn payment_retries_with_a_key_charge_once() {
     let app = spawn_app().await;
     let user = app.create_user("idem-pay@example.com").await;
     let product = app.create_product("IDEM-PAY", "4.00", 2).await;
-    let order = app.order(&user, &[(&product, 1)]).await.body["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let order = app.place_order(&user, &[(&product, 1)]).await;
     let body = json!({"order_id": order});
     let answers = futures_util::future::join_all(
         (0..5).map(|_| post_with_key(&app, "/api/v1/payments", "pay-key", &body)),
@@ -118,10 +115,7 @@ async fn unpaid_orders_expire_and_give_their_stock_back() {
     let app = spawn_with(settings, &ServiceName::ALL, dir).await;
     let user = app.create_user("late@example.com").await;
     let product = app.create_product("EXPIRE-1", "2.00", 5).await;
-    let order = app.order(&user, &[(&product, 4)]).await.body["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let order = app.place_order(&user, &[(&product, 4)]).await;
     assert_eq!(app.stock(&product).await, 1);
     let cancelled = eventually(10, || async {
         (app.get(&format!("/api/v1/orders/{order}")).await.body["status"] == "cancelled")
@@ -130,19 +124,7 @@ async fn unpaid_orders_expire_and_give_their_stock_back() {
     .await;
     assert!(cancelled.is_some(), "the order expired");
     assert_eq!(app.stock(&product).await, 5);
-    let notified = eventually(5, || async {
-        let n = app
-            .get(&format!("/api/v1/notifications?order_id={order}"))
-            .await
-            .body;
-        n.as_array()
-            .unwrap()
-            .iter()
-            .any(|n| n["event_type"] == "order.cancelled")
-            .then_some(())
-    })
-    .await;
-    assert!(notified.is_some());
+    assert!(app.notified(&order, "order.cancelled").await);
     let late = app
         .post("/api/v1/payments", json!({"order_id": order}))
         .await;
@@ -200,10 +182,7 @@ async fn payment_network_errors_and_an_absent_orders_service_are_503s() {
     let app = spawn_app().await;
     let user = app.create_user("neterr@example.com").await;
     let product = app.create_product("NET-1", "1.50", 2).await;
-    let order = app.order(&user, &[(&product, 1)]).await.body["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let order = app.place_order(&user, &[(&product, 1)]).await;
     let a = app
         .post(
             "/api/v1/payments",
@@ -249,10 +228,7 @@ async fn an_explicit_cancellation_releases_stock_once_and_is_announced() {
     let app = spawn_app().await;
     let user = app.create_user("cancel@example.com").await;
     let product = app.create_product("CANCEL-1", "7.00", 4).await;
-    let order = app.order(&user, &[(&product, 3)]).await.body["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let order = app.place_order(&user, &[(&product, 3)]).await;
     assert_eq!(app.stock(&product).await, 1);
     let path = format!("/api/v1/orders/{order}/status");
     let a = app
@@ -291,19 +267,7 @@ async fn an_explicit_cancellation_releases_stock_once_and_is_announced() {
         StatusCode::CONFLICT,
         "a cancelled order cannot be paid"
     );
-    let seen = eventually(5, || async {
-        let n = app
-            .get(&format!("/api/v1/notifications?order_id={order}"))
-            .await
-            .body;
-        n.as_array()
-            .unwrap()
-            .iter()
-            .any(|n| n["event_type"] == "order.cancelled")
-            .then_some(())
-    })
-    .await;
-    assert!(seen.is_some());
+    assert!(app.notified(&order, "order.cancelled").await);
     app.stop().await;
 }
 

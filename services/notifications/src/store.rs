@@ -4,9 +4,8 @@
 use async_trait::async_trait;
 use chrono::DateTime;
 use kit::Money;
-use kit::db::{Db, DbError, Step};
+use kit::db::{Db, DbError, Step, corrupt};
 
-use rusqlite::types::Type;
 use rusqlite::{Row, params};
 use uuid::Uuid;
 
@@ -88,9 +87,6 @@ impl SqliteNotificationStore {
 const COLUMNS: &str = "id, event_id, event_type, order_id, user_id, recipient, subject, body, amount_cents, currency, created_at";
 
 fn to_notification(row: &Row<'_>) -> rusqlite::Result<Notification> {
-    let corrupt = |i: usize| {
-        move |e: uuid::Error| rusqlite::Error::FromSqlConversionFailure(i, Type::Text, Box::new(e))
-    };
     let id = |i: usize| -> rusqlite::Result<Uuid> {
         row.get::<_, String>(i)?.parse().map_err(corrupt(i))
     };

@@ -11,8 +11,7 @@ use bus::names::{ORDER_EVENTS_QUEUE, ORDERS_TOPIC};
 use bus::outbox::{self, Destination};
 use chrono::{DateTime, Utc};
 use kit::Money;
-use kit::db::{Db, DbError, Step, now_ms};
-use rusqlite::types::Type;
+use kit::db::{Db, DbError, Step, corrupt, now_ms};
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 use tokio::sync::Notify;
@@ -147,12 +146,6 @@ pub const DESTINATIONS: &[Destination] = &[
 pub struct OrderStore {
     db: Db,
     wake_relay: Arc<Notify>,
-}
-
-fn corrupt<E: std::error::Error + Send + Sync + 'static>(
-    column: usize,
-) -> impl FnOnce(E) -> rusqlite::Error {
-    move |e| rusqlite::Error::FromSqlConversionFailure(column, Type::Text, Box::new(e))
 }
 
 impl OrderStore {

@@ -7,8 +7,7 @@
 
 use chrono::{DateTime, Utc};
 use kit::Money;
-use kit::db::{Db, DbError, Step, is_unique_violation, now_ms};
-use rusqlite::types::Type;
+use kit::db::{Db, DbError, Step, corrupt, is_unique_violation, now_ms};
 use rusqlite::{Connection, OptionalExtension, Row, params};
 use serde::Serialize;
 use uuid::Uuid;
@@ -159,12 +158,6 @@ pub enum StoreError {
     Sqlite(#[from] rusqlite::Error),
     #[error(transparent)]
     Db(#[from] DbError),
-}
-
-fn corrupt<E: std::error::Error + Send + Sync + 'static>(
-    column: usize,
-) -> impl FnOnce(E) -> rusqlite::Error {
-    move |e| rusqlite::Error::FromSqlConversionFailure(column, Type::Text, Box::new(e))
 }
 
 const COLUMNS: &str =

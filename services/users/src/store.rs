@@ -1,8 +1,7 @@
 //! Users in SQLite.
 
 use chrono::{DateTime, Utc};
-use kit::db::{Db, DbError, Step, is_unique_violation, now_ms};
-use rusqlite::types::Type;
+use kit::db::{Db, DbError, Step, corrupt, is_unique_violation, now_ms};
 use rusqlite::{OptionalExtension, Row, params};
 use serde::Serialize;
 use uuid::Uuid;
@@ -51,9 +50,7 @@ const COLUMNS: &str = "id, name, email, phone, created_at";
 fn to_user(row: &Row<'_>) -> rusqlite::Result<User> {
     let id: String = row.get(0)?;
     Ok(User {
-        id: id
-            .parse()
-            .map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, Type::Text, Box::new(e)))?,
+        id: id.parse().map_err(corrupt(0))?,
         name: row.get(1)?,
         email: row.get(2)?,
         phone: row.get(3)?,

@@ -140,6 +140,29 @@ impl TestApp {
         .await
     }
 
+    /// Places an order that must succeed; returns its id.
+    pub async fn place_order(&self, user: &str, items: &[(&str, i64)]) -> String {
+        let a = self.order(user, items).await;
+        assert_eq!(a.status, StatusCode::CREATED, "{}", a.body);
+        a.body["id"].as_str().unwrap().to_owned()
+    }
+
+    /// Waits (5 s at most) for the notifier's record of `event_type` for `order`.
+    pub async fn notified(&self, order: &str, event_type: &str) -> bool {
+        eventually(5, || async {
+            let n = self
+                .get(&format!("/api/v1/notifications?order_id={order}"))
+                .await
+                .body;
+            n.as_array()?
+                .iter()
+                .any(|n| n["event_type"] == event_type)
+                .then_some(())
+        })
+        .await
+        .is_some()
+    }
+
     pub async fn stock(&self, product: &str) -> i64 {
         self.get(&format!("/api/v1/products/{product}/stock"))
             .await
