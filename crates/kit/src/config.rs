@@ -297,7 +297,8 @@ impl Settings {
                     .find(|(name, _)| key.as_str().eq_ignore_ascii_case(name))
                     .map(|(_, path)| (*path).into())
             }))
-            .merge(Env::prefixed("MERCATO_").split("__"))
+            // MERCATO_CONFIG names the file (read by the command line), it is not a setting.
+            .merge(Env::prefixed("MERCATO_").split("__").ignore(&["config"]))
     }
 
     /// The storage URL of a service: its own, else the shared one, else a SQLite file.
@@ -335,6 +336,7 @@ mod tests {
                 "demo = false\n[orders]\nport = 9100\n[users]\nport = 9101\n",
             )?;
             jail.set_env("MERCATO_ORDERS__PORT", "9200");
+            jail.set_env("MERCATO_CONFIG", "mercato.toml");
             jail.set_env("DATABASE_URL", "postgres://db/mercato");
             jail.set_env("SQS_QUEUE_URL", "http://localhost:4566/000/q");
             let s = Settings::load(None).map_err(|e| e.to_string())?;
