@@ -125,6 +125,9 @@ pub struct BusSettings {
     /// Deliveries before a queue message is moved to the dead-letter queue.
     pub max_receives: i64,
     pub stream_partitions: u32,
+    /// How long stream records are kept (Kafka's `retention.ms`); consumers' dedup records of
+    /// processed event ids are kept as long, since nothing older can be redelivered.
+    pub retention_hours: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -241,6 +244,7 @@ impl Default for BusSettings {
             visibility_timeout_ms: 30_000,
             max_receives: 5,
             stream_partitions: 1,
+            retention_hours: 7 * 24,
         }
     }
 }

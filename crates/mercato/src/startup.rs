@@ -184,12 +184,26 @@ pub async fn start(settings: &Settings, services: &[ServiceName]) -> anyhow::Res
     } else {
         None
     };
+    let retention = Duration::from_secs(settings.bus.retention_hours.saturating_mul(3600));
     let stream: Option<Arc<dyn Stream>> = bus.clone().map(|b| Arc::new(b) as Arc<dyn Stream>);
     let queue: Option<Arc<dyn Queue>> = bus.clone().map(|b| Arc::new(b) as Arc<dyn Queue>);
     let http = http_client(&settings.http).context("building the HTTP client")?;
     let shutdown = CancellationToken::new();
     let mut tasks = JoinSet::new();
     let mut closers = Vec::new();
+    if let Some(bus) = &bus {
+        let bus = bus.clone();
+        tasks.spawn(every(HOUSEKEEPING, shutdown.clone(), move || {
+            let bus = bus.clone();
+            async move {
+                match bus.prune(retention).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(records = n, "stream records past retention dropped"),
+                    Err(e) => tracing::warn!(error = %e, "pruning the stream failed"),
+                }
+            }
+        }));
+    }
     let limit = settings.http.body_limit_bytes;
     let db_url = |s: ServiceName| settings.database_url(s.settings(settings), s.as_str());
     let sweep_every = Duration::from_millis(settings.saga.sweep_interval_ms.max(10));
@@ -226,11 +240,18 @@ pub async fn start(settings: &Settings, services: &[ServiceName]) -> anyhow::Res
                 tracing::info!(products = added, "demo catalog seeded");
             }
         }
-        tasks.spawn(release_expired_reservations(
-            store.clone(),
-            sweep_every,
-            shutdown.clone(),
-        ));
+        let products_store = store.clone();
+        // Gives back stock held for orders that were never created or never settled.
+        tasks.spawn(every(sweep_every, shutdown.clone(), move || {
+            let store = products_store.clone();
+            async move {
+                match store.release_expired(100).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(released = n, "expired stock reservations released"),
+                    Err(e) => tracing::warn!(error = %e, "releasing expired reservations failed"),
+                }
+            }
+        }));
         let db = store.db().clone();
         let ready = ready_check(move || {
             let db = db.clone();
@@ -280,6 +301,15 @@ pub async fn start(settings: &Settings, services: &[ServiceName]) -> anyhow::Res
                 .run_purger(Duration::from_secs(600), shutdown.clone()),
         );
         tasks.spawn(relay.run(shutdown.clone()));
+        let orders_store = store.clone();
+        tasks.spawn(every(HOUSEKEEPING, shutdown.clone(), move || {
+            let store = orders_store.clone();
+            async move {
+                if let Err(e) = store.prune_processed(retention).await {
+                    tracing::warn!(error = %e, "pruning processed event ids failed");
+                }
+            }
+        }));
         tasks.spawn(orders::saga::run_payment_listener(
             ctx.clone(),
             stream.clone(),
@@ -356,6 +386,15 @@ pub async fn start(settings: &Settings, services: &[ServiceName]) -> anyhow::Res
         .await
         .context("opening the analytics store")?;
         closers.push(store.db().clone());
+        let analytics_store = store.clone();
+        tasks.spawn(every(HOUSEKEEPING, shutdown.clone(), move || {
+            let store = analytics_store.clone();
+            async move {
+                if let Err(e) = store.prune_processed(retention).await {
+                    tracing::warn!(error = %e, "pruning processed event ids failed");
+                }
+            }
+        }));
         tasks.spawn(analytics::consumer::run(
             store.clone(),
             stream.clone(),
@@ -419,21 +458,20 @@ pub async fn start(settings: &Settings, services: &[ServiceName]) -> anyhow::Res
     })
 }
 
-/// Gives back stock held for orders that were never created or never settled.
-async fn release_expired_reservations(
-    store: products::ProductStore,
-    every: Duration,
-    shutdown: CancellationToken,
-) {
+/// How often retention and dedup tables are pruned.
+const HOUSEKEEPING: Duration = Duration::from_secs(600);
+
+/// Runs `job` now and then every `period` until `shutdown`.
+async fn every<F, Fut>(period: Duration, shutdown: CancellationToken, job: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
     loop {
-        match store.release_expired(100).await {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(released = n, "expired stock reservations released"),
-            Err(e) => tracing::warn!(error = %e, "releasing expired reservations failed"),
-        }
+        job().await;
         tokio::select! {
             () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(every) => {}
+            () = tokio::time::sleep(period) => {}
         }
     }
 }

@@ -214,6 +214,20 @@ impl AnalyticsStore {
             .await
     }
 
+    /// Forgets processed event ids older than `age`: past the stream's retention nothing that
+    /// old can be redelivered. Returns how many.
+    pub async fn prune_processed(&self, age: std::time::Duration) -> Result<usize, StoreError> {
+        let cutoff = now_ms() - i64::try_from(age.as_millis()).unwrap_or(i64::MAX / 2);
+        self.db
+            .write(move |tx| {
+                Ok(tx.execute(
+                    "DELETE FROM processed_events WHERE processed_at < ?1",
+                    [cutoff],
+                )?)
+            })
+            .await
+    }
+
     /// Windows starting in `[from, to)`, oldest first.
     pub async fn windows_between(
         &self,

@@ -331,6 +331,20 @@ impl OrderStore {
             .await
     }
 
+    /// Forgets processed event ids older than `age`: past the stream's retention nothing that
+    /// old can be redelivered. Returns how many.
+    pub async fn prune_processed(&self, age: std::time::Duration) -> Result<usize, StoreError> {
+        let cutoff = now_ms() - i64::try_from(age.as_millis()).unwrap_or(i64::MAX / 2);
+        self.db
+            .write(move |tx| {
+                Ok(tx.execute(
+                    "DELETE FROM processed_events WHERE processed_at < ?1",
+                    [cutoff],
+                )?)
+            })
+            .await
+    }
+
     pub async fn count(&self) -> Result<i64, StoreError> {
         self.db
             .read(|conn| Ok(conn.query_row("SELECT COUNT(*) FROM orders", [], |r| r.get(0))?))
