@@ -20,10 +20,11 @@ use crate::{
     StreamConsumer, dead_letter_queue,
 };
 
-static STEPS: &[Step] = &[(
-    1,
-    "stream and queue",
-    "CREATE TABLE stream_records (
+static STEPS: &[Step] = &[
+    (
+        1,
+        "stream and queue",
+        "CREATE TABLE stream_records (
         topic TEXT NOT NULL,
         partition INTEGER NOT NULL,
         offset INTEGER NOT NULL,
@@ -53,7 +54,23 @@ static STEPS: &[Step] = &[(
     );
     CREATE INDEX queue_messages_ready ON queue_messages (queue, visible_at, id);
     CREATE INDEX queue_messages_receipt ON queue_messages (receipt);",
-)];
+    ),
+    (
+        2,
+        "stream heads",
+        // The next offset per partition, kept apart from the records so that pruning old
+        // records never makes offsets start again (consumers would skip the new ones).
+        "CREATE TABLE stream_heads (
+            topic TEXT NOT NULL,
+            partition INTEGER NOT NULL,
+            next_offset INTEGER NOT NULL,
+            PRIMARY KEY (topic, partition)
+        ) WITHOUT ROWID;
+        INSERT INTO stream_heads (topic, partition, next_offset)
+            SELECT topic, partition, MAX(offset) + 1 FROM stream_records GROUP BY topic, partition;
+        CREATE INDEX stream_records_age ON stream_records (appended_at);",
+    ),
+];
 
 /// How often a waiting consumer re-checks for records written by another process.
 const CROSS_PROCESS_POLL: Duration = Duration::from_millis(25);
@@ -182,8 +199,12 @@ impl Stream for EmbeddedBus {
             .write(move |tx| {
                 let now = now_ms();
                 let mut next: HashMap<u32, i64> = HashMap::new();
-                let mut last_offset = tx.prepare_cached(
-                    "SELECT COALESCE(MAX(offset) + 1, 0) FROM stream_records WHERE topic = ?1 AND partition = ?2",
+                let mut head = tx.prepare_cached(
+                    "SELECT COALESCE((SELECT next_offset FROM stream_heads WHERE topic = ?1 AND partition = ?2), 0)",
+                )?;
+                let mut advance = tx.prepare_cached(
+                    "INSERT INTO stream_heads (topic, partition, next_offset) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (topic, partition) DO UPDATE SET next_offset = excluded.next_offset",
                 )?;
                 let mut insert = tx.prepare_cached(
                     "INSERT INTO stream_records (topic, partition, offset, key, headers, payload, appended_at)
@@ -192,10 +213,13 @@ impl Stream for EmbeddedBus {
                 for (partition, record, headers) in &rows {
                     let offset = match next.get(partition) {
                         Some(o) => *o,
-                        None => last_offset.query_row(params![topic, partition], |r| r.get(0))?,
+                        None => head.query_row(params![topic, partition], |r| r.get(0))?,
                     };
                     insert.execute(params![topic, partition, offset, record.key, headers, record.payload, now])?;
                     next.insert(*partition, offset + 1);
+                }
+                for (partition, next_offset) in &next {
+                    advance.execute(params![topic, partition, next_offset])?;
                 }
                 Ok::<_, BusError>(())
             })
