@@ -616,6 +616,44 @@ async fn lists_page_and_filter() {
 }
 
 #[tokio::test]
+async fn analytics_reports_top_products_and_event_counts() {
+    let app = spawn_app().await;
+    let user = app.create_user("top@example.com").await;
+    let cheap = app.create_product("TOP-CHEAP", "1.00", 100).await;
+    let dear = app.create_product("TOP-DEAR", "50.00", 100).await;
+    app.place_order(&user, &[(&cheap, 10), (&dear, 1)]).await;
+    app.place_order(&user, &[(&dear, 2)]).await;
+    let top = common::eventually(5, || async {
+        let t = app.get("/api/v1/analytics/top-products?limit=5").await.body;
+        (t.as_array()?.len() == 2 && t[0]["quantity"] == 3).then_some(t)
+    })
+    .await
+    .expect("both orders are counted");
+    assert_eq!(top[0]["product_id"], dear.as_str());
+    assert_eq!(
+        (top[0]["quantity"].as_i64(), top[0]["revenue"].as_f64()),
+        (Some(3), Some(150.0))
+    );
+    assert_eq!(top[1]["revenue"].as_f64(), Some(10.0));
+    let windows = app.get("/api/v1/analytics/windows").await.body;
+    // Summed over windows: the two orders may straddle a minute boundary.
+    let created: i64 = windows
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["event_counts"]["order.created"].as_i64().unwrap_or(0))
+        .sum();
+    assert_eq!(created, 2);
+    for bad in ["limit=0", "limit=101", "limit=abc", "from=never"] {
+        let a = app
+            .get(&format!("/api/v1/analytics/top-products?{bad}"))
+            .await;
+        assert_eq!(a.status, StatusCode::BAD_REQUEST, "{bad}: {}", a.body);
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
 async fn problems_never_leak_internals_and_carry_request_ids() {
     let app = spawn_app().await;
     let response = app

@@ -8,7 +8,7 @@ use kit::Problem;
 use kit::extract::Query;
 use serde::Deserialize;
 
-use crate::engine::WindowReport;
+use crate::engine::{ProductSales, WindowReport};
 use crate::store::{AnalyticsStore, Summary};
 
 /// The widest range one request may ask for.
@@ -26,6 +26,7 @@ pub fn router(store: AnalyticsStore) -> Router {
     Router::new()
         .route("/api/v1/analytics/windows", get(windows))
         .route("/api/v1/analytics/summary", get(summary))
+        .route("/api/v1/analytics/top-products", get(top_products))
         .with_state(store)
 }
 
@@ -38,6 +39,26 @@ async fn windows(
     State(store): State<AnalyticsStore>,
     Query(range): Query<Range>,
 ) -> Result<Json<Vec<WindowReport>>, Problem> {
+    let (from, to) = checked(&range)?;
+    Ok(Json(
+        store.windows_between(from, to).await.map_err(internal)?,
+    ))
+}
+
+/// Not `#[serde(flatten)]` over [`Range`]: flattening makes query numbers arrive as strings.
+#[derive(Debug, Deserialize)]
+pub struct TopParams {
+    pub from: Option<DateTime<Utc>>,
+    pub to: Option<DateTime<Utc>>,
+    #[serde(default = "default_top")]
+    pub limit: u32,
+}
+
+fn default_top() -> u32 {
+    10
+}
+
+fn checked(range: &Range) -> Result<(DateTime<Utc>, DateTime<Utc>), Problem> {
     let to = range
         .to
         .unwrap_or_else(|| Utc::now() + Duration::minutes(1));
@@ -50,8 +71,25 @@ async fn windows(
             "a range may span at most {MAX_RANGE_DAYS} days"
         )));
     }
+    Ok((from, to))
+}
+
+async fn top_products(
+    State(store): State<AnalyticsStore>,
+    Query(params): Query<TopParams>,
+) -> Result<Json<Vec<ProductSales>>, Problem> {
+    if params.limit == 0 || params.limit > 100 {
+        return Err(Problem::bad_request("limit must be between 1 and 100"));
+    }
+    let (from, to) = checked(&Range {
+        from: params.from,
+        to: params.to,
+    })?;
     Ok(Json(
-        store.windows_between(from, to).await.map_err(internal)?,
+        store
+            .top_products(from, to, params.limit)
+            .await
+            .map_err(internal)?,
     ))
 }
 

@@ -1,5 +1,7 @@
 //! Windowing rules with no I/O.
 
+use std::collections::BTreeMap;
+
 use chrono::{DateTime, Utc};
 use kit::Money;
 use serde::Serialize;
@@ -38,6 +40,16 @@ pub struct WindowReport {
     pub total_revenue: Money,
     pub avg_order_value: Money,
     pub items_sold: i64,
+    /// Events per type seen in the window (`order.created`, `order.paid`, ...).
+    pub event_counts: BTreeMap<String, i64>,
+}
+
+/// A product's sales over a range of windows.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ProductSales {
+    pub product_id: String,
+    pub quantity: i64,
+    pub revenue: Money,
 }
 
 /// Average order value, exact to the cent (half-even), zero for an empty window.

@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use rusqlite::{Connection, params};
 
-use crate::engine::{WindowReport, Windows, average};
+use crate::engine::{ProductSales, WindowReport, Windows, average};
 
 pub static MIGRATIONS: &[Step] = &[(
     1,
@@ -254,6 +254,14 @@ impl AnalyticsStore {
                         ))
                     })?
                     .collect::<Result<Vec<_>, _>>()?;
+                let mut counts: BTreeMap<i64, BTreeMap<String, i64>> = BTreeMap::new();
+                let mut by_type = conn.prepare_cached(
+                    "SELECT window_start, event_type, count FROM window_event_types WHERE window_start >= ?1 AND window_start < ?2",
+                )?;
+                for row in by_type.query_map([from, to], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?)))? {
+                    let (start, kind, n) = row?;
+                    counts.entry(start).or_default().insert(kind, n);
+                }
                 rows.into_iter()
                     .map(|(start, end, orders, revenue, items, users)| {
                         let revenue = Money::from_cents(revenue).map_err(|_| StoreError::Corrupt)?;
@@ -265,6 +273,40 @@ impl AnalyticsStore {
                             total_revenue: revenue,
                             avg_order_value: average(revenue, orders),
                             items_sold: items,
+                            event_counts: counts.remove(&start).unwrap_or_default(),
+                        })
+                    })
+                    .collect()
+            })
+            .await
+    }
+
+    /// The best-selling products by revenue over windows starting in `[from, to)`.
+    pub async fn top_products(
+        &self,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<ProductSales>, StoreError> {
+        let (from, to) = (self.windows.start_of(from), to.timestamp_millis());
+        self.db
+            .read(move |conn| {
+                let rows = conn
+                    .prepare_cached(
+                        "SELECT product_id, SUM(quantity), SUM(revenue_cents) AS revenue FROM window_products
+                         WHERE window_start >= ?1 AND window_start < ?2
+                         GROUP BY product_id ORDER BY revenue DESC, product_id LIMIT ?3",
+                    )?
+                    .query_map(params![from, to, limit], |r| {
+                        Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+                    })?
+                    .collect::<Result<Vec<_>, _>>()?;
+                rows.into_iter()
+                    .map(|(product_id, quantity, revenue)| {
+                        Ok(ProductSales {
+                            product_id,
+                            quantity,
+                            revenue: Money::from_cents(revenue).map_err(|_| StoreError::Corrupt)?,
                         })
                     })
                     .collect()
@@ -385,6 +427,16 @@ mod tests {
             "1500.5 cents rounds half to even"
         );
         assert_eq!((windows[1].order_count, windows[1].unique_users), (1, 1));
+        assert_eq!(windows[0].event_counts.get("order.created"), Some(&2));
+        let top = store
+            .top_products(from, from + chrono::Duration::minutes(5), 10)
+            .await
+            .unwrap();
+        assert_eq!(top.len(), 1);
+        assert_eq!(
+            (top[0].quantity, top[0].revenue.to_string()),
+            (8, "36.00".to_owned())
+        );
         let summary = store.summary().await.unwrap();
         assert_eq!(
             (
