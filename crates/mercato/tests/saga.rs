@@ -291,3 +291,36 @@ async fn idempotency_keys_expire() {
     assert_eq!(app.stock(&product).await, 2);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn products_down_gives_a_503_and_no_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = test_settings(&dir);
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    settings.products.url = Some(format!("http://{}", dead.local_addr().unwrap()));
+    drop(dead);
+    let services = [
+        ServiceName::Gateway,
+        ServiceName::Users,
+        ServiceName::Orders,
+        ServiceName::Payments,
+        ServiceName::Notifications,
+        ServiceName::Analytics,
+    ];
+    let app = spawn_with(settings, &services, dir).await;
+    let user = app.create_user("noproducts@example.com").await;
+    let started = Instant::now();
+    let a = app
+        .order(&user, &[("00000000-0000-0000-0000-0000000000aa", 1)])
+        .await;
+    assert_eq!(a.status, StatusCode::SERVICE_UNAVAILABLE, "{}", a.body);
+    assert_eq!(a.body["dependency"], "products");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    let orders = app.get(&format!("/api/v1/orders/user/{user}")).await.body;
+    assert_eq!(
+        orders.as_array().unwrap().len(),
+        0,
+        "no order without its stock"
+    );
+    app.stop().await;
+}
