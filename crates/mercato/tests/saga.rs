@@ -324,3 +324,65 @@ async fn products_down_gives_a_503_and_no_order() {
     );
     app.stop().await;
 }
+
+/// An orders service that shows a pending order but refuses to mark it paid, as when the order
+/// expires while its payment is in flight.
+async fn orders_stub_that_cancels_under_payment(
+    order_id: &str,
+) -> (String, tokio::task::JoinHandle<()>) {
+    use axum::routing::{get, post};
+    let order =
+        json!({"id": order_id, "status": "pending", "total_amount": 12.34, "currency": "USD"});
+    let app = axum::Router::new()
+        .route(
+            "/internal/v1/orders/{id}",
+            get(move || async move { axum::Json(order.clone()) }),
+        )
+        .route(
+            "/internal/v1/orders/{id}/status",
+            post(|| async {
+                kit::Problem::conflict(
+                    "illegal-transition",
+                    "an order cannot go from cancelled to paid",
+                )
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    (
+        url,
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() }),
+    )
+}
+
+#[tokio::test]
+async fn a_payment_for_an_order_cancelled_meanwhile_is_refunded() {
+    let order = "01a20f00-0000-7000-8000-00000000abcd";
+    let (orders_url, stub) = orders_stub_that_cancels_under_payment(order).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = test_settings(&dir);
+    settings.orders.url = Some(orders_url);
+    let app = spawn_with(
+        settings,
+        &[ServiceName::Gateway, ServiceName::Payments],
+        dir,
+    )
+    .await;
+    let a = app
+        .post("/api/v1/payments", json!({"order_id": order}))
+        .await;
+    assert_eq!(a.status, StatusCode::CONFLICT, "{}", a.body);
+    assert_eq!(a.body["type"], "/problems/order-not-payable");
+    let payments = app
+        .get(&format!("/api/v1/payments/order/{order}"))
+        .await
+        .body;
+    let payment = &payments.as_array().unwrap()[0];
+    assert_eq!(
+        payment["status"], "refunded",
+        "the money went back: {payment}"
+    );
+    assert_eq!(payment["refunded_amount"].as_f64(), Some(12.34));
+    app.stop().await;
+    stub.abort();
+}

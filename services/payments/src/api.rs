@@ -201,7 +201,25 @@ async fn create_payment(
             payment.provider_reference = Some(reference);
             ctx.store.record(&payment).await.map_err(store_problem)?;
             metrics::counter!("payments_total", "outcome" => "succeeded").increment(1);
-            move_order(&ctx, order.id, &["paid"]).await;
+            if let Err(CallError::Rejected {
+                status: StatusCode::CONFLICT,
+                ..
+            }) = move_order(&ctx, order.id, &["paid"]).await
+            {
+                // The order stopped being payable while the card was charged (it expired or
+                // was cancelled): give the money back rather than keep it for nothing.
+                let refund = ctx
+                    .store
+                    .refund(payment.id, None)
+                    .await
+                    .map_err(store_problem)?;
+                metrics::counter!("payments_total", "outcome" => "refunded_unpayable").increment(1);
+                return Err(Problem::conflict(
+                    "order-not-payable",
+                    "the order was cancelled while it was being paid; the charge has been refunded",
+                )
+                .with("payment_id", refund.payment.id.to_string()));
+            }
             Ok((StatusCode::CREATED, Json(payment)))
         }
         Charge::Declined { reason } => {
@@ -209,7 +227,7 @@ async fn create_payment(
             payment.failure_reason = Some(reason.to_owned());
             ctx.store.record(&payment).await.map_err(store_problem)?;
             metrics::counter!("payments_total", "outcome" => "declined").increment(1);
-            move_order(&ctx, order.id, &["payment_failed", "cancelled"]).await;
+            let _ = move_order(&ctx, order.id, &["payment_failed", "cancelled"]).await;
             Err(Problem::new(
                 StatusCode::PAYMENT_REQUIRED,
                 "payment-declined",
@@ -228,7 +246,7 @@ async fn create_payment(
 
 /// The fast path of the saga: move the order now. If this fails the order still follows,
 /// from the `payment.*` event the orders service consumes.
-async fn move_order(ctx: &ApiContext, order_id: Uuid, statuses: &[&str]) {
+async fn move_order(ctx: &ApiContext, order_id: Uuid, statuses: &[&str]) -> Result<(), CallError> {
     for status in statuses {
         if let Err(e) = ctx
             .orders
@@ -240,9 +258,10 @@ async fn move_order(ctx: &ApiContext, order_id: Uuid, statuses: &[&str]) {
             .await
         {
             tracing::warn!(%order_id, status, error = %e, "order not moved now; the payment event will move it");
-            return;
+            return Err(e);
         }
     }
+    Ok(())
 }
 
 async fn get_payment(
@@ -278,7 +297,7 @@ async fn refund_payment(
         .await
         .map_err(store_problem)?;
     if refund.payment.status == "refunded" {
-        move_order(&ctx, refund.payment.order_id, &["refunded"]).await;
+        let _ = move_order(&ctx, refund.payment.order_id, &["refunded"]).await;
     }
     Ok((StatusCode::CREATED, Json(refund)))
 }
