@@ -13,9 +13,33 @@ use common::{TestApp, answer, eventually};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
+/// A running `mercato up`; dropping it (a failed assertion included) kills the process, so a
+/// failing test never leaves a server behind.
 struct Running {
-    child: Child,
+    child: Option<Child>,
     gateway: String,
+}
+
+impl Running {
+    fn signal(&self, sig: &str) {
+        if let Some(child) = &self.child {
+            signal(child, sig);
+        }
+    }
+
+    /// Waits (15 s at most) for the process to exit.
+    fn wait_exit(mut self) -> std::process::ExitStatus {
+        wait_exit(self.child.take().expect("still running"))
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }
 
 /// Starts `mercato up` on free ports and waits for its banner.
@@ -57,9 +81,17 @@ fn launch(data: &Path) -> Running {
     }
     // Keep draining stdout so the process never writes into a closed pipe.
     std::thread::spawn(move || lines.for_each(drop));
+    let Some(gateway) = gateway else {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!(
+            "mercato did not print its banner; see {}",
+            data.join("mercato.log").display()
+        );
+    };
     Running {
-        child,
-        gateway: gateway.expect("the banner names the gateway"),
+        child: Some(child),
+        gateway,
     }
 }
 
@@ -194,8 +226,8 @@ async fn the_tour_survives_restarts() {
     let before = state(&app, &user, &product, &order_id).await;
 
     // A graceful stop, then a start: everything is still there.
-    signal(&running.child, "TERM");
-    assert!(wait_exit(running.child).success(), "SIGTERM stops cleanly");
+    running.signal("TERM");
+    assert!(running.wait_exit().success(), "SIGTERM stops cleanly");
     let running = launch(data.path());
     let app = client_for(&running.gateway);
     wait_ready(&app).await;
@@ -209,8 +241,8 @@ async fn the_tour_survives_restarts() {
     );
 
     // A crash (SIGKILL), then a start: still all there, nothing doubled.
-    signal(&running.child, "KILL");
-    wait_exit(running.child);
+    running.signal("KILL");
+    running.wait_exit();
     let running = launch(data.path());
     let app = client_for(&running.gateway);
     wait_ready(&app).await;
@@ -226,8 +258,8 @@ async fn the_tour_survives_restarts() {
     .await;
     assert_eq!(payments.body.as_array().unwrap().len(), 1);
 
-    signal(&running.child, "TERM");
-    assert!(wait_exit(running.child).success());
+    running.signal("TERM");
+    assert!(running.wait_exit().success());
 }
 
 /// Every order of `user`, through the paginated list.
@@ -299,8 +331,8 @@ async fn a_crash_mid_flight_loses_nothing_and_doubles_nothing() {
         enough.is_some(),
         "orders were being accepted before the crash"
     );
-    signal(&running.child, "KILL");
-    wait_exit(running.child);
+    running.signal("KILL");
+    running.wait_exit();
     tokio::time::sleep(Duration::from_millis(300)).await;
     stop.set();
     for c in clients {
@@ -400,8 +432,8 @@ async fn a_crash_mid_flight_loses_nothing_and_doubles_nothing() {
         );
         assert_eq!(stock + reserved, STOCK, "{level}");
     }
-    signal(&running.child, "TERM");
-    assert!(wait_exit(running.child).success());
+    running.signal("TERM");
+    assert!(running.wait_exit().success());
 }
 
 /// A stop flag shared by the load tasks.
