@@ -111,19 +111,302 @@ impl Platform {
     }
 }
 
-fn with_url(settings: &Settings, service: ServiceName, bound: Option<SocketAddr>) -> String {
-    if let Some(url) = &service.settings(settings).url {
-        return url.clone();
+/// Everything the services being started share while the platform is assembled.
+struct Assembly<'a> {
+    settings: &'a Settings,
+    /// How each service reaches each other one.
+    urls: Vec<(ServiceName, String)>,
+    http: reqwest::Client,
+    bus: Option<EmbeddedBus>,
+    shutdown: CancellationToken,
+    tasks: JoinSet<()>,
+    closers: Vec<kit::db::Db>,
+    apps: Vec<(ServiceName, axum::Router)>,
+}
+
+impl Assembly<'_> {
+    fn url(&self, service: ServiceName) -> String {
+        self.urls
+            .iter()
+            .find(|(s, _)| *s == service)
+            .map(|(_, u)| u.clone())
+            .unwrap_or_default()
     }
-    match bound {
-        Some(addr) => format!("http://{addr}"),
-        None => format!(
-            "http://{}:{}",
-            settings.host,
-            service.settings(settings).port
-        ),
+
+    fn db_url(&self, service: ServiceName) -> String {
+        self.settings
+            .database_url(service.settings(self.settings), service.as_str())
+    }
+
+    fn client(&self, service: ServiceName) -> ServiceClient {
+        ServiceClient::new(service.as_str(), &self.url(service), self.http.clone())
+    }
+
+    fn body_limit(&self) -> usize {
+        self.settings.http.body_limit_bytes
+    }
+
+    fn sweep_interval(&self) -> Duration {
+        Duration::from_millis(self.settings.saga.sweep_interval_ms.max(10))
+    }
+
+    fn retention(&self) -> Duration {
+        Duration::from_secs(self.settings.bus.retention_hours.saturating_mul(3600))
+    }
+
+    fn idempotency(&self, db: &kit::db::Db) -> Idempotency {
+        let ttl = Duration::from_secs(self.settings.http.idempotency_ttl_secs);
+        Idempotency::new(db.clone(), ttl, self.body_limit())
+    }
+
+    /// The embedded bus as a stream and a queue (the services that need one only start with it).
+    fn transports(&self) -> anyhow::Result<(Arc<dyn Stream>, Arc<dyn Queue>)> {
+        let bus = self.bus.clone().context("the bus is not open")?;
+        Ok((Arc::new(bus.clone()), Arc::new(bus)))
+    }
+
+    /// Ready when the service's database (and the bus, if it uses one) answers.
+    fn ready(&self, db: &kit::db::Db, uses_bus: bool) -> ReadyCheck {
+        let db = db.clone();
+        let bus = if uses_bus { self.bus.clone() } else { None };
+        ready_check(move || {
+            let (db, bus) = (db.clone(), bus.clone());
+            async move {
+                db.ping().await.map_err(|_| "database".to_owned())?;
+                match bus {
+                    Some(bus) => bus.ping().await.map_err(|_| "bus".to_owned()),
+                    None => Ok(()),
+                }
+            }
+        })
+    }
+
+    fn serve(&mut self, service: ServiceName, router: axum::Router, ready: ReadyCheck) {
+        let app = server::app(service.as_str(), router, ready, self.body_limit());
+        self.apps.push((service, app));
+    }
+
+    /// Spawns `job` to run now and then every `period` until shutdown.
+    fn every<F, Fut>(&mut self, period: Duration, job: F)
+    where
+        F: Fn() -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let shutdown = self.shutdown.clone();
+        self.tasks.spawn(async move {
+            loop {
+                job().await;
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(period) => {}
+                }
+            }
+        });
+    }
+
+    async fn users(&mut self) -> anyhow::Result<()> {
+        let store = users::UserStore::open(&self.db_url(ServiceName::Users), &self.settings.sqlite)
+            .await
+            .context("opening the users store")?;
+        self.closers.push(store.db().clone());
+        let ready = self.ready(store.db(), false);
+        self.serve(ServiceName::Users, users::router(store), ready);
+        Ok(())
+    }
+
+    async fn products(&mut self) -> anyhow::Result<()> {
+        let store = products::ProductStore::open(
+            &self.db_url(ServiceName::Products),
+            &self.settings.sqlite,
+        )
+        .await
+        .context("opening the products store")?;
+        self.closers.push(store.db().clone());
+        if self.settings.demo {
+            let added = products::demo::seed_if_empty(&store)
+                .await
+                .context("seeding the demo catalog")?;
+            if added > 0 {
+                tracing::info!(products = added, "demo catalog seeded");
+            }
+        }
+        // Gives back stock held for orders that were never created or never settled.
+        let sweeper = store.clone();
+        self.every(self.sweep_interval(), move || {
+            let store = sweeper.clone();
+            async move {
+                match store.release_expired(100).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(released = n, "expired stock reservations released"),
+                    Err(e) => tracing::warn!(error = %e, "releasing expired reservations failed"),
+                }
+            }
+        });
+        let ready = self.ready(store.db(), false);
+        self.serve(ServiceName::Products, products::router(store), ready);
+        Ok(())
+    }
+
+    async fn orders(&mut self) -> anyhow::Result<()> {
+        let (stream, queue) = self.transports()?;
+        let store =
+            orders::OrderStore::open(&self.db_url(ServiceName::Orders), &self.settings.sqlite)
+                .await
+                .context("opening the orders store")?;
+        self.closers.push(store.db().clone());
+        let relay = Relay::new(store.db().clone(), stream.clone(), queue);
+        let store = store.with_relay_waker(relay.waker());
+        let ctx = orders::ApiContext {
+            store: store.clone(),
+            deps: orders::clients::Dependencies {
+                users: self.client(ServiceName::Users),
+                products: self.client(ServiceName::Products),
+            },
+            order_ttl: chrono::Duration::seconds(
+                i64::try_from(self.settings.saga.pending_order_ttl_secs).unwrap_or(900),
+            ),
+            idempotency: self.idempotency(store.db()),
+        };
+        let shutdown = self.shutdown.clone();
+        self.tasks.spawn(relay.run(shutdown.clone()));
+        self.tasks.spawn(
+            ctx.idempotency
+                .clone()
+                .run_purger(HOUSEKEEPING, shutdown.clone()),
+        );
+        self.tasks.spawn(orders::saga::run_payment_listener(
+            ctx.clone(),
+            stream,
+            shutdown.clone(),
+        ));
+        self.tasks.spawn(orders::saga::run_expiry_sweeper(
+            ctx.clone(),
+            self.sweep_interval(),
+            shutdown,
+        ));
+        let (pruned, retention) = (store.clone(), self.retention());
+        self.every(HOUSEKEEPING, move || {
+            let store = pruned.clone();
+            async move {
+                if let Err(e) = store.prune_processed(retention).await {
+                    tracing::warn!(error = %e, "pruning processed event ids failed");
+                }
+            }
+        });
+        let ready = self.ready(store.db(), true);
+        self.serve(ServiceName::Orders, orders::router(ctx), ready);
+        Ok(())
+    }
+
+    async fn payments(&mut self) -> anyhow::Result<()> {
+        let (stream, queue) = self.transports()?;
+        let store = payments::PaymentStore::open(
+            &self.db_url(ServiceName::Payments),
+            &self.settings.sqlite,
+        )
+        .await
+        .context("opening the payments store")?;
+        self.closers.push(store.db().clone());
+        let relay = Relay::new(store.db().clone(), stream, queue);
+        let store = store.with_relay_waker(relay.waker());
+        let ctx = payments::ApiContext {
+            store: store.clone(),
+            orders: self.client(ServiceName::Orders),
+            idempotency: self.idempotency(store.db()),
+        };
+        self.tasks.spawn(relay.run(self.shutdown.clone()));
+        self.tasks.spawn(
+            ctx.idempotency
+                .clone()
+                .run_purger(HOUSEKEEPING, self.shutdown.clone()),
+        );
+        let ready = self.ready(store.db(), true);
+        self.serve(ServiceName::Payments, payments::router(ctx), ready);
+        Ok(())
+    }
+
+    async fn notifications(&mut self) -> anyhow::Result<()> {
+        let (_, queue) = self.transports()?;
+        let store = notifications::SqliteNotificationStore::open(
+            &self.db_url(ServiceName::Notifications),
+            &self.settings.sqlite,
+        )
+        .await
+        .context("opening the notifications store")?;
+        self.closers.push(store.db().clone());
+        let ready = self.ready(store.db(), true);
+        let store: Arc<dyn notifications::NotificationStore> = Arc::new(store);
+        let poller = notifications::poller::Poller {
+            queue,
+            store: store.clone(),
+            sender: Arc::new(notifications::sender::LogSender),
+            batch_size: self.settings.notifier.batch_size.clamp(1, 100),
+        };
+        self.tasks.spawn(poller.run(self.shutdown.clone()));
+        self.serve(
+            ServiceName::Notifications,
+            notifications::router(store),
+            ready,
+        );
+        Ok(())
+    }
+
+    async fn analytics(&mut self) -> anyhow::Result<()> {
+        let (stream, _) = self.transports()?;
+        let windows =
+            analytics::engine::Windows::of_secs(self.settings.analytics_engine.window_secs)
+                .context("analytics_engine.window_secs must be positive")?;
+        let store = analytics::AnalyticsStore::open(
+            &self.db_url(ServiceName::Analytics),
+            &self.settings.sqlite,
+            windows,
+        )
+        .await
+        .context("opening the analytics store")?;
+        self.closers.push(store.db().clone());
+        self.tasks.spawn(analytics::consumer::run(
+            store.clone(),
+            stream,
+            self.shutdown.clone(),
+        ));
+        let (pruned, retention) = (store.clone(), self.retention());
+        self.every(HOUSEKEEPING, move || {
+            let store = pruned.clone();
+            async move {
+                if let Err(e) = store.prune_processed(retention).await {
+                    tracing::warn!(error = %e, "pruning processed event ids failed");
+                }
+            }
+        });
+        let ready = self.ready(store.db(), true);
+        self.serve(ServiceName::Analytics, analytics::router(store), ready);
+        Ok(())
+    }
+
+    fn gateway(&mut self) -> anyhow::Result<()> {
+        let upstreams = gateway::Upstreams {
+            users: self.url(ServiceName::Users),
+            products: self.url(ServiceName::Products),
+            orders: self.url(ServiceName::Orders),
+            payments: self.url(ServiceName::Payments),
+            notifications: self.url(ServiceName::Notifications),
+            analytics: self.url(ServiceName::Analytics),
+        };
+        let timeout = Duration::from_millis(self.settings.http.upstream_timeout_ms);
+        let routes = gateway::router(&upstreams, self.body_limit(), timeout)
+            .context("configuring the gateway")?;
+        let probe = gateway::routes::probe::client();
+        let ready = ready_check(move || {
+            let (upstreams, probe) = (upstreams.clone(), probe.clone());
+            async move { gateway::routes::check_upstreams(&upstreams, &probe).await }
+        });
+        self.serve(ServiceName::Gateway, routes, ready);
+        Ok(())
     }
 }
+
+/// How often retention, dedup and idempotency tables are pruned.
+const HOUSEKEEPING: Duration = Duration::from_secs(600);
 
 /// Starts `services` (all seven for `mercato up`).
 pub async fn start(settings: &Settings, services: &[ServiceName]) -> anyhow::Result<Platform> {
@@ -146,13 +429,27 @@ pub async fn start(settings: &Settings, services: &[ServiceName]) -> anyhow::Res
             })?;
         listeners.push((service, listener));
     }
-    let bound = |s: ServiceName| {
-        listeners
-            .iter()
-            .find(|(n, _)| *n == s)
-            .and_then(|(_, l)| l.local_addr().ok())
-    };
-    let url = |s: ServiceName| with_url(settings, s, bound(s));
+    // A service's URL: configured, else where it was just bound, else its configured port.
+    let urls = ServiceName::ALL
+        .into_iter()
+        .map(|service| {
+            let configured = &service.settings(settings).url;
+            let bound = listeners
+                .iter()
+                .find(|(s, _)| *s == service)
+                .and_then(|(_, l)| l.local_addr().ok());
+            let url = match (configured, bound) {
+                (Some(url), _) => url.clone(),
+                (None, Some(addr)) => format!("http://{addr}"),
+                (None, None) => format!(
+                    "http://{}:{}",
+                    settings.host,
+                    service.settings(settings).port
+                ),
+            };
+            (service, url)
+        })
+        .collect();
 
     if settings.bus.queue_url.is_some() || settings.bus.kafka.bootstrap_servers.is_some() {
         bail!(
@@ -168,32 +465,33 @@ pub async fn start(settings: &Settings, services: &[ServiceName]) -> anyhow::Res
     .into_iter()
     .any(wants);
     let bus = if needs_bus {
+        let options = EmbeddedOptions {
+            partitions: settings.bus.stream_partitions,
+            visibility_timeout: Duration::from_millis(settings.bus.visibility_timeout_ms),
+            max_receives: settings.bus.max_receives,
+        };
         Some(
-            EmbeddedBus::open(
-                &settings.bus_url(),
-                &settings.sqlite,
-                EmbeddedOptions {
-                    partitions: settings.bus.stream_partitions,
-                    visibility_timeout: Duration::from_millis(settings.bus.visibility_timeout_ms),
-                    max_receives: settings.bus.max_receives,
-                },
-            )
-            .await
-            .context("opening the embedded bus")?,
+            EmbeddedBus::open(&settings.bus_url(), &settings.sqlite, options)
+                .await
+                .context("opening the embedded bus")?,
         )
     } else {
         None
     };
-    let retention = Duration::from_secs(settings.bus.retention_hours.saturating_mul(3600));
-    let stream: Option<Arc<dyn Stream>> = bus.clone().map(|b| Arc::new(b) as Arc<dyn Stream>);
-    let queue: Option<Arc<dyn Queue>> = bus.clone().map(|b| Arc::new(b) as Arc<dyn Queue>);
-    let http = http_client(&settings.http).context("building the HTTP client")?;
-    let shutdown = CancellationToken::new();
-    let mut tasks = JoinSet::new();
-    let mut closers = Vec::new();
-    if let Some(bus) = &bus {
-        let bus = bus.clone();
-        tasks.spawn(every(HOUSEKEEPING, shutdown.clone(), move || {
+
+    let mut assembly = Assembly {
+        settings,
+        urls,
+        http: http_client(&settings.http).context("building the HTTP client")?,
+        bus: bus.clone(),
+        shutdown: CancellationToken::new(),
+        tasks: JoinSet::new(),
+        closers: Vec::new(),
+        apps: Vec::new(),
+    };
+    if let Some(bus) = bus.clone() {
+        let retention = assembly.retention();
+        assembly.every(HOUSEKEEPING, move || {
             let bus = bus.clone();
             async move {
                 match bus.prune(retention).await {
@@ -202,237 +500,27 @@ pub async fn start(settings: &Settings, services: &[ServiceName]) -> anyhow::Res
                     Err(e) => tracing::warn!(error = %e, "pruning the stream failed"),
                 }
             }
-        }));
-    }
-    let limit = settings.http.body_limit_bytes;
-    let db_url = |s: ServiceName| settings.database_url(s.settings(settings), s.as_str());
-    let sweep_every = Duration::from_millis(settings.saga.sweep_interval_ms.max(10));
-    let idempotency_ttl = Duration::from_secs(settings.http.idempotency_ttl_secs);
-
-    let mut apps: Vec<(ServiceName, axum::Router)> = Vec::new();
-
-    if wants(ServiceName::Users) {
-        let store = users::UserStore::open(&db_url(ServiceName::Users), &settings.sqlite)
-            .await
-            .context("opening the users store")?;
-        closers.push(store.db().clone());
-        let db = store.db().clone();
-        let ready = ready_check(move || {
-            let db = db.clone();
-            async move { db.ping().await.map_err(|_| "database".to_owned()) }
         });
-        apps.push((
-            ServiceName::Users,
-            server::app("users", users::router(store), ready, limit),
-        ));
     }
-
-    if wants(ServiceName::Products) {
-        let store = products::ProductStore::open(&db_url(ServiceName::Products), &settings.sqlite)
-            .await
-            .context("opening the products store")?;
-        closers.push(store.db().clone());
-        if settings.demo {
-            let added = products::demo::seed_if_empty(&store)
-                .await
-                .context("seeding the demo catalog")?;
-            if added > 0 {
-                tracing::info!(products = added, "demo catalog seeded");
-            }
+    for service in ServiceName::ALL.into_iter().filter(|s| wants(*s)) {
+        match service {
+            ServiceName::Users => assembly.users().await?,
+            ServiceName::Products => assembly.products().await?,
+            ServiceName::Orders => assembly.orders().await?,
+            ServiceName::Payments => assembly.payments().await?,
+            ServiceName::Notifications => assembly.notifications().await?,
+            ServiceName::Analytics => assembly.analytics().await?,
+            ServiceName::Gateway => assembly.gateway()?,
         }
-        let products_store = store.clone();
-        // Gives back stock held for orders that were never created or never settled.
-        tasks.spawn(every(sweep_every, shutdown.clone(), move || {
-            let store = products_store.clone();
-            async move {
-                match store.release_expired(100).await {
-                    Ok(0) => {}
-                    Ok(n) => tracing::info!(released = n, "expired stock reservations released"),
-                    Err(e) => tracing::warn!(error = %e, "releasing expired reservations failed"),
-                }
-            }
-        }));
-        let db = store.db().clone();
-        let ready = ready_check(move || {
-            let db = db.clone();
-            async move { db.ping().await.map_err(|_| "database".to_owned()) }
-        });
-        apps.push((
-            ServiceName::Products,
-            server::app("products", products::router(store), ready, limit),
-        ));
     }
 
-    let bus_ready = |extra: kit::db::Db| -> ReadyCheck {
-        let bus = bus.clone();
-        ready_check(move || {
-            let (db, bus) = (extra.clone(), bus.clone());
-            async move {
-                db.ping().await.map_err(|_| "database".to_owned())?;
-                match bus {
-                    Some(bus) => bus.ping().await.map_err(|_| "bus".to_owned()),
-                    None => Ok(()),
-                }
-            }
-        })
-    };
-
-    if let (true, Some(stream), Some(queue)) = (wants(ServiceName::Orders), &stream, &queue) {
-        let store = orders::OrderStore::open(&db_url(ServiceName::Orders), &settings.sqlite)
-            .await
-            .context("opening the orders store")?;
-        closers.push(store.db().clone());
-        let relay = Relay::new(store.db().clone(), stream.clone(), queue.clone());
-        let store = store.with_relay_waker(relay.waker());
-        let ctx = orders::ApiContext {
-            store: store.clone(),
-            deps: orders::clients::Dependencies {
-                users: ServiceClient::new("users", &url(ServiceName::Users), http.clone()),
-                products: ServiceClient::new("products", &url(ServiceName::Products), http.clone()),
-            },
-            order_ttl: chrono::Duration::seconds(
-                i64::try_from(settings.saga.pending_order_ttl_secs).unwrap_or(900),
-            ),
-            idempotency: Idempotency::new(store.db().clone(), idempotency_ttl, limit),
-        };
-        tasks.spawn(
-            ctx.idempotency
-                .clone()
-                .run_purger(Duration::from_secs(600), shutdown.clone()),
-        );
-        tasks.spawn(relay.run(shutdown.clone()));
-        let orders_store = store.clone();
-        tasks.spawn(every(HOUSEKEEPING, shutdown.clone(), move || {
-            let store = orders_store.clone();
-            async move {
-                if let Err(e) = store.prune_processed(retention).await {
-                    tracing::warn!(error = %e, "pruning processed event ids failed");
-                }
-            }
-        }));
-        tasks.spawn(orders::saga::run_payment_listener(
-            ctx.clone(),
-            stream.clone(),
-            shutdown.clone(),
-        ));
-        tasks.spawn(orders::saga::run_expiry_sweeper(
-            ctx.clone(),
-            sweep_every,
-            shutdown.clone(),
-        ));
-        let ready = bus_ready(store.db().clone());
-        apps.push((
-            ServiceName::Orders,
-            server::app("orders", orders::router(ctx), ready, limit),
-        ));
-    }
-
-    if let (true, Some(stream), Some(queue)) = (wants(ServiceName::Payments), &stream, &queue) {
-        let store = payments::PaymentStore::open(&db_url(ServiceName::Payments), &settings.sqlite)
-            .await
-            .context("opening the payments store")?;
-        closers.push(store.db().clone());
-        let relay = Relay::new(store.db().clone(), stream.clone(), queue.clone());
-        let store = store.with_relay_waker(relay.waker());
-        tasks.spawn(relay.run(shutdown.clone()));
-        let ctx = payments::ApiContext {
-            store: store.clone(),
-            orders: ServiceClient::new("orders", &url(ServiceName::Orders), http.clone()),
-            idempotency: Idempotency::new(store.db().clone(), idempotency_ttl, limit),
-        };
-        tasks.spawn(
-            ctx.idempotency
-                .clone()
-                .run_purger(Duration::from_secs(600), shutdown.clone()),
-        );
-        let ready = bus_ready(store.db().clone());
-        apps.push((
-            ServiceName::Payments,
-            server::app("payments", payments::router(ctx), ready, limit),
-        ));
-    }
-
-    if let (true, Some(queue)) = (wants(ServiceName::Notifications), &queue) {
-        let store = notifications::SqliteNotificationStore::open(
-            &db_url(ServiceName::Notifications),
-            &settings.sqlite,
-        )
-        .await
-        .context("opening the notifications store")?;
-        closers.push(store.db().clone());
-        let ready = bus_ready(store.db().clone());
-        let store: Arc<dyn notifications::NotificationStore> = Arc::new(store);
-        let poller = notifications::poller::Poller {
-            queue: queue.clone(),
-            store: store.clone(),
-            sender: Arc::new(notifications::sender::LogSender),
-            batch_size: settings.notifier.batch_size.clamp(1, 100),
-        };
-        tasks.spawn(poller.run(shutdown.clone()));
-        apps.push((
-            ServiceName::Notifications,
-            server::app("notifications", notifications::router(store), ready, limit),
-        ));
-    }
-
-    if let (true, Some(stream)) = (wants(ServiceName::Analytics), &stream) {
-        let windows = analytics::engine::Windows::of_secs(settings.analytics_engine.window_secs)
-            .context("analytics_engine.window_secs must be positive")?;
-        let store = analytics::AnalyticsStore::open(
-            &db_url(ServiceName::Analytics),
-            &settings.sqlite,
-            windows,
-        )
-        .await
-        .context("opening the analytics store")?;
-        closers.push(store.db().clone());
-        let analytics_store = store.clone();
-        tasks.spawn(every(HOUSEKEEPING, shutdown.clone(), move || {
-            let store = analytics_store.clone();
-            async move {
-                if let Err(e) = store.prune_processed(retention).await {
-                    tracing::warn!(error = %e, "pruning processed event ids failed");
-                }
-            }
-        }));
-        tasks.spawn(analytics::consumer::run(
-            store.clone(),
-            stream.clone(),
-            shutdown.clone(),
-        ));
-        let ready = bus_ready(store.db().clone());
-        apps.push((
-            ServiceName::Analytics,
-            server::app("analytics", analytics::router(store), ready, limit),
-        ));
-    }
-
-    if wants(ServiceName::Gateway) {
-        let upstreams = gateway::Upstreams {
-            users: url(ServiceName::Users),
-            products: url(ServiceName::Products),
-            orders: url(ServiceName::Orders),
-            payments: url(ServiceName::Payments),
-            notifications: url(ServiceName::Notifications),
-            analytics: url(ServiceName::Analytics),
-        };
-        let routes = gateway::router(
-            &upstreams,
-            limit,
-            Duration::from_millis(settings.http.upstream_timeout_ms),
-        )
-        .context("configuring the gateway")?;
-        let probe = gateway::routes::probe::client();
-        let ready = ready_check(move || {
-            let (upstreams, probe) = (upstreams.clone(), probe.clone());
-            async move { gateway::routes::check_upstreams(&upstreams, &probe).await }
-        });
-        apps.push((
-            ServiceName::Gateway,
-            server::app("gateway", routes, ready, limit),
-        ));
-    }
-
+    let Assembly {
+        shutdown,
+        mut tasks,
+        closers,
+        mut apps,
+        ..
+    } = assembly;
     let mut addresses = Vec::new();
     for (service, listener) in listeners {
         let Some(pos) = apps.iter().position(|(s, _)| *s == service) else {
@@ -456,22 +544,4 @@ pub async fn start(settings: &Settings, services: &[ServiceName]) -> anyhow::Res
         closers,
         bus,
     })
-}
-
-/// How often retention and dedup tables are pruned.
-const HOUSEKEEPING: Duration = Duration::from_secs(600);
-
-/// Runs `job` now and then every `period` until `shutdown`.
-async fn every<F, Fut>(period: Duration, shutdown: CancellationToken, job: F)
-where
-    F: Fn() -> Fut,
-    Fut: std::future::Future<Output = ()>,
-{
-    loop {
-        job().await;
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(period) => {}
-        }
-    }
 }
