@@ -805,18 +805,8 @@ async fn a_dependency_down_answers_503_and_holds_no_stock() {
     let dir = tempfile::tempdir().unwrap();
     let mut settings = test_settings(&dir);
     // Users is not started: its URL points at a port nobody listens on.
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    settings.users.url = Some(format!("http://{}", dead.local_addr().unwrap()));
-    drop(dead);
-    let services = [
-        ServiceName::Gateway,
-        ServiceName::Products,
-        ServiceName::Orders,
-        ServiceName::Payments,
-        ServiceName::Notifications,
-        ServiceName::Analytics,
-    ];
-    let app = spawn_with(settings, &services, dir).await;
+    settings.users.url = Some(common::unreachable_url());
+    let app = spawn_with(settings, &common::all_but(ServiceName::Users), dir).await;
     let product = app.create_product("DOWN-1", "3.00", 4).await;
     let started = std::time::Instant::now();
     let a = app.order(NIL, &[(&product, 1)]).await;

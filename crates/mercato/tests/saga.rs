@@ -152,15 +152,7 @@ async fn a_slow_dependency_gives_a_fast_503_and_leaves_nothing_behind() {
     let mut settings = test_settings(&dir);
     settings.users.url = Some(format!("http://{address}"));
     settings.http.client_timeout_ms = 300;
-    let services = [
-        ServiceName::Gateway,
-        ServiceName::Products,
-        ServiceName::Orders,
-        ServiceName::Payments,
-        ServiceName::Notifications,
-        ServiceName::Analytics,
-    ];
-    let app = spawn_with(settings, &services, dir).await;
+    let app = spawn_with(settings, &common::all_but(ServiceName::Users), dir).await;
     let product = app.create_product("SLOW-1", "1.00", 3).await;
     let started = Instant::now();
     let a = app
@@ -206,9 +198,7 @@ async fn payment_network_errors_and_an_absent_orders_service_are_503s() {
 
     let dir = tempfile::tempdir().unwrap();
     let mut settings = test_settings(&dir);
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    settings.orders.url = Some(format!("http://{}", dead.local_addr().unwrap()));
-    drop(dead);
+    settings.orders.url = Some(common::unreachable_url());
     let app = spawn_with(
         settings,
         &[ServiceName::Gateway, ServiceName::Payments],
@@ -296,18 +286,8 @@ async fn idempotency_keys_expire() {
 async fn products_down_gives_a_503_and_no_order() {
     let dir = tempfile::tempdir().unwrap();
     let mut settings = test_settings(&dir);
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    settings.products.url = Some(format!("http://{}", dead.local_addr().unwrap()));
-    drop(dead);
-    let services = [
-        ServiceName::Gateway,
-        ServiceName::Users,
-        ServiceName::Orders,
-        ServiceName::Payments,
-        ServiceName::Notifications,
-        ServiceName::Analytics,
-    ];
-    let app = spawn_with(settings, &services, dir).await;
+    settings.products.url = Some(common::unreachable_url());
+    let app = spawn_with(settings, &common::all_but(ServiceName::Products), dir).await;
     let user = app.create_user("noproducts@example.com").await;
     let started = Instant::now();
     let a = app

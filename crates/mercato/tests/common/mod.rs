@@ -34,6 +34,24 @@ pub fn test_settings(dir: &tempfile::TempDir) -> Settings {
     s
 }
 
+/// A URL where nothing listens: a dependency that is down.
+pub fn unreachable_url() -> String {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    format!("http://127.0.0.1:{port}")
+}
+
+/// Every service but `missing`.
+pub fn all_but(missing: ServiceName) -> Vec<ServiceName> {
+    ServiceName::ALL
+        .into_iter()
+        .filter(|s| *s != missing)
+        .collect()
+}
+
 pub async fn spawn_app() -> TestApp {
     let dir = tempfile::tempdir().unwrap();
     spawn_with(test_settings(&dir), &ServiceName::ALL, dir).await
