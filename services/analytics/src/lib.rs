@@ -8,6 +8,7 @@
 pub mod api;
 pub mod consumer;
 pub mod engine;
+pub mod replay;
 pub mod store;
 
 pub use api::router;
