@@ -364,8 +364,10 @@ impl Assembly<'_> {
         .await
         .context("opening the analytics store")?;
         self.closers.push(store.db().clone());
+        let feed = analytics::feed::Feed::new(self.shutdown.clone());
         self.tasks.spawn(analytics::consumer::run(
             store.clone(),
+            feed.clone(),
             stream,
             self.shutdown.clone(),
         ));
@@ -379,7 +381,11 @@ impl Assembly<'_> {
             }
         });
         let ready = self.ready(store.db(), true);
-        self.serve(ServiceName::Analytics, analytics::router(store), ready);
+        self.serve(
+            ServiceName::Analytics,
+            analytics::router(store, feed),
+            ready,
+        );
         Ok(())
     }
 

@@ -654,6 +654,36 @@ async fn analytics_reports_top_products_and_event_counts() {
 }
 
 #[tokio::test]
+async fn the_analytics_feed_streams_window_updates() {
+    let app = spawn_app().await;
+    let user = app.create_user("feed@example.com").await;
+    let product = app.create_product("FEED-1", "2.50", 10).await;
+    let mut feed = app
+        .client
+        .get(format!("{}/api/v1/analytics/stream", app.gateway))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(feed.status(), StatusCode::OK);
+    assert_eq!(feed.headers()["content-type"], "text/event-stream");
+    app.place_order(&user, &[(&product, 2)]).await;
+    let mut seen = String::new();
+    let got = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        while let Ok(Some(chunk)) = feed.chunk().await {
+            seen.push_str(&String::from_utf8_lossy(&chunk));
+            if seen.contains("event: window") && seen.contains(r#""order_count":1"#) {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(got, Ok(true), "feed so far: {seen}");
+    assert!(seen.contains(r#""total_revenue":5.00"#), "{seen}");
+    app.stop().await;
+}
+
+#[tokio::test]
 async fn problems_never_leak_internals_and_carry_request_ids() {
     let app = spawn_app().await;
     let response = app

@@ -9,6 +9,7 @@ use kit::extract::Query;
 use serde::Deserialize;
 
 use crate::engine::{ProductSales, WindowReport};
+use crate::feed::Feed;
 use crate::store::{AnalyticsStore, Summary};
 
 /// The widest range one request may ask for.
@@ -22,12 +23,17 @@ pub struct Range {
     pub to: Option<DateTime<Utc>>,
 }
 
-pub fn router(store: AnalyticsStore) -> Router {
+pub fn router(store: AnalyticsStore, feed: Feed) -> Router {
     Router::new()
         .route("/api/v1/analytics/windows", get(windows))
         .route("/api/v1/analytics/summary", get(summary))
         .route("/api/v1/analytics/top-products", get(top_products))
         .with_state(store)
+        .merge(
+            Router::new()
+                .route("/api/v1/analytics/stream", get(crate::feed::stream))
+                .with_state(feed),
+        )
 }
 
 fn internal(e: impl std::fmt::Display) -> Problem {

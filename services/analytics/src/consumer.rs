@@ -10,11 +10,17 @@ use bus::event::OrderEvent;
 use bus::names::ORDERS_TOPIC;
 use tokio_util::sync::CancellationToken;
 
+use crate::feed::Feed;
 use crate::store::AnalyticsStore;
 
 pub const CONSUMER_GROUP: &str = "analytics";
 
-pub async fn run(store: AnalyticsStore, stream: Arc<dyn Stream>, shutdown: CancellationToken) {
+pub async fn run(
+    store: AnalyticsStore,
+    feed: Feed,
+    stream: Arc<dyn Stream>,
+    shutdown: CancellationToken,
+) {
     let mut delay = Duration::from_millis(200);
     while !shutdown.is_cancelled() {
         let mut consumer = match stream.subscribe(ORDERS_TOPIC, CONSUMER_GROUP).await {
@@ -52,6 +58,9 @@ pub async fn run(store: AnalyticsStore, stream: Arc<dyn Stream>, shutdown: Cance
             match store.apply(&events).await {
                 Ok(fresh) => {
                     metrics::counter!("analytics_events_total").increment(fresh as u64);
+                    if fresh > 0 {
+                        publish_updates(&store, &feed, &events).await;
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "applying order events failed; will replay");
@@ -66,5 +75,22 @@ pub async fn run(store: AnalyticsStore, stream: Arc<dyn Stream>, shutdown: Cance
         }
         tokio::select! { () = shutdown.cancelled() => return, () = tokio::time::sleep(delay) => {} }
         delay = (delay * 2).min(Duration::from_secs(10));
+    }
+}
+
+/// Sends the windows `events` touched to the live feed.
+async fn publish_updates(store: &AnalyticsStore, feed: &Feed, events: &[OrderEvent]) {
+    let (Some(first), Some(last)) = (
+        events.iter().map(|e| e.created_at).min(),
+        events.iter().map(|e| e.created_at).max(),
+    ) else {
+        return;
+    };
+    match store
+        .windows_between(first, last + chrono::Duration::milliseconds(1))
+        .await
+    {
+        Ok(windows) => windows.into_iter().for_each(|w| feed.publish(w)),
+        Err(e) => tracing::warn!(error = %e, "reading updated windows for the feed failed"),
     }
 }

@@ -8,6 +8,7 @@
 pub mod api;
 pub mod consumer;
 pub mod engine;
+pub mod feed;
 pub mod replay;
 pub mod store;
 
