@@ -204,6 +204,25 @@ impl Assembly<'_> {
         });
     }
 
+    /// Runs a pruning `job` every [`HOUSEKEEPING`], logging what it removed or why it failed.
+    fn housekeeping<F, Fut, E>(&mut self, what: &'static str, job: F)
+    where
+        F: Fn() -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Result<usize, E>> + Send + 'static,
+        E: std::fmt::Display,
+    {
+        self.every(HOUSEKEEPING, move || {
+            let run = job();
+            async move {
+                match run.await {
+                    Ok(0) => {}
+                    Ok(removed) => tracing::info!(removed, "{what}"),
+                    Err(e) => tracing::warn!(error = %e, "housekeeping failed: {what}"),
+                }
+            }
+        });
+    }
+
     async fn users(&mut self) -> anyhow::Result<()> {
         let store = users::UserStore::open(&self.db_url(ServiceName::Users), &self.settings.sqlite)
             .await
@@ -285,13 +304,9 @@ impl Assembly<'_> {
             shutdown,
         ));
         let (pruned, retention) = (store.clone(), self.retention());
-        self.every(HOUSEKEEPING, move || {
+        self.housekeeping("processed event ids past retention dropped", move || {
             let store = pruned.clone();
-            async move {
-                if let Err(e) = store.prune_processed(retention).await {
-                    tracing::warn!(error = %e, "pruning processed event ids failed");
-                }
-            }
+            async move { store.prune_processed(retention).await }
         });
         let ready = self.ready(store.db(), true);
         self.serve(ServiceName::Orders, orders::router(ctx), ready);
@@ -372,13 +387,9 @@ impl Assembly<'_> {
             self.shutdown.clone(),
         ));
         let (pruned, retention) = (store.clone(), self.retention());
-        self.every(HOUSEKEEPING, move || {
+        self.housekeeping("processed event ids past retention dropped", move || {
             let store = pruned.clone();
-            async move {
-                if let Err(e) = store.prune_processed(retention).await {
-                    tracing::warn!(error = %e, "pruning processed event ids failed");
-                }
-            }
+            async move { store.prune_processed(retention).await }
         });
         let ready = self.ready(store.db(), true);
         self.serve(
@@ -497,15 +508,9 @@ pub async fn start(settings: &Settings, services: &[ServiceName]) -> anyhow::Res
     };
     if let Some(bus) = bus.clone() {
         let retention = assembly.retention();
-        assembly.every(HOUSEKEEPING, move || {
+        assembly.housekeeping("stream records past retention dropped", move || {
             let bus = bus.clone();
-            async move {
-                match bus.prune(retention).await {
-                    Ok(0) => {}
-                    Ok(n) => tracing::info!(records = n, "stream records past retention dropped"),
-                    Err(e) => tracing::warn!(error = %e, "pruning the stream failed"),
-                }
-            }
+            async move { bus.prune(retention).await }
         });
     }
     for service in ServiceName::ALL.into_iter().filter(|s| wants(*s)) {
