@@ -1,0 +1,134 @@
+# IAM roles for service accounts (IRSA): each service that calls an AWS API assumes its own
+# role, trusted only for its own ServiceAccount in var.k8s_namespace, allowed only its own
+# table, queue, bucket and keys. gateway, users and products call no AWS API and get no role.
+
+locals {
+  notifications_table_arn = "arn:${local.partition}:dynamodb:${var.region}:${local.account_id}:table/${module.notifier.table_name}"
+
+  irsa_services = toset(["orders", "payments", "notifications", "analytics"])
+}
+
+data "aws_iam_policy_document" "irsa_trust" {
+  for_each = local.irsa_services
+  statement {
+    actions = ["sts:AssumeRoleWithWebIdentity"]
+    principals {
+      type        = "Federated"
+      identifiers = [var.eks_oidc_provider_arn]
+    }
+    condition {
+      test     = "StringEquals"
+      variable = "${local.oidc_issuer}:sub"
+      values   = ["system:serviceaccount:${var.k8s_namespace}:${each.key}"]
+    }
+    condition {
+      test     = "StringEquals"
+      variable = "${local.oidc_issuer}:aud"
+      values   = ["sts.amazonaws.com"]
+    }
+  }
+}
+
+resource "aws_iam_role" "irsa" {
+  for_each             = local.irsa_services
+  name                 = "${var.name_prefix}-${each.key}"
+  description          = "IRSA role of the ${each.key} service (ServiceAccount ${var.k8s_namespace}/${each.key})"
+  assume_role_policy   = data.aws_iam_policy_document.irsa_trust[each.key].json
+  max_session_duration = 3600
+}
+
+# orders: its table and index, sending order events to the notifier's queue (encrypted with the
+# notifier's key).
+data "aws_iam_policy_document" "orders" {
+  statement {
+    sid = "OrdersTable"
+    actions = [
+      "dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:DeleteItem",
+      "dynamodb:Query", "dynamodb:ConditionCheckItem", "dynamodb:BatchGetItem", "dynamodb:DescribeTable",
+    ]
+    resources = [aws_dynamodb_table.orders.arn, "${aws_dynamodb_table.orders.arn}/index/*"]
+  }
+  statement {
+    sid       = "SendOrderEvents"
+    actions   = ["sqs:SendMessage", "sqs:GetQueueAttributes", "sqs:GetQueueUrl"]
+    resources = [module.notifier.queue_arn]
+  }
+  statement {
+    sid       = "UseKeys"
+    actions   = ["kms:Decrypt", "kms:GenerateDataKey"]
+    resources = [aws_kms_key.data.arn, module.notifier.kms_key_arn]
+  }
+}
+
+# payments: its table and index.
+data "aws_iam_policy_document" "payments" {
+  statement {
+    sid = "PaymentsTable"
+    actions = [
+      "dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:DeleteItem",
+      "dynamodb:Query", "dynamodb:ConditionCheckItem", "dynamodb:BatchGetItem", "dynamodb:DescribeTable",
+    ]
+    resources = [aws_dynamodb_table.payments.arn, "${aws_dynamodb_table.payments.arn}/index/*"]
+  }
+  statement {
+    sid       = "UseKey"
+    actions   = ["kms:Decrypt", "kms:GenerateDataKey"]
+    resources = [aws_kms_key.data.arn]
+  }
+}
+
+# notifications: serves the records the Lambda writes (GET /api/v1/notifications) and, as
+# `mercato serve notifications` runs the same idempotent consumer as the Lambda, may consume
+# the queue and put records too (a conditional put per event id: never a duplicate record).
+data "aws_iam_policy_document" "notifications" {
+  statement {
+    sid       = "NotificationsTable"
+    actions   = ["dynamodb:GetItem", "dynamodb:Query", "dynamodb:PutItem", "dynamodb:DescribeTable"]
+    resources = [local.notifications_table_arn, "${local.notifications_table_arn}/index/*"]
+  }
+  statement {
+    sid       = "ConsumeOrderEvents"
+    actions   = ["sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:ChangeMessageVisibility", "sqs:GetQueueAttributes", "sqs:GetQueueUrl"]
+    resources = [module.notifier.queue_arn]
+  }
+  statement {
+    sid       = "UseKey"
+    actions   = ["kms:Decrypt", "kms:GenerateDataKey"]
+    resources = [module.notifier.kms_key_arn]
+  }
+}
+
+# analytics: writes and reads its result objects.
+data "aws_iam_policy_document" "analytics" {
+  statement {
+    sid       = "ListResults"
+    actions   = ["s3:ListBucket"]
+    resources = [aws_s3_bucket.analytics_results.arn]
+  }
+  statement {
+    sid       = "ReadWriteResults"
+    actions   = ["s3:GetObject", "s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload"]
+    resources = ["${aws_s3_bucket.analytics_results.arn}/*"]
+  }
+  statement {
+    sid       = "UseKey"
+    actions   = ["kms:Decrypt", "kms:GenerateDataKey"]
+    resources = [aws_kms_key.data.arn]
+  }
+}
+
+locals {
+  irsa_policies = {
+    orders        = data.aws_iam_policy_document.orders.json
+    payments      = data.aws_iam_policy_document.payments.json
+    notifications = data.aws_iam_policy_document.notifications.json
+    analytics     = data.aws_iam_policy_document.analytics.json
+  }
+}
+
+resource "aws_iam_role_policy" "irsa" {
+  for_each = local.irsa_services
+  name     = "${var.name_prefix}-${each.key}"
+  role     = aws_iam_role.irsa[each.key].id
+  policy   = local.irsa_policies[each.key]
+}

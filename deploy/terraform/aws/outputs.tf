@@ -1,0 +1,89 @@
+# Outputs of the AWS root module: what the image push, the Kubernetes overlay and operators need.
+
+output "ecr_repository_url" {
+  description = "Where to push the image (docker push URL:TAG); deploy it by digest (IMAGE in the aws-eks overlay's values.env)."
+  value       = aws_ecr_repository.mercato.repository_url
+}
+
+output "irsa_role_arns" {
+  description = "IAM role of each service that calls AWS APIs, by service name (eks.amazonaws.com/role-arn of its ServiceAccount)."
+  value       = { for name, role in aws_iam_role.irsa : name => role.arn }
+}
+
+output "orders_table" {
+  description = "DynamoDB table of orders (ORDERS_TABLE), GSI user_id-created_at."
+  value       = aws_dynamodb_table.orders.name
+}
+
+output "payments_table" {
+  description = "DynamoDB table of payments (PAYMENTS_TABLE), GSI order_id-index."
+  value       = aws_dynamodb_table.payments.name
+}
+
+output "notifications_table" {
+  description = "DynamoDB table of notification records (NOTIFICATIONS_TABLE), written by the notifier Lambda."
+  value       = module.notifier.table_name
+}
+
+output "order_events_queue_url" {
+  description = "The order-events SQS queue (SQS_QUEUE_URL); its dead-letter queue is order_events_dlq_url."
+  value       = module.notifier.queue_url
+}
+
+output "order_events_dlq_url" {
+  description = "Dead-letter queue of order-events: poison messages land here after the module's max_receive_count."
+  value       = module.notifier.dead_letter_queue_url
+}
+
+output "notifier_function_name" {
+  description = "The notifier Lambda function."
+  value       = module.notifier.function_name
+}
+
+output "postgres_endpoint" {
+  description = "host:port of the PostgreSQL database (database \"mercato\", user \"mercato\"), for DATABASE_URL in the mercato-secrets Secret."
+  value       = aws_db_instance.postgres.endpoint
+}
+
+output "postgres_master_secret_arn" {
+  description = "Secrets Manager secret holding the database master password (RDS-managed, rotated): aws secretsmanager get-secret-value --secret-id ARN."
+  value       = aws_db_instance.postgres.master_user_secret[0].secret_arn
+}
+
+output "analytics_results_url" {
+  description = "Object-store URL of the analytics results (MERCATO_ANALYTICS_ENGINE__RESULTS_URL)."
+  value       = "s3://${aws_s3_bucket.analytics_results.bucket}/results"
+}
+
+output "kms_key_arn" {
+  description = "The data key (tables, database, repository, results bucket, database logs)."
+  value       = aws_kms_key.data.arn
+}
+
+output "k8s_values_env" {
+  description = "The aws-eks overlay's values.env (role ARNs, certificate) without IMAGE, which the push step appends: see docs/deploy.md."
+  value = join("\n", [
+    "ORDERS_ROLE_ARN=${aws_iam_role.irsa["orders"].arn}",
+    "PAYMENTS_ROLE_ARN=${aws_iam_role.irsa["payments"].arn}",
+    "NOTIFICATIONS_ROLE_ARN=${aws_iam_role.irsa["notifications"].arn}",
+    "ANALYTICS_ROLE_ARN=${aws_iam_role.irsa["analytics"].arn}",
+    "CERTIFICATE_ARN=${var.certificate_arn}",
+    "",
+  ])
+}
+
+output "k8s_settings_env" {
+  description = "The aws-eks overlay's settings.env: region, table names, queue URL, Kafka endpoint, results bucket."
+  value = join("\n", [
+    "AWS_REGION=${var.region}",
+    "ORDERS_TABLE=${aws_dynamodb_table.orders.name}",
+    "PAYMENTS_TABLE=${aws_dynamodb_table.payments.name}",
+    "NOTIFICATIONS_TABLE=${module.notifier.table_name}",
+    "SQS_QUEUE_URL=${module.notifier.queue_url}",
+    "KAFKA_BOOTSTRAP_SERVERS=${var.kafka_bootstrap_servers}",
+    "KAFKA_SECURITY_PROTOCOL=SASL_SSL",
+    "KAFKA_SASL_MECHANISM=PLAIN",
+    "MERCATO_ANALYTICS_ENGINE__RESULTS_URL=s3://${aws_s3_bucket.analytics_results.bucket}/results",
+    "",
+  ])
+}

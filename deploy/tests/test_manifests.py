@@ -1,0 +1,437 @@
+#!/usr/bin/env python3
+"""Checks the rendered Kubernetes manifests against the binary they run.
+
+    test_manifests.py OVERLAY=RENDERED.yaml [OVERLAY=RENDERED.yaml ...]
+
+OVERLAY is `local` or `aws-eks`; RENDERED.yaml is `kubectl kustomize deploy/k8s/overlays/OVERLAY`.
+What the binary serves is read from its source, so a renamed route, a moved port or a new
+service fails here instead of in a cluster:
+
+- the services:           `ServiceName::X => "x"` in crates/mercato/src/startup.rs
+- their default ports:    `x: ServiceSettings::on(PORT)` in crates/kit/src/config.rs
+- the paths every service serves besides its API: `.route("/path", ...)` in crates/kit/src/server.rs
+
+Checked for every service: a Deployment, Service, ServiceAccount, PodDisruptionBudget and (all
+but analytics) a HorizontalPodAutoscaler; `mercato serve <service>`; the container port, the
+`MERCATO_<SERVICE>__PORT` setting, the Service's port and the Prometheus annotation all equal
+the binary's default port; the readiness probe GETs /ready, the liveness probe /health, the
+startup probe a served path, all on that port; MERCATO_HOST=0.0.0.0; the peer URLs point at the
+right Service and port; the data directory is a writable emptyDir under a read-only root; the
+pod runs non-root with no capabilities; every ConfigMap/Secret referenced exists (except the
+operator-created Secret of aws-eks). NetworkPolicies: evaluated pairwise, pod-to-pod traffic
+inside the namespace is allowed for exactly the calls in docs/architecture.md and nothing more.
+Exit status 1 with one line per problem.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+NAMESPACE = "mercato"
+# HTTP calls between services (docs/architecture.md); everything else goes through Kafka/SQS.
+CALLS = {
+    ("gateway", "users"), ("gateway", "products"), ("gateway", "orders"), ("gateway", "payments"),
+    ("gateway", "notifications"), ("gateway", "analytics"),
+    ("orders", "users"), ("orders", "products"),
+    ("payments", "orders"),
+}
+# Analytics keeps window state per instance: one replica, no autoscaler (deploy/k8s/base/analytics.yaml).
+NO_HPA = {"analytics"}
+# Services that call AWS APIs and get an IRSA role on EKS (deploy/terraform/aws/iam_irsa.tf).
+IRSA = {"orders", "payments", "notifications", "analytics"}
+# The Secret the operator creates on EKS (docs/deploy.md); not part of the rendered output.
+EXTERNAL_SECRETS = {"aws-eks": {"mercato-secrets"}, "local": set()}
+
+
+def source(path: str) -> str:
+    return (ROOT / path).read_text()
+
+
+def binary_facts() -> tuple[list[str], dict[str, int], set[str]]:
+    services = re.findall(r'ServiceName::\w+\s*=>\s*"([a-z]+)"', source("crates/mercato/src/startup.rs"))
+    ports = {name: int(port) for name, port in
+             re.findall(r"\b([a-z]+):\s*ServiceSettings::on\((\d+)\)", source("crates/kit/src/config.rs"))}
+    paths = set(re.findall(r'\.route\(\s*"(/[^"]*)"', source("crates/kit/src/server.rs")))
+    services = list(dict.fromkeys(services))
+    problems = []
+    if not services:
+        problems.append("no `ServiceName::X => \"x\"` arms found in crates/mercato/src/startup.rs")
+    for s in services:
+        if s not in ports:
+            problems.append(f"no `{s}: ServiceSettings::on(PORT)` default in crates/kit/src/config.rs")
+    for p in ("/health", "/ready", "/metrics"):
+        if p not in paths:
+            problems.append(f"crates/kit/src/server.rs no longer routes {p}")
+    if problems:
+        sys.exit("test_manifests: cannot read the binary's facts from source:\n  " + "\n  ".join(problems))
+    return services, ports, paths
+
+
+class Checker:
+    def __init__(self, overlay: str, docs: list[dict], services: list[str], ports: dict[str, int], paths: set[str]):
+        self.overlay, self.services, self.ports, self.paths = overlay, services, ports, paths
+        self.problems: list[str] = []
+        self.by_kind: dict[str, dict[str, dict]] = {}
+        for d in docs:
+            self.by_kind.setdefault(d["kind"], {})[d["metadata"]["name"]] = d
+
+    def fail(self, what: str) -> None:
+        self.problems.append(f"{self.overlay}: {what}")
+
+    def get(self, kind: str, name: str) -> dict | None:
+        return self.by_kind.get(kind, {}).get(name)
+
+    # ---------------------------------------------------------------- per service
+    def check_service(self, svc: str) -> None:
+        port = self.ports[svc]
+        for kind in ("Deployment", "Service", "ServiceAccount", "PodDisruptionBudget"):
+            if not self.get(kind, svc):
+                self.fail(f"no {kind} named {svc}")
+        if svc not in NO_HPA:
+            hpa = self.get("HorizontalPodAutoscaler", svc)
+            if not hpa:
+                self.fail(f"no HorizontalPodAutoscaler named {svc}")
+            else:
+                ref = hpa["spec"]["scaleTargetRef"]
+                if (ref.get("kind"), ref.get("name")) != ("Deployment", svc):
+                    self.fail(f"HorizontalPodAutoscaler {svc} scales {ref}")
+                metrics = [m["resource"]["name"] for m in hpa["spec"].get("metrics", []) if m.get("type") == "Resource"]
+                if "cpu" not in metrics:
+                    self.fail(f"HorizontalPodAutoscaler {svc} does not scale on CPU")
+        dep = self.get("Deployment", svc)
+        if not dep:
+            return
+        for d in self.docs_of("Deployment"):
+            if d["metadata"].get("namespace") != NAMESPACE:
+                self.fail(f"Deployment {d['metadata']['name']} is not in namespace {NAMESPACE}")
+        pod = dep["spec"]["template"]
+        spec = pod["spec"]
+        labels = pod["metadata"].get("labels", {})
+        containers = spec.get("containers", [])
+        if len(containers) != 1:
+            self.fail(f"Deployment {svc} has {len(containers)} containers, expected 1")
+            return
+        c = containers[0]
+        where = f"Deployment {svc} container {c.get('name')}"
+
+        # mercato serve <svc>
+        command, args = c.get("command"), c.get("args")
+        if command is not None and (len(command) != 1 or not command[0].endswith("/mercato")):
+            self.fail(f"{where}: command {command}, expected the mercato binary")
+        if args != ["serve", svc]:
+            self.fail(f"{where}: args {args}, expected ['serve', '{svc}']")
+
+        # ports
+        named = {p.get("name"): p["containerPort"] for p in c.get("ports", [])}
+        if named.get("http") != port:
+            self.fail(f"{where}: containerPort 'http' is {named.get('http')}, the binary's {svc} port is {port}")
+        env = self.environment(c, where)
+        if env.get(f"MERCATO_{svc.upper()}__PORT") != str(port):
+            self.fail(f"{where}: MERCATO_{svc.upper()}__PORT is {env.get(f'MERCATO_{svc.upper()}__PORT')!r}, expected '{port}'")
+        if env.get("MERCATO_HOST") != "0.0.0.0":
+            self.fail(f"{where}: MERCATO_HOST is {env.get('MERCATO_HOST')!r}, expected '0.0.0.0' (the default 127.0.0.1 is unreachable)")
+
+        # probes
+        for probe, expected in (("readinessProbe", "/ready"), ("livenessProbe", "/health"), ("startupProbe", None)):
+            p = c.get(probe)
+            if p is None:
+                if probe != "startupProbe":
+                    self.fail(f"{where}: no {probe}")
+                continue
+            get = p.get("httpGet")
+            if not get:
+                self.fail(f"{where}: {probe} is not an HTTP GET")
+                continue
+            path = get.get("path")
+            if expected and path != expected:
+                self.fail(f"{where}: {probe} path {path!r}, expected {expected!r}")
+            if path not in self.paths:
+                self.fail(f"{where}: {probe} path {path!r} is not served by the binary (serves {sorted(self.paths)})")
+            probe_port = named.get(get.get("port")) if isinstance(get.get("port"), str) else get.get("port")
+            if probe_port != port:
+                self.fail(f"{where}: {probe} port {get.get('port')!r} resolves to {probe_port}, the service listens on {port}")
+
+        # Prometheus
+        ann = pod["metadata"].get("annotations", {})
+        if ann.get("prometheus.io/scrape") != "true" or ann.get("prometheus.io/port") != str(port) \
+                or ann.get("prometheus.io/path") not in self.paths:
+            self.fail(f"Deployment {svc}: Prometheus annotations {ann} do not scrape a served path on {port}")
+
+        # security
+        psc, csc = spec.get("securityContext", {}), c.get("securityContext", {})
+        if not (psc.get("runAsNonRoot") or csc.get("runAsNonRoot")):
+            self.fail(f"{where}: runAsNonRoot is not set")
+        if csc.get("readOnlyRootFilesystem") is not True:
+            self.fail(f"{where}: the root filesystem is writable")
+        if csc.get("allowPrivilegeEscalation") is not False:
+            self.fail(f"{where}: allowPrivilegeEscalation is not false")
+        if "ALL" not in csc.get("capabilities", {}).get("drop", []) or csc.get("capabilities", {}).get("add"):
+            self.fail(f"{where}: capabilities are not dropped to none")
+        seccomp = (csc.get("seccompProfile") or psc.get("seccompProfile") or {}).get("type")
+        if seccomp != "RuntimeDefault":
+            self.fail(f"{where}: seccompProfile is {seccomp}, expected RuntimeDefault")
+        if spec.get("automountServiceAccountToken") is not False:
+            self.fail(f"Deployment {svc}: automountServiceAccountToken is not false")
+        if spec.get("enableServiceLinks") is not False:
+            # Service links inject <SERVICE>_PORT=tcp://... variables; one named MERCATO_* would be
+            # read as an unknown setting and refused at start-up.
+            self.fail(f"Deployment {svc}: enableServiceLinks is not false")
+        if spec.get("serviceAccountName") != svc:
+            self.fail(f"Deployment {svc}: serviceAccountName {spec.get('serviceAccountName')!r}, expected {svc!r}")
+        res = c.get("resources", {})
+        for k in ("requests", "limits"):
+            for r in ("cpu", "memory"):
+                if r not in res.get(k, {}):
+                    self.fail(f"{where}: no {k}.{r}")
+
+        # the data directory: a writable emptyDir
+        volumes = {v["name"]: v for v in spec.get("volumes", [])}
+        data_dir = env.get("MERCATO_DATA_DIR")
+        mounts = {m["mountPath"]: m for m in c.get("volumeMounts", [])}
+        if not data_dir or data_dir not in mounts:
+            self.fail(f"{where}: MERCATO_DATA_DIR {data_dir!r} is not a mounted volume (the root filesystem is read-only)")
+        else:
+            m = mounts[data_dir]
+            if m.get("readOnly") or "emptyDir" not in volumes.get(m["name"], {}):
+                self.fail(f"{where}: the data directory {data_dir} is not a writable emptyDir")
+
+        # settings file (secret settings as a file, not env)
+        config = env.get("MERCATO_CONFIG")
+        if config:
+            mount = next((m for p, m in mounts.items() if config.startswith(p.rstrip("/") + "/")), None)
+            vol = volumes.get(mount["name"]) if mount else None
+            items = (vol or {}).get("secret", {}).get("items", [])
+            rel = config[len(mount["mountPath"].rstrip("/")) + 1:] if mount else None
+            if not vol or not any(i.get("path") == rel for i in items):
+                self.fail(f"{where}: MERCATO_CONFIG={config} is not a file of a mounted Secret")
+            elif not any(i.get("key") == f"{svc}.toml" for i in items):
+                self.fail(f"{where}: its settings file is not the Secret's key {svc}.toml")
+
+        # Service
+        service = self.get("Service", svc)
+        if service:
+            sel = service["spec"].get("selector", {})
+            if not sel or any(labels.get(k) != v for k, v in sel.items()):
+                self.fail(f"Service {svc} selector {sel} does not select Deployment {svc}'s pods {labels}")
+            sp = service["spec"].get("ports", [])
+            if len(sp) != 1 or sp[0].get("port") != port:
+                self.fail(f"Service {svc} ports {sp}, expected one port {port}")
+            else:
+                target = sp[0].get("targetPort", sp[0]["port"])
+                target = named.get(target) if isinstance(target, str) else target
+                if target != port:
+                    self.fail(f"Service {svc} targetPort resolves to {target}, the container listens on {port}")
+
+        # every other service's URL, as this pod sees it
+        for peer in self.services:
+            url = env.get(f"MERCATO_{peer.upper()}__URL")
+            if url != f"http://{peer}:{self.ports[peer]}":
+                self.fail(f"{where}: MERCATO_{peer.upper()}__URL is {url!r}, expected 'http://{peer}:{self.ports[peer]}'")
+
+    def docs_of(self, kind: str) -> list[dict]:
+        return list(self.by_kind.get(kind, {}).values())
+
+    def environment(self, c: dict, where: str) -> dict[str, str]:
+        """The container's environment: envFrom ConfigMaps resolved, then env (which wins)."""
+        env: dict[str, str] = {}
+        for src in c.get("envFrom", []):
+            if "configMapRef" in src:
+                name = src["configMapRef"]["name"]
+                cm = self.get("ConfigMap", name)
+                if cm is None:
+                    self.fail(f"{where}: envFrom ConfigMap {name} is not in the output")
+                    continue
+                env.update({k: str(v) for k, v in cm.get("data", {}).items()})
+            elif "secretRef" in src:
+                self.fail(f"{where}: secrets as environment variables (envFrom {src['secretRef']['name']}); mount them as the settings file")
+        for e in c.get("env", []):
+            if "value" in e:
+                env[e["name"]] = str(e["value"])
+            elif "secretKeyRef" in e.get("valueFrom", {}):
+                self.fail(f"{where}: {e['name']} from a Secret as an environment variable; mount it as the settings file")
+        return env
+
+    # ---------------------------------------------------------------- references
+    def check_references(self) -> None:
+        external = EXTERNAL_SECRETS.get(self.overlay, set())
+        for dep in self.docs_of("Deployment"):
+            name = dep["metadata"]["name"]
+            for v in dep["spec"]["template"]["spec"].get("volumes", []):
+                if "secret" in v:
+                    s = v["secret"]["secretName"]
+                    secret = self.get("Secret", s)
+                    if secret is None and s not in external:
+                        self.fail(f"Deployment {name}: Secret {s} is neither rendered nor created by the operator")
+                    if secret is not None:
+                        for i in v["secret"].get("items", []):
+                            if i["key"] not in secret.get("data", {}) and i["key"] not in secret.get("stringData", {}):
+                                self.fail(f"Deployment {name}: Secret {s} has no key {i['key']}")
+                if "configMap" in v and self.get("ConfigMap", v["configMap"]["name"]) is None:
+                    self.fail(f"Deployment {name}: ConfigMap {v['configMap']['name']} is not in the output")
+
+    # ---------------------------------------------------------------- network policies
+    def check_network_policies(self) -> None:
+        policies = self.docs_of("NetworkPolicy")
+        if not policies:
+            self.fail("no NetworkPolicy")
+            return
+        deny = [p for p in policies if p["spec"].get("podSelector") in ({}, None)
+                and set(p["spec"].get("policyTypes", [])) >= {"Ingress", "Egress"}
+                and not p["spec"].get("ingress") and not p["spec"].get("egress")]
+        if not deny:
+            self.fail("no default-deny NetworkPolicy (podSelector {}, Ingress and Egress, no rules)")
+        pods = {}
+        for dep in self.docs_of("Deployment"):
+            tmpl = dep["spec"]["template"]
+            pods[dep["metadata"]["name"]] = tmpl["metadata"].get("labels", {})
+        allowed = set()
+        for src in pods:
+            for dst in pods:
+                if src != dst and self.allows(policies, pods, src, dst, self.ports.get(dst)):
+                    allowed.add((src, dst))
+        expected = {(a, b) for a, b in CALLS if a in pods and b in pods}
+        for a, b in sorted(expected - allowed):
+            self.fail(f"NetworkPolicies block {a} -> {b}:{self.ports[b]}, a call the architecture makes")
+        for a, b in sorted(allowed - expected):
+            self.fail(f"NetworkPolicies allow {a} -> {b}:{self.ports[b]}, a call the architecture does not make")
+        ingress_gateway = self.allows_from_outside(policies, pods["gateway"], self.ports["gateway"]) if "gateway" in pods else False
+        if not ingress_gateway:
+            self.fail("NetworkPolicies do not admit outside traffic (the load balancer) to the gateway")
+
+    @staticmethod
+    def matches(selector: dict | None, labels: dict) -> bool:
+        if selector is None:
+            return False
+        for k, v in selector.get("matchLabels", {}).items():
+            if labels.get(k) != v:
+                return False
+        for e in selector.get("matchExpressions", []):
+            value, op = labels.get(e["key"]), e["operator"]
+            if op == "In" and value not in e["values"]:
+                return False
+            if op == "NotIn" and value in e["values"]:
+                return False
+            if op == "Exists" and e["key"] not in labels:
+                return False
+            if op == "DoesNotExist" and e["key"] in labels:
+                return False
+        return True
+
+    @staticmethod
+    def port_ok(rule: dict, port: int) -> bool:
+        ports = rule.get("ports")
+        if not ports:
+            return True
+        return any(p.get("port") in (port, None) and p.get("protocol", "TCP") == "TCP" for p in ports)
+
+    def peer_is_pod(self, peers: list | None, labels: dict) -> bool:
+        """Does a from/to list admit a pod of this namespace with these labels? (ipBlock: no.)"""
+        if not peers:
+            return True
+        for peer in peers:
+            ns = peer.get("namespaceSelector")
+            if "ipBlock" in peer:
+                continue
+            if ns is not None and not self.matches(ns, {"kubernetes.io/metadata.name": NAMESPACE}):
+                continue
+            pod_sel = peer.get("podSelector")
+            if pod_sel is None or self.matches(pod_sel, labels):
+                return True
+        return False
+
+    def allows(self, policies: list, pods: dict, src: str, dst: str, port: int | None) -> bool:
+        if port is None:
+            return False
+        src_l, dst_l = pods[src], pods[dst]
+        egress = [p for p in policies if "Egress" in p["spec"].get("policyTypes", []) and self.matches(p["spec"].get("podSelector", {}), src_l)]
+        ingress = [p for p in policies if "Ingress" in p["spec"].get("policyTypes", ["Ingress"]) and self.matches(p["spec"].get("podSelector", {}), dst_l)]
+        out_ok = not egress or any(self.port_ok(r, port) and self.peer_is_pod(r.get("to"), dst_l)
+                                   for p in egress for r in p["spec"].get("egress", []))
+        in_ok = not ingress or any(self.port_ok(r, port) and self.peer_is_pod(r.get("from"), src_l)
+                                   for p in ingress for r in p["spec"].get("ingress", []))
+        return out_ok and in_ok
+
+    def allows_from_outside(self, policies: list, labels: dict, port: int) -> bool:
+        ingress = [p for p in policies if "Ingress" in p["spec"].get("policyTypes", ["Ingress"]) and self.matches(p["spec"].get("podSelector", {}), labels)]
+        return not ingress or any(self.port_ok(r, port) and not r.get("from") for p in ingress for r in p["spec"].get("ingress", []))
+
+    # ---------------------------------------------------------------- overlays
+    def check_overlay(self) -> None:
+        deps = self.docs_of("Deployment")
+        if self.overlay == "aws-eks":
+            for d in deps:
+                c = d["spec"]["template"]["spec"]["containers"][0]
+                if not re.search(r"@sha256:[0-9a-f]{64}$", c["image"]):
+                    self.fail(f"Deployment {d['metadata']['name']}: image {c['image']} is not pinned by digest")
+                skips = [k for k in d["metadata"].get("annotations", {}) if k.startswith("checkov.io/skip")]
+                if skips:
+                    self.fail(f"Deployment {d['metadata']['name']}: checkov suppressions {skips} left in the production render")
+            for svc in self.services:
+                sa = self.get("ServiceAccount", svc)
+                arn = (sa or {}).get("metadata", {}).get("annotations", {}).get("eks.amazonaws.com/role-arn")
+                if svc in IRSA and not (arn and re.match(r"^arn:aws[a-z-]*:iam::\d{12}:role/.+", arn)):
+                    self.fail(f"ServiceAccount {svc}: no IRSA role (eks.amazonaws.com/role-arn), it calls AWS APIs")
+                if svc not in IRSA and arn:
+                    self.fail(f"ServiceAccount {svc}: has an IAM role but calls no AWS API")
+            ing = self.get("Ingress", "gateway")
+            if not ing:
+                self.fail("no Ingress for the gateway")
+            else:
+                backends = [p["backend"]["service"] for r in ing["spec"]["rules"] for p in r["http"]["paths"]]
+                if any(b["name"] != "gateway" for b in backends):
+                    self.fail(f"Ingress gateway routes to {backends}, expected the gateway Service only")
+            cm = next((c for c in self.docs_of("ConfigMap") if c["metadata"]["name"].startswith("mercato-config")), {})
+            if cm.get("data", {}).get("AWS_REGION") != "ap-south-1":
+                self.fail("the aws-eks settings do not set AWS_REGION=ap-south-1")
+        elif self.overlay == "local":
+            for d in deps:
+                c = d["spec"]["template"]["spec"]["containers"][0]
+                if c["image"] != "mercato:dev" or c.get("imagePullPolicy") != "IfNotPresent":
+                    self.fail(f"Deployment {d['metadata']['name']}: image {c['image']} ({c.get('imagePullPolicy')}), expected mercato:dev (IfNotPresent)")
+                if d["spec"].get("replicas") != 1:
+                    self.fail(f"Deployment {d['metadata']['name']}: {d['spec'].get('replicas')} replicas; embedded stores need 1")
+            for h in self.docs_of("HorizontalPodAutoscaler"):
+                if h["spec"]["maxReplicas"] != 1:
+                    self.fail(f"HorizontalPodAutoscaler {h['metadata']['name']} may scale past 1 replica on embedded stores")
+        else:
+            self.fail("unknown overlay (expected local or aws-eks)")
+
+    def run(self) -> list[str]:
+        names = {d for d in self.by_kind.get("Deployment", {})}
+        for extra in sorted(names - set(self.services)):
+            self.fail(f"Deployment {extra} is not a service of the binary {self.services}")
+        for svc in self.services:
+            self.check_service(svc)
+        self.check_references()
+        self.check_network_policies()
+        self.check_overlay()
+        return self.problems
+
+
+def main(argv: list[str]) -> int:
+    if not argv:
+        print(__doc__, file=sys.stderr)
+        return 2
+    services, ports, paths = binary_facts()
+    problems, summary = [], []
+    for arg in argv:
+        overlay, _, path = arg.partition("=")
+        docs = [d for d in yaml.safe_load_all(Path(path).read_text()) if d]
+        problems += Checker(overlay, docs, services, ports, paths).run()
+        summary.append(f"{overlay} {len(docs)} objects")
+    if problems:
+        print("\n".join(f"test_manifests: {p}" for p in problems), file=sys.stderr)
+        print(f"test_manifests: {len(problems)} problem(s)", file=sys.stderr)
+        return 1
+    print(f"test_manifests: {', '.join(summary)}: {len(services)} services ({', '.join(services)}) "
+          f"checked against the binary's ports and routes {sorted(paths)}; NetworkPolicies allow exactly {len(CALLS)} calls")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
