@@ -169,6 +169,15 @@ pub struct NotifierSettings {
 pub struct AnalyticsSettings {
     /// Tumbling window size.
     pub window_secs: i64,
+    /// How far the watermark trails the latest event time: a window is final (and published)
+    /// once an event this much past its end has been seen; events for final windows are late.
+    pub allowed_lateness_secs: i64,
+    /// Where final windows are written as JSON lines partitioned by date: `file://DIR`,
+    /// `s3://bucket/prefix`, `gs://bucket/prefix`; `<data_dir>/analytics-results` when unset.
+    pub results_url: Option<String>,
+    /// Names this instance's partial windows so several instances' results can be merged;
+    /// `$HOSTNAME` (a pod's name) when unset, else `analytics`.
+    pub instance_id: Option<String>,
 }
 
 impl Default for Settings {
@@ -276,7 +285,12 @@ impl Default for NotifierSettings {
 
 impl Default for AnalyticsSettings {
     fn default() -> Self {
-        AnalyticsSettings { window_secs: 60 }
+        AnalyticsSettings {
+            window_secs: 60,
+            allowed_lateness_secs: 30,
+            results_url: None,
+            instance_id: None,
+        }
     }
 }
 

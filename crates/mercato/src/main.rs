@@ -53,6 +53,16 @@ enum AnalyticsCommand {
         #[arg(long, default_value = "analytics-replay")]
         output: PathBuf,
     },
+    /// Merge the final windows several analytics instances wrote under one results location
+    /// (`file:///dir`, a directory, `s3://…`, `gs://…`) into one window per minute, as JSON lines.
+    Merge {
+        /// The instances' shared `analytics_engine.results_url`.
+        #[arg(long)]
+        input: String,
+        /// Where to write the merged windows; stdout when absent.
+        #[arg(long)]
+        output: Option<PathBuf>,
+    },
 }
 
 /// Prints to stdout, ignoring a closed stdout (a supervisor that stopped reading must not
@@ -77,6 +87,9 @@ fn main() -> anyhow::Result<()> {
         Some(Command::Analytics {
             command: AnalyticsCommand::Replay { input, output },
         }) => return replay(&settings, &input, &output),
+        Some(Command::Analytics {
+            command: AnalyticsCommand::Merge { input, output },
+        }) => return merge(&input, output.as_deref()),
     };
     if no_demo {
         settings.demo = false;
@@ -97,21 +110,52 @@ fn replay(
 ) -> anyhow::Result<()> {
     let windows = analytics::engine::Windows::of_secs(settings.analytics_engine.window_secs)
         .context("analytics_engine.window_secs must be positive")?;
+    let lateness =
+        analytics::engine::Lateness::of_secs(settings.analytics_engine.allowed_lateness_secs)
+            .context("analytics_engine.allowed_lateness_secs must not be negative")?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the runtime")?;
-    let report = runtime.block_on(analytics::replay::replay(input, output, windows))?;
+    let report = runtime.block_on(analytics::replay::replay(input, output, windows, lateness))?;
     let rate = report.lines as f64 / report.elapsed.as_secs_f64().max(1e-9);
     say!(
-        "replayed {} events ({} new) into {} windows in {:.2} s: {:.0} events/s; {}",
+        "replayed {} events ({} new, {} late) into {} windows in {:.2} s: {:.0} events/s; {}",
         report.lines,
         report.applied,
+        report.late,
         report.windows,
         report.elapsed.as_secs_f64(),
         rate,
         output.join("windows.jsonl").display()
     );
+    Ok(())
+}
+
+fn merge(input: &str, output: Option<&std::path::Path>) -> anyhow::Result<()> {
+    use analytics::results::ObjectSink;
+    let sink = if input.contains("://") {
+        ObjectSink::from_url(input)
+    } else {
+        ObjectSink::local_dir(std::path::Path::new(input))
+    }
+    .with_context(|| format!("opening {input}"))?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    let merged = runtime.block_on(analytics::results::merge_objects(&sink))?;
+    let mut lines = String::new();
+    for window in &merged {
+        lines.push_str(&serde_json::to_string(&window.report(true))?);
+        lines.push('\n');
+    }
+    match output {
+        Some(path) => {
+            std::fs::write(path, lines).with_context(|| format!("writing {}", path.display()))?
+        }
+        None => say!("{}", lines.trim_end()),
+    }
     Ok(())
 }
 

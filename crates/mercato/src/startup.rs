@@ -368,21 +368,43 @@ impl Assembly<'_> {
 
     async fn analytics(&mut self) -> anyhow::Result<()> {
         let (stream, _) = self.transports()?;
-        let windows =
-            analytics::engine::Windows::of_secs(self.settings.analytics_engine.window_secs)
-                .context("analytics_engine.window_secs must be positive")?;
+        let engine = &self.settings.analytics_engine;
+        let windows = analytics::engine::Windows::of_secs(engine.window_secs)
+            .context("analytics_engine.window_secs must be positive")?;
+        let lateness = analytics::engine::Lateness::of_secs(engine.allowed_lateness_secs)
+            .context("analytics_engine.allowed_lateness_secs must not be negative")?;
+        let objects = match &engine.results_url {
+            Some(url) => analytics::results::ObjectSink::from_url(url),
+            None => analytics::results::ObjectSink::local_dir(
+                &self.settings.data_dir.join("analytics-results"),
+            ),
+        }
+        .context("opening analytics_engine.results_url")?;
+        let instance = engine
+            .instance_id
+            .clone()
+            .or_else(|| std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()))
+            .unwrap_or_else(|| "analytics".into());
         let store = analytics::AnalyticsStore::open(
             &self.db_url(ServiceName::Analytics),
             &self.settings.sqlite,
             windows,
+            lateness,
         )
         .await
         .context("opening the analytics store")?;
         self.closers.push(store.db().clone());
         let feed = analytics::feed::Feed::new(self.shutdown.clone());
+        let emitter = analytics::results::Emitter {
+            store: store.clone(),
+            objects: Some(objects),
+            stream: Some(stream.clone()),
+            instance,
+        };
         self.tasks.spawn(analytics::consumer::run(
             store.clone(),
             feed.clone(),
+            emitter,
             stream,
             self.shutdown.clone(),
         ));

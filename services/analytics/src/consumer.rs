@@ -1,6 +1,7 @@
 //! Feeds the `orders` stream into the window store. Offsets are committed only after the
 //! batch's state is committed; a crash in between replays the batch, which the store's
-//! event-id check turns into a no-op.
+//! event-id check turns into a no-op. After each batch, windows the watermark has passed are
+//! handed to the results sinks.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,6 +12,7 @@ use bus::names::ORDERS_TOPIC;
 use tokio_util::sync::CancellationToken;
 
 use crate::feed::Feed;
+use crate::results::Emitter;
 use crate::store::AnalyticsStore;
 
 pub const CONSUMER_GROUP: &str = "analytics";
@@ -18,6 +20,7 @@ pub const CONSUMER_GROUP: &str = "analytics";
 pub async fn run(
     store: AnalyticsStore,
     feed: Feed,
+    emitter: Emitter,
     stream: Arc<dyn Stream>,
     shutdown: CancellationToken,
 ) {
@@ -56,10 +59,21 @@ pub async fn run(
                 })
                 .collect();
             match store.apply(&events).await {
-                Ok(fresh) => {
-                    metrics::counter!("analytics_events_total").increment(fresh as u64);
-                    if fresh > 0 {
+                Ok(applied) => {
+                    metrics::counter!("analytics_events_total").increment(applied.fresh as u64);
+                    if applied.late > 0 {
+                        tracing::warn!(
+                            late = applied.late,
+                            "events arrived after their window was final"
+                        );
+                        metrics::counter!("late_events_total").increment(applied.late as u64);
+                    }
+                    if applied.fresh > 0 {
                         publish_updates(&store, &feed, &events).await;
+                        // A sink that fails keeps its windows unemitted: retried after the next batch.
+                        if let Err(e) = emitter.emit_final().await {
+                            tracing::warn!(error = %e, "emitting final windows failed; will retry");
+                        }
                     }
                 }
                 Err(e) => {

@@ -11,7 +11,7 @@ use chrono::{DateTime, Utc};
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::engine::Windows;
+use crate::engine::{Lateness, Windows};
 use crate::store::{AnalyticsStore, StoreError};
 
 /// Namespace of event ids derived from a line's content when the event carries none (the
@@ -35,6 +35,8 @@ pub enum ReplayError {
 pub struct ReplayReport {
     pub lines: usize,
     pub applied: usize,
+    /// Events whose window was already final when their batch was applied.
+    pub late: usize,
     pub windows: usize,
     pub elapsed: Duration,
 }
@@ -87,11 +89,14 @@ fn parse_all(lines: &[(usize, &str)]) -> Result<Vec<OrderEvent>, ReplayError> {
     })
 }
 
-/// Replays `input` into a fresh store under `output` and writes `output/windows.jsonl`.
+/// Replays `input` into a fresh store under `output` and writes `output/windows.jsonl`: every
+/// window, since the end of the input closes them all. The watermark moves per batch of
+/// lines exactly as it moves per polled batch in the service.
 pub async fn replay(
     input: &Path,
     output: &Path,
     windows: Windows,
+    lateness: Lateness,
 ) -> Result<ReplayReport, ReplayError> {
     let started = Instant::now();
     let file =
@@ -106,11 +111,16 @@ pub async fn replay(
         synchronous: "off".into(),
         ..Default::default()
     };
-    let store =
-        AnalyticsStore::open(&format!("sqlite://{}", db.display()), &settings, windows).await?;
+    let store = AnalyticsStore::open(
+        &format!("sqlite://{}", db.display()),
+        &settings,
+        windows,
+        lateness,
+    )
+    .await?;
     // Streamed in batches, so memory stays flat whatever the file's size.
     let mut reader = std::io::BufReader::new(file).lines();
-    let (mut count, mut applied, mut number) = (0, 0, 0);
+    let (mut count, mut applied, mut late, mut number) = (0, 0, 0, 0);
     loop {
         let mut batch = Vec::with_capacity(BATCH);
         for line in reader.by_ref() {
@@ -128,7 +138,9 @@ pub async fn replay(
         }
         count += batch.len();
         let borrowed: Vec<(usize, &str)> = batch.iter().map(|(n, l)| (*n, l.trim())).collect();
-        applied += store.apply(&parse_all(&borrowed)?).await?;
+        let outcome = store.apply(&parse_all(&borrowed)?).await?;
+        applied += outcome.fresh;
+        late += outcome.late;
     }
     let all = store
         .windows_between(DateTime::<Utc>::MIN_UTC, DateTime::<Utc>::MAX_UTC)
@@ -137,8 +149,9 @@ pub async fn replay(
     let mut file = std::io::BufWriter::new(
         std::fs::File::create(&path).map_err(|e| ReplayError::Io(path.display().to_string(), e))?,
     );
-    for window in &all {
-        let line = serde_json::to_string(window).map_err(|e| ReplayError::BadLine {
+    for mut window in all.iter().cloned() {
+        window.is_final = true;
+        let line = serde_json::to_string(&window).map_err(|e| ReplayError::BadLine {
             line: 0,
             reason: e.to_string(),
         })?;
@@ -150,6 +163,7 @@ pub async fn replay(
     Ok(ReplayReport {
         lines: count,
         applied,
+        late,
         windows: all.len(),
         elapsed: started.elapsed(),
     })
@@ -180,10 +194,18 @@ mod tests {
         ];
         std::fs::write(&input, lines.join("\n")).unwrap();
         let out = dir.path().join("out");
-        let report = replay(&input, &out, Windows::of_secs(60).unwrap())
-            .await
-            .unwrap();
-        assert_eq!((report.lines, report.applied, report.windows), (4, 3, 2));
+        let report = replay(
+            &input,
+            &out,
+            Windows::of_secs(60).unwrap(),
+            Lateness::of_secs(30).unwrap(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            (report.lines, report.applied, report.late, report.windows),
+            (4, 3, 0, 2)
+        );
         let written = std::fs::read_to_string(out.join("windows.jsonl")).unwrap();
         let windows: Vec<Value> = written
             .lines()
@@ -203,9 +225,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let input = dir.path().join("events.jsonl");
         std::fs::write(&input, "{}\n").unwrap();
-        let err = replay(&input, &dir.path().join("o"), Windows::of_secs(60).unwrap())
-            .await
-            .unwrap_err();
+        let err = replay(
+            &input,
+            &dir.path().join("o"),
+            Windows::of_secs(60).unwrap(),
+            Lateness::of_secs(30).unwrap(),
+        )
+        .await
+        .unwrap_err();
         assert!(matches!(err, ReplayError::BadLine { line: 1, .. }), "{err}");
     }
 }

@@ -1,4 +1,6 @@
-//! Window state in SQLite, applied exactly once per event id.
+//! Window state in SQLite, applied exactly once per event id. The event-time high-water mark
+//! (hence the watermark) is stored in the same transaction as the window figures and the
+//! processed event ids, so a restart resumes exactly where the last committed batch left off.
 
 use bus::event::{OrderEvent, types};
 use chrono::{DateTime, Utc};
@@ -6,15 +8,20 @@ use kit::Money;
 use kit::db::{Db, DbError, Step, now_ms};
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
+use uuid::Uuid;
 
-use rusqlite::{Connection, params};
+use rusqlite::{Connection, OptionalExtension as _, params};
 
-use crate::engine::{ProductSales, WindowReport, Windows, average};
+use crate::engine::{
+    Lateness, PartialWindow, ProductSales, WindowReport, Windows, average, is_final,
+};
+use crate::sketch::UserSketch;
 
-pub static MIGRATIONS: &[Step] = &[(
-    1,
-    "windows",
-    "CREATE TABLE processed_events (
+pub static MIGRATIONS: &[Step] = &[
+    (
+        1,
+        "windows",
+        "CREATE TABLE processed_events (
         event_id TEXT PRIMARY KEY,
         processed_at INTEGER NOT NULL
     ) WITHOUT ROWID;
@@ -44,7 +51,24 @@ pub static MIGRATIONS: &[Step] = &[(
         PRIMARY KEY (window_start, event_type)
     ) WITHOUT ROWID;
     CREATE TABLE users_seen (user_id TEXT PRIMARY KEY) WITHOUT ROWID;",
-)];
+    ),
+    (
+        2,
+        "watermark, lateness, sketches, emission",
+        "ALTER TABLE windows ADD COLUMN late_events INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE windows ADD COLUMN users_sketch BLOB;
+    -- set once the final window has been handed to the results sinks
+    ALTER TABLE windows ADD COLUMN emitted_at INTEGER;
+    CREATE INDEX windows_unemitted ON windows (window_end) WHERE emitted_at IS NULL;
+    CREATE TABLE engine_state (
+        name TEXT PRIMARY KEY,
+        value INTEGER NOT NULL
+    ) WITHOUT ROWID;",
+    ),
+];
+
+/// engine_state row holding the latest event time applied (ms since epoch).
+const MAX_EVENT_TIME: &str = "max_event_time_ms";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -65,29 +89,50 @@ pub struct Summary {
     pub avg_order_value: Money,
     pub items_sold: i64,
     pub events_processed: i64,
+    /// Events that arrived after their window was final (not in the figures).
+    pub late_events: i64,
     pub first_window_start: Option<DateTime<Utc>>,
     pub last_window_end: Option<DateTime<Utc>>,
+    /// Windows ending at or before this are final; absent before the first event.
+    pub watermark: Option<DateTime<Utc>>,
+}
+
+/// What one [`AnalyticsStore::apply`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// Events not seen before (late ones included).
+    pub fresh: usize,
+    /// Of those, the ones whose window was already final.
+    pub late: usize,
 }
 
 /// What a batch of new events adds, aggregated per window before touching the database.
 #[derive(Debug, Default)]
 struct Delta {
-    /// window start → (window end, orders, revenue cents, items)
-    windows: BTreeMap<i64, (i64, i64, i64, i64)>,
+    /// window start → (window end, orders, revenue cents, items, late events)
+    windows: BTreeMap<i64, (i64, i64, i64, i64, i64)>,
     event_types: BTreeMap<(i64, String), i64>,
-    window_users: BTreeSet<(i64, String)>,
+    window_users: BTreeMap<i64, BTreeSet<Uuid>>,
     users: BTreeSet<String>,
     /// (window start, product) → (quantity, revenue cents)
     products: BTreeMap<(i64, String), (i64, i64)>,
 }
 
 impl Delta {
+    fn late(&mut self, windows: Windows, e: &OrderEvent) {
+        let start = windows.start_of(e.created_at);
+        self.windows
+            .entry(start)
+            .or_insert((start + windows.size_ms(), 0, 0, 0, 0))
+            .4 += 1;
+    }
+
     fn add(&mut self, windows: Windows, e: &OrderEvent) {
         let start = windows.start_of(e.created_at);
         let window = self
             .windows
             .entry(start)
-            .or_insert((start + windows.size_ms(), 0, 0, 0));
+            .or_insert((start + windows.size_ms(), 0, 0, 0, 0));
         *self
             .event_types
             .entry((start, e.event_type.clone()))
@@ -98,9 +143,11 @@ impl Delta {
         window.1 += 1;
         window.2 += e.total_amount.cents();
         window.3 += e.items_count;
-        let user = e.user_id.to_string();
-        self.window_users.insert((start, user.clone()));
-        self.users.insert(user);
+        self.window_users
+            .entry(start)
+            .or_default()
+            .insert(e.user_id);
+        self.users.insert(e.user_id.to_string());
         for item in &e.items {
             let revenue = item
                 .unit_price
@@ -118,12 +165,14 @@ impl Delta {
 
     fn write(&self, conn: &Connection) -> Result<(), rusqlite::Error> {
         let mut windows = conn.prepare_cached(
-            "INSERT INTO windows (window_start, window_end, order_count, revenue_cents, items_sold) VALUES (?1, ?2, ?3, ?4, ?5)
+            "INSERT INTO windows (window_start, window_end, order_count, revenue_cents, items_sold, late_events)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
              ON CONFLICT (window_start) DO UPDATE SET order_count = order_count + excluded.order_count,
-                revenue_cents = revenue_cents + excluded.revenue_cents, items_sold = items_sold + excluded.items_sold",
+                revenue_cents = revenue_cents + excluded.revenue_cents, items_sold = items_sold + excluded.items_sold,
+                late_events = late_events + excluded.late_events",
         )?;
-        for (start, (end, orders, revenue, items)) in &self.windows {
-            windows.execute(params![start, end, orders, revenue, items])?;
+        for (start, (end, orders, revenue, items, late)) in &self.windows {
+            windows.execute(params![start, end, orders, revenue, items, late])?;
         }
         let mut types = conn.prepare_cached(
             "INSERT INTO window_event_types (window_start, event_type, count) VALUES (?1, ?2, ?3)
@@ -135,8 +184,21 @@ impl Delta {
         let mut window_users = conn.prepare_cached(
             "INSERT OR IGNORE INTO window_users (window_start, user_id) VALUES (?1, ?2)",
         )?;
-        for (start, user) in &self.window_users {
-            window_users.execute(params![start, user])?;
+        let mut read_sketch =
+            conn.prepare_cached("SELECT users_sketch FROM windows WHERE window_start = ?1")?;
+        let mut write_sketch =
+            conn.prepare_cached("UPDATE windows SET users_sketch = ?2 WHERE window_start = ?1")?;
+        for (start, users) in &self.window_users {
+            let stored: Option<Vec<u8>> = read_sketch.query_row([start], |r| r.get(0))?;
+            let mut sketch = stored
+                .as_deref()
+                .and_then(UserSketch::from_bytes)
+                .unwrap_or_default();
+            for user in users {
+                window_users.execute(params![start, user.to_string()])?;
+                sketch.insert(*user);
+            }
+            write_sketch.execute(params![start, sketch.as_bytes()])?;
         }
         let mut users =
             conn.prepare_cached("INSERT OR IGNORE INTO users_seen (user_id) VALUES (?1)")?;
@@ -159,6 +221,7 @@ impl Delta {
 pub struct AnalyticsStore {
     db: Db,
     windows: Windows,
+    lateness: Lateness,
 }
 
 fn ts(ms: i64) -> Result<DateTime<Utc>, StoreError> {
@@ -170,10 +233,12 @@ impl AnalyticsStore {
         url: &str,
         sqlite: &kit::config::SqliteSettings,
         windows: Windows,
+        lateness: Lateness,
     ) -> Result<Self, DbError> {
         Ok(AnalyticsStore {
             db: Db::open(url, sqlite, MIGRATIONS).await?,
             windows,
+            lateness,
         })
     }
 
@@ -187,30 +252,111 @@ impl AnalyticsStore {
 
     /// Applies a batch in one transaction; events already applied (now or in an earlier
     /// batch) are skipped. The batch is aggregated in memory first, so the number of writes
-    /// depends on the windows touched, not on the number of events. Returns how many were new.
-    pub async fn apply(&self, events: &[OrderEvent]) -> Result<usize, StoreError> {
+    /// depends on the windows touched, not on the number of events.
+    ///
+    /// The watermark moves per batch, as in Spark's micro-batches: an event is late when its
+    /// window was final before the batch began, so the outcome does not depend on the order
+    /// of events inside a batch.
+    pub async fn apply(&self, events: &[OrderEvent]) -> Result<Applied, StoreError> {
         if events.is_empty() {
-            return Ok(0);
+            return Ok(Applied::default());
         }
         let events = events.to_vec();
-        let windows = self.windows;
+        let (windows, lateness) = (self.windows, self.lateness);
         self.db
             .write(move |tx| {
                 let now = now_ms();
+                let max_seen = max_event_time(tx)?;
+                let watermark = lateness.watermark(max_seen);
                 let mut mark =
                     tx.prepare_cached("INSERT OR IGNORE INTO processed_events (event_id, processed_at) VALUES (?1, ?2)")?;
                 let mut delta = Delta::default();
-                let mut fresh = 0;
+                let mut applied = Applied::default();
+                let mut batch_max = max_seen;
                 for e in &events {
                     // Also drops a repeat of the same id inside this batch.
-                    if mark.execute(params![e.event_id.to_string(), now])? == 1 {
-                        fresh += 1;
+                    if mark.execute(params![e.event_id.to_string(), now])? != 1 {
+                        continue;
+                    }
+                    applied.fresh += 1;
+                    let at = e.created_at.timestamp_millis();
+                    batch_max = Some(batch_max.map_or(at, |m| m.max(at)));
+                    let end = windows.start_of(e.created_at) + windows.size_ms();
+                    if is_final(end, watermark) {
+                        applied.late += 1;
+                        delta.late(windows, e);
+                    } else {
                         delta.add(windows, e);
                     }
                 }
                 delta.write(tx)?;
-                Ok(fresh)
+                if let Some(max) = batch_max.filter(|m| Some(*m) != max_seen) {
+                    tx.execute(
+                        "INSERT INTO engine_state (name, value) VALUES (?1, ?2)
+                         ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+                        params![MAX_EVENT_TIME, max],
+                    )?;
+                }
+                Ok(applied)
             })
+            .await
+    }
+
+    /// Windows ending at or before this are final; `None` before the first event.
+    pub async fn watermark(&self) -> Result<Option<i64>, StoreError> {
+        let lateness = self.lateness;
+        self.db
+            .read(move |conn| Ok(lateness.watermark(max_event_time(conn)?)))
+            .await
+    }
+
+    /// Final windows not yet handed to the results sinks, oldest first, as mergeable partials.
+    pub async fn unemitted_final(&self, limit: u32) -> Result<Vec<PartialWindow>, StoreError> {
+        let Some(watermark) = self.watermark().await? else {
+            return Ok(Vec::new());
+        };
+        self.db
+            .read(move |conn| {
+                let starts = conn
+                    .prepare_cached(
+                        "SELECT window_start FROM windows WHERE emitted_at IS NULL AND window_end <= ?1
+                         ORDER BY window_start LIMIT ?2",
+                    )?
+                    .query_map(params![watermark, limit], |r| r.get::<_, i64>(0))?
+                    .collect::<Result<Vec<_>, _>>()?;
+                let mut out = Vec::with_capacity(starts.len());
+                for start in starts {
+                    out.extend(read_partials(conn, start, start + 1)?);
+                }
+                Ok(out)
+            })
+            .await
+    }
+
+    /// Records that the windows starting at `starts` reached every results sink.
+    pub async fn mark_emitted(&self, starts: Vec<DateTime<Utc>>) -> Result<(), StoreError> {
+        self.db
+            .write(move |tx| {
+                let now = now_ms();
+                let mut mark = tx
+                    .prepare_cached("UPDATE windows SET emitted_at = ?2 WHERE window_start = ?1")?;
+                for start in &starts {
+                    mark.execute(params![start.timestamp_millis(), now])?;
+                }
+                Ok(())
+            })
+            .await
+    }
+
+    /// Mergeable state of the windows starting in `[from, to)`, oldest first.
+    pub async fn partials_between(
+        &self,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> Result<Vec<PartialWindow>, StoreError> {
+        let (from, to) = (self.windows.start_of(from), to.timestamp_millis());
+        self.db
+            .read(move |conn| read_partials(conn, from, to))
             .await
     }
 
@@ -234,51 +380,13 @@ impl AnalyticsStore {
         from: DateTime<Utc>,
         to: DateTime<Utc>,
     ) -> Result<Vec<WindowReport>, StoreError> {
-        let (from, to) = (self.windows.start_of(from), to.timestamp_millis());
-        self.db
-            .read(move |conn| {
-                let rows = conn
-                    .prepare_cached(
-                        "SELECT w.window_start, w.window_end, w.order_count, w.revenue_cents, w.items_sold,
-                                (SELECT COUNT(*) FROM window_users u WHERE u.window_start = w.window_start)
-                         FROM windows w WHERE w.window_start >= ?1 AND w.window_start < ?2 ORDER BY w.window_start",
-                    )?
-                    .query_map([from, to], |r| {
-                        Ok((
-                            r.get::<_, i64>(0)?,
-                            r.get::<_, i64>(1)?,
-                            r.get::<_, i64>(2)?,
-                            r.get::<_, i64>(3)?,
-                            r.get::<_, i64>(4)?,
-                            r.get::<_, i64>(5)?,
-                        ))
-                    })?
-                    .collect::<Result<Vec<_>, _>>()?;
-                let mut counts: BTreeMap<i64, BTreeMap<String, i64>> = BTreeMap::new();
-                let mut by_type = conn.prepare_cached(
-                    "SELECT window_start, event_type, count FROM window_event_types WHERE window_start >= ?1 AND window_start < ?2",
-                )?;
-                for row in by_type.query_map([from, to], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?)))? {
-                    let (start, kind, n) = row?;
-                    counts.entry(start).or_default().insert(kind, n);
-                }
-                rows.into_iter()
-                    .map(|(start, end, orders, revenue, items, users)| {
-                        let revenue = Money::from_cents(revenue).map_err(|_| StoreError::Corrupt)?;
-                        Ok(WindowReport {
-                            window_start: ts(start)?,
-                            window_end: ts(end)?,
-                            order_count: orders,
-                            unique_users: users,
-                            total_revenue: revenue,
-                            avg_order_value: average(revenue, orders),
-                            items_sold: items,
-                            event_counts: counts.remove(&start).unwrap_or_default(),
-                        })
-                    })
-                    .collect()
-            })
-            .await
+        let watermark = self.watermark().await?;
+        Ok(self
+            .partials_between(from, to)
+            .await?
+            .iter()
+            .map(|p| p.report(is_final(p.window_end.timestamp_millis(), watermark)))
+            .collect())
     }
 
     /// The best-selling products by revenue over windows starting in `[from, to)`.
@@ -315,12 +423,14 @@ impl AnalyticsStore {
     }
 
     pub async fn summary(&self) -> Result<Summary, StoreError> {
+        let lateness = self.lateness;
         self.db
-            .read(|conn| {
-                let (orders, revenue, items, first, last, users, events) = conn.query_row(
+            .read(move |conn| {
+                let (orders, revenue, items, first, last, users, events, late) = conn.query_row(
                     "SELECT COALESCE(SUM(order_count), 0), COALESCE(SUM(revenue_cents), 0), COALESCE(SUM(items_sold), 0),
                             MIN(window_start), MAX(window_end),
-                            (SELECT COUNT(*) FROM users_seen), (SELECT COUNT(*) FROM processed_events)
+                            (SELECT COUNT(*) FROM users_seen), (SELECT COUNT(*) FROM processed_events),
+                            COALESCE(SUM(late_events), 0)
                      FROM windows",
                     [],
                     |r| {
@@ -332,9 +442,11 @@ impl AnalyticsStore {
                             r.get::<_, Option<i64>>(4)?,
                             r.get::<_, i64>(5)?,
                             r.get::<_, i64>(6)?,
+                            r.get::<_, i64>(7)?,
                         ))
                     },
                 )?;
+                let watermark = lateness.watermark(max_event_time(conn)?);
                 let revenue = Money::from_cents(revenue).map_err(|_| StoreError::Corrupt)?;
                 Ok(Summary {
                     order_count: orders,
@@ -343,12 +455,111 @@ impl AnalyticsStore {
                     avg_order_value: average(revenue, orders),
                     items_sold: items,
                     events_processed: events,
+                    late_events: late,
                     first_window_start: first.map(ts).transpose()?,
                     last_window_end: last.map(ts).transpose()?,
+                    watermark: watermark.map(ts).transpose()?,
                 })
             })
             .await
     }
+}
+
+fn max_event_time(conn: &Connection) -> Result<Option<i64>, rusqlite::Error> {
+    conn.prepare_cached("SELECT value FROM engine_state WHERE name = ?1")?
+        .query_row([MAX_EVENT_TIME], |r| r.get(0))
+        .optional()
+}
+
+/// The mergeable state of the windows starting in `[from, to)` (ms), oldest first.
+fn read_partials(conn: &Connection, from: i64, to: i64) -> Result<Vec<PartialWindow>, StoreError> {
+    let rows = conn
+        .prepare_cached(
+            "SELECT window_start, window_end, order_count, revenue_cents, items_sold, late_events, users_sketch
+             FROM windows WHERE window_start >= ?1 AND window_start < ?2 ORDER BY window_start",
+        )?
+        .query_map([from, to], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, i64>(3)?,
+                r.get::<_, i64>(4)?,
+                r.get::<_, i64>(5)?,
+                r.get::<_, Option<Vec<u8>>>(6)?,
+            ))
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut counts: BTreeMap<i64, BTreeMap<String, i64>> = BTreeMap::new();
+    let mut by_type = conn.prepare_cached(
+        "SELECT window_start, event_type, count FROM window_event_types WHERE window_start >= ?1 AND window_start < ?2",
+    )?;
+    for row in by_type.query_map([from, to], |r| {
+        Ok((
+            r.get::<_, i64>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, i64>(2)?,
+        ))
+    })? {
+        let (start, kind, n) = row?;
+        counts.entry(start).or_default().insert(kind, n);
+    }
+    let mut users: BTreeMap<i64, BTreeSet<Uuid>> = BTreeMap::new();
+    let mut by_user = conn.prepare_cached(
+        "SELECT window_start, user_id FROM window_users WHERE window_start >= ?1 AND window_start < ?2",
+    )?;
+    for row in by_user.query_map([from, to], |r| {
+        Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+    })? {
+        let (start, user) = row?;
+        let user = Uuid::parse_str(&user).map_err(|_| StoreError::Corrupt)?;
+        users.entry(start).or_default().insert(user);
+    }
+    let mut products: BTreeMap<i64, Vec<ProductSales>> = BTreeMap::new();
+    let mut by_product = conn.prepare_cached(
+        "SELECT window_start, product_id, quantity, revenue_cents FROM window_products
+         WHERE window_start >= ?1 AND window_start < ?2 ORDER BY window_start, product_id",
+    )?;
+    for row in by_product.query_map([from, to], |r| {
+        Ok((
+            r.get::<_, i64>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, i64>(2)?,
+            r.get::<_, i64>(3)?,
+        ))
+    })? {
+        let (start, product_id, quantity, revenue) = row?;
+        products.entry(start).or_default().push(ProductSales {
+            product_id,
+            quantity,
+            revenue: Money::from_cents(revenue).map_err(|_| StoreError::Corrupt)?,
+        });
+    }
+    rows.into_iter()
+        .map(|(start, end, orders, revenue, items, late, sketch)| {
+            let users = users.remove(&start).unwrap_or_default();
+            let sketch = match sketch {
+                Some(bytes) => UserSketch::from_bytes(&bytes).ok_or(StoreError::Corrupt)?,
+                // Windows written before sketches existed: rebuilt from the exact set.
+                None => users.iter().fold(UserSketch::default(), |mut s, u| {
+                    s.insert(*u);
+                    s
+                }),
+            };
+            Ok(PartialWindow {
+                window_start: ts(start)?,
+                window_end: ts(end)?,
+                order_count: orders,
+                total_revenue: Money::from_cents(revenue).map_err(|_| StoreError::Corrupt)?,
+                items_sold: items,
+                late_events: late,
+                event_counts: counts.remove(&start).unwrap_or_default(),
+                products: products.remove(&start).unwrap_or_default(),
+                users,
+                users_sketch: sketch.to_hex(),
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -379,6 +590,129 @@ mod tests {
         }
     }
 
+    async fn open(dir: &tempfile::TempDir, name: &str, lateness_secs: i64) -> AnalyticsStore {
+        AnalyticsStore::open(
+            &format!("sqlite://{}/{name}.db", dir.path().display()),
+            &Default::default(),
+            Windows::of_secs(60).unwrap(),
+            Lateness::of_secs(lateness_secs).unwrap(),
+        )
+        .await
+        .unwrap()
+    }
+
+    fn at(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+    }
+
+    #[tokio::test]
+    async fn events_after_the_watermark_are_late_and_kept_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir, "late", 30).await;
+        assert_eq!(store.watermark().await.unwrap(), None);
+        // Batch 1: out of order inside the allowed lateness: nothing is late.
+        let on_time = store
+            .apply(&[
+                created(1, 1_000, "2026-11-24T10:00:50Z"),
+                created(2, 2_000, "2026-11-24T10:01:20Z"),
+                created(3, 300, "2026-11-24T10:00:55Z"),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(on_time, Applied { fresh: 3, late: 0 });
+        // Watermark 10:00:50: [10:00, 10:01) is still open, so these are on time too.
+        assert_eq!(
+            store
+                .apply(&[created(4, 50, "2026-11-24T10:00:01Z")])
+                .await
+                .unwrap(),
+            Applied { fresh: 1, late: 0 }
+        );
+        // An event at 10:01:30 moves the watermark to 10:01:00: the first window is final.
+        store
+            .apply(&[created(5, 7, "2026-11-24T10:01:30Z")])
+            .await
+            .unwrap();
+        assert_eq!(
+            store.watermark().await.unwrap(),
+            Some(at("2026-11-24T10:01:00Z").timestamp_millis())
+        );
+        let late = created(6, 99_999, "2026-11-24T10:00:59Z");
+        assert_eq!(
+            store.apply(std::slice::from_ref(&late)).await.unwrap(),
+            Applied { fresh: 1, late: 1 }
+        );
+        assert_eq!(
+            store.apply(&[late]).await.unwrap(),
+            Applied::default(),
+            "a redelivered late event is neither counted nor late twice"
+        );
+        let windows = store
+            .windows_between(at("2026-11-24T10:00:00Z"), at("2026-11-24T10:05:00Z"))
+            .await
+            .unwrap();
+        assert_eq!(windows.len(), 2);
+        let first = &windows[0];
+        assert_eq!(
+            (first.order_count, first.late_events, first.is_final),
+            (3, 1, true)
+        );
+        assert_eq!(
+            first.total_revenue.to_string(),
+            "13.50",
+            "the late 999.99 is not in it"
+        );
+        assert_eq!((windows[1].order_count, windows[1].is_final), (2, false));
+        let summary = store.summary().await.unwrap();
+        assert_eq!(
+            (
+                summary.late_events,
+                summary.order_count,
+                summary.events_processed
+            ),
+            (1, 5, 6)
+        );
+        assert_eq!(summary.watermark, Some(at("2026-11-24T10:01:00Z")));
+    }
+
+    #[tokio::test]
+    async fn final_windows_are_emitted_once_and_the_watermark_survives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = open(&dir, "emit", 30).await;
+            store
+                .apply(&[
+                    created(1, 100, "2026-11-24T10:00:10Z"),
+                    created(2, 200, "2026-11-24T10:01:10Z"),
+                    created(3, 300, "2026-11-24T10:02:40Z"),
+                ])
+                .await
+                .unwrap();
+            let ready = store.unemitted_final(100).await.unwrap();
+            assert_eq!(
+                ready.iter().map(|p| p.window_start).collect::<Vec<_>>(),
+                [at("2026-11-24T10:00:00Z"), at("2026-11-24T10:01:00Z")],
+                "watermark 10:02:10 closes two windows"
+            );
+            store
+                .mark_emitted(vec![ready[0].window_start])
+                .await
+                .unwrap();
+            store.db().close().await;
+        }
+        let store = open(&dir, "emit", 30).await;
+        assert_eq!(
+            store.watermark().await.unwrap(),
+            Some(at("2026-11-24T10:02:10Z").timestamp_millis()),
+            "the event-time high-water mark was committed with the state"
+        );
+        let ready = store.unemitted_final(100).await.unwrap();
+        assert_eq!(ready.len(), 1);
+        assert_eq!(ready[0].window_start, at("2026-11-24T10:01:00Z"));
+        assert_eq!(ready[0].users.len(), 1);
+        assert_eq!(ready[0].sketch().unwrap().estimate(), 1);
+    }
+
     #[tokio::test]
     async fn windows_count_each_event_once() {
         let dir = tempfile::tempdir().unwrap();
@@ -386,6 +720,7 @@ mod tests {
             &format!("sqlite://{}/a.db", dir.path().display()),
             &Default::default(),
             Windows::of_secs(60).unwrap(),
+            Lateness::of_secs(3600).unwrap(),
         )
         .await
         .unwrap();
@@ -396,17 +731,18 @@ mod tests {
             store
                 .apply(&[a.clone(), b.clone(), c.clone()])
                 .await
-                .unwrap(),
+                .unwrap()
+                .fresh,
             3
         );
         assert_eq!(
-            store.apply(&[a.clone(), c.clone()]).await.unwrap(),
+            store.apply(&[a.clone(), c.clone()]).await.unwrap().fresh,
             0,
             "replays are ignored"
         );
         let d = created(3, 100, "2026-11-24T10:02:00Z");
         assert_eq!(
-            store.apply(&[d.clone(), d.clone()]).await.unwrap(),
+            store.apply(&[d.clone(), d.clone()]).await.unwrap().fresh,
             1,
             "a repeat inside one batch counts once"
         );
