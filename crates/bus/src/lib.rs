@@ -6,9 +6,13 @@
 //! - [`outbox`]: events are written in the same transaction as the state they describe,
 //!   then relayed at least once; consumers deduplicate by event id.
 //! - [`embedded`]: both traits on one SQLite file, so `mercato up` needs nothing installed.
+//! - `kafka` (feature `kafka`): [`Stream`] on a Kafka cluster (Confluent Cloud, or any
+//!   Kafka-protocol broker) through rdkafka.
 
 pub mod embedded;
 pub mod event;
+#[cfg(feature = "kafka")]
+pub mod kafka;
 pub mod outbox;
 
 use std::collections::BTreeMap;
@@ -35,6 +39,8 @@ pub enum BusError {
     UnsupportedUrl(String),
     #[error("malformed record: {0}")]
     Malformed(String),
+    #[error("kafka: {0}")]
+    Kafka(String),
 }
 
 pub type Headers = BTreeMap<String, String>;

@@ -138,6 +138,14 @@ pub struct KafkaSettings {
     pub sasl_mechanism: Option<String>,
     pub api_key: Option<String>,
     pub api_secret: Option<String>,
+    /// Create the `orders`, `payments` and `analytics-results` topics (with
+    /// `bus.stream_partitions` partitions) where missing: for local brokers; managed clusters
+    /// get theirs from Terraform.
+    pub create_topics: bool,
+    /// Most records per produced batch (librdkafka `batch.num.messages`; its default when
+    /// unset). tansu 0.6 cannot serve a fetch that starts inside a batch, so a consumer
+    /// resuming mid-batch there stalls; `1` avoids it on that broker.
+    pub batch_messages: Option<u32>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -111,6 +111,42 @@ impl Platform {
     }
 }
 
+/// Kafka when `bus.kafka.bootstrap_servers` (`KAFKA_BOOTSTRAP_SERVERS`) is set; the topics are
+/// created where missing when `bus.kafka.create_topics` is on (local brokers).
+#[cfg(feature = "kafka")]
+async fn external_stream(settings: &Settings) -> anyhow::Result<Option<Arc<dyn Stream>>> {
+    if settings.bus.kafka.bootstrap_servers.is_none() {
+        return Ok(None);
+    }
+    let kafka = bus::kafka::KafkaStream::new(&settings.bus.kafka).context("configuring Kafka")?;
+    if settings.bus.kafka.create_topics {
+        let partitions = i32::try_from(settings.bus.stream_partitions.max(1)).unwrap_or(1);
+        kafka
+            .ensure_topics(
+                &[
+                    bus::names::ORDERS_TOPIC,
+                    bus::names::PAYMENTS_TOPIC,
+                    analytics::results::RESULTS_TOPIC,
+                ],
+                partitions,
+            )
+            .await
+            .context("creating the Kafka topics")?;
+    }
+    Ok(Some(Arc::new(kafka)))
+}
+
+#[cfg(not(feature = "kafka"))]
+async fn external_stream(settings: &Settings) -> anyhow::Result<Option<Arc<dyn Stream>>> {
+    if settings.bus.kafka.bootstrap_servers.is_some() {
+        bail!(
+            "KAFKA_BOOTSTRAP_SERVERS is set but this binary was built without Kafka: \
+             build with `cargo build --release --features kafka`, or unset it to use the embedded stream"
+        );
+    }
+    Ok(None)
+}
+
 /// Everything the services being started share while the platform is assembled.
 struct Assembly<'a> {
     settings: &'a Settings,
@@ -118,6 +154,8 @@ struct Assembly<'a> {
     urls: Vec<(ServiceName, String)>,
     http: reqwest::Client,
     bus: Option<EmbeddedBus>,
+    /// The stream when it is not the embedded one (Kafka).
+    external_stream: Option<Arc<dyn Stream>>,
     shutdown: CancellationToken,
     tasks: JoinSet<()>,
     closers: Vec<kit::db::Db>,
@@ -162,7 +200,11 @@ impl Assembly<'_> {
     /// The embedded bus as a stream and a queue (the services that need one only start with it).
     fn transports(&self) -> anyhow::Result<(Arc<dyn Stream>, Arc<dyn Queue>)> {
         let bus = self.bus.clone().context("the bus is not open")?;
-        Ok((Arc::new(bus.clone()), Arc::new(bus)))
+        let stream: Arc<dyn Stream> = match &self.external_stream {
+            Some(stream) => stream.clone(),
+            None => Arc::new(bus.clone()),
+        };
+        Ok((stream, Arc::new(bus)))
     }
 
     /// Ready when the service's database (and the bus, if it uses one) answers.
@@ -406,6 +448,7 @@ impl Assembly<'_> {
             feed.clone(),
             emitter,
             stream,
+            analytics::consumer::Subscription::default(),
             self.shutdown.clone(),
         ));
         let (pruned, retention) = (store.clone(), self.retention());
@@ -490,11 +533,12 @@ pub async fn start(settings: &Settings, services: &[ServiceName]) -> anyhow::Res
         })
         .collect();
 
-    if settings.bus.queue_url.is_some() || settings.bus.kafka.bootstrap_servers.is_some() {
+    if settings.bus.queue_url.is_some() {
         bail!(
-            "Kafka and SQS transports are not built into this version; unset SQS_QUEUE_URL / KAFKA_BOOTSTRAP_SERVERS to use the embedded bus"
+            "the SQS transport is not built into this version; unset SQS_QUEUE_URL to use the embedded queue"
         );
     }
+    let external_stream = external_stream(settings).await?;
     let needs_bus = [
         ServiceName::Orders,
         ServiceName::Payments,
@@ -523,6 +567,7 @@ pub async fn start(settings: &Settings, services: &[ServiceName]) -> anyhow::Res
         urls,
         http: http_client(&settings.http).context("building the HTTP client")?,
         bus: bus.clone(),
+        external_stream,
         shutdown: CancellationToken::new(),
         tasks: JoinSet::new(),
         closers: Vec::new(),

@@ -17,16 +17,39 @@ use crate::store::AnalyticsStore;
 
 pub const CONSUMER_GROUP: &str = "analytics";
 
+/// Where the consumer reads: instances sharing a group share the topic's partitions, and
+/// their final windows merge (see [`crate::results`]).
+#[derive(Debug, Clone)]
+pub struct Subscription {
+    pub topic: String,
+    pub group: String,
+}
+
+impl Default for Subscription {
+    /// The `orders` topic in the `analytics` group.
+    fn default() -> Self {
+        Subscription {
+            topic: ORDERS_TOPIC.to_owned(),
+            group: CONSUMER_GROUP.to_owned(),
+        }
+    }
+}
+
+/// Consumes the subscription's topic until `shutdown`.
 pub async fn run(
     store: AnalyticsStore,
     feed: Feed,
     emitter: Emitter,
     stream: Arc<dyn Stream>,
+    subscription: Subscription,
     shutdown: CancellationToken,
 ) {
     let mut delay = Duration::from_millis(200);
     while !shutdown.is_cancelled() {
-        let mut consumer = match stream.subscribe(ORDERS_TOPIC, CONSUMER_GROUP).await {
+        let mut consumer = match stream
+            .subscribe(&subscription.topic, &subscription.group)
+            .await
+        {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot subscribe to orders");

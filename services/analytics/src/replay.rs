@@ -1,18 +1,24 @@
-//! Replay: the same windowing engine and store over a file of order events (the seed's JSON,
-//! one per line), for backfills and benchmarks. Lines are parsed on every core; events are
-//! applied in large batches, each one transaction, exactly as the stream consumer applies them.
+//! Replay: the same windowing rules (windows, watermark, lateness, dedup by event id,
+//! mergeable partial windows) over a file of order events (the seed's JSON, one per line), for
+//! backfills and benchmarks. A bounded file needs no crash recovery, so state is held in
+//! memory instead of the service's SQLite store: lines are parsed on every core straight into
+//! the fields windows need, and folded batch by batch, the watermark moving per batch exactly
+//! as it moves per polled batch in the service.
 
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{BufRead as _, Write as _};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use bus::event::OrderEvent;
+use bus::event::{OrderEventItem, types};
 use chrono::{DateTime, Utc};
-use serde_json::Value;
+use kit::Money;
+use serde::Deserialize;
 use uuid::Uuid;
 
-use crate::engine::{Lateness, Windows};
-use crate::store::{AnalyticsStore, StoreError};
+use crate::engine::{Lateness, PartialWindow, ProductSales, Windows, is_final};
+use crate::sketch::UserSketch;
+use crate::store::Applied;
 
 /// Namespace of event ids derived from a line's content when the event carries none (the
 /// seed's events do not): a duplicated line is then deduplicated like a redelivered event.
@@ -25,10 +31,6 @@ pub enum ReplayError {
     Io(String, std::io::Error),
     #[error("line {line}: {reason}")]
     BadLine { line: usize, reason: String },
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    #[error("cannot open the replay store: {0}")]
-    Open(#[from] kit::db::DbError),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -41,25 +43,148 @@ pub struct ReplayReport {
     pub elapsed: Duration,
 }
 
-fn parse_line(number: usize, line: &str) -> Result<OrderEvent, ReplayError> {
-    let bad = |reason: String| ReplayError::BadLine {
+/// The fields of a seed order event that windows use (unknown fields are ignored).
+#[derive(Debug, Deserialize)]
+struct SeedEvent {
+    event_id: Option<Uuid>,
+    event_type: String,
+    user_id: Uuid,
+    total_amount: Money,
+    items_count: i64,
+    created_at: DateTime<Utc>,
+    #[serde(default)]
+    items: Vec<OrderEventItem>,
+}
+
+fn parse_line(number: usize, line: &str) -> Result<SeedEvent, ReplayError> {
+    let mut event: SeedEvent = serde_json::from_str(line).map_err(|e| ReplayError::BadLine {
         line: number,
-        reason,
-    };
-    let mut value: Value = serde_json::from_str(line).map_err(|e| bad(e.to_string()))?;
-    if let Value::Object(map) = &mut value
-        && !map.contains_key("event_id")
-    {
-        let id = Uuid::new_v5(&LINE_IDS, line.as_bytes());
-        map.insert("event_id".into(), Value::String(id.to_string()));
-        map.entry("currency")
-            .or_insert_with(|| Value::String("USD".into()));
+        reason: e.to_string(),
+    })?;
+    if event.event_id.is_none() {
+        event.event_id = Some(Uuid::new_v5(&LINE_IDS, line.as_bytes()));
     }
-    serde_json::from_value(value).map_err(|e| bad(e.to_string()))
+    Ok(event)
+}
+
+/// One window's state while replaying.
+#[derive(Debug, Default)]
+struct WindowState {
+    orders: i64,
+    revenue_cents: i64,
+    items: i64,
+    late: i64,
+    event_counts: BTreeMap<String, i64>,
+    users: HashSet<Uuid>,
+    sketch: UserSketch,
+    /// product → (quantity, revenue cents)
+    products: HashMap<Uuid, (i64, i64)>,
+}
+
+/// Windows folded in memory, with the same rules as [`crate::store::AnalyticsStore::apply`].
+#[derive(Debug)]
+struct Fold {
+    windows: Windows,
+    lateness: Lateness,
+    seen: HashSet<Uuid>,
+    max_event_ms: Option<i64>,
+    state: BTreeMap<i64, WindowState>,
+}
+
+impl Fold {
+    fn new(windows: Windows, lateness: Lateness) -> Fold {
+        Fold {
+            windows,
+            lateness,
+            seen: HashSet::new(),
+            max_event_ms: None,
+            state: BTreeMap::new(),
+        }
+    }
+
+    fn apply(&mut self, events: &[SeedEvent]) -> Applied {
+        let watermark = self.lateness.watermark(self.max_event_ms);
+        let mut applied = Applied::default();
+        for e in events {
+            if !self.seen.insert(e.event_id.unwrap_or_default()) {
+                continue;
+            }
+            applied.fresh += 1;
+            let at = e.created_at.timestamp_millis();
+            self.max_event_ms = Some(self.max_event_ms.map_or(at, |m| m.max(at)));
+            let start = self.windows.start_of(e.created_at);
+            let window = self.state.entry(start).or_default();
+            if is_final(start + self.windows.size_ms(), watermark) {
+                applied.late += 1;
+                window.late += 1;
+                continue;
+            }
+            *window.event_counts.entry(e.event_type.clone()).or_insert(0) += 1;
+            if e.event_type != types::ORDER_CREATED {
+                continue;
+            }
+            window.orders += 1;
+            window.revenue_cents += e.total_amount.cents();
+            window.items += e.items_count;
+            if window.users.insert(e.user_id) {
+                window.sketch.insert(e.user_id);
+            }
+            for item in &e.items {
+                let revenue = item
+                    .unit_price
+                    .checked_mul(item.quantity)
+                    .unwrap_or(Money::ZERO);
+                let p = window.products.entry(item.product_id).or_insert((0, 0));
+                p.0 += item.quantity;
+                p.1 += revenue.cents();
+            }
+        }
+        applied
+    }
+
+    fn partials(&self) -> Result<Vec<PartialWindow>, ReplayError> {
+        let overflow = |what: &str| ReplayError::BadLine {
+            line: 0,
+            reason: format!("{what} out of range"),
+        };
+        self.state
+            .iter()
+            .map(|(start, w)| {
+                let window_start =
+                    DateTime::from_timestamp_millis(*start).ok_or_else(|| overflow("a window"))?;
+                let mut products = w
+                    .products
+                    .iter()
+                    .map(|(id, (quantity, cents))| {
+                        Ok(ProductSales {
+                            product_id: id.to_string(),
+                            quantity: *quantity,
+                            revenue: Money::from_cents(*cents).map_err(|_| overflow("revenue"))?,
+                        })
+                    })
+                    .collect::<Result<Vec<_>, ReplayError>>()?;
+                products.sort_by(|a, b| a.product_id.cmp(&b.product_id));
+                Ok(PartialWindow {
+                    window_start,
+                    window_end: window_start
+                        + chrono::Duration::milliseconds(self.windows.size_ms()),
+                    order_count: w.orders,
+                    total_revenue: Money::from_cents(w.revenue_cents)
+                        .map_err(|_| overflow("revenue"))?,
+                    items_sold: w.items,
+                    late_events: w.late,
+                    event_counts: w.event_counts.clone(),
+                    products,
+                    users: w.users.iter().copied().collect(),
+                    users_sketch: w.sketch.to_hex(),
+                })
+            })
+            .collect()
+    }
 }
 
 /// Parses `lines` on all cores, keeping their order.
-fn parse_all(lines: &[(usize, &str)]) -> Result<Vec<OrderEvent>, ReplayError> {
+fn parse_all(lines: &[(usize, &str)]) -> Result<Vec<SeedEvent>, ReplayError> {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let chunk = lines.len().div_ceil(threads).max(1);
     std::thread::scope(|scope| {
@@ -89,43 +214,45 @@ fn parse_all(lines: &[(usize, &str)]) -> Result<Vec<OrderEvent>, ReplayError> {
     })
 }
 
-/// Replays `input` into a fresh store under `output` and writes `output/windows.jsonl`: every
-/// window, since the end of the input closes them all. The watermark moves per batch of
-/// lines exactly as it moves per polled batch in the service.
+/// Replays `input` and writes `output/windows.jsonl`: every window, since the end of the
+/// input closes them all.
 pub async fn replay(
     input: &Path,
     output: &Path,
     windows: Windows,
     lateness: Lateness,
 ) -> Result<ReplayReport, ReplayError> {
+    let (input, output) = (input.to_owned(), output.to_owned());
+    tokio::task::spawn_blocking(move || replay_blocking(&input, &output, windows, lateness))
+        .await
+        .map_err(|e| ReplayError::BadLine {
+            line: 0,
+            reason: e.to_string(),
+        })?
+}
+
+fn replay_blocking(
+    input: &Path,
+    output: &Path,
+    windows: Windows,
+    lateness: Lateness,
+) -> Result<ReplayReport, ReplayError> {
     let started = Instant::now();
-    let file =
-        std::fs::File::open(input).map_err(|e| ReplayError::Io(input.display().to_string(), e))?;
-    std::fs::create_dir_all(output)
-        .map_err(|e| ReplayError::Io(output.display().to_string(), e))?;
-    let db = output.join("replay.db");
-    for stale in ["replay.db", "replay.db-wal", "replay.db-shm"] {
-        let _ = std::fs::remove_file(output.join(stale));
-    }
-    let settings = kit::config::SqliteSettings {
-        synchronous: "off".into(),
-        ..Default::default()
+    let io = |path: &Path| {
+        let shown = path.display().to_string();
+        move |e| ReplayError::Io(shown, e)
     };
-    let store = AnalyticsStore::open(
-        &format!("sqlite://{}", db.display()),
-        &settings,
-        windows,
-        lateness,
-    )
-    .await?;
+    let file = std::fs::File::open(input).map_err(io(input))?;
+    std::fs::create_dir_all(output).map_err(io(output))?;
+    let mut fold = Fold::new(windows, lateness);
     // Streamed in batches, so memory stays flat whatever the file's size.
-    let mut reader = std::io::BufReader::new(file).lines();
+    let mut reader = std::io::BufReader::with_capacity(1 << 20, file).lines();
     let (mut count, mut applied, mut late, mut number) = (0, 0, 0, 0);
     loop {
         let mut batch = Vec::with_capacity(BATCH);
         for line in reader.by_ref() {
             number += 1;
-            let line = line.map_err(|e| ReplayError::Io(input.display().to_string(), e))?;
+            let line = line.map_err(io(input))?;
             if !line.trim().is_empty() {
                 batch.push((number, line));
             }
@@ -138,28 +265,22 @@ pub async fn replay(
         }
         count += batch.len();
         let borrowed: Vec<(usize, &str)> = batch.iter().map(|(n, l)| (*n, l.trim())).collect();
-        let outcome = store.apply(&parse_all(&borrowed)?).await?;
+        let outcome = fold.apply(&parse_all(&borrowed)?);
         applied += outcome.fresh;
         late += outcome.late;
     }
-    let all = store
-        .windows_between(DateTime::<Utc>::MIN_UTC, DateTime::<Utc>::MAX_UTC)
-        .await?;
+    let all = fold.partials()?;
     let path = output.join("windows.jsonl");
-    let mut file = std::io::BufWriter::new(
-        std::fs::File::create(&path).map_err(|e| ReplayError::Io(path.display().to_string(), e))?,
-    );
-    for mut window in all.iter().cloned() {
-        window.is_final = true;
-        let line = serde_json::to_string(&window).map_err(|e| ReplayError::BadLine {
-            line: 0,
-            reason: e.to_string(),
-        })?;
-        writeln!(file, "{line}").map_err(|e| ReplayError::Io(path.display().to_string(), e))?;
+    let mut file = std::io::BufWriter::new(std::fs::File::create(&path).map_err(io(&path))?);
+    for window in &all {
+        let line =
+            serde_json::to_string(&window.report(true)).map_err(|e| ReplayError::BadLine {
+                line: 0,
+                reason: e.to_string(),
+            })?;
+        writeln!(file, "{line}").map_err(io(&path))?;
     }
-    file.flush()
-        .map_err(|e| ReplayError::Io(path.display().to_string(), e))?;
-    store.db().close().await;
+    file.flush().map_err(io(&path))?;
     Ok(ReplayReport {
         lines: count,
         applied,
@@ -172,6 +293,89 @@ pub async fn replay(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::AnalyticsStore;
+    use bus::event::OrderEvent;
+    use serde_json::Value;
+
+    /// The in-memory fold and the service's SQLite store must agree on everything, late
+    /// events, repeats and other event types included.
+    #[tokio::test]
+    async fn the_fold_and_the_service_store_compute_the_same_windows() {
+        let start: DateTime<Utc> = "2026-11-24T10:00:00Z".parse().unwrap();
+        let events: Vec<OrderEvent> = (0..900_u64)
+            .map(|i| {
+                // Mostly in order, some 20 s early, and every 50th from two minutes back (late).
+                let offset = i as i64 * 700
+                    - if i % 9 == 0 { 20_000 } else { 0 }
+                    - if i % 50 == 49 { 120_000 } else { 0 };
+                let cents = 100 + (i * 7919 % 9_000) as i64;
+                OrderEvent {
+                    event_id: Uuid::from_u128(u128::from(i % 850) + 1),
+                    event_type: if i % 8 == 0 {
+                        types::ORDER_CANCELLED.into()
+                    } else {
+                        types::ORDER_CREATED.into()
+                    },
+                    order_id: Uuid::new_v4(),
+                    user_id: Uuid::from_u128(u128::from(i % 37)),
+                    total_amount: Money::from_cents(cents * 3).unwrap(),
+                    currency: "USD".into(),
+                    status: "pending".into(),
+                    items_count: 3,
+                    created_at: start + chrono::Duration::milliseconds(offset),
+                    occurred_at: None,
+                    items: vec![OrderEventItem {
+                        product_id: Uuid::from_u128(u128::from(i % 5)),
+                        quantity: 3,
+                        unit_price: Money::from_cents(cents).unwrap(),
+                    }],
+                }
+            })
+            .collect();
+        let (windows, lateness) = (
+            Windows::of_secs(60).unwrap(),
+            Lateness::of_secs(30).unwrap(),
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let store = AnalyticsStore::open(
+            &format!("sqlite://{}/s.db", dir.path().display()),
+            &Default::default(),
+            windows,
+            lateness,
+        )
+        .await
+        .unwrap();
+        let mut fold = Fold::new(windows, lateness);
+        let (mut from_store, mut from_fold) = (Applied::default(), Applied::default());
+        for batch in events.chunks(64) {
+            let a = store.apply(batch).await.unwrap();
+            let lines: Vec<String> = batch
+                .iter()
+                .map(|e| serde_json::to_string(e).unwrap())
+                .collect();
+            let parsed: Vec<SeedEvent> = lines
+                .iter()
+                .enumerate()
+                .map(|(n, l)| parse_line(n, l).unwrap())
+                .collect();
+            let b = fold.apply(&parsed);
+            from_store.fresh += a.fresh;
+            from_store.late += a.late;
+            from_fold.fresh += b.fresh;
+            from_fold.late += b.late;
+        }
+        assert_eq!(from_fold, from_store);
+        assert!(
+            from_fold.late > 5,
+            "the data has late events: {from_fold:?}"
+        );
+        assert_eq!(from_fold.fresh, 850, "repeated ids count once");
+        let stored = store
+            .partials_between(DateTime::<Utc>::MIN_UTC, DateTime::<Utc>::MAX_UTC)
+            .await
+            .unwrap();
+        assert_eq!(fold.partials().unwrap(), stored);
+    }
 
     #[tokio::test]
     async fn replays_seed_events_into_windows_with_duplicates_counted_once() {
