@@ -242,3 +242,106 @@ async fn orders_flow_through_kafka() {
     );
     app.stop().await;
 }
+
+/// A tansu broker this test starts (and stops on drop) on a port of its choosing.
+struct Broker(std::process::Child);
+
+impl Broker {
+    fn start(port: u16) -> Broker {
+        let tansu = std::env::var("MERCATO_TEST_TANSU").unwrap_or_else(|_| {
+            panic!(
+                "MERCATO_TEST_TANSU (path of the tansu binary) is not set: run ./scripts/test \
+                 or scripts/check-kafka, which install it"
+            )
+        });
+        let url = format!("tcp://127.0.0.1:{port}");
+        let child = std::process::Command::new(tansu)
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("tansu starts");
+        Broker(child)
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The broker is down: orders are still accepted (the outbox holds their events), and once
+/// the broker is up they all reach analytics, each counted once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orders_accepted_while_the_broker_is_down_arrive_once_it_is_back() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = test_settings(&dir);
+    settings.bus.kafka = KafkaSettings {
+        bootstrap_servers: Some(format!("127.0.0.1:{port}")),
+        batch_messages: Some(1),
+        ..Default::default()
+    };
+    let app = spawn_with(settings, &ServiceName::ALL, dir).await;
+    let user = app.create_user("down@example.com").await;
+    let product = app.create_product("DOWN-1", "10.00", 50).await;
+    for _ in 0..5 {
+        let order = app
+            .post(
+                "/api/v1/orders",
+                json!({"user_id": user, "items": [{"product_id": product, "quantity": 1}],
+                       "shipping_address": "1 Outage Road"}),
+            )
+            .await;
+        assert_eq!(order.status, StatusCode::CREATED, "{}", order.body);
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        app.get("/api/v1/analytics/summary").await.body["order_count"],
+        0,
+        "nothing can have arrived yet"
+    );
+
+    let _broker = Broker::start(port);
+    let kafka = KafkaStream::new(&KafkaSettings {
+        bootstrap_servers: Some(format!("127.0.0.1:{port}")),
+        ..Default::default()
+    })
+    .unwrap();
+    let started = Instant::now();
+    while kafka
+        .ensure_topics(&[bus::names::ORDERS_TOPIC, bus::names::PAYMENTS_TOPIC], 3)
+        .await
+        .is_err()
+    {
+        assert!(started.elapsed() < PATIENCE, "tansu never answered");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let seen = eventually(PATIENCE.as_secs(), || async {
+        let s = app.get("/api/v1/analytics/summary").await;
+        (s.body["order_count"] == 5).then_some(s.body)
+    })
+    .await;
+    let summary = seen.expect("the held orders reached analytics once the broker was back");
+    assert_eq!(summary["total_revenue"], json!(50.0));
+    eprintln!("delivered {:?} after the broker started", started.elapsed());
+    // Nothing more arrives later: each order counted once.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        app.get("/api/v1/analytics/summary").await.body["order_count"],
+        5
+    );
+    app.stop().await;
+}
