@@ -1,5 +1,5 @@
 //! The [`Stream`] contract, run unchanged against every backend: the embedded SQLite log
-//! always, Kafka (through a Kafka-protocol broker at `MERCATO_TEST_KAFKA`) with feature
+//! always, Kafka (through a Kafka-protocol broker at `TEST_KAFKA_BROKER`) with feature
 //! `kafka`. `./scripts/test` starts the broker; without one the Kafka tests fail, they never
 //! skip.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -146,9 +146,9 @@ mod kafka {
     use bus::kafka::KafkaStream;
 
     pub fn broker() -> KafkaStream {
-        let servers = std::env::var("MERCATO_TEST_KAFKA").unwrap_or_else(|_| {
+        let servers = std::env::var("TEST_KAFKA_BROKER").unwrap_or_else(|_| {
             panic!(
-                "MERCATO_TEST_KAFKA (host:port of a Kafka-protocol broker) is not set: run \
+                "TEST_KAFKA_BROKER (host:port of a Kafka-protocol broker) is not set: run \
                  ./scripts/test, which installs and starts tansu \
                  (cargo install tansu --locked --version 0.6.0 --features dynostore,libsql)"
             )

@@ -1,4 +1,4 @@
-//! The platform on a Kafka-protocol broker (feature `kafka`; `MERCATO_TEST_KAFKA` names the
+//! The platform on a Kafka-protocol broker (feature `kafka`; `TEST_KAFKA_BROKER` names the
 //! broker, which `./scripts/test` starts: tansu, fresh for each run). Without a broker these
 //! tests fail loudly rather than skip.
 #![cfg(feature = "kafka")]
@@ -30,9 +30,9 @@ use uuid::Uuid;
 const PATIENCE: Duration = Duration::from_secs(120);
 
 fn kafka_settings() -> KafkaSettings {
-    let servers = std::env::var("MERCATO_TEST_KAFKA").unwrap_or_else(|_| {
+    let servers = std::env::var("TEST_KAFKA_BROKER").unwrap_or_else(|_| {
         panic!(
-            "MERCATO_TEST_KAFKA (host:port of a Kafka-protocol broker) is not set: run \
+            "TEST_KAFKA_BROKER (host:port of a Kafka-protocol broker) is not set: run \
              ./scripts/test, which installs and starts tansu \
              (cargo install tansu --locked --version 0.6.0 --features dynostore,libsql)"
         )
@@ -248,9 +248,9 @@ struct Broker(std::process::Child);
 
 impl Broker {
     fn start(port: u16) -> Broker {
-        let tansu = std::env::var("MERCATO_TEST_TANSU").unwrap_or_else(|_| {
+        let tansu = std::env::var("TEST_TANSU_BIN").unwrap_or_else(|_| {
             panic!(
-                "MERCATO_TEST_TANSU (path of the tansu binary) is not set: run ./scripts/test \
+                "TEST_TANSU_BIN (path of the tansu binary) is not set: run ./scripts/test \
                  or scripts/check-kafka, which install it"
             )
         });
