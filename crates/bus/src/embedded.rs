@@ -332,11 +332,10 @@ impl StreamConsumer for EmbeddedConsumer {
     }
 
     async fn commit(&mut self, delivered: &[Delivered]) -> Result<(), BusError> {
-        let mut upto: HashMap<u32, i64> = HashMap::new();
-        for d in delivered {
-            let e = upto.entry(d.partition).or_insert(d.offset + 1);
-            *e = (*e).max(d.offset + 1);
-        }
+        let upto: Vec<(u32, i64)> = crate::commit_points(delivered)
+            .into_iter()
+            .map(|((_, partition), next)| (partition, next))
+            .collect();
         if upto.is_empty() {
             return Ok(());
         }

@@ -242,11 +242,7 @@ impl StreamConsumer for KafkaStreamConsumer {
     }
 
     async fn commit(&mut self, delivered: &[Delivered]) -> Result<(), BusError> {
-        let mut upto: BTreeMap<(&str, u32), i64> = BTreeMap::new();
-        for d in delivered {
-            let next = upto.entry((d.topic.as_str(), d.partition)).or_insert(0);
-            *next = (*next).max(d.offset + 1);
-        }
+        let upto = crate::commit_points(delivered);
         if upto.is_empty() {
             return Ok(());
         }

@@ -76,6 +76,17 @@ pub trait Stream: Send + Sync {
     ) -> Result<Box<dyn StreamConsumer>, BusError>;
 }
 
+/// What committing `delivered` means for each (topic, partition): the next offset to read,
+/// one past the highest delivered. Both backends commit these.
+pub fn commit_points(delivered: &[Delivered]) -> BTreeMap<(&str, u32), i64> {
+    let mut next = BTreeMap::new();
+    for d in delivered {
+        let at = next.entry((d.topic.as_str(), d.partition)).or_insert(0);
+        *at = (*at).max(d.offset + 1);
+    }
+    next
+}
+
 #[async_trait]
 pub trait StreamConsumer: Send {
     /// Up to `max` records after the last polled position, waiting up to `wait` for the first.

@@ -193,6 +193,14 @@ impl PartialWindow {
 
     /// The window's figures; `is_final` as the watermark says.
     pub fn report(&self, is_final: bool) -> WindowReport {
+        self.report_with_buyers(
+            is_final,
+            i64::try_from(self.users.len()).unwrap_or(i64::MAX),
+        )
+    }
+
+    /// [`Self::report`] when only the number of distinct buyers was read, not the buyers.
+    pub fn report_with_buyers(&self, is_final: bool, unique_users: i64) -> WindowReport {
         let mut top = self.products.clone();
         top.sort_by(|a, b| {
             b.revenue
@@ -204,7 +212,7 @@ impl PartialWindow {
             window_start: self.window_start,
             window_end: self.window_end,
             order_count: self.order_count,
-            unique_users: i64::try_from(self.users.len()).unwrap_or(i64::MAX),
+            unique_users,
             total_revenue: self.total_revenue,
             avg_order_value: average(self.total_revenue, self.order_count),
             items_sold: self.items_sold,

@@ -323,12 +323,14 @@ impl AnalyticsStore {
                          ORDER BY window_start LIMIT ?2",
                     )?
                     .query_map(params![watermark, limit], |r| r.get::<_, i64>(0))?
-                    .collect::<Result<Vec<_>, _>>()?;
-                let mut out = Vec::with_capacity(starts.len());
-                for start in starts {
-                    out.extend(read_partials(conn, start, start + 1)?);
-                }
-                Ok(out)
+                    .collect::<Result<BTreeSet<_>, _>>()?;
+                let (Some(first), Some(last)) = (starts.first(), starts.last()) else {
+                    return Ok(Vec::new());
+                };
+                // One read over the span; windows in it that are open or already out drop away.
+                let mut out = read_partials(conn, *first, last + 1, Buyers::Ids)?;
+                out.retain(|(p, _)| starts.contains(&p.window_start.timestamp_millis()));
+                Ok(out.into_iter().map(|(p, _)| p).collect())
             })
             .await
     }
@@ -355,9 +357,11 @@ impl AnalyticsStore {
         to: DateTime<Utc>,
     ) -> Result<Vec<PartialWindow>, StoreError> {
         let (from, to) = (self.windows.start_of(from), to.timestamp_millis());
-        self.db
-            .read(move |conn| read_partials(conn, from, to))
-            .await
+        let partials = self
+            .db
+            .read(move |conn| read_partials(conn, from, to, Buyers::Ids))
+            .await?;
+        Ok(partials.into_iter().map(|(p, _)| p).collect())
     }
 
     /// Forgets processed event ids older than `age`: past the stream's retention nothing that
@@ -381,11 +385,21 @@ impl AnalyticsStore {
         to: DateTime<Utc>,
     ) -> Result<Vec<WindowReport>, StoreError> {
         let watermark = self.watermark().await?;
-        Ok(self
-            .partials_between(from, to)
-            .await?
+        let (from, to) = (self.windows.start_of(from), to.timestamp_millis());
+        // Reports need how many buyers, not who: the API and the live feed (after every
+        // batch) stay off the per-buyer rows.
+        let partials = self
+            .db
+            .read(move |conn| read_partials(conn, from, to, Buyers::Count))
+            .await?;
+        Ok(partials
             .iter()
-            .map(|p| p.report(is_final(p.window_end.timestamp_millis(), watermark)))
+            .map(|(p, buyers)| {
+                p.report_with_buyers(
+                    is_final(p.window_end.timestamp_millis(), watermark),
+                    *buyers,
+                )
+            })
             .collect())
     }
 
@@ -471,8 +485,23 @@ fn max_event_time(conn: &Connection) -> Result<Option<i64>, rusqlite::Error> {
         .optional()
 }
 
-/// The mergeable state of the windows starting in `[from, to)` (ms), oldest first.
-fn read_partials(conn: &Connection, from: i64, to: i64) -> Result<Vec<PartialWindow>, StoreError> {
+/// How much of a window's buyers [`read_partials`] reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Buyers {
+    /// Every buyer's id, into `PartialWindow::users` (to merge or publish).
+    Ids,
+    /// Only how many; `PartialWindow::users` stays empty.
+    Count,
+}
+
+/// The mergeable state of the windows starting in `[from, to)` (ms), oldest first, each with
+/// its number of distinct buyers.
+fn read_partials(
+    conn: &Connection,
+    from: i64,
+    to: i64,
+    buyers: Buyers,
+) -> Result<Vec<(PartialWindow, i64)>, StoreError> {
     let rows = conn
         .prepare_cached(
             "SELECT window_start, window_end, order_count, revenue_cents, items_sold, late_events, users_sketch
@@ -505,15 +534,29 @@ fn read_partials(conn: &Connection, from: i64, to: i64) -> Result<Vec<PartialWin
         counts.entry(start).or_default().insert(kind, n);
     }
     let mut users: BTreeMap<i64, BTreeSet<Uuid>> = BTreeMap::new();
-    let mut by_user = conn.prepare_cached(
-        "SELECT window_start, user_id FROM window_users WHERE window_start >= ?1 AND window_start < ?2",
-    )?;
-    for row in by_user.query_map([from, to], |r| {
-        Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
-    })? {
-        let (start, user) = row?;
-        let user = Uuid::parse_str(&user).map_err(|_| StoreError::Corrupt)?;
-        users.entry(start).or_default().insert(user);
+    let mut user_counts: BTreeMap<i64, i64> = BTreeMap::new();
+    if buyers == Buyers::Ids {
+        let mut by_user = conn.prepare_cached(
+            "SELECT window_start, user_id FROM window_users WHERE window_start >= ?1 AND window_start < ?2",
+        )?;
+        for row in by_user.query_map([from, to], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+        })? {
+            let (start, user) = row?;
+            let user = Uuid::parse_str(&user).map_err(|_| StoreError::Corrupt)?;
+            users.entry(start).or_default().insert(user);
+        }
+    } else {
+        let mut by_count = conn.prepare_cached(
+            "SELECT window_start, COUNT(*) FROM window_users WHERE window_start >= ?1 AND window_start < ?2
+             GROUP BY window_start",
+        )?;
+        for row in by_count.query_map([from, to], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
+        })? {
+            let (start, n) = row?;
+            user_counts.insert(start, n);
+        }
     }
     let mut products: BTreeMap<i64, Vec<ProductSales>> = BTreeMap::new();
     let mut by_product = conn.prepare_cached(
@@ -538,15 +581,19 @@ fn read_partials(conn: &Connection, from: i64, to: i64) -> Result<Vec<PartialWin
     rows.into_iter()
         .map(|(start, end, orders, revenue, items, late, sketch)| {
             let users = users.remove(&start).unwrap_or_default();
+            let count = user_counts
+                .remove(&start)
+                .unwrap_or_else(|| i64::try_from(users.len()).unwrap_or(i64::MAX));
             let sketch = match sketch {
                 Some(bytes) => UserSketch::from_bytes(&bytes).ok_or(StoreError::Corrupt)?,
-                // Windows written before sketches existed: rebuilt from the exact set.
+                // Windows written before sketches existed: rebuilt from the exact set (with
+                // `Buyers::Count` their estimate reads 0 until a new event rewrites the sketch).
                 None => users.iter().fold(UserSketch::default(), |mut s, u| {
                     s.insert(*u);
                     s
                 }),
             };
-            Ok(PartialWindow {
+            let partial = PartialWindow {
                 window_start: ts(start)?,
                 window_end: ts(end)?,
                 order_count: orders,
@@ -557,7 +604,8 @@ fn read_partials(conn: &Connection, from: i64, to: i64) -> Result<Vec<PartialWin
                 products: products.remove(&start).unwrap_or_default(),
                 users,
                 users_sketch: sketch.to_hex(),
-            })
+            };
+            Ok((partial, count))
         })
         .collect()
 }
