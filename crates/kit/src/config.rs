@@ -46,6 +46,7 @@ pub struct Settings {
     pub log: LogSettings,
     pub http: HttpSettings,
     pub sqlite: SqliteSettings,
+    pub postgres: PostgresSettings,
     pub bus: BusSettings,
     pub tables: TableNames,
     pub gateway: ServiceSettings,
@@ -111,6 +112,16 @@ pub struct SqliteSettings {
     pub synchronous: String,
     pub busy_timeout_ms: u64,
     pub read_connections: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct PostgresSettings {
+    /// Connections per service pool (a service's stores, outbox relay and idempotency keys
+    /// share it).
+    pub max_connections: u32,
+    /// How long a query waits for a free connection before the request fails with 503.
+    pub acquire_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -199,6 +210,7 @@ impl Default for Settings {
             log: LogSettings::default(),
             http: HttpSettings::default(),
             sqlite: SqliteSettings::default(),
+            postgres: PostgresSettings::default(),
             bus: BusSettings::default(),
             tables: TableNames::default(),
             gateway: ServiceSettings::on(8080),
@@ -248,6 +260,15 @@ impl Default for SqliteSettings {
             synchronous: "normal".into(),
             busy_timeout_ms: 5_000,
             read_connections: 4,
+        }
+    }
+}
+
+impl Default for PostgresSettings {
+    fn default() -> Self {
+        PostgresSettings {
+            max_connections: 10,
+            acquire_timeout_ms: 5_000,
         }
     }
 }

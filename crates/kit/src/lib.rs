@@ -2,7 +2,7 @@
 //!
 //! A service crate builds its domain and routes; everything that must behave the same
 //! across services (configuration, error bodies, metrics, shutdown, outbound HTTP, money,
-//! SQLite setup) lives here so that it is written, and fixed, once.
+//! SQLite and PostgreSQL setup) lives here so that it is written, and fixed, once.
 
 pub mod client;
 pub mod config;
@@ -10,6 +10,8 @@ pub mod db;
 pub mod extract;
 pub mod idempotency;
 pub mod money;
+#[cfg(feature = "postgres")]
+pub mod pg;
 pub mod problem;
 pub mod server;
 pub mod telemetry;
