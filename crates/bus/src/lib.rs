@@ -8,12 +8,16 @@
 //! - [`embedded`]: both traits on one SQLite file, so `mercato up` needs nothing installed.
 //! - `kafka` (feature `kafka`): [`Stream`] on a Kafka cluster (Confluent Cloud, or any
 //!   Kafka-protocol broker) through rdkafka.
+//! - `sqs` (feature `sqs`): [`Queue`] on Amazon SQS (or an SQS-compatible server) through the
+//!   AWS SDK, dead-lettering by SQS's redrive policy.
 
 pub mod embedded;
 pub mod event;
 #[cfg(feature = "kafka")]
 pub mod kafka;
 pub mod outbox;
+#[cfg(feature = "sqs")]
+pub mod sqs;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -43,6 +47,8 @@ pub enum BusError {
     Kafka(String),
     #[error("postgres: {0}")]
     Postgres(String),
+    #[error("sqs: {0}")]
+    Sqs(String),
 }
 
 pub type Headers = BTreeMap<String, String>;

@@ -129,9 +129,12 @@ pub struct PostgresSettings {
 pub struct BusSettings {
     /// Embedded bus database; `sqlite://<data_dir>/bus.db` when unset.
     pub url: Option<String>,
-    /// Queue backend override (the seed's `SQS_QUEUE_URL`).
+    /// Queue backend override (the seed's `SQS_QUEUE_URL`): the URL of the SQS queue that
+    /// carries `order-events`; the queue is then SQS (binary built with feature `sqs`), the
+    /// stream stays embedded or Kafka.
     pub queue_url: Option<String>,
     pub kafka: KafkaSettings,
+    pub sqs: SqsSettings,
     pub visibility_timeout_ms: u64,
     /// Deliveries before a queue message is moved to the dead-letter queue.
     pub max_receives: i64,
@@ -157,6 +160,19 @@ pub struct KafkaSettings {
     /// unset). tansu 0.6 cannot serve a fetch that starts inside a batch, so a consumer
     /// resuming mid-batch there stalls; `1` avoids it on that broker.
     pub batch_messages: Option<u32>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct SqsSettings {
+    /// Where the SQS API is (an SQS-compatible server such as moto or LocalStack). When unset:
+    /// `AWS_ENDPOINT_URL_SQS` / `AWS_ENDPOINT_URL` if set, else the origin of `bus.queue_url`
+    /// when that is not an `amazonaws.com` URL, else AWS's own endpoint for `aws_region`.
+    pub endpoint_url: Option<String>,
+    /// Create the queue and its dead-letter queue (`<name>-dlq`, redrive after
+    /// `bus.max_receives` receives, visibility `bus.visibility_timeout_ms`) where missing: for
+    /// local servers; AWS gets its queues from Terraform.
+    pub create_queues: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -279,6 +295,7 @@ impl Default for BusSettings {
             url: None,
             queue_url: None,
             kafka: KafkaSettings::default(),
+            sqs: SqsSettings::default(),
             visibility_timeout_ms: 30_000,
             max_receives: 5,
             stream_partitions: 1,

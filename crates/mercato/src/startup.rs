@@ -147,6 +147,78 @@ async fn external_stream(settings: &Settings) -> anyhow::Result<Option<Arc<dyn S
     Ok(None)
 }
 
+/// A queue that is not the embedded one (SQS), with its readiness check.
+struct ExternalQueue {
+    queue: Arc<dyn Queue>,
+    ping: ReadyCheck,
+}
+
+/// Where the SQS API is: `bus.sqs.endpoint_url`; else none of ours when `AWS_ENDPOINT_URL_SQS`
+/// or `AWS_ENDPOINT_URL` is set (the AWS SDK reads those); else the origin of a queue URL
+/// that is not AWS's (an SQS-compatible server: its queue URLs are on itself); else AWS's.
+#[cfg(feature = "sqs")]
+fn sqs_endpoint(settings: &Settings, queue_url: &str) -> Option<String> {
+    if let Some(endpoint) = &settings.bus.sqs.endpoint_url {
+        return Some(endpoint.clone());
+    }
+    let from_env = ["AWS_ENDPOINT_URL_SQS", "AWS_ENDPOINT_URL"]
+        .iter()
+        .any(|name| std::env::var_os(name).is_some_and(|v| !v.is_empty()));
+    if from_env {
+        return None;
+    }
+    let (scheme, rest) = queue_url.split_once("://")?;
+    let authority = rest.split('/').next()?;
+    let host = authority.split(':').next()?;
+    (!host.ends_with(".amazonaws.com") && !host.ends_with(".amazonaws.com.cn"))
+        .then(|| format!("{scheme}://{authority}"))
+}
+
+/// SQS when `bus.queue_url` (`SQS_QUEUE_URL`) is set: that URL is the `order-events` queue.
+/// The queue and its dead-letter queue are created where missing when `bus.sqs.create_queues`
+/// is on (local servers).
+#[cfg(feature = "sqs")]
+async fn external_queue(settings: &Settings) -> anyhow::Result<Option<ExternalQueue>> {
+    let Some(url) = settings.bus.queue_url.clone() else {
+        return Ok(None);
+    };
+    let sqs = bus::sqs::SqsQueue::connect(
+        settings.aws_region.clone(),
+        sqs_endpoint(settings, &url),
+        [(bus::names::ORDER_EVENTS_QUEUE.to_owned(), url)].into(),
+    )
+    .await;
+    if settings.bus.sqs.create_queues {
+        sqs.ensure_queues(
+            bus::names::ORDER_EVENTS_QUEUE,
+            settings.bus.max_receives,
+            Duration::from_millis(settings.bus.visibility_timeout_ms),
+        )
+        .await
+        .context("creating the SQS queues")?;
+    }
+    let pinged = sqs.clone();
+    let ping = ready_check(move || {
+        let sqs = pinged.clone();
+        async move { sqs.ping().await.map_err(|e| e.to_string()) }
+    });
+    Ok(Some(ExternalQueue {
+        queue: Arc::new(sqs),
+        ping,
+    }))
+}
+
+#[cfg(not(feature = "sqs"))]
+async fn external_queue(settings: &Settings) -> anyhow::Result<Option<ExternalQueue>> {
+    if settings.bus.queue_url.is_some() {
+        bail!(
+            "SQS_QUEUE_URL is set but this binary was built without SQS: \
+             build with `cargo build --release --features sqs`, or unset it to use the embedded queue"
+        );
+    }
+    Ok(None)
+}
+
 /// Everything the services being started share while the platform is assembled.
 struct Assembly<'a> {
     settings: &'a Settings,
@@ -156,6 +228,8 @@ struct Assembly<'a> {
     bus: Option<EmbeddedBus>,
     /// The stream when it is not the embedded one (Kafka).
     external_stream: Option<Arc<dyn Stream>>,
+    /// The queue when it is not the embedded one (SQS).
+    external_queue: Option<ExternalQueue>,
     shutdown: CancellationToken,
     tasks: JoinSet<()>,
     closers: Vec<kit::db::Db>,
@@ -197,28 +271,47 @@ impl Assembly<'_> {
         Idempotency::new(db.clone(), ttl, self.body_limit())
     }
 
-    /// The embedded bus as a stream and a queue (the services that need one only start with it).
+    /// The stream and the queue: Kafka and SQS where configured, else the embedded bus (the
+    /// services that need one only start with it).
     fn transports(&self) -> anyhow::Result<(Arc<dyn Stream>, Arc<dyn Queue>)> {
         let bus = self.bus.clone().context("the bus is not open")?;
         let stream: Arc<dyn Stream> = match &self.external_stream {
             Some(stream) => stream.clone(),
             None => Arc::new(bus.clone()),
         };
-        Ok((stream, Arc::new(bus)))
+        let queue: Arc<dyn Queue> = match &self.external_queue {
+            Some(external) => external.queue.clone(),
+            None => Arc::new(bus),
+        };
+        Ok((stream, queue))
     }
 
     /// Ready when the service's database (and the bus, if it uses one) answers.
     fn ready(&self, db: &kit::db::Db, uses_bus: bool) -> ReadyCheck {
+        self.ready_with(db, uses_bus, false)
+    }
+
+    /// Like [`Self::ready`], and for a queue consumer the external queue must answer too. The
+    /// producers (orders, payments) stay ready while it is down: their outbox holds events
+    /// until it is back, so accepting orders is still right.
+    fn ready_with(&self, db: &kit::db::Db, uses_bus: bool, consumes_queue: bool) -> ReadyCheck {
         let db = db.clone();
         let bus = if uses_bus { self.bus.clone() } else { None };
+        let queue = match (&self.external_queue, consumes_queue) {
+            (Some(external), true) => Some(external.ping.clone()),
+            _ => None,
+        };
         ready_check(move || {
-            let (db, bus) = (db.clone(), bus.clone());
+            let (db, bus, queue) = (db.clone(), bus.clone(), queue.clone());
             async move {
                 db.ping().await.map_err(|_| "database".to_owned())?;
-                match bus {
-                    Some(bus) => bus.ping().await.map_err(|_| "bus".to_owned()),
-                    None => Ok(()),
+                if let Some(bus) = bus {
+                    bus.ping().await.map_err(|_| "bus".to_owned())?;
                 }
+                if let Some(ping) = queue {
+                    ping().await.map_err(|_| "queue".to_owned())?;
+                }
+                Ok(())
             }
         })
     }
@@ -391,7 +484,7 @@ impl Assembly<'_> {
         .await
         .context("opening the notifications store")?;
         self.closers.push(store.db().clone());
-        let ready = self.ready(store.db(), true);
+        let ready = self.ready_with(store.db(), true, true);
         let store: Arc<dyn notifications::NotificationStore> = Arc::new(store);
         let poller = notifications::poller::Poller {
             queue,
@@ -533,12 +626,8 @@ pub async fn start(settings: &Settings, services: &[ServiceName]) -> anyhow::Res
         })
         .collect();
 
-    if settings.bus.queue_url.is_some() {
-        bail!(
-            "the SQS transport is not built into this version; unset SQS_QUEUE_URL to use the embedded queue"
-        );
-    }
     let external_stream = external_stream(settings).await?;
+    let external_queue = external_queue(settings).await?;
     let needs_bus = [
         ServiceName::Orders,
         ServiceName::Payments,
@@ -568,6 +657,7 @@ pub async fn start(settings: &Settings, services: &[ServiceName]) -> anyhow::Res
         http: http_client(&settings.http).context("building the HTTP client")?,
         bus: bus.clone(),
         external_stream,
+        external_queue,
         shutdown: CancellationToken::new(),
         tasks: JoinSet::new(),
         closers: Vec::new(),

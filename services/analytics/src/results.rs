@@ -115,8 +115,19 @@ impl std::fmt::Debug for ObjectSink {
 
 impl ObjectSink {
     /// `file:///abs/dir`, `s3://bucket/prefix` (feature `aws`), `gs://bucket/prefix` (feature
-    /// `gcp`); cloud credentials come from the usual environment variables.
+    /// `gcp`); cloud credentials and options come from the usual environment variables
+    /// (`AWS_ACCESS_KEY_ID`, `AWS_REGION`, `AWS_ENDPOINT_URL` and `AWS_ALLOW_HTTP=true` for an
+    /// S3-compatible server, `GOOGLE_SERVICE_ACCOUNT`, ...).
     pub fn from_url(url: &str) -> Result<ObjectSink, ResultsError> {
+        Self::from_url_with(url, std::iter::empty::<(String, String)>())
+    }
+
+    /// Like [`Self::from_url`], with `options` (object_store's keys, such as `aws_endpoint`
+    /// or `aws_allow_http`) taking precedence over the environment's.
+    pub fn from_url_with(
+        url: &str,
+        options: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<ObjectSink, ResultsError> {
         let parsed =
             url::Url::parse(url).map_err(|e| ResultsError::Url(url.into(), e.to_string()))?;
         if parsed.scheme() == "file" {
@@ -126,7 +137,10 @@ impl ObjectSink {
             std::fs::create_dir_all(&dir)
                 .map_err(|e| ResultsError::Url(url.into(), e.to_string()))?;
         }
-        let options = std::env::vars().map(|(k, v)| (k.to_ascii_lowercase(), v));
+        // Later keys win: the explicit options override the environment.
+        let options = std::env::vars()
+            .map(|(k, v)| (k.to_ascii_lowercase(), v))
+            .chain(options);
         let (store, prefix) = object_store::parse_url_opts(&parsed, options)
             .map_err(|e| ResultsError::Url(url.into(), e.to_string()))?;
         Ok(ObjectSink {
