@@ -41,6 +41,8 @@ pub enum BusError {
     Malformed(String),
     #[error("kafka: {0}")]
     Kafka(String),
+    #[error("postgres: {0}")]
+    Postgres(String),
 }
 
 pub type Headers = BTreeMap<String, String>;

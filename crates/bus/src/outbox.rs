@@ -72,6 +72,221 @@ pub fn enqueue(
     Ok(())
 }
 
+/// The outbox table for PostgreSQL stores (timestamps in Unix milliseconds, as in SQLite).
+#[cfg(feature = "postgres")]
+pub const PG_MIGRATION: &str = "CREATE TABLE outbox (
+    seq BIGSERIAL PRIMARY KEY,
+    event_id TEXT NOT NULL,
+    destination TEXT NOT NULL,
+    key TEXT NOT NULL,
+    headers TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    created_at BIGINT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at BIGINT NOT NULL,
+    UNIQUE (event_id, destination)
+);
+CREATE INDEX outbox_due ON outbox (next_attempt_at, seq);";
+
+/// Writes one row per destination for `event`, inside the caller's PostgreSQL transaction.
+#[cfg(feature = "postgres")]
+pub async fn enqueue_pg(
+    conn: &mut sqlx::PgConnection,
+    event: &Event,
+    destinations: &[Destination],
+) -> Result<(), sqlx::Error> {
+    let headers =
+        serde_json::to_string(&event.headers()).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+    let now = now_ms();
+    let id = event.id.to_string();
+    for destination in destinations {
+        sqlx::query(
+            "INSERT INTO outbox (event_id, destination, key, headers, payload, created_at, next_attempt_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $6)",
+        )
+        .bind(&id)
+        .bind(destination.encode())
+        .bind(&event.subject)
+        .bind(&headers)
+        .bind(&event.data)
+        .bind(now)
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(())
+}
+
+/// Where a service's outbox rows are: its own database, whichever it is.
+#[derive(Debug, Clone)]
+enum Source {
+    Sqlite(Db),
+    #[cfg(feature = "postgres")]
+    Postgres(kit::pg::Pg),
+}
+
+/// How long a relay holds the rows it took before another relay may take them: a relay that
+/// dies mid-publish delays its rows by this much, never loses them.
+const LEASE_MS: i64 = 30_000;
+
+type Due = Vec<(String, Pending)>;
+
+// Both backends lease the rows they take by pushing their next attempt out, in the statement
+// that selects them, so two relays over one outbox never publish a row twice.
+
+impl Source {
+    async fn due(&self, batch: i64) -> Result<Due, BusError> {
+        let rows: Vec<(i64, String, String, String, String, String, i64)> = match self {
+            Source::Sqlite(db) => {
+                let now = now_ms();
+                let mut rows = db
+                    .write(move |tx| {
+                        let mut q = tx.prepare_cached(
+                            "UPDATE outbox SET next_attempt_at = ?1
+                             WHERE seq IN (SELECT seq FROM outbox WHERE next_attempt_at <= ?2
+                                           ORDER BY seq LIMIT ?3)
+                             RETURNING seq, event_id, destination, key, headers, payload, attempts",
+                        )?;
+                        let rows = q
+                            .query_map(params![now + LEASE_MS, now, batch], |r| {
+                                Ok((
+                                    r.get(0)?,
+                                    r.get(1)?,
+                                    r.get(2)?,
+                                    r.get(3)?,
+                                    r.get(4)?,
+                                    r.get(5)?,
+                                    r.get(6)?,
+                                ))
+                            })?
+                            .collect::<Result<Vec<_>, _>>()?;
+                        Ok::<_, BusError>(rows)
+                    })
+                    .await?;
+                rows.sort_by_key(|r| r.0);
+                rows
+            }
+            #[cfg(feature = "postgres")]
+            Source::Postgres(pg) => {
+                // Replicas share the table: each takes a disjoint set of due rows (SKIP LOCKED).
+                let now = now_ms();
+                let rows: Vec<(i64, String, String, String, String, String, i32)> = sqlx::query_as(
+                    "UPDATE outbox SET next_attempt_at = $1
+                         WHERE seq IN (SELECT seq FROM outbox WHERE next_attempt_at <= $2
+                                       ORDER BY seq LIMIT $3 FOR UPDATE SKIP LOCKED)
+                         RETURNING seq, event_id, destination, key, headers, payload, attempts",
+                )
+                .bind(now + LEASE_MS)
+                .bind(now)
+                .bind(batch)
+                .fetch_all(pg.pool())
+                .await
+                .map_err(pg_error)?;
+                let mut rows: Vec<_> = rows
+                    .into_iter()
+                    .map(|(a, b, c, d, e, f, g)| (a, b, c, d, e, f, i64::from(g)))
+                    .collect();
+                rows.sort_by_key(|r| r.0);
+                rows
+            }
+        };
+        rows.into_iter()
+            .map(
+                |(seq, event_id, destination, key, headers, payload, attempts)| {
+                    let headers = serde_json::from_str(&headers)
+                        .map_err(|e| BusError::Malformed(e.to_string()))?;
+                    Ok((
+                        destination,
+                        Pending {
+                            seq,
+                            key,
+                            event_id,
+                            headers,
+                            payload,
+                            attempts,
+                        },
+                    ))
+                },
+            )
+            .collect()
+    }
+
+    async fn delete(&self, seqs: Vec<i64>) -> Result<(), BusError> {
+        match self {
+            Source::Sqlite(db) => {
+                db.write(move |tx| {
+                    let mut delete = tx.prepare_cached("DELETE FROM outbox WHERE seq = ?1")?;
+                    for seq in seqs {
+                        delete.execute([seq])?;
+                    }
+                    Ok::<_, BusError>(())
+                })
+                .await
+            }
+            #[cfg(feature = "postgres")]
+            Source::Postgres(pg) => {
+                sqlx::query("DELETE FROM outbox WHERE seq = ANY($1)")
+                    .bind(seqs)
+                    .execute(pg.pool())
+                    .await
+                    .map_err(pg_error)?;
+                Ok(())
+            }
+        }
+    }
+
+    async fn reschedule(&self, seqs: Vec<i64>, retry_at: i64) -> Result<(), BusError> {
+        match self {
+            Source::Sqlite(db) => {
+                db.write(move |tx| {
+                    let mut update = tx.prepare_cached(
+                        "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = ?1 WHERE seq = ?2",
+                    )?;
+                    for seq in seqs {
+                        update.execute([retry_at, seq])?;
+                    }
+                    Ok::<_, BusError>(())
+                })
+                .await
+            }
+            #[cfg(feature = "postgres")]
+            Source::Postgres(pg) => {
+                sqlx::query(
+                    "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = $1 WHERE seq = ANY($2)",
+                )
+                .bind(retry_at)
+                .bind(seqs)
+                .execute(pg.pool())
+                .await
+                .map_err(pg_error)?;
+                Ok(())
+            }
+        }
+    }
+
+    async fn pending(&self) -> Result<i64, BusError> {
+        match self {
+            Source::Sqlite(db) => {
+                db.read(|conn| {
+                    Ok::<_, BusError>(
+                        conn.query_row("SELECT COUNT(*) FROM outbox", [], |r| r.get(0))?,
+                    )
+                })
+                .await
+            }
+            #[cfg(feature = "postgres")]
+            Source::Postgres(pg) => sqlx::query_scalar("SELECT COUNT(*) FROM outbox")
+                .fetch_one(pg.pool())
+                .await
+                .map_err(pg_error),
+        }
+    }
+}
+
+#[cfg(feature = "postgres")]
+fn pg_error(e: sqlx::Error) -> BusError {
+    BusError::Postgres(e.to_string())
+}
+
 struct Pending {
     seq: i64,
     key: String,
@@ -84,7 +299,7 @@ struct Pending {
 /// Publishes a service's outbox rows to the stream and the queue.
 #[derive(Clone)]
 pub struct Relay {
-    db: Db,
+    source: Source,
     stream: Arc<dyn Stream>,
     queue: Arc<dyn Queue>,
     wake: Arc<Notify>,
@@ -93,8 +308,19 @@ pub struct Relay {
 
 impl Relay {
     pub fn new(db: Db, stream: Arc<dyn Stream>, queue: Arc<dyn Queue>) -> Relay {
+        Relay::from_source(Source::Sqlite(db), stream, queue)
+    }
+
+    /// A relay for a service whose outbox is in PostgreSQL ([`PG_MIGRATION`]); several
+    /// replicas may run one each.
+    #[cfg(feature = "postgres")]
+    pub fn on_postgres(pg: kit::pg::Pg, stream: Arc<dyn Stream>, queue: Arc<dyn Queue>) -> Relay {
+        Relay::from_source(Source::Postgres(pg), stream, queue)
+    }
+
+    fn from_source(source: Source, stream: Arc<dyn Stream>, queue: Arc<dyn Queue>) -> Relay {
         Relay {
-            db,
+            source,
             stream,
             queue,
             wake: Arc::new(Notify::new()),
@@ -140,45 +366,7 @@ impl Relay {
 
     /// One pass: publishes every due row (up to a batch). Returns how many went out.
     pub async fn relay_once(&self) -> Result<usize, BusError> {
-        let batch = self.batch;
-        let rows: Vec<(String, Pending)> = self
-            .db
-            .read(move |conn| {
-                let mut q = conn.prepare_cached(
-                    "SELECT seq, event_id, destination, key, headers, payload, attempts FROM outbox
-                     WHERE next_attempt_at <= ?1 ORDER BY seq LIMIT ?2",
-                )?;
-                let rows = q.query_map(params![now_ms(), batch], |r| {
-                    Ok((
-                        r.get::<_, i64>(0)?,
-                        r.get::<_, String>(1)?,
-                        r.get::<_, String>(2)?,
-                        r.get::<_, String>(3)?,
-                        r.get::<_, String>(4)?,
-                        r.get::<_, String>(5)?,
-                        r.get::<_, i64>(6)?,
-                    ))
-                })?;
-                let mut out = Vec::new();
-                for row in rows {
-                    let (seq, event_id, destination, key, headers, payload, attempts) = row?;
-                    let headers = serde_json::from_str(&headers)
-                        .map_err(|e| BusError::Malformed(e.to_string()))?;
-                    out.push((
-                        destination,
-                        Pending {
-                            seq,
-                            key,
-                            event_id,
-                            headers,
-                            payload,
-                            attempts,
-                        },
-                    ));
-                }
-                Ok::<_, BusError>(out)
-            })
-            .await?;
+        let rows = self.source.due(self.batch).await?;
         if rows.is_empty() {
             return Ok(0);
         }
@@ -191,34 +379,13 @@ impl Relay {
             let outcome = self.publish(&destination, &pending).await;
             let seqs: Vec<i64> = pending.iter().map(|p| p.seq).collect();
             match &outcome {
-                Ok(()) => {
-                    self.db
-                        .write(move |tx| {
-                            let mut delete =
-                                tx.prepare_cached("DELETE FROM outbox WHERE seq = ?1")?;
-                            for seq in seqs {
-                                delete.execute([seq])?;
-                            }
-                            Ok::<_, BusError>(())
-                        })
-                        .await?;
-                }
+                Ok(()) => self.source.delete(seqs).await?,
                 Err(e) => {
                     tracing::warn!(destination, error = %e, events = pending.len(), "publishing failed; will retry");
                     let attempts = pending.iter().map(|p| p.attempts).max().unwrap_or(0) + 1;
                     let retry_at =
                         now_ms() + i64::try_from(backoff(attempts).as_millis()).unwrap_or(30_000);
-                    self.db
-                        .write(move |tx| {
-                            let mut update = tx.prepare_cached(
-                                "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = ?1 WHERE seq = ?2",
-                            )?;
-                            for seq in seqs {
-                                update.execute([retry_at, seq])?;
-                            }
-                            Ok::<_, BusError>(())
-                        })
-                        .await?;
+                    self.source.reschedule(seqs, retry_at).await?;
                 }
             }
             let outcome_label = if outcome.is_ok() {
@@ -265,11 +432,7 @@ impl Relay {
 
     /// Rows not yet published, for readiness and tests.
     pub async fn pending(&self) -> Result<i64, BusError> {
-        self.db
-            .read(|conn| {
-                Ok::<_, BusError>(conn.query_row("SELECT COUNT(*) FROM outbox", [], |r| r.get(0))?)
-            })
-            .await
+        self.source.pending().await
     }
 }
 
@@ -332,18 +495,60 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn events_survive_an_unreachable_queue_and_go_out_once_it_is_back() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = Db::open(
-            &format!("sqlite://{}/svc.db", dir.path().display()),
-            &SqliteSettings::default(),
-            STEPS,
+    impl Source {
+        async fn enqueue_for_test(&self, event: Event, to: &'static [Destination]) {
+            match self {
+                Source::Sqlite(db) => db
+                    .write(move |tx| enqueue(tx, &event, to).map_err(BusError::from))
+                    .await
+                    .unwrap(),
+                #[cfg(feature = "postgres")]
+                Source::Postgres(pg) => {
+                    let mut tx = pg.pool().begin().await.unwrap();
+                    enqueue_pg(&mut tx, &event, to).await.unwrap();
+                    tx.commit().await.unwrap();
+                }
+            }
+        }
+
+        /// Skips the backoff: every row is due now.
+        async fn make_all_due(&self) {
+            match self {
+                Source::Sqlite(db) => db
+                    .write(|tx| {
+                        Ok::<_, BusError>(tx.execute("UPDATE outbox SET next_attempt_at = 0", [])?)
+                    })
+                    .await
+                    .map(|_| ())
+                    .unwrap(),
+                #[cfg(feature = "postgres")]
+                Source::Postgres(pg) => {
+                    sqlx::query("UPDATE outbox SET next_attempt_at = 0")
+                        .execute(pg.pool())
+                        .await
+                        .unwrap();
+                }
+            }
+        }
+    }
+
+    fn event(n: u32) -> Event {
+        Event::new(
+            uuid::Uuid::new_v4(),
+            "order.created",
+            "test",
+            format!("o{n}"),
+            &serde_json::json!({ "n": n }),
         )
-        .await
-        .unwrap();
+        .unwrap()
+    }
+
+    /// The outbox contract, run unchanged against each backend: rows go out once, a failing
+    /// destination keeps its rows (and only its rows) for a later pass, and replicas never
+    /// publish the same row twice.
+    async fn keeps_the_contract(source: Source, dir: &std::path::Path) {
         let bus = EmbeddedBus::open(
-            &format!("sqlite://{}/bus.db", dir.path().display()),
+            &format!("sqlite://{}/bus.db", dir.display()),
             &SqliteSettings::default(),
             EmbeddedOptions::default(),
         )
@@ -353,43 +558,101 @@ mod tests {
             inner: bus.clone(),
             down: AtomicBool::new(true),
         });
-        let relay = Relay::new(db.clone(), Arc::new(bus.clone()), flaky.clone());
+        let relay = Relay::from_source(source.clone(), Arc::new(bus.clone()), flaky.clone());
 
-        let event = Event::new(
-            uuid::Uuid::new_v4(),
-            "order.created",
-            "test",
-            "o1".into(),
-            &serde_json::json!({"n": 1}),
-        )
-        .unwrap();
-        let e = event.clone();
-        db.write(move |tx| {
-            enqueue(
-                tx,
-                &e,
+        let first = event(1);
+        source
+            .enqueue_for_test(
+                first.clone(),
                 &[Destination::Stream("orders"), Destination::Queue("q")],
             )
-            .map_err(BusError::from)
-        })
-        .await
-        .unwrap();
-
+            .await;
         assert_eq!(
             relay.relay_once().await.unwrap(),
             1,
             "the stream row goes out"
         );
         assert_eq!(relay.pending().await.unwrap(), 1, "the queue row waits");
+        assert_eq!(
+            relay.relay_once().await.unwrap(),
+            0,
+            "backing off, nothing due"
+        );
         flaky.down.store(false, Ordering::SeqCst);
-        db.write(|tx| Ok::<_, BusError>(tx.execute("UPDATE outbox SET next_attempt_at = 0", [])?))
-            .await
-            .unwrap();
+        source.make_all_due().await;
         assert_eq!(relay.relay_once().await.unwrap(), 1);
         assert_eq!(relay.pending().await.unwrap(), 0);
         let got = bus.receive("q", 10, Duration::ZERO).await.unwrap();
         assert_eq!(got.len(), 1);
-        assert_eq!(got[0].id, event.id.to_string());
+        assert_eq!(got[0].id, first.id.to_string());
+
+        // Two relays over one outbox (two replicas): 300 rows, each published exactly once.
+        for n in 0..300 {
+            source
+                .enqueue_for_test(event(n), &[Destination::Queue("q2")])
+                .await;
+        }
+        let other = Relay::from_source(source.clone(), Arc::new(bus.clone()), flaky.clone());
+        let (a, b) = tokio::join!(
+            async {
+                let mut n = 0;
+                while relay.pending().await.unwrap() > 0 {
+                    n += relay.relay_once().await.unwrap();
+                }
+                n
+            },
+            async {
+                let mut n = 0;
+                while other.pending().await.unwrap() > 0 {
+                    n += other.relay_once().await.unwrap();
+                }
+                n
+            }
+        );
+        assert_eq!(a + b, 300);
+        assert_eq!(bus.depth("q2").await.unwrap(), 300);
+        let mut ids = std::collections::BTreeSet::new();
+        loop {
+            let got = bus.receive("q2", 100, Duration::ZERO).await.unwrap();
+            if got.is_empty() {
+                break;
+            }
+            ids.extend(got.into_iter().map(|m| m.id));
+        }
+        assert_eq!(ids.len(), 300, "no row published twice");
+    }
+
+    #[tokio::test]
+    async fn sqlite_outbox_keeps_the_contract() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(
+            &format!("sqlite://{}/svc.db", dir.path().display()),
+            &SqliteSettings::default(),
+            STEPS,
+        )
+        .await
+        .unwrap();
+        keeps_the_contract(Source::Sqlite(db), dir.path()).await;
+    }
+
+    #[cfg(feature = "postgres")]
+    #[tokio::test]
+    async fn postgres_outbox_keeps_the_contract() {
+        static PG_STEPS: &[kit::pg::PgStep] = &[(1, "outbox", PG_MIGRATION)];
+        let dir = tempfile::tempdir().unwrap();
+        let url = kit::pg::test_database_url();
+        let pg = kit::pg::Pg::open(
+            &url,
+            &kit::pg::unique_schema("outbox"),
+            &kit::config::PostgresSettings::default(),
+            PG_STEPS,
+        )
+        .await
+        .unwrap_or_else(|e| {
+            panic!("PostgreSQL at {url} (TEST_DATABASE_URL): {e}; scripts/test starts one")
+        });
+        keeps_the_contract(Source::Postgres(pg.clone()), dir.path()).await;
+        pg.drop_schema().await.unwrap();
     }
 
     #[test]

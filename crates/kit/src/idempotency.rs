@@ -49,9 +49,41 @@ pub struct IdempotencyKey {
     pub fingerprint: String,
 }
 
+/// The idempotency table for PostgreSQL stores (timestamps in Unix milliseconds, as in SQLite).
+#[cfg(feature = "postgres")]
+pub const PG_MIGRATION: &str = "CREATE TABLE idempotency_keys (
+    key TEXT PRIMARY KEY,
+    fingerprint TEXT NOT NULL,
+    status INTEGER,
+    content_type TEXT,
+    body BYTEA,
+    created_at BIGINT NOT NULL,
+    expires_at BIGINT NOT NULL
+);
+CREATE INDEX idempotency_keys_expiry ON idempotency_keys (expires_at);";
+
+#[derive(Debug, thiserror::Error)]
+pub enum IdempotencyError {
+    #[error(transparent)]
+    Sqlite(#[from] DbError),
+    #[error(transparent)]
+    SqliteQuery(#[from] rusqlite::Error),
+    #[cfg(feature = "postgres")]
+    #[error(transparent)]
+    Postgres(#[from] sqlx::Error),
+}
+
+/// Where the keys live: the owning service's own database, whichever it is.
+#[derive(Debug, Clone)]
+enum Backend {
+    Sqlite(Db),
+    #[cfg(feature = "postgres")]
+    Postgres(crate::pg::Pg),
+}
+
 #[derive(Debug, Clone)]
 pub struct Idempotency {
-    db: Db,
+    backend: Backend,
     ttl: Duration,
     body_limit: usize,
 }
@@ -67,50 +99,120 @@ enum Claim {
     Mismatch,
 }
 
+impl Claim {
+    fn of(
+        fingerprint: &str,
+        stored: (String, Option<u16>, Option<String>, Option<Vec<u8>>),
+    ) -> Claim {
+        let (stored_fingerprint, status, content_type, body) = stored;
+        if stored_fingerprint != fingerprint {
+            return Claim::Mismatch;
+        }
+        match status {
+            None => Claim::InFlight,
+            Some(status) => Claim::Replay {
+                status,
+                content_type,
+                body: body.unwrap_or_default(),
+            },
+        }
+    }
+}
+
 impl Idempotency {
     pub fn new(db: Db, ttl: Duration, body_limit: usize) -> Idempotency {
         Idempotency {
-            db,
+            backend: Backend::Sqlite(db),
             ttl,
             body_limit,
         }
     }
 
-    async fn claim(&self, key: &str, fingerprint: &str) -> Result<Claim, DbError> {
+    /// Keys in the service's PostgreSQL schema (which must include [`PG_MIGRATION`]).
+    #[cfg(feature = "postgres")]
+    pub fn on_postgres(pg: crate::pg::Pg, ttl: Duration, body_limit: usize) -> Idempotency {
+        Idempotency {
+            backend: Backend::Postgres(pg),
+            ttl,
+            body_limit,
+        }
+    }
+
+    async fn claim(&self, key: &str, fingerprint: &str) -> Result<Claim, IdempotencyError> {
         let (key, fingerprint) = (key.to_owned(), fingerprint.to_owned());
         let ttl = i64::try_from(self.ttl.as_millis()).unwrap_or(i64::MAX / 4);
-        self.db
-            .write(move |tx| {
-                let now = now_ms();
-                tx.execute(
-                    "DELETE FROM idempotency_keys WHERE key = ?1
-                     AND (expires_at <= ?2 OR (status IS NULL AND created_at <= ?3))",
-                    params![key, now, now - ABANDONED_AFTER_MS],
-                )?;
-                let mine = tx.execute(
-                    "INSERT INTO idempotency_keys (key, fingerprint, created_at, expires_at) VALUES (?1, ?2, ?3, ?4)
-                     ON CONFLICT (key) DO NOTHING",
-                    params![key, fingerprint, now, now.saturating_add(ttl)],
-                )? == 1;
-                if mine {
-                    return Ok(Claim::Mine);
-                }
-                let (stored_fingerprint, status, content_type, body): (String, Option<u16>, Option<String>, Option<Vec<u8>>) =
-                    tx.query_row(
+        let now = now_ms();
+        match &self.backend {
+            Backend::Sqlite(db) => {
+                db.write(move |tx| {
+                    tx.execute(
+                        "DELETE FROM idempotency_keys WHERE key = ?1
+                         AND (expires_at <= ?2 OR (status IS NULL AND created_at <= ?3))",
+                        params![key, now, now - ABANDONED_AFTER_MS],
+                    )?;
+                    let mine = tx.execute(
+                        "INSERT INTO idempotency_keys (key, fingerprint, created_at, expires_at) VALUES (?1, ?2, ?3, ?4)
+                         ON CONFLICT (key) DO NOTHING",
+                        params![key, fingerprint, now, now.saturating_add(ttl)],
+                    )? == 1;
+                    if mine {
+                        return Ok(Claim::Mine);
+                    }
+                    let stored = tx.query_row(
                         "SELECT fingerprint, status, content_type, body FROM idempotency_keys WHERE key = ?1",
                         [&key],
                         |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
                     )?;
-                Ok(if stored_fingerprint != fingerprint {
-                    Claim::Mismatch
-                } else {
-                    match status {
-                        None => Claim::InFlight,
-                        Some(status) => Claim::Replay { status, content_type, body: body.unwrap_or_default() },
-                    }
+                    Ok(Claim::of(&fingerprint, stored))
                 })
-            })
-            .await
+                .await
+            }
+            #[cfg(feature = "postgres")]
+            Backend::Postgres(pg) => {
+                let mut tx = pg.pool().begin().await?;
+                sqlx::query(
+                    "DELETE FROM idempotency_keys WHERE key = $1
+                     AND (expires_at <= $2 OR (status IS NULL AND created_at <= $3))",
+                )
+                .bind(&key)
+                .bind(now)
+                .bind(now - ABANDONED_AFTER_MS)
+                .execute(&mut *tx)
+                .await?;
+                // A concurrent insert of the same key waits here for the first to commit.
+                let mine = sqlx::query(
+                    "INSERT INTO idempotency_keys (key, fingerprint, created_at, expires_at)
+                     VALUES ($1, $2, $3, $4) ON CONFLICT (key) DO NOTHING",
+                )
+                .bind(&key)
+                .bind(&fingerprint)
+                .bind(now)
+                .bind(now.saturating_add(ttl))
+                .execute(&mut *tx)
+                .await?
+                .rows_affected()
+                    == 1;
+                let claim = if mine {
+                    Claim::Mine
+                } else {
+                    let (stored, status, content_type, body): (
+                        String,
+                        Option<i32>,
+                        Option<String>,
+                        Option<Vec<u8>>,
+                    ) = sqlx::query_as(
+                        "SELECT fingerprint, status, content_type, body FROM idempotency_keys WHERE key = $1",
+                    )
+                    .bind(&key)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                    let status = status.and_then(|s| u16::try_from(s).ok());
+                    Claim::of(&fingerprint, (stored, status, content_type, body))
+                };
+                tx.commit().await?;
+                Ok(claim)
+            }
+        }
     }
 
     async fn complete(
@@ -119,30 +221,57 @@ impl Idempotency {
         status: u16,
         content_type: Option<String>,
         body: Bytes,
-    ) -> Result<(), DbError> {
+    ) -> Result<(), IdempotencyError> {
         let key = key.to_owned();
-        self.db
-            .write(move |tx| {
-                tx.execute(
-                    "UPDATE idempotency_keys SET status = ?1, content_type = ?2, body = ?3 WHERE key = ?4",
-                    params![status, content_type, body.as_ref(), key],
-                )?;
+        match &self.backend {
+            Backend::Sqlite(db) => {
+                db.write(move |tx| {
+                    tx.execute(
+                        "UPDATE idempotency_keys SET status = ?1, content_type = ?2, body = ?3 WHERE key = ?4",
+                        params![status, content_type, body.as_ref(), key],
+                    )?;
+                    Ok(())
+                })
+                .await
+            }
+            #[cfg(feature = "postgres")]
+            Backend::Postgres(pg) => {
+                sqlx::query(
+                    "UPDATE idempotency_keys SET status = $1, content_type = $2, body = $3 WHERE key = $4",
+                )
+                .bind(i32::from(status))
+                .bind(content_type)
+                .bind(body.as_ref())
+                .bind(key)
+                .execute(pg.pool())
+                .await?;
                 Ok(())
-            })
-            .await
+            }
+        }
     }
 
-    async fn forget(&self, key: &str) -> Result<(), DbError> {
+    async fn forget(&self, key: &str) -> Result<(), IdempotencyError> {
         let key = key.to_owned();
-        self.db
-            .write(move |tx| {
-                tx.execute(
-                    "DELETE FROM idempotency_keys WHERE key = ?1 AND status IS NULL",
-                    [key],
-                )?;
+        match &self.backend {
+            Backend::Sqlite(db) => {
+                db.write(move |tx| {
+                    tx.execute(
+                        "DELETE FROM idempotency_keys WHERE key = ?1 AND status IS NULL",
+                        [key],
+                    )?;
+                    Ok(())
+                })
+                .await
+            }
+            #[cfg(feature = "postgres")]
+            Backend::Postgres(pg) => {
+                sqlx::query("DELETE FROM idempotency_keys WHERE key = $1 AND status IS NULL")
+                    .bind(key)
+                    .execute(pg.pool())
+                    .await?;
                 Ok(())
-            })
-            .await
+            }
+        }
     }
 
     /// Purges expired keys every `every` until `shutdown`.
@@ -161,15 +290,24 @@ impl Idempotency {
     }
 
     /// Removes expired keys; returns how many.
-    pub async fn purge_expired(&self) -> Result<usize, DbError> {
-        self.db
-            .write(|tx| {
-                Ok(tx.execute(
-                    "DELETE FROM idempotency_keys WHERE expires_at <= ?1",
-                    [now_ms()],
-                )?)
-            })
-            .await
+    pub async fn purge_expired(&self) -> Result<usize, IdempotencyError> {
+        let now = now_ms();
+        match &self.backend {
+            Backend::Sqlite(db) => {
+                db.write(move |tx| {
+                    Ok(tx.execute("DELETE FROM idempotency_keys WHERE expires_at <= ?1", [now])?)
+                })
+                .await
+            }
+            #[cfg(feature = "postgres")]
+            Backend::Postgres(pg) => {
+                let done = sqlx::query("DELETE FROM idempotency_keys WHERE expires_at <= $1")
+                    .bind(now)
+                    .execute(pg.pool())
+                    .await?;
+                Ok(usize::try_from(done.rows_affected()).unwrap_or(usize::MAX))
+            }
+        }
     }
 }
 
