@@ -190,6 +190,42 @@ pub trait PaymentStore: Send + Sync + std::fmt::Debug {
     async fn close(&self);
 }
 
+/// The refund rules, shared by every backend: only a successful payment, never zero, never
+/// past what is left. Returns the payment as the refund leaves it and the amount refunded
+/// (everything left when `amount` is `None`).
+pub(crate) fn apply_refund(
+    mut payment: Payment,
+    amount: Option<Money>,
+    now_ms: i64,
+) -> Result<(Payment, Money), StoreError> {
+    if !matches!(payment.status.as_str(), "succeeded" | "partially_refunded") {
+        return Err(StoreError::NotRefundable);
+    }
+    let remaining = payment
+        .amount
+        .checked_sub(payment.refunded_amount)
+        .ok_or(StoreError::Corrupt)?;
+    let amount = amount.unwrap_or(remaining);
+    if amount.cents() == 0 || amount > remaining {
+        return Err(StoreError::RefundTooLarge {
+            requested: amount,
+            remaining,
+        });
+    }
+    let refunded = payment
+        .refunded_amount
+        .checked_add(amount)
+        .ok_or(StoreError::Corrupt)?;
+    payment.refunded_amount = refunded;
+    payment.status = if refunded == payment.amount {
+        "refunded".into()
+    } else {
+        "partially_refunded".into()
+    };
+    payment.updated_at = DateTime::from_timestamp_millis(now_ms).unwrap_or_default();
+    Ok((payment, amount))
+}
+
 #[derive(Debug, Clone)]
 pub struct SqlitePaymentStore {
     db: Db,
@@ -288,31 +324,16 @@ impl PaymentStore for SqlitePaymentStore {
     }
 
     /// Refunds `amount` (everything left when `None`); the sum of refunds never passes the charge.
-    async fn refund(
-        &self,
-        payment_id: Uuid,
-        amount: Option<Money>,
-    ) -> Result<Refund, StoreError> {
+    async fn refund(&self, payment_id: Uuid, amount: Option<Money>) -> Result<Refund, StoreError> {
         let refund = self
             .db
             .write(move |tx| {
-                let mut payment = load(tx, payment_id)?.ok_or(StoreError::NotFound)?;
-                if !matches!(payment.status.as_str(), "succeeded" | "partially_refunded") {
-                    return Err(StoreError::NotRefundable);
-                }
-                let remaining = payment.amount.checked_sub(payment.refunded_amount).ok_or(StoreError::Corrupt)?;
-                let amount = amount.unwrap_or(remaining);
-                if amount.cents() == 0 || amount > remaining {
-                    return Err(StoreError::RefundTooLarge { requested: amount, remaining });
-                }
-                let refunded = payment.refunded_amount.checked_add(amount).ok_or(StoreError::Corrupt)?;
+                let payment = load(tx, payment_id)?.ok_or(StoreError::NotFound)?;
                 let now = now_ms();
-                payment.refunded_amount = refunded;
-                payment.status = if refunded == payment.amount { "refunded".into() } else { "partially_refunded".into() };
-                payment.updated_at = DateTime::from_timestamp_millis(now).unwrap_or_default();
+                let (payment, amount) = apply_refund(payment, amount, now)?;
                 tx.execute(
                     "UPDATE payments SET refunded_cents = ?1, status = ?2, updated_at = ?3 WHERE id = ?4",
-                    params![refunded.cents(), payment.status, now, payment_id.to_string()],
+                    params![payment.refunded_amount.cents(), payment.status, now, payment_id.to_string()],
                 )?;
                 let refund_id = Uuid::now_v7();
                 tx.execute(
@@ -320,7 +341,7 @@ impl PaymentStore for SqlitePaymentStore {
                     params![refund_id.to_string(), payment_id.to_string(), amount.cents(), now],
                 )?;
                 outbox::enqueue(tx, &event_for(&payment, types::PAYMENT_REFUNDED, amount)?, DESTINATIONS)?;
-                Ok(Refund { id: refund_id, payment_id, amount, created_at: payment.updated_at, payment })
+                Ok::<_, StoreError>(Refund { id: refund_id, payment_id, amount, created_at: payment.updated_at, payment })
             })
             .await?;
         self.wake_relay.notify_one();
