@@ -4,7 +4,9 @@
 //! name; services then reach each other over real HTTP on the bound addresses, exactly as
 //! they would in separate containers.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -76,8 +78,13 @@ pub struct Platform {
     shutdown: CancellationToken,
     tasks: JoinSet<()>,
     closers: Vec<kit::db::Db>,
+    store_closers: Vec<Closer>,
     bus: Option<EmbeddedBus>,
 }
+
+/// Closes one store at stop, whatever its backend (SQLite checkpoints its WAL, PostgreSQL
+/// waits for its pool's connections to end).
+type Closer = Box<dyn FnOnce() -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
 
 impl Platform {
     pub fn url(&self, service: ServiceName) -> Option<String> {
@@ -100,6 +107,9 @@ impl Platform {
         }
         for db in &self.closers {
             db.close().await;
+        }
+        for close in self.store_closers {
+            close().await;
         }
         if let Some(bus) = &self.bus {
             bus.close().await;
@@ -233,6 +243,7 @@ struct Assembly<'a> {
     shutdown: CancellationToken,
     tasks: JoinSet<()>,
     closers: Vec<kit::db::Db>,
+    store_closers: Vec<Closer>,
     apps: Vec<(ServiceName, axum::Router)>,
 }
 
@@ -267,8 +278,7 @@ impl Assembly<'_> {
     }
 
     fn idempotency(&self, db: &kit::db::Db) -> Idempotency {
-        let ttl = Duration::from_secs(self.settings.http.idempotency_ttl_secs);
-        Idempotency::new(db.clone(), ttl, self.body_limit())
+        Idempotency::new(db.clone(), self.idempotency_ttl(), self.body_limit())
     }
 
     /// The stream and the queue: Kafka and SQS where configured, else the embedded bus (the
@@ -312,6 +322,27 @@ impl Assembly<'_> {
                     ping().await.map_err(|_| "queue".to_owned())?;
                 }
                 Ok(())
+            }
+        })
+    }
+
+    /// Ready when `ping` (a store's, whatever its backend) and the bus, if used, answer.
+    fn ready_on<F, Fut>(&self, ping: F, uses_bus: bool) -> ReadyCheck
+    where
+        F: Fn() -> Fut + Clone + Send + Sync + 'static,
+        Fut: Future<Output = bool> + Send + 'static,
+    {
+        let bus = if uses_bus { self.bus.clone() } else { None };
+        ready_check(move || {
+            let (ping, bus) = (ping.clone(), bus.clone());
+            async move {
+                if !ping().await {
+                    return Err("database".to_owned());
+                }
+                match bus {
+                    Some(bus) => bus.ping().await.map_err(|_| "bus".to_owned()),
+                    None => Ok(()),
+                }
             }
         })
     }
@@ -401,15 +432,69 @@ impl Assembly<'_> {
         Ok(())
     }
 
+    fn idempotency_ttl(&self) -> Duration {
+        Duration::from_secs(self.settings.http.idempotency_ttl_secs)
+    }
+
+    /// Opens a PostgreSQL schema for `service` with its tables, the outbox and idempotency keys.
+    #[cfg(feature = "postgres")]
+    async fn open_pg(
+        &self,
+        url: &str,
+        service: ServiceName,
+        steps: &'static [kit::pg::PgStep],
+    ) -> anyhow::Result<kit::pg::Pg> {
+        kit::pg::Pg::open(url, service.as_str(), &self.settings.postgres, steps)
+            .await
+            .with_context(|| format!("opening the {} store on PostgreSQL", service.as_str()))
+    }
+
+    /// A store (trait object) to close at stop.
+    fn close_at_stop<S, F>(&mut self, store: Arc<S>, close: F)
+    where
+        S: ?Sized + Send + Sync + 'static,
+        F: for<'a> FnOnce(&'a S) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> + Send + 'static,
+    {
+        self.store_closers.push(Box::new(move || {
+            Box::pin(async move { close(&store).await })
+        }));
+    }
+
+    /// The orders store on the backend its URL names, with its relay and idempotency keys.
+    async fn orders_backend(
+        &self,
+        stream: Arc<dyn Stream>,
+        queue: Arc<dyn Queue>,
+    ) -> anyhow::Result<(Arc<dyn orders::OrderStore>, Relay, Idempotency)> {
+        let url = self.db_url(ServiceName::Orders);
+        if is_postgres_url(&url) {
+            #[cfg(feature = "postgres")]
+            {
+                let pg = self
+                    .open_pg(&url, ServiceName::Orders, orders::pg::MIGRATIONS)
+                    .await?;
+                let relay = Relay::on_postgres(pg.clone(), stream, queue);
+                let idempotency =
+                    Idempotency::on_postgres(pg.clone(), self.idempotency_ttl(), self.body_limit());
+                let store = orders::PgOrderStore::new(pg).with_relay_waker(relay.waker());
+                return Ok((Arc::new(store), relay, idempotency));
+            }
+            #[cfg(not(feature = "postgres"))]
+            bail!(postgres_missing(ServiceName::Orders));
+        }
+        let store = orders::SqliteOrderStore::open(&url, &self.settings.sqlite)
+            .await
+            .context("opening the orders store")?;
+        let relay = Relay::new(store.db().clone(), stream, queue);
+        let idempotency = self.idempotency(store.db());
+        let store = store.with_relay_waker(relay.waker());
+        Ok((Arc::new(store), relay, idempotency))
+    }
+
     async fn orders(&mut self) -> anyhow::Result<()> {
         let (stream, queue) = self.transports()?;
-        let store =
-            orders::OrderStore::open(&self.db_url(ServiceName::Orders), &self.settings.sqlite)
-                .await
-                .context("opening the orders store")?;
-        self.closers.push(store.db().clone());
-        let relay = Relay::new(store.db().clone(), stream.clone(), queue);
-        let store = store.with_relay_waker(relay.waker());
+        let (store, relay, idempotency) = self.orders_backend(stream.clone(), queue).await?;
+        self.close_at_stop(store.clone(), |s| s.close());
         let ctx = orders::ApiContext {
             store: store.clone(),
             deps: orders::clients::Dependencies {
@@ -419,7 +504,7 @@ impl Assembly<'_> {
             order_ttl: chrono::Duration::seconds(
                 i64::try_from(self.settings.saga.pending_order_ttl_secs).unwrap_or(900),
             ),
-            idempotency: self.idempotency(store.db()),
+            idempotency,
         };
         let shutdown = self.shutdown.clone();
         self.tasks.spawn(relay.run(shutdown.clone()));
@@ -443,26 +528,57 @@ impl Assembly<'_> {
             let store = pruned.clone();
             async move { store.prune_processed(retention).await }
         });
-        let ready = self.ready(store.db(), true);
+        let pinged = store.clone();
+        let ready = self.ready_on(
+            move || {
+                let store = pinged.clone();
+                async move { store.ping().await.is_ok() }
+            },
+            true,
+        );
         self.serve(ServiceName::Orders, orders::router(ctx), ready);
         Ok(())
     }
 
+    /// The payments store on the backend its URL names, with its relay and idempotency keys.
+    async fn payments_backend(
+        &self,
+        stream: Arc<dyn Stream>,
+        queue: Arc<dyn Queue>,
+    ) -> anyhow::Result<(Arc<dyn payments::PaymentStore>, Relay, Idempotency)> {
+        let url = self.db_url(ServiceName::Payments);
+        if is_postgres_url(&url) {
+            #[cfg(feature = "postgres")]
+            {
+                let pg = self
+                    .open_pg(&url, ServiceName::Payments, payments::pg::MIGRATIONS)
+                    .await?;
+                let relay = Relay::on_postgres(pg.clone(), stream, queue);
+                let idempotency =
+                    Idempotency::on_postgres(pg.clone(), self.idempotency_ttl(), self.body_limit());
+                let store = payments::PgPaymentStore::new(pg).with_relay_waker(relay.waker());
+                return Ok((Arc::new(store), relay, idempotency));
+            }
+            #[cfg(not(feature = "postgres"))]
+            bail!(postgres_missing(ServiceName::Payments));
+        }
+        let store = payments::SqlitePaymentStore::open(&url, &self.settings.sqlite)
+            .await
+            .context("opening the payments store")?;
+        let relay = Relay::new(store.db().clone(), stream, queue);
+        let idempotency = self.idempotency(store.db());
+        let store = store.with_relay_waker(relay.waker());
+        Ok((Arc::new(store), relay, idempotency))
+    }
+
     async fn payments(&mut self) -> anyhow::Result<()> {
         let (stream, queue) = self.transports()?;
-        let store = payments::PaymentStore::open(
-            &self.db_url(ServiceName::Payments),
-            &self.settings.sqlite,
-        )
-        .await
-        .context("opening the payments store")?;
-        self.closers.push(store.db().clone());
-        let relay = Relay::new(store.db().clone(), stream, queue);
-        let store = store.with_relay_waker(relay.waker());
+        let (store, relay, idempotency) = self.payments_backend(stream, queue).await?;
+        self.close_at_stop(store.clone(), |s| s.close());
         let ctx = payments::ApiContext {
             store: store.clone(),
             orders: self.client(ServiceName::Orders),
-            idempotency: self.idempotency(store.db()),
+            idempotency,
         };
         self.tasks.spawn(relay.run(self.shutdown.clone()));
         self.tasks.spawn(
@@ -470,7 +586,13 @@ impl Assembly<'_> {
                 .clone()
                 .run_purger(HOUSEKEEPING, self.shutdown.clone()),
         );
-        let ready = self.ready(store.db(), true);
+        let ready = self.ready_on(
+            move || {
+                let store = store.clone();
+                async move { store.ping().await.is_ok() }
+            },
+            true,
+        );
         self.serve(ServiceName::Payments, payments::router(ctx), ready);
         Ok(())
     }
@@ -661,6 +783,7 @@ pub async fn start(settings: &Settings, services: &[ServiceName]) -> anyhow::Res
         shutdown: CancellationToken::new(),
         tasks: JoinSet::new(),
         closers: Vec::new(),
+        store_closers: Vec::new(),
         apps: Vec::new(),
     };
     if let Some(bus) = bus.clone() {
@@ -686,6 +809,7 @@ pub async fn start(settings: &Settings, services: &[ServiceName]) -> anyhow::Res
         shutdown,
         mut tasks,
         closers,
+        store_closers,
         mut apps,
         ..
     } = assembly;
@@ -710,6 +834,23 @@ pub async fn start(settings: &Settings, services: &[ServiceName]) -> anyhow::Res
         shutdown,
         tasks,
         closers,
+        store_closers,
         bus,
     })
+}
+
+/// `kit::pg::is_postgres_url`, also in builds without the feature, where such a URL must fail
+/// with a clear error rather than be taken for a SQLite path.
+fn is_postgres_url(url: &str) -> bool {
+    url.starts_with("postgres://") || url.starts_with("postgresql://")
+}
+
+/// The start-up error for a PostgreSQL URL in a binary built without PostgreSQL.
+#[cfg(not(feature = "postgres"))]
+fn postgres_missing(service: ServiceName) -> String {
+    format!(
+        "the {} database URL is a PostgreSQL URL but this binary was built without PostgreSQL: \
+         build with `--features postgres`, or use a sqlite:// URL",
+        service.as_str()
+    )
 }

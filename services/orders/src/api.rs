@@ -12,16 +12,19 @@ use kit::client::CallError;
 use kit::extract::{self, PageParams, Path, Query};
 use kit::idempotency::{self, Idempotency, IdempotencyKey};
 use serde::Deserialize;
+use std::sync::Arc;
+
 use uuid::Uuid;
 
 use crate::clients::Dependencies;
 use crate::domain::{OrderError, OrderRequest, OrderStatus};
-use crate::store::{Order, OrderStore, StoreError, Transition};
+use crate::store::{Order, OrderStore, StoreError, Transition, new_order};
 
 /// What every handler and the saga work with.
 #[derive(Debug, Clone)]
 pub struct ApiContext {
-    pub store: OrderStore,
+    /// SQLite or PostgreSQL, chosen at start-up from the database URL.
+    pub store: Arc<dyn OrderStore>,
     pub deps: Dependencies,
     /// How long an order may stay unpaid before it is cancelled.
     pub order_ttl: chrono::Duration,
@@ -80,7 +83,9 @@ fn store_problem(e: StoreError) -> Problem {
         .with("from", from.as_str())
         .with("to", to.as_str()),
         StoreError::Overflow => Problem::invalid("the order total is too large"),
-        StoreError::Corrupt | StoreError::Encode(_) | StoreError::Sqlite(_) | StoreError::Db(_) => {
+        // Corrupt rows, encoding and database failures (whichever backend): the client can do
+        // nothing about them.
+        _ => {
             tracing::error!(error = %e, "orders store failed");
             Problem::internal()
         }
@@ -163,7 +168,7 @@ async fn create_order(
         .iter()
         .map(|l| (l.product_id, l.quantity, l.unit_price))
         .collect();
-    let order = OrderStore::new_order(
+    let order = new_order(
         order_id,
         request.user_id,
         &lines,

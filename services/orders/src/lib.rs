@@ -9,8 +9,12 @@
 pub mod api;
 pub mod clients;
 pub mod domain;
+#[cfg(feature = "postgres")]
+pub mod pg;
 pub mod saga;
 pub mod store;
 
 pub use api::{ApiContext, router};
-pub use store::OrderStore;
+#[cfg(feature = "postgres")]
+pub use pg::PgOrderStore;
+pub use store::{OrderStore, SqliteOrderStore};

@@ -1,9 +1,12 @@
-//! Orders, their lines, the outbox and processed-event ids, in SQLite.
+//! Orders, their lines, the outbox and processed-event ids: the [`OrderStore`] contract and
+//! its SQLite implementation (PostgreSQL is in `crate::pg`, feature `postgres`).
 //!
 //! Every state change and the event announcing it are written in one transaction, so an
 //! event is published if and only if the change happened.
 
 use std::sync::Arc;
+
+use async_trait::async_trait;
 
 use bus::Event;
 use bus::event::{OrderEvent, OrderEventItem};
@@ -128,6 +131,9 @@ pub enum StoreError {
     Sqlite(#[from] rusqlite::Error),
     #[error(transparent)]
     Db(#[from] DbError),
+    #[cfg(feature = "postgres")]
+    #[error(transparent)]
+    Postgres(#[from] sqlx::Error),
 }
 
 /// The outcome of a status change: the order as it is now, and whether this call changed it.
@@ -142,18 +148,100 @@ pub const DESTINATIONS: &[Destination] = &[
     Destination::Queue(ORDER_EVENTS_QUEUE),
 ];
 
+/// Where orders live. Implementations keep the same guarantees: a change and its outbox rows
+/// commit together, a transition applies only from a status that may become the target (so
+/// of concurrent attempts exactly one changes the order), and an event id is applied once.
+#[async_trait]
+pub trait OrderStore: Send + Sync + std::fmt::Debug {
+    /// Writes the order, its lines and its `order.created` outbox rows in one transaction;
+    /// [`StoreError::Duplicate`] when the id exists.
+    async fn insert(&self, order: &Order) -> Result<(), StoreError>;
+
+    async fn get(&self, id: Uuid) -> Result<Option<Order>, StoreError>;
+
+    /// A user's orders, oldest first.
+    async fn list_by_user(
+        &self,
+        user_id: Uuid,
+        skip: u32,
+        limit: u32,
+    ) -> Result<Vec<Order>, StoreError>;
+
+    /// Moves an order to `to` if legal, publishing `order.<to>` in the same transaction.
+    /// Moving to the current status is a no-op (`changed: false`), so retries are safe.
+    /// With `event_id`, a redelivered event is recognised and ignored.
+    async fn transition(
+        &self,
+        id: Uuid,
+        to: OrderStatus,
+        event_id: Option<Uuid>,
+    ) -> Result<Transition, StoreError>;
+
+    /// Pending orders whose payment window has closed, soonest expired first.
+    async fn expired_pending(&self, limit: u32) -> Result<Vec<Uuid>, StoreError>;
+
+    /// Forgets processed event ids older than `age`: past the stream's retention nothing that
+    /// old can be redelivered. Returns how many.
+    async fn prune_processed(&self, age: std::time::Duration) -> Result<usize, StoreError>;
+
+    async fn count(&self) -> Result<i64, StoreError>;
+
+    /// Readiness: the database answers.
+    async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Flushes and closes the database at shutdown.
+    async fn close(&self);
+}
+
+/// Builds a pending order from reserved lines (catalog prices), never a client's prices.
+pub fn new_order(
+    id: Uuid,
+    user_id: Uuid,
+    lines: &[(Uuid, i64, Money)],
+    shipping_address: String,
+    ttl: chrono::Duration,
+) -> Result<Order, StoreError> {
+    let mut total = Money::ZERO;
+    let mut items = Vec::with_capacity(lines.len());
+    for (product_id, quantity, unit_price) in lines {
+        let line_total = unit_price
+            .checked_mul(*quantity)
+            .ok_or(StoreError::Overflow)?;
+        total = total.checked_add(line_total).ok_or(StoreError::Overflow)?;
+        items.push(OrderLine {
+            product_id: *product_id,
+            quantity: *quantity,
+            unit_price: *unit_price,
+            line_total,
+        });
+    }
+    let now = DateTime::from_timestamp_millis(now_ms()).unwrap_or_default();
+    Ok(Order {
+        id,
+        user_id,
+        status: OrderStatus::Pending,
+        items,
+        total_amount: total,
+        currency: CURRENCY.to_owned(),
+        shipping_address,
+        created_at: now,
+        updated_at: now,
+        expires_at: now + ttl,
+    })
+}
+
 #[derive(Debug, Clone)]
-pub struct OrderStore {
+pub struct SqliteOrderStore {
     db: Db,
     wake_relay: Arc<Notify>,
 }
 
-impl OrderStore {
+impl SqliteOrderStore {
     pub async fn open(
         url: &str,
         sqlite: &kit::config::SqliteSettings,
-    ) -> Result<OrderStore, DbError> {
-        Ok(OrderStore {
+    ) -> Result<SqliteOrderStore, DbError> {
+        Ok(SqliteOrderStore {
             db: Db::open(url, sqlite, MIGRATIONS).await?,
             wake_relay: Arc::new(Notify::new()),
         })
@@ -164,50 +252,16 @@ impl OrderStore {
     }
 
     /// Lets the outbox relay know, right after commit, that events are waiting.
-    pub fn with_relay_waker(mut self, wake: Arc<Notify>) -> OrderStore {
+    pub fn with_relay_waker(mut self, wake: Arc<Notify>) -> SqliteOrderStore {
         self.wake_relay = wake;
         self
     }
+}
 
-    /// Builds a pending order from reserved lines (catalog prices), never a client's prices.
-    pub fn new_order(
-        id: Uuid,
-        user_id: Uuid,
-        lines: &[(Uuid, i64, Money)],
-        shipping_address: String,
-        ttl: chrono::Duration,
-    ) -> Result<Order, StoreError> {
-        let mut total = Money::ZERO;
-        let mut items = Vec::with_capacity(lines.len());
-        for (product_id, quantity, unit_price) in lines {
-            let line_total = unit_price
-                .checked_mul(*quantity)
-                .ok_or(StoreError::Overflow)?;
-            total = total.checked_add(line_total).ok_or(StoreError::Overflow)?;
-            items.push(OrderLine {
-                product_id: *product_id,
-                quantity: *quantity,
-                unit_price: *unit_price,
-                line_total,
-            });
-        }
-        let now = DateTime::from_timestamp_millis(now_ms()).unwrap_or_default();
-        Ok(Order {
-            id,
-            user_id,
-            status: OrderStatus::Pending,
-            items,
-            total_amount: total,
-            currency: CURRENCY.to_owned(),
-            shipping_address,
-            created_at: now,
-            updated_at: now,
-            expires_at: now + ttl,
-        })
-    }
-
+#[async_trait]
+impl OrderStore for SqliteOrderStore {
     /// Writes the order, its lines and its `order.created` outbox rows in one transaction.
-    pub async fn insert(&self, order: &Order) -> Result<(), StoreError> {
+    async fn insert(&self, order: &Order) -> Result<(), StoreError> {
         let event = order.event(bus::event::types::ORDER_CREATED)?;
         let order = order.clone();
         self.db
@@ -243,11 +297,11 @@ impl OrderStore {
         Ok(())
     }
 
-    pub async fn get(&self, id: Uuid) -> Result<Option<Order>, StoreError> {
+    async fn get(&self, id: Uuid) -> Result<Option<Order>, StoreError> {
         self.db.read(move |conn| load(conn, id)).await
     }
 
-    pub async fn list_by_user(
+    async fn list_by_user(
         &self,
         user_id: Uuid,
         skip: u32,
@@ -273,7 +327,7 @@ impl OrderStore {
     /// Moves an order to `to` if legal, publishing `order.<to>` in the same transaction.
     /// Moving to the current status is a no-op (`changed: false`), so retries are safe.
     /// With `event_id`, a redelivered event is recognised and ignored.
-    pub async fn transition(
+    async fn transition(
         &self,
         id: Uuid,
         to: OrderStatus,
@@ -317,7 +371,7 @@ impl OrderStore {
     }
 
     /// Pending orders whose payment window has closed.
-    pub async fn expired_pending(&self, limit: u32) -> Result<Vec<Uuid>, StoreError> {
+    async fn expired_pending(&self, limit: u32) -> Result<Vec<Uuid>, StoreError> {
         self.db
             .read(move |conn| {
                 let ids: Vec<String> = conn
@@ -333,7 +387,7 @@ impl OrderStore {
 
     /// Forgets processed event ids older than `age`: past the stream's retention nothing that
     /// old can be redelivered. Returns how many.
-    pub async fn prune_processed(&self, age: std::time::Duration) -> Result<usize, StoreError> {
+    async fn prune_processed(&self, age: std::time::Duration) -> Result<usize, StoreError> {
         let cutoff = now_ms() - i64::try_from(age.as_millis()).unwrap_or(i64::MAX / 2);
         self.db
             .write(move |tx| {
@@ -345,10 +399,18 @@ impl OrderStore {
             .await
     }
 
-    pub async fn count(&self) -> Result<i64, StoreError> {
+    async fn count(&self) -> Result<i64, StoreError> {
         self.db
             .read(|conn| Ok(conn.query_row("SELECT COUNT(*) FROM orders", [], |r| r.get(0))?))
             .await
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        Ok(self.db.ping().await?)
+    }
+
+    async fn close(&self) {
+        self.db.close().await;
     }
 }
 
@@ -411,10 +473,10 @@ fn load(conn: &Connection, id: Uuid) -> Result<Option<Order>, StoreError> {
 mod tests {
     use super::*;
 
-    async fn store() -> (tempfile::TempDir, OrderStore) {
+    async fn store() -> (tempfile::TempDir, SqliteOrderStore) {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}/orders.db", dir.path().display());
-        let store = OrderStore::open(&url, &kit::config::SqliteSettings::default())
+        let store = SqliteOrderStore::open(&url, &kit::config::SqliteSettings::default())
             .await
             .unwrap();
         (dir, store)
@@ -424,7 +486,7 @@ mod tests {
     async fn order_and_its_event_commit_together() {
         let (_dir, store) = store().await;
         let price = Money::from_cents(199_999).unwrap();
-        let order = OrderStore::new_order(
+        let order = new_order(
             Uuid::now_v7(),
             Uuid::now_v7(),
             &[(Uuid::now_v7(), 2, price)],

@@ -1,5 +1,7 @@
 //! HTTP handlers and DTOs of the payments service.
 
+use std::sync::Arc;
+
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::middleware;
@@ -21,7 +23,8 @@ use crate::store::{Payment, PaymentStore, Refund, StoreError};
 
 #[derive(Debug, Clone)]
 pub struct ApiContext {
-    pub store: PaymentStore,
+    /// SQLite or PostgreSQL, chosen at start-up from the database URL.
+    pub store: Arc<dyn PaymentStore>,
     pub orders: ServiceClient,
     pub idempotency: Idempotency,
 }
@@ -96,7 +99,9 @@ fn store_problem(e: StoreError) -> Problem {
             "a refund of {requested} exceeds the {remaining} left to refund"
         ))
         .with("remaining", remaining.to_string()),
-        StoreError::Corrupt | StoreError::Encode(_) | StoreError::Sqlite(_) | StoreError::Db(_) => {
+        // Corrupt rows, encoding and database failures (whichever backend): the client can do
+        // nothing about them.
+        _ => {
             tracing::error!(error = %e, "payments store failed");
             Problem::internal()
         }

@@ -6,8 +6,12 @@
 //! should that call fail.
 
 pub mod api;
+#[cfg(feature = "postgres")]
+pub mod pg;
 pub mod provider;
 pub mod store;
 
 pub use api::{ApiContext, router};
-pub use store::PaymentStore;
+#[cfg(feature = "postgres")]
+pub use pg::PgPaymentStore;
+pub use store::{PaymentStore, SqlitePaymentStore};

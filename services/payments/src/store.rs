@@ -1,4 +1,5 @@
-//! Payments and refunds in SQLite, each written with its `payment.*` outbox row.
+//! Payments and refunds, each written with its `payment.*` outbox row: the [`PaymentStore`]
+//! contract and its SQLite implementation (PostgreSQL is in `crate::pg`, feature `postgres`).
 //!
 //! "One successful payment per order" is a partial unique index, so it holds under any
 //! concurrency; "refunds never exceed the charge" is checked and updated in one write
@@ -6,6 +7,7 @@
 
 use std::sync::Arc;
 
+use async_trait::async_trait;
 use bus::Event;
 use bus::event::{PaymentEvent, types};
 use bus::names::PAYMENTS_TOPIC;
@@ -51,8 +53,8 @@ pub static MIGRATIONS: &[Step] = &[
     (3, "idempotency keys", kit::idempotency::MIGRATION),
 ];
 
-const SOURCE: &str = "mercato/payments";
-const DESTINATIONS: &[Destination] = &[Destination::Stream(PAYMENTS_TOPIC)];
+pub(crate) const SOURCE: &str = "mercato/payments";
+pub(crate) const DESTINATIONS: &[Destination] = &[Destination::Stream(PAYMENTS_TOPIC)];
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Payment {
@@ -99,6 +101,9 @@ pub enum StoreError {
     Sqlite(#[from] rusqlite::Error),
     #[error(transparent)]
     Db(#[from] DbError),
+    #[cfg(feature = "postgres")]
+    #[error(transparent)]
+    Postgres(#[from] sqlx::Error),
 }
 
 const COLUMNS: &str =
@@ -131,7 +136,7 @@ fn to_payment(row: &Row<'_>) -> rusqlite::Result<Payment> {
     })
 }
 
-fn event_for(
+pub(crate) fn event_for(
     payment: &Payment,
     event_type: &str,
     amount: Money,
@@ -156,18 +161,83 @@ fn event_for(
     )
 }
 
+/// The statuses of a payment that took the customer's money; at most one per order.
+pub const SUCCESS_STATUSES: [&str; 3] = ["succeeded", "partially_refunded", "refunded"];
+
+/// Where payments live. Implementations keep the same guarantees: a payment or refund and its
+/// outbox row commit together, an order has at most one successful payment under any
+/// concurrency, and refunds never sum past the charge.
+#[async_trait]
+pub trait PaymentStore: Send + Sync + std::fmt::Debug {
+    /// Records a charge attempt's outcome and its event in one transaction;
+    /// [`StoreError::AlreadyPaid`] when the order already has a successful payment.
+    async fn record(&self, payment: &Payment) -> Result<(), StoreError>;
+
+    async fn has_success(&self, order_id: Uuid) -> Result<bool, StoreError>;
+
+    async fn get(&self, id: Uuid) -> Result<Option<Payment>, StoreError>;
+
+    /// An order's payments, oldest first.
+    async fn by_order(&self, order_id: Uuid) -> Result<Vec<Payment>, StoreError>;
+
+    /// Refunds `amount` (everything left when `None`); the sum of refunds never passes the charge.
+    async fn refund(&self, payment_id: Uuid, amount: Option<Money>) -> Result<Refund, StoreError>;
+
+    /// Readiness: the database answers.
+    async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Flushes and closes the database at shutdown.
+    async fn close(&self);
+}
+
+/// The refund rules, shared by every backend: only a successful payment, never zero, never
+/// past what is left. Returns the payment as the refund leaves it and the amount refunded
+/// (everything left when `amount` is `None`).
+pub(crate) fn apply_refund(
+    mut payment: Payment,
+    amount: Option<Money>,
+    now_ms: i64,
+) -> Result<(Payment, Money), StoreError> {
+    if !matches!(payment.status.as_str(), "succeeded" | "partially_refunded") {
+        return Err(StoreError::NotRefundable);
+    }
+    let remaining = payment
+        .amount
+        .checked_sub(payment.refunded_amount)
+        .ok_or(StoreError::Corrupt)?;
+    let amount = amount.unwrap_or(remaining);
+    if amount.cents() == 0 || amount > remaining {
+        return Err(StoreError::RefundTooLarge {
+            requested: amount,
+            remaining,
+        });
+    }
+    let refunded = payment
+        .refunded_amount
+        .checked_add(amount)
+        .ok_or(StoreError::Corrupt)?;
+    payment.refunded_amount = refunded;
+    payment.status = if refunded == payment.amount {
+        "refunded".into()
+    } else {
+        "partially_refunded".into()
+    };
+    payment.updated_at = DateTime::from_timestamp_millis(now_ms).unwrap_or_default();
+    Ok((payment, amount))
+}
+
 #[derive(Debug, Clone)]
-pub struct PaymentStore {
+pub struct SqlitePaymentStore {
     db: Db,
     wake_relay: Arc<Notify>,
 }
 
-impl PaymentStore {
+impl SqlitePaymentStore {
     pub async fn open(
         url: &str,
         sqlite: &kit::config::SqliteSettings,
-    ) -> Result<PaymentStore, DbError> {
-        Ok(PaymentStore {
+    ) -> Result<SqlitePaymentStore, DbError> {
+        Ok(SqlitePaymentStore {
             db: Db::open(url, sqlite, MIGRATIONS).await?,
             wake_relay: Arc::new(Notify::new()),
         })
@@ -177,13 +247,16 @@ impl PaymentStore {
         &self.db
     }
 
-    pub fn with_relay_waker(mut self, wake: Arc<Notify>) -> PaymentStore {
+    pub fn with_relay_waker(mut self, wake: Arc<Notify>) -> SqlitePaymentStore {
         self.wake_relay = wake;
         self
     }
+}
 
+#[async_trait]
+impl PaymentStore for SqlitePaymentStore {
     /// Records a charge attempt's outcome and its event in one transaction.
-    pub async fn record(&self, payment: &Payment) -> Result<(), StoreError> {
+    async fn record(&self, payment: &Payment) -> Result<(), StoreError> {
         let event_type = if payment.status == "succeeded" {
             types::PAYMENT_SUCCEEDED
         } else {
@@ -220,7 +293,7 @@ impl PaymentStore {
         Ok(())
     }
 
-    pub async fn has_success(&self, order_id: Uuid) -> Result<bool, StoreError> {
+    async fn has_success(&self, order_id: Uuid) -> Result<bool, StoreError> {
         self.db
             .read(move |conn| {
                 Ok(conn
@@ -233,11 +306,11 @@ impl PaymentStore {
             .await
     }
 
-    pub async fn get(&self, id: Uuid) -> Result<Option<Payment>, StoreError> {
+    async fn get(&self, id: Uuid) -> Result<Option<Payment>, StoreError> {
         self.db.read(move |conn| load(conn, id)).await
     }
 
-    pub async fn by_order(&self, order_id: Uuid) -> Result<Vec<Payment>, StoreError> {
+    async fn by_order(&self, order_id: Uuid) -> Result<Vec<Payment>, StoreError> {
         self.db
             .read(move |conn| {
                 Ok(conn
@@ -251,31 +324,16 @@ impl PaymentStore {
     }
 
     /// Refunds `amount` (everything left when `None`); the sum of refunds never passes the charge.
-    pub async fn refund(
-        &self,
-        payment_id: Uuid,
-        amount: Option<Money>,
-    ) -> Result<Refund, StoreError> {
+    async fn refund(&self, payment_id: Uuid, amount: Option<Money>) -> Result<Refund, StoreError> {
         let refund = self
             .db
             .write(move |tx| {
-                let mut payment = load(tx, payment_id)?.ok_or(StoreError::NotFound)?;
-                if !matches!(payment.status.as_str(), "succeeded" | "partially_refunded") {
-                    return Err(StoreError::NotRefundable);
-                }
-                let remaining = payment.amount.checked_sub(payment.refunded_amount).ok_or(StoreError::Corrupt)?;
-                let amount = amount.unwrap_or(remaining);
-                if amount.cents() == 0 || amount > remaining {
-                    return Err(StoreError::RefundTooLarge { requested: amount, remaining });
-                }
-                let refunded = payment.refunded_amount.checked_add(amount).ok_or(StoreError::Corrupt)?;
+                let payment = load(tx, payment_id)?.ok_or(StoreError::NotFound)?;
                 let now = now_ms();
-                payment.refunded_amount = refunded;
-                payment.status = if refunded == payment.amount { "refunded".into() } else { "partially_refunded".into() };
-                payment.updated_at = DateTime::from_timestamp_millis(now).unwrap_or_default();
+                let (payment, amount) = apply_refund(payment, amount, now)?;
                 tx.execute(
                     "UPDATE payments SET refunded_cents = ?1, status = ?2, updated_at = ?3 WHERE id = ?4",
-                    params![refunded.cents(), payment.status, now, payment_id.to_string()],
+                    params![payment.refunded_amount.cents(), payment.status, now, payment_id.to_string()],
                 )?;
                 let refund_id = Uuid::now_v7();
                 tx.execute(
@@ -283,11 +341,19 @@ impl PaymentStore {
                     params![refund_id.to_string(), payment_id.to_string(), amount.cents(), now],
                 )?;
                 outbox::enqueue(tx, &event_for(&payment, types::PAYMENT_REFUNDED, amount)?, DESTINATIONS)?;
-                Ok(Refund { id: refund_id, payment_id, amount, created_at: payment.updated_at, payment })
+                Ok::<_, StoreError>(Refund { id: refund_id, payment_id, amount, created_at: payment.updated_at, payment })
             })
             .await?;
         self.wake_relay.notify_one();
         Ok(refund)
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        Ok(self.db.ping().await?)
+    }
+
+    async fn close(&self) {
+        self.db.close().await;
     }
 }
 
@@ -323,7 +389,7 @@ mod tests {
     #[tokio::test]
     async fn one_success_per_order_and_refunds_bounded_by_the_charge() {
         let dir = tempfile::tempdir().unwrap();
-        let store = PaymentStore::open(
+        let store = SqlitePaymentStore::open(
             &format!("sqlite://{}/p.db", dir.path().display()),
             &Default::default(),
         )
