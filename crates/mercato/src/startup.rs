@@ -4,7 +4,9 @@
 //! name; services then reach each other over real HTTP on the bound addresses, exactly as
 //! they would in separate containers.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -67,6 +69,17 @@ impl ServiceName {
     }
 }
 
+/// Closes one store at shutdown, whatever its backend (stores behind a trait close
+/// themselves; the others hand over their SQLite `Db` in `closers`).
+type Closing = Box<dyn FnOnce() -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
+
+/// The database a service's store opens, chosen by its `database_url`.
+enum Backend {
+    Sqlite(String),
+    #[cfg(feature = "postgres")]
+    Postgres(String),
+}
+
 /// A running platform (or part of one).
 pub struct Platform {
     /// Where each started service listens.
@@ -76,6 +89,7 @@ pub struct Platform {
     shutdown: CancellationToken,
     tasks: JoinSet<()>,
     closers: Vec<kit::db::Db>,
+    closing: Vec<Closing>,
     bus: Option<EmbeddedBus>,
 }
 
@@ -100,6 +114,9 @@ impl Platform {
         }
         for db in &self.closers {
             db.close().await;
+        }
+        for close in self.closing.drain(..) {
+            close().await;
         }
         if let Some(bus) = &self.bus {
             bus.close().await;
@@ -159,6 +176,7 @@ struct Assembly<'a> {
     shutdown: CancellationToken,
     tasks: JoinSet<()>,
     closers: Vec<kit::db::Db>,
+    closing: Vec<Closing>,
     apps: Vec<(ServiceName, axum::Router)>,
 }
 
@@ -174,6 +192,34 @@ impl Assembly<'_> {
     fn db_url(&self, service: ServiceName) -> String {
         self.settings
             .database_url(service.settings(self.settings), service.as_str())
+    }
+
+    /// SQLite for `sqlite://` urls; PostgreSQL (schema = the service's name) for
+    /// `postgres://` ones, which need the `postgres` feature.
+    fn backend(&self, service: ServiceName) -> anyhow::Result<Backend> {
+        let url = self.db_url(service);
+        // Spelled out rather than `kit::pg::is_postgres_url`: without the feature there is no
+        // `kit::pg`, and that is exactly when the url must be recognised to refuse it clearly.
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            return Ok(Backend::Sqlite(url));
+        }
+        #[cfg(feature = "postgres")]
+        return Ok(Backend::Postgres(url));
+        #[cfg(not(feature = "postgres"))]
+        bail!(
+            "the {} database url is a PostgreSQL one, but this mercato was built without the \
+             `postgres` feature; rebuild with `--features postgres` or use a sqlite:// url",
+            service.as_str()
+        )
+    }
+
+    /// Closes a store at shutdown, after every task has drained.
+    fn close_at_stop<F, Fut>(&mut self, close: F)
+    where
+        F: FnOnce() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        self.closing.push(Box::new(move || Box::pin(close())));
     }
 
     fn client(&self, service: ServiceName) -> ServiceClient {
@@ -210,11 +256,29 @@ impl Assembly<'_> {
     /// Ready when the service's database (and the bus, if it uses one) answers.
     fn ready(&self, db: &kit::db::Db, uses_bus: bool) -> ReadyCheck {
         let db = db.clone();
+        self.ready_when(
+            move || {
+                let db = db.clone();
+                async move { db.ping().await.is_ok() }
+            },
+            uses_bus,
+        )
+    }
+
+    /// Ready when `database` answers true (and the bus, if the service uses one, answers):
+    /// for stores behind a trait, whatever their backend.
+    fn ready_when<F, Fut>(&self, database: F, uses_bus: bool) -> ReadyCheck
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = bool> + Send + 'static,
+    {
         let bus = if uses_bus { self.bus.clone() } else { None };
         ready_check(move || {
-            let (db, bus) = (db.clone(), bus.clone());
+            let (up, bus) = (database(), bus.clone());
             async move {
-                db.ping().await.map_err(|_| "database".to_owned())?;
+                if !up.await {
+                    return Err("database".to_owned());
+                }
                 match bus {
                     Some(bus) => bus.ping().await.map_err(|_| "bus".to_owned()),
                     None => Ok(()),
@@ -266,11 +330,28 @@ impl Assembly<'_> {
     }
 
     async fn users(&mut self) -> anyhow::Result<()> {
-        let store = users::UserStore::open(&self.db_url(ServiceName::Users), &self.settings.sqlite)
-            .await
-            .context("opening the users store")?;
-        self.closers.push(store.db().clone());
-        let ready = self.ready(store.db(), false);
+        let store: Arc<dyn users::UserStore> = match self.backend(ServiceName::Users)? {
+            Backend::Sqlite(url) => Arc::new(
+                users::SqliteUserStore::open(&url, &self.settings.sqlite)
+                    .await
+                    .context("opening the users store")?,
+            ),
+            #[cfg(feature = "postgres")]
+            Backend::Postgres(url) => Arc::new(
+                users::pg::PgUserStore::open(&url, "users", &self.settings.postgres)
+                    .await
+                    .context("opening the users store (PostgreSQL)")?,
+            ),
+        };
+        let (pinged, closed) = (store.clone(), store.clone());
+        self.close_at_stop(move || async move { closed.close().await });
+        let ready = self.ready_when(
+            move || {
+                let store = pinged.clone();
+                async move { store.ping().await.is_ok() }
+            },
+            false,
+        );
         self.serve(ServiceName::Users, users::router(store), ready);
         Ok(())
     }
@@ -571,6 +652,7 @@ pub async fn start(settings: &Settings, services: &[ServiceName]) -> anyhow::Res
         shutdown: CancellationToken::new(),
         tasks: JoinSet::new(),
         closers: Vec::new(),
+        closing: Vec::new(),
         apps: Vec::new(),
     };
     if let Some(bus) = bus.clone() {
@@ -596,6 +678,7 @@ pub async fn start(settings: &Settings, services: &[ServiceName]) -> anyhow::Res
         shutdown,
         mut tasks,
         closers,
+        closing,
         mut apps,
         ..
     } = assembly;
@@ -620,6 +703,7 @@ pub async fn start(settings: &Settings, services: &[ServiceName]) -> anyhow::Res
         shutdown,
         tasks,
         closers,
+        closing,
         bus,
     })
 }
