@@ -357,15 +357,23 @@ impl Assembly<'_> {
     }
 
     async fn products(&mut self) -> anyhow::Result<()> {
-        let store = products::ProductStore::open(
-            &self.db_url(ServiceName::Products),
-            &self.settings.sqlite,
-        )
-        .await
-        .context("opening the products store")?;
-        self.closers.push(store.db().clone());
+        let store: Arc<dyn products::ProductStore> = match self.backend(ServiceName::Products)? {
+            Backend::Sqlite(url) => Arc::new(
+                products::SqliteProductStore::open(&url, &self.settings.sqlite)
+                    .await
+                    .context("opening the products store")?,
+            ),
+            #[cfg(feature = "postgres")]
+            Backend::Postgres(url) => Arc::new(
+                products::pg::PgProductStore::open(&url, "products", &self.settings.postgres)
+                    .await
+                    .context("opening the products store (PostgreSQL)")?,
+            ),
+        };
+        let closed = store.clone();
+        self.close_at_stop(move || async move { closed.close().await });
         if self.settings.demo {
-            let added = products::demo::seed_if_empty(&store)
+            let added = products::demo::seed_if_empty(store.as_ref())
                 .await
                 .context("seeding the demo catalog")?;
             if added > 0 {
@@ -384,7 +392,14 @@ impl Assembly<'_> {
                 }
             }
         });
-        let ready = self.ready(store.db(), false);
+        let pinged = store.clone();
+        let ready = self.ready_when(
+            move || {
+                let store = pinged.clone();
+                async move { store.ping().await.is_ok() }
+            },
+            false,
+        );
         self.serve(ServiceName::Products, products::router(store), ready);
         Ok(())
     }
