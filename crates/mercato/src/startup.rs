@@ -480,15 +480,33 @@ impl Assembly<'_> {
 
     async fn notifications(&mut self) -> anyhow::Result<()> {
         let (_, queue) = self.transports()?;
-        let store = notifications::SqliteNotificationStore::open(
-            &self.db_url(ServiceName::Notifications),
-            &self.settings.sqlite,
-        )
-        .await
-        .context("opening the notifications store")?;
-        self.closers.push(store.db().clone());
-        let ready = self.ready(store.db(), true);
-        let store: Arc<dyn notifications::NotificationStore> = Arc::new(store);
+        let store: Arc<dyn notifications::NotificationStore> =
+            match self.backend(ServiceName::Notifications)? {
+                Backend::Sqlite(url) => Arc::new(
+                    notifications::SqliteNotificationStore::open(&url, &self.settings.sqlite)
+                        .await
+                        .context("opening the notifications store")?,
+                ),
+                #[cfg(feature = "postgres")]
+                Backend::Postgres(url) => Arc::new(
+                    notifications::pg::PgNotificationStore::open(
+                        &url,
+                        "notifications",
+                        &self.settings.postgres,
+                    )
+                    .await
+                    .context("opening the notifications store (PostgreSQL)")?,
+                ),
+            };
+        let (pinged, closed) = (store.clone(), store.clone());
+        self.close_at_stop(move || async move { closed.close().await });
+        let ready = self.ready_when(
+            move || {
+                let store = pinged.clone();
+                async move { store.ping().await.is_ok() }
+            },
+            true,
+        );
         let poller = notifications::poller::Poller {
             queue,
             store: store.clone(),
