@@ -10,7 +10,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use bus::embedded::{EmbeddedBus, EmbeddedOptions};
 use bus::outbox::Relay;
 use bus::{Queue, Stream};
@@ -69,6 +69,17 @@ impl ServiceName {
     }
 }
 
+/// Closes one store at shutdown, whatever its backend (stores behind a trait close
+/// themselves; the others hand over their SQLite `Db` in `closers`).
+type Closing = Box<dyn FnOnce() -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
+
+/// The database a service's store opens, chosen by its `database_url`.
+enum Backend {
+    Sqlite(String),
+    #[cfg(feature = "postgres")]
+    Postgres(String),
+}
+
 /// A running platform (or part of one).
 pub struct Platform {
     /// Where each started service listens.
@@ -78,13 +89,9 @@ pub struct Platform {
     shutdown: CancellationToken,
     tasks: JoinSet<()>,
     closers: Vec<kit::db::Db>,
-    store_closers: Vec<Closer>,
+    closing: Vec<Closing>,
     bus: Option<EmbeddedBus>,
 }
-
-/// Closes one store at stop, whatever its backend (SQLite checkpoints its WAL, PostgreSQL
-/// waits for its pool's connections to end).
-type Closer = Box<dyn FnOnce() -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
 
 impl Platform {
     pub fn url(&self, service: ServiceName) -> Option<String> {
@@ -108,7 +115,7 @@ impl Platform {
         for db in &self.closers {
             db.close().await;
         }
-        for close in self.store_closers {
+        for close in self.closing.drain(..) {
             close().await;
         }
         if let Some(bus) = &self.bus {
@@ -149,7 +156,7 @@ async fn external_stream(settings: &Settings) -> anyhow::Result<Option<Arc<dyn S
 #[cfg(not(feature = "kafka"))]
 async fn external_stream(settings: &Settings) -> anyhow::Result<Option<Arc<dyn Stream>>> {
     if settings.bus.kafka.bootstrap_servers.is_some() {
-        bail!(
+        anyhow::bail!(
             "KAFKA_BOOTSTRAP_SERVERS is set but this binary was built without Kafka: \
              build with `cargo build --release --features kafka`, or unset it to use the embedded stream"
         );
@@ -221,7 +228,7 @@ async fn external_queue(settings: &Settings) -> anyhow::Result<Option<ExternalQu
 #[cfg(not(feature = "sqs"))]
 async fn external_queue(settings: &Settings) -> anyhow::Result<Option<ExternalQueue>> {
     if settings.bus.queue_url.is_some() {
-        bail!(
+        anyhow::bail!(
             "SQS_QUEUE_URL is set but this binary was built without SQS: \
              build with `cargo build --release --features sqs`, or unset it to use the embedded queue"
         );
@@ -243,7 +250,7 @@ struct Assembly<'a> {
     shutdown: CancellationToken,
     tasks: JoinSet<()>,
     closers: Vec<kit::db::Db>,
-    store_closers: Vec<Closer>,
+    closing: Vec<Closing>,
     apps: Vec<(ServiceName, axum::Router)>,
 }
 
@@ -259,6 +266,34 @@ impl Assembly<'_> {
     fn db_url(&self, service: ServiceName) -> String {
         self.settings
             .database_url(service.settings(self.settings), service.as_str())
+    }
+
+    /// SQLite for `sqlite://` urls; PostgreSQL (schema = the service's name) for
+    /// `postgres://` ones, which need the `postgres` feature.
+    fn backend(&self, service: ServiceName) -> anyhow::Result<Backend> {
+        let url = self.db_url(service);
+        // Spelled out rather than `kit::pg::is_postgres_url`: without the feature there is no
+        // `kit::pg`, and that is exactly when the url must be recognised to refuse it clearly.
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            return Ok(Backend::Sqlite(url));
+        }
+        #[cfg(feature = "postgres")]
+        return Ok(Backend::Postgres(url));
+        #[cfg(not(feature = "postgres"))]
+        anyhow::bail!(
+            "the {} database url is a PostgreSQL one, but this mercato was built without the \
+             `postgres` feature; rebuild with `--features postgres` or use a sqlite:// url",
+            service.as_str()
+        )
+    }
+
+    /// Closes a store at shutdown, after every task has drained.
+    fn close_at_stop<F, Fut>(&mut self, close: F)
+    where
+        F: FnOnce() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        self.closing.push(Box::new(move || Box::pin(close())));
     }
 
     fn client(&self, service: ServiceName) -> ServiceClient {
@@ -296,25 +331,39 @@ impl Assembly<'_> {
         Ok((stream, queue))
     }
 
-    /// Ready when the service's database (and the bus, if it uses one) answers.
+    /// Ready when the service's SQLite database (and the bus, if it uses one) answers.
     fn ready(&self, db: &kit::db::Db, uses_bus: bool) -> ReadyCheck {
-        self.ready_with(db, uses_bus, false)
+        let db = db.clone();
+        self.ready_when(
+            move || {
+                let db = db.clone();
+                async move { db.ping().await.is_ok() }
+            },
+            uses_bus,
+            false,
+        )
     }
 
-    /// Like [`Self::ready`], and for a queue consumer the external queue must answer too. The
-    /// producers (orders, payments) stay ready while it is down: their outbox holds events
-    /// until it is back, so accepting orders is still right.
-    fn ready_with(&self, db: &kit::db::Db, uses_bus: bool, consumes_queue: bool) -> ReadyCheck {
-        let db = db.clone();
+    /// Ready when `database` answers true (a store behind a trait, whatever its backend), the
+    /// bus answers if the service uses one, and, for the queue's consumer, the external queue
+    /// answers. Producers (orders, payments) stay ready while the queue is down: their outbox
+    /// holds events until it is back, so accepting orders is still right.
+    fn ready_when<F, Fut>(&self, database: F, uses_bus: bool, consumes_queue: bool) -> ReadyCheck
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = bool> + Send + 'static,
+    {
         let bus = if uses_bus { self.bus.clone() } else { None };
         let queue = match (&self.external_queue, consumes_queue) {
             (Some(external), true) => Some(external.ping.clone()),
             _ => None,
         };
         ready_check(move || {
-            let (db, bus, queue) = (db.clone(), bus.clone(), queue.clone());
+            let (up, bus, queue) = (database(), bus.clone(), queue.clone());
             async move {
-                db.ping().await.map_err(|_| "database".to_owned())?;
+                if !up.await {
+                    return Err("database".to_owned());
+                }
                 if let Some(bus) = bus {
                     bus.ping().await.map_err(|_| "bus".to_owned())?;
                 }
@@ -322,27 +371,6 @@ impl Assembly<'_> {
                     ping().await.map_err(|_| "queue".to_owned())?;
                 }
                 Ok(())
-            }
-        })
-    }
-
-    /// Ready when `ping` (a store's, whatever its backend) and the bus, if used, answer.
-    fn ready_on<F, Fut>(&self, ping: F, uses_bus: bool) -> ReadyCheck
-    where
-        F: Fn() -> Fut + Clone + Send + Sync + 'static,
-        Fut: Future<Output = bool> + Send + 'static,
-    {
-        let bus = if uses_bus { self.bus.clone() } else { None };
-        ready_check(move || {
-            let (ping, bus) = (ping.clone(), bus.clone());
-            async move {
-                if !ping().await {
-                    return Err("database".to_owned());
-                }
-                match bus {
-                    Some(bus) => bus.ping().await.map_err(|_| "bus".to_owned()),
-                    None => Ok(()),
-                }
             }
         })
     }
@@ -390,25 +418,51 @@ impl Assembly<'_> {
     }
 
     async fn users(&mut self) -> anyhow::Result<()> {
-        let store = users::UserStore::open(&self.db_url(ServiceName::Users), &self.settings.sqlite)
-            .await
-            .context("opening the users store")?;
-        self.closers.push(store.db().clone());
-        let ready = self.ready(store.db(), false);
+        let store: Arc<dyn users::UserStore> = match self.backend(ServiceName::Users)? {
+            Backend::Sqlite(url) => Arc::new(
+                users::SqliteUserStore::open(&url, &self.settings.sqlite)
+                    .await
+                    .context("opening the users store")?,
+            ),
+            #[cfg(feature = "postgres")]
+            Backend::Postgres(url) => Arc::new(
+                users::pg::PgUserStore::open(&url, "users", &self.settings.postgres)
+                    .await
+                    .context("opening the users store (PostgreSQL)")?,
+            ),
+        };
+        let (pinged, closed) = (store.clone(), store.clone());
+        self.close_at_stop(move || async move { closed.close().await });
+        let ready = self.ready_when(
+            move || {
+                let store = pinged.clone();
+                async move { store.ping().await.is_ok() }
+            },
+            false,
+            false,
+        );
         self.serve(ServiceName::Users, users::router(store), ready);
         Ok(())
     }
 
     async fn products(&mut self) -> anyhow::Result<()> {
-        let store = products::ProductStore::open(
-            &self.db_url(ServiceName::Products),
-            &self.settings.sqlite,
-        )
-        .await
-        .context("opening the products store")?;
-        self.closers.push(store.db().clone());
+        let store: Arc<dyn products::ProductStore> = match self.backend(ServiceName::Products)? {
+            Backend::Sqlite(url) => Arc::new(
+                products::SqliteProductStore::open(&url, &self.settings.sqlite)
+                    .await
+                    .context("opening the products store")?,
+            ),
+            #[cfg(feature = "postgres")]
+            Backend::Postgres(url) => Arc::new(
+                products::pg::PgProductStore::open(&url, "products", &self.settings.postgres)
+                    .await
+                    .context("opening the products store (PostgreSQL)")?,
+            ),
+        };
+        let closed = store.clone();
+        self.close_at_stop(move || async move { closed.close().await });
         if self.settings.demo {
-            let added = products::demo::seed_if_empty(&store)
+            let added = products::demo::seed_if_empty(store.as_ref())
                 .await
                 .context("seeding the demo catalog")?;
             if added > 0 {
@@ -427,7 +481,15 @@ impl Assembly<'_> {
                 }
             }
         });
-        let ready = self.ready(store.db(), false);
+        let pinged = store.clone();
+        let ready = self.ready_when(
+            move || {
+                let store = pinged.clone();
+                async move { store.ping().await.is_ok() }
+            },
+            false,
+            false,
+        );
         self.serve(ServiceName::Products, products::router(store), ready);
         Ok(())
     }
@@ -450,12 +512,15 @@ impl Assembly<'_> {
     }
 
     /// A store (trait object) to close at stop.
-    fn close_at_stop<S, F>(&mut self, store: Arc<S>, close: F)
+    fn close_store_at_stop<S, F>(&mut self, store: Arc<S>, close: F)
     where
         S: ?Sized + Send + Sync + 'static,
-        F: for<'a> FnOnce(&'a S) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> + Send + 'static,
+        F: for<'a> FnOnce(&'a S) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>>
+            + Send
+            + Sync
+            + 'static,
     {
-        self.store_closers.push(Box::new(move || {
+        self.closing.push(Box::new(move || {
             Box::pin(async move { close(&store).await })
         }));
     }
@@ -480,7 +545,7 @@ impl Assembly<'_> {
                 return Ok((Arc::new(store), relay, idempotency));
             }
             #[cfg(not(feature = "postgres"))]
-            bail!(postgres_missing(ServiceName::Orders));
+            anyhow::bail!(postgres_missing(ServiceName::Orders));
         }
         let store = orders::SqliteOrderStore::open(&url, &self.settings.sqlite)
             .await
@@ -494,7 +559,7 @@ impl Assembly<'_> {
     async fn orders(&mut self) -> anyhow::Result<()> {
         let (stream, queue) = self.transports()?;
         let (store, relay, idempotency) = self.orders_backend(stream.clone(), queue).await?;
-        self.close_at_stop(store.clone(), |s| s.close());
+        self.close_store_at_stop(store.clone(), |s| s.close());
         let ctx = orders::ApiContext {
             store: store.clone(),
             deps: orders::clients::Dependencies {
@@ -529,12 +594,13 @@ impl Assembly<'_> {
             async move { store.prune_processed(retention).await }
         });
         let pinged = store.clone();
-        let ready = self.ready_on(
+        let ready = self.ready_when(
             move || {
                 let store = pinged.clone();
                 async move { store.ping().await.is_ok() }
             },
             true,
+            false,
         );
         self.serve(ServiceName::Orders, orders::router(ctx), ready);
         Ok(())
@@ -560,7 +626,7 @@ impl Assembly<'_> {
                 return Ok((Arc::new(store), relay, idempotency));
             }
             #[cfg(not(feature = "postgres"))]
-            bail!(postgres_missing(ServiceName::Payments));
+            anyhow::bail!(postgres_missing(ServiceName::Payments));
         }
         let store = payments::SqlitePaymentStore::open(&url, &self.settings.sqlite)
             .await
@@ -574,7 +640,7 @@ impl Assembly<'_> {
     async fn payments(&mut self) -> anyhow::Result<()> {
         let (stream, queue) = self.transports()?;
         let (store, relay, idempotency) = self.payments_backend(stream, queue).await?;
-        self.close_at_stop(store.clone(), |s| s.close());
+        self.close_store_at_stop(store.clone(), |s| s.close());
         let ctx = payments::ApiContext {
             store: store.clone(),
             orders: self.client(ServiceName::Orders),
@@ -586,12 +652,13 @@ impl Assembly<'_> {
                 .clone()
                 .run_purger(HOUSEKEEPING, self.shutdown.clone()),
         );
-        let ready = self.ready_on(
+        let ready = self.ready_when(
             move || {
                 let store = store.clone();
                 async move { store.ping().await.is_ok() }
             },
             true,
+            false,
         );
         self.serve(ServiceName::Payments, payments::router(ctx), ready);
         Ok(())
@@ -599,15 +666,34 @@ impl Assembly<'_> {
 
     async fn notifications(&mut self) -> anyhow::Result<()> {
         let (_, queue) = self.transports()?;
-        let store = notifications::SqliteNotificationStore::open(
-            &self.db_url(ServiceName::Notifications),
-            &self.settings.sqlite,
-        )
-        .await
-        .context("opening the notifications store")?;
-        self.closers.push(store.db().clone());
-        let ready = self.ready_with(store.db(), true, true);
-        let store: Arc<dyn notifications::NotificationStore> = Arc::new(store);
+        let store: Arc<dyn notifications::NotificationStore> =
+            match self.backend(ServiceName::Notifications)? {
+                Backend::Sqlite(url) => Arc::new(
+                    notifications::SqliteNotificationStore::open(&url, &self.settings.sqlite)
+                        .await
+                        .context("opening the notifications store")?,
+                ),
+                #[cfg(feature = "postgres")]
+                Backend::Postgres(url) => Arc::new(
+                    notifications::pg::PgNotificationStore::open(
+                        &url,
+                        "notifications",
+                        &self.settings.postgres,
+                    )
+                    .await
+                    .context("opening the notifications store (PostgreSQL)")?,
+                ),
+            };
+        let (pinged, closed) = (store.clone(), store.clone());
+        self.close_at_stop(move || async move { closed.close().await });
+        let ready = self.ready_when(
+            move || {
+                let store = pinged.clone();
+                async move { store.ping().await.is_ok() }
+            },
+            true,
+            true,
+        );
         let poller = notifications::poller::Poller {
             queue,
             store: store.clone(),
@@ -783,7 +869,7 @@ pub async fn start(settings: &Settings, services: &[ServiceName]) -> anyhow::Res
         shutdown: CancellationToken::new(),
         tasks: JoinSet::new(),
         closers: Vec::new(),
-        store_closers: Vec::new(),
+        closing: Vec::new(),
         apps: Vec::new(),
     };
     if let Some(bus) = bus.clone() {
@@ -809,7 +895,7 @@ pub async fn start(settings: &Settings, services: &[ServiceName]) -> anyhow::Res
         shutdown,
         mut tasks,
         closers,
-        store_closers,
+        closing,
         mut apps,
         ..
     } = assembly;
@@ -834,7 +920,7 @@ pub async fn start(settings: &Settings, services: &[ServiceName]) -> anyhow::Res
         shutdown,
         tasks,
         closers,
-        store_closers,
+        closing,
         bus,
     })
 }

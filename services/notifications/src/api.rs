@@ -44,7 +44,12 @@ async fn list_notifications(
         limit: params.limit,
     };
     store.find(&filter).await.map(Json).map_err(|e| {
+        // Logged, never sent; 503 when the database is out of reach (retry later).
         tracing::error!(error = %e, "notifications store failed");
-        Problem::internal()
+        if e.is_unavailable() {
+            Problem::unavailable("the notifications database")
+        } else {
+            Problem::internal()
+        }
     })
 }

@@ -12,6 +12,8 @@ pub mod content;
 #[cfg(feature = "dynamodb")]
 pub mod dynamo;
 pub mod handler;
+#[cfg(feature = "postgres")]
+pub mod pg;
 pub mod poller;
 pub mod sender;
 pub mod store;

@@ -1,5 +1,6 @@
-//! Where notification records live: a trait (the Lambda will also get a DynamoDB one) and
-//! its SQLite implementation. Inserting is idempotent per event id.
+//! Where notification records live: a trait and its SQLite implementation (DynamoDB for the
+//! Lambda is in `dynamo`, PostgreSQL in `pg` with feature `postgres`). Inserting is
+//! idempotent per event id.
 
 use async_trait::async_trait;
 use chrono::DateTime;
@@ -20,6 +21,24 @@ pub enum StoreError {
     Sqlite(#[from] rusqlite::Error),
     #[error(transparent)]
     Db(#[from] DbError),
+    #[cfg(feature = "postgres")]
+    #[error(transparent)]
+    Postgres(#[from] sqlx::Error),
+}
+
+impl StoreError {
+    /// True when the database could not be reached in time (pool exhausted, connection lost):
+    /// a 503 the client may retry, rather than a fault of ours.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            #[cfg(feature = "postgres")]
+            StoreError::Postgres(e) => matches!(
+                e,
+                sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_)
+            ),
+            _ => false,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -44,7 +63,17 @@ pub trait NotificationStore: Send + Sync {
             .unwrap_or(false))
     }
 
+    /// Records matching `filter`, oldest first (by `created_at`, then id), at most `limit`.
     async fn find(&self, filter: &Filter) -> Result<Vec<Notification>, StoreError>;
+
+    /// Readiness: the store answers. The default suits stores without a connection of their
+    /// own to check (DynamoDB: every call is a fresh HTTPS request).
+    async fn ping(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    /// Closes the store at shutdown, after the last batch; nothing to do by default.
+    async fn close(&self) {}
 }
 
 pub static MIGRATIONS: &[Step] = &[(
@@ -162,5 +191,13 @@ impl NotificationStore for SqliteNotificationStore {
                     .collect::<Result<Vec<_>, _>>()?)
             })
             .await
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        Ok(self.db.ping().await?)
+    }
+
+    async fn close(&self) {
+        self.db.close().await;
     }
 }

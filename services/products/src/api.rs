@@ -1,5 +1,7 @@
 //! HTTP handlers and DTOs of the products service.
 
+use std::sync::Arc;
+
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
@@ -75,7 +77,7 @@ pub struct ReserveRequest {
 
 const DEFAULT_HOLD_SECS: u32 = 16 * 60;
 
-pub fn router(store: ProductStore) -> Router {
+pub fn router(store: Arc<dyn ProductStore>) -> Router {
     Router::new()
         .route("/api/v1/products", get(list_products).post(create_product))
         .route(
@@ -121,10 +123,19 @@ fn store_problem(e: StoreError) -> Problem {
             "reservation-state",
             format!("the reservation is already {}", serde_plain(status)),
         ),
-        StoreError::Corrupt | StoreError::Sqlite(_) | StoreError::Db(_) => {
-            tracing::error!(error = %e, "products store failed");
-            Problem::internal()
-        }
+        // Infrastructure: logged, never sent; 503 when the database is out of reach.
+        StoreError::Corrupt | StoreError::Sqlite(_) | StoreError::Db(_) => infrastructure(e),
+        #[cfg(feature = "postgres")]
+        StoreError::Postgres(_) => infrastructure(e),
+    }
+}
+
+fn infrastructure(e: StoreError) -> Problem {
+    tracing::error!(error = %e, "products store failed");
+    if e.is_unavailable() {
+        Problem::unavailable("the products database")
+    } else {
+        Problem::internal()
     }
 }
 
@@ -136,7 +147,7 @@ fn serde_plain<T: Serialize>(v: T) -> String {
 }
 
 async fn create_product(
-    State(store): State<ProductStore>,
+    State(store): State<Arc<dyn ProductStore>>,
     extract::Json(body): extract::Json<CreateProduct>,
 ) -> Result<(StatusCode, Json<Product>), Problem> {
     let new = NewProduct {
@@ -152,7 +163,7 @@ async fn create_product(
 }
 
 async fn list_products(
-    State(store): State<ProductStore>,
+    State(store): State<Arc<dyn ProductStore>>,
     Query(params): Query<ListParams>,
 ) -> Result<Json<Vec<Product>>, Problem> {
     let page = PageParams {
@@ -168,7 +179,7 @@ async fn list_products(
 }
 
 async fn get_product(
-    State(store): State<ProductStore>,
+    State(store): State<Arc<dyn ProductStore>>,
     Path(id): Path<Uuid>,
 ) -> Result<Json<Product>, Problem> {
     store
@@ -180,7 +191,7 @@ async fn get_product(
 }
 
 async fn update_product(
-    State(store): State<ProductStore>,
+    State(store): State<Arc<dyn ProductStore>>,
     Path(id): Path<Uuid>,
     extract::Json(body): extract::Json<UpdateProduct>,
 ) -> Result<Json<Product>, Problem> {
@@ -221,7 +232,7 @@ async fn update_product(
 }
 
 async fn delete_product(
-    State(store): State<ProductStore>,
+    State(store): State<Arc<dyn ProductStore>>,
     Path(id): Path<Uuid>,
 ) -> Result<impl IntoResponse, Problem> {
     if store.delete(id).await.map_err(store_problem)? {
@@ -232,7 +243,7 @@ async fn delete_product(
 }
 
 async fn get_stock(
-    State(store): State<ProductStore>,
+    State(store): State<Arc<dyn ProductStore>>,
     Path(id): Path<Uuid>,
 ) -> Result<Json<StockLevel>, Problem> {
     store
@@ -245,7 +256,7 @@ async fn get_stock(
 
 /// 201 when stock was taken now, 200 when this order already held it (a retry).
 async fn reserve_stock(
-    State(store): State<ProductStore>,
+    State(store): State<Arc<dyn ProductStore>>,
     extract::Json(body): extract::Json<ReserveRequest>,
 ) -> Result<(StatusCode, Json<Reservation>), Problem> {
     let items: Vec<(Uuid, i64)> = body
@@ -272,7 +283,7 @@ async fn reserve_stock(
 }
 
 async fn release_reservation(
-    State(store): State<ProductStore>,
+    State(store): State<Arc<dyn ProductStore>>,
     Path(order_id): Path<Uuid>,
 ) -> Result<Json<Reservation>, Problem> {
     store
@@ -284,7 +295,7 @@ async fn release_reservation(
 }
 
 async fn commit_reservation(
-    State(store): State<ProductStore>,
+    State(store): State<Arc<dyn ProductStore>>,
     Path(order_id): Path<Uuid>,
 ) -> Result<Json<Reservation>, Problem> {
     store

@@ -56,12 +56,13 @@ const DEMO: &[(&str, &str, i64, i64, &str, &str)] = &[
 ];
 
 /// Inserts the demo catalog when the store is empty; returns how many products were added.
-pub async fn seed_if_empty(store: &ProductStore) -> Result<usize, StoreError> {
+pub async fn seed_if_empty(store: &dyn ProductStore) -> Result<usize, StoreError> {
     if store.count().await? > 0 {
         return Ok(0);
     }
+    let mut added = 0;
     for (name, description, cents, stock, sku, category) in DEMO {
-        store
+        let created = store
             .create(NewProduct {
                 name: (*name).into(),
                 description: (*description).into(),
@@ -70,7 +71,13 @@ pub async fn seed_if_empty(store: &ProductStore) -> Result<usize, StoreError> {
                 sku: (*sku).into(),
                 category: (*category).into(),
             })
-            .await?;
+            .await;
+        match created {
+            Ok(_) => added += 1,
+            // Another replica sharing the database seeded it at the same moment.
+            Err(StoreError::DuplicateSku) => {}
+            Err(e) => return Err(e),
+        }
     }
-    Ok(DEMO.len())
+    Ok(added)
 }

@@ -8,7 +8,9 @@
 pub mod api;
 pub mod demo;
 pub mod domain;
+#[cfg(feature = "postgres")]
+pub mod pg;
 pub mod store;
 
 pub use api::router;
-pub use store::ProductStore;
+pub use store::{ProductStore, SqliteProductStore};

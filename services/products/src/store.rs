@@ -1,10 +1,13 @@
-//! Products, stock and reservations in SQLite.
+//! Products, stock and reservations: the [`ProductStore`] trait the API, the demo seeding and
+//! the reservation sweeper use, and its SQLite implementation ([`crate::pg`] has the
+//! PostgreSQL one, feature `postgres`).
 //!
-//! Stock is taken with a conditional `UPDATE ... WHERE stock >= ?` inside a write
+//! In SQLite, //! stock is taken with a conditional `UPDATE ... WHERE stock >= ?` inside a write
 //! transaction, never read-then-write, and a CHECK constraint keeps it from ever going
 //! negative. A reservation and its stock changes commit together, so a reservation either
 //! holds all of its lines or does not exist.
 
+use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use kit::Money;
 use kit::db::{Db, DbError, Step, corrupt, is_unique_violation, now_ms};
@@ -107,7 +110,7 @@ pub enum ReservationStatus {
 }
 
 impl ReservationStatus {
-    fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             ReservationStatus::Held => "held",
             ReservationStatus::Released => "released",
@@ -115,7 +118,7 @@ impl ReservationStatus {
         }
     }
 
-    fn parse(s: &str) -> ReservationStatus {
+    pub(crate) fn parse(s: &str) -> ReservationStatus {
         match s {
             "released" => ReservationStatus::Released,
             "committed" => ReservationStatus::Committed,
@@ -158,6 +161,85 @@ pub enum StoreError {
     Sqlite(#[from] rusqlite::Error),
     #[error(transparent)]
     Db(#[from] DbError),
+    #[cfg(feature = "postgres")]
+    #[error(transparent)]
+    Postgres(#[from] sqlx::Error),
+}
+
+impl StoreError {
+    /// True when the database could not be reached in time (pool exhausted, connection lost):
+    /// a 503 the client may retry, rather than a fault of ours.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            #[cfg(feature = "postgres")]
+            StoreError::Postgres(e) => matches!(
+                e,
+                sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_)
+            ),
+            _ => false,
+        }
+    }
+}
+
+/// The catalog, its stock and reservations, whatever the database.
+///
+/// The contract (checked for every backend by `tests/store_contract.rs`): skus are unique
+/// ([`StoreError::DuplicateSku`]); listing is ordered by creation time, then id; stock never
+/// goes negative and is never sold twice under any concurrency; a reservation takes every line
+/// or none and exists at most once per order, so a retried `reserve` takes nothing again;
+/// release gives stock back exactly once, commit keeps it taken, and neither undoes the other.
+#[async_trait]
+pub trait ProductStore: Send + Sync {
+    async fn count(&self) -> Result<i64, StoreError>;
+
+    async fn create(&self, new: NewProduct) -> Result<Product, StoreError>;
+
+    async fn get(&self, id: Uuid) -> Result<Option<Product>, StoreError>;
+
+    async fn list(
+        &self,
+        skip: u32,
+        limit: u32,
+        category: Option<String>,
+    ) -> Result<Vec<Product>, StoreError>;
+
+    /// Applies the given changes; `None` when the product does not exist.
+    async fn update(
+        &self,
+        id: Uuid,
+        changes: ProductChanges,
+    ) -> Result<Option<Product>, StoreError>;
+
+    /// True when a product was deleted.
+    async fn delete(&self, id: Uuid) -> Result<bool, StoreError>;
+
+    async fn stock(&self, id: Uuid) -> Result<Option<StockLevel>, StoreError>;
+
+    /// Reserves every line for `order_id`, or nothing. Returns the reservation and whether it
+    /// was made now (`true`) or already existed (a retry: nothing is taken twice).
+    /// A held reservation whose order never settles is released at `hold_until_ms`.
+    async fn reserve(
+        &self,
+        order_id: Uuid,
+        lines: &ReservationLines,
+        hold_until_ms: i64,
+    ) -> Result<(Reservation, bool), StoreError>;
+
+    /// Releases up to `limit` held reservations past their hold (their order was never
+    /// created, or never settled); returns how many.
+    async fn release_expired(&self, limit: u32) -> Result<usize, StoreError>;
+
+    /// Gives a held reservation's stock back, exactly once. `None` if there is no reservation.
+    async fn release(&self, order_id: Uuid) -> Result<Option<Reservation>, StoreError>;
+
+    /// Marks a held reservation as sold (its order was paid): the stock stays taken for good.
+    async fn commit(&self, order_id: Uuid) -> Result<Option<Reservation>, StoreError>;
+
+    /// Readiness: the database answers.
+    async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Closes the database at shutdown, after the last request.
+    async fn close(&self);
 }
 
 const COLUMNS: &str =
@@ -190,16 +272,16 @@ fn unique_sku(e: rusqlite::Error) -> StoreError {
 }
 
 #[derive(Debug, Clone)]
-pub struct ProductStore {
+pub struct SqliteProductStore {
     db: Db,
 }
 
-impl ProductStore {
+impl SqliteProductStore {
     pub async fn open(
         url: &str,
         sqlite: &kit::config::SqliteSettings,
-    ) -> Result<ProductStore, DbError> {
-        Ok(ProductStore {
+    ) -> Result<SqliteProductStore, DbError> {
+        Ok(SqliteProductStore {
             db: Db::open(url, sqlite, MIGRATIONS).await?,
         })
     }
@@ -208,13 +290,55 @@ impl ProductStore {
         &self.db
     }
 
-    pub async fn count(&self) -> Result<i64, StoreError> {
+    async fn transition(
+        &self,
+        order_id: Uuid,
+        to: ReservationStatus,
+    ) -> Result<Option<Reservation>, StoreError> {
+        self.db
+            .write(move |tx| {
+                let Some(mut reservation) = load_reservation(tx, order_id)? else {
+                    return Ok(None);
+                };
+                if reservation.status == to {
+                    return Ok(Some(reservation));
+                }
+                if reservation.status != ReservationStatus::Held {
+                    return Err(StoreError::WrongState(reservation.status));
+                }
+                let now = now_ms();
+                if to == ReservationStatus::Released {
+                    let mut give_back = tx.prepare_cached(
+                        "UPDATE products SET stock = stock + ?1, updated_at = ?2 WHERE id = ?3",
+                    )?;
+                    for line in &reservation.items {
+                        give_back.execute(params![
+                            line.quantity,
+                            now,
+                            line.product_id.to_string()
+                        ])?;
+                    }
+                }
+                tx.execute(
+                    "UPDATE reservations SET status = ?1, updated_at = ?2 WHERE order_id = ?3",
+                    params![to.as_str(), now, order_id.to_string()],
+                )?;
+                reservation.status = to;
+                Ok(Some(reservation))
+            })
+            .await
+    }
+}
+
+#[async_trait]
+impl ProductStore for SqliteProductStore {
+    async fn count(&self) -> Result<i64, StoreError> {
         self.db
             .read(|conn| Ok(conn.query_row("SELECT COUNT(*) FROM products", [], |r| r.get(0))?))
             .await
     }
 
-    pub async fn create(&self, new: NewProduct) -> Result<Product, StoreError> {
+    async fn create(&self, new: NewProduct) -> Result<Product, StoreError> {
         self.db
             .write(move |tx| {
                 let now = now_ms();
@@ -240,7 +364,7 @@ impl ProductStore {
             .await
     }
 
-    pub async fn get(&self, id: Uuid) -> Result<Option<Product>, StoreError> {
+    async fn get(&self, id: Uuid) -> Result<Option<Product>, StoreError> {
         self.db
             .read(move |conn| {
                 let mut q =
@@ -250,7 +374,7 @@ impl ProductStore {
             .await
     }
 
-    pub async fn list(
+    async fn list(
         &self,
         skip: u32,
         limit: u32,
@@ -270,8 +394,7 @@ impl ProductStore {
             .await
     }
 
-    /// Applies the given changes; `None` when the product does not exist.
-    pub async fn update(
+    async fn update(
         &self,
         id: Uuid,
         changes: ProductChanges,
@@ -308,7 +431,7 @@ impl ProductStore {
             .await
     }
 
-    pub async fn delete(&self, id: Uuid) -> Result<bool, StoreError> {
+    async fn delete(&self, id: Uuid) -> Result<bool, StoreError> {
         self.db
             .write(move |tx| {
                 Ok(tx.execute("DELETE FROM products WHERE id = ?1", [id.to_string()])? > 0)
@@ -316,7 +439,7 @@ impl ProductStore {
             .await
     }
 
-    pub async fn stock(&self, id: Uuid) -> Result<Option<StockLevel>, StoreError> {
+    async fn stock(&self, id: Uuid) -> Result<Option<StockLevel>, StoreError> {
         self.db
             .read(move |conn| {
                 let mut q = conn.prepare_cached(
@@ -342,10 +465,7 @@ impl ProductStore {
             .await
     }
 
-    /// Reserves every line for `order_id`, or nothing. Returns the reservation and whether it
-    /// was made now (`true`) or already existed (a retry: nothing is taken twice).
-    /// A held reservation whose order never settles is released at `hold_until_ms`.
-    pub async fn reserve(
+    async fn reserve(
         &self,
         order_id: Uuid,
         lines: &ReservationLines,
@@ -402,9 +522,7 @@ impl ProductStore {
             .await
     }
 
-    /// Releases held reservations past their hold (their order was never created, or never
-    /// settled); returns how many.
-    pub async fn release_expired(&self, limit: u32) -> Result<usize, StoreError> {
+    async fn release_expired(&self, limit: u32) -> Result<usize, StoreError> {
         let due: Vec<String> = self
             .db
             .read(move |conn| {
@@ -431,54 +549,21 @@ impl ProductStore {
         Ok(released)
     }
 
-    /// Gives a held reservation's stock back, exactly once. `None` if there is no reservation.
-    pub async fn release(&self, order_id: Uuid) -> Result<Option<Reservation>, StoreError> {
+    async fn release(&self, order_id: Uuid) -> Result<Option<Reservation>, StoreError> {
         self.transition(order_id, ReservationStatus::Released).await
     }
 
-    /// Marks a held reservation as sold (its order was paid): the stock stays taken for good.
-    pub async fn commit(&self, order_id: Uuid) -> Result<Option<Reservation>, StoreError> {
+    async fn commit(&self, order_id: Uuid) -> Result<Option<Reservation>, StoreError> {
         self.transition(order_id, ReservationStatus::Committed)
             .await
     }
 
-    async fn transition(
-        &self,
-        order_id: Uuid,
-        to: ReservationStatus,
-    ) -> Result<Option<Reservation>, StoreError> {
-        self.db
-            .write(move |tx| {
-                let Some(mut reservation) = load_reservation(tx, order_id)? else {
-                    return Ok(None);
-                };
-                if reservation.status == to {
-                    return Ok(Some(reservation));
-                }
-                if reservation.status != ReservationStatus::Held {
-                    return Err(StoreError::WrongState(reservation.status));
-                }
-                let now = now_ms();
-                if to == ReservationStatus::Released {
-                    let mut give_back = tx.prepare_cached(
-                        "UPDATE products SET stock = stock + ?1, updated_at = ?2 WHERE id = ?3",
-                    )?;
-                    for line in &reservation.items {
-                        give_back.execute(params![
-                            line.quantity,
-                            now,
-                            line.product_id.to_string()
-                        ])?;
-                    }
-                }
-                tx.execute(
-                    "UPDATE reservations SET status = ?1, updated_at = ?2 WHERE order_id = ?3",
-                    params![to.as_str(), now, order_id.to_string()],
-                )?;
-                reservation.status = to;
-                Ok(Some(reservation))
-            })
-            .await
+    async fn ping(&self) -> Result<(), StoreError> {
+        Ok(self.db.ping().await?)
+    }
+
+    async fn close(&self) {
+        self.db.close().await;
     }
 }
 
@@ -509,126 +594,4 @@ fn load_reservation(conn: &Connection, order_id: Uuid) -> Result<Option<Reservat
         status: ReservationStatus::parse(&status),
         items,
     }))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    async fn store() -> (tempfile::TempDir, ProductStore) {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}/products.db", dir.path().display());
-        let store = ProductStore::open(&url, &kit::config::SqliteSettings::default())
-            .await
-            .unwrap();
-        (dir, store)
-    }
-
-    fn widget(sku: &str, stock: i64) -> NewProduct {
-        NewProduct {
-            name: "Widget".into(),
-            description: String::new(),
-            price: Money::from_cents(1_999).unwrap(),
-            stock,
-            sku: sku.into(),
-            category: "tools".into(),
-        }
-    }
-
-    #[tokio::test]
-    async fn concurrent_reservations_never_oversell() {
-        let (_dir, store) = store().await;
-        let p = store.create(widget("W-1", 50)).await.unwrap();
-        let lines = ReservationLines::parse(&[(p.id, 1)]).unwrap();
-        let tasks: Vec<_> = (0..200)
-            .map(|_| {
-                let store = store.clone();
-                let lines = lines.clone();
-                tokio::spawn(async move { store.reserve(Uuid::new_v4(), &lines, i64::MAX).await })
-            })
-            .collect();
-        let mut ok = 0;
-        let mut short = 0;
-        for t in tasks {
-            match t.await.unwrap() {
-                Ok(_) => ok += 1,
-                Err(StoreError::InsufficientStock { .. }) => short += 1,
-                Err(e) => panic!("{e}"),
-            }
-        }
-        assert_eq!((ok, short), (50, 150));
-        assert_eq!(store.get(p.id).await.unwrap().unwrap().stock, 0);
-    }
-
-    #[tokio::test]
-    async fn reservation_is_all_or_nothing_idempotent_and_released_once() {
-        let (_dir, store) = store().await;
-        let plenty = store.create(widget("A", 10)).await.unwrap();
-        let scarce = store.create(widget("B", 1)).await.unwrap();
-        let order = Uuid::new_v4();
-        let too_many = ReservationLines::parse(&[(plenty.id, 3), (scarce.id, 2)]).unwrap();
-        assert!(matches!(
-            store.reserve(order, &too_many, i64::MAX).await,
-            Err(StoreError::InsufficientStock { available: 1, .. })
-        ));
-        assert_eq!(
-            store.get(plenty.id).await.unwrap().unwrap().stock,
-            10,
-            "nothing kept from a failed order"
-        );
-
-        let fits = ReservationLines::parse(&[(plenty.id, 3), (scarce.id, 1)]).unwrap();
-        let (first, created) = store.reserve(order, &fits, i64::MAX).await.unwrap();
-        assert!(created);
-        let (again, created) = store.reserve(order, &fits, i64::MAX).await.unwrap();
-        assert!(!created);
-        assert_eq!(first, again);
-        assert_eq!(store.get(plenty.id).await.unwrap().unwrap().stock, 7);
-        assert_eq!(store.stock(plenty.id).await.unwrap().unwrap().reserved, 3);
-
-        store.release(order).await.unwrap();
-        store.release(order).await.unwrap();
-        assert_eq!(
-            store.get(plenty.id).await.unwrap().unwrap().stock,
-            10,
-            "released exactly once"
-        );
-        assert!(matches!(
-            store.commit(order).await,
-            Err(StoreError::WrongState(ReservationStatus::Released))
-        ));
-        assert!(store.release(Uuid::new_v4()).await.unwrap().is_none());
-    }
-
-    #[tokio::test]
-    async fn expired_holds_are_released() {
-        let (_dir, store) = store().await;
-        let p = store.create(widget("EXP", 4)).await.unwrap();
-        let lines = ReservationLines::parse(&[(p.id, 3)]).unwrap();
-        store
-            .reserve(Uuid::new_v4(), &lines, now_ms() - 1)
-            .await
-            .unwrap();
-        let one = ReservationLines::parse(&[(p.id, 1)]).unwrap();
-        store.reserve(Uuid::new_v4(), &one, i64::MAX).await.unwrap();
-        assert_eq!(store.get(p.id).await.unwrap().unwrap().stock, 0);
-        assert_eq!(store.release_expired(100).await.unwrap(), 1);
-        assert_eq!(store.release_expired(100).await.unwrap(), 0);
-        assert_eq!(store.get(p.id).await.unwrap().unwrap().stock, 3);
-    }
-
-    #[tokio::test]
-    async fn unknown_product_and_duplicate_sku() {
-        let (_dir, store) = store().await;
-        store.create(widget("DUP", 1)).await.unwrap();
-        assert!(matches!(
-            store.create(widget("DUP", 1)).await,
-            Err(StoreError::DuplicateSku)
-        ));
-        let lines = ReservationLines::parse(&[(Uuid::new_v4(), 1)]).unwrap();
-        assert!(matches!(
-            store.reserve(Uuid::new_v4(), &lines, i64::MAX).await,
-            Err(StoreError::UnknownProduct(_))
-        ));
-    }
 }

@@ -1,5 +1,7 @@
 //! HTTP handlers and DTOs of the users service.
 
+use std::sync::Arc;
+
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
@@ -21,20 +23,26 @@ pub struct CreateUser {
     pub phone: Option<String>,
 }
 
-pub fn router(store: UserStore) -> Router {
+pub fn router(store: Arc<dyn UserStore>) -> Router {
     Router::new()
         .route("/api/v1/users", get(list_users).post(create_user))
         .route("/api/v1/users/{id}", get(get_user).delete(delete_user))
         .with_state(store)
 }
 
-fn internal(e: impl std::fmt::Display) -> Problem {
+/// Infrastructure failures: 503 when the database is out of reach (retry later), else 500.
+/// Either way the cause is logged, never sent.
+fn internal(e: StoreError) -> Problem {
     tracing::error!(error = %e, "users store failed");
-    Problem::internal()
+    if e.is_unavailable() {
+        Problem::unavailable("the users database")
+    } else {
+        Problem::internal()
+    }
 }
 
 async fn create_user(
-    State(store): State<UserStore>,
+    State(store): State<Arc<dyn UserStore>>,
     extract::Json(body): extract::Json<CreateUser>,
 ) -> Result<(StatusCode, Json<User>), Problem> {
     let name = UserName::parse(&body.name)
@@ -58,7 +66,7 @@ async fn create_user(
 }
 
 async fn get_user(
-    State(store): State<UserStore>,
+    State(store): State<Arc<dyn UserStore>>,
     Path(id): Path<Uuid>,
 ) -> Result<Json<User>, Problem> {
     store
@@ -70,7 +78,7 @@ async fn get_user(
 }
 
 async fn list_users(
-    State(store): State<UserStore>,
+    State(store): State<Arc<dyn UserStore>>,
     Query(page): Query<PageParams>,
 ) -> Result<Json<Vec<User>>, Problem> {
     let page = page.checked()?;
@@ -80,7 +88,7 @@ async fn list_users(
 }
 
 async fn delete_user(
-    State(store): State<UserStore>,
+    State(store): State<Arc<dyn UserStore>>,
     Path(id): Path<Uuid>,
 ) -> Result<impl IntoResponse, Problem> {
     if store.delete(id).await.map_err(internal)? {

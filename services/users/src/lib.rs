@@ -5,7 +5,9 @@
 
 pub mod api;
 pub mod domain;
+#[cfg(feature = "postgres")]
+pub mod pg;
 pub mod store;
 
 pub use api::router;
-pub use store::UserStore;
+pub use store::{SqliteUserStore, UserStore};

@@ -1,5 +1,7 @@
-//! Users in SQLite.
+//! Where users live: the [`UserStore`] trait the API and start-up use, and its SQLite
+//! implementation ([`crate::pg`] has the PostgreSQL one, feature `postgres`).
 
+use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use kit::db::{Db, DbError, Step, corrupt, is_unique_violation, now_ms};
 use rusqlite::{OptionalExtension, Row, params};
@@ -38,10 +40,53 @@ pub enum StoreError {
     Sqlite(#[from] rusqlite::Error),
     #[error(transparent)]
     Db(#[from] DbError),
+    #[cfg(feature = "postgres")]
+    #[error(transparent)]
+    Postgres(#[from] sqlx::Error),
+}
+
+impl StoreError {
+    /// True when the database could not be reached in time (pool exhausted, connection lost):
+    /// a 503 the client may retry, rather than a fault of ours.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            #[cfg(feature = "postgres")]
+            StoreError::Postgres(e) => matches!(
+                e,
+                sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_)
+            ),
+            _ => false,
+        }
+    }
+}
+
+/// Users, whatever the database. Emails are unique: a second user with one is
+/// [`StoreError::DuplicateEmail`]. Listing is ordered by creation time, then id.
+#[async_trait]
+pub trait UserStore: Send + Sync {
+    async fn create(
+        &self,
+        name: &UserName,
+        email: &Email,
+        phone: Option<&Phone>,
+    ) -> Result<User, StoreError>;
+
+    async fn get(&self, id: Uuid) -> Result<Option<User>, StoreError>;
+
+    async fn list(&self, skip: u32, limit: u32) -> Result<Vec<User>, StoreError>;
+
+    /// True when a user was deleted.
+    async fn delete(&self, id: Uuid) -> Result<bool, StoreError>;
+
+    /// Readiness: the database answers.
+    async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Closes the database at shutdown, after the last request.
+    async fn close(&self);
 }
 
 #[derive(Debug, Clone)]
-pub struct UserStore {
+pub struct SqliteUserStore {
     db: Db,
 }
 
@@ -58,12 +103,12 @@ fn to_user(row: &Row<'_>) -> rusqlite::Result<User> {
     })
 }
 
-impl UserStore {
+impl SqliteUserStore {
     pub async fn open(
         url: &str,
         sqlite: &kit::config::SqliteSettings,
-    ) -> Result<UserStore, DbError> {
-        Ok(UserStore {
+    ) -> Result<SqliteUserStore, DbError> {
+        Ok(SqliteUserStore {
             db: Db::open(url, sqlite, MIGRATIONS).await?,
         })
     }
@@ -71,21 +116,31 @@ impl UserStore {
     pub fn db(&self) -> &Db {
         &self.db
     }
+}
 
-    pub async fn create(
+/// A user for a new row: a time-ordered id and the creation instant in whole milliseconds,
+/// the precision both backends store.
+pub(crate) fn new_user(name: &UserName, email: &Email, phone: Option<&Phone>) -> (User, i64) {
+    let now = now_ms();
+    let user = User {
+        id: Uuid::now_v7(),
+        name: name.as_str().to_owned(),
+        email: email.as_str().to_owned(),
+        phone: phone.map(|p| p.as_str().to_owned()),
+        created_at: DateTime::from_timestamp_millis(now).unwrap_or_default(),
+    };
+    (user, now)
+}
+
+#[async_trait]
+impl UserStore for SqliteUserStore {
+    async fn create(
         &self,
         name: &UserName,
         email: &Email,
         phone: Option<&Phone>,
     ) -> Result<User, StoreError> {
-        let now = now_ms();
-        let user = User {
-            id: Uuid::now_v7(),
-            name: name.as_str().to_owned(),
-            email: email.as_str().to_owned(),
-            phone: phone.map(|p| p.as_str().to_owned()),
-            created_at: DateTime::from_timestamp_millis(now).unwrap_or_default(),
-        };
+        let (user, now) = new_user(name, email, phone);
         let row = user.clone();
         self.db
             .write(move |tx| {
@@ -99,7 +154,7 @@ impl UserStore {
         Ok(user)
     }
 
-    pub async fn get(&self, id: Uuid) -> Result<Option<User>, StoreError> {
+    async fn get(&self, id: Uuid) -> Result<Option<User>, StoreError> {
         self.db
             .read(move |conn| {
                 let mut q =
@@ -109,7 +164,7 @@ impl UserStore {
             .await
     }
 
-    pub async fn list(&self, skip: u32, limit: u32) -> Result<Vec<User>, StoreError> {
+    async fn list(&self, skip: u32, limit: u32) -> Result<Vec<User>, StoreError> {
         self.db
             .read(move |conn| {
                 let mut q = conn.prepare_cached(&format!(
@@ -123,12 +178,19 @@ impl UserStore {
             .await
     }
 
-    /// True when a user was deleted.
-    pub async fn delete(&self, id: Uuid) -> Result<bool, StoreError> {
+    async fn delete(&self, id: Uuid) -> Result<bool, StoreError> {
         self.db
             .write(move |tx| {
                 Ok(tx.execute("DELETE FROM users WHERE id = ?1", [id.to_string()])? > 0)
             })
             .await
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        Ok(self.db.ping().await?)
+    }
+
+    async fn close(&self) {
+        self.db.close().await;
     }
 }
