@@ -129,6 +129,10 @@ async fn migrate(
         .bind(format!("mercato-migrations:{schema}"))
         .execute(&mut *tx)
         .await?;
+    // "already exists, skipping" notices on every start are noise, not news.
+    sqlx::query("SET LOCAL client_min_messages = warning")
+        .execute(&mut *tx)
+        .await?;
     // The name was checked by `check_schema`, so quoting it is enough.
     let create = format!(
         "CREATE SCHEMA IF NOT EXISTS \"{schema}\";

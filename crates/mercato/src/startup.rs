@@ -268,6 +268,20 @@ impl Assembly<'_> {
             .database_url(service.settings(self.settings), service.as_str())
     }
 
+    /// The analytics engine's window state: a SQLite file of the instance's own (a state store,
+    /// as Kafka Streams keeps one in RocksDB), or `analytics.database_url`; never the shared
+    /// `DATABASE_URL`, which names the other services' PostgreSQL. What leaves an instance (its
+    /// final windows) goes to the results stream and object store.
+    fn analytics_state_url(&self) -> String {
+        let own = &self.settings.analytics.database_url;
+        own.clone().unwrap_or_else(|| {
+            format!(
+                "sqlite://{}",
+                self.settings.data_dir.join("analytics.db").display()
+            )
+        })
+    }
+
     /// SQLite for `sqlite://` urls; PostgreSQL (schema = the service's name) for
     /// `postgres://` ones, which need the `postgres` feature.
     fn backend(&self, service: ServiceName) -> anyhow::Result<Backend> {
@@ -729,7 +743,7 @@ impl Assembly<'_> {
             .or_else(|| std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()))
             .unwrap_or_else(|| "analytics".into());
         let store = analytics::AnalyticsStore::open(
-            &self.db_url(ServiceName::Analytics),
+            &self.analytics_state_url(),
             &self.settings.sqlite,
             windows,
             lateness,

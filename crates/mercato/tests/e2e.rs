@@ -1,5 +1,11 @@
 //! End to end: the real `mercato` binary, driven through its gateway like a user would,
 //! stopped and started again (gracefully, then by SIGKILL) to show that everything persists.
+//!
+//! By default the platform runs on its embedded backends. With `TEST_E2E_PROFILE=cloud-like`
+//! (scripts/test runs them so, with its peers up, on a binary built with feature `cloud`) the
+//! same tests run on the production backends: every store in a PostgreSQL database of its
+//! own, the stream on the Kafka broker at `TEST_KAFKA_BROKER`, the queue on SQS at
+//! `TEST_SQS_ENDPOINT`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -42,8 +48,124 @@ impl Drop for Running {
     }
 }
 
-/// Starts `mercato up` on free ports and waits for its banner.
-fn launch(data: &Path) -> Running {
+/// The backends one test's platform runs on, kept across its restarts.
+#[derive(Default)]
+struct Profile {
+    env: Vec<(String, String)>,
+    /// How patient to be with asynchronous effects: Kafka group joins take seconds.
+    patience_secs: u64,
+    /// Held for its `Drop`: the database goes when the test ends.
+    #[cfg(feature = "postgres")]
+    _database: Option<FreshDatabase>,
+}
+
+impl Profile {
+    fn from_env() -> Profile {
+        match std::env::var("TEST_E2E_PROFILE").as_deref() {
+            Err(_) | Ok("" | "embedded") => Profile {
+                patience_secs: 5,
+                ..Profile::default()
+            },
+            Ok("cloud-like") => Profile::cloud_like(),
+            Ok(other) => panic!("TEST_E2E_PROFILE={other}: expected embedded or cloud-like"),
+        }
+    }
+
+    #[cfg(not(all(feature = "postgres", feature = "kafka", feature = "sqs")))]
+    fn cloud_like() -> Profile {
+        panic!("TEST_E2E_PROFILE=cloud-like needs the binary built with `--features mercato/cloud`")
+    }
+
+    #[cfg(all(feature = "postgres", feature = "kafka", feature = "sqs"))]
+    fn cloud_like() -> Profile {
+        let peer = |name: &str| {
+            std::env::var(name).unwrap_or_else(|_| {
+                panic!("{name} is not set: run scripts/test, which starts the cloud-like peers")
+            })
+        };
+        let database = FreshDatabase::create();
+        let queue = format!(
+            "{}/123456789012/order-events-{}",
+            peer("TEST_SQS_ENDPOINT"),
+            uuid::Uuid::new_v4().simple()
+        );
+        let env = [
+            ("DATABASE_URL", database.url.clone()),
+            ("KAFKA_BOOTSTRAP_SERVERS", peer("TEST_KAFKA_BROKER")),
+            ("MERCATO_BUS__KAFKA__CREATE_TOPICS", "true".into()),
+            // tansu 0.6 cannot resume inside a produced batch (docs/operations.md).
+            ("MERCATO_BUS__KAFKA__BATCH_MESSAGES", "1".into()),
+            ("SQS_QUEUE_URL", queue),
+            ("MERCATO_BUS__SQS__CREATE_QUEUES", "true".into()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        Profile {
+            env,
+            patience_secs: 60,
+            _database: Some(database),
+        }
+    }
+}
+
+/// A PostgreSQL database for one test, dropped with it.
+#[cfg(feature = "postgres")]
+struct FreshDatabase {
+    name: String,
+    url: String,
+}
+
+#[cfg(feature = "postgres")]
+impl FreshDatabase {
+    /// Runs `sql` on the test server's own database, from a thread of its own (the tests'
+    /// runtime cannot be blocked on).
+    fn admin(sql: String) {
+        let admin = kit::pg::test_database_url();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                use sqlx::Executor as _;
+                let pool = sqlx::PgPool::connect(&admin).await.unwrap_or_else(|e| {
+                    panic!(
+                        "PostgreSQL at {admin} (TEST_DATABASE_URL): {e}; scripts/test starts one"
+                    )
+                });
+                pool.execute(sqlx::AssertSqlSafe(sql)).await.unwrap();
+                pool.close().await;
+            });
+        })
+        .join()
+        .unwrap();
+    }
+
+    fn create() -> FreshDatabase {
+        let name = format!("mercato_e2e_{}", uuid::Uuid::new_v4().simple());
+        FreshDatabase::admin(format!("CREATE DATABASE {name}"));
+        let base = kit::pg::test_database_url();
+        let (server, _) = base.rsplit_once('/').unwrap();
+        FreshDatabase {
+            url: format!("{server}/{name}"),
+            name,
+        }
+    }
+}
+
+#[cfg(feature = "postgres")]
+impl Drop for FreshDatabase {
+    fn drop(&mut self) {
+        FreshDatabase::admin(format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            self.name
+        ));
+    }
+}
+
+/// Starts `mercato up` on free ports, on `profile`'s backends, and waits for its banner.
+fn launch(data: &Path, profile: &Profile) -> Running {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_mercato"));
     cmd.arg("--data-dir").arg(data).arg("up").arg("--no-demo");
     for svc in [
@@ -61,6 +183,7 @@ fn launch(data: &Path) -> Running {
     // A message claimed by the notifier when the process is killed reappears after the
     // visibility timeout; keep it short so the crash test need not wait the default 30 s.
     cmd.env("MERCATO_BUS__VISIBILITY_TIMEOUT_MS", "2000");
+    cmd.envs(profile.env.iter().map(|(k, v)| (k, v)));
     let log = std::fs::File::create(data.join("mercato.log")).unwrap();
     let mut child = cmd
         .stdout(Stdio::piped())
@@ -153,8 +276,10 @@ async fn state(
 
 #[tokio::test]
 async fn the_tour_survives_restarts() {
+    let profile = Profile::from_env();
+    let patience = profile.patience_secs;
     let data = tempfile::tempdir().unwrap();
-    let running = launch(data.path());
+    let running = launch(data.path(), &profile);
     let app = client_for(&running.gateway);
     wait_ready(&app).await;
 
@@ -177,7 +302,7 @@ async fn the_tour_survives_restarts() {
     let order_id = order["id"].as_str().unwrap().to_owned();
     assert_eq!(app.stock(&product).await, 3);
 
-    let notified = eventually(5, || async {
+    let notified = eventually(patience, || async {
         let n = app
             .get(&format!("/api/v1/notifications?order_id={order_id}"))
             .await
@@ -189,10 +314,10 @@ async fn the_tour_survives_restarts() {
     .await;
     assert!(
         notified.is_some(),
-        "a notification for the order within 5 s"
+        "a notification for the order within {patience} s"
     );
 
-    let counted = eventually(5, || async {
+    let counted = eventually(patience, || async {
         let windows = app.get("/api/v1/analytics/windows").await.body;
         windows
             .as_array()
@@ -214,7 +339,7 @@ async fn the_tour_survives_restarts() {
         app.get(&format!("/api/v1/orders/{order_id}")).await.body["status"],
         "paid"
     );
-    let both = eventually(5, || async {
+    let both = eventually(patience, || async {
         let n = app
             .get(&format!("/api/v1/notifications?user_id={user}"))
             .await
@@ -223,12 +348,23 @@ async fn the_tour_survives_restarts() {
     })
     .await;
     assert!(both.is_some(), "order.paid notified too");
+    // Both events (created, paid) reach analytics before the state to compare is taken:
+    // through Kafka that takes longer than through the embedded stream.
+    let analysed = eventually(patience, || async {
+        let s = app.get("/api/v1/analytics/summary").await.body;
+        (s["events_processed"] == 2).then_some(())
+    })
+    .await;
+    assert!(
+        analysed.is_some(),
+        "analytics saw order.created and order.paid"
+    );
     let before = state(&app, &user, &product, &order_id).await;
 
     // A graceful stop, then a start: everything is still there.
     running.signal("TERM");
     assert!(running.wait_exit().success(), "SIGTERM stops cleanly");
-    let running = launch(data.path());
+    let running = launch(data.path(), &profile);
     let app = client_for(&running.gateway);
     wait_ready(&app).await;
     let after = state(&app, &user, &product, &order_id).await;
@@ -243,7 +379,7 @@ async fn the_tour_survives_restarts() {
     // A crash (SIGKILL), then a start: still all there, nothing doubled.
     running.signal("KILL");
     running.wait_exit();
-    let running = launch(data.path());
+    let running = launch(data.path(), &profile);
     let app = client_for(&running.gateway);
     wait_ready(&app).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -284,8 +420,10 @@ async fn all_orders(app: &TestApp, user: &str) -> Vec<Value> {
 #[tokio::test]
 async fn a_crash_mid_flight_loses_nothing_and_doubles_nothing() {
     const STOCK: i64 = 100_000;
+    let profile = Profile::from_env();
+    let patience = profile.patience_secs.max(20);
     let data = tempfile::tempdir().unwrap();
-    let running = launch(data.path());
+    let running = launch(data.path(), &profile);
     let app = client_for(&running.gateway);
     wait_ready(&app).await;
     let users = [
@@ -323,7 +461,7 @@ async fn a_crash_mid_flight_loses_nothing_and_doubles_nothing() {
             }
         }));
     }
-    let enough = eventually(20, || async {
+    let enough = eventually(patience, || async {
         (accepted.lock().unwrap().len() >= 100).then_some(())
     })
     .await;
@@ -340,7 +478,7 @@ async fn a_crash_mid_flight_loses_nothing_and_doubles_nothing() {
     }
     let accepted = accepted.lock().unwrap().clone();
 
-    let running = launch(data.path());
+    let running = launch(data.path(), &profile);
     let app = client_for(&running.gateway);
     wait_ready(&app).await;
     let mut stored = Vec::new();
@@ -359,7 +497,7 @@ async fn a_crash_mid_flight_loses_nothing_and_doubles_nothing() {
     }
 
     // The relay finishes what the crash interrupted: analytics counts every order once.
-    let counted = eventually(20, || async {
+    let counted = eventually(patience, || async {
         let s = app.get("/api/v1/analytics/summary").await.body;
         (s["order_count"].as_u64() == Some(stored.len() as u64)).then_some(s)
     })
@@ -380,7 +518,7 @@ async fn a_crash_mid_flight_loses_nothing_and_doubles_nothing() {
     );
 
     // Exactly one order.created notification per order.
-    let notified = eventually(20, || async {
+    let notified = eventually(patience, || async {
         let mut created = 0usize;
         for user in &users {
             let n = app
