@@ -540,15 +540,17 @@ impl Assembly<'_> {
     }
 
     /// The orders store on the backend its URL names, with its relay and idempotency keys.
+    // Without the postgres feature `Backend` has one variant.
+    #[allow(clippy::infallible_destructuring_match)]
     async fn orders_backend(
         &self,
         stream: Arc<dyn Stream>,
         queue: Arc<dyn Queue>,
     ) -> anyhow::Result<(Arc<dyn orders::OrderStore>, Relay, Idempotency)> {
-        let url = self.db_url(ServiceName::Orders);
-        if is_postgres_url(&url) {
+        let url = match self.backend(ServiceName::Orders)? {
+            Backend::Sqlite(url) => url,
             #[cfg(feature = "postgres")]
-            {
+            Backend::Postgres(url) => {
                 let pg = self
                     .open_pg(&url, ServiceName::Orders, orders::pg::MIGRATIONS)
                     .await?;
@@ -558,9 +560,7 @@ impl Assembly<'_> {
                 let store = orders::PgOrderStore::new(pg).with_relay_waker(relay.waker());
                 return Ok((Arc::new(store), relay, idempotency));
             }
-            #[cfg(not(feature = "postgres"))]
-            anyhow::bail!(postgres_missing(ServiceName::Orders));
-        }
+        };
         let store = orders::SqliteOrderStore::open(&url, &self.settings.sqlite)
             .await
             .context("opening the orders store")?;
@@ -621,15 +621,17 @@ impl Assembly<'_> {
     }
 
     /// The payments store on the backend its URL names, with its relay and idempotency keys.
+    // Without the postgres feature `Backend` has one variant.
+    #[allow(clippy::infallible_destructuring_match)]
     async fn payments_backend(
         &self,
         stream: Arc<dyn Stream>,
         queue: Arc<dyn Queue>,
     ) -> anyhow::Result<(Arc<dyn payments::PaymentStore>, Relay, Idempotency)> {
-        let url = self.db_url(ServiceName::Payments);
-        if is_postgres_url(&url) {
+        let url = match self.backend(ServiceName::Payments)? {
+            Backend::Sqlite(url) => url,
             #[cfg(feature = "postgres")]
-            {
+            Backend::Postgres(url) => {
                 let pg = self
                     .open_pg(&url, ServiceName::Payments, payments::pg::MIGRATIONS)
                     .await?;
@@ -639,9 +641,7 @@ impl Assembly<'_> {
                 let store = payments::PgPaymentStore::new(pg).with_relay_waker(relay.waker());
                 return Ok((Arc::new(store), relay, idempotency));
             }
-            #[cfg(not(feature = "postgres"))]
-            anyhow::bail!(postgres_missing(ServiceName::Payments));
-        }
+        };
         let store = payments::SqlitePaymentStore::open(&url, &self.settings.sqlite)
             .await
             .context("opening the payments store")?;
@@ -937,20 +937,4 @@ pub async fn start(settings: &Settings, services: &[ServiceName]) -> anyhow::Res
         closing,
         bus,
     })
-}
-
-/// `kit::pg::is_postgres_url`, also in builds without the feature, where such a URL must fail
-/// with a clear error rather than be taken for a SQLite path.
-fn is_postgres_url(url: &str) -> bool {
-    url.starts_with("postgres://") || url.starts_with("postgresql://")
-}
-
-/// The start-up error for a PostgreSQL URL in a binary built without PostgreSQL.
-#[cfg(not(feature = "postgres"))]
-fn postgres_missing(service: ServiceName) -> String {
-    format!(
-        "the {} database URL is a PostgreSQL URL but this binary was built without PostgreSQL: \
-         build with `--features postgres`, or use a sqlite:// URL",
-        service.as_str()
-    )
 }
