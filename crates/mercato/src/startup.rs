@@ -678,9 +678,43 @@ impl Assembly<'_> {
         Ok(())
     }
 
+    /// The notifier's records in DynamoDB (the seed's `notifications` table), as the Lambda
+    /// keeps them; the table is created where missing when `bus.sqs.create_queues` is on (the
+    /// same "local servers" switch).
+    #[cfg(feature = "dynamodb")]
+    async fn dynamo_notifications(
+        &self,
+        url: &str,
+    ) -> anyhow::Result<Arc<dyn notifications::NotificationStore>> {
+        let store = notifications::dynamo::DynamoNotificationStore::from_url(url)
+            .await
+            .context("opening the notifications store (DynamoDB)")?;
+        if self.settings.bus.sqs.create_queues {
+            store
+                .ensure_table()
+                .await
+                .context("creating the notifications table")?;
+        }
+        Ok(Arc::new(store))
+    }
+
+    #[cfg(not(feature = "dynamodb"))]
+    async fn dynamo_notifications(
+        &self,
+        _url: &str,
+    ) -> anyhow::Result<Arc<dyn notifications::NotificationStore>> {
+        anyhow::bail!(
+            "the notifications database url is a DynamoDB one, but this mercato was built without \
+             the `dynamodb` feature; rebuild with `--features dynamodb` or use a sqlite:// url"
+        )
+    }
+
     async fn notifications(&mut self) -> anyhow::Result<()> {
         let (_, queue) = self.transports()?;
-        let store: Arc<dyn notifications::NotificationStore> =
+        let url = self.db_url(ServiceName::Notifications);
+        let store: Arc<dyn notifications::NotificationStore> = if url.starts_with("dynamodb://") {
+            self.dynamo_notifications(&url).await?
+        } else {
             match self.backend(ServiceName::Notifications)? {
                 Backend::Sqlite(url) => Arc::new(
                     notifications::SqliteNotificationStore::open(&url, &self.settings.sqlite)
@@ -697,7 +731,8 @@ impl Assembly<'_> {
                     .await
                     .context("opening the notifications store (PostgreSQL)")?,
                 ),
-            };
+            }
+        };
         let (pinged, closed) = (store.clone(), store.clone());
         self.close_at_stop(move || async move { closed.close().await });
         let ready = self.ready_when(

@@ -4,8 +4,8 @@
 //! By default the platform runs on its embedded backends. With `TEST_E2E_PROFILE=cloud-like`
 //! (scripts/test runs them so, with its peers up, on a binary built with feature `cloud`) the
 //! same tests run on the production backends: every store in a PostgreSQL database of its
-//! own, the stream on the Kafka broker at `TEST_KAFKA_BROKER`, the queue on SQS at
-//! `TEST_SQS_ENDPOINT`.
+//! own (the notifier's records in DynamoDB at `TEST_DYNAMODB_ENDPOINT`), the stream on the
+//! Kafka broker at `TEST_KAFKA_BROKER`, the queue on SQS at `TEST_SQS_ENDPOINT`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -71,12 +71,22 @@ impl Profile {
         }
     }
 
-    #[cfg(not(all(feature = "postgres", feature = "kafka", feature = "sqs")))]
+    #[cfg(not(all(
+        feature = "postgres",
+        feature = "kafka",
+        feature = "sqs",
+        feature = "dynamodb"
+    )))]
     fn cloud_like() -> Profile {
         panic!("TEST_E2E_PROFILE=cloud-like needs the binary built with `--features mercato/cloud`")
     }
 
-    #[cfg(all(feature = "postgres", feature = "kafka", feature = "sqs"))]
+    #[cfg(all(
+        feature = "postgres",
+        feature = "kafka",
+        feature = "sqs",
+        feature = "dynamodb"
+    ))]
     fn cloud_like() -> Profile {
         let peer = |name: &str| {
             std::env::var(name).unwrap_or_else(|_| {
@@ -96,6 +106,15 @@ impl Profile {
             // tansu 0.6 cannot resume inside a produced batch (docs/operations.md).
             ("MERCATO_BUS__KAFKA__BATCH_MESSAGES", "1".into()),
             ("SQS_QUEUE_URL", queue),
+            // The notifier's records in DynamoDB, as the seed keeps them.
+            (
+                "MERCATO_NOTIFICATIONS__DATABASE_URL",
+                format!(
+                    "dynamodb://notifications-{}?region=us-east-1&endpoint={}",
+                    uuid::Uuid::new_v4().simple(),
+                    peer("TEST_DYNAMODB_ENDPOINT")
+                ),
+            ),
             ("MERCATO_BUS__SQS__CREATE_QUEUES", "true".into()),
         ]
         .into_iter()

@@ -6,6 +6,12 @@
 //! - GSI `user_id-created_at` and GSI `order_id-created_at` for the two lookups the API offers.
 //!
 //! `amount` is a DynamoDB number written from the decimal text (`3999.98`): exact, no float.
+//!
+//! The platform's notifier uses it too when its database URL is
+//! `dynamodb://TABLE?region=REGION&endpoint=URL` (region and endpoint optional: the standard
+//! AWS environment otherwise). Listing without a user or an order (an operator's view, not a
+//! customer's) is the one read that scans: it stops after `limit` records, sorted among
+//! themselves, so on a table larger than `limit` they are not the oldest overall.
 
 use async_trait::async_trait;
 use aws_sdk_dynamodb::Client;
@@ -34,6 +40,106 @@ impl DynamoNotificationStore {
             client,
             table: table.into(),
         }
+    }
+
+    /// From `dynamodb://TABLE?region=REGION&endpoint=URL`; what the URL leaves out comes from
+    /// the standard AWS environment.
+    pub async fn from_url(url: &str) -> Result<Self, StoreError> {
+        let bad = |why: &str| StoreError::Remote(format!("database url `{url}`: {why}"));
+        let rest = url
+            .strip_prefix("dynamodb://")
+            .ok_or_else(|| bad("expected dynamodb://TABLE?region=..&endpoint=.."))?;
+        let (table, query) = rest.split_once('?').unwrap_or((rest, ""));
+        if table.is_empty()
+            || !table
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))
+        {
+            return Err(bad("the table name must be 3 to 255 of A-Z a-z 0-9 _ - ."));
+        }
+        let mut loader = aws_config::from_env();
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            match pair.split_once('=') {
+                Some(("region", region)) if !region.is_empty() => {
+                    loader = loader.region(aws_config::Region::new(region.to_owned()));
+                }
+                Some(("endpoint", endpoint)) if !endpoint.is_empty() => {
+                    loader = loader.endpoint_url(endpoint);
+                }
+                _ => {
+                    return Err(bad(&format!(
+                        "unknown parameter `{pair}` (region, endpoint)"
+                    )));
+                }
+            }
+        }
+        Ok(Self::new(Client::new(&loader.load().await), table))
+    }
+
+    /// Creates the table and its two indexes where missing: for local servers and tests; AWS
+    /// gets its table from Terraform.
+    pub async fn ensure_table(&self) -> Result<(), StoreError> {
+        use aws_sdk_dynamodb::types::{
+            AttributeDefinition, BillingMode, GlobalSecondaryIndex, KeySchemaElement, KeyType,
+            Projection, ProjectionType, ScalarAttributeType,
+        };
+        if self.describe().await.is_ok() {
+            return Ok(());
+        }
+        let remote = |e: String| StoreError::Remote(e);
+        let key = |name: &str, kind: KeyType| {
+            KeySchemaElement::builder()
+                .attribute_name(name)
+                .key_type(kind)
+                .build()
+                .map_err(|e| remote(e.to_string()))
+        };
+        let mut create = self
+            .client
+            .create_table()
+            .table_name(&self.table)
+            .billing_mode(BillingMode::PayPerRequest)
+            .key_schema(key("event_id", KeyType::Hash)?);
+        for name in ["event_id", "user_id", "order_id", "created_at"] {
+            create = create.attribute_definitions(
+                AttributeDefinition::builder()
+                    .attribute_name(name)
+                    .attribute_type(ScalarAttributeType::S)
+                    .build()
+                    .map_err(|e| remote(e.to_string()))?,
+            );
+        }
+        for (index, hash) in [(USER_INDEX, "user_id"), (ORDER_INDEX, "order_id")] {
+            create = create.global_secondary_indexes(
+                GlobalSecondaryIndex::builder()
+                    .index_name(index)
+                    .key_schema(key(hash, KeyType::Hash)?)
+                    .key_schema(key("created_at", KeyType::Range)?)
+                    .projection(
+                        Projection::builder()
+                            .projection_type(ProjectionType::All)
+                            .build(),
+                    )
+                    .build()
+                    .map_err(|e| remote(e.to_string()))?,
+            );
+        }
+        create.send().await.map_err(|e| {
+            StoreError::Remote(aws_sdk_dynamodb::error::DisplayErrorContext(e).to_string())
+        })?;
+        Ok(())
+    }
+
+    async fn describe(&self) -> Result<(), StoreError> {
+        self.client
+            .describe_table()
+            .table_name(&self.table)
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| {
+                StoreError::Remote(aws_sdk_dynamodb::error::DisplayErrorContext(e).to_string())
+            })
     }
 
     /// Region, credentials and endpoint (`AWS_ENDPOINT_URL` for local servers) from the
@@ -129,45 +235,101 @@ impl NotificationStore for DynamoNotificationStore {
     }
 
     async fn find(&self, filter: &Filter) -> Result<Vec<Notification>, StoreError> {
-        let limit = i32::try_from(filter.limit).unwrap_or(1000);
-        let (index, key, value) = match (filter.order_id, filter.user_id) {
-            (Some(order), _) => (ORDER_INDEX, "order_id", order.to_string()),
-            (None, Some(user)) => (USER_INDEX, "user_id", user.to_string()),
-            (None, None) => {
-                return Err(StoreError::Remote(
-                    "the DynamoDB store needs user_id or order_id".into(),
-                ));
+        let limit = usize::try_from(filter.limit).unwrap_or(1000);
+        let remote = |e: String| StoreError::Remote(e);
+        let mut items = Vec::new();
+        let mut start = None;
+        loop {
+            // Pages until `limit` records or the end; a page may hold fewer than asked.
+            let page = match (filter.order_id, filter.user_id) {
+                (order, user) if order.is_some() || user.is_some() => {
+                    let (index, key, value) = match order {
+                        Some(order) => (ORDER_INDEX, "order_id", order.to_string()),
+                        None => (
+                            USER_INDEX,
+                            "user_id",
+                            user.map(|u| u.to_string()).unwrap_or_default(),
+                        ),
+                    };
+                    let out = self
+                        .client
+                        .query()
+                        .table_name(&self.table)
+                        .index_name(index)
+                        .key_condition_expression("#k = :v")
+                        .expression_attribute_names("#k", key)
+                        .expression_attribute_values(":v", s(value))
+                        .set_exclusive_start_key(start.take())
+                        .send()
+                        .await
+                        .map_err(|e| {
+                            remote(aws_sdk_dynamodb::error::DisplayErrorContext(e).to_string())
+                        })?;
+                    (out.items().to_vec(), out.last_evaluated_key().cloned())
+                }
+                _ => {
+                    let out = self
+                        .client
+                        .scan()
+                        .table_name(&self.table)
+                        .set_exclusive_start_key(start.take())
+                        .send()
+                        .await
+                        .map_err(|e| {
+                            remote(aws_sdk_dynamodb::error::DisplayErrorContext(e).to_string())
+                        })?;
+                    (out.items().to_vec(), out.last_evaluated_key().cloned())
+                }
+            };
+            items.extend(page.0);
+            match page.1 {
+                Some(next) if items.len() < limit => {
+                    start = Some(next);
+                }
+                _ => break,
             }
-        };
-        let out = self
-            .client
-            .query()
-            .table_name(&self.table)
-            .index_name(index)
-            .key_condition_expression("#k = :v")
-            .expression_attribute_names("#k", key)
-            .expression_attribute_values(":v", s(value))
-            .limit(limit)
-            .send()
-            .await
-            .map_err(|e| {
-                StoreError::Remote(aws_sdk_dynamodb::error::DisplayErrorContext(e).to_string())
-            })?;
-        let mut records = out
-            .items()
-            .iter()
-            .map(from_item)
-            .collect::<Result<Vec<_>, _>>()?;
+        }
+        let mut records = items.iter().map(from_item).collect::<Result<Vec<_>, _>>()?;
         if let (Some(user), Some(_)) = (filter.user_id, filter.order_id) {
             records.retain(|n| n.user_id == user);
         }
+        // The order every store answers in: oldest first, ties by id.
+        records.sort_by_key(|n| (n.created_at, n.id));
+        records.truncate(limit);
         Ok(records)
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.describe().await
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn urls_name_a_table_and_only_known_parameters() {
+        for bad in [
+            "dynamodb://",
+            "dynamodb://?region=us-east-1",
+            "dynamodb://no spaces",
+            "dynamodb://t?regin=us-east-1",
+            "dynamodb://t?endpoint=",
+            "sqlite://x.db",
+        ] {
+            assert!(
+                DynamoNotificationStore::from_url(bad).await.is_err(),
+                "{bad} must be refused"
+            );
+        }
+        let store = DynamoNotificationStore::from_url(
+            "dynamodb://notifications?region=eu-west-1&endpoint=http://127.0.0.1:1",
+        )
+        .await
+        .unwrap();
+        assert_eq!(store.table, "notifications");
+    }
 
     #[test]
     fn items_round_trip_with_exact_amounts() {

@@ -1,7 +1,7 @@
 //! The notification store contract: records stored once per event id and listed by user or
 //! order, oldest first. Written once against `Arc<dyn NotificationStore>` and run unchanged
-//! against SQLite and, with feature `postgres`, PostgreSQL (a schema of its own per test,
-//! dropped afterwards).
+//! against SQLite, with feature `postgres` PostgreSQL (a schema of its own per test, dropped
+//! afterwards), and with feature `dynamodb` DynamoDB on moto (a table of its own per test).
 //!
 //! PostgreSQL is `TEST_DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/test`);
 //! when it is unreachable these tests fail, never skip: a green run must mean both backends
@@ -41,6 +41,30 @@ async fn postgres() -> (kit::pg::Pg, Arc<dyn NotificationStore>) {
     (store.pg().clone(), Arc::new(store))
 }
 
+/// DynamoDB on the server at `TEST_DYNAMODB_ENDPOINT` (scripts/check-aws starts moto), in a
+/// table of its own per test.
+#[cfg(feature = "dynamodb")]
+async fn dynamodb() -> Arc<dyn NotificationStore> {
+    let endpoint = std::env::var("TEST_DYNAMODB_ENDPOINT").unwrap_or_else(|_| {
+        panic!(
+            "TEST_DYNAMODB_ENDPOINT is not set: run scripts/check-aws (it starts moto[server]==5.2.1), \
+             or ./scripts/test"
+        )
+    });
+    let url = format!(
+        "dynamodb://notifications-{}?region=us-east-1&endpoint={endpoint}",
+        Uuid::new_v4().simple()
+    );
+    let store = notifications::dynamo::DynamoNotificationStore::from_url(&url)
+        .await
+        .unwrap();
+    store
+        .ensure_table()
+        .await
+        .unwrap_or_else(|e| panic!("DynamoDB at {endpoint}: {e}"));
+    Arc::new(store)
+}
+
 /// One test per behaviour and backend, so a failure names both.
 macro_rules! contract {
     ($($behaviour:ident),* $(,)?) => {
@@ -51,6 +75,16 @@ macro_rules! contract {
                     let (_dir, store) = super::sqlite().await;
                     super::$behaviour(store.clone()).await;
                     store.close().await;
+                }
+            )*
+        }
+
+        #[cfg(feature = "dynamodb")]
+        mod dynamodb {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $behaviour() {
+                    super::$behaviour(super::dynamodb().await).await;
                 }
             )*
         }
