@@ -263,6 +263,27 @@ impl Source {
         }
     }
 
+    /// An embedded database belongs to one process, so at start-up any lease in it was taken
+    /// by a process that died mid-publish: its rows go out now rather than when the lease
+    /// runs out. (PostgreSQL is shared by replicas, whose leases must stand.)
+    async fn reclaim_at_start(&self) -> Result<(), BusError> {
+        match self {
+            Source::Sqlite(db) => {
+                let now = now_ms();
+                db.write(move |tx| {
+                    tx.execute(
+                        "UPDATE outbox SET next_attempt_at = ?1 WHERE next_attempt_at > ?1",
+                        [now],
+                    )?;
+                    Ok::<_, BusError>(())
+                })
+                .await
+            }
+            #[cfg(feature = "postgres")]
+            Source::Postgres(_) => Ok(()),
+        }
+    }
+
     async fn pending(&self) -> Result<i64, BusError> {
         match self {
             Source::Sqlite(db) => {
@@ -335,6 +356,9 @@ impl Relay {
 
     /// Relays until `shutdown`, then returns after the batch in hand.
     pub async fn run(self, shutdown: CancellationToken) {
+        if let Err(e) = self.source.reclaim_at_start().await {
+            tracing::warn!(error = %e, "reclaiming outbox leases failed; they expire on their own");
+        }
         let mut failures: u32 = 0;
         loop {
             match self.relay_once().await {
