@@ -355,3 +355,44 @@ fn read_row(item: &HashMap<String, AttributeValue>) -> Result<Row, BusError> {
         number("next_attempt_at")?,
     ))
 }
+
+/// Why a `TransactWriteItems` was cancelled: one code per item, in the order sent
+/// (`None` for items that were fine, `ConditionalCheckFailed`, `TransactionConflict`, ...).
+pub type CancellationCodes = Vec<String>;
+
+/// Sends one transaction. `Ok(Ok(()))` when it committed, `Ok(Err(codes))` when DynamoDB
+/// cancelled it (a condition failed or another transaction held an item: the caller decides
+/// what each means), `Err` for any other failure.
+pub async fn transact(
+    client: &Client,
+    items: Vec<TransactWriteItem>,
+) -> Result<Result<(), CancellationCodes>, BusError> {
+    use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
+    let count = items.len();
+    match client
+        .transact_write_items()
+        .set_transact_items(Some(items))
+        .send()
+        .await
+    {
+        Ok(_) => Ok(Ok(())),
+        Err(SdkError::ServiceError(e)) => match e.err() {
+            TransactWriteItemsError::TransactionCanceledException(cancelled) => {
+                let mut codes: CancellationCodes = cancelled
+                    .cancellation_reasons()
+                    .iter()
+                    .map(|r| r.code().unwrap_or("None").to_owned())
+                    .collect();
+                // Servers that give no reasons: one unknown code per item, so indexing is safe.
+                codes.resize(count, "Unknown".to_owned());
+                Ok(Err(codes))
+            }
+            // Another transaction is mid-flight on one of the items: as retryable as a conflict.
+            TransactWriteItemsError::TransactionInProgressException(_) => {
+                Ok(Err(vec!["TransactionConflict".to_owned(); count]))
+            }
+            _ => Err(dynamo_error("transaction", SdkError::ServiceError(e))),
+        },
+        Err(e) => Err(dynamo_error("transaction", e)),
+    }
+}
