@@ -11,6 +11,8 @@
 //! - `sqs` (feature `sqs`): [`Queue`] on Amazon SQS (or an SQS-compatible server) through the
 //!   AWS SDK, dead-lettering by SQS's redrive policy.
 
+#[cfg(feature = "dynamodb")]
+pub mod dynamo;
 pub mod embedded;
 pub mod event;
 #[cfg(feature = "kafka")]
@@ -49,6 +51,8 @@ pub enum BusError {
     Postgres(String),
     #[error("sqs: {0}")]
     Sqs(String),
+    #[error("dynamodb: {0}")]
+    Dynamo(String),
 }
 
 pub type Headers = BTreeMap<String, String>;

@@ -37,7 +37,7 @@ pub enum Destination {
 }
 
 impl Destination {
-    fn encode(self) -> String {
+    pub(crate) fn encode(self) -> String {
         match self {
             Destination::Stream(topic) => format!("stream:{topic}"),
             Destination::Queue(queue) => format!("queue:{queue}"),
@@ -122,20 +122,51 @@ enum Source {
     Sqlite(Db),
     #[cfg(feature = "postgres")]
     Postgres(kit::pg::Pg),
+    #[cfg(feature = "dynamodb")]
+    Dynamo(crate::dynamo::DynamoOutbox),
+}
+
+/// Which row: SQL outboxes number theirs, DynamoDB's are keyed by a UUIDv7 string.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum RowId {
+    Seq(i64),
+    #[cfg_attr(not(feature = "dynamodb"), allow(dead_code))]
+    Key(String),
+}
+
+fn seqs(ids: Vec<RowId>) -> Vec<i64> {
+    ids.into_iter()
+        .filter_map(|id| match id {
+            RowId::Seq(seq) => Some(seq),
+            RowId::Key(_) => None,
+        })
+        .collect()
+}
+
+#[cfg(feature = "dynamodb")]
+fn keys(ids: Vec<RowId>) -> Vec<String> {
+    ids.into_iter()
+        .filter_map(|id| match id {
+            RowId::Key(key) => Some(key),
+            RowId::Seq(_) => None,
+        })
+        .collect()
 }
 
 /// How long a relay holds the rows it took before another relay may take them: a relay that
 /// dies mid-publish delays its rows by this much, never loses them.
-const LEASE_MS: i64 = 30_000;
+pub(crate) const LEASE_MS: i64 = 30_000;
 
 type Due = Vec<(String, Pending)>;
 
-// Both backends lease the rows they take by pushing their next attempt out, in the statement
+// Every backend leases the rows they take by pushing their next attempt out, in the statement
 // that selects them, so two relays over one outbox never publish a row twice.
 
 impl Source {
     async fn due(&self, batch: i64) -> Result<Due, BusError> {
         let rows: Vec<(i64, String, String, String, String, String, i64)> = match self {
+            #[cfg(feature = "dynamodb")]
+            Source::Dynamo(outbox) => return outbox.due(batch).await,
             Source::Sqlite(db) => {
                 let now = now_ms();
                 let mut rows = db
@@ -197,7 +228,7 @@ impl Source {
                     Ok((
                         destination,
                         Pending {
-                            seq,
+                            seq: RowId::Seq(seq),
                             key,
                             event_id,
                             headers,
@@ -210,9 +241,12 @@ impl Source {
             .collect()
     }
 
-    async fn delete(&self, seqs: Vec<i64>) -> Result<(), BusError> {
+    async fn delete(&self, ids: Vec<RowId>) -> Result<(), BusError> {
         match self {
+            #[cfg(feature = "dynamodb")]
+            Source::Dynamo(outbox) => outbox.delete(keys(ids)).await,
             Source::Sqlite(db) => {
+                let seqs = seqs(ids);
                 db.write(move |tx| {
                     let mut delete = tx.prepare_cached("DELETE FROM outbox WHERE seq = ?1")?;
                     for seq in seqs {
@@ -225,7 +259,7 @@ impl Source {
             #[cfg(feature = "postgres")]
             Source::Postgres(pg) => {
                 sqlx::query("DELETE FROM outbox WHERE seq = ANY($1)")
-                    .bind(seqs)
+                    .bind(seqs(ids))
                     .execute(pg.pool())
                     .await
                     .map_err(pg_error)?;
@@ -234,9 +268,12 @@ impl Source {
         }
     }
 
-    async fn reschedule(&self, seqs: Vec<i64>, retry_at: i64) -> Result<(), BusError> {
+    async fn reschedule(&self, ids: Vec<RowId>, retry_at: i64) -> Result<(), BusError> {
         match self {
+            #[cfg(feature = "dynamodb")]
+            Source::Dynamo(outbox) => outbox.reschedule(keys(ids), retry_at).await,
             Source::Sqlite(db) => {
+                let seqs = seqs(ids);
                 db.write(move |tx| {
                     let mut update = tx.prepare_cached(
                         "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = ?1 WHERE seq = ?2",
@@ -254,7 +291,7 @@ impl Source {
                     "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = $1 WHERE seq = ANY($2)",
                 )
                 .bind(retry_at)
-                .bind(seqs)
+                .bind(seqs(ids))
                 .execute(pg.pool())
                 .await
                 .map_err(pg_error)?;
@@ -286,6 +323,8 @@ impl Source {
 
     async fn pending(&self) -> Result<i64, BusError> {
         match self {
+            #[cfg(feature = "dynamodb")]
+            Source::Dynamo(outbox) => outbox.pending().await,
             Source::Sqlite(db) => {
                 db.read(|conn| {
                     Ok::<_, BusError>(
@@ -308,13 +347,13 @@ fn pg_error(e: sqlx::Error) -> BusError {
     BusError::Postgres(e.to_string())
 }
 
-struct Pending {
-    seq: i64,
-    key: String,
-    event_id: String,
-    headers: crate::Headers,
-    payload: String,
-    attempts: i64,
+pub(crate) struct Pending {
+    pub(crate) seq: RowId,
+    pub(crate) key: String,
+    pub(crate) event_id: String,
+    pub(crate) headers: crate::Headers,
+    pub(crate) payload: String,
+    pub(crate) attempts: i64,
 }
 
 /// Publishes a service's outbox rows to the stream and the queue.
@@ -337,6 +376,17 @@ impl Relay {
     #[cfg(feature = "postgres")]
     pub fn on_postgres(pg: kit::pg::Pg, stream: Arc<dyn Stream>, queue: Arc<dyn Queue>) -> Relay {
         Relay::from_source(Source::Postgres(pg), stream, queue)
+    }
+
+    /// A relay for a service whose outbox is a DynamoDB table ([`crate::dynamo`]); several
+    /// replicas may run one each (rows are leased with conditional updates).
+    #[cfg(feature = "dynamodb")]
+    pub fn on_dynamo(
+        outbox: crate::dynamo::DynamoOutbox,
+        stream: Arc<dyn Stream>,
+        queue: Arc<dyn Queue>,
+    ) -> Relay {
+        Relay::from_source(Source::Dynamo(outbox), stream, queue)
     }
 
     fn from_source(source: Source, stream: Arc<dyn Stream>, queue: Arc<dyn Queue>) -> Relay {
@@ -401,7 +451,7 @@ impl Relay {
         let mut published = 0;
         for (destination, pending) in by_destination {
             let outcome = self.publish(&destination, &pending).await;
-            let seqs: Vec<i64> = pending.iter().map(|p| p.seq).collect();
+            let seqs: Vec<RowId> = pending.iter().map(|p| p.seq.clone()).collect();
             match &outcome {
                 Ok(()) => self.source.delete(seqs).await?,
                 Err(e) => {
@@ -532,6 +582,16 @@ mod tests {
                     enqueue_pg(&mut tx, &event, to).await.unwrap();
                     tx.commit().await.unwrap();
                 }
+                #[cfg(feature = "dynamodb")]
+                Source::Dynamo(outbox) => {
+                    outbox
+                        .client()
+                        .transact_write_items()
+                        .set_transact_items(Some(outbox.items(&event, to).unwrap()))
+                        .send()
+                        .await
+                        .unwrap();
+                }
             }
         }
 
@@ -552,6 +612,8 @@ mod tests {
                         .await
                         .unwrap();
                 }
+                #[cfg(feature = "dynamodb")]
+                Source::Dynamo(outbox) => outbox.make_all_due().await.unwrap(),
             }
         }
     }
@@ -677,6 +739,32 @@ mod tests {
         });
         keeps_the_contract(Source::Postgres(pg.clone()), dir.path()).await;
         pg.drop_schema().await.unwrap();
+    }
+
+    /// DynamoDB on the server at `TEST_DYNAMODB_ENDPOINT` (scripts/check-aws starts moto), in
+    /// a table of its own: fails, never skips, without it.
+    #[cfg(feature = "dynamodb")]
+    #[tokio::test]
+    async fn dynamodb_outbox_keeps_the_contract() {
+        let endpoint = std::env::var("TEST_DYNAMODB_ENDPOINT").unwrap_or_else(|_| {
+            panic!(
+                "TEST_DYNAMODB_ENDPOINT is not set: run under scripts/check-aws (it starts moto)"
+            )
+        });
+        let url = kit::dynamo_url::parse(&format!(
+            "dynamodb://outbox-{}?region=us-east-1&endpoint={endpoint}",
+            uuid::Uuid::new_v4()
+        ))
+        .unwrap();
+        let config = crate::dynamo::sdk_config(&url).await;
+        let outbox = crate::dynamo::DynamoOutbox::new(
+            aws_sdk_dynamodb::Client::new(&config),
+            url.table.clone(),
+        );
+        outbox.ensure_table().await.unwrap();
+        outbox.ensure_table().await.unwrap(); // idempotent
+        let dir = tempfile::tempdir().unwrap();
+        keeps_the_contract(Source::Dynamo(outbox), dir.path()).await;
     }
 
     #[test]

@@ -7,6 +7,7 @@
 pub mod client;
 pub mod config;
 pub mod db;
+pub mod dynamo_url;
 pub mod extract;
 pub mod idempotency;
 pub mod money;

@@ -45,35 +45,15 @@ impl DynamoNotificationStore {
     /// From `dynamodb://TABLE?region=REGION&endpoint=URL`; what the URL leaves out comes from
     /// the standard AWS environment.
     pub async fn from_url(url: &str) -> Result<Self, StoreError> {
-        let bad = |why: &str| StoreError::Remote(format!("database url `{url}`: {why}"));
-        let rest = url
-            .strip_prefix("dynamodb://")
-            .ok_or_else(|| bad("expected dynamodb://TABLE?region=..&endpoint=.."))?;
-        let (table, query) = rest.split_once('?').unwrap_or((rest, ""));
-        if table.is_empty()
-            || !table
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))
-        {
-            return Err(bad("the table name must be 3 to 255 of A-Z a-z 0-9 _ - ."));
-        }
+        let parsed = kit::dynamo_url::parse(url).map_err(|e| StoreError::Remote(e.to_string()))?;
         let mut loader = aws_config::from_env();
-        for pair in query.split('&').filter(|p| !p.is_empty()) {
-            match pair.split_once('=') {
-                Some(("region", region)) if !region.is_empty() => {
-                    loader = loader.region(aws_config::Region::new(region.to_owned()));
-                }
-                Some(("endpoint", endpoint)) if !endpoint.is_empty() => {
-                    loader = loader.endpoint_url(endpoint);
-                }
-                _ => {
-                    return Err(bad(&format!(
-                        "unknown parameter `{pair}` (region, endpoint)"
-                    )));
-                }
-            }
+        if let Some(region) = parsed.region {
+            loader = loader.region(aws_config::Region::new(region));
         }
-        Ok(Self::new(Client::new(&loader.load().await), table))
+        if let Some(endpoint) = parsed.endpoint {
+            loader = loader.endpoint_url(endpoint);
+        }
+        Ok(Self::new(Client::new(&loader.load().await), parsed.table))
     }
 
     /// Creates the table and its two indexes where missing: for local servers and tests; AWS

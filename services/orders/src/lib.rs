@@ -9,6 +9,8 @@
 pub mod api;
 pub mod clients;
 pub mod domain;
+#[cfg(feature = "dynamodb")]
+pub mod dynamo;
 #[cfg(feature = "postgres")]
 pub mod pg;
 pub mod saga;

@@ -134,6 +134,10 @@ pub enum StoreError {
     #[cfg(feature = "postgres")]
     #[error(transparent)]
     Postgres(#[from] sqlx::Error),
+    /// DynamoDB failed, answered something unreadable, or kept refusing a contended write.
+    #[cfg(feature = "dynamodb")]
+    #[error("dynamodb: {0}")]
+    Dynamo(String),
 }
 
 /// The outcome of a status change: the order as it is now, and whether this call changed it.

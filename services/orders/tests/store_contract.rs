@@ -1,6 +1,8 @@
-//! The [`OrderStore`] contract, run unchanged against SQLite and (feature `postgres`)
-//! PostgreSQL: what the API and the saga rely on, down to the outbox rows each change writes.
-//! PostgreSQL must be reachable for the `postgres` tests: they fail, never skip.
+//! The [`OrderStore`] contract, run unchanged against SQLite, (feature `postgres`)
+//! PostgreSQL and (feature `dynamodb`) DynamoDB: what the API and the saga rely on, down to the
+//! outbox rows each change writes. PostgreSQL must be reachable for the `postgres` tests, and
+//! `TEST_DYNAMODB_ENDPOINT` set (scripts/check-aws starts moto) for the `dynamodb` one: they
+//! fail, never skip.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -19,6 +21,8 @@ enum Outbox {
     Sqlite(kit::db::Db),
     #[cfg(feature = "postgres")]
     Pg(kit::pg::Pg),
+    #[cfg(feature = "dynamodb")]
+    Dynamo(aws_sdk_dynamodb::Client, String),
 }
 
 type Row = (String, String, String);
@@ -43,6 +47,36 @@ impl Outbox {
                     .fetch_all(pg.pool())
                     .await
                     .unwrap()
+            }
+            // The outbox partition in `seq` (UUIDv7, commit time) order.
+            #[cfg(feature = "dynamodb")]
+            Outbox::Dynamo(client, table) => {
+                let mut rows = Vec::new();
+                let mut start = None;
+                loop {
+                    let page = client
+                        .query()
+                        .table_name(table)
+                        .consistent_read(true)
+                        .key_condition_expression("pk = :pk")
+                        .expression_attribute_values(
+                            ":pk",
+                            aws_sdk_dynamodb::types::AttributeValue::S("outbox".into()),
+                        )
+                        .set_exclusive_start_key(start.take())
+                        .send()
+                        .await
+                        .unwrap();
+                    for item in page.items() {
+                        let text = |k: &str| item[k].as_s().unwrap().clone();
+                        rows.push((text("destination"), text("payload"), text("key")));
+                    }
+                    match page.last_evaluated_key() {
+                        Some(key) => start = Some(key.clone()),
+                        None => break,
+                    }
+                }
+                rows
             }
         };
         raw.into_iter()
@@ -464,4 +498,30 @@ async fn postgres_keeps_the_contract() {
     let store = orders::PgOrderStore::new(pg.clone());
     keeps_the_contract(Arc::new(store), Outbox::Pg(pg.clone())).await;
     pg.drop_schema().await.unwrap();
+}
+
+/// DynamoDB on the server at `TEST_DYNAMODB_ENDPOINT` (scripts/check-aws starts moto), in
+/// tables of its own.
+#[cfg(feature = "dynamodb")]
+#[tokio::test]
+async fn dynamodb_keeps_the_contract() {
+    let endpoint = std::env::var("TEST_DYNAMODB_ENDPOINT").unwrap_or_else(|_| {
+        panic!(
+            "TEST_DYNAMODB_ENDPOINT is not set: run scripts/check-aws (it starts moto[server]==5.2.1), \
+             e.g. scripts/check-aws cargo test -p orders --features dynamodb"
+        )
+    });
+    let url = format!(
+        "dynamodb://orders-{}?region=us-east-1&endpoint={endpoint}",
+        Uuid::new_v4()
+    );
+    let store = orders::dynamo::DynamoOrderStore::from_url(&url)
+        .await
+        .unwrap();
+    store.ensure_table().await.unwrap();
+    store.ensure_table().await.unwrap(); // idempotent
+    let parsed = kit::dynamo_url::parse(&url).unwrap();
+    let client = aws_sdk_dynamodb::Client::new(&bus::dynamo::sdk_config(&parsed).await);
+    let outbox = Outbox::Dynamo(client, store.outbox().table().to_owned());
+    keeps_the_contract(Arc::new(store), outbox).await;
 }

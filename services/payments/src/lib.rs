@@ -6,6 +6,8 @@
 //! should that call fail.
 
 pub mod api;
+#[cfg(feature = "dynamodb")]
+pub mod dynamo;
 #[cfg(feature = "postgres")]
 pub mod pg;
 pub mod provider;

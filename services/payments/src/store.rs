@@ -104,6 +104,10 @@ pub enum StoreError {
     #[cfg(feature = "postgres")]
     #[error(transparent)]
     Postgres(#[from] sqlx::Error),
+    /// DynamoDB failed, answered something unreadable, or kept refusing a contended write.
+    #[cfg(feature = "dynamodb")]
+    #[error("dynamodb: {0}")]
+    Dynamo(String),
 }
 
 const COLUMNS: &str =

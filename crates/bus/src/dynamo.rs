@@ -1,0 +1,398 @@
+//! The transactional outbox in DynamoDB (feature `dynamodb`), for services whose store is a
+//! DynamoDB table: the store puts the outbox items in the same `TransactWriteItems` as its
+//! change ([`DynamoOutbox::items`]), and the [`crate::outbox::Relay`] publishes them.
+//!
+//! Table design (one outbox table per service, e.g. `payments-outbox`), no scans:
+//! - partition key `pk` (S), always `outbox`: one partition, so the relay finds due rows with a
+//!   Query (a single partition takes about 1,000 writes/s, far above one service's event rate;
+//!   should that change, shard `pk` as `outbox#N` and query each shard);
+//! - sort key `seq` (S): a UUIDv7 string, so rows sort in commit-time order as SQL's `seq`;
+//! - `next_attempt_at` (N, Unix ms): when the row is due; the relay *leases* a row by pushing it
+//!   out with a conditional update on the value it read, so two relays never take the same row
+//!   (the loser's condition fails and it skips the row);
+//! - `event_id`, `destination`, `key`, `headers` (JSON), `payload`, `created_at`, `attempts`.
+//!
+//! Also [`sdk_config`]: the AWS configuration for a `dynamodb://` URL, shared by the stores.
+
+use std::collections::HashMap;
+
+use aws_sdk_dynamodb::Client;
+use aws_sdk_dynamodb::error::{DisplayErrorContext, SdkError};
+use aws_sdk_dynamodb::types::{
+    AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType, Put,
+    ScalarAttributeType, Select, TransactWriteItem,
+};
+use kit::db::now_ms;
+use kit::dynamo_url::DynamoUrl;
+
+use crate::outbox::{Destination, LEASE_MS, Pending, RowId};
+use crate::{BusError, Event};
+
+/// The fixed partition every outbox row is in.
+const PARTITION: &str = "outbox";
+
+/// The AWS configuration for a parsed `dynamodb://` URL: its region and endpoint where given,
+/// the standard AWS environment for the rest (credentials always).
+pub async fn sdk_config(url: &DynamoUrl) -> aws_config::SdkConfig {
+    let mut loader = aws_config::from_env();
+    if let Some(region) = &url.region {
+        loader = loader.region(aws_config::Region::new(region.clone()));
+    }
+    if let Some(endpoint) = &url.endpoint {
+        loader = loader.endpoint_url(endpoint.clone());
+    }
+    loader.load().await
+}
+
+/// A DynamoDB failure as a bus error, with the service's own message.
+pub fn dynamo_error<E: std::error::Error>(what: &str, e: E) -> BusError {
+    BusError::Dynamo(format!("{what}: {}", DisplayErrorContext(e)))
+}
+
+fn s(v: impl Into<String>) -> AttributeValue {
+    AttributeValue::S(v.into())
+}
+
+fn n(v: i64) -> AttributeValue {
+    AttributeValue::N(v.to_string())
+}
+
+/// A service's outbox table.
+#[derive(Debug, Clone)]
+pub struct DynamoOutbox {
+    client: Client,
+    table: String,
+}
+
+impl DynamoOutbox {
+    pub fn new(client: Client, table: impl Into<String>) -> DynamoOutbox {
+        DynamoOutbox {
+            client,
+            table: table.into(),
+        }
+    }
+
+    pub fn table(&self) -> &str {
+        &self.table
+    }
+
+    /// Creates the table where missing: for local servers and tests (AWS gets its tables from
+    /// Terraform).
+    pub async fn ensure_table(&self) -> Result<(), BusError> {
+        if self
+            .client
+            .describe_table()
+            .table_name(&self.table)
+            .send()
+            .await
+            .is_ok()
+        {
+            return Ok(());
+        }
+        let key = |name: &str, kind: KeyType| {
+            KeySchemaElement::builder()
+                .attribute_name(name)
+                .key_type(kind)
+                .build()
+                .map_err(|e| dynamo_error("outbox key schema", e))
+        };
+        let attribute = |name: &str| {
+            AttributeDefinition::builder()
+                .attribute_name(name)
+                .attribute_type(ScalarAttributeType::S)
+                .build()
+                .map_err(|e| dynamo_error("outbox attribute", e))
+        };
+        self.client
+            .create_table()
+            .table_name(&self.table)
+            .billing_mode(BillingMode::PayPerRequest)
+            .key_schema(key("pk", KeyType::Hash)?)
+            .key_schema(key("seq", KeyType::Range)?)
+            .attribute_definitions(attribute("pk")?)
+            .attribute_definitions(attribute("seq")?)
+            .send()
+            .await
+            .map_err(|e| dynamo_error("creating the outbox table", e))?;
+        Ok(())
+    }
+
+    /// The items that enqueue `event` for each destination, to put in the caller's
+    /// `TransactWriteItems` next to the change the event describes (a transaction takes up to
+    /// 100 items, so a store's change plus a few destinations fits easily).
+    pub fn items(
+        &self,
+        event: &Event,
+        destinations: &[Destination],
+    ) -> Result<Vec<TransactWriteItem>, BusError> {
+        let headers = serde_json::to_string(&event.headers())
+            .map_err(|e| BusError::Malformed(e.to_string()))?;
+        let now = now_ms();
+        destinations
+            .iter()
+            .map(|destination| {
+                let item = HashMap::from([
+                    ("pk".to_owned(), s(PARTITION)),
+                    ("seq".to_owned(), s(uuid::Uuid::now_v7().to_string())),
+                    ("event_id".to_owned(), s(event.id.to_string())),
+                    ("destination".to_owned(), s(destination.encode())),
+                    ("key".to_owned(), s(&event.subject)),
+                    ("headers".to_owned(), s(&headers)),
+                    ("payload".to_owned(), s(&event.data)),
+                    ("created_at".to_owned(), n(now)),
+                    ("attempts".to_owned(), n(0)),
+                    ("next_attempt_at".to_owned(), n(now)),
+                ]);
+                let put = Put::builder()
+                    .table_name(&self.table)
+                    .set_item(Some(item))
+                    .build()
+                    .map_err(|e| dynamo_error("outbox item", e))?;
+                Ok(TransactWriteItem::builder().put(put).build())
+            })
+            .collect()
+    }
+
+    /// Leases up to `batch` due rows, oldest first. The Query reads the partition in `seq`
+    /// order, filtered on `next_attempt_at`; each row is then taken with a conditional update
+    /// on the `next_attempt_at` just read, so a row another relay leased meanwhile is skipped.
+    pub(crate) async fn due(&self, batch: i64) -> Result<Vec<(String, Pending)>, BusError> {
+        let now = now_ms();
+        let wanted = usize::try_from(batch.max(1)).unwrap_or(256);
+        let mut taken = Vec::new();
+        let mut start: Option<HashMap<String, AttributeValue>> = None;
+        loop {
+            let page = self
+                .client
+                .query()
+                .table_name(&self.table)
+                .consistent_read(true)
+                .key_condition_expression("pk = :pk")
+                .filter_expression("next_attempt_at <= :now")
+                .expression_attribute_values(":pk", s(PARTITION))
+                .expression_attribute_values(":now", n(now))
+                .set_exclusive_start_key(start.take())
+                .send()
+                .await
+                .map_err(|e| dynamo_error("reading due outbox rows", e))?;
+            for item in page.items() {
+                if taken.len() >= wanted {
+                    return Ok(taken);
+                }
+                let Row(destination, pending, seen) = read_row(item)?;
+                if self.lease(&pending.seq, seen, now + LEASE_MS).await? {
+                    taken.push((destination, pending));
+                }
+            }
+            match page.last_evaluated_key() {
+                Some(key) if taken.len() < wanted => start = Some(key.clone()),
+                _ => return Ok(taken),
+            }
+        }
+    }
+
+    /// Pushes one row's next attempt to `until` if nobody changed it since it was read.
+    async fn lease(&self, seq: &RowId, seen: i64, until: i64) -> Result<bool, BusError> {
+        let RowId::Key(seq) = seq else {
+            return Ok(false);
+        };
+        let update = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .key("pk", s(PARTITION))
+            .key("seq", s(seq))
+            .update_expression("SET next_attempt_at = :until")
+            .condition_expression("next_attempt_at = :seen")
+            .expression_attribute_values(":until", n(until))
+            .expression_attribute_values(":seen", n(seen))
+            .send()
+            .await;
+        match update {
+            Ok(_) => Ok(true),
+            // Another relay leased it (or published and deleted it) since the Query.
+            Err(SdkError::ServiceError(e)) if e.err().is_conditional_check_failed_exception() => {
+                Ok(false)
+            }
+            Err(e) => Err(dynamo_error("leasing an outbox row", e)),
+        }
+    }
+
+    pub(crate) async fn delete(&self, seqs: Vec<String>) -> Result<(), BusError> {
+        for seq in seqs {
+            self.client
+                .delete_item()
+                .table_name(&self.table)
+                .key("pk", s(PARTITION))
+                .key("seq", s(seq))
+                .send()
+                .await
+                .map_err(|e| dynamo_error("deleting a published outbox row", e))?;
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn reschedule(
+        &self,
+        seqs: Vec<String>,
+        retry_at: i64,
+    ) -> Result<(), BusError> {
+        for seq in seqs {
+            let update = self
+                .client
+                .update_item()
+                .table_name(&self.table)
+                .key("pk", s(PARTITION))
+                .key("seq", s(seq))
+                .update_expression("SET next_attempt_at = :at ADD attempts :one")
+                // Never resurrect a row as a bare key if it was deleted meanwhile.
+                .condition_expression("attribute_exists(seq)")
+                .expression_attribute_values(":at", n(retry_at))
+                .expression_attribute_values(":one", n(1))
+                .send()
+                .await;
+            match update {
+                Ok(_) => {}
+                Err(SdkError::ServiceError(e))
+                    if e.err().is_conditional_check_failed_exception() => {}
+                Err(e) => return Err(dynamo_error("rescheduling an outbox row", e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Rows not yet published (a counting Query of the partition, page by page).
+    pub(crate) async fn pending(&self) -> Result<i64, BusError> {
+        let mut count = 0i64;
+        let mut start: Option<HashMap<String, AttributeValue>> = None;
+        loop {
+            let page = self
+                .client
+                .query()
+                .table_name(&self.table)
+                .consistent_read(true)
+                .select(Select::Count)
+                .key_condition_expression("pk = :pk")
+                .expression_attribute_values(":pk", s(PARTITION))
+                .set_exclusive_start_key(start.take())
+                .send()
+                .await
+                .map_err(|e| dynamo_error("counting outbox rows", e))?;
+            count += i64::from(page.count());
+            match page.last_evaluated_key() {
+                Some(key) => start = Some(key.clone()),
+                None => return Ok(count),
+            }
+        }
+    }
+
+    /// Every row due now (tests: skips the backoff).
+    #[cfg(test)]
+    pub(crate) async fn make_all_due(&self) -> Result<(), BusError> {
+        let page = self
+            .client
+            .query()
+            .table_name(&self.table)
+            .consistent_read(true)
+            .key_condition_expression("pk = :pk")
+            .expression_attribute_values(":pk", s(PARTITION))
+            .send()
+            .await
+            .map_err(|e| dynamo_error("reading outbox rows", e))?;
+        for item in page.items() {
+            let seq = item
+                .get("seq")
+                .cloned()
+                .ok_or_else(|| BusError::Malformed("outbox row without seq".into()))?;
+            self.client
+                .update_item()
+                .table_name(&self.table)
+                .key("pk", s(PARTITION))
+                .key("seq", seq)
+                .update_expression("SET next_attempt_at = :zero")
+                .expression_attribute_values(":zero", n(0))
+                .send()
+                .await
+                .map_err(|e| dynamo_error("making a row due", e))?;
+        }
+        Ok(())
+    }
+
+    #[cfg(test)]
+    pub(crate) fn client(&self) -> &Client {
+        &self.client
+    }
+}
+
+/// A row as read: destination, the pending publish, and the `next_attempt_at` seen.
+struct Row(String, Pending, i64);
+
+fn read_row(item: &HashMap<String, AttributeValue>) -> Result<Row, BusError> {
+    let text = |k: &str| -> Result<String, BusError> {
+        item.get(k)
+            .and_then(|v| v.as_s().ok())
+            .cloned()
+            .ok_or_else(|| BusError::Malformed(format!("outbox row without {k}")))
+    };
+    let number = |k: &str| -> Result<i64, BusError> {
+        item.get(k)
+            .and_then(|v| v.as_n().ok())
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| BusError::Malformed(format!("outbox row without numeric {k}")))
+    };
+    let headers =
+        serde_json::from_str(&text("headers")?).map_err(|e| BusError::Malformed(e.to_string()))?;
+    Ok(Row(
+        text("destination")?,
+        Pending {
+            seq: RowId::Key(text("seq")?),
+            key: text("key")?,
+            event_id: text("event_id")?,
+            headers,
+            payload: text("payload")?,
+            attempts: number("attempts")?,
+        },
+        number("next_attempt_at")?,
+    ))
+}
+
+/// Why a `TransactWriteItems` was cancelled: one code per item, in the order sent
+/// (`None` for items that were fine, `ConditionalCheckFailed`, `TransactionConflict`, ...).
+pub type CancellationCodes = Vec<String>;
+
+/// Sends one transaction. `Ok(Ok(()))` when it committed, `Ok(Err(codes))` when DynamoDB
+/// cancelled it (a condition failed or another transaction held an item: the caller decides
+/// what each means), `Err` for any other failure.
+pub async fn transact(
+    client: &Client,
+    items: Vec<TransactWriteItem>,
+) -> Result<Result<(), CancellationCodes>, BusError> {
+    use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
+    let count = items.len();
+    match client
+        .transact_write_items()
+        .set_transact_items(Some(items))
+        .send()
+        .await
+    {
+        Ok(_) => Ok(Ok(())),
+        Err(SdkError::ServiceError(e)) => match e.err() {
+            TransactWriteItemsError::TransactionCanceledException(cancelled) => {
+                let mut codes: CancellationCodes = cancelled
+                    .cancellation_reasons()
+                    .iter()
+                    .map(|r| r.code().unwrap_or("None").to_owned())
+                    .collect();
+                // Servers that give no reasons: one unknown code per item, so indexing is safe.
+                codes.resize(count, "Unknown".to_owned());
+                Ok(Err(codes))
+            }
+            // Another transaction is mid-flight on one of the items: as retryable as a conflict.
+            TransactWriteItemsError::TransactionInProgressException(_) => {
+                Ok(Err(vec!["TransactionConflict".to_owned(); count]))
+            }
+            _ => Err(dynamo_error("transaction", SdkError::ServiceError(e))),
+        },
+        Err(e) => Err(dynamo_error("transaction", e)),
+    }
+}

@@ -1,0 +1,679 @@
+//! The orders store on DynamoDB (feature `dynamodb`), with the same guarantees as the SQL
+//! stores: every change and its outbox items commit in one `TransactWriteItems`, a transition
+//! applies only from a status that may become the target (of concurrent attempts exactly one
+//! changes the order), an event id is applied once. No scans.
+//!
+//! Table design (the seed's `orders` table), partition key `order_id` (S), items told apart by
+//! `kind`:
+//! - `order`: `order_id` = the order's UUID; `user_id`, `status`, `total_cents` (N, integer
+//!   cents: exact), `currency`, `shipping_address`, `created_at`/`updated_at`/`expires_at`
+//!   (N, Unix ms), and the lines as a list `items` of maps (`product_id`, `quantity`,
+//!   `unit_price_cents`) in product-id order, so one read returns the whole order;
+//!   - `user_sort` (S) = zero-padded `created_at` + `#` + id, the range key of GSI
+//!     `user_id-created_at`: a user's orders oldest first with ties broken by id, as the SQL
+//!     stores order them;
+//!   - `pending` (S, always `pending`), present **only while the order is pending** (a
+//!     transition out of pending removes it), the hash key of the sparse GSI
+//!     `pending-expires_at` (range `expires_at`): the expiry sweep queries only pending orders;
+//! - `event`: `order_id` = `event#<event id>`, `processed` (S, always `processed`),
+//!   `processed_at` (N): a processed event id, put with `attribute_not_exists` in the
+//!   transaction that applies the event; GSI `processed-processed_at` finds old ones to prune;
+//! - `counter`: `order_id` = `count#<shard>` (8 shards), `orders` (N): incremented by the
+//!   insert's transaction. Sharded so concurrent inserts rarely touch the same counter item
+//!   (DynamoDB cancels transactions that collide on an item); `count` reads the 8 items.
+//!
+//! Transitions: read the order (consistently), decide with the shared rules
+//! (`OrderStatus::can_become`), then one transaction: update the order on condition that its
+//! status is still one that may become the target, put the processed event (if any) on
+//! condition it is new, put the outbox items. When DynamoDB cancels it, the reason per item
+//! tells: the event item's condition failed → already processed (no change); the order's
+//! condition failed → another writer moved it: re-read and decide again (then it is "no
+//! change" if it reached the target, "refused" if not). Conflicts with a concurrent
+//! transaction are retried the same way.
+//!
+//! GSIs are eventually consistent on AWS: an order can take a moment to appear in
+//! `list_by_user` or the expiry sweep; `get` and transitions read the table consistently.
+//! `list_by_user`'s `skip` reads the skipped orders (DynamoDB has no offset).
+//!
+//! The outbox is the table `<table>-outbox` ([`bus::dynamo::DynamoOutbox`]).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use aws_sdk_dynamodb::Client;
+use aws_sdk_dynamodb::types::{
+    AttributeDefinition, AttributeValue, BillingMode, GlobalSecondaryIndex, KeySchemaElement,
+    KeyType, Projection, ProjectionType, Put, ScalarAttributeType, TransactWriteItem, Update,
+};
+use bus::dynamo::{DynamoOutbox, dynamo_error, transact};
+use chrono::{DateTime, Utc};
+use kit::Money;
+use kit::db::now_ms;
+use tokio::sync::Notify;
+use uuid::Uuid;
+
+use crate::domain::OrderStatus;
+use crate::store::{DESTINATIONS, Order, OrderLine, OrderStore, StoreError, Transition};
+
+pub const USER_INDEX: &str = "user_id-created_at";
+pub const PENDING_INDEX: &str = "pending-expires_at";
+pub const PROCESSED_INDEX: &str = "processed-processed_at";
+
+/// Counter shards: enough that concurrent inserts seldom collide, few enough to read at once.
+const COUNTER_SHARDS: u32 = 8;
+
+/// How often a contended write is retried before the request fails; each retry re-reads, so
+/// only sustained contention exhausts it.
+const ATTEMPTS: u32 = 60;
+
+const CONDITION_FAILED: &str = "ConditionalCheckFailed";
+const CONFLICT: &str = "TransactionConflict";
+
+#[derive(Debug, Clone)]
+pub struct DynamoOrderStore {
+    client: Client,
+    table: String,
+    outbox: DynamoOutbox,
+    wake_relay: Arc<Notify>,
+}
+
+fn s(v: impl Into<String>) -> AttributeValue {
+    AttributeValue::S(v.into())
+}
+
+fn n(v: i64) -> AttributeValue {
+    AttributeValue::N(v.to_string())
+}
+
+fn remote(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Dynamo(e.to_string())
+}
+
+fn event_key(event_id: Uuid) -> String {
+    format!("event#{event_id}")
+}
+
+fn user_sort(order: &Order) -> String {
+    format!("{:020}#{}", order.created_at.timestamp_millis(), order.id)
+}
+
+/// A short random pause before retrying a contended write, so racers spread out.
+async fn pause() {
+    tokio::time::sleep(Duration::from_millis(fastrand::u64(2..20))).await;
+}
+
+impl DynamoOrderStore {
+    /// A store over `table`, its outbox in `outbox`.
+    pub fn new(client: Client, table: impl Into<String>, outbox: DynamoOutbox) -> Self {
+        DynamoOrderStore {
+            client,
+            table: table.into(),
+            outbox,
+            wake_relay: Arc::new(Notify::new()),
+        }
+    }
+
+    /// From `dynamodb://TABLE?region=REGION&endpoint=URL`; the outbox is `TABLE-outbox`.
+    pub async fn from_url(url: &str) -> Result<Self, StoreError> {
+        let parsed = kit::dynamo_url::parse(url).map_err(remote)?;
+        let client = Client::new(&bus::dynamo::sdk_config(&parsed).await);
+        let outbox = DynamoOutbox::new(client.clone(), format!("{}-outbox", parsed.table));
+        Ok(Self::new(client, parsed.table, outbox))
+    }
+
+    /// The outbox, for [`bus::outbox::Relay::on_dynamo`].
+    pub fn outbox(&self) -> &DynamoOutbox {
+        &self.outbox
+    }
+
+    /// Lets the outbox relay know, right after commit, that events are waiting.
+    pub fn with_relay_waker(mut self, wake: Arc<Notify>) -> Self {
+        self.wake_relay = wake;
+        self
+    }
+
+    /// Creates the table (with its three indexes) and the outbox table where missing: for
+    /// local servers and tests; AWS gets its tables from Terraform.
+    pub async fn ensure_table(&self) -> Result<(), StoreError> {
+        self.outbox.ensure_table().await.map_err(remote)?;
+        if self.ping().await.is_ok() {
+            return Ok(());
+        }
+        let key = |name: &str, kind: KeyType| {
+            KeySchemaElement::builder()
+                .attribute_name(name)
+                .key_type(kind)
+                .build()
+                .map_err(remote)
+        };
+        let attribute = |name: &str, kind: ScalarAttributeType| {
+            AttributeDefinition::builder()
+                .attribute_name(name)
+                .attribute_type(kind)
+                .build()
+                .map_err(remote)
+        };
+        let mut create = self
+            .client
+            .create_table()
+            .table_name(&self.table)
+            .billing_mode(BillingMode::PayPerRequest)
+            .key_schema(key("order_id", KeyType::Hash)?);
+        for (name, kind) in [
+            ("order_id", ScalarAttributeType::S),
+            ("user_id", ScalarAttributeType::S),
+            ("user_sort", ScalarAttributeType::S),
+            ("pending", ScalarAttributeType::S),
+            ("expires_at", ScalarAttributeType::N),
+            ("processed", ScalarAttributeType::S),
+            ("processed_at", ScalarAttributeType::N),
+        ] {
+            create = create.attribute_definitions(attribute(name, kind)?);
+        }
+        for (index, hash, range) in [
+            (USER_INDEX, "user_id", "user_sort"),
+            (PENDING_INDEX, "pending", "expires_at"),
+            (PROCESSED_INDEX, "processed", "processed_at"),
+        ] {
+            create = create.global_secondary_indexes(
+                GlobalSecondaryIndex::builder()
+                    .index_name(index)
+                    .key_schema(key(hash, KeyType::Hash)?)
+                    .key_schema(key(range, KeyType::Range)?)
+                    .projection(
+                        Projection::builder()
+                            .projection_type(ProjectionType::All)
+                            .build(),
+                    )
+                    .build()
+                    .map_err(remote)?,
+            );
+        }
+        create
+            .send()
+            .await
+            .map_err(|e| remote(dynamo_error("creating the orders table", e)))?;
+        Ok(())
+    }
+
+    async fn load(&self, key: &str) -> Result<Option<HashMap<String, AttributeValue>>, StoreError> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .key("order_id", s(key))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| remote(dynamo_error("reading an order", e)))?;
+        Ok(out.item)
+    }
+
+    fn put_new(
+        &self,
+        item: HashMap<String, AttributeValue>,
+    ) -> Result<TransactWriteItem, StoreError> {
+        let put = Put::builder()
+            .table_name(&self.table)
+            .set_item(Some(item))
+            .condition_expression("attribute_not_exists(order_id)")
+            .build()
+            .map_err(remote)?;
+        Ok(TransactWriteItem::builder().put(put).build())
+    }
+
+    fn processed_item(event_id: Uuid, now: i64) -> HashMap<String, AttributeValue> {
+        HashMap::from([
+            ("order_id".to_owned(), s(event_key(event_id))),
+            ("kind".to_owned(), s("event")),
+            ("processed".to_owned(), s("processed")),
+            ("processed_at".to_owned(), n(now)),
+        ])
+    }
+
+    /// The order as it is now, for answers that change nothing.
+    async fn current(&self, id: Uuid) -> Result<Order, StoreError> {
+        self.get(id).await?.ok_or(StoreError::NotFound)
+    }
+
+    /// Marks `event_id` processed on its own (a delivery whose move is already done); whether
+    /// it was new does not matter to the caller.
+    async fn mark_processed(&self, event_id: Uuid) -> Result<(), StoreError> {
+        let put = self
+            .client
+            .put_item()
+            .table_name(&self.table)
+            .set_item(Some(Self::processed_item(event_id, now_ms())))
+            .condition_expression("attribute_not_exists(order_id)")
+            .send()
+            .await;
+        match put {
+            Ok(_) => Ok(()),
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(remote(dynamo_error("recording a processed event", e))),
+        }
+    }
+}
+
+fn to_item(o: &Order) -> HashMap<String, AttributeValue> {
+    let lines = o
+        .items
+        .iter()
+        .map(|l| {
+            AttributeValue::M(HashMap::from([
+                ("product_id".to_owned(), s(l.product_id.to_string())),
+                ("quantity".to_owned(), n(l.quantity)),
+                ("unit_price_cents".to_owned(), n(l.unit_price.cents())),
+            ]))
+        })
+        .collect();
+    let mut item = HashMap::from([
+        ("order_id".to_owned(), s(o.id.to_string())),
+        ("kind".to_owned(), s("order")),
+        ("user_id".to_owned(), s(o.user_id.to_string())),
+        ("user_sort".to_owned(), s(user_sort(o))),
+        ("status".to_owned(), s(o.status.as_str())),
+        ("total_cents".to_owned(), n(o.total_amount.cents())),
+        ("currency".to_owned(), s(&o.currency)),
+        ("shipping_address".to_owned(), s(&o.shipping_address)),
+        ("created_at".to_owned(), n(o.created_at.timestamp_millis())),
+        ("updated_at".to_owned(), n(o.updated_at.timestamp_millis())),
+        ("expires_at".to_owned(), n(o.expires_at.timestamp_millis())),
+        ("items".to_owned(), AttributeValue::L(lines)),
+    ]);
+    if o.status == OrderStatus::Pending {
+        item.insert("pending".to_owned(), s("pending"));
+    }
+    item
+}
+
+fn number(item: &HashMap<String, AttributeValue>, k: &str) -> Result<i64, StoreError> {
+    item.get(k)
+        .and_then(|v| v.as_n().ok())
+        .and_then(|v| v.parse().ok())
+        .ok_or(StoreError::Corrupt)
+}
+
+fn text(item: &HashMap<String, AttributeValue>, k: &str) -> Result<String, StoreError> {
+    item.get(k)
+        .and_then(|v| v.as_s().ok())
+        .cloned()
+        .ok_or(StoreError::Corrupt)
+}
+
+fn from_item(item: &HashMap<String, AttributeValue>) -> Result<Order, StoreError> {
+    if text(item, "kind")? != "order" {
+        return Err(StoreError::Corrupt);
+    }
+    let id = |k: &str| -> Result<Uuid, StoreError> {
+        text(item, k)?.parse().map_err(|_| StoreError::Corrupt)
+    };
+    let time = |k: &str| -> Result<DateTime<Utc>, StoreError> {
+        DateTime::from_timestamp_millis(number(item, k)?).ok_or(StoreError::Corrupt)
+    };
+    let mut items = Vec::new();
+    for line in item
+        .get("items")
+        .and_then(|v| v.as_l().ok())
+        .ok_or(StoreError::Corrupt)?
+    {
+        let line = line.as_m().map_err(|_| StoreError::Corrupt)?;
+        let quantity = number(line, "quantity")?;
+        let unit_price = Money::from_cents(number(line, "unit_price_cents")?)
+            .map_err(|_| StoreError::Corrupt)?;
+        items.push(OrderLine {
+            product_id: text(line, "product_id")?
+                .parse()
+                .map_err(|_| StoreError::Corrupt)?,
+            quantity,
+            unit_price,
+            line_total: unit_price
+                .checked_mul(quantity)
+                .ok_or(StoreError::Corrupt)?,
+        });
+    }
+    Ok(Order {
+        id: id("order_id")?,
+        user_id: id("user_id")?,
+        status: text(item, "status")?
+            .parse()
+            .map_err(|()| StoreError::Corrupt)?,
+        items,
+        total_amount: Money::from_cents(number(item, "total_cents")?)
+            .map_err(|_| StoreError::Corrupt)?,
+        currency: text(item, "currency")?,
+        shipping_address: text(item, "shipping_address")?,
+        created_at: time("created_at")?,
+        updated_at: time("updated_at")?,
+        expires_at: time("expires_at")?,
+    })
+}
+
+#[async_trait]
+impl OrderStore for DynamoOrderStore {
+    async fn insert(&self, order: &Order) -> Result<(), StoreError> {
+        let event = order.event(bus::event::types::ORDER_CREATED)?;
+        // Lines in product-id order, as the SQL stores return them.
+        let mut sorted = order.clone();
+        sorted.items.sort_by_key(|l| l.product_id);
+        for _ in 0..ATTEMPTS {
+            let counter = Update::builder()
+                .table_name(&self.table)
+                .key(
+                    "order_id",
+                    s(format!("count#{}", fastrand::u32(0..COUNTER_SHARDS))),
+                )
+                .update_expression("SET kind = :kind ADD orders :one")
+                .expression_attribute_values(":kind", s("counter"))
+                .expression_attribute_values(":one", n(1))
+                .build()
+                .map_err(remote)?;
+            let mut items = vec![
+                self.put_new(to_item(&sorted))?,
+                TransactWriteItem::builder().update(counter).build(),
+            ];
+            items.extend(self.outbox.items(&event, DESTINATIONS).map_err(remote)?);
+            match transact(&self.client, items).await.map_err(remote)? {
+                Ok(()) => {
+                    self.wake_relay.notify_one();
+                    return Ok(());
+                }
+                Err(codes) if codes.first().map(String::as_str) == Some(CONDITION_FAILED) => {
+                    return Err(StoreError::Duplicate);
+                }
+                // Another insert held the same counter shard: try again (maybe another shard).
+                Err(codes) if codes.iter().any(|c| c == CONFLICT) => pause().await,
+                Err(codes) => {
+                    return Err(StoreError::Dynamo(format!(
+                        "inserting an order was cancelled: {codes:?}"
+                    )));
+                }
+            }
+        }
+        Err(StoreError::Dynamo(
+            "inserting an order kept conflicting with other writes".into(),
+        ))
+    }
+
+    async fn get(&self, id: Uuid) -> Result<Option<Order>, StoreError> {
+        self.load(&id.to_string())
+            .await?
+            .as_ref()
+            .map(from_item)
+            .transpose()
+    }
+
+    async fn list_by_user(
+        &self,
+        user_id: Uuid,
+        skip: u32,
+        limit: u32,
+    ) -> Result<Vec<Order>, StoreError> {
+        let wanted = usize::try_from(u64::from(skip) + u64::from(limit)).unwrap_or(usize::MAX);
+        let mut orders = Vec::new();
+        let mut start = None;
+        while orders.len() < wanted {
+            let page = self
+                .client
+                .query()
+                .table_name(&self.table)
+                .index_name(USER_INDEX)
+                .key_condition_expression("user_id = :u")
+                .expression_attribute_values(":u", s(user_id.to_string()))
+                .limit(
+                    i32::try_from(wanted - orders.len())
+                        .unwrap_or(1000)
+                        .clamp(1, 1000),
+                )
+                .set_exclusive_start_key(start.take())
+                .send()
+                .await
+                .map_err(|e| remote(dynamo_error("listing a user's orders", e)))?;
+            for item in page.items() {
+                orders.push(from_item(item)?);
+            }
+            match page.last_evaluated_key() {
+                Some(key) => start = Some(key.clone()),
+                None => break,
+            }
+        }
+        Ok(orders
+            .into_iter()
+            .skip(usize::try_from(skip).unwrap_or(usize::MAX))
+            .take(usize::try_from(limit).unwrap_or(usize::MAX))
+            .collect())
+    }
+
+    async fn transition(
+        &self,
+        id: Uuid,
+        to: OrderStatus,
+        event_id: Option<Uuid>,
+    ) -> Result<Transition, StoreError> {
+        for _ in 0..ATTEMPTS {
+            // A redelivered event: recognised whatever the order's status now.
+            if let Some(event_id) = event_id
+                && self.load(&event_key(event_id)).await?.is_some()
+            {
+                return Ok(Transition {
+                    order: self.current(id).await?,
+                    changed: false,
+                });
+            }
+            let order = self.current(id).await?;
+            if order.status == to {
+                // Already there: record the delivery (as the SQL stores do) and change nothing.
+                if let Some(event_id) = event_id {
+                    self.mark_processed(event_id).await?;
+                }
+                return Ok(Transition {
+                    order,
+                    changed: false,
+                });
+            }
+            if !order.status.can_become(to) {
+                // Not marked as processed: the event applies once it can.
+                return Err(StoreError::IllegalTransition {
+                    from: order.status,
+                    to,
+                });
+            }
+            let now = now_ms();
+            let mut next = order.clone();
+            next.status = to;
+            next.updated_at = DateTime::from_timestamp_millis(now).ok_or(StoreError::Corrupt)?;
+            let from: Vec<&str> = OrderStatus::ALL
+                .iter()
+                .filter(|s| s.can_become(to))
+                .map(|s| s.as_str())
+                .collect();
+            let mut update = Update::builder()
+                .table_name(&self.table)
+                .key("order_id", s(id.to_string()))
+                // Leaving pending drops the order from the sparse expiry index.
+                .update_expression("SET #status = :to, updated_at = :now REMOVE pending")
+                .expression_attribute_names("#status", "status")
+                .expression_attribute_values(":to", s(to.as_str()))
+                .expression_attribute_values(":now", n(now));
+            let mut allowed = Vec::with_capacity(from.len());
+            for (i, status) in from.iter().enumerate() {
+                let name = format!(":from{i}");
+                update = update.expression_attribute_values(&name, s(*status));
+                allowed.push(name);
+            }
+            let update = update
+                .condition_expression(format!("#status IN ({})", allowed.join(", ")))
+                .build()
+                .map_err(remote)?;
+            let mut items = vec![TransactWriteItem::builder().update(update).build()];
+            if let Some(event_id) = event_id {
+                items.push(self.put_new(Self::processed_item(event_id, now))?);
+            }
+            items.extend(
+                self.outbox
+                    .items(&next.event(&to.event_type())?, DESTINATIONS)
+                    .map_err(remote)?,
+            );
+            match transact(&self.client, items).await.map_err(remote)? {
+                Ok(()) => {
+                    self.wake_relay.notify_one();
+                    return Ok(Transition {
+                        order: next,
+                        changed: true,
+                    });
+                }
+                Err(codes) => {
+                    if event_id.is_some()
+                        && codes.get(1).map(String::as_str) == Some(CONDITION_FAILED)
+                    {
+                        // A concurrent delivery of the same event applied it.
+                        return Ok(Transition {
+                            order: self.current(id).await?,
+                            changed: false,
+                        });
+                    }
+                    let moved = codes.first().map(String::as_str) == Some(CONDITION_FAILED);
+                    if !moved && !codes.iter().any(|c| c == CONFLICT) {
+                        return Err(StoreError::Dynamo(format!(
+                            "a transition was cancelled: {codes:?}"
+                        )));
+                    }
+                    // Another writer moved the order (or held it): decide again on what it
+                    // left, without a pause when it committed (the answer is ready).
+                    if !moved {
+                        pause().await;
+                    }
+                }
+            }
+        }
+        Err(StoreError::Dynamo(
+            "a transition kept conflicting with other writes".into(),
+        ))
+    }
+
+    async fn expired_pending(&self, limit: u32) -> Result<Vec<Uuid>, StoreError> {
+        let page = self
+            .client
+            .query()
+            .table_name(&self.table)
+            .index_name(PENDING_INDEX)
+            .key_condition_expression("pending = :p AND expires_at <= :now")
+            .expression_attribute_values(":p", s("pending"))
+            .expression_attribute_values(":now", n(now_ms()))
+            .limit(i32::try_from(limit).unwrap_or(1000).clamp(1, 1000))
+            .send()
+            .await
+            .map_err(|e| remote(dynamo_error("finding expired orders", e)))?;
+        page.items()
+            .iter()
+            .map(|item| {
+                text(item, "order_id")?
+                    .parse()
+                    .map_err(|_| StoreError::Corrupt)
+            })
+            .collect()
+    }
+
+    async fn prune_processed(&self, age: Duration) -> Result<usize, StoreError> {
+        let cutoff = now_ms() - i64::try_from(age.as_millis()).unwrap_or(i64::MAX / 2);
+        let mut removed = 0;
+        let mut start = None;
+        loop {
+            let page = self
+                .client
+                .query()
+                .table_name(&self.table)
+                .index_name(PROCESSED_INDEX)
+                .key_condition_expression("processed = :p AND processed_at < :cutoff")
+                .expression_attribute_values(":p", s("processed"))
+                .expression_attribute_values(":cutoff", n(cutoff))
+                .set_exclusive_start_key(start.take())
+                .send()
+                .await
+                .map_err(|e| remote(dynamo_error("finding old processed events", e)))?;
+            for item in page.items() {
+                self.client
+                    .delete_item()
+                    .table_name(&self.table)
+                    .key("order_id", s(text(item, "order_id")?))
+                    .send()
+                    .await
+                    .map_err(|e| remote(dynamo_error("forgetting a processed event", e)))?;
+                removed += 1;
+            }
+            match page.last_evaluated_key() {
+                Some(key) => start = Some(key.clone()),
+                None => return Ok(removed),
+            }
+        }
+    }
+
+    async fn count(&self) -> Result<i64, StoreError> {
+        let mut total = 0;
+        for shard in 0..COUNTER_SHARDS {
+            if let Some(item) = self.load(&format!("count#{shard}")).await? {
+                total += number(&item, "orders")?;
+            }
+        }
+        Ok(total)
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.client
+            .describe_table()
+            .table_name(&self.table)
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| remote(dynamo_error("describing the orders table", e)))
+    }
+
+    /// Nothing to flush: every write is committed when it returns.
+    async fn close(&self) {}
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn items_round_trip_with_lines_and_the_pending_marker() {
+        let at = DateTime::from_timestamp_millis(1_764_000_000_123).unwrap();
+        let price = Money::from_cents(1999).unwrap();
+        let mut o = Order {
+            id: Uuid::now_v7(),
+            user_id: Uuid::now_v7(),
+            status: OrderStatus::Pending,
+            items: vec![OrderLine {
+                product_id: Uuid::now_v7(),
+                quantity: 2,
+                unit_price: price,
+                line_total: Money::from_cents(3998).unwrap(),
+            }],
+            total_amount: Money::from_cents(3998).unwrap(),
+            currency: "USD".into(),
+            shipping_address: "1 Main St".into(),
+            created_at: at,
+            updated_at: at,
+            expires_at: at,
+        };
+        let item = to_item(&o);
+        assert_eq!(item["total_cents"], AttributeValue::N("3998".into()));
+        assert_eq!(item["pending"], AttributeValue::S("pending".into()));
+        assert_eq!(
+            item["user_sort"],
+            AttributeValue::S(format!("00000001764000000123#{}", o.id))
+        );
+        assert_eq!(from_item(&item).unwrap(), o);
+        o.status = OrderStatus::Paid;
+        assert!(!to_item(&o).contains_key("pending"));
+    }
+}
