@@ -302,7 +302,7 @@ impl Source {
 
     /// An embedded database belongs to one process, so at start-up any lease in it was taken
     /// by a process that died mid-publish: its rows go out now rather than when the lease
-    /// runs out. (PostgreSQL is shared by replicas, whose leases must stand.)
+    /// runs out. (PostgreSQL and DynamoDB are shared by replicas, whose leases must stand.)
     async fn reclaim_at_start(&self) -> Result<(), BusError> {
         match self {
             Source::Sqlite(db) => {
@@ -318,6 +318,8 @@ impl Source {
             }
             #[cfg(feature = "postgres")]
             Source::Postgres(_) => Ok(()),
+            #[cfg(feature = "dynamodb")]
+            Source::Dynamo(_) => Ok(()),
         }
     }
 
