@@ -44,6 +44,24 @@ pub async fn sdk_config(url: &DynamoUrl) -> aws_config::SdkConfig {
     loader.load().await
 }
 
+/// A key-schema element for `create_table` (every store's and the outbox's).
+pub fn key(name: &str, kind: KeyType) -> Result<KeySchemaElement, BusError> {
+    KeySchemaElement::builder()
+        .attribute_name(name)
+        .key_type(kind)
+        .build()
+        .map_err(|e| dynamo_error("key schema", e))
+}
+
+/// An attribute definition for `create_table`.
+pub fn attribute(name: &str, kind: ScalarAttributeType) -> Result<AttributeDefinition, BusError> {
+    AttributeDefinition::builder()
+        .attribute_name(name)
+        .attribute_type(kind)
+        .build()
+        .map_err(|e| dynamo_error("attribute definition", e))
+}
+
 /// A DynamoDB failure as a bus error, with the service's own message.
 pub fn dynamo_error<E: std::error::Error>(what: &str, e: E) -> BusError {
     BusError::Dynamo(format!("{what}: {}", DisplayErrorContext(e)))
@@ -89,20 +107,7 @@ impl DynamoOutbox {
         {
             return Ok(());
         }
-        let key = |name: &str, kind: KeyType| {
-            KeySchemaElement::builder()
-                .attribute_name(name)
-                .key_type(kind)
-                .build()
-                .map_err(|e| dynamo_error("outbox key schema", e))
-        };
-        let attribute = |name: &str| {
-            AttributeDefinition::builder()
-                .attribute_name(name)
-                .attribute_type(ScalarAttributeType::S)
-                .build()
-                .map_err(|e| dynamo_error("outbox attribute", e))
-        };
+        let attribute = |name: &str| attribute(name, ScalarAttributeType::S);
         self.client
             .create_table()
             .table_name(&self.table)

@@ -46,34 +46,23 @@ impl DynamoNotificationStore {
     /// the standard AWS environment.
     pub async fn from_url(url: &str) -> Result<Self, StoreError> {
         let parsed = kit::dynamo_url::parse(url).map_err(|e| StoreError::Remote(e.to_string()))?;
-        let mut loader = aws_config::from_env();
-        if let Some(region) = parsed.region {
-            loader = loader.region(aws_config::Region::new(region));
-        }
-        if let Some(endpoint) = parsed.endpoint {
-            loader = loader.endpoint_url(endpoint);
-        }
-        Ok(Self::new(Client::new(&loader.load().await), parsed.table))
+        let config = bus::dynamo::sdk_config(&parsed).await;
+        Ok(Self::new(Client::new(&config), parsed.table))
     }
 
     /// Creates the table and its two indexes where missing: for local servers and tests; AWS
     /// gets its table from Terraform.
     pub async fn ensure_table(&self) -> Result<(), StoreError> {
         use aws_sdk_dynamodb::types::{
-            AttributeDefinition, BillingMode, GlobalSecondaryIndex, KeySchemaElement, KeyType,
-            Projection, ProjectionType, ScalarAttributeType,
+            BillingMode, GlobalSecondaryIndex, KeyType, Projection, ProjectionType,
+            ScalarAttributeType,
         };
         if self.describe().await.is_ok() {
             return Ok(());
         }
         let remote = |e: String| StoreError::Remote(e);
-        let key = |name: &str, kind: KeyType| {
-            KeySchemaElement::builder()
-                .attribute_name(name)
-                .key_type(kind)
-                .build()
-                .map_err(|e| remote(e.to_string()))
-        };
+        let key =
+            |name: &str, kind| bus::dynamo::key(name, kind).map_err(|e| remote(e.to_string()));
         let mut create = self
             .client
             .create_table()
@@ -82,10 +71,7 @@ impl DynamoNotificationStore {
             .key_schema(key("event_id", KeyType::Hash)?);
         for name in ["event_id", "user_id", "order_id", "created_at"] {
             create = create.attribute_definitions(
-                AttributeDefinition::builder()
-                    .attribute_name(name)
-                    .attribute_type(ScalarAttributeType::S)
-                    .build()
+                bus::dynamo::attribute(name, ScalarAttributeType::S)
                     .map_err(|e| remote(e.to_string()))?,
             );
         }

@@ -44,8 +44,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::types::{
-    AttributeDefinition, AttributeValue, BillingMode, GlobalSecondaryIndex, KeySchemaElement,
-    KeyType, Projection, ProjectionType, Put, ScalarAttributeType, TransactWriteItem, Update,
+    AttributeValue, BillingMode, GlobalSecondaryIndex, KeyType, Projection, ProjectionType, Put,
+    ScalarAttributeType, TransactWriteItem, Update,
 };
 use bus::dynamo::{DynamoOutbox, dynamo_error, transact};
 use chrono::{DateTime, Utc};
@@ -141,20 +141,8 @@ impl DynamoOrderStore {
         if self.ping().await.is_ok() {
             return Ok(());
         }
-        let key = |name: &str, kind: KeyType| {
-            KeySchemaElement::builder()
-                .attribute_name(name)
-                .key_type(kind)
-                .build()
-                .map_err(remote)
-        };
-        let attribute = |name: &str, kind: ScalarAttributeType| {
-            AttributeDefinition::builder()
-                .attribute_name(name)
-                .attribute_type(kind)
-                .build()
-                .map_err(remote)
-        };
+        let key = |name: &str, kind| bus::dynamo::key(name, kind).map_err(remote);
+        let attribute = |name: &str, kind| bus::dynamo::attribute(name, kind).map_err(remote);
         let mut create = self
             .client
             .create_table()
