@@ -18,7 +18,10 @@ the binary's default port; the readiness probe GETs /ready, the liveness probe /
 startup probe a served path, all on that port; MERCATO_HOST=0.0.0.0; the peer URLs point at the
 right Service and port; the data directory is a writable emptyDir under a read-only root; the
 pod runs non-root with no capabilities; every ConfigMap/Secret referenced exists (except the
-operator-created Secret of aws-eks). NetworkPolicies: evaluated pairwise, pod-to-pod traffic
+operator-created Secret of aws-eks). On aws-eks, orders, payments and notifications keep their
+data in DynamoDB: `MERCATO_<SERVICE>__DATABASE_URL=dynamodb://<prefix>-<service>?region=ap-south-1`
+(no endpoint: AWS's own) with an IRSA role; no other service has a DynamoDB URL, and none has
+one on the local overlay (embedded stores). NetworkPolicies: evaluated pairwise, pod-to-pod traffic
 inside the namespace is allowed for exactly the calls in docs/architecture.md and nothing more.
 Exit status 1 with one line per problem.
 """
@@ -44,6 +47,10 @@ CALLS = {
 NO_HPA = {"analytics"}
 # Services that call AWS APIs and get an IRSA role on EKS (deploy/terraform/aws/iam_irsa.tf).
 IRSA = {"orders", "payments", "notifications", "analytics"}
+# Services whose store is a DynamoDB table on EKS (the only ones the binary lets use one:
+# `Backend::Dynamo` in crates/mercato/src/startup.rs), selected by their database URL.
+DYNAMODB = {"orders", "payments", "notifications"}
+REGION = "ap-south-1"
 # The Secret the operator creates on EKS (docs/deploy.md); not part of the rendered output.
 EXTERNAL_SECRETS = {"aws-eks": {"mercato-secrets"}, "local": set()}
 
@@ -378,6 +385,7 @@ class Checker:
                     self.fail(f"ServiceAccount {svc}: no IRSA role (eks.amazonaws.com/role-arn), it calls AWS APIs")
                 if svc not in IRSA and arn:
                     self.fail(f"ServiceAccount {svc}: has an IAM role but calls no AWS API")
+            self.check_dynamodb_urls()
             ing = self.get("Ingress", "gateway")
             if not ing:
                 self.fail("no Ingress for the gateway")
@@ -398,8 +406,43 @@ class Checker:
             for h in self.docs_of("HorizontalPodAutoscaler"):
                 if h["spec"]["maxReplicas"] != 1:
                     self.fail(f"HorizontalPodAutoscaler {h['metadata']['name']} may scale past 1 replica on embedded stores")
+            for svc, url in self.database_urls().items():
+                if url.startswith("dynamodb://"):
+                    self.fail(f"Deployment {svc}: MERCATO_{svc.upper()}__DATABASE_URL={url} on the local overlay, whose stores are embedded")
         else:
             self.fail("unknown overlay (expected local or aws-eks)")
+
+    def database_urls(self) -> dict[str, str]:
+        """Each service's own database URL (MERCATO_<SERVICE>__DATABASE_URL) as its pod sees it."""
+        urls = {}
+        for svc in self.services:
+            dep = self.get("Deployment", svc)
+            if not dep or len(dep["spec"]["template"]["spec"].get("containers", [])) != 1:
+                continue
+            env = self.environment(dep["spec"]["template"]["spec"]["containers"][0], f"Deployment {svc}")
+            if f"MERCATO_{svc.upper()}__DATABASE_URL" in env:
+                urls[svc] = env[f"MERCATO_{svc.upper()}__DATABASE_URL"]
+        return urls
+
+    def check_dynamodb_urls(self) -> None:
+        urls = self.database_urls()
+        for svc in self.services:
+            key = f"MERCATO_{svc.upper()}__DATABASE_URL"
+            url = urls.get(svc)
+            if svc in DYNAMODB:
+                m = re.fullmatch(r"dynamodb://([A-Za-z0-9_.-]{3,255})\?region=([a-z0-9-]+)", url or "")
+                if not m:
+                    self.fail(f"Deployment {svc}: {key} is {url!r}, expected dynamodb://TABLE?region={REGION} (its store is DynamoDB on EKS, no endpoint)")
+                    continue
+                table, region = m.groups()
+                if region != REGION:
+                    self.fail(f"Deployment {svc}: {key} names region {region}, expected {REGION}")
+                if table != svc and not table.endswith(f"-{svc}"):
+                    self.fail(f"Deployment {svc}: {key} names table {table}, not the {svc} table (<prefix>-{svc})")
+                if svc not in IRSA:
+                    self.fail(f"Deployment {svc}: a DynamoDB store without an IRSA role")
+            elif url and url.startswith("dynamodb://"):
+                self.fail(f"Deployment {svc}: {key}={url}, but only {sorted(DYNAMODB)} keep their data in DynamoDB")
 
     def run(self) -> list[str]:
         names = {d for d in self.by_kind.get("Deployment", {})}

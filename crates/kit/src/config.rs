@@ -58,6 +58,7 @@ pub struct Settings {
     pub analytics: ServiceSettings,
     pub saga: SagaSettings,
     pub notifier: NotifierSettings,
+    pub dynamodb: DynamoSettings,
     pub analytics_engine: AnalyticsSettings,
 }
 
@@ -175,12 +176,15 @@ pub struct SqsSettings {
     pub create_queues: bool,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+/// The seed's DynamoDB tables (`ORDERS_TABLE`, ...). A service whose table is named here keeps
+/// its data there (region `aws_region`), unless its own `database_url` says otherwise: a
+/// deployment of the seed carries over with its settings unchanged.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct TableNames {
-    pub orders: String,
-    pub payments: String,
-    pub notifications: String,
+    pub orders: Option<String>,
+    pub payments: Option<String>,
+    pub notifications: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -190,6 +194,15 @@ pub struct SagaSettings {
     pub pending_order_ttl_secs: u64,
     /// How often expired orders and orphaned reservations are looked for.
     pub sweep_interval_ms: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct DynamoSettings {
+    /// Create the tables of the stores on `dynamodb://` URLs (with their indexes, and the
+    /// `<table>-outbox` tables) where missing: for local servers; AWS gets its tables from
+    /// Terraform.
+    pub create_tables: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -238,6 +251,7 @@ impl Default for Settings {
             analytics: ServiceSettings::on(8006),
             saga: SagaSettings::default(),
             notifier: NotifierSettings::default(),
+            dynamodb: DynamoSettings::default(),
             analytics_engine: AnalyticsSettings::default(),
         }
     }
@@ -304,16 +318,6 @@ impl Default for BusSettings {
     }
 }
 
-impl Default for TableNames {
-    fn default() -> Self {
-        TableNames {
-            orders: "orders".into(),
-            payments: "payments".into(),
-            notifications: "notifications".into(),
-        }
-    }
-}
-
 impl Default for SagaSettings {
     fn default() -> Self {
         SagaSettings {
@@ -365,11 +369,23 @@ impl Settings {
             .merge(Env::prefixed("MERCATO_").split("__").ignore(&["config"]))
     }
 
-    /// The storage URL of a service: its own, else the shared one, else a SQLite file.
+    /// The storage URL of a service: its own, else its seed table (`dynamodb://TABLE`), else
+    /// the shared one, else a SQLite file.
     pub fn database_url(&self, service: &ServiceSettings, name: &str) -> String {
+        let table = match name {
+            "orders" => self.tables.orders.as_ref(),
+            "payments" => self.tables.payments.as_ref(),
+            "notifications" => self.tables.notifications.as_ref(),
+            _ => None,
+        };
+        let seed_table = table.map(|table| match &self.aws_region {
+            Some(region) => format!("dynamodb://{table}?region={region}"),
+            None => format!("dynamodb://{table}"),
+        });
         service
             .database_url
             .clone()
+            .or(seed_table)
             .or_else(|| self.default_database_url.clone())
             .unwrap_or_else(|| {
                 format!(
@@ -413,6 +429,34 @@ mod tests {
                 s.bus.queue_url.as_deref(),
                 Some("http://localhost:4566/000/q")
             );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn the_seed_tables_put_their_services_on_dynamodb() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("DATABASE_URL", "postgres://db/mercato");
+            jail.set_env("ORDERS_TABLE", "prod-orders");
+            jail.set_env("PAYMENTS_TABLE", "prod-payments");
+            jail.set_env("AWS_REGION", "ap-south-1");
+            jail.set_env("MERCATO_PAYMENTS__DATABASE_URL", "postgres://db/payments");
+            let s = Settings::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(
+                s.database_url(&s.orders, "orders"),
+                "dynamodb://prod-orders?region=ap-south-1"
+            );
+            assert_eq!(
+                s.database_url(&s.payments, "payments"),
+                "postgres://db/payments",
+                "a service's own url wins"
+            );
+            assert_eq!(
+                s.database_url(&s.notifications, "notifications"),
+                "postgres://db/mercato",
+                "no table named: the shared url"
+            );
+            assert_eq!(s.database_url(&s.users, "users"), "postgres://db/mercato");
             Ok(())
         });
     }

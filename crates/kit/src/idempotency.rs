@@ -4,7 +4,8 @@
 //! the first and then replay it. 5xx answers are not stored, so a retry after an outage runs
 //! again. Keys expire after a configurable time.
 //!
-//! The table lives in the owning service's database ([`MIGRATION`]). Handlers see the key as
+//! The table lives in the owning service's database ([`MIGRATION`], [`PG_MIGRATION`]); for a
+//! service on DynamoDB the records are items of its own table ([`Idempotency::on_dynamo`]). Handlers see the key as
 //! an [`IdempotencyKey`] extension, so they can also make their own writes idempotent (the
 //! orders service derives the order id from it), which closes the gap between committing the
 //! work and storing the answer.
@@ -20,6 +21,9 @@ use rusqlite::params;
 
 use crate::db::{Db, DbError, now_ms};
 use crate::problem::Problem;
+
+#[cfg(feature = "dynamodb")]
+mod dynamo;
 
 pub const HEADER: &str = "idempotency-key";
 pub const REPLAYED_HEADER: &str = "idempotent-replayed";
@@ -71,6 +75,9 @@ pub enum IdempotencyError {
     #[cfg(feature = "postgres")]
     #[error(transparent)]
     Postgres(#[from] sqlx::Error),
+    #[cfg(feature = "dynamodb")]
+    #[error("DynamoDB: {0}")]
+    Dynamo(String),
 }
 
 /// Where the keys live: the owning service's own database, whichever it is.
@@ -79,6 +86,8 @@ enum Backend {
     Sqlite(Db),
     #[cfg(feature = "postgres")]
     Postgres(crate::pg::Pg),
+    #[cfg(feature = "dynamodb")]
+    Dynamo(dynamo::DynamoKeys),
 }
 
 #[derive(Debug, Clone)]
@@ -133,6 +142,27 @@ impl Idempotency {
     pub fn on_postgres(pg: crate::pg::Pg, ttl: Duration, body_limit: usize) -> Idempotency {
         Idempotency {
             backend: Backend::Postgres(pg),
+            ttl,
+            body_limit,
+        }
+    }
+
+    /// Keys as items of the service's DynamoDB `table`, whose partition key attribute is
+    /// `partition_key` (`order_id`, `payment_id`): see [`dynamo`](self::dynamo).
+    #[cfg(feature = "dynamodb")]
+    pub fn on_dynamo(
+        client: aws_sdk_dynamodb::Client,
+        table: impl Into<String>,
+        partition_key: impl Into<String>,
+        ttl: Duration,
+        body_limit: usize,
+    ) -> Idempotency {
+        Idempotency {
+            backend: Backend::Dynamo(dynamo::DynamoKeys::new(
+                client,
+                table.into(),
+                partition_key.into(),
+            )),
             ttl,
             body_limit,
         }
@@ -212,6 +242,8 @@ impl Idempotency {
                 tx.commit().await?;
                 Ok(claim)
             }
+            #[cfg(feature = "dynamodb")]
+            Backend::Dynamo(keys) => keys.claim(&key, &fingerprint, now, ttl).await,
         }
     }
 
@@ -247,6 +279,8 @@ impl Idempotency {
                 .await?;
                 Ok(())
             }
+            #[cfg(feature = "dynamodb")]
+            Backend::Dynamo(keys) => keys.complete(&key, status, content_type, body).await,
         }
     }
 
@@ -271,6 +305,8 @@ impl Idempotency {
                     .await?;
                 Ok(())
             }
+            #[cfg(feature = "dynamodb")]
+            Backend::Dynamo(keys) => keys.forget(&key).await,
         }
     }
 
@@ -289,7 +325,8 @@ impl Idempotency {
         }
     }
 
-    /// Removes expired keys; returns how many.
+    /// Removes expired keys; returns how many. On DynamoDB the table's TTL removes them (and a
+    /// claim treats an expired record as absent meanwhile), so this removes none.
     pub async fn purge_expired(&self) -> Result<usize, IdempotencyError> {
         let now = now_ms();
         match &self.backend {
@@ -307,6 +344,8 @@ impl Idempotency {
                     .await?;
                 Ok(usize::try_from(done.rows_affected()).unwrap_or(usize::MAX))
             }
+            #[cfg(feature = "dynamodb")]
+            Backend::Dynamo(_) => Ok(0),
         }
     }
 }

@@ -1,5 +1,7 @@
 //! The `Idempotency-Key` contract, run unchanged against each place the keys can live: the
-//! service's SQLite database and (feature `postgres`) its PostgreSQL schema.
+//! service's SQLite database, (feature `postgres`) its PostgreSQL schema and (feature
+//! `dynamodb`) its DynamoDB table, on the server at `TEST_DYNAMODB_ENDPOINT` (scripts/check-aws
+//! starts moto): the PostgreSQL and DynamoDB tests fail, never skip, without their server.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -57,7 +59,14 @@ async fn call(app: &Router, key: &str, body: &str) -> (StatusCode, bool, String)
     (status, replayed, String::from_utf8(body.to_vec()).unwrap())
 }
 
-async fn keeps_the_contract(idem: Idempotency, expired: Idempotency) {
+/// Whether `purge_expired` itself removes expired keys (DynamoDB leaves that to the table's TTL).
+#[derive(Clone, Copy, PartialEq)]
+enum Purge {
+    ByTheService,
+    ByTheTable,
+}
+
+async fn keeps_the_contract(idem: Idempotency, expired: Idempotency, purge: Purge) {
     let runs = Arc::new(AtomicUsize::new(0));
     let app = app(idem.clone(), runs.clone());
 
@@ -109,10 +118,15 @@ async fn keeps_the_contract(idem: Idempotency, expired: Idempotency) {
     assert_eq!(call(&app, "bad key", "{}").await.0, StatusCode::BAD_REQUEST);
     assert_eq!(runs.load(Ordering::SeqCst), 4);
 
-    // Keys stored with a zero time-to-live are purged, and then the key runs afresh.
+    // Keys stored with a zero time-to-live are purged, and the key then runs afresh (before
+    // any purge too: an expired key is as good as absent).
     let expiring = self::app(expired.clone(), runs.clone());
     assert_eq!(call(&expiring, "k4", "{}").await.0, StatusCode::CREATED);
-    assert!(expired.purge_expired().await.unwrap() >= 1);
+    let purged = expired.purge_expired().await.unwrap();
+    match purge {
+        Purge::ByTheService => assert!(purged >= 1, "{purged} purged"),
+        Purge::ByTheTable => assert_eq!(purged, 0),
+    }
     assert_eq!(
         call(&expiring, "k4", "{}").await,
         (StatusCode::CREATED, false, "run 6".into())
@@ -147,6 +161,7 @@ async fn sqlite_keeps_the_contract() {
     keeps_the_contract(
         Idempotency::new(db.clone(), TTL, LIMIT),
         Idempotency::new(db, Duration::ZERO, LIMIT),
+        Purge::ByTheService,
     )
     .await;
 }
@@ -169,7 +184,65 @@ async fn postgres_keeps_the_contract() {
     keeps_the_contract(
         Idempotency::on_postgres(pg.clone(), TTL, LIMIT),
         Idempotency::on_postgres(pg.clone(), Duration::ZERO, LIMIT),
+        Purge::ByTheService,
     )
     .await;
     pg.drop_schema().await.unwrap();
+}
+
+/// In a table of its own (as a payments table: partition key `payment_id`), deleted afterwards.
+#[cfg(feature = "dynamodb")]
+#[tokio::test]
+async fn dynamodb_keeps_the_contract() {
+    use aws_sdk_dynamodb::config::{BehaviorVersion, Credentials, Region};
+    use aws_sdk_dynamodb::types::{
+        AttributeDefinition, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType,
+    };
+    let endpoint = std::env::var("TEST_DYNAMODB_ENDPOINT").unwrap_or_else(|_| {
+        panic!(
+            "TEST_DYNAMODB_ENDPOINT is not set: run scripts/check-aws (it starts \
+             moto[server]==5.2.1), or point it at a DynamoDB-compatible server"
+        )
+    });
+    let config = aws_sdk_dynamodb::Config::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .region(Region::new("us-east-1"))
+        .endpoint_url(&endpoint)
+        .credentials_provider(Credentials::new("test", "test", None, None, "tests"))
+        .build();
+    let client = aws_sdk_dynamodb::Client::from_conf(config);
+    let table = format!("idempotency-{}", uuid::Uuid::new_v4().simple());
+    client
+        .create_table()
+        .table_name(&table)
+        .billing_mode(BillingMode::PayPerRequest)
+        .key_schema(
+            KeySchemaElement::builder()
+                .attribute_name("payment_id")
+                .key_type(KeyType::Hash)
+                .build()
+                .unwrap(),
+        )
+        .attribute_definitions(
+            AttributeDefinition::builder()
+                .attribute_name("payment_id")
+                .attribute_type(ScalarAttributeType::S)
+                .build()
+                .unwrap(),
+        )
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("DynamoDB at {endpoint}: {e:?}"));
+    keeps_the_contract(
+        Idempotency::on_dynamo(client.clone(), &table, "payment_id", TTL, LIMIT),
+        Idempotency::on_dynamo(client.clone(), &table, "payment_id", Duration::ZERO, LIMIT),
+        Purge::ByTheTable,
+    )
+    .await;
+    client
+        .delete_table()
+        .table_name(&table)
+        .send()
+        .await
+        .unwrap();
 }

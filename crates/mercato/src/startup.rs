@@ -78,6 +78,20 @@ enum Backend {
     Sqlite(String),
     #[cfg(feature = "postgres")]
     Postgres(String),
+    /// Orders, payments and notifications only: the seed keeps those three in DynamoDB.
+    #[cfg(feature = "dynamodb")]
+    Dynamo(String),
+}
+
+/// Users and products (relational by nature: unique e-mails, stock arithmetic) stay in SQL.
+fn not_on_dynamo(service: ServiceName) -> anyhow::Error {
+    anyhow::anyhow!(
+        "the {name} database url is a DynamoDB one, but only orders, payments and notifications \
+         can keep their data in DynamoDB; give {name} a postgres:// or sqlite:// url of its own \
+         (MERCATO_{upper}__DATABASE_URL)",
+        name = service.as_str(),
+        upper = service.as_str().to_uppercase()
+    )
 }
 
 /// A running platform (or part of one).
@@ -283,22 +297,39 @@ impl Assembly<'_> {
     }
 
     /// SQLite for `sqlite://` urls; PostgreSQL (schema = the service's name) for
-    /// `postgres://` ones, which need the `postgres` feature.
+    /// `postgres://` ones, which need the `postgres` feature; DynamoDB for `dynamodb://` ones
+    /// (orders, payments, notifications), which need the `dynamodb` feature.
     fn backend(&self, service: ServiceName) -> anyhow::Result<Backend> {
         let url = self.db_url(service);
         // Spelled out rather than `kit::pg::is_postgres_url`: without the feature there is no
         // `kit::pg`, and that is exactly when the url must be recognised to refuse it clearly.
-        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
-            return Ok(Backend::Sqlite(url));
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            #[cfg(feature = "postgres")]
+            return Ok(Backend::Postgres(url));
+            #[cfg(not(feature = "postgres"))]
+            anyhow::bail!(
+                "the {} database url is a PostgreSQL one, but this mercato was built without the \
+                 `postgres` feature; rebuild with `--features postgres` or use a sqlite:// url",
+                service.as_str()
+            )
         }
-        #[cfg(feature = "postgres")]
-        return Ok(Backend::Postgres(url));
-        #[cfg(not(feature = "postgres"))]
-        anyhow::bail!(
-            "the {} database url is a PostgreSQL one, but this mercato was built without the \
-             `postgres` feature; rebuild with `--features postgres` or use a sqlite:// url",
-            service.as_str()
-        )
+        if kit::dynamo_url::is_dynamo_url(&url) {
+            if !matches!(
+                service,
+                ServiceName::Orders | ServiceName::Payments | ServiceName::Notifications
+            ) {
+                return Err(not_on_dynamo(service));
+            }
+            #[cfg(feature = "dynamodb")]
+            return Ok(Backend::Dynamo(url));
+            #[cfg(not(feature = "dynamodb"))]
+            anyhow::bail!(
+                "the {} database url is a DynamoDB one, but this mercato was built without the \
+                 `dynamodb` feature; rebuild with `--features dynamodb` or use a sqlite:// url",
+                service.as_str()
+            )
+        }
+        Ok(Backend::Sqlite(url))
     }
 
     /// Closes a store at shutdown, after every task has drained.
@@ -444,6 +475,8 @@ impl Assembly<'_> {
                     .await
                     .context("opening the users store (PostgreSQL)")?,
             ),
+            #[cfg(feature = "dynamodb")]
+            Backend::Dynamo(_) => return Err(not_on_dynamo(ServiceName::Users)),
         };
         let (pinged, closed) = (store.clone(), store.clone());
         self.close_at_stop(move || async move { closed.close().await });
@@ -472,6 +505,8 @@ impl Assembly<'_> {
                     .await
                     .context("opening the products store (PostgreSQL)")?,
             ),
+            #[cfg(feature = "dynamodb")]
+            Backend::Dynamo(_) => return Err(not_on_dynamo(ServiceName::Products)),
         };
         let closed = store.clone();
         self.close_at_stop(move || async move { closed.close().await });
@@ -560,6 +595,22 @@ impl Assembly<'_> {
                 let store = orders::PgOrderStore::new(pg).with_relay_waker(relay.waker());
                 return Ok((Arc::new(store), relay, idempotency));
             }
+            #[cfg(feature = "dynamodb")]
+            Backend::Dynamo(url) => {
+                let store = orders::dynamo::DynamoOrderStore::from_url(&url)
+                    .await
+                    .context("opening the orders store (DynamoDB)")?;
+                if self.settings.dynamodb.create_tables {
+                    store
+                        .ensure_table()
+                        .await
+                        .context("creating the orders tables")?;
+                }
+                let relay = Relay::on_dynamo(store.outbox().clone(), stream, queue);
+                let idempotency = store.idempotency_keys(self.idempotency_ttl(), self.body_limit());
+                let store = store.with_relay_waker(relay.waker());
+                return Ok((Arc::new(store), relay, idempotency));
+            }
         };
         let store = orders::SqliteOrderStore::open(&url, &self.settings.sqlite)
             .await
@@ -641,6 +692,22 @@ impl Assembly<'_> {
                 let store = payments::PgPaymentStore::new(pg).with_relay_waker(relay.waker());
                 return Ok((Arc::new(store), relay, idempotency));
             }
+            #[cfg(feature = "dynamodb")]
+            Backend::Dynamo(url) => {
+                let store = payments::dynamo::DynamoPaymentStore::from_url(&url)
+                    .await
+                    .context("opening the payments store (DynamoDB)")?;
+                if self.settings.dynamodb.create_tables {
+                    store
+                        .ensure_table()
+                        .await
+                        .context("creating the payments tables")?;
+                }
+                let relay = Relay::on_dynamo(store.outbox().clone(), stream, queue);
+                let idempotency = store.idempotency_keys(self.idempotency_ttl(), self.body_limit());
+                let store = store.with_relay_waker(relay.waker());
+                return Ok((Arc::new(store), relay, idempotency));
+            }
         };
         let store = payments::SqlitePaymentStore::open(&url, &self.settings.sqlite)
             .await
@@ -678,43 +745,9 @@ impl Assembly<'_> {
         Ok(())
     }
 
-    /// The notifier's records in DynamoDB (the seed's `notifications` table), as the Lambda
-    /// keeps them; the table is created where missing when `bus.sqs.create_queues` is on (the
-    /// same "local servers" switch).
-    #[cfg(feature = "dynamodb")]
-    async fn dynamo_notifications(
-        &self,
-        url: &str,
-    ) -> anyhow::Result<Arc<dyn notifications::NotificationStore>> {
-        let store = notifications::dynamo::DynamoNotificationStore::from_url(url)
-            .await
-            .context("opening the notifications store (DynamoDB)")?;
-        if self.settings.bus.sqs.create_queues {
-            store
-                .ensure_table()
-                .await
-                .context("creating the notifications table")?;
-        }
-        Ok(Arc::new(store))
-    }
-
-    #[cfg(not(feature = "dynamodb"))]
-    async fn dynamo_notifications(
-        &self,
-        _url: &str,
-    ) -> anyhow::Result<Arc<dyn notifications::NotificationStore>> {
-        anyhow::bail!(
-            "the notifications database url is a DynamoDB one, but this mercato was built without \
-             the `dynamodb` feature; rebuild with `--features dynamodb` or use a sqlite:// url"
-        )
-    }
-
     async fn notifications(&mut self) -> anyhow::Result<()> {
         let (_, queue) = self.transports()?;
-        let url = self.db_url(ServiceName::Notifications);
-        let store: Arc<dyn notifications::NotificationStore> = if url.starts_with("dynamodb://") {
-            self.dynamo_notifications(&url).await?
-        } else {
+        let store: Arc<dyn notifications::NotificationStore> =
             match self.backend(ServiceName::Notifications)? {
                 Backend::Sqlite(url) => Arc::new(
                     notifications::SqliteNotificationStore::open(&url, &self.settings.sqlite)
@@ -731,8 +764,21 @@ impl Assembly<'_> {
                     .await
                     .context("opening the notifications store (PostgreSQL)")?,
                 ),
-            }
-        };
+                // The seed's `notifications` table, as the Lambda keeps it.
+                #[cfg(feature = "dynamodb")]
+                Backend::Dynamo(url) => {
+                    let store = notifications::dynamo::DynamoNotificationStore::from_url(&url)
+                        .await
+                        .context("opening the notifications store (DynamoDB)")?;
+                    if self.settings.dynamodb.create_tables {
+                        store
+                            .ensure_table()
+                            .await
+                            .context("creating the notifications table")?;
+                    }
+                    Arc::new(store)
+                }
+            };
         let (pinged, closed) = (store.clone(), store.clone());
         self.close_at_stop(move || async move { closed.close().await });
         let ready = self.ready_when(

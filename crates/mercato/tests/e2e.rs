@@ -3,9 +3,10 @@
 //!
 //! By default the platform runs on its embedded backends. With `TEST_E2E_PROFILE=cloud-like`
 //! (scripts/test runs them so, with its peers up, on a binary built with feature `cloud`) the
-//! same tests run on the production backends: every store in a PostgreSQL database of its
-//! own (the notifier's records in DynamoDB at `TEST_DYNAMODB_ENDPOINT`), the stream on the
-//! Kafka broker at `TEST_KAFKA_BROKER`, the queue on SQS at `TEST_SQS_ENDPOINT`.
+//! same tests run on the seed's production stack: users and products in a PostgreSQL database
+//! of the test's own, orders, payments and notifications in DynamoDB tables of its own at
+//! `TEST_DYNAMODB_ENDPOINT`, the stream on the Kafka broker at `TEST_KAFKA_BROKER`, the queue
+//! on SQS at `TEST_SQS_ENDPOINT`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -94,6 +95,13 @@ impl Profile {
             })
         };
         let database = FreshDatabase::create();
+        let run = uuid::Uuid::new_v4().simple();
+        let dynamo = |table: &str| {
+            format!(
+                "dynamodb://{table}-{run}?region=us-east-1&endpoint={}",
+                peer("TEST_DYNAMODB_ENDPOINT")
+            )
+        };
         let queue = format!(
             "{}/123456789012/order-events-{}",
             peer("TEST_SQS_ENDPOINT"),
@@ -106,15 +114,14 @@ impl Profile {
             // tansu 0.6 cannot resume inside a produced batch (docs/operations.md).
             ("MERCATO_BUS__KAFKA__BATCH_MESSAGES", "1".into()),
             ("SQS_QUEUE_URL", queue),
-            // The notifier's records in DynamoDB, as the seed keeps them.
+            // Orders, payments and notifications in DynamoDB, as the seed keeps them.
+            ("MERCATO_ORDERS__DATABASE_URL", dynamo("orders")),
+            ("MERCATO_PAYMENTS__DATABASE_URL", dynamo("payments")),
             (
                 "MERCATO_NOTIFICATIONS__DATABASE_URL",
-                format!(
-                    "dynamodb://notifications-{}?region=us-east-1&endpoint={}",
-                    uuid::Uuid::new_v4().simple(),
-                    peer("TEST_DYNAMODB_ENDPOINT")
-                ),
+                dynamo("notifications"),
             ),
+            ("MERCATO_DYNAMODB__CREATE_TABLES", "true".into()),
             ("MERCATO_BUS__SQS__CREATE_QUEUES", "true".into()),
         ]
         .into_iter()

@@ -16,8 +16,6 @@ use mercato::ServiceName;
 mod on_postgres {
     use super::*;
     use common::spawn_with;
-    use reqwest::StatusCode;
-    use serde_json::{Value, json};
     use sqlx::Executor as _;
 
     /// A fresh database on the test server; dropped by [`FreshDatabase::drop`].
@@ -77,93 +75,16 @@ mod on_postgres {
         }
     }
 
-    async fn post_with_key(
-        app: &common::TestApp,
-        path: &str,
-        key: &str,
-        body: &Value,
-    ) -> (StatusCode, String, bool) {
-        let response = app
-            .client
-            .post(format!("{}{path}", app.gateway))
-            .header("idempotency-key", key)
-            .json(body)
-            .send()
-            .await
-            .unwrap();
-        let replayed = response.headers().contains_key("idempotent-replayed");
-        (response.status(), response.text().await.unwrap(), replayed)
-    }
-
     #[tokio::test]
     async fn the_saga_holds_with_orders_and_payments_on_postgres() {
         let db = FreshDatabase::create().await;
         let dir = tempfile::tempdir().unwrap();
         let mut settings = test_settings(&dir);
-        // Only these two: the other stores stay on SQLite in this branch.
+        // Only these two: the other stores stay on SQLite here.
         settings.orders.database_url = Some(db.url.clone());
         settings.payments.database_url = Some(db.url.clone());
         let app = spawn_with(settings, &ServiceName::ALL, dir).await;
-
-        // One key, 20 concurrent requests: one order, one reservation, 19 replays.
-        let user = app.create_user("pg-saga@example.com").await;
-        let product = app.create_product("PG-IDEM", "9.99", 10).await;
-        let body = json!({"user_id": user, "items": [{"product_id": product, "quantity": 3}], "shipping_address": "1 Key St"});
-        let answers = futures_util::future::join_all(
-            (0..20).map(|_| post_with_key(&app, "/api/v1/orders", "pg-order-key", &body)),
-        )
-        .await;
-        let first = &answers[0];
-        assert_eq!(first.0, StatusCode::CREATED, "{}", first.1);
-        assert!(answers.iter().all(|a| (a.0, &a.1) == (first.0, &first.1)));
-        assert_eq!(answers.iter().filter(|a| !a.2).count(), 1, "19 replays");
-        assert_eq!(app.stock(&product).await, 7);
-        let order: Value = serde_json::from_str(&first.1).unwrap();
-        let order = order["id"].as_str().unwrap().to_owned();
-
-        // 60 concurrent orders for 20 in stock: exactly 20 made.
-        let hot = app.create_product("PG-HOT", "1.00", 20).await;
-        let one = [(hot.as_str(), 1)];
-        let crowd = futures_util::future::join_all((0..60).map(|_| app.order(&user, &one))).await;
-        let created = crowd
-            .iter()
-            .filter(|a| a.status == StatusCode::CREATED)
-            .count();
-        let refused = crowd
-            .iter()
-            .filter(|a| a.status == StatusCode::CONFLICT)
-            .count();
-        assert_eq!((created, refused), (20, 40));
-        assert_eq!(app.stock(&hot).await, 0);
-        let listed = app
-            .get(&format!("/api/v1/orders/user/{user}?limit=100"))
-            .await;
-        assert_eq!(listed.body.as_array().unwrap().len(), 21, "{}", listed.body);
-
-        // A payment retried with one key charges once and moves the order.
-        let pay = json!({"order_id": order});
-        let answers = futures_util::future::join_all(
-            (0..5).map(|_| post_with_key(&app, "/api/v1/payments", "pg-pay-key", &pay)),
-        )
-        .await;
-        assert!(
-            answers
-                .iter()
-                .all(|a| a.0 == StatusCode::CREATED && a.1 == answers[0].1),
-            "{answers:?}"
-        );
-        let payments = app
-            .get(&format!("/api/v1/payments/order/{order}"))
-            .await
-            .body;
-        assert_eq!(payments.as_array().unwrap().len(), 1);
-        assert_eq!(
-            app.get(&format!("/api/v1/orders/{order}")).await.body["status"],
-            "paid"
-        );
-        // Through the PostgreSQL outbox and its relay.
-        assert!(app.notified(&order, "order.created").await);
-        assert!(app.notified(&order, "order.paid").await);
+        common::saga_keeps_its_promises(&app, "pg").await;
         app.stop().await;
 
         // And it all really is in PostgreSQL.

@@ -8,25 +8,7 @@ use std::time::{Duration, Instant};
 use common::{eventually, spawn_app, spawn_with, test_settings};
 use mercato::ServiceName;
 use reqwest::StatusCode;
-use serde_json::{Value, json};
-
-async fn post_with_key(
-    app: &common::TestApp,
-    path: &str,
-    key: &str,
-    body: &Value,
-) -> (StatusCode, String, bool) {
-    let response = app
-        .client
-        .post(format!("{}{path}", app.gateway))
-        .header("idempotency-key", key)
-        .json(body)
-        .send()
-        .await
-        .unwrap();
-    let replayed = response.headers().contains_key("idempotent-replayed");
-    (response.status(), response.text().await.unwrap(), replayed)
-}
+use serde_json::json;
 
 #[tokio::test]
 async fn one_idempotency_key_sent_20_times_concurrently_makes_one_order() {
@@ -35,7 +17,7 @@ async fn one_idempotency_key_sent_20_times_concurrently_makes_one_order() {
     let product = app.create_product("IDEM-1", "9.99", 10).await;
     let body = json!({"user_id": user, "items": [{"product_id": product, "quantity": 3}], "shipping_address": "1 Key St"});
     let answers = futures_util::future::join_all(
-        (0..20).map(|_| post_with_key(&app, "/api/v1/orders", "order-key-1", &body)),
+        (0..20).map(|_| app.post_with_key("/api/v1/orders", "order-key-1", &body)),
     )
     .await;
     let first = &answers[0];
@@ -54,17 +36,25 @@ async fn one_idempotency_key_sent_20_times_concurrently_makes_one_order() {
 
     // Same key, different request → 422; a new key → a new order.
     let other = json!({"user_id": user, "items": [{"product_id": product, "quantity": 1}], "shipping_address": "1 Key St"});
-    let (status, text, _) = post_with_key(&app, "/api/v1/orders", "order-key-1", &other).await;
+    let (status, text, _) = app
+        .post_with_key("/api/v1/orders", "order-key-1", &other)
+        .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{text}");
     assert!(text.contains("idempotency-key-reused"));
-    let (status, _, replayed) = post_with_key(&app, "/api/v1/orders", "order-key-2", &other).await;
+    let (status, _, replayed) = app
+        .post_with_key("/api/v1/orders", "order-key-2", &other)
+        .await;
     assert_eq!((status, replayed), (StatusCode::CREATED, false));
     assert_eq!(app.stock(&product).await, 6);
 
     // A rejected request is replayed as rejected, without touching stock again.
     let too_many = json!({"user_id": user, "items": [{"product_id": product, "quantity": 50}], "shipping_address": "x"});
-    let a = post_with_key(&app, "/api/v1/orders", "order-key-3", &too_many).await;
-    let b = post_with_key(&app, "/api/v1/orders", "order-key-3", &too_many).await;
+    let a = app
+        .post_with_key("/api/v1/orders", "order-key-3", &too_many)
+        .await;
+    let b = app
+        .post_with_key("/api/v1/orders", "order-key-3", &too_many)
+        .await;
     assert_eq!(
         (a.0, b.0, b.2),
         (StatusCode::CONFLICT, StatusCode::CONFLICT, true)
@@ -89,7 +79,7 @@ async fn payment_retries_with_a_key_charge_once() {
     let order = app.place_order(&user, &[(&product, 1)]).await;
     let body = json!({"order_id": order});
     let answers = futures_util::future::join_all(
-        (0..5).map(|_| post_with_key(&app, "/api/v1/payments", "pay-key", &body)),
+        (0..5).map(|_| app.post_with_key("/api/v1/payments", "pay-key", &body)),
     )
     .await;
     assert!(
@@ -272,11 +262,11 @@ async fn idempotency_keys_expire() {
     let first = json!({"user_id": user, "items": [{"product_id": product, "quantity": 1}], "shipping_address": "x"});
     let second = json!({"user_id": user, "items": [{"product_id": product, "quantity": 2}], "shipping_address": "x"});
     assert_eq!(
-        post_with_key(&app, "/api/v1/orders", "k", &first).await.0,
+        app.post_with_key("/api/v1/orders", "k", &first).await.0,
         StatusCode::CREATED
     );
     // With a zero lifetime the key is forgotten at once: the same key may name a new request.
-    let (status, text, replayed) = post_with_key(&app, "/api/v1/orders", "k", &second).await;
+    let (status, text, replayed) = app.post_with_key("/api/v1/orders", "k", &second).await;
     assert_eq!((status, replayed), (StatusCode::CREATED, false), "{text}");
     assert_eq!(app.stock(&product).await, 2);
     app.stop().await;

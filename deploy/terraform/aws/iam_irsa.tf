@@ -1,6 +1,6 @@
 # IAM roles for service accounts (IRSA): each service that calls an AWS API assumes its own
 # role, trusted only for its own ServiceAccount in var.k8s_namespace, allowed only its own
-# table, queue, bucket and keys. gateway, users and products call no AWS API and get no role.
+# tables, queue, bucket and keys. gateway, users and products call no AWS API and get no role.
 
 locals {
   notifications_table_arn = "arn:${local.partition}:dynamodb:${var.region}:${local.account_id}:table/${module.notifier.table_name}"
@@ -37,16 +37,27 @@ resource "aws_iam_role" "irsa" {
   max_session_duration = 3600
 }
 
-# orders: its table and index, sending order events to the notifier's queue (encrypted with the
-# notifier's key).
+# orders: its table, its indexes and its outbox table, with exactly the calls the store
+# (services/orders/src/dynamo.rs), its Idempotency-Key records (crates/kit/src/idempotency/
+# dynamo.rs) and its outbox relay (crates/bus/src/dynamo.rs) make; TransactWriteItems needs no
+# action of its own, IAM checks each Put/Update in it. Sending order events to the notifier's
+# queue (encrypted with the notifier's key).
 data "aws_iam_policy_document" "orders" {
   statement {
     sid = "OrdersTable"
-    actions = [
-      "dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:DeleteItem",
-      "dynamodb:Query", "dynamodb:ConditionCheckItem", "dynamodb:BatchGetItem", "dynamodb:DescribeTable",
-    ]
-    resources = [aws_dynamodb_table.orders.arn, "${aws_dynamodb_table.orders.arn}/index/*"]
+    # DescribeTable: the readiness probe.
+    actions   = ["dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:DeleteItem", "dynamodb:DescribeTable"]
+    resources = [aws_dynamodb_table.orders.arn]
+  }
+  statement {
+    sid       = "OrdersIndexes"
+    actions   = ["dynamodb:Query"]
+    resources = ["${aws_dynamodb_table.orders.arn}/index/*"]
+  }
+  statement {
+    sid       = "OrdersOutbox"
+    actions   = ["dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:DeleteItem", "dynamodb:Query"]
+    resources = [aws_dynamodb_table.outbox["orders"].arn]
   }
   statement {
     sid       = "SendOrderEvents"
@@ -60,15 +71,24 @@ data "aws_iam_policy_document" "orders" {
   }
 }
 
-# payments: its table and index.
+# payments: its table, its index and its outbox table, as orders (services/payments/src/
+# dynamo.rs; DeleteItem releases the claim of an Idempotency-Key whose request failed).
 data "aws_iam_policy_document" "payments" {
   statement {
     sid = "PaymentsTable"
-    actions = [
-      "dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:DeleteItem",
-      "dynamodb:Query", "dynamodb:ConditionCheckItem", "dynamodb:BatchGetItem", "dynamodb:DescribeTable",
-    ]
-    resources = [aws_dynamodb_table.payments.arn, "${aws_dynamodb_table.payments.arn}/index/*"]
+    # DescribeTable: the readiness probe.
+    actions   = ["dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:DeleteItem", "dynamodb:DescribeTable"]
+    resources = [aws_dynamodb_table.payments.arn]
+  }
+  statement {
+    sid       = "PaymentsIndex"
+    actions   = ["dynamodb:Query"]
+    resources = ["${aws_dynamodb_table.payments.arn}/index/*"]
+  }
+  statement {
+    sid       = "PaymentsOutbox"
+    actions   = ["dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:DeleteItem", "dynamodb:Query"]
+    resources = [aws_dynamodb_table.outbox["payments"].arn]
   }
   statement {
     sid       = "UseKey"
@@ -80,11 +100,19 @@ data "aws_iam_policy_document" "payments" {
 # notifications: serves the records the Lambda writes (GET /api/v1/notifications) and, as
 # `mercato serve notifications` runs the same idempotent consumer as the Lambda, may consume
 # the queue and put records too (a conditional put per event id: never a duplicate record).
+# The calls of services/notifications/src/dynamo.rs: Query on the two indexes (by user, by
+# order), Scan for the unfiltered listing (it stops after `limit` records), DescribeTable for
+# readiness.
 data "aws_iam_policy_document" "notifications" {
   statement {
     sid       = "NotificationsTable"
-    actions   = ["dynamodb:GetItem", "dynamodb:Query", "dynamodb:PutItem", "dynamodb:DescribeTable"]
-    resources = [local.notifications_table_arn, "${local.notifications_table_arn}/index/*"]
+    actions   = ["dynamodb:PutItem", "dynamodb:Scan", "dynamodb:DescribeTable"]
+    resources = [local.notifications_table_arn]
+  }
+  statement {
+    sid       = "NotificationsIndexes"
+    actions   = ["dynamodb:Query"]
+    resources = ["${local.notifications_table_arn}/index/*"]
   }
   statement {
     sid       = "ConsumeOrderEvents"

@@ -11,17 +11,22 @@ output "irsa_role_arns" {
 }
 
 output "orders_table" {
-  description = "DynamoDB table of orders (ORDERS_TABLE), GSI user_id-created_at."
+  description = "DynamoDB table of orders (MERCATO_ORDERS__DATABASE_URL=dynamodb://TABLE?region=REGION), GSIs user_id-created_at, pending-expires_at, processed-processed_at; its outbox is TABLE-outbox."
   value       = aws_dynamodb_table.orders.name
 }
 
 output "payments_table" {
-  description = "DynamoDB table of payments (PAYMENTS_TABLE), GSI order_id-index."
+  description = "DynamoDB table of payments (MERCATO_PAYMENTS__DATABASE_URL=dynamodb://TABLE?region=REGION), GSI order_id-created_at; its outbox is TABLE-outbox."
   value       = aws_dynamodb_table.payments.name
 }
 
+output "outbox_tables" {
+  description = "The transactional outbox table of each DynamoDB store, by service (the store's table name + \"-outbox\")."
+  value       = { for name, table in aws_dynamodb_table.outbox : name => table.name }
+}
+
 output "notifications_table" {
-  description = "DynamoDB table of notification records (NOTIFICATIONS_TABLE), written by the notifier Lambda."
+  description = "DynamoDB table of notification records (the Lambda's NOTIFICATIONS_TABLE; MERCATO_NOTIFICATIONS__DATABASE_URL of the notifications service), written by the notifier Lambda."
   value       = module.notifier.table_name
 }
 
@@ -73,12 +78,12 @@ output "k8s_values_env" {
 }
 
 output "k8s_settings_env" {
-  description = "The aws-eks overlay's settings.env: region, table names, queue URL, Kafka endpoint, results bucket."
+  description = "The aws-eks overlay's settings.env: region, the DynamoDB stores of orders, payments and notifications, queue URL, Kafka endpoint, results bucket."
   value = join("\n", [
     "AWS_REGION=${var.region}",
-    "ORDERS_TABLE=${aws_dynamodb_table.orders.name}",
-    "PAYMENTS_TABLE=${aws_dynamodb_table.payments.name}",
-    "NOTIFICATIONS_TABLE=${module.notifier.table_name}",
+    "MERCATO_ORDERS__DATABASE_URL=dynamodb://${aws_dynamodb_table.orders.name}?region=${var.region}",
+    "MERCATO_PAYMENTS__DATABASE_URL=dynamodb://${aws_dynamodb_table.payments.name}?region=${var.region}",
+    "MERCATO_NOTIFICATIONS__DATABASE_URL=dynamodb://${module.notifier.table_name}?region=${var.region}",
     "SQS_QUEUE_URL=${module.notifier.queue_url}",
     "KAFKA_BOOTSTRAP_SERVERS=${var.kafka_bootstrap_servers}",
     "KAFKA_SECURITY_PROTOCOL=SASL_SSL",

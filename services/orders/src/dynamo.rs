@@ -128,6 +128,22 @@ impl DynamoOrderStore {
         &self.outbox
     }
 
+    /// `Idempotency-Key` records as items of this table (partition key `idempotency#<key>`),
+    /// shared by every replica like the rest of the table.
+    pub fn idempotency_keys(
+        &self,
+        ttl: std::time::Duration,
+        body_limit: usize,
+    ) -> kit::idempotency::Idempotency {
+        kit::idempotency::Idempotency::on_dynamo(
+            self.client.clone(),
+            self.table.clone(),
+            "order_id",
+            ttl,
+            body_limit,
+        )
+    }
+
     /// Lets the outbox relay know, right after commit, that events are waiting.
     pub fn with_relay_waker(mut self, wake: Arc<Notify>) -> Self {
         self.wake_relay = wake;

@@ -181,6 +181,25 @@ impl TestApp {
         .is_some()
     }
 
+    /// POSTs `body` with an `Idempotency-Key`: (status, body text, whether it was a replay).
+    pub async fn post_with_key(
+        &self,
+        path: &str,
+        key: &str,
+        body: &Value,
+    ) -> (StatusCode, String, bool) {
+        let response = self
+            .client
+            .post(format!("{}{path}", self.gateway))
+            .header("idempotency-key", key)
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        let replayed = response.headers().contains_key("idempotent-replayed");
+        (response.status(), response.text().await.unwrap(), replayed)
+    }
+
     pub async fn stock(&self, product: &str) -> i64 {
         self.get(&format!("/api/v1/products/{product}/stock"))
             .await
@@ -223,4 +242,70 @@ where
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
+}
+
+/// What the saga promises whatever the stores' backend, checked through the gateway: one
+/// Idempotency-Key sent 20 times concurrently makes one order, 60 concurrent orders for 20 in
+/// stock make exactly 20, a payment retried with one key charges once and moves the order, and
+/// the events reach the notifier through the backend's outbox. Returns (the paid order, the
+/// user with its 21 orders).
+pub async fn saga_keeps_its_promises(app: &TestApp, tag: &str) -> (String, String) {
+    let user = app.create_user(&format!("{tag}-saga@example.com")).await;
+    let product = app.create_product(&format!("{tag}-IDEM"), "9.99", 10).await;
+    let body = json!({"user_id": user, "items": [{"product_id": product, "quantity": 3}], "shipping_address": "1 Key St"});
+    let key = format!("{tag}-order-key");
+    let answers = futures_util::future::join_all(
+        (0..20).map(|_| app.post_with_key("/api/v1/orders", &key, &body)),
+    )
+    .await;
+    let first = &answers[0];
+    assert_eq!(first.0, StatusCode::CREATED, "{}", first.1);
+    assert!(answers.iter().all(|a| (a.0, &a.1) == (first.0, &first.1)));
+    assert_eq!(answers.iter().filter(|a| !a.2).count(), 1, "19 replays");
+    assert_eq!(app.stock(&product).await, 7);
+    let order: Value = serde_json::from_str(&first.1).unwrap();
+    let order = order["id"].as_str().unwrap().to_owned();
+
+    let hot = app.create_product(&format!("{tag}-HOT"), "1.00", 20).await;
+    let one = [(hot.as_str(), 1)];
+    let crowd = futures_util::future::join_all((0..60).map(|_| app.order(&user, &one))).await;
+    let created = crowd
+        .iter()
+        .filter(|a| a.status == StatusCode::CREATED)
+        .count();
+    let refused = crowd
+        .iter()
+        .filter(|a| a.status == StatusCode::CONFLICT)
+        .count();
+    assert_eq!((created, refused), (20, 40));
+    assert_eq!(app.stock(&hot).await, 0);
+    let listed = app
+        .get(&format!("/api/v1/orders/user/{user}?limit=100"))
+        .await;
+    assert_eq!(listed.body.as_array().unwrap().len(), 21, "{}", listed.body);
+
+    let pay = json!({"order_id": order});
+    let key = format!("{tag}-pay-key");
+    let answers = futures_util::future::join_all(
+        (0..5).map(|_| app.post_with_key("/api/v1/payments", &key, &pay)),
+    )
+    .await;
+    assert!(
+        answers
+            .iter()
+            .all(|a| a.0 == StatusCode::CREATED && a.1 == answers[0].1),
+        "{answers:?}"
+    );
+    let payments = app
+        .get(&format!("/api/v1/payments/order/{order}"))
+        .await
+        .body;
+    assert_eq!(payments.as_array().unwrap().len(), 1);
+    assert_eq!(
+        app.get(&format!("/api/v1/orders/{order}")).await.body["status"],
+        "paid"
+    );
+    assert!(app.notified(&order, "order.created").await);
+    assert!(app.notified(&order, "order.paid").await);
+    (order, user)
 }
