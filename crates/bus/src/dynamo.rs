@@ -12,21 +12,33 @@
 //!   (the loser's condition fails and it skips the row);
 //! - `event_id`, `destination`, `key`, `headers` (JSON), `payload`, `created_at`, `attempts`.
 //!
-//! Also [`sdk_config`]: the AWS configuration for a `dynamodb://` URL, shared by the stores.
+//! Also [`sdk_config`]: the AWS configuration for a `dynamodb://` URL, shared by the stores,
+//! and [`design`]: each table's design as data, created locally and checked against Terraform.
+
+pub mod design;
 
 use std::collections::HashMap;
 
 use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::error::{DisplayErrorContext, SdkError};
 use aws_sdk_dynamodb::types::{
-    AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType, Put,
-    ScalarAttributeType, Select, TransactWriteItem,
+    AttributeDefinition, AttributeValue, KeySchemaElement, KeyType, Put, ScalarAttributeType,
+    Select, TransactWriteItem,
 };
 use kit::db::now_ms;
 use kit::dynamo_url::DynamoUrl;
 
 use crate::outbox::{Destination, LEASE_MS, Pending, RowId};
 use crate::{BusError, Event};
+
+/// Every outbox table's design (`<table>-outbox`; Terraform's `aws_dynamodb_table.outbox`).
+pub const TABLE: design::TableDesign = design::TableDesign {
+    hash: "pk",
+    range: Some("seq"),
+    attributes: &[("pk", design::Kind::S), ("seq", design::Kind::S)],
+    indexes: &[],
+    ttl: None,
+};
 
 /// The fixed partition every outbox row is in.
 const PARTITION: &str = "outbox";
@@ -97,29 +109,7 @@ impl DynamoOutbox {
     /// Creates the table where missing: for local servers and tests (AWS gets its tables from
     /// Terraform).
     pub async fn ensure_table(&self) -> Result<(), BusError> {
-        if self
-            .client
-            .describe_table()
-            .table_name(&self.table)
-            .send()
-            .await
-            .is_ok()
-        {
-            return Ok(());
-        }
-        let attribute = |name: &str| attribute(name, ScalarAttributeType::S);
-        self.client
-            .create_table()
-            .table_name(&self.table)
-            .billing_mode(BillingMode::PayPerRequest)
-            .key_schema(key("pk", KeyType::Hash)?)
-            .key_schema(key("seq", KeyType::Range)?)
-            .attribute_definitions(attribute("pk")?)
-            .attribute_definitions(attribute("seq")?)
-            .send()
-            .await
-            .map_err(|e| dynamo_error("creating the outbox table", e))?;
-        Ok(())
+        TABLE.create_if_missing(&self.client, &self.table).await
     }
 
     /// The items that enqueue `event` for each destination, to put in the caller's
@@ -399,5 +389,25 @@ pub async fn transact(
             _ => Err(dynamo_error("transaction", SdkError::ServiceError(e))),
         },
         Err(e) => Err(dynamo_error("transaction", e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    /// A table declared differently on AWS would fail there only: hold Terraform to the code.
+    #[test]
+    fn terraform_declares_the_table_the_code_uses() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../deploy/terraform/aws/dynamodb.tf"
+        );
+        let hcl = std::fs::read_to_string(path).unwrap();
+        assert_eq!(
+            super::TABLE.terraform_mismatches(&hcl, "outbox"),
+            Vec::<String>::new(),
+            "{path}"
+        );
     }
 }

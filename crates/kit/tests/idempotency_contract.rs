@@ -63,6 +63,7 @@ async fn call(app: &Router, key: &str, body: &str) -> (StatusCode, bool, String)
 #[derive(Clone, Copy, PartialEq)]
 enum Purge {
     ByTheService,
+    #[cfg_attr(not(feature = "dynamodb"), allow(dead_code))]
     ByTheTable,
 }
 

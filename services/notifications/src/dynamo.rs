@@ -17,6 +17,7 @@ use async_trait::async_trait;
 use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::error::SdkError;
 use aws_sdk_dynamodb::types::AttributeValue;
+use bus::dynamo::design::{Index, Kind, TableDesign};
 use chrono::{DateTime, SecondsFormat, Utc};
 use kit::Money;
 use std::collections::HashMap;
@@ -27,6 +28,31 @@ use crate::store::{Filter, NotificationStore, StoreError};
 
 pub const USER_INDEX: &str = "user_id-created_at";
 pub const ORDER_INDEX: &str = "order_id-created_at";
+
+/// The table's design (Terraform's `aws_dynamodb_table.notifications`, in the notifier module).
+pub const TABLE: TableDesign = TableDesign {
+    hash: "event_id",
+    range: None,
+    attributes: &[
+        ("event_id", Kind::S),
+        ("user_id", Kind::S),
+        ("order_id", Kind::S),
+        ("created_at", Kind::S),
+    ],
+    indexes: &[
+        Index {
+            name: USER_INDEX,
+            hash: "user_id",
+            range: Some("created_at"),
+        },
+        Index {
+            name: ORDER_INDEX,
+            hash: "order_id",
+            range: Some("created_at"),
+        },
+    ],
+    ttl: None,
+};
 
 #[derive(Debug, Clone)]
 pub struct DynamoNotificationStore {
@@ -53,47 +79,10 @@ impl DynamoNotificationStore {
     /// Creates the table and its two indexes where missing: for local servers and tests; AWS
     /// gets its table from Terraform.
     pub async fn ensure_table(&self) -> Result<(), StoreError> {
-        use aws_sdk_dynamodb::types::{
-            BillingMode, GlobalSecondaryIndex, KeyType, Projection, ProjectionType,
-            ScalarAttributeType,
-        };
-        if self.describe().await.is_ok() {
-            return Ok(());
-        }
-        let remote = |e: String| StoreError::Remote(e);
-        let key =
-            |name: &str, kind| bus::dynamo::key(name, kind).map_err(|e| remote(e.to_string()));
-        let mut create = self
-            .client
-            .create_table()
-            .table_name(&self.table)
-            .billing_mode(BillingMode::PayPerRequest)
-            .key_schema(key("event_id", KeyType::Hash)?);
-        for name in ["event_id", "user_id", "order_id", "created_at"] {
-            create = create.attribute_definitions(
-                bus::dynamo::attribute(name, ScalarAttributeType::S)
-                    .map_err(|e| remote(e.to_string()))?,
-            );
-        }
-        for (index, hash) in [(USER_INDEX, "user_id"), (ORDER_INDEX, "order_id")] {
-            create = create.global_secondary_indexes(
-                GlobalSecondaryIndex::builder()
-                    .index_name(index)
-                    .key_schema(key(hash, KeyType::Hash)?)
-                    .key_schema(key("created_at", KeyType::Range)?)
-                    .projection(
-                        Projection::builder()
-                            .projection_type(ProjectionType::All)
-                            .build(),
-                    )
-                    .build()
-                    .map_err(|e| remote(e.to_string()))?,
-            );
-        }
-        create.send().await.map_err(|e| {
-            StoreError::Remote(aws_sdk_dynamodb::error::DisplayErrorContext(e).to_string())
-        })?;
-        Ok(())
+        TABLE
+            .create_if_missing(&self.client, &self.table)
+            .await
+            .map_err(|e| StoreError::Remote(e.to_string()))
     }
 
     async fn describe(&self) -> Result<(), StoreError> {
@@ -273,6 +262,21 @@ impl NotificationStore for DynamoNotificationStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A table declared differently on AWS would fail there only: hold Terraform to the code.
+    #[test]
+    fn terraform_declares_the_table_the_code_uses() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../deploy/terraform/aws/notifier/main.tf"
+        );
+        let hcl = std::fs::read_to_string(path).unwrap();
+        assert_eq!(
+            super::TABLE.terraform_mismatches(&hcl, "notifications"),
+            Vec::<String>::new(),
+            "{path}"
+        );
+    }
 
     #[tokio::test]
     async fn urls_name_a_table_and_only_known_parameters() {

@@ -43,10 +43,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use aws_sdk_dynamodb::Client;
-use aws_sdk_dynamodb::types::{
-    AttributeValue, BillingMode, GlobalSecondaryIndex, KeyType, Projection, ProjectionType, Put,
-    ScalarAttributeType, TransactWriteItem, Update,
-};
+use aws_sdk_dynamodb::types::{AttributeValue, Put, TransactWriteItem, Update};
+use bus::dynamo::design::{Index, Kind, TableDesign};
 use bus::dynamo::{DynamoOutbox, dynamo_error, transact};
 use chrono::{DateTime, Utc};
 use kit::Money;
@@ -60,6 +58,40 @@ use crate::store::{DESTINATIONS, Order, OrderLine, OrderStore, StoreError, Trans
 pub const USER_INDEX: &str = "user_id-created_at";
 pub const PENDING_INDEX: &str = "pending-expires_at";
 pub const PROCESSED_INDEX: &str = "processed-processed_at";
+
+/// The table's design (Terraform's `aws_dynamodb_table.orders`); `purge_at` is the TTL of the
+/// Idempotency-Key items ([`DynamoOrderStore::idempotency_keys`]).
+pub const TABLE: TableDesign = TableDesign {
+    hash: "order_id",
+    range: None,
+    attributes: &[
+        ("order_id", Kind::S),
+        ("user_id", Kind::S),
+        ("user_sort", Kind::S),
+        ("pending", Kind::S),
+        ("expires_at", Kind::N),
+        ("processed", Kind::S),
+        ("processed_at", Kind::N),
+    ],
+    indexes: &[
+        Index {
+            name: USER_INDEX,
+            hash: "user_id",
+            range: Some("user_sort"),
+        },
+        Index {
+            name: PENDING_INDEX,
+            hash: "pending",
+            range: Some("expires_at"),
+        },
+        Index {
+            name: PROCESSED_INDEX,
+            hash: "processed",
+            range: Some("processed_at"),
+        },
+    ],
+    ttl: Some("purge_at"),
+};
 
 /// Counter shards: enough that concurrent inserts seldom collide, few enough to read at once.
 const COUNTER_SHARDS: u32 = 8;
@@ -154,52 +186,10 @@ impl DynamoOrderStore {
     /// local servers and tests; AWS gets its tables from Terraform.
     pub async fn ensure_table(&self) -> Result<(), StoreError> {
         self.outbox.ensure_table().await.map_err(remote)?;
-        if self.ping().await.is_ok() {
-            return Ok(());
-        }
-        let key = |name: &str, kind| bus::dynamo::key(name, kind).map_err(remote);
-        let attribute = |name: &str, kind| bus::dynamo::attribute(name, kind).map_err(remote);
-        let mut create = self
-            .client
-            .create_table()
-            .table_name(&self.table)
-            .billing_mode(BillingMode::PayPerRequest)
-            .key_schema(key("order_id", KeyType::Hash)?);
-        for (name, kind) in [
-            ("order_id", ScalarAttributeType::S),
-            ("user_id", ScalarAttributeType::S),
-            ("user_sort", ScalarAttributeType::S),
-            ("pending", ScalarAttributeType::S),
-            ("expires_at", ScalarAttributeType::N),
-            ("processed", ScalarAttributeType::S),
-            ("processed_at", ScalarAttributeType::N),
-        ] {
-            create = create.attribute_definitions(attribute(name, kind)?);
-        }
-        for (index, hash, range) in [
-            (USER_INDEX, "user_id", "user_sort"),
-            (PENDING_INDEX, "pending", "expires_at"),
-            (PROCESSED_INDEX, "processed", "processed_at"),
-        ] {
-            create = create.global_secondary_indexes(
-                GlobalSecondaryIndex::builder()
-                    .index_name(index)
-                    .key_schema(key(hash, KeyType::Hash)?)
-                    .key_schema(key(range, KeyType::Range)?)
-                    .projection(
-                        Projection::builder()
-                            .projection_type(ProjectionType::All)
-                            .build(),
-                    )
-                    .build()
-                    .map_err(remote)?,
-            );
-        }
-        create
-            .send()
+        TABLE
+            .create_if_missing(&self.client, &self.table)
             .await
-            .map_err(|e| remote(dynamo_error("creating the orders table", e)))?;
-        Ok(())
+            .map_err(remote)
     }
 
     async fn load(&self, key: &str) -> Result<Option<HashMap<String, AttributeValue>>, StoreError> {
@@ -647,6 +637,21 @@ impl OrderStore for DynamoOrderStore {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    /// A table declared differently on AWS would fail there only: hold Terraform to the code.
+    #[test]
+    fn terraform_declares_the_table_the_code_uses() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../deploy/terraform/aws/dynamodb.tf"
+        );
+        let hcl = std::fs::read_to_string(path).unwrap();
+        assert_eq!(
+            super::TABLE.terraform_mismatches(&hcl, "orders"),
+            Vec::<String>::new(),
+            "{path}"
+        );
+    }
 
     #[test]
     fn items_round_trip_with_lines_and_the_pending_marker() {

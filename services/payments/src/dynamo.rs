@@ -35,10 +35,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use aws_sdk_dynamodb::Client;
-use aws_sdk_dynamodb::types::{
-    AttributeValue, BillingMode, GlobalSecondaryIndex, KeyType, Projection, ProjectionType, Put,
-    ScalarAttributeType, TransactWriteItem, Update,
-};
+use aws_sdk_dynamodb::types::{AttributeValue, Put, TransactWriteItem, Update};
+use bus::dynamo::design::{Index, Kind, TableDesign};
 use bus::dynamo::{DynamoOutbox, dynamo_error, transact};
 use bus::event::types;
 use chrono::{DateTime, Utc};
@@ -53,6 +51,24 @@ use crate::store::{
 };
 
 pub const ORDER_INDEX: &str = "order_id-created_at";
+
+/// The table's design (Terraform's `aws_dynamodb_table.payments`); `purge_at` is the TTL of the
+/// Idempotency-Key items ([`DynamoPaymentStore::idempotency_keys`]).
+pub const TABLE: TableDesign = TableDesign {
+    hash: "payment_id",
+    range: None,
+    attributes: &[
+        ("payment_id", Kind::S),
+        ("order_id", Kind::S),
+        ("created_at", Kind::N),
+    ],
+    indexes: &[Index {
+        name: ORDER_INDEX,
+        hash: "order_id",
+        range: Some("created_at"),
+    }],
+    ttl: Some("purge_at"),
+};
 
 /// How often a contended write (a refund racing another, a transaction conflict) is retried
 /// before the request fails; each retry re-reads, so only sustained contention exhausts it.
@@ -137,35 +153,10 @@ impl DynamoPaymentStore {
     /// servers and tests; AWS gets its tables from Terraform.
     pub async fn ensure_table(&self) -> Result<(), StoreError> {
         self.outbox.ensure_table().await.map_err(remote)?;
-        if self.ping().await.is_ok() {
-            return Ok(());
-        }
-        let key = |name: &str, kind| bus::dynamo::key(name, kind).map_err(remote);
-        let attribute = |name: &str, kind| bus::dynamo::attribute(name, kind).map_err(remote);
-        let index = GlobalSecondaryIndex::builder()
-            .index_name(ORDER_INDEX)
-            .key_schema(key("order_id", KeyType::Hash)?)
-            .key_schema(key("created_at", KeyType::Range)?)
-            .projection(
-                Projection::builder()
-                    .projection_type(ProjectionType::All)
-                    .build(),
-            )
-            .build()
-            .map_err(remote)?;
-        self.client
-            .create_table()
-            .table_name(&self.table)
-            .billing_mode(BillingMode::PayPerRequest)
-            .key_schema(key("payment_id", KeyType::Hash)?)
-            .attribute_definitions(attribute("payment_id", ScalarAttributeType::S)?)
-            .attribute_definitions(attribute("order_id", ScalarAttributeType::S)?)
-            .attribute_definitions(attribute("created_at", ScalarAttributeType::N)?)
-            .global_secondary_indexes(index)
-            .send()
+        TABLE
+            .create_if_missing(&self.client, &self.table)
             .await
-            .map_err(|e| remote(dynamo_error("creating the payments table", e)))?;
-        Ok(())
+            .map_err(remote)
     }
 
     fn put(&self, item: HashMap<String, AttributeValue>) -> Result<TransactWriteItem, StoreError> {
@@ -430,6 +421,21 @@ impl PaymentStore for DynamoPaymentStore {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    /// A table declared differently on AWS would fail there only: hold Terraform to the code.
+    #[test]
+    fn terraform_declares_the_table_the_code_uses() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../deploy/terraform/aws/dynamodb.tf"
+        );
+        let hcl = std::fs::read_to_string(path).unwrap();
+        assert_eq!(
+            super::TABLE.terraform_mismatches(&hcl, "payments"),
+            Vec::<String>::new(),
+            "{path}"
+        );
+    }
 
     #[test]
     fn items_round_trip_with_exact_cents_and_absent_options() {
