@@ -100,3 +100,46 @@ async fn the_saga_holds_with_orders_payments_and_notifications_on_dynamodb() {
         1
     );
 }
+
+/// DynamoDB unreachable: orders says so on `/ready` (so a load balancer drains it), and an
+/// order fails with a problem+json that names nothing internal, its stock reservation given
+/// back.
+#[cfg(feature = "dynamodb")]
+#[tokio::test]
+async fn with_dynamodb_unreachable_orders_is_not_ready_and_gives_the_stock_back() {
+    use common::{eventually, spawn_with};
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = test_settings(&dir);
+    settings.orders.database_url = Some(format!("dynamodb://orders?{NOWHERE}"));
+    let app = spawn_with(settings, &ServiceName::ALL, dir).await;
+    let orders = app
+        .platform
+        .as_ref()
+        .unwrap()
+        .url(ServiceName::Orders)
+        .unwrap();
+    let ready = app
+        .client
+        .get(format!("{orders}/ready"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), reqwest::StatusCode::SERVICE_UNAVAILABLE);
+
+    let user = app.create_user("outage@example.com").await;
+    let product = app.create_product("OUTAGE-1", "5.00", 4).await;
+    let answer = app.order(&user, &[(product.as_str(), 3)]).await;
+    assert!(answer.status.is_server_error(), "{}", answer.status);
+    assert_eq!(answer.content_type, "application/problem+json");
+    let body = answer.body.to_string();
+    for internal in ["127.0.0.1", "dynamo", "Dynamo", "dispatch"] {
+        assert!(!body.contains(internal), "{body}");
+    }
+    let restored = eventually(10, || async {
+        (app.stock(&product).await == 4).then_some(())
+    })
+    .await;
+    assert!(restored.is_some(), "the reservation was not released");
+    app.stop().await;
+}
