@@ -79,12 +79,20 @@ pub fn dynamo_error<E: std::error::Error>(what: &str, e: E) -> BusError {
     BusError::Dynamo(format!("{what}: {}", DisplayErrorContext(e)))
 }
 
-fn s(v: impl Into<String>) -> AttributeValue {
+/// A string attribute: the item builders' shorthand (every store's and the outbox's).
+pub fn s(v: impl Into<String>) -> AttributeValue {
     AttributeValue::S(v.into())
 }
 
-fn n(v: i64) -> AttributeValue {
+/// A number attribute (DynamoDB carries numbers as decimal strings).
+pub fn n(v: i64) -> AttributeValue {
     AttributeValue::N(v.to_string())
+}
+
+/// A short random pause before retrying a contended conditional write or transaction, so
+/// racers spread out instead of colliding again in step.
+pub async fn contention_pause() {
+    tokio::time::sleep(std::time::Duration::from_millis(fastrand::u64(2..20))).await;
 }
 
 /// A service's outbox table.
@@ -100,6 +108,12 @@ impl DynamoOutbox {
             client,
             table: table.into(),
         }
+    }
+
+    /// The outbox of the store table `table`: the table `<table>-outbox`, the one naming
+    /// rule Terraform follows too.
+    pub fn beside(client: Client, table: &str) -> DynamoOutbox {
+        DynamoOutbox::new(client, format!("{table}-outbox"))
     }
 
     pub fn table(&self) -> &str {

@@ -18,6 +18,7 @@ use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::error::SdkError;
 use aws_sdk_dynamodb::types::AttributeValue;
 use bus::dynamo::design::{Index, Kind, TableDesign};
+use bus::dynamo::s;
 use chrono::{DateTime, SecondsFormat, Utc};
 use kit::Money;
 use std::collections::HashMap;
@@ -103,10 +104,6 @@ impl DynamoNotificationStore {
         let config = aws_config::load_from_env().await;
         Self::new(Client::new(&config), table)
     }
-}
-
-fn s(v: impl Into<String>) -> AttributeValue {
-    AttributeValue::S(v.into())
 }
 
 fn to_item(n: &Notification) -> HashMap<String, AttributeValue> {

@@ -45,7 +45,7 @@ use async_trait::async_trait;
 use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::types::{AttributeValue, Put, TransactWriteItem, Update};
 use bus::dynamo::design::{Index, Kind, TableDesign};
-use bus::dynamo::{DynamoOutbox, dynamo_error, transact};
+use bus::dynamo::{DynamoOutbox, contention_pause, dynamo_error, n, s, transact};
 use chrono::{DateTime, Utc};
 use kit::Money;
 use kit::db::now_ms;
@@ -111,14 +111,6 @@ pub struct DynamoOrderStore {
     wake_relay: Arc<Notify>,
 }
 
-fn s(v: impl Into<String>) -> AttributeValue {
-    AttributeValue::S(v.into())
-}
-
-fn n(v: i64) -> AttributeValue {
-    AttributeValue::N(v.to_string())
-}
-
 fn remote(e: impl std::fmt::Display) -> StoreError {
     StoreError::Dynamo(e.to_string())
 }
@@ -129,11 +121,6 @@ fn event_key(event_id: Uuid) -> String {
 
 fn user_sort(order: &Order) -> String {
     format!("{:020}#{}", order.created_at.timestamp_millis(), order.id)
-}
-
-/// A short random pause before retrying a contended write, so racers spread out.
-async fn pause() {
-    tokio::time::sleep(Duration::from_millis(fastrand::u64(2..20))).await;
 }
 
 impl DynamoOrderStore {
@@ -151,7 +138,7 @@ impl DynamoOrderStore {
     pub async fn from_url(url: &str) -> Result<Self, StoreError> {
         let parsed = kit::dynamo_url::parse(url).map_err(remote)?;
         let client = Client::new(&bus::dynamo::sdk_config(&parsed).await);
-        let outbox = DynamoOutbox::new(client.clone(), format!("{}-outbox", parsed.table));
+        let outbox = DynamoOutbox::beside(client.clone(), &parsed.table);
         Ok(Self::new(client, parsed.table, outbox))
     }
 
@@ -164,7 +151,7 @@ impl DynamoOrderStore {
     /// shared by every replica like the rest of the table.
     pub fn idempotency_keys(
         &self,
-        ttl: std::time::Duration,
+        ttl: Duration,
         body_limit: usize,
     ) -> kit::idempotency::Idempotency {
         kit::idempotency::Idempotency::on_dynamo(
@@ -383,7 +370,7 @@ impl OrderStore for DynamoOrderStore {
                     return Err(StoreError::Duplicate);
                 }
                 // Another insert held the same counter shard: try again (maybe another shard).
-                Err(codes) if codes.iter().any(|c| c == CONFLICT) => pause().await,
+                Err(codes) if codes.iter().any(|c| c == CONFLICT) => contention_pause().await,
                 Err(codes) => {
                     return Err(StoreError::Dynamo(format!(
                         "inserting an order was cancelled: {codes:?}"
@@ -542,7 +529,7 @@ impl OrderStore for DynamoOrderStore {
                     // Another writer moved the order (or held it): decide again on what it
                     // left, without a pause when it committed (the answer is ready).
                     if !moved {
-                        pause().await;
+                        contention_pause().await;
                     }
                 }
             }

@@ -31,13 +31,12 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_trait::async_trait;
 use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::types::{AttributeValue, Put, TransactWriteItem, Update};
 use bus::dynamo::design::{Index, Kind, TableDesign};
-use bus::dynamo::{DynamoOutbox, dynamo_error, transact};
+use bus::dynamo::{DynamoOutbox, contention_pause, dynamo_error, n, s, transact};
 use bus::event::types;
 use chrono::{DateTime, Utc};
 use kit::Money;
@@ -82,25 +81,12 @@ pub struct DynamoPaymentStore {
     wake_relay: Arc<Notify>,
 }
 
-fn s(v: impl Into<String>) -> AttributeValue {
-    AttributeValue::S(v.into())
-}
-
-fn n(v: i64) -> AttributeValue {
-    AttributeValue::N(v.to_string())
-}
-
 fn remote(e: impl std::fmt::Display) -> StoreError {
     StoreError::Dynamo(e.to_string())
 }
 
 fn guard_key(order_id: Uuid) -> String {
     format!("success#{order_id}")
-}
-
-/// A short random pause before retrying a contended write, so racers spread out.
-async fn pause() {
-    tokio::time::sleep(Duration::from_millis(fastrand::u64(2..20))).await;
 }
 
 impl DynamoPaymentStore {
@@ -118,7 +104,7 @@ impl DynamoPaymentStore {
     pub async fn from_url(url: &str) -> Result<Self, StoreError> {
         let parsed = kit::dynamo_url::parse(url).map_err(remote)?;
         let client = Client::new(&bus::dynamo::sdk_config(&parsed).await);
-        let outbox = DynamoOutbox::new(client.clone(), format!("{}-outbox", parsed.table));
+        let outbox = DynamoOutbox::beside(client.clone(), &parsed.table);
         Ok(Self::new(client, parsed.table, outbox))
     }
 
@@ -287,7 +273,7 @@ impl PaymentStore for DynamoPaymentStore {
                             "recording a payment was cancelled: {codes:?}"
                         )));
                     }
-                    pause().await;
+                    contention_pause().await;
                 }
             }
         }
@@ -389,7 +375,7 @@ impl PaymentStore for DynamoPaymentStore {
                         .iter()
                         .any(|c| c == "ConditionalCheckFailed" || c == "TransactionConflict") =>
                 {
-                    pause().await;
+                    contention_pause().await;
                 }
                 Err(codes) => {
                     return Err(StoreError::Dynamo(format!(
