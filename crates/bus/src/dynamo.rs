@@ -366,8 +366,14 @@ fn read_row(item: &HashMap<String, AttributeValue>) -> Result<Row, BusError> {
 }
 
 /// Why a `TransactWriteItems` was cancelled: one code per item, in the order sent
-/// (`None` for items that were fine, `ConditionalCheckFailed`, `TransactionConflict`, ...).
+/// (`None` for items that were fine, [`CONDITION_FAILED`], [`TRANSACTION_CONFLICT`], ...).
 pub type CancellationCodes = Vec<String>;
+
+/// The cancellation code of an item whose condition expression was false.
+pub const CONDITION_FAILED: &str = "ConditionalCheckFailed";
+
+/// The cancellation code of an item another transaction held: retry after a pause.
+pub const TRANSACTION_CONFLICT: &str = "TransactionConflict";
 
 /// Sends one transaction. `Ok(Ok(()))` when it committed, `Ok(Err(codes))` when DynamoDB
 /// cancelled it (a condition failed or another transaction held an item: the caller decides
@@ -398,7 +404,7 @@ pub async fn transact(
             }
             // Another transaction is mid-flight on one of the items: as retryable as a conflict.
             TransactWriteItemsError::TransactionInProgressException(_) => {
-                Ok(Err(vec!["TransactionConflict".to_owned(); count]))
+                Ok(Err(vec![TRANSACTION_CONFLICT.to_owned(); count]))
             }
             _ => Err(dynamo_error("transaction", SdkError::ServiceError(e))),
         },

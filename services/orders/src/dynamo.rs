@@ -45,7 +45,10 @@ use async_trait::async_trait;
 use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::types::{AttributeValue, Put, TransactWriteItem, Update};
 use bus::dynamo::design::{Index, Kind, TableDesign};
-use bus::dynamo::{DynamoOutbox, contention_pause, dynamo_error, n, s, transact};
+use bus::dynamo::{
+    CONDITION_FAILED, DynamoOutbox, TRANSACTION_CONFLICT, contention_pause, dynamo_error, n, s,
+    transact,
+};
 use chrono::{DateTime, Utc};
 use kit::Money;
 use kit::db::now_ms;
@@ -99,9 +102,6 @@ const COUNTER_SHARDS: u32 = 8;
 /// How often a contended write is retried before the request fails; each retry re-reads, so
 /// only sustained contention exhausts it.
 const ATTEMPTS: u32 = 60;
-
-const CONDITION_FAILED: &str = "ConditionalCheckFailed";
-const CONFLICT: &str = "TransactionConflict";
 
 #[derive(Debug, Clone)]
 pub struct DynamoOrderStore {
@@ -370,7 +370,9 @@ impl OrderStore for DynamoOrderStore {
                     return Err(StoreError::Duplicate);
                 }
                 // Another insert held the same counter shard: try again (maybe another shard).
-                Err(codes) if codes.iter().any(|c| c == CONFLICT) => contention_pause().await,
+                Err(codes) if codes.iter().any(|c| c == TRANSACTION_CONFLICT) => {
+                    contention_pause().await
+                }
                 Err(codes) => {
                     return Err(StoreError::Dynamo(format!(
                         "inserting an order was cancelled: {codes:?}"
@@ -521,7 +523,7 @@ impl OrderStore for DynamoOrderStore {
                         });
                     }
                     let moved = codes.first().map(String::as_str) == Some(CONDITION_FAILED);
-                    if !moved && !codes.iter().any(|c| c == CONFLICT) {
+                    if !moved && !codes.iter().any(|c| c == TRANSACTION_CONFLICT) {
                         return Err(StoreError::Dynamo(format!(
                             "a transition was cancelled: {codes:?}"
                         )));

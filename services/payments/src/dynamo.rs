@@ -36,7 +36,10 @@ use async_trait::async_trait;
 use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::types::{AttributeValue, Put, TransactWriteItem, Update};
 use bus::dynamo::design::{Index, Kind, TableDesign};
-use bus::dynamo::{DynamoOutbox, contention_pause, dynamo_error, n, s, transact};
+use bus::dynamo::{
+    CONDITION_FAILED, DynamoOutbox, TRANSACTION_CONFLICT, contention_pause, dynamo_error, n, s,
+    transact,
+};
 use bus::event::types;
 use chrono::{DateTime, Utc};
 use kit::Money;
@@ -257,18 +260,17 @@ impl PaymentStore for DynamoPaymentStore {
                     return Ok(());
                 }
                 Err(codes) => {
-                    if success && codes.get(1).map(String::as_str) == Some("ConditionalCheckFailed")
-                    {
+                    if success && codes.get(1).map(String::as_str) == Some(CONDITION_FAILED) {
                         return Err(StoreError::AlreadyPaid);
                     }
-                    if codes.first().map(String::as_str) == Some("ConditionalCheckFailed") {
+                    if codes.first().map(String::as_str) == Some(CONDITION_FAILED) {
                         return Err(StoreError::Dynamo(format!(
                             "payment {} is already recorded",
                             payment.id
                         )));
                     }
                     // A conflict with a racing transaction on the guard: it decides on retry.
-                    if !codes.iter().any(|c| c == "TransactionConflict") {
+                    if !codes.iter().any(|c| c == TRANSACTION_CONFLICT) {
                         return Err(StoreError::Dynamo(format!(
                             "recording a payment was cancelled: {codes:?}"
                         )));
@@ -373,7 +375,7 @@ impl PaymentStore for DynamoPaymentStore {
                 Err(codes)
                     if codes
                         .iter()
-                        .any(|c| c == "ConditionalCheckFailed" || c == "TransactionConflict") =>
+                        .any(|c| c == CONDITION_FAILED || c == TRANSACTION_CONFLICT) =>
                 {
                     contention_pause().await;
                 }
