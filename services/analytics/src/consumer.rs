@@ -9,6 +9,7 @@ use std::time::Duration;
 use bus::Stream;
 use bus::event::OrderEvent;
 use bus::names::ORDERS_TOPIC;
+use chrono::{DateTime, Utc};
 use tokio_util::sync::CancellationToken;
 
 use crate::feed::Feed;
@@ -70,10 +71,10 @@ pub async fn run(
                     break;
                 }
             };
-            let events: Vec<OrderEvent> = batch
+            let events: Vec<(u32, OrderEvent)> = batch
                 .iter()
                 .filter_map(|d| match serde_json::from_slice::<OrderEvent>(&d.record.payload) {
-                    Ok(e) => Some(e),
+                    Ok(e) => Some((d.partition, e)),
                     Err(e) => {
                         tracing::error!(offset = d.offset, error = %e, "skipping an unreadable order event");
                         metrics::counter!("analytics_malformed_events_total").increment(1);
@@ -81,7 +82,8 @@ pub async fn run(
                     }
                 })
                 .collect();
-            match store.apply(&events).await {
+            let touched = event_time_span(&events);
+            match store.apply_from(events).await {
                 Ok(applied) => {
                     metrics::counter!("analytics_events_total").increment(applied.fresh as u64);
                     if applied.late > 0 {
@@ -92,7 +94,7 @@ pub async fn run(
                         metrics::counter!("late_events_total").increment(applied.late as u64);
                     }
                     if applied.fresh > 0 {
-                        publish_updates(&store, &feed, &events).await;
+                        publish_updates(&store, &feed, touched).await;
                         // A sink that fails keeps its windows unemitted: retried after the next batch.
                         if let Err(e) = emitter.emit_final().await {
                             tracing::warn!(error = %e, "emitting final windows failed; will retry");
@@ -115,12 +117,20 @@ pub async fn run(
     }
 }
 
-/// Sends the windows `events` touched to the live feed.
-async fn publish_updates(store: &AnalyticsStore, feed: &Feed, events: &[OrderEvent]) {
-    let (Some(first), Some(last)) = (
-        events.iter().map(|e| e.created_at).min(),
-        events.iter().map(|e| e.created_at).max(),
-    ) else {
+/// The earliest and latest event time of a batch.
+fn event_time_span(events: &[(u32, OrderEvent)]) -> Option<(DateTime<Utc>, DateTime<Utc>)> {
+    let first = events.iter().map(|(_, e)| e.created_at).min()?;
+    let last = events.iter().map(|(_, e)| e.created_at).max()?;
+    Some((first, last))
+}
+
+/// Sends the windows between `touched` (a batch's event-time span) to the live feed.
+async fn publish_updates(
+    store: &AnalyticsStore,
+    feed: &Feed,
+    touched: Option<(DateTime<Utc>, DateTime<Utc>)>,
+) {
+    let Some((first, last)) = touched else {
         return;
     };
     match store

@@ -47,7 +47,7 @@ impl Windows {
     }
 }
 
-/// Allowed lateness: the watermark trails the latest event time seen by this much. A window
+/// Allowed lateness: the watermark trails the event time read ([`low_water_mark`]) by this much. A window
 /// is final once the watermark reaches its end; an event for a final window is late: counted
 /// in the window's `late_events`, not in its figures (which have already been published).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,6 +65,37 @@ impl Lateness {
     pub fn watermark(self, max_event_ms: Option<i64>) -> Option<i64> {
         max_event_ms.map(|t| t.saturating_sub(self.ms))
     }
+}
+
+/// How long a partition may deliver nothing before it stops holding the watermark back: a
+/// partition that a rebalance moved to another instance, or that has no traffic, must not
+/// keep every window open.
+pub const IDLE_PARTITION_MS: i64 = 10_000;
+
+/// What an instance has read of one stream partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartitionProgress {
+    pub partition: u32,
+    /// The latest event time read from it (ms since epoch).
+    pub max_event_ms: i64,
+    /// When it last delivered (processing time, ms since epoch).
+    pub seen_at_ms: i64,
+}
+
+/// The event time every active partition has reached: the least of their latest event
+/// times, as Flink and Kafka Streams take it. An instance reading several partitions gets
+/// them unevenly (one partition's backlog can arrive before another's), so the fastest one
+/// alone would make the others' events late. Partitions idle for [`IDLE_PARTITION_MS`] are
+/// left out; `None` when none is active.
+pub fn low_water_mark(
+    partitions: impl IntoIterator<Item = PartitionProgress>,
+    now_ms: i64,
+) -> Option<i64> {
+    partitions
+        .into_iter()
+        .filter(|p| now_ms.saturating_sub(p.seen_at_ms) < IDLE_PARTITION_MS)
+        .map(|p| p.max_event_ms)
+        .min()
 }
 
 /// Whether a window ending at `window_end_ms` can no longer change.
@@ -286,6 +317,38 @@ mod tests {
         assert!(Lateness::of_secs(-1).is_none());
         assert_eq!(Windows::of_secs(60).unwrap().label(), "tumbling_1m");
         assert_eq!(Windows::of_secs(90).unwrap().label(), "tumbling_90s");
+    }
+
+    #[test]
+    fn the_slowest_active_partition_holds_the_watermark() {
+        let now = 1_000_000;
+        let p = |partition, max_event_ms, idle_ms| PartitionProgress {
+            partition,
+            max_event_ms,
+            seen_at_ms: now - idle_ms,
+        };
+        assert_eq!(low_water_mark([], now), None);
+        assert_eq!(
+            low_water_mark(
+                [p(0, 960_000, 0), p(1, 325_000, 200), p(2, 272_000, 0)],
+                now
+            ),
+            Some(272_000),
+            "a partition behind the others holds them all back"
+        );
+        assert_eq!(
+            low_water_mark(
+                [
+                    p(0, 960_000, 0),
+                    p(1, 100_000, IDLE_PARTITION_MS),
+                    p(2, 500_000, 9_999)
+                ],
+                now
+            ),
+            Some(500_000),
+            "an idle partition (revoked, or no traffic) stops counting"
+        );
+        assert_eq!(low_water_mark([p(0, 5, IDLE_PARTITION_MS + 1)], now), None);
     }
 
     fn partial(

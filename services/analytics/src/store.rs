@@ -1,6 +1,7 @@
-//! Window state in SQLite, applied exactly once per event id. The event-time high-water mark
-//! (hence the watermark) is stored in the same transaction as the window figures and the
-//! processed event ids, so a restart resumes exactly where the last committed batch left off.
+//! Window state in SQLite, applied exactly once per event id. Each partition's progress in
+//! event time and the watermark it yields are stored in the same transaction as the window
+//! figures and the processed event ids, so a restart resumes exactly where the last committed
+//! batch left off.
 
 use bus::event::{OrderEvent, types};
 use chrono::{DateTime, Utc};
@@ -13,7 +14,8 @@ use uuid::Uuid;
 use rusqlite::{Connection, OptionalExtension as _, params};
 
 use crate::engine::{
-    Lateness, PartialWindow, ProductSales, WindowReport, Windows, average, is_final,
+    Lateness, PartialWindow, PartitionProgress, ProductSales, WindowReport, Windows, average,
+    is_final, low_water_mark,
 };
 use crate::sketch::UserSketch;
 
@@ -65,10 +67,21 @@ pub static MIGRATIONS: &[Step] = &[
         value INTEGER NOT NULL
     ) WITHOUT ROWID;",
     ),
+    (
+        3,
+        "per-partition watermark",
+        "CREATE TABLE partition_progress (
+        partition INTEGER PRIMARY KEY,
+        max_event_ms INTEGER NOT NULL,
+        seen_at_ms INTEGER NOT NULL
+    );",
+    ),
 ];
 
 /// engine_state row holding the latest event time applied (ms since epoch).
 const MAX_EVENT_TIME: &str = "max_event_time_ms";
+/// engine_state row holding the watermark (ms since epoch); it only moves forward.
+const WATERMARK: &str = "watermark_ms";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -235,8 +248,17 @@ impl AnalyticsStore {
         windows: Windows,
         lateness: Lateness,
     ) -> Result<Self, DbError> {
+        let db = Db::open(url, sqlite, MIGRATIONS).await?;
+        // A restart gives every partition read before a fresh idle allowance: after downtime
+        // the backlog of one may arrive before the others', which must still hold the
+        // watermark back.
+        db.write(|tx| -> Result<(), DbError> {
+            tx.execute("UPDATE partition_progress SET seen_at_ms = ?1", [now_ms()])?;
+            Ok(())
+        })
+        .await?;
         Ok(AnalyticsStore {
-            db: Db::open(url, sqlite, MIGRATIONS).await?,
+            db,
             windows,
             lateness,
         })
@@ -256,30 +278,41 @@ impl AnalyticsStore {
     ///
     /// The watermark moves per batch, as in Spark's micro-batches: an event is late when its
     /// window was final before the batch began, so the outcome does not depend on the order
-    /// of events inside a batch.
+    /// of events inside a batch. All events count as read from one partition; a consumer of
+    /// a partitioned stream uses [`Self::apply_from`].
     pub async fn apply(&self, events: &[OrderEvent]) -> Result<Applied, StoreError> {
+        self.apply_from(events.iter().map(|e| (0, e.clone())).collect())
+            .await
+    }
+
+    /// [`Self::apply`] for events tagged with the stream partition they were read from: the
+    /// watermark then follows the slowest active partition ([`low_water_mark`]).
+    pub async fn apply_from(&self, events: Vec<(u32, OrderEvent)>) -> Result<Applied, StoreError> {
         if events.is_empty() {
             return Ok(Applied::default());
         }
-        let events = events.to_vec();
         let (windows, lateness) = (self.windows, self.lateness);
         self.db
             .write(move |tx| {
                 let now = now_ms();
                 let max_seen = max_event_time(tx)?;
-                let watermark = lateness.watermark(max_seen);
+                let watermark = stored_watermark(tx, lateness)?;
                 let mut mark =
                     tx.prepare_cached("INSERT OR IGNORE INTO processed_events (event_id, processed_at) VALUES (?1, ?2)")?;
                 let mut delta = Delta::default();
                 let mut applied = Applied::default();
                 let mut batch_max = max_seen;
-                for e in &events {
+                // Repeats count too: they are read positions all the same.
+                let mut partition_max: BTreeMap<u32, i64> = BTreeMap::new();
+                for (partition, e) in &events {
+                    let at = e.created_at.timestamp_millis();
+                    let seen = partition_max.entry(*partition).or_insert(at);
+                    *seen = (*seen).max(at);
                     // Also drops a repeat of the same id inside this batch.
                     if mark.execute(params![e.event_id.to_string(), now])? != 1 {
                         continue;
                     }
                     applied.fresh += 1;
-                    let at = e.created_at.timestamp_millis();
                     batch_max = Some(batch_max.map_or(at, |m| m.max(at)));
                     let end = windows.start_of(e.created_at) + windows.size_ms();
                     if is_final(end, watermark) {
@@ -291,11 +324,20 @@ impl AnalyticsStore {
                 }
                 delta.write(tx)?;
                 if let Some(max) = batch_max.filter(|m| Some(*m) != max_seen) {
-                    tx.execute(
-                        "INSERT INTO engine_state (name, value) VALUES (?1, ?2)
-                         ON CONFLICT (name) DO UPDATE SET value = excluded.value",
-                        params![MAX_EVENT_TIME, max],
-                    )?;
+                    set_state(tx, MAX_EVENT_TIME, max)?;
+                }
+                let mut progress = tx.prepare_cached(
+                    "INSERT INTO partition_progress (partition, max_event_ms, seen_at_ms) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (partition) DO UPDATE SET
+                         max_event_ms = MAX(max_event_ms, excluded.max_event_ms),
+                         seen_at_ms = excluded.seen_at_ms",
+                )?;
+                for (partition, max) in &partition_max {
+                    progress.execute(params![partition, max, now])?;
+                }
+                let advanced = lateness.watermark(low_water_mark(partition_progress(tx)?, now));
+                if let Some(next) = advanced.filter(|_| advanced > watermark) {
+                    set_state(tx, WATERMARK, next)?;
                 }
                 Ok(applied)
             })
@@ -306,7 +348,7 @@ impl AnalyticsStore {
     pub async fn watermark(&self) -> Result<Option<i64>, StoreError> {
         let lateness = self.lateness;
         self.db
-            .read(move |conn| Ok(lateness.watermark(max_event_time(conn)?)))
+            .read(move |conn| Ok(stored_watermark(conn, lateness)?))
             .await
     }
 
@@ -460,7 +502,7 @@ impl AnalyticsStore {
                         ))
                     },
                 )?;
-                let watermark = lateness.watermark(max_event_time(conn)?);
+                let watermark = stored_watermark(conn, lateness)?;
                 let revenue = Money::from_cents(revenue).map_err(|_| StoreError::Corrupt)?;
                 Ok(Summary {
                     order_count: orders,
@@ -479,10 +521,44 @@ impl AnalyticsStore {
     }
 }
 
-fn max_event_time(conn: &Connection) -> Result<Option<i64>, rusqlite::Error> {
+fn state(conn: &Connection, name: &str) -> Result<Option<i64>, rusqlite::Error> {
     conn.prepare_cached("SELECT value FROM engine_state WHERE name = ?1")?
-        .query_row([MAX_EVENT_TIME], |r| r.get(0))
+        .query_row([name], |r| r.get(0))
         .optional()
+}
+
+fn set_state(conn: &Connection, name: &str, value: i64) -> Result<(), rusqlite::Error> {
+    conn.prepare_cached(
+        "INSERT INTO engine_state (name, value) VALUES (?1, ?2)
+         ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+    )?
+    .execute(params![name, value])?;
+    Ok(())
+}
+
+fn max_event_time(conn: &Connection) -> Result<Option<i64>, rusqlite::Error> {
+    state(conn, MAX_EVENT_TIME)
+}
+
+/// The stored watermark; a store written before watermarks were stored per partition
+/// derives it from the latest event time, as it did then.
+fn stored_watermark(conn: &Connection, lateness: Lateness) -> Result<Option<i64>, rusqlite::Error> {
+    Ok(match state(conn, WATERMARK)? {
+        Some(w) => Some(w),
+        None => lateness.watermark(max_event_time(conn)?),
+    })
+}
+
+fn partition_progress(conn: &Connection) -> Result<Vec<PartitionProgress>, rusqlite::Error> {
+    conn.prepare_cached("SELECT partition, max_event_ms, seen_at_ms FROM partition_progress")?
+        .query_map([], |r| {
+            Ok(PartitionProgress {
+                partition: r.get(0)?,
+                max_event_ms: r.get(1)?,
+                seen_at_ms: r.get(2)?,
+            })
+        })?
+        .collect()
 }
 
 /// How much of a window's buyers [`read_partials`] reads.
@@ -651,6 +727,83 @@ mod tests {
 
     fn at(s: &str) -> DateTime<Utc> {
         DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+    }
+
+    #[tokio::test]
+    async fn a_partition_behind_the_others_holds_the_watermark() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir, "partitions", 30).await;
+        let minute = |m: i64| at("2026-11-24T10:00:00Z").timestamp_millis() + m * 60_000;
+        store
+            .apply_from(vec![
+                (0, created(1, 100, "2026-11-24T10:00:00Z")),
+                (1, created(2, 100, "2026-11-24T10:00:00Z")),
+            ])
+            .await
+            .unwrap();
+        // Partition 0's backlog arrives first, up to 10:16; partition 1 is still at 10:00.
+        store
+            .apply_from(vec![(0, created(3, 100, "2026-11-24T10:16:00Z"))])
+            .await
+            .unwrap();
+        assert_eq!(store.watermark().await.unwrap(), Some(minute(0) - 30_000));
+        // So partition 1's 10:05 is on time, and its progress moves the watermark.
+        assert_eq!(
+            store
+                .apply_from(vec![(1, created(4, 100, "2026-11-24T10:05:00Z"))])
+                .await
+                .unwrap(),
+            Applied { fresh: 1, late: 0 }
+        );
+        assert_eq!(store.watermark().await.unwrap(), Some(minute(5) - 30_000));
+        // The watermark never moves back, whatever a partition delivers.
+        store
+            .apply_from(vec![(2, created(5, 100, "2026-11-24T10:01:00Z"))])
+            .await
+            .unwrap();
+        assert_eq!(store.watermark().await.unwrap(), Some(minute(5) - 30_000));
+
+        // A partition that stops delivering (moved to another instance) stops counting.
+        store
+            .db()
+            .write(|tx| -> Result<(), StoreError> {
+                tx.execute(
+                    "UPDATE partition_progress SET seen_at_ms = seen_at_ms - ?1 WHERE partition <> 0",
+                    [crate::engine::IDLE_PARTITION_MS],
+                )?;
+                Ok(())
+            })
+            .await
+            .unwrap();
+        store
+            .apply_from(vec![(0, created(6, 100, "2026-11-24T10:17:00Z"))])
+            .await
+            .unwrap();
+        assert_eq!(store.watermark().await.unwrap(), Some(minute(17) - 30_000));
+
+        // After a restart every partition read before counts again until it idles anew.
+        store
+            .db()
+            .write(|tx| -> Result<(), StoreError> {
+                tx.execute(
+                    "UPDATE partition_progress SET seen_at_ms = seen_at_ms - ?1",
+                    [crate::engine::IDLE_PARTITION_MS],
+                )?;
+                Ok(())
+            })
+            .await
+            .unwrap();
+        drop(store);
+        let store = open(&dir, "partitions", 30).await;
+        store
+            .apply_from(vec![(0, created(7, 100, "2026-11-24T10:30:00Z"))])
+            .await
+            .unwrap();
+        assert_eq!(
+            store.watermark().await.unwrap(),
+            Some(minute(17) - 30_000),
+            "partitions 1 and 2 (at 10:05 and 10:01) hold it where it was"
+        );
     }
 
     #[tokio::test]
