@@ -729,6 +729,22 @@ mod tests {
         DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
     }
 
+    /// Makes every partition but `except` look as if it last delivered an idle period ago.
+    async fn make_idle(store: &AnalyticsStore, except: Option<u32>) {
+        let except = except.map_or(-1, i64::from);
+        store
+            .db()
+            .write(move |tx| -> Result<(), StoreError> {
+                tx.execute(
+                    "UPDATE partition_progress SET seen_at_ms = seen_at_ms - ?1 WHERE partition <> ?2",
+                    params![crate::engine::IDLE_PARTITION_MS, except],
+                )?;
+                Ok(())
+            })
+            .await
+            .unwrap();
+    }
+
     #[tokio::test]
     async fn a_partition_behind_the_others_holds_the_watermark() {
         let dir = tempfile::tempdir().unwrap();
@@ -764,17 +780,7 @@ mod tests {
         assert_eq!(store.watermark().await.unwrap(), Some(minute(5) - 30_000));
 
         // A partition that stops delivering (moved to another instance) stops counting.
-        store
-            .db()
-            .write(|tx| -> Result<(), StoreError> {
-                tx.execute(
-                    "UPDATE partition_progress SET seen_at_ms = seen_at_ms - ?1 WHERE partition <> 0",
-                    [crate::engine::IDLE_PARTITION_MS],
-                )?;
-                Ok(())
-            })
-            .await
-            .unwrap();
+        make_idle(&store, Some(0)).await;
         store
             .apply_from(vec![(0, created(6, 100, "2026-11-24T10:17:00Z"))])
             .await
@@ -782,17 +788,7 @@ mod tests {
         assert_eq!(store.watermark().await.unwrap(), Some(minute(17) - 30_000));
 
         // After a restart every partition read before counts again until it idles anew.
-        store
-            .db()
-            .write(|tx| -> Result<(), StoreError> {
-                tx.execute(
-                    "UPDATE partition_progress SET seen_at_ms = seen_at_ms - ?1",
-                    [crate::engine::IDLE_PARTITION_MS],
-                )?;
-                Ok(())
-            })
-            .await
-            .unwrap();
+        make_idle(&store, None).await;
         drop(store);
         let store = open(&dir, "partitions", 30).await;
         store
