@@ -78,8 +78,8 @@ pub static MIGRATIONS: &[Step] = &[
     ),
 ];
 
-/// engine_state row holding the latest event time applied (ms since epoch).
-const MAX_EVENT_TIME: &str = "max_event_time_ms";
+/// engine_state row where stores before migration 3 kept the latest event time applied.
+const LEGACY_MAX_EVENT_TIME: &str = "max_event_time_ms";
 /// engine_state row holding the watermark (ms since epoch); it only moves forward.
 const WATERMARK: &str = "watermark_ms";
 
@@ -295,13 +295,15 @@ impl AnalyticsStore {
         self.db
             .write(move |tx| {
                 let now = now_ms();
-                let max_seen = max_event_time(tx)?;
-                let watermark = stored_watermark(tx, lateness)?;
+                let stored = state(tx, WATERMARK)?;
+                let watermark = match stored {
+                    Some(w) => Some(w),
+                    None => legacy_watermark(tx, lateness)?,
+                };
                 let mut mark =
                     tx.prepare_cached("INSERT OR IGNORE INTO processed_events (event_id, processed_at) VALUES (?1, ?2)")?;
                 let mut delta = Delta::default();
                 let mut applied = Applied::default();
-                let mut batch_max = max_seen;
                 // Repeats count too: they are read positions all the same.
                 let mut partition_max: BTreeMap<u32, i64> = BTreeMap::new();
                 for (partition, e) in &events {
@@ -313,7 +315,6 @@ impl AnalyticsStore {
                         continue;
                     }
                     applied.fresh += 1;
-                    batch_max = Some(batch_max.map_or(at, |m| m.max(at)));
                     let end = windows.start_of(e.created_at) + windows.size_ms();
                     if is_final(end, watermark) {
                         applied.late += 1;
@@ -323,9 +324,6 @@ impl AnalyticsStore {
                     }
                 }
                 delta.write(tx)?;
-                if let Some(max) = batch_max.filter(|m| Some(*m) != max_seen) {
-                    set_state(tx, MAX_EVENT_TIME, max)?;
-                }
                 let mut progress = tx.prepare_cached(
                     "INSERT INTO partition_progress (partition, max_event_ms, seen_at_ms) VALUES (?1, ?2, ?3)
                      ON CONFLICT (partition) DO UPDATE SET
@@ -335,8 +333,9 @@ impl AnalyticsStore {
                 for (partition, max) in &partition_max {
                     progress.execute(params![partition, max, now])?;
                 }
-                let advanced = lateness.watermark(low_water_mark(partition_progress(tx)?, now));
-                if let Some(next) = advanced.filter(|_| advanced > watermark) {
+                // Forward only (`None` sorts first); written once for a store from before.
+                let next = watermark.max(lateness.watermark(low_water_mark(partition_progress(tx)?, now)));
+                if let Some(next) = next.filter(|n| stored != Some(*n)) {
                     set_state(tx, WATERMARK, next)?;
                 }
                 Ok(applied)
@@ -536,17 +535,17 @@ fn set_state(conn: &Connection, name: &str, value: i64) -> Result<(), rusqlite::
     Ok(())
 }
 
-fn max_event_time(conn: &Connection) -> Result<Option<i64>, rusqlite::Error> {
-    state(conn, MAX_EVENT_TIME)
+/// The watermark of a store written before it was stored: the latest event time it had read
+/// (`max_event_time_ms`, no longer written) minus the lateness.
+fn legacy_watermark(conn: &Connection, lateness: Lateness) -> Result<Option<i64>, rusqlite::Error> {
+    Ok(lateness.watermark(state(conn, LEGACY_MAX_EVENT_TIME)?))
 }
 
-/// The stored watermark; a store written before watermarks were stored per partition
-/// derives it from the latest event time, as it did then.
 fn stored_watermark(conn: &Connection, lateness: Lateness) -> Result<Option<i64>, rusqlite::Error> {
-    Ok(match state(conn, WATERMARK)? {
-        Some(w) => Some(w),
-        None => lateness.watermark(max_event_time(conn)?),
-    })
+    match state(conn, WATERMARK)? {
+        Some(w) => Ok(Some(w)),
+        None => legacy_watermark(conn, lateness),
+    }
 }
 
 fn partition_progress(conn: &Connection) -> Result<Vec<PartitionProgress>, rusqlite::Error> {
@@ -800,6 +799,32 @@ mod tests {
             Some(minute(17) - 30_000),
             "partitions 1 and 2 (at 10:05 and 10:01) hold it where it was"
         );
+    }
+
+    #[tokio::test]
+    async fn a_store_from_before_partition_progress_keeps_its_watermark() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir, "legacy", 30).await;
+        let ten_oh_one = at("2026-11-24T10:01:00Z").timestamp_millis();
+        store
+            .db()
+            .write(move |tx| -> Result<(), StoreError> {
+                set_state(tx, LEGACY_MAX_EVENT_TIME, ten_oh_one + 30_000)?;
+                Ok(())
+            })
+            .await
+            .unwrap();
+        assert_eq!(store.watermark().await.unwrap(), Some(ten_oh_one));
+        // The first batch on it keeps that watermark (its window [10:00, 10:01) stays final)
+        // even though its one partition is behind it.
+        assert_eq!(
+            store
+                .apply_from(vec![(0, created(1, 100, "2026-11-24T10:00:30Z"))])
+                .await
+                .unwrap(),
+            Applied { fresh: 1, late: 1 }
+        );
+        assert_eq!(store.watermark().await.unwrap(), Some(ten_oh_one));
     }
 
     #[tokio::test]
