@@ -75,7 +75,6 @@ pub const IDLE_PARTITION_MS: i64 = 10_000;
 /// What an instance has read of one stream partition.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PartitionProgress {
-    pub partition: u32,
     /// The latest event time read from it (ms since epoch).
     pub max_event_ms: i64,
     /// When it last delivered (processing time, ms since epoch).
@@ -322,33 +321,29 @@ mod tests {
     #[test]
     fn the_slowest_active_partition_holds_the_watermark() {
         let now = 1_000_000;
-        let p = |partition, max_event_ms, idle_ms| PartitionProgress {
-            partition,
+        let p = |max_event_ms, idle_ms| PartitionProgress {
             max_event_ms,
             seen_at_ms: now - idle_ms,
         };
         assert_eq!(low_water_mark([], now), None);
         assert_eq!(
-            low_water_mark(
-                [p(0, 960_000, 0), p(1, 325_000, 200), p(2, 272_000, 0)],
-                now
-            ),
+            low_water_mark([p(960_000, 0), p(325_000, 200), p(272_000, 0)], now),
             Some(272_000),
             "a partition behind the others holds them all back"
         );
         assert_eq!(
             low_water_mark(
                 [
-                    p(0, 960_000, 0),
-                    p(1, 100_000, IDLE_PARTITION_MS),
-                    p(2, 500_000, 9_999)
+                    p(960_000, 0),
+                    p(100_000, IDLE_PARTITION_MS),
+                    p(500_000, 9_999)
                 ],
                 now
             ),
             Some(500_000),
             "an idle partition (revoked, or no traffic) stops counting"
         );
-        assert_eq!(low_water_mark([p(0, 5, IDLE_PARTITION_MS + 1)], now), None);
+        assert_eq!(low_water_mark([p(5, IDLE_PARTITION_MS + 1)], now), None);
     }
 
     fn partial(

@@ -78,7 +78,8 @@ pub static MIGRATIONS: &[Step] = &[
     ),
 ];
 
-/// engine_state row where stores before migration 3 kept the latest event time applied.
+/// engine_state row where stores before migration 3 kept the latest event time applied;
+/// [`AnalyticsStore::open`] turns it into a watermark.
 const LEGACY_MAX_EVENT_TIME: &str = "max_event_time_ms";
 /// engine_state row holding the watermark (ms since epoch); it only moves forward.
 const WATERMARK: &str = "watermark_ms";
@@ -249,10 +250,20 @@ impl AnalyticsStore {
         lateness: Lateness,
     ) -> Result<Self, DbError> {
         let db = Db::open(url, sqlite, MIGRATIONS).await?;
-        // A restart gives every partition read before a fresh idle allowance: after downtime
-        // the backlog of one may arrive before the others', which must still hold the
-        // watermark back.
-        db.write(|tx| -> Result<(), DbError> {
+        db.write(move |tx| -> Result<(), DbError> {
+            // A store from before migration 3 kept the latest event time, not the watermark.
+            if state(tx, WATERMARK)?.is_none()
+                && let Some(w) = lateness.watermark(state(tx, LEGACY_MAX_EVENT_TIME)?)
+            {
+                set_state(tx, WATERMARK, w)?;
+            }
+            tx.execute(
+                "DELETE FROM engine_state WHERE name = ?1",
+                [LEGACY_MAX_EVENT_TIME],
+            )?;
+            // A restart gives every partition read before a fresh idle allowance: after
+            // downtime the backlog of one may arrive before the others', which must still
+            // hold the watermark back.
             tx.execute("UPDATE partition_progress SET seen_at_ms = ?1", [now_ms()])?;
             Ok(())
         })
@@ -295,11 +306,7 @@ impl AnalyticsStore {
         self.db
             .write(move |tx| {
                 let now = now_ms();
-                let stored = state(tx, WATERMARK)?;
-                let watermark = match stored {
-                    Some(w) => Some(w),
-                    None => legacy_watermark(tx, lateness)?,
-                };
+                let watermark = state(tx, WATERMARK)?;
                 let mut mark =
                     tx.prepare_cached("INSERT OR IGNORE INTO processed_events (event_id, processed_at) VALUES (?1, ?2)")?;
                 let mut delta = Delta::default();
@@ -333,9 +340,9 @@ impl AnalyticsStore {
                 for (partition, max) in &partition_max {
                     progress.execute(params![partition, max, now])?;
                 }
-                // Forward only (`None` sorts first); written once for a store from before.
-                let next = watermark.max(lateness.watermark(low_water_mark(partition_progress(tx)?, now)));
-                if let Some(next) = next.filter(|n| stored != Some(*n)) {
+                // Forward only: `None` sorts before every watermark.
+                let advanced = lateness.watermark(low_water_mark(partition_progress(tx)?, now));
+                if let Some(next) = advanced.filter(|_| advanced > watermark) {
                     set_state(tx, WATERMARK, next)?;
                 }
                 Ok(applied)
@@ -345,10 +352,7 @@ impl AnalyticsStore {
 
     /// Windows ending at or before this are final; `None` before the first event.
     pub async fn watermark(&self) -> Result<Option<i64>, StoreError> {
-        let lateness = self.lateness;
-        self.db
-            .read(move |conn| Ok(stored_watermark(conn, lateness)?))
-            .await
+        self.db.read(|conn| Ok(state(conn, WATERMARK)?)).await
     }
 
     /// Final windows not yet handed to the results sinks, oldest first, as mergeable partials.
@@ -478,7 +482,6 @@ impl AnalyticsStore {
     }
 
     pub async fn summary(&self) -> Result<Summary, StoreError> {
-        let lateness = self.lateness;
         self.db
             .read(move |conn| {
                 let (orders, revenue, items, first, last, users, events, late) = conn.query_row(
@@ -501,7 +504,7 @@ impl AnalyticsStore {
                         ))
                     },
                 )?;
-                let watermark = stored_watermark(conn, lateness)?;
+                let watermark = state(conn, WATERMARK)?;
                 let revenue = Money::from_cents(revenue).map_err(|_| StoreError::Corrupt)?;
                 Ok(Summary {
                     order_count: orders,
@@ -535,26 +538,12 @@ fn set_state(conn: &Connection, name: &str, value: i64) -> Result<(), rusqlite::
     Ok(())
 }
 
-/// The watermark of a store written before it was stored: the latest event time it had read
-/// (`max_event_time_ms`, no longer written) minus the lateness.
-fn legacy_watermark(conn: &Connection, lateness: Lateness) -> Result<Option<i64>, rusqlite::Error> {
-    Ok(lateness.watermark(state(conn, LEGACY_MAX_EVENT_TIME)?))
-}
-
-fn stored_watermark(conn: &Connection, lateness: Lateness) -> Result<Option<i64>, rusqlite::Error> {
-    match state(conn, WATERMARK)? {
-        Some(w) => Ok(Some(w)),
-        None => legacy_watermark(conn, lateness),
-    }
-}
-
 fn partition_progress(conn: &Connection) -> Result<Vec<PartitionProgress>, rusqlite::Error> {
-    conn.prepare_cached("SELECT partition, max_event_ms, seen_at_ms FROM partition_progress")?
+    conn.prepare_cached("SELECT max_event_ms, seen_at_ms FROM partition_progress")?
         .query_map([], |r| {
             Ok(PartitionProgress {
-                partition: r.get(0)?,
-                max_event_ms: r.get(1)?,
-                seen_at_ms: r.get(2)?,
+                max_event_ms: r.get(0)?,
+                seen_at_ms: r.get(1)?,
             })
         })?
         .collect()
@@ -728,20 +717,24 @@ mod tests {
         DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
     }
 
-    /// Makes every partition but `except` look as if it last delivered an idle period ago.
-    async fn make_idle(store: &AnalyticsStore, except: Option<u32>) {
-        let except = except.map_or(-1, i64::from);
+    /// Runs one statement against the store's database, behind its back.
+    async fn execute(store: &AnalyticsStore, sql: &'static str, args: [i64; 2]) {
         store
             .db()
             .write(move |tx| -> Result<(), StoreError> {
-                tx.execute(
-                    "UPDATE partition_progress SET seen_at_ms = seen_at_ms - ?1 WHERE partition <> ?2",
-                    params![crate::engine::IDLE_PARTITION_MS, except],
-                )?;
+                tx.execute(sql, args)?;
                 Ok(())
             })
             .await
             .unwrap();
+    }
+
+    /// Makes every partition but `except` look as if it last delivered an idle period ago.
+    async fn make_idle(store: &AnalyticsStore, except: Option<u32>) {
+        let sql =
+            "UPDATE partition_progress SET seen_at_ms = seen_at_ms - ?1 WHERE partition <> ?2";
+        let except = except.map_or(-1, i64::from);
+        execute(store, sql, [crate::engine::IDLE_PARTITION_MS, except]).await;
     }
 
     #[tokio::test]
@@ -806,14 +799,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = open(&dir, "legacy", 30).await;
         let ten_oh_one = at("2026-11-24T10:01:00Z").timestamp_millis();
-        store
-            .db()
-            .write(move |tx| -> Result<(), StoreError> {
-                set_state(tx, LEGACY_MAX_EVENT_TIME, ten_oh_one + 30_000)?;
-                Ok(())
-            })
-            .await
-            .unwrap();
+        // What such a store holds: the latest event time, no watermark.
+        let sql = "INSERT INTO engine_state (name, value) VALUES ('max_event_time_ms', ?1 + ?2)";
+        execute(&store, sql, [ten_oh_one, 30_000]).await;
+        drop(store);
+        let store = open(&dir, "legacy", 30).await;
         assert_eq!(store.watermark().await.unwrap(), Some(ten_oh_one));
         // The first batch on it keeps that watermark (its window [10:00, 10:01) stays final)
         // even though its one partition is behind it.
