@@ -65,6 +65,31 @@ output "kms_key_arn" {
   value       = aws_kms_key.data.arn
 }
 
+output "cognito_issuer" {
+  description = "Issuer (`iss`) of the Cognito user pool's tokens: the issuer of its entry in auth.issuers (MERCATO_AUTH__ISSUERS)."
+  value       = local.cognito_issuer
+}
+
+output "cognito_jwks_url" {
+  description = "The Cognito user pool's signing keys (JWKS), fetched by every service to verify its tokens: jwks_url in auth.issuers."
+  value       = local.cognito_jwks_url
+}
+
+output "cognito_client_id" {
+  description = "The web shop's public app client: the `client_id` claim of its access tokens (audience in auth.issuers, with audience_claim = \"client_id\")."
+  value       = aws_cognito_user_pool_client.web.id
+}
+
+output "cognito_user_pool_id" {
+  description = "The Cognito user pool (--user-pool-id of aws cognito-idp, e.g. admin-add-user-to-group --group-name admin)."
+  value       = aws_cognito_user_pool.mercato.id
+}
+
+output "cognito_login_url" {
+  description = "Base URL of the managed login pages: /oauth2/authorize, /oauth2/token, /logout."
+  value       = "https://${aws_cognito_user_pool_domain.mercato.domain}.auth.${var.region}.amazoncognito.com"
+}
+
 output "k8s_values_env" {
   description = "The aws-eks overlay's values.env (role ARNs, certificate) without IMAGE, which the push step appends: see docs/deploy.md."
   value = join("\n", [

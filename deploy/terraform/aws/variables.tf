@@ -113,6 +113,60 @@ variable "analytics_results_expiry_days" {
   default     = 365
 }
 
+variable "cognito_user_pool_tier" {
+  description = "Feature plan of the Cognito user pool: ESSENTIALS (managed login, password reuse prevention) or PLUS (adds threat protection, enforced: compromised-credential checks and adaptive authentication; billed per monthly active user at a higher rate). LITE lacks password reuse prevention, which the password policy uses."
+  type        = string
+  default     = "ESSENTIALS"
+  validation {
+    condition     = contains(["ESSENTIALS", "PLUS"], var.cognito_user_pool_tier)
+    error_message = "cognito_user_pool_tier must be ESSENTIALS or PLUS."
+  }
+}
+
+variable "cognito_mfa" {
+  description = "MFA of the Cognito user pool: OPTIONAL (each user may add an authenticator app; recommended for admins) or ON (every user must set one up at first sign-in)."
+  type        = string
+  default     = "OPTIONAL"
+  validation {
+    condition     = contains(["OPTIONAL", "ON"], var.cognito_mfa)
+    error_message = "cognito_mfa must be OPTIONAL or ON."
+  }
+}
+
+variable "cognito_self_sign_up" {
+  description = "Whether shoppers may create their own Cognito account on the managed login pages; false: only administrators create users (aws cognito-idp admin-create-user)."
+  type        = bool
+  default     = true
+}
+
+variable "cognito_callback_urls" {
+  description = "Where the managed login pages may send the browser back with an authorization code (the web shop's sign-in callback): https, or http://localhost for development."
+  type        = list(string)
+  default     = ["https://shop.example.com/auth/callback"]
+}
+
+variable "cognito_logout_urls" {
+  description = "Where the Cognito logout endpoint may send the browser after signing out."
+  type        = list(string)
+  default     = ["https://shop.example.com/"]
+}
+
+variable "cognito_refresh_token_days" {
+  description = "Lifetime of Cognito refresh tokens in days (rotated on every use; access and ID tokens live 15 minutes)."
+  type        = number
+  default     = 30
+  validation {
+    condition     = var.cognito_refresh_token_days >= 1 && var.cognito_refresh_token_days <= 3650
+    error_message = "cognito_refresh_token_days must be between 1 and 3650 (Cognito's limits)."
+  }
+}
+
+variable "cognito_domain_prefix" {
+  description = "Prefix of the Cognito domain of the managed login pages (https://PREFIX.auth.REGION.amazoncognito.com); it must be unique in the region and may not contain aws, amazon or cognito. null: name_prefix."
+  type        = string
+  default     = null
+}
+
 variable "tags" {
   description = "Tags added to every resource (on top of project = mercato)."
   type        = map(string)

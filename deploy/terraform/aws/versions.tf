@@ -2,8 +2,10 @@ terraform {
   required_version = ">= 1.6"
   required_providers {
     aws = {
-      source  = "hashicorp/aws"
-      version = "~> 5.70"
+      source = "hashicorp/aws"
+      # 5.100: the Cognito app client's refresh_token_rotation and the user pool's
+      # user_pool_tier (cognito.tf), both later than 5.70.
+      version = "~> 5.100"
     }
   }
 }
