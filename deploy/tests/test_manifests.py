@@ -22,7 +22,11 @@ operator-created Secret of aws-eks). On aws-eks, orders, payments and notificati
 data in DynamoDB: `MERCATO_<SERVICE>__DATABASE_URL=dynamodb://<prefix>-<service>?region=ap-south-1`
 (no endpoint: AWS's own) with an IRSA role; no other service has a DynamoDB URL, and none has
 one on the local overlay (embedded stores). NetworkPolicies: evaluated pairwise, pod-to-pod traffic
-inside the namespace is allowed for exactly the calls in docs/architecture.md and nothing more.
+inside the namespace is allowed for exactly the calls in docs/architecture.md and nothing more;
+every service may reach HTTPS outside the cluster (the signing keys of the token issuers it
+verifies). On aws-eks, MERCATO_AUTH__ISSUERS is one TOML inline array naming the Cognito user
+pool of ap-south-1 as issuer the way Cognito access tokens need it (audience in `client_id`,
+roles in `cognito:groups`, JWKS at ISSUER/.well-known/jwks.json).
 Exit status 1 with one line per problem.
 """
 
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import re
 import sys
+import tomllib
 from pathlib import Path
 
 import yaml
@@ -51,6 +56,11 @@ IRSA = {"orders", "payments", "notifications", "analytics"}
 # `Backend::Dynamo` in crates/mercato/src/startup.rs), selected by their database URL.
 DYNAMODB = {"orders", "payments", "notifications"}
 REGION = "ap-south-1"
+# Every service verifies bearer tokens: each fetches the signing keys (JWKS) of the external
+# issuers in auth.issuers over HTTPS (Amazon Cognito on EKS: docs/deploy.md).
+OUTSIDE_HTTPS = 443
+# The Cognito user pool as an issuer (deploy/terraform/aws/cognito.tf, output k8s_settings_env).
+COGNITO_ISSUER = re.compile(r"https://cognito-idp\.([a-z0-9-]+)\.amazonaws\.com/\1_[0-9A-Za-z]+")
 # The Secret the operator creates on EKS (docs/deploy.md); not part of the rendered output.
 EXTERNAL_SECRETS = {"aws-eks": {"mercato-secrets"}, "local": set()}
 
@@ -309,6 +319,9 @@ class Checker:
         ingress_gateway = self.allows_from_outside(policies, pods["gateway"], self.ports["gateway"]) if "gateway" in pods else False
         if not ingress_gateway:
             self.fail("NetworkPolicies do not admit outside traffic (the load balancer) to the gateway")
+        for svc in sorted(pods):
+            if not self.allows_to_outside(policies, pods[svc], OUTSIDE_HTTPS):
+                self.fail(f"NetworkPolicies block {svc} -> outside:{OUTSIDE_HTTPS}, the token issuers' signing keys (JWKS)")
 
     @staticmethod
     def matches(selector: dict | None, labels: dict) -> bool:
@@ -367,6 +380,14 @@ class Checker:
         ingress = [p for p in policies if "Ingress" in p["spec"].get("policyTypes", ["Ingress"]) and self.matches(p["spec"].get("podSelector", {}), labels)]
         return not ingress or any(self.port_ok(r, port) and not r.get("from") for p in ingress for r in p["spec"].get("ingress", []))
 
+    def allows_to_outside(self, policies: list, labels: dict, port: int) -> bool:
+        """May a pod with these labels open TCP `port` to any public address (an ipBlock 0.0.0.0/0, or no `to`)?"""
+        egress = [p for p in policies if "Egress" in p["spec"].get("policyTypes", []) and self.matches(p["spec"].get("podSelector", {}), labels)]
+        return not egress or any(
+            self.port_ok(r, port) and (not r.get("to") or any(
+                peer.get("ipBlock", {}).get("cidr") == "0.0.0.0/0" and not peer["ipBlock"].get("except") for peer in r["to"]))
+            for p in egress for r in p["spec"].get("egress", []))
+
     # ---------------------------------------------------------------- overlays
     def check_overlay(self) -> None:
         deps = self.docs_of("Deployment")
@@ -396,6 +417,7 @@ class Checker:
             cm = next((c for c in self.docs_of("ConfigMap") if c["metadata"]["name"].startswith("mercato-config")), {})
             if cm.get("data", {}).get("AWS_REGION") != "ap-south-1":
                 self.fail("the aws-eks settings do not set AWS_REGION=ap-south-1")
+            self.check_cognito_issuer(cm.get("data", {}).get("MERCATO_AUTH__ISSUERS"))
         elif self.overlay == "local":
             for d in deps:
                 c = d["spec"]["template"]["spec"]["containers"][0]
@@ -411,6 +433,39 @@ class Checker:
                     self.fail(f"Deployment {svc}: MERCATO_{svc.upper()}__DATABASE_URL={url} on the local overlay, whose stores are embedded")
         else:
             self.fail("unknown overlay (expected local or aws-eks)")
+
+    def check_cognito_issuer(self, value: str | None) -> None:
+        """MERCATO_AUTH__ISSUERS names the Cognito user pool as Cognito's access tokens need it."""
+        key = "MERCATO_AUTH__ISSUERS"
+        if value is None:
+            self.fail(f"the aws-eks settings do not set {key} (the Cognito user pool as a token issuer)")
+            return
+        try:
+            issuers = tomllib.loads(f"issuers = {value}")["issuers"]
+        except tomllib.TOMLDecodeError as e:
+            self.fail(f"{key} is not a TOML inline array: {e}")
+            return
+        if not isinstance(issuers, list) or not all(isinstance(i, dict) for i in issuers):
+            self.fail(f"{key} is not an array of inline tables: {value}")
+            return
+        cognito = [i for i in issuers if COGNITO_ISSUER.fullmatch(str(i.get("issuer", "")))]
+        if len(cognito) != 1:
+            self.fail(f"{key} names {len(cognito)} Cognito user pools, expected 1: {value}")
+            return
+        c = cognito[0]
+        if COGNITO_ISSUER.fullmatch(c["issuer"]).group(1) != REGION:
+            self.fail(f"{key}: the Cognito issuer {c['issuer']} is not in {REGION}")
+        for field, expected in (("jwks_url", f"{c['issuer']}/.well-known/jwks.json"),
+                                ("audience_claim", "client_id"), ("roles_claim", "cognito:groups")):
+            if c.get(field) != expected:
+                self.fail(f"{key}: the Cognito issuer's {field} is {c.get(field)!r}, expected {expected!r}")
+        if not re.fullmatch(r"[0-9a-z]{1,128}", str(c.get("audience", ""))):
+            self.fail(f"{key}: the Cognito issuer's audience {c.get('audience')!r} is not an app client id")
+        if not c.get("admin_roles") or not isinstance(c["admin_roles"], list):
+            self.fail(f"{key}: the Cognito issuer has no admin_roles (the user pool's admin group)")
+        unknown = set(c) - {"issuer", "jwks_url", "audience", "audience_claim", "roles_claim", "admin_roles"}
+        if unknown:
+            self.fail(f"{key}: unknown fields {sorted(unknown)} in the Cognito issuer")
 
     def database_urls(self) -> dict[str, str]:
         """Each service's own database URL (MERCATO_<SERVICE>__DATABASE_URL) as its pod sees it."""
