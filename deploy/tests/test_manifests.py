@@ -527,7 +527,8 @@ def main(argv: list[str]) -> int:
         print(f"test_manifests: {len(problems)} problem(s)", file=sys.stderr)
         return 1
     print(f"test_manifests: {', '.join(summary)}: {len(services)} services ({', '.join(services)}) "
-          f"checked against the binary's ports and routes {sorted(paths)}; NetworkPolicies allow exactly {len(CALLS)} calls")
+          f"checked against the binary's ports and routes {sorted(paths)}; NetworkPolicies allow exactly {len(CALLS)} calls "
+          f"and HTTPS out (the token issuers' JWKS) for every service")
     return 0
 
 
