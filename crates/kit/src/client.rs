@@ -9,6 +9,7 @@ use http::{Method, StatusCode};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use crate::auth::ServiceKey;
 use crate::config::HttpSettings;
 use crate::problem::Problem;
 use crate::server::REQUEST_ID;
@@ -55,6 +56,8 @@ pub struct ServiceClient {
     http: reqwest::Client,
     base: Arc<str>,
     service: &'static str,
+    /// The calling service's credential for the callee's `/internal/*` routes.
+    credentials: Option<(Arc<ServiceKey>, &'static str)>,
 }
 
 impl ServiceClient {
@@ -63,7 +66,14 @@ impl ServiceClient {
             http,
             base: Arc::from(base_url.trim_end_matches('/')),
             service,
+            credentials: None,
         }
+    }
+
+    /// Signs every call as coming from `caller` (a service token in `Authorization`).
+    pub fn signed_by(mut self, key: Arc<ServiceKey>, caller: &'static str) -> Self {
+        self.credentials = Some((key, caller));
+        self
     }
 
     pub fn base_url(&self) -> &str {
@@ -112,6 +122,12 @@ impl ServiceClient {
         let mut request = self.http.request(method, format!("{}{}", self.base, path));
         if let Some(body) = body {
             request = request.json(body);
+        }
+        if let Some((key, caller)) = &self.credentials {
+            let token = key
+                .token_for(caller)
+                .map_err(|e| self.unavailable(format!("cannot sign the call: {e}")))?;
+            request = request.bearer_auth(token);
         }
         if let Ok(Some(id)) = REQUEST_ID.try_with(Clone::clone) {
             request = request.header("x-request-id", id);

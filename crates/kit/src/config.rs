@@ -60,6 +60,11 @@ pub struct Settings {
     pub notifier: NotifierSettings,
     pub dynamodb: DynamoSettings,
     pub analytics_engine: AnalyticsSettings,
+    /// The platform's currency (ISO 4217): every price and order is in it; a payment in another
+    /// currency is refused. INR by default, as the seed's platform is Indian.
+    pub currency: String,
+    pub auth: AuthSettings,
+    pub ops: OpsSettings,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -253,6 +258,151 @@ impl Default for Settings {
             notifier: NotifierSettings::default(),
             dynamodb: DynamoSettings::default(),
             analytics_engine: AnalyticsSettings::default(),
+            currency: "INR".into(),
+            auth: AuthSettings::default(),
+            ops: OpsSettings::default(),
+        }
+    }
+}
+
+/// Identity and access control (see `kit::auth`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthSettings {
+    /// `secure` (the default): every route has an owner and checks the caller's token. `open`:
+    /// access control is off, as the seed's platform ran; start-up and `/ready` warn loudly.
+    pub mode: AuthMode,
+    /// `iss` of the tokens Mercato issues.
+    pub issuer: String,
+    /// `aud` of the tokens Mercato issues, and the audience every service expects of them.
+    pub audience: String,
+    /// Lifetime of an access token (a JWT): short, since it cannot be revoked once issued.
+    pub access_token_ttl_secs: u64,
+    /// Lifetime of a refresh token (opaque, stored hashed, rotated at each use).
+    pub refresh_token_ttl_secs: u64,
+    /// The Ed25519 private key (PKCS#8 PEM) that signs access tokens; only the users service uses
+    /// it. With neither this nor `signing_key_file`, `<data_dir>/auth/` keeps a generated one.
+    pub signing_key: Option<Secret>,
+    pub signing_key_file: Option<PathBuf>,
+    /// Public keys (SPKI PEM) of earlier signing keys: tokens they signed stay valid until they
+    /// expire. Remove a key once `access_token_ttl_secs` has passed since its replacement.
+    pub previous_public_keys: Vec<String>,
+    /// Where a service that does not hold the signing key reads the public keys (a JWKS); the
+    /// users service's `/.well-known/jwks.json` when unset.
+    pub jwks_url: Option<String>,
+    /// The Ed25519 private key (PKCS#8 PEM) services sign their calls to each other's
+    /// `/internal/*` routes with; every service but the gateway holds it. With neither this nor
+    /// `service_key_file`, `<data_dir>/auth/` keeps a generated one.
+    pub service_key: Option<Secret>,
+    pub service_key_file: Option<PathBuf>,
+    /// External OpenID Connect providers whose access tokens are accepted (AWS Cognito, ...).
+    pub issuers: Vec<ExternalIssuer>,
+    /// Failed logins for one account within `login_failure_window_secs` before further attempts
+    /// are answered 429 with `Retry-After`.
+    pub login_max_failures: u32,
+    /// The same for one client address, whatever the accounts tried.
+    pub login_client_max_failures: u32,
+    pub login_failure_window_secs: u64,
+    /// The first administrator, from configuration: created at start-up (users service) when no
+    /// user has this e-mail, promoted to admin when one has. Both must be set; there is never a
+    /// default password.
+    pub admin_email: Option<String>,
+    pub admin_password: Option<Secret>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    #[default]
+    Secure,
+    Open,
+}
+
+/// An OpenID Connect provider whose tokens are accepted beside Mercato's own.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ExternalIssuer {
+    /// The provider's `iss` (`https://cognito-idp.<region>.amazonaws.com/<pool id>`).
+    pub issuer: String,
+    /// Its public keys (`<issuer>/.well-known/jwks.json` for Cognito).
+    pub jwks_url: String,
+    /// The value `audience_claim` must hold (Cognito: the app client id).
+    pub audience: String,
+    /// `aud` (OIDC), or `client_id` for Cognito access tokens, which carry no `aud`.
+    #[serde(default = "default_audience_claim")]
+    pub audience_claim: String,
+    /// The claim listing the caller's groups or roles (`cognito:groups` for Cognito).
+    #[serde(default = "default_roles_claim")]
+    pub roles_claim: String,
+    /// Members of any of these groups are administrators; everyone else is a customer.
+    #[serde(default = "default_admin_roles")]
+    pub admin_roles: Vec<String>,
+}
+
+fn default_audience_claim() -> String {
+    "aud".into()
+}
+
+fn default_roles_claim() -> String {
+    "roles".into()
+}
+
+fn default_admin_roles() -> Vec<String> {
+    vec!["admin".into()]
+}
+
+/// A secret setting: its `Debug` never shows the value, so settings can be logged.
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+/// The operations listener: `/health`, `/ready` and `/metrics` for everything this process
+/// runs, kept off the public listeners (the Kubernetes probes and the Prometheus scrape use it).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct OpsSettings {
+    /// 0 picks a free port.
+    pub port: u16,
+}
+
+impl Default for OpsSettings {
+    fn default() -> Self {
+        OpsSettings { port: 8090 }
+    }
+}
+
+impl Default for AuthSettings {
+    fn default() -> Self {
+        AuthSettings {
+            mode: AuthMode::Secure,
+            issuer: "mercato".into(),
+            audience: "mercato-api".into(),
+            access_token_ttl_secs: 15 * 60,
+            refresh_token_ttl_secs: 30 * 24 * 60 * 60,
+            signing_key: None,
+            signing_key_file: None,
+            previous_public_keys: Vec::new(),
+            jwks_url: None,
+            service_key: None,
+            service_key_file: None,
+            issuers: Vec::new(),
+            login_max_failures: 5,
+            login_client_max_failures: 20,
+            login_failure_window_secs: 15 * 60,
+            admin_email: None,
+            admin_password: None,
         }
     }
 }
@@ -457,6 +607,27 @@ mod tests {
                 "no table named: the shared url"
             );
             assert_eq!(s.database_url(&s.users, "users"), "postgres://db/mercato");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn external_issuers_come_from_one_environment_variable() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env(
+                "MERCATO_AUTH__ISSUERS",
+                r#"[{issuer="https://cognito-idp.ap-south-1.amazonaws.com/ap-south-1_abc", jwks_url="https://cognito-idp.ap-south-1.amazonaws.com/ap-south-1_abc/.well-known/jwks.json", audience="client123", audience_claim="client_id", roles_claim="cognito:groups"}]"#,
+            );
+            jail.set_env("MERCATO_AUTH__MODE", "open");
+            let s = Settings::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(s.auth.mode, AuthMode::Open);
+            assert_eq!(s.auth.issuers.len(), 1);
+            let cognito = &s.auth.issuers[0];
+            assert_eq!(cognito.audience, "client123");
+            assert_eq!(cognito.audience_claim, "client_id");
+            assert_eq!(cognito.roles_claim, "cognito:groups");
+            assert_eq!(cognito.admin_roles, vec!["admin".to_owned()]);
+            assert_eq!(format!("{:?}", Secret("hunter2".into())), "Secret(..)");
             Ok(())
         });
     }

@@ -376,6 +376,18 @@ pub async fn guard(State(idem): State<Idempotency>, req: Request, next: Next) ->
         }
         _ => return key_problem().into_response(),
     };
+    // Keys are per caller: another user sending the same key must never get this answer.
+    // A request without valid credentials skips the guard; its handler refuses it.
+    let scope = match req.extensions().get::<std::sync::Arc<crate::auth::Auth>>() {
+        Some(auth) => match auth.caller(req.headers()).await {
+            Ok(Some(caller)) => caller
+                .user_id()
+                .map_or_else(|| "anonymous".to_owned(), |id| id.to_string()),
+            Ok(None) | Err(_) => return next.run(req).await,
+        },
+        None => "anonymous".to_owned(),
+    };
+    let key = format!("{scope}/{key}");
     let (mut parts, body) = req.into_parts();
     let bytes = match axum::body::to_bytes(body, idem.body_limit).await {
         Ok(b) => b,

@@ -4,6 +4,7 @@
 //! across services (configuration, error bodies, metrics, shutdown, outbound HTTP, money,
 //! SQLite and PostgreSQL setup) lives here so that it is written, and fixed, once.
 
+pub mod auth;
 pub mod client;
 pub mod config;
 pub mod db;

@@ -25,9 +25,12 @@ struct Cli {
 enum Command {
     /// Run all seven services in this process (the default).
     Up {
-        /// Do not seed the demo catalog into an empty products store.
+        /// Do not seed the demo catalog (and demo accounts) into an empty store.
         #[arg(long)]
         no_demo: bool,
+        /// Turn access control off, as the seed's platform ran (auth.mode = "open").
+        #[arg(long)]
+        open: bool,
     },
     /// Run one service; the others are reached at their configured URLs.
     Serve {
@@ -35,12 +38,34 @@ enum Command {
         service: ServiceName,
         #[arg(long)]
         no_demo: bool,
+        /// Turn access control off (auth.mode = "open").
+        #[arg(long)]
+        open: bool,
+    },
+    /// Accounts and keys.
+    Admin {
+        #[command(subcommand)]
+        command: AdminCommand,
     },
     /// Analytics tools.
     Analytics {
         #[command(subcommand)]
         command: AnalyticsCommand,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum AdminCommand {
+    /// Create an administrator in the users store the settings name (or make an existing
+    /// account one). The password is read from the first line of standard input, or generated
+    /// and printed when standard input is a terminal or empty.
+    Create {
+        #[arg(long)]
+        email: String,
+    },
+    /// Start a new token signing key in `<data dir>/auth/`; the previous one stays published
+    /// until its last token expires. Restart the users service to sign with the new key.
+    RotateKey,
 }
 
 #[derive(Debug, Subcommand)]
@@ -80,10 +105,27 @@ fn main() -> anyhow::Result<()> {
     if let Some(dir) = cli.data_dir {
         settings.data_dir = dir;
     }
-    let (services, no_demo): (Vec<ServiceName>, bool) = match cli.command {
-        None => (ServiceName::ALL.to_vec(), false),
-        Some(Command::Up { no_demo }) => (ServiceName::ALL.to_vec(), no_demo),
-        Some(Command::Serve { service, no_demo }) => (vec![service], no_demo),
+    let (services, no_demo, open): (Vec<ServiceName>, bool, bool) = match cli.command {
+        None => (ServiceName::ALL.to_vec(), false, false),
+        Some(Command::Up { no_demo, open }) => (ServiceName::ALL.to_vec(), no_demo, open),
+        Some(Command::Serve {
+            service,
+            no_demo,
+            open,
+        }) => (vec![service], no_demo, open),
+        Some(Command::Admin {
+            command: AdminCommand::Create { email },
+        }) => return create_admin(&settings, &email),
+        Some(Command::Admin {
+            command: AdminCommand::RotateKey,
+        }) => {
+            let kid = kit::auth::keys::rotate_in_dir(&settings.data_dir.join("auth"))?;
+            say!(
+                "new signing key {kid} in {}",
+                settings.data_dir.join("auth").display()
+            );
+            return Ok(());
+        }
         Some(Command::Analytics {
             command: AnalyticsCommand::Replay { input, output },
         }) => return replay(&settings, &input, &output),
@@ -94,6 +136,9 @@ fn main() -> anyhow::Result<()> {
     if no_demo {
         settings.demo = false;
     }
+    if open {
+        settings.auth.mode = kit::config::AuthMode::Open;
+    }
     kit::telemetry::init_logging(&settings.log);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -103,6 +148,43 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// `mercato analytics replay`: the analytics engine over a file, timed.
+fn create_admin(settings: &Settings, email: &str) -> anyhow::Result<()> {
+    use std::io::{BufRead as _, IsTerminal as _};
+    let mut line = String::new();
+    if !std::io::stdin().is_terminal() {
+        std::io::stdin()
+            .lock()
+            .read_line(&mut line)
+            .context("reading the password from standard input")?;
+    }
+    let typed = line.trim_end_matches(['\r', '\n']).to_owned();
+    let (password, generated) = if typed.is_empty() {
+        (users::bootstrap::random_password()?, true)
+    } else {
+        (typed, false)
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    runtime.block_on(async {
+        let store = startup::open_users_store(settings).await?;
+        let hasher = users::password::Hasher::new(1)?;
+        let (user, outcome) =
+            users::bootstrap::ensure_admin(store.as_ref(), &hasher, email, &password).await?;
+        store.close().await;
+        let what = match outcome {
+            users::bootstrap::AdminOutcome::Created => "created",
+            users::bootstrap::AdminOutcome::Promoted => "promoted to administrator",
+        };
+        say!("{} ({}) {what}", user.email, user.id);
+        if generated {
+            say!("password: {password}");
+        }
+        anyhow::Ok(())
+    })
+}
+
 fn replay(
     settings: &Settings,
     input: &std::path::Path,
@@ -170,6 +252,19 @@ async fn run(settings: Settings, services: Vec<ServiceName>) -> anyhow::Result<(
     );
     for (service, addr) in &platform.addresses {
         say!("  {:<width$} http://{addr}", service.as_str());
+    }
+    if settings.auth.mode == kit::config::AuthMode::Open {
+        say!("WARNING: access control is OFF (open mode): anyone may read and change everything.");
+    }
+    if let Some(demo) = &platform.demo_accounts {
+        if demo.created.is_empty() {
+            say!("Demo accounts: see {}", demo.file.display());
+        } else {
+            say!("Demo accounts (kept in {}):", demo.file.display());
+            for (email, password) in &demo.created {
+                say!("  {email}  password {password}");
+            }
+        }
     }
     if let Some(gateway) = platform.url(ServiceName::Gateway) {
         say!("Try: curl {gateway}/api/v1/products");

@@ -14,8 +14,9 @@ use anyhow::Context;
 use bus::embedded::{EmbeddedBus, EmbeddedOptions};
 use bus::outbox::Relay;
 use bus::{Queue, Stream};
+use kit::auth::{Auth, OwnKeys, TokenIssuer, Verifier};
 use kit::client::{ServiceClient, http_client};
-use kit::config::{ServiceSettings, Settings};
+use kit::config::{AuthMode, ServiceSettings, Settings};
 use kit::idempotency::Idempotency;
 use kit::server::{self, ReadyCheck, ready_check};
 use tokio::net::TcpListener;
@@ -105,6 +106,17 @@ pub struct Platform {
     closers: Vec<kit::db::Db>,
     closing: Vec<Closing>,
     bus: Option<EmbeddedBus>,
+    /// The demo accounts created at this start (`mercato up`'s first start), and the file
+    /// that keeps their passwords.
+    pub demo_accounts: Option<DemoAccounts>,
+}
+
+/// Accounts `mercato up` created with random passwords, kept in `file` (mode 0600).
+#[derive(Debug, Clone)]
+pub struct DemoAccounts {
+    pub file: std::path::PathBuf,
+    /// `(email, password)` of the accounts created now; empty on later starts.
+    pub created: Vec<(String, String)>,
 }
 
 impl Platform {
@@ -266,6 +278,13 @@ struct Assembly<'a> {
     closers: Vec<kit::db::Db>,
     closing: Vec<Closing>,
     apps: Vec<(ServiceName, axum::Router)>,
+    /// Verifies user and service tokens in every service.
+    auth: Arc<Auth>,
+    /// Signs access tokens: only where the users service runs.
+    issuer: Option<Arc<TokenIssuer>>,
+    /// Whether to create the demo accounts (`mercato up` with its demo catalog).
+    demo_accounts: bool,
+    created_demo_accounts: Option<DemoAccounts>,
 }
 
 impl Assembly<'_> {
@@ -275,11 +294,6 @@ impl Assembly<'_> {
             .find(|(s, _)| *s == service)
             .map(|(_, u)| u.clone())
             .unwrap_or_default()
-    }
-
-    fn db_url(&self, service: ServiceName) -> String {
-        self.settings
-            .database_url(service.settings(self.settings), service.as_str())
     }
 
     /// The analytics engine's window state: a SQLite file of the instance's own (a state store,
@@ -300,36 +314,7 @@ impl Assembly<'_> {
     /// `postgres://` ones, which need the `postgres` feature; DynamoDB for `dynamodb://` ones
     /// (orders, payments, notifications), which need the `dynamodb` feature.
     fn backend(&self, service: ServiceName) -> anyhow::Result<Backend> {
-        let url = self.db_url(service);
-        // Spelled out rather than `kit::pg::is_postgres_url`: without the feature there is no
-        // `kit::pg`, and that is exactly when the url must be recognised to refuse it clearly.
-        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            #[cfg(feature = "postgres")]
-            return Ok(Backend::Postgres(url));
-            #[cfg(not(feature = "postgres"))]
-            anyhow::bail!(
-                "the {} database url is a PostgreSQL one, but this mercato was built without the \
-                 `postgres` feature; rebuild with `--features postgres` or use a sqlite:// url",
-                service.as_str()
-            )
-        }
-        if kit::dynamo_url::is_dynamo_url(&url) {
-            if !matches!(
-                service,
-                ServiceName::Orders | ServiceName::Payments | ServiceName::Notifications
-            ) {
-                return Err(not_on_dynamo(service));
-            }
-            #[cfg(feature = "dynamodb")]
-            return Ok(Backend::Dynamo(url));
-            #[cfg(not(feature = "dynamodb"))]
-            anyhow::bail!(
-                "the {} database url is a DynamoDB one, but this mercato was built without the \
-                 `dynamodb` feature; rebuild with `--features dynamodb` or use a sqlite:// url",
-                service.as_str()
-            )
-        }
-        Ok(Backend::Sqlite(url))
+        backend(self.settings, service)
     }
 
     /// Closes a store at shutdown, after every task has drained.
@@ -341,8 +326,10 @@ impl Assembly<'_> {
         self.closing.push(Box::new(move || Box::pin(close())));
     }
 
-    fn client(&self, service: ServiceName) -> ServiceClient {
+    /// A client of `service`'s internal routes, signed as `caller`.
+    fn client(&self, caller: ServiceName, service: ServiceName) -> ServiceClient {
         ServiceClient::new(service.as_str(), &self.url(service), self.http.clone())
+            .signed_by(self.auth.service_key().clone(), caller.as_str())
     }
 
     fn body_limit(&self) -> usize {
@@ -421,7 +408,12 @@ impl Assembly<'_> {
     }
 
     fn serve(&mut self, service: ServiceName, router: axum::Router, ready: ReadyCheck) {
-        let app = server::app(service.as_str(), router, ready, self.body_limit());
+        let app = server::app(
+            service.as_str(),
+            router.layer(self.auth.layer()),
+            ready,
+            self.body_limit(),
+        );
         self.apps.push((service, app));
     }
 
@@ -463,21 +455,7 @@ impl Assembly<'_> {
     }
 
     async fn users(&mut self) -> anyhow::Result<()> {
-        let store: Arc<dyn users::UserStore> = match self.backend(ServiceName::Users)? {
-            Backend::Sqlite(url) => Arc::new(
-                users::SqliteUserStore::open(&url, &self.settings.sqlite)
-                    .await
-                    .context("opening the users store")?,
-            ),
-            #[cfg(feature = "postgres")]
-            Backend::Postgres(url) => Arc::new(
-                users::pg::PgUserStore::open(&url, "users", &self.settings.postgres)
-                    .await
-                    .context("opening the users store (PostgreSQL)")?,
-            ),
-            #[cfg(feature = "dynamodb")]
-            Backend::Dynamo(_) => return Err(not_on_dynamo(ServiceName::Users)),
-        };
+        let store = open_users_store(self.settings).await?;
         let (pinged, closed) = (store.clone(), store.clone());
         self.close_at_stop(move || async move { closed.close().await });
         let ready = self.ready_when(
@@ -488,7 +466,55 @@ impl Assembly<'_> {
             false,
             false,
         );
-        self.serve(ServiceName::Users, users::router(store), ready);
+        let hasher = users::password::Hasher::new(2).context("preparing password hashing")?;
+        let auth = &self.settings.auth;
+        match (&auth.admin_email, &auth.admin_password) {
+            (Some(email), Some(password)) => {
+                let (user, outcome) = users::bootstrap::ensure_admin(
+                    store.as_ref(),
+                    &hasher,
+                    email,
+                    password.expose(),
+                )
+                .await
+                .context("creating the administrator from auth.admin_email")?;
+                tracing::info!(user_id = %user.id, ?outcome, "administrator from configuration");
+            }
+            (None, None) => {}
+            _ => anyhow::bail!("auth.admin_email and auth.admin_password must be set together"),
+        }
+        if self.demo_accounts {
+            let created = users::bootstrap::demo_accounts(store.as_ref(), &hasher)
+                .await
+                .context("creating the demo accounts")?;
+            let file = self.settings.data_dir.join("demo-accounts.txt");
+            if !created.is_empty() {
+                write_private(
+                    &file,
+                    &created
+                        .iter()
+                        .map(|(email, password)| format!("{email} {password}\n"))
+                        .collect::<String>(),
+                )?;
+            }
+            self.created_demo_accounts = Some(DemoAccounts { file, created });
+        }
+        let issuer = self
+            .issuer
+            .clone()
+            .context("the users service needs the token signing key")?;
+        let ctx = users::ApiContext {
+            store,
+            hasher,
+            issuer,
+            throttle: Arc::new(users::throttle::LoginThrottle::new(
+                auth.login_max_failures,
+                auth.login_client_max_failures,
+                Duration::from_secs(auth.login_failure_window_secs),
+            )),
+            refresh_ttl: Duration::from_secs(auth.refresh_token_ttl_secs),
+        };
+        self.serve(ServiceName::Users, users::router(ctx), ready);
         Ok(())
     }
 
@@ -628,13 +654,14 @@ impl Assembly<'_> {
         let ctx = orders::ApiContext {
             store: store.clone(),
             deps: orders::clients::Dependencies {
-                users: self.client(ServiceName::Users),
-                products: self.client(ServiceName::Products),
+                users: self.client(ServiceName::Orders, ServiceName::Users),
+                products: self.client(ServiceName::Orders, ServiceName::Products),
             },
             order_ttl: chrono::Duration::seconds(
                 i64::try_from(self.settings.saga.pending_order_ttl_secs).unwrap_or(900),
             ),
             idempotency,
+            currency: Arc::from(self.settings.currency.as_str()),
         };
         let shutdown = self.shutdown.clone();
         self.tasks.spawn(relay.run(shutdown.clone()));
@@ -724,7 +751,7 @@ impl Assembly<'_> {
         self.close_store_at_stop(store.clone(), |s| s.close());
         let ctx = payments::ApiContext {
             store: store.clone(),
-            orders: self.client(ServiceName::Orders),
+            orders: self.client(ServiceName::Payments, ServiceName::Orders),
             idempotency,
         };
         self.tasks.spawn(relay.run(self.shutdown.clone()));
@@ -883,6 +910,126 @@ impl Assembly<'_> {
     }
 }
 
+/// SQLite for `sqlite://` urls; PostgreSQL (schema = the service's name) for `postgres://` ones,
+/// which need the `postgres` feature; DynamoDB for `dynamodb://` ones (orders, payments,
+/// notifications), which need the `dynamodb` feature.
+fn backend(settings: &Settings, service: ServiceName) -> anyhow::Result<Backend> {
+    let url = settings.database_url(service.settings(settings), service.as_str());
+
+    // Spelled out rather than `kit::pg::is_postgres_url`: without the feature there is no
+    // `kit::pg`, and that is exactly when the url must be recognised to refuse it clearly.
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        #[cfg(feature = "postgres")]
+        return Ok(Backend::Postgres(url));
+        #[cfg(not(feature = "postgres"))]
+        anyhow::bail!(
+            "the {} database url is a PostgreSQL one, but this mercato was built without the \
+                 `postgres` feature; rebuild with `--features postgres` or use a sqlite:// url",
+            service.as_str()
+        )
+    }
+    if kit::dynamo_url::is_dynamo_url(&url) {
+        if !matches!(
+            service,
+            ServiceName::Orders | ServiceName::Payments | ServiceName::Notifications
+        ) {
+            return Err(not_on_dynamo(service));
+        }
+        #[cfg(feature = "dynamodb")]
+        return Ok(Backend::Dynamo(url));
+        #[cfg(not(feature = "dynamodb"))]
+        anyhow::bail!(
+            "the {} database url is a DynamoDB one, but this mercato was built without the \
+                 `dynamodb` feature; rebuild with `--features dynamodb` or use a sqlite:// url",
+            service.as_str()
+        )
+    }
+    Ok(Backend::Sqlite(url))
+}
+
+/// Opens the users store the settings name (for `mercato admin create` and the service).
+pub async fn open_users_store(settings: &Settings) -> anyhow::Result<Arc<dyn users::UserStore>> {
+    Ok(match backend(settings, ServiceName::Users)? {
+        Backend::Sqlite(url) => Arc::new(
+            users::SqliteUserStore::open(&url, &settings.sqlite)
+                .await
+                .context("opening the users store")?,
+        ),
+        #[cfg(feature = "postgres")]
+        Backend::Postgres(url) => Arc::new(
+            users::pg::PgUserStore::open(&url, "users", &settings.postgres)
+                .await
+                .context("opening the users store (PostgreSQL)")?,
+        ),
+        #[cfg(feature = "dynamodb")]
+        Backend::Dynamo(_) => return Err(not_on_dynamo(ServiceName::Users)),
+    })
+}
+
+/// Writes a file only its owner may read (appending to what it holds).
+fn write_private(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut options = std::fs::OpenOptions::new();
+    options.create(true).append(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    file.write_all(text.as_bytes())
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+/// Identity for this process: the token verifier (and, where the users service runs, the
+/// signing keys) and the service key for internal calls.
+fn identity(
+    settings: &Settings,
+    services: &[ServiceName],
+    users_url: &str,
+    http: &reqwest::Client,
+) -> anyhow::Result<(Arc<Auth>, Option<Arc<TokenIssuer>>)> {
+    let auth = &settings.auth;
+    if auth.mode == AuthMode::Open {
+        tracing::warn!(
+            "ACCESS CONTROL IS OFF (auth.mode = open): anyone may read and change everything. \
+             Use it only for the seed's clients on a private network."
+        );
+    }
+    let holds_signing_key = services.contains(&ServiceName::Users)
+        || auth.signing_key.is_some()
+        || auth.signing_key_file.is_some();
+    let ring = if holds_signing_key {
+        Some(
+            kit::auth::signing_ring(auth, &settings.data_dir)
+                .context("loading the token signing keys")?,
+        )
+    } else {
+        None
+    };
+    let own_keys = match (&ring, &auth.jwks_url) {
+        (Some(ring), _) => OwnKeys::Local(ring.public_keys()),
+        (None, Some(url)) => OwnKeys::Remote(url.clone()),
+        (None, None) => OwnKeys::Remote(format!(
+            "{}/.well-known/jwks.json",
+            users_url.trim_end_matches('/')
+        )),
+    };
+    let verifier = Verifier::new(
+        &auth.issuer,
+        &auth.audience,
+        own_keys,
+        &auth.issuers,
+        http.clone(),
+    );
+    let service_key = kit::auth::service_key(auth, &settings.data_dir)
+        .context("loading the service key (auth.service_key)")?;
+    let issuer = ring.map(|ring| Arc::new(TokenIssuer::new(ring, auth)));
+    Ok((
+        Auth::new(auth.mode, verifier, Arc::new(service_key)),
+        issuer,
+    ))
+}
+
 /// How often retention, dedup and idempotency tables are pruned.
 const HOUSEKEEPING: Duration = Duration::from_secs(600);
 
@@ -908,7 +1055,7 @@ pub async fn start(settings: &Settings, services: &[ServiceName]) -> anyhow::Res
         listeners.push((service, listener));
     }
     // A service's URL: configured, else where it was just bound, else its configured port.
-    let urls = ServiceName::ALL
+    let urls: Vec<(ServiceName, String)> = ServiceName::ALL
         .into_iter()
         .map(|service| {
             let configured = &service.settings(settings).url;
@@ -954,10 +1101,19 @@ pub async fn start(settings: &Settings, services: &[ServiceName]) -> anyhow::Res
         None
     };
 
+    let http = http_client(&settings.http).context("building the HTTP client")?;
+    let users_url = urls
+        .iter()
+        .find(|(s, _)| *s == ServiceName::Users)
+        .map(|(_, u): &(ServiceName, String)| u.clone())
+        .unwrap_or_default();
+    std::fs::create_dir_all(&settings.data_dir)
+        .with_context(|| format!("creating {}", settings.data_dir.display()))?;
+    let (auth, issuer) = identity(settings, services, &users_url, &http)?;
     let mut assembly = Assembly {
         settings,
         urls,
-        http: http_client(&settings.http).context("building the HTTP client")?,
+        http,
         bus: bus.clone(),
         external_stream,
         external_queue,
@@ -966,6 +1122,11 @@ pub async fn start(settings: &Settings, services: &[ServiceName]) -> anyhow::Res
         closers: Vec::new(),
         closing: Vec::new(),
         apps: Vec::new(),
+        auth,
+        issuer,
+        // `mercato up` (every service) with its demo catalog; never `serve`.
+        demo_accounts: settings.demo && ServiceName::ALL.iter().all(|s| services.contains(s)),
+        created_demo_accounts: None,
     };
     if let Some(bus) = bus.clone() {
         let retention = assembly.retention();
@@ -992,6 +1153,7 @@ pub async fn start(settings: &Settings, services: &[ServiceName]) -> anyhow::Res
         closers,
         closing,
         mut apps,
+        created_demo_accounts,
         ..
     } = assembly;
     let mut addresses = Vec::new();
@@ -1017,5 +1179,6 @@ pub async fn start(settings: &Settings, services: &[ServiceName]) -> anyhow::Res
         closers,
         closing,
         bus,
+        demo_accounts: created_demo_accounts,
     })
 }

@@ -34,6 +34,8 @@ pub fn router(store: AnalyticsStore, feed: Feed) -> Router {
                 .route("/api/v1/analytics/stream", get(crate::feed::stream))
                 .with_state(feed),
         )
+        // Every analytics route is for operators.
+        .route_layer(axum::middleware::from_extractor::<kit::auth::Admin>())
 }
 
 fn internal(e: impl std::fmt::Display) -> Problem {

@@ -17,6 +17,8 @@ use kit::Problem;
 pub enum ProxyError {
     #[error("invalid upstream url `{0}`: expected http://host:port")]
     InvalidUpstream(String),
+    #[error("invalid method `{0}` in the route table")]
+    Method(&'static str),
 }
 
 /// An upstream's scheme and authority.
@@ -119,6 +121,24 @@ impl Proxy {
         }
         parts.headers.remove(header::HOST);
         strip_hop_by_hop(&mut parts.headers);
+        // The client's address, appended so upstreams (login throttling) read the last hop.
+        if let Some(peer) = parts
+            .extensions
+            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+            .map(|info| info.0.ip().to_string())
+        {
+            let chain = match parts
+                .headers
+                .get("x-forwarded-for")
+                .and_then(|v| v.to_str().ok())
+            {
+                Some(earlier) => format!("{earlier}, {peer}"),
+                None => peer,
+            };
+            if let Ok(value) = HeaderValue::from_str(&chain) {
+                parts.headers.insert("x-forwarded-for", value);
+            }
+        }
         parts
             .headers
             .insert("x-forwarded-proto", HeaderValue::from_static("http"));

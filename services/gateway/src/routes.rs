@@ -5,10 +5,12 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{Request, State};
-use axum::http::header;
-use axum::response::IntoResponse;
+use axum::http::{Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
 use futures_util::future::join_all;
+use kit::Problem;
+use kit::auth::{Auth, Rejection};
 
 use crate::proxy::{Proxy, Upstream};
 
@@ -25,6 +27,8 @@ pub struct Upstreams {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Service {
+    /// The gateway itself (its OpenAPI document).
+    Gateway,
     Users,
     Products,
     Orders,
@@ -33,28 +37,191 @@ pub enum Service {
     Analytics,
 }
 
-/// Every public route, by template, and the service that serves it.
-pub const PUBLIC_ROUTES: &[(&str, Service)] = &[
-    ("/api/v1/users", Service::Users),
-    ("/api/v1/users/{id}", Service::Users),
-    ("/api/v1/products", Service::Products),
-    ("/api/v1/products/{id}", Service::Products),
-    ("/api/v1/products/{id}/stock", Service::Products),
-    ("/api/v1/orders", Service::Orders),
-    ("/api/v1/orders/{id}", Service::Orders),
-    ("/api/v1/orders/{id}/status", Service::Orders),
-    ("/api/v1/orders/user/{user_id}", Service::Orders),
-    ("/api/v1/payments", Service::Payments),
-    ("/api/v1/payments/{id}", Service::Payments),
-    ("/api/v1/payments/{id}/refund", Service::Payments),
-    ("/api/v1/payments/order/{order_id}", Service::Payments),
-    ("/api/v1/notifications", Service::Notifications),
-    ("/api/v1/analytics/{*rest}", Service::Analytics),
+/// Who may call a route. The gateway refuses early what it can tell from the token alone;
+/// every service checks again, and decides ownership (someone else's order is a 404 there).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Anyone, signed in or not.
+    Anyone,
+    /// A signed-in customer or administrator; ownership is checked by the service.
+    SignedIn,
+    /// Administrators (operators) only.
+    Admin,
+}
+
+impl Access {
+    /// How the OpenAPI document names it (`x-mercato-access`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Access::Anyone => "anyone",
+            Access::SignedIn => "signed-in",
+            Access::Admin => "admin",
+        }
+    }
+}
+
+/// One public route: method, template, the service behind it and who may call it.
+#[derive(Debug, Clone, Copy)]
+pub struct PublicRoute {
+    pub method: &'static str,
+    pub template: &'static str,
+    pub service: Service,
+    pub access: Access,
+}
+
+const fn route(
+    method: &'static str,
+    template: &'static str,
+    service: Service,
+    access: Access,
+) -> PublicRoute {
+    PublicRoute {
+        method,
+        template,
+        service,
+        access,
+    }
+}
+
+/// Every public route. Anything else (`/internal/*`, `/metrics`, `/ready`) is a 404 here.
+pub const PUBLIC_ROUTES: &[PublicRoute] = &[
+    route("POST", "/api/v1/users", Service::Users, Access::Anyone),
+    route("GET", "/api/v1/users", Service::Users, Access::Admin),
+    route("GET", "/api/v1/users/me", Service::Users, Access::SignedIn),
+    route(
+        "GET",
+        "/api/v1/users/{id}",
+        Service::Users,
+        Access::SignedIn,
+    ),
+    route(
+        "DELETE",
+        "/api/v1/users/{id}",
+        Service::Users,
+        Access::SignedIn,
+    ),
+    route("POST", "/api/v1/auth/token", Service::Users, Access::Anyone),
+    route(
+        "POST",
+        "/api/v1/auth/logout",
+        Service::Users,
+        Access::Anyone,
+    ),
+    route(
+        "GET",
+        "/.well-known/jwks.json",
+        Service::Users,
+        Access::Anyone,
+    ),
+    route("GET", "/api/v1/products", Service::Products, Access::Anyone),
+    route("POST", "/api/v1/products", Service::Products, Access::Admin),
+    route(
+        "GET",
+        "/api/v1/products/{id}",
+        Service::Products,
+        Access::Anyone,
+    ),
+    route(
+        "PUT",
+        "/api/v1/products/{id}",
+        Service::Products,
+        Access::Admin,
+    ),
+    route(
+        "DELETE",
+        "/api/v1/products/{id}",
+        Service::Products,
+        Access::Admin,
+    ),
+    route(
+        "GET",
+        "/api/v1/products/{id}/stock",
+        Service::Products,
+        Access::Anyone,
+    ),
+    route("POST", "/api/v1/orders", Service::Orders, Access::SignedIn),
+    route(
+        "GET",
+        "/api/v1/orders/{id}",
+        Service::Orders,
+        Access::SignedIn,
+    ),
+    route(
+        "PUT",
+        "/api/v1/orders/{id}/status",
+        Service::Orders,
+        Access::SignedIn,
+    ),
+    route(
+        "GET",
+        "/api/v1/orders/user/{user_id}",
+        Service::Orders,
+        Access::SignedIn,
+    ),
+    route(
+        "POST",
+        "/api/v1/payments",
+        Service::Payments,
+        Access::SignedIn,
+    ),
+    route(
+        "GET",
+        "/api/v1/payments/{id}",
+        Service::Payments,
+        Access::SignedIn,
+    ),
+    route(
+        "POST",
+        "/api/v1/payments/{id}/refund",
+        Service::Payments,
+        Access::Admin,
+    ),
+    route(
+        "GET",
+        "/api/v1/payments/order/{order_id}",
+        Service::Payments,
+        Access::SignedIn,
+    ),
+    route(
+        "GET",
+        "/api/v1/notifications",
+        Service::Notifications,
+        Access::SignedIn,
+    ),
+    route(
+        "GET",
+        "/api/v1/analytics/windows",
+        Service::Analytics,
+        Access::Admin,
+    ),
+    route(
+        "GET",
+        "/api/v1/analytics/summary",
+        Service::Analytics,
+        Access::Admin,
+    ),
+    route(
+        "GET",
+        "/api/v1/analytics/top-products",
+        Service::Analytics,
+        Access::Admin,
+    ),
+    route(
+        "GET",
+        "/api/v1/analytics/stream",
+        Service::Analytics,
+        Access::Admin,
+    ),
 ];
+
+/// The gateway's own public route (not forwarded).
+pub const OPENAPI_ROUTE: PublicRoute =
+    route("GET", "/openapi.json", Service::Gateway, Access::Anyone);
 
 impl Upstreams {
     fn base(&self, service: Service) -> &str {
         match service {
+            Service::Gateway => "",
             Service::Users => &self.users,
             Service::Products => &self.products,
             Service::Orders => &self.orders,
@@ -83,18 +250,78 @@ pub fn router(
     timeout: Duration,
 ) -> Result<Router, crate::proxy::ProxyError> {
     let proxy = Proxy::new(body_limit, timeout);
-    let mut router = Router::new().route("/openapi.json", get(openapi));
-    for (template, service) in PUBLIC_ROUTES {
-        let upstream = Arc::new(Upstream::parse(upstreams.base(*service))?);
+    let mut router = Router::new().route(OPENAPI_ROUTE.template, get(openapi));
+    let mut templates: Vec<&'static str> = Vec::new();
+    for r in PUBLIC_ROUTES {
+        if !templates.contains(&r.template) {
+            templates.push(r.template);
+        }
+    }
+    for template in templates {
+        // The methods of this template, with their service and access.
+        let methods: Arc<Vec<(Method, Arc<Upstream>, Access)>> = Arc::new(
+            PUBLIC_ROUTES
+                .iter()
+                .filter(|r| r.template == template)
+                .map(|r| {
+                    Ok((
+                        Method::from_bytes(r.method.as_bytes())
+                            .map_err(|_| crate::proxy::ProxyError::Method(r.method))?,
+                        Arc::new(Upstream::parse(upstreams.base(r.service))?),
+                        r.access,
+                    ))
+                })
+                .collect::<Result<_, crate::proxy::ProxyError>>()?,
+        );
         router = router.route(
             template,
             any(move |State(proxy): State<Proxy>, req: Request| {
-                let upstream = upstream.clone();
-                async move { proxy.forward(&upstream, req).await }
+                let methods = methods.clone();
+                async move {
+                    let Some((_, upstream, access)) =
+                        methods.iter().find(|(m, _, _)| m == req.method())
+                    else {
+                        return method_not_allowed();
+                    };
+                    let auth = req.extensions().get::<Arc<Auth>>().cloned();
+                    let (parts, body) = req.into_parts();
+                    if let Err(refused) = admit(*access, auth.as_deref(), &parts.headers).await {
+                        return refused.into_response();
+                    }
+                    let req = Request::from_parts(parts, body);
+                    proxy.forward(upstream, req).await
+                }
             }),
         );
     }
     Ok(router.with_state(proxy))
+}
+
+fn method_not_allowed() -> Response {
+    Problem::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method-not-allowed",
+        "Method not allowed",
+    )
+    .into_response()
+}
+
+/// The early check: a missing or bad token on a signed-in route is a 401, a customer on an
+/// administrators' route a 403, before anything reaches a service. Open mode admits all.
+async fn admit(
+    access: Access,
+    auth: Option<&Auth>,
+    headers: &axum::http::HeaderMap,
+) -> Result<(), Rejection> {
+    if access == Access::Anyone {
+        return Ok(());
+    }
+    let auth = auth.ok_or(Rejection::NotConfigured)?;
+    let caller = auth.caller(headers).await?.ok_or(Rejection::Missing)?;
+    if access == Access::Admin && !caller.is_admin() {
+        return Err(Rejection::NotAdmin);
+    }
+    Ok(())
 }
 
 /// The public API's OpenAPI 3.1 document, kept next to the route table it describes (a test
@@ -155,32 +382,59 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_openapi_document_describes_exactly_the_public_routes() {
+    fn the_openapi_document_describes_exactly_the_public_routes_and_their_access() {
         let spec: serde_json::Value = serde_json::from_str(OPENAPI).unwrap();
         assert_eq!(spec["openapi"], "3.1.0");
-        let paths: Vec<&str> = spec["paths"]
-            .as_object()
-            .unwrap()
-            .keys()
-            .map(String::as_str)
-            .collect();
-        for (template, _) in PUBLIC_ROUTES {
-            match template.strip_suffix("{*rest}") {
-                Some(prefix) => assert!(
-                    paths.iter().any(|p| p.starts_with(prefix)),
-                    "{template} undocumented"
-                ),
-                None => assert!(paths.contains(template), "{template} undocumented"),
+        assert_eq!(
+            spec["components"]["securitySchemes"]["bearer"]["scheme"],
+            "bearer"
+        );
+        let all: Vec<&PublicRoute> = PUBLIC_ROUTES.iter().chain([&OPENAPI_ROUTE]).collect();
+        for r in &all {
+            let op = &spec["paths"][r.template][r.method.to_lowercase()];
+            assert!(op.is_object(), "{} {} undocumented", r.method, r.template);
+            assert_eq!(
+                op["x-mercato-access"],
+                r.access.as_str(),
+                "{} {}: documented access differs from the gateway's",
+                r.method,
+                r.template
+            );
+            let secured = op["security"]
+                .as_array()
+                .is_some_and(|s| s.iter().any(|req| req.get("bearer").is_some()));
+            assert_eq!(
+                secured,
+                r.access != Access::Anyone,
+                "{} {}: security requirement",
+                r.method,
+                r.template
+            );
+            if r.access != Access::Anyone {
+                assert!(
+                    op["responses"]["401"].is_object(),
+                    "{} {} documents no 401",
+                    r.method,
+                    r.template
+                );
+            }
+            if r.access == Access::Admin {
+                assert!(
+                    op["responses"]["403"].is_object(),
+                    "{} {} documents no 403",
+                    r.method,
+                    r.template
+                );
             }
         }
-        for path in paths {
-            let routed = PUBLIC_ROUTES
-                .iter()
-                .any(|(t, _)| match t.strip_suffix("{*rest}") {
-                    Some(prefix) => path.starts_with(prefix),
-                    None => *t == path,
-                });
-            assert!(routed, "{path} is documented but not routed");
+        for (path, ops) in spec["paths"].as_object().unwrap() {
+            for method in ops.as_object().unwrap().keys() {
+                assert!(
+                    all.iter()
+                        .any(|r| r.template == path && r.method.eq_ignore_ascii_case(method)),
+                    "{method} {path} is documented but not routed"
+                );
+            }
         }
     }
 }

@@ -6,6 +6,7 @@ use axum::extract::State;
 use axum::routing::get;
 use axum::{Json, Router};
 use kit::Problem;
+use kit::auth::AuthUser;
 use kit::extract::Query;
 use serde::Deserialize;
 use uuid::Uuid;
@@ -31,15 +32,28 @@ pub fn router(store: Arc<dyn NotificationStore>) -> Router {
         .with_state(store)
 }
 
+/// A customer sees their own notifications only (naming another user finds nothing: 404);
+/// an administrator sees anyone's.
 async fn list_notifications(
     State(store): State<Arc<dyn NotificationStore>>,
+    AuthUser(caller): AuthUser,
     Query(params): Query<ListParams>,
 ) -> Result<Json<Vec<Notification>>, Problem> {
     if params.limit == 0 || params.limit > 1000 {
         return Err(Problem::bad_request("limit must be between 1 and 1000"));
     }
+    let user_id = if caller.is_admin() {
+        params.user_id
+    } else {
+        match (params.user_id, caller.user_id()) {
+            (Some(named), Some(own)) if named != own => {
+                return Err(Problem::not_found("the user"));
+            }
+            (_, own) => own,
+        }
+    };
     let filter = Filter {
-        user_id: params.user_id,
+        user_id,
         order_id: params.order_id,
         limit: params.limit,
     };

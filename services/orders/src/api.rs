@@ -8,6 +8,7 @@ use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use kit::Money;
 use kit::Problem;
+use kit::auth::{AuthUser, Caller, ServiceCaller};
 use kit::client::CallError;
 use kit::extract::{self, PageParams, Path, Query};
 use kit::idempotency::{self, Idempotency, IdempotencyKey};
@@ -29,6 +30,8 @@ pub struct ApiContext {
     /// How long an order may stay unpaid before it is cancelled.
     pub order_ttl: chrono::Duration,
     pub idempotency: Idempotency,
+    /// The platform's currency (`currency` setting): every order is in it.
+    pub currency: Arc<str>,
 }
 
 /// Namespace of order ids derived from an Idempotency-Key (UUIDv5).
@@ -45,9 +48,11 @@ pub struct CreateOrderItem {
 
 #[derive(Debug, Deserialize)]
 pub struct CreateOrder {
-    pub user_id: Uuid,
+    /// The signed-in customer when absent; a customer naming someone else is refused (403).
+    #[serde(default)]
+    pub user_id: Option<Uuid>,
     pub items: Vec<CreateOrderItem>,
-    pub shipping_address: String,
+    pub shipping_address: crate::domain::AddressInput,
 }
 
 #[derive(Debug, Deserialize)]
@@ -67,7 +72,7 @@ pub fn router(ctx: ApiContext) -> Router {
         .route("/api/v1/orders/{id}", get(get_order))
         .route("/api/v1/orders/user/{user_id}", get(list_user_orders))
         .route("/api/v1/orders/{id}/status", put(set_status_by_operator))
-        .route("/internal/v1/orders/{id}", get(get_order))
+        .route("/internal/v1/orders/{id}", get(get_order_internal))
         .route("/internal/v1/orders/{id}/status", post(set_status_internal))
         .with_state(ctx)
 }
@@ -113,6 +118,7 @@ fn dependency_problem(e: CallError) -> Problem {
 
 async fn create_order(
     State(ctx): State<ApiContext>,
+    AuthUser(caller): AuthUser,
     key: Option<Extension<IdempotencyKey>>,
     extract::Json(body): extract::Json<CreateOrder>,
 ) -> Result<(StatusCode, Json<Order>), Problem> {
@@ -121,7 +127,12 @@ async fn create_order(
         .iter()
         .map(|i| (i.product_id, i.quantity))
         .collect();
-    let request = OrderRequest::parse(body.user_id, &items, &body.shipping_address)
+    let user_id = caller.acting_for(body.user_id, "user_id")?;
+    let address = body
+        .shipping_address
+        .to_stored()
+        .map_err(|e| Problem::invalid(e.to_string()).with("field", e.field()))?;
+    let request = OrderRequest::parse(user_id, &items, &address)
         .map_err(|e: OrderError| Problem::invalid(e.to_string()).with("field", e.field()))?;
 
     match ctx.deps.user(request.user_id).await {
@@ -168,7 +179,7 @@ async fn create_order(
         .iter()
         .map(|l| (l.product_id, l.quantity, l.unit_price))
         .collect();
-    let order = new_order(
+    let mut order = new_order(
         order_id,
         request.user_id,
         &lines,
@@ -176,6 +187,7 @@ async fn create_order(
         ctx.order_ttl,
     )
     .map_err(store_problem)?;
+    order.currency = ctx.currency.to_string();
     match ctx.store.insert(&order).await {
         Ok(()) => {}
         Err(StoreError::Duplicate) => {
@@ -205,8 +217,28 @@ fn release_in_background(deps: Dependencies, order_id: Uuid) {
     });
 }
 
+/// An order the caller may see: their own, or any for an administrator; 404 otherwise.
+async fn visible_order(ctx: &ApiContext, caller: &Caller, id: Uuid) -> Result<Order, Problem> {
+    ctx.store
+        .get(id)
+        .await
+        .map_err(store_problem)?
+        .filter(|order| caller.may_access(order.user_id))
+        .ok_or_else(|| Problem::not_found("the order"))
+}
+
 async fn get_order(
     State(ctx): State<ApiContext>,
+    AuthUser(caller): AuthUser,
+    Path(id): Path<Uuid>,
+) -> Result<Json<Order>, Problem> {
+    visible_order(&ctx, &caller, id).await.map(Json)
+}
+
+/// For the payments service, which checks the caller against the order's user itself.
+async fn get_order_internal(
+    State(ctx): State<ApiContext>,
+    ServiceCaller(_): ServiceCaller,
     Path(id): Path<Uuid>,
 ) -> Result<Json<Order>, Problem> {
     ctx.store
@@ -217,18 +249,32 @@ async fn get_order(
         .ok_or_else(|| Problem::not_found("the order"))
 }
 
+/// A page of a user's orders, in the seed's shape.
+#[derive(Debug, serde::Serialize)]
+pub struct UserOrders {
+    pub orders: Vec<Order>,
+    pub count: usize,
+}
+
 async fn list_user_orders(
     State(ctx): State<ApiContext>,
+    AuthUser(caller): AuthUser,
     Path(user_id): Path<Uuid>,
     Query(page): Query<PageParams>,
-) -> Result<Json<Vec<Order>>, Problem> {
+) -> Result<Json<UserOrders>, Problem> {
+    if !caller.may_access(user_id) {
+        return Err(Problem::not_found("the user"));
+    }
     let page = page.checked()?;
-    Ok(Json(
-        ctx.store
-            .list_by_user(user_id, page.skip, page.limit)
-            .await
-            .map_err(store_problem)?,
-    ))
+    let orders = ctx
+        .store
+        .list_by_user(user_id, page.skip, page.limit)
+        .await
+        .map_err(store_problem)?;
+    Ok(Json(UserOrders {
+        count: orders.len(),
+        orders,
+    }))
 }
 
 fn parse_status(raw: &str) -> Result<OrderStatus, Problem> {
@@ -245,14 +291,33 @@ fn parse_status(raw: &str) -> Result<OrderStatus, Problem> {
     })
 }
 
-/// Operators move orders along fulfilment (shipped, delivered) or cancel them; payment
-/// states follow the payments service only.
+/// Operators move orders along fulfilment (shipped, delivered) or cancel them; a customer may
+/// only cancel their own order while it is pending. Payment states follow the payments
+/// service only.
 async fn set_status_by_operator(
     State(ctx): State<ApiContext>,
+    AuthUser(caller): AuthUser,
     Path(id): Path<Uuid>,
     extract::Json(body): extract::Json<StatusChange>,
 ) -> Result<Json<Order>, Problem> {
     let to = parse_status(&body.status)?;
+    if !caller.is_admin() {
+        let order = visible_order(&ctx, &caller, id).await?;
+        if to != OrderStatus::Cancelled {
+            return Err(kit::auth::forbidden(
+                "customers may only cancel their own orders",
+            ));
+        }
+        if order.status != OrderStatus::Pending {
+            return Err(Problem::conflict(
+                "not-cancellable",
+                format!(
+                    "the order is {}; only a pending order can be cancelled",
+                    order.status
+                ),
+            ));
+        }
+    }
     if !to.settable_by_operator() {
         return Err(Problem::conflict(
             "status-not-settable",
@@ -264,6 +329,7 @@ async fn set_status_by_operator(
 
 async fn set_status_internal(
     State(ctx): State<ApiContext>,
+    ServiceCaller(_): ServiceCaller,
     Path(id): Path<Uuid>,
     extract::Json(body): extract::Json<StatusChange>,
 ) -> Result<Json<Order>, Problem> {

@@ -45,7 +45,7 @@ pub struct Reservation {
 
 impl Dependencies {
     pub async fn user(&self, id: Uuid) -> Result<UserRef, CallError> {
-        self.users.get(&format!("/api/v1/users/{id}")).await
+        self.users.get(&format!("/internal/v1/users/{id}")).await
     }
 
     /// All-or-nothing, idempotent per order id; returns the catalog prices.

@@ -215,3 +215,128 @@ mod tests {
         );
     }
 }
+
+/// A shipping address as the seed's clients send it: `{"street", "city", "state", "zip",
+/// "country"?}` (`country` defaults to India). Stored as its compact JSON text, so every
+/// backend keeps it in the one text column a plain-string address uses, and answered as an
+/// object again (see [`address_json`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Address {
+    pub street: String,
+    pub city: String,
+    pub state: String,
+    pub zip: String,
+    #[serde(default = "default_country")]
+    pub country: String,
+}
+
+fn default_country() -> String {
+    "India".to_owned()
+}
+
+/// `shipping_address` in a request: free text, or the seed's structured address.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(untagged)]
+pub enum AddressInput {
+    Text(String),
+    Structured(Address),
+}
+
+impl AddressInput {
+    /// The text to store: free text as sent (checked by [`OrderRequest::parse`]), or the
+    /// structured address checked field by field and written as compact JSON.
+    pub fn to_stored(&self) -> Result<String, OrderError> {
+        match self {
+            AddressInput::Text(text) => Ok(text.clone()),
+            AddressInput::Structured(a) => {
+                let fields = [
+                    (&a.street, 200),
+                    (&a.city, 60),
+                    (&a.state, 60),
+                    (&a.zip, 12),
+                    (&a.country, 56),
+                ];
+                for (value, max) in fields {
+                    let len = value.trim().chars().count();
+                    if len == 0 || len > max || value.chars().any(char::is_control) {
+                        return Err(OrderError::ShippingAddress);
+                    }
+                }
+                let trimmed = Address {
+                    street: a.street.trim().to_owned(),
+                    city: a.city.trim().to_owned(),
+                    state: a.state.trim().to_owned(),
+                    zip: a.zip.trim().to_owned(),
+                    country: a.country.trim().to_owned(),
+                };
+                serde_json::to_string(&trimmed).map_err(|_| OrderError::ShippingAddress)
+            }
+        }
+    }
+}
+
+/// Serde helpers for a stored address: a structured one is answered as an object, free text
+/// as a string; either is read back.
+pub mod address_json {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use super::Address;
+
+    pub fn serialize<S: Serializer>(stored: &str, serializer: S) -> Result<S::Ok, S::Error> {
+        match stored
+            .starts_with('{')
+            .then(|| serde_json::from_str::<Address>(stored).ok())
+            .flatten()
+        {
+            Some(address) => address.serialize(serializer),
+            None => serializer.serialize_str(stored),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
+        match super::AddressInput::deserialize(deserializer)? {
+            super::AddressInput::Text(text) => Ok(text),
+            super::AddressInput::Structured(address) => {
+                serde_json::to_string(&address).map_err(serde::de::Error::custom)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod address_tests {
+    use super::*;
+
+    #[test]
+    fn the_seeds_structured_address_round_trips_as_an_object() {
+        let input: AddressInput = serde_json::from_str(
+            r#"{"street": " 12 MG Road ", "city": "Pune", "state": "MH", "zip": "411001"}"#,
+        )
+        .unwrap();
+        let stored = input.to_stored().unwrap();
+        assert_eq!(
+            stored,
+            r#"{"street":"12 MG Road","city":"Pune","state":"MH","zip":"411001","country":"India"}"#
+        );
+        #[derive(serde::Serialize)]
+        struct Shown<'a>(#[serde(with = "address_json")] &'a str);
+        let shown = serde_json::to_value(Shown(&stored)).unwrap();
+        assert_eq!(shown["city"], "Pune");
+        assert_eq!(shown["country"], "India");
+        assert_eq!(
+            serde_json::to_value(Shown("1 Main St")).unwrap(),
+            "1 Main St"
+        );
+        let text: AddressInput = serde_json::from_str(r#""1 Main St""#).unwrap();
+        assert_eq!(text.to_stored().unwrap(), "1 Main St");
+        let missing_zip: Result<AddressInput, _> =
+            serde_json::from_str(r#"{"street": "x", "city": "y", "state": "z"}"#);
+        assert!(missing_zip.is_err());
+        let empty: AddressInput = serde_json::from_str(
+            r#"{"street": "", "city": "Pune", "state": "MH", "zip": "411001"}"#,
+        )
+        .unwrap();
+        assert_eq!(empty.to_stored(), Err(OrderError::ShippingAddress));
+    }
+}

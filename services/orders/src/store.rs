@@ -55,7 +55,7 @@ pub static MIGRATIONS: &[Step] = &[
     (3, "idempotency keys", kit::idempotency::MIGRATION),
 ];
 
-pub const CURRENCY: &str = "USD";
+pub const CURRENCY: &str = "INR";
 const SOURCE: &str = "mercato/orders";
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -74,6 +74,8 @@ pub struct Order {
     pub items: Vec<OrderLine>,
     pub total_amount: Money,
     pub currency: String,
+    /// Free text, or the seed's structured address as JSON (answered as an object).
+    #[serde(with = "crate::domain::address_json")]
     pub shipping_address: String,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,

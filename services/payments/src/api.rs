@@ -11,6 +11,7 @@ use chrono::DateTime;
 use http::Method;
 use kit::Money;
 use kit::Problem;
+use kit::auth::{Admin, AuthUser, Caller};
 use kit::client::{CallError, ServiceClient};
 use kit::db::now_ms;
 use kit::extract::{self, Path};
@@ -43,6 +44,19 @@ pub struct CreatePayment {
     /// A test card number (see the provider table); the always-succeeding card when absent.
     #[serde(default)]
     pub card_number: Option<String>,
+    /// Sent by the seed's clients: when present it must be the order's user.
+    #[serde(default)]
+    pub user_id: Option<Uuid>,
+    /// Sent by the seed's clients and ignored: the last four digits come from the card.
+    #[serde(default)]
+    pub card_last_four: Option<String>,
+}
+
+/// A page of an order's payments, in the seed's shape.
+#[derive(Debug, Serialize)]
+pub struct OrderPayments {
+    pub payments: Vec<Payment>,
+    pub count: usize,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -56,6 +70,7 @@ pub struct RefundRequest {
 #[derive(Debug, Deserialize)]
 struct OrderView {
     id: Uuid,
+    user_id: Uuid,
     status: String,
     total_amount: Money,
     currency: String,
@@ -110,6 +125,7 @@ fn store_problem(e: StoreError) -> Problem {
 
 async fn create_payment(
     State(ctx): State<ApiContext>,
+    AuthUser(caller): AuthUser,
     extract::Json(body): extract::Json<CreatePayment>,
 ) -> Result<(StatusCode, Json<Payment>), Problem> {
     let card = Card::parse(
@@ -128,10 +144,19 @@ async fn create_payment(
 
     let order: OrderView = match ctx
         .orders
-        .get(&format!("/internal/v1/orders/{}", body.order_id))
+        .get::<OrderView>(&format!("/internal/v1/orders/{}", body.order_id))
         .await
     {
-        Ok(order) => order,
+        // Someone else's order is as unknown as one that does not exist.
+        Ok(order) if caller.may_access(order.user_id) => order,
+        Ok(_) => {
+            return Err(Problem::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "unknown-order",
+                "Unknown order",
+            )
+            .with_detail(format!("order {} does not exist", body.order_id)));
+        }
         Err(CallError::Rejected {
             status: StatusCode::NOT_FOUND,
             ..
@@ -148,6 +173,9 @@ async fn create_payment(
             return Err(Problem::unavailable("orders"));
         }
     };
+    if body.user_id.is_some_and(|named| named != order.user_id) {
+        return Err(Problem::invalid("user_id is not the order's user").with("field", "user_id"));
+    }
     if let Some(amount) = body.amount
         && amount != order.total_amount
     {
@@ -269,29 +297,64 @@ async fn move_order(ctx: &ApiContext, order_id: Uuid, statuses: &[&str]) -> Resu
     Ok(())
 }
 
+/// Whether `caller` may see what belongs to order `order_id`: administrators may; a customer
+/// only for their own order (asked of the orders service, which owns that fact).
+async fn may_see_order(ctx: &ApiContext, caller: &Caller, order_id: Uuid) -> Result<bool, Problem> {
+    if caller.is_admin() {
+        return Ok(true);
+    }
+    match ctx
+        .orders
+        .get::<OrderView>(&format!("/internal/v1/orders/{order_id}"))
+        .await
+    {
+        Ok(order) => Ok(caller.may_access(order.user_id)),
+        Err(CallError::Rejected {
+            status: StatusCode::NOT_FOUND,
+            ..
+        }) => Ok(false),
+        Err(e) => {
+            tracing::warn!(error = %e, "orders unavailable");
+            Err(Problem::unavailable("orders"))
+        }
+    }
+}
+
 async fn get_payment(
     State(ctx): State<ApiContext>,
+    AuthUser(caller): AuthUser,
     Path(id): Path<Uuid>,
 ) -> Result<Json<Payment>, Problem> {
-    ctx.store
+    let payment = ctx
+        .store
         .get(id)
         .await
         .map_err(store_problem)?
-        .map(Json)
-        .ok_or_else(|| Problem::not_found("the payment"))
+        .ok_or_else(|| Problem::not_found("the payment"))?;
+    if !may_see_order(&ctx, &caller, payment.order_id).await? {
+        return Err(Problem::not_found("the payment"));
+    }
+    Ok(Json(payment))
 }
 
 async fn payments_of_order(
     State(ctx): State<ApiContext>,
+    AuthUser(caller): AuthUser,
     Path(order_id): Path<Uuid>,
-) -> Result<Json<Vec<Payment>>, Problem> {
-    Ok(Json(
-        ctx.store.by_order(order_id).await.map_err(store_problem)?,
-    ))
+) -> Result<Json<OrderPayments>, Problem> {
+    if !may_see_order(&ctx, &caller, order_id).await? {
+        return Err(Problem::not_found("the order"));
+    }
+    let payments = ctx.store.by_order(order_id).await.map_err(store_problem)?;
+    Ok(Json(OrderPayments {
+        count: payments.len(),
+        payments,
+    }))
 }
 
 async fn refund_payment(
     State(ctx): State<ApiContext>,
+    Admin(_): Admin,
     Path(id): Path<Uuid>,
     extract::OptionalJson(body): extract::OptionalJson<RefundRequest>,
 ) -> Result<(StatusCode, Json<Refund>), Problem> {

@@ -9,6 +9,7 @@ use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use kit::Money;
 use kit::Problem;
+use kit::auth::{Admin, ServiceCaller};
 use kit::extract::{self, PageParams, Path, Query};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -148,6 +149,7 @@ fn serde_plain<T: Serialize>(v: T) -> String {
 
 async fn create_product(
     State(store): State<Arc<dyn ProductStore>>,
+    Admin(_): Admin,
     extract::Json(body): extract::Json<CreateProduct>,
 ) -> Result<(StatusCode, Json<Product>), Problem> {
     let new = NewProduct {
@@ -192,6 +194,7 @@ async fn get_product(
 
 async fn update_product(
     State(store): State<Arc<dyn ProductStore>>,
+    Admin(_): Admin,
     Path(id): Path<Uuid>,
     extract::Json(body): extract::Json<UpdateProduct>,
 ) -> Result<Json<Product>, Problem> {
@@ -233,6 +236,7 @@ async fn update_product(
 
 async fn delete_product(
     State(store): State<Arc<dyn ProductStore>>,
+    Admin(_): Admin,
     Path(id): Path<Uuid>,
 ) -> Result<impl IntoResponse, Problem> {
     if store.delete(id).await.map_err(store_problem)? {
@@ -257,6 +261,7 @@ async fn get_stock(
 /// 201 when stock was taken now, 200 when this order already held it (a retry).
 async fn reserve_stock(
     State(store): State<Arc<dyn ProductStore>>,
+    ServiceCaller(_): ServiceCaller,
     extract::Json(body): extract::Json<ReserveRequest>,
 ) -> Result<(StatusCode, Json<Reservation>), Problem> {
     let items: Vec<(Uuid, i64)> = body
@@ -284,6 +289,7 @@ async fn reserve_stock(
 
 async fn release_reservation(
     State(store): State<Arc<dyn ProductStore>>,
+    ServiceCaller(_): ServiceCaller,
     Path(order_id): Path<Uuid>,
 ) -> Result<Json<Reservation>, Problem> {
     store
@@ -296,6 +302,7 @@ async fn release_reservation(
 
 async fn commit_reservation(
     State(store): State<Arc<dyn ProductStore>>,
+    ServiceCaller(_): ServiceCaller,
     Path(order_id): Path<Uuid>,
 ) -> Result<Json<Reservation>, Problem> {
     store

@@ -1,19 +1,41 @@
-//! HTTP handlers and DTOs of the users service.
+//! HTTP handlers and DTOs of the users service: accounts, and the routes other services use.
+//! Signing in lives in [`crate::sessions`].
 
 use std::sync::Arc;
 
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use kit::Problem;
+use kit::auth::{Admin, AuthUser, MaybeAuthUser, Rejection, Role, ServiceCaller, TokenIssuer};
 use kit::extract::{self, PageParams, Path, Query};
 use serde::Deserialize;
 use uuid::Uuid;
 
 use crate::domain::{Email, Phone, UserName};
+use crate::password::{Hasher, Password};
+use crate::sessions;
 use crate::store::{StoreError, User, UserStore};
+use crate::throttle::LoginThrottle;
+
+/// What every handler works with.
+#[derive(Clone)]
+pub struct ApiContext {
+    pub store: Arc<dyn UserStore>,
+    pub hasher: Hasher,
+    /// Signs access tokens (the users service alone holds the signing key).
+    pub issuer: Arc<TokenIssuer>,
+    pub throttle: Arc<LoginThrottle>,
+    pub refresh_ttl: std::time::Duration,
+}
+
+impl std::fmt::Debug for ApiContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiContext").finish_non_exhaustive()
+    }
+}
 
 #[derive(Debug, Deserialize)]
 pub struct CreateUser {
@@ -21,18 +43,27 @@ pub struct CreateUser {
     pub email: String,
     #[serde(default)]
     pub phone: Option<String>,
+    /// Required when registering oneself; an operator (or open mode) may create an account
+    /// without one, which cannot sign in until it has one.
+    #[serde(default)]
+    pub password: Option<String>,
 }
 
-pub fn router(store: Arc<dyn UserStore>) -> Router {
+pub fn router(ctx: ApiContext) -> Router {
     Router::new()
         .route("/api/v1/users", get(list_users).post(create_user))
+        .route("/api/v1/users/me", get(me))
         .route("/api/v1/users/{id}", get(get_user).delete(delete_user))
-        .with_state(store)
+        .route("/internal/v1/users/{id}", get(get_user_internal))
+        .route("/api/v1/auth/token", post(sessions::token))
+        .route("/api/v1/auth/logout", post(sessions::logout))
+        .route("/.well-known/jwks.json", get(sessions::jwks))
+        .with_state(ctx)
 }
 
 /// Infrastructure failures: 503 when the database is out of reach (retry later), else 500.
 /// Either way the cause is logged, never sent.
-fn internal(e: StoreError) -> Problem {
+pub(crate) fn internal(e: StoreError) -> Problem {
     tracing::error!(error = %e, "users store failed");
     if e.is_unavailable() {
         Problem::unavailable("the users database")
@@ -41,21 +72,47 @@ fn internal(e: StoreError) -> Problem {
     }
 }
 
+fn invalid(field: &'static str) -> impl FnOnce(String) -> Problem {
+    move |e| Problem::invalid(e).with("field", field)
+}
+
 async fn create_user(
-    State(store): State<Arc<dyn UserStore>>,
+    State(ctx): State<ApiContext>,
+    MaybeAuthUser(caller): MaybeAuthUser,
     extract::Json(body): extract::Json<CreateUser>,
 ) -> Result<(StatusCode, Json<User>), Problem> {
-    let name = UserName::parse(&body.name)
-        .map_err(|e| Problem::invalid(e.to_string()).with("field", "name"))?;
-    let email = Email::parse(&body.email)
-        .map_err(|e| Problem::invalid(e.to_string()).with("field", "email"))?;
+    let name = UserName::parse(&body.name).map_err(|e| invalid("name")(e.to_string()))?;
+    let email = Email::parse(&body.email).map_err(|e| invalid("email")(e.to_string()))?;
     let phone = body
         .phone
         .as_deref()
         .map(Phone::parse)
         .transpose()
-        .map_err(|e| Problem::invalid(e.to_string()).with("field", "phone"))?;
-    match store.create(&name, &email, phone.as_ref()).await {
+        .map_err(|e| invalid("phone")(e.to_string()))?;
+    let operator = caller.as_ref().is_some_and(|c| c.is_admin());
+    let password = match body.password.as_deref() {
+        Some(raw) => Some(Password::parse(raw).map_err(|e| invalid("password")(e.to_string()))?),
+        None if operator => None,
+        None => return Err(invalid("password")("password is required".into())),
+    };
+    let hash = match password {
+        Some(password) => Some(ctx.hasher.hash(password).await.map_err(|e| {
+            tracing::error!(error = %e, "hashing a password failed");
+            Problem::internal()
+        })?),
+        None => None,
+    };
+    match ctx
+        .store
+        .register(
+            &name,
+            &email,
+            phone.as_ref(),
+            hash.as_deref(),
+            Role::Customer,
+        )
+        .await
+    {
         Ok(user) => Ok((StatusCode::CREATED, Json(user))),
         Err(StoreError::DuplicateEmail) => Err(Problem::conflict(
             "email-taken",
@@ -65,11 +122,49 @@ async fn create_user(
     }
 }
 
+/// The signed-in user's own account.
+async fn me(
+    State(ctx): State<ApiContext>,
+    AuthUser(caller): AuthUser,
+) -> Result<Json<User>, axum::response::Response> {
+    let Some(id) = caller.user_id() else {
+        return Err(Rejection::Missing.into_response());
+    };
+    ctx.store
+        .get(id)
+        .await
+        .map_err(|e| internal(e).into_response())?
+        .map(Json)
+        .ok_or_else(|| {
+            Problem::not_found("an account for this identity")
+                .with_detail("signed in with an external provider and never registered here")
+                .into_response()
+        })
+}
+
+/// A user's record: their own, or anyone's for an administrator; 404 for everyone else.
 async fn get_user(
-    State(store): State<Arc<dyn UserStore>>,
+    State(ctx): State<ApiContext>,
+    AuthUser(caller): AuthUser,
     Path(id): Path<Uuid>,
 ) -> Result<Json<User>, Problem> {
-    store
+    if !caller.may_access(id) {
+        return Err(Problem::not_found("the user"));
+    }
+    find(&ctx, id).await
+}
+
+/// For the other services (the orders saga asks whether a user exists).
+async fn get_user_internal(
+    State(ctx): State<ApiContext>,
+    ServiceCaller(_): ServiceCaller,
+    Path(id): Path<Uuid>,
+) -> Result<Json<User>, Problem> {
+    find(&ctx, id).await
+}
+
+async fn find(ctx: &ApiContext, id: Uuid) -> Result<Json<User>, Problem> {
+    ctx.store
         .get(id)
         .await
         .map_err(internal)?
@@ -78,20 +173,26 @@ async fn get_user(
 }
 
 async fn list_users(
-    State(store): State<Arc<dyn UserStore>>,
+    State(ctx): State<ApiContext>,
+    Admin(_): Admin,
     Query(page): Query<PageParams>,
 ) -> Result<Json<Vec<User>>, Problem> {
     let page = page.checked()?;
     Ok(Json(
-        store.list(page.skip, page.limit).await.map_err(internal)?,
+        ctx.store
+            .list(page.skip, page.limit)
+            .await
+            .map_err(internal)?,
     ))
 }
 
+/// Closing an account: its owner or an administrator.
 async fn delete_user(
-    State(store): State<Arc<dyn UserStore>>,
+    State(ctx): State<ApiContext>,
+    AuthUser(caller): AuthUser,
     Path(id): Path<Uuid>,
 ) -> Result<impl IntoResponse, Problem> {
-    if store.delete(id).await.map_err(internal)? {
+    if caller.may_access(id) && ctx.store.delete(id).await.map_err(internal)? {
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(Problem::not_found("the user"))

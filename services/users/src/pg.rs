@@ -13,20 +13,47 @@ use sqlx::postgres::PgRow;
 use uuid::Uuid;
 
 use crate::domain::{Email, Phone, UserName};
-use crate::store::{StoreError, User, UserStore, new_user};
+use kit::auth::Role;
 
-pub static PG_MIGRATIONS: &[PgStep] = &[(
-    1,
-    "users",
-    "CREATE TABLE users (
-        id UUID PRIMARY KEY,
-        name TEXT NOT NULL,
-        email TEXT NOT NULL UNIQUE,
-        phone TEXT,
-        created_at BIGINT NOT NULL
-    );
-    CREATE INDEX users_created ON users (created_at, id);",
-)];
+use crate::store::{RefreshRecord, RefreshUse, StoreError, User, UserStore, new_user, parse_role};
+
+pub static PG_MIGRATIONS: &[PgStep] = &[
+    (
+        1,
+        "users",
+        "CREATE TABLE users (
+            id UUID PRIMARY KEY,
+            name TEXT NOT NULL,
+            email TEXT NOT NULL UNIQUE,
+            phone TEXT,
+            created_at BIGINT NOT NULL
+        );
+        CREATE INDEX users_created ON users (created_at, id);",
+    ),
+    (
+        2,
+        "credentials, roles and refresh tokens",
+        "ALTER TABLE users ADD COLUMN password_hash TEXT;
+        ALTER TABLE users ADD COLUMN role TEXT NOT NULL DEFAULT 'customer';
+        CREATE TABLE refresh_tokens (
+            token_hash TEXT PRIMARY KEY,
+            family UUID NOT NULL,
+            user_id UUID NOT NULL,
+            expires_at BIGINT NOT NULL,
+            used_at BIGINT,
+            revoked BOOLEAN NOT NULL DEFAULT FALSE
+        );
+        CREATE INDEX refresh_tokens_family ON refresh_tokens (family);
+        CREATE INDEX refresh_tokens_user ON refresh_tokens (user_id);",
+    ),
+];
+
+/// The user columns in `to_user`'s order (a macro so queries stay literal for sqlx).
+macro_rules! columns {
+    () => {
+        "id, name, email, phone, created_at, role"
+    };
+}
 
 #[derive(Debug, Clone)]
 pub struct PgUserStore {
@@ -34,11 +61,13 @@ pub struct PgUserStore {
 }
 
 fn to_user(row: &PgRow) -> Result<User, sqlx::Error> {
+    let role: String = row.try_get(5)?;
     Ok(User {
         id: row.try_get(0)?,
         name: row.try_get(1)?,
         email: row.try_get(2)?,
         phone: row.try_get(3)?,
+        role: parse_role(&role).map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
         created_at: DateTime::from_timestamp_millis(row.try_get(4)?).unwrap_or_default(),
     })
 }
@@ -62,21 +91,26 @@ impl PgUserStore {
 
 #[async_trait]
 impl UserStore for PgUserStore {
-    async fn create(
+    async fn register(
         &self,
         name: &UserName,
         email: &Email,
         phone: Option<&Phone>,
+        password_hash: Option<&str>,
+        role: Role,
     ) -> Result<User, StoreError> {
-        let (user, now) = new_user(name, email, phone);
+        let (user, now) = new_user(name, email, phone, role);
         sqlx::query(
-            "INSERT INTO users (id, name, email, phone, created_at) VALUES ($1, $2, $3, $4, $5)",
+            "INSERT INTO users (id, name, email, phone, created_at, password_hash, role)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
         )
         .bind(user.id)
         .bind(&user.name)
         .bind(&user.email)
         .bind(&user.phone)
         .bind(now)
+        .bind(password_hash)
+        .bind(role.as_str())
         .execute(self.pg.pool())
         .await
         .map_err(|e| {
@@ -91,7 +125,7 @@ impl UserStore for PgUserStore {
     }
 
     async fn get(&self, id: Uuid) -> Result<Option<User>, StoreError> {
-        let row = sqlx::query("SELECT id, name, email, phone, created_at FROM users WHERE id = $1")
+        let row = sqlx::query(concat!("SELECT ", columns!(), " FROM users WHERE id = $1"))
             .bind(id)
             .fetch_optional(self.pg.pool())
             .await?;
@@ -100,10 +134,11 @@ impl UserStore for PgUserStore {
 
     async fn list(&self, skip: u32, limit: u32) -> Result<Vec<User>, StoreError> {
         // UUID order is byte order, the same as SQLite's order of their lower-case text form.
-        let rows = sqlx::query(
-            "SELECT id, name, email, phone, created_at FROM users
-             ORDER BY created_at, id LIMIT $1 OFFSET $2",
-        )
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            columns!(),
+            " FROM users ORDER BY created_at, id LIMIT $1 OFFSET $2"
+        ))
         .bind(i64::from(limit))
         .bind(i64::from(skip))
         .fetch_all(self.pg.pool())
@@ -112,10 +147,138 @@ impl UserStore for PgUserStore {
     }
 
     async fn delete(&self, id: Uuid) -> Result<bool, StoreError> {
+        let mut tx = self.pg.pool().begin().await?;
+        sqlx::query("DELETE FROM refresh_tokens WHERE user_id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
         let done = sqlx::query("DELETE FROM users WHERE id = $1")
             .bind(id)
-            .execute(self.pg.pool())
+            .execute(&mut *tx)
             .await?;
+        tx.commit().await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn credentials(
+        &self,
+        email: &Email,
+    ) -> Result<Option<(User, Option<String>)>, StoreError> {
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            columns!(),
+            ", password_hash FROM users WHERE email = $1"
+        ))
+        .bind(email.as_str())
+        .fetch_optional(self.pg.pool())
+        .await?;
+        Ok(row
+            .map(|row| Ok::<_, sqlx::Error>((to_user(&row)?, row.try_get(6)?)))
+            .transpose()?)
+    }
+
+    async fn set_role(
+        &self,
+        id: Uuid,
+        role: Role,
+        password_hash: Option<&str>,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE users SET role = $2, password_hash = COALESCE($3, password_hash) WHERE id = $1",
+        )
+        .bind(id)
+        .bind(role.as_str())
+        .bind(password_hash)
+        .execute(self.pg.pool())
+        .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn issue_refresh(&self, token: &RefreshRecord) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO refresh_tokens (token_hash, family, user_id, expires_at)
+             VALUES ($1, $2, $3, $4)",
+        )
+        .bind(&token.token_hash)
+        .bind(token.family)
+        .bind(token.user_id)
+        .bind(token.expires_at_ms)
+        .execute(self.pg.pool())
+        .await?;
+        Ok(())
+    }
+
+    async fn use_refresh(
+        &self,
+        token_hash: &str,
+        replacement: &RefreshRecord,
+        now_ms: i64,
+    ) -> Result<RefreshUse, StoreError> {
+        let mut tx = self.pg.pool().begin().await?;
+        // Locks the row: of two concurrent uses of one token, the second sees it used.
+        let found = sqlx::query(
+            "SELECT family, user_id, expires_at, used_at, revoked
+             FROM refresh_tokens WHERE token_hash = $1 FOR UPDATE",
+        )
+        .bind(token_hash)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(found) = found else {
+            return Ok(RefreshUse::Invalid);
+        };
+        let family: Uuid = found.try_get(0)?;
+        let user_id: Uuid = found.try_get(1)?;
+        let expires_at: i64 = found.try_get(2)?;
+        let used_at: Option<i64> = found.try_get(3)?;
+        let revoked: bool = found.try_get(4)?;
+        if revoked {
+            return Ok(RefreshUse::Invalid);
+        }
+        if used_at.is_some() {
+            sqlx::query("UPDATE refresh_tokens SET revoked = TRUE WHERE family = $1")
+                .bind(family)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            return Ok(RefreshUse::Reused);
+        }
+        if expires_at <= now_ms {
+            return Ok(RefreshUse::Invalid);
+        }
+        let user = sqlx::query(concat!("SELECT ", columns!(), " FROM users WHERE id = $1"))
+            .bind(user_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(user) = user.as_ref().map(to_user).transpose()? else {
+            return Ok(RefreshUse::Invalid);
+        };
+        sqlx::query("UPDATE refresh_tokens SET used_at = $2 WHERE token_hash = $1")
+            .bind(token_hash)
+            .bind(now_ms)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "INSERT INTO refresh_tokens (token_hash, family, user_id, expires_at)
+             VALUES ($1, $2, $3, $4)",
+        )
+        .bind(&replacement.token_hash)
+        .bind(family)
+        .bind(user_id)
+        .bind(replacement.expires_at_ms)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(RefreshUse::Rotated(user))
+    }
+
+    async fn revoke_refresh(&self, token_hash: &str) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE refresh_tokens SET revoked = TRUE WHERE family =
+             (SELECT family FROM refresh_tokens WHERE token_hash = $1)",
+        )
+        .bind(token_hash)
+        .execute(self.pg.pool())
+        .await?;
         Ok(done.rows_affected() > 0)
     }
 

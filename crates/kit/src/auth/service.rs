@@ -1,0 +1,119 @@
+//! Service-to-service credentials for `/internal/*` routes: short-lived tokens signed with a
+//! key only the services hold (not the users' signing key, and never the gateway's), naming
+//! the calling service. A caller reuses its token until a minute before it expires; a callee
+//! checks it against the one service key, with EdDSA pinned.
+
+use std::sync::Mutex;
+
+use jsonwebtoken::{Algorithm, Validation};
+use serde::{Deserialize, Serialize};
+
+use super::keys::{KeyError, SigningKey};
+use super::verify::TokenError;
+
+/// `iss` and `aud` of service tokens: never those of user tokens, so neither kind passes
+/// for the other even if a key were shared by mistake.
+pub const SERVICE_ISSUER: &str = "mercato-services";
+pub const SERVICE_AUDIENCE: &str = "mercato-internal";
+const LIFETIME_SECS: u64 = 300;
+const RENEW_BEFORE_SECS: u64 = 60;
+
+#[derive(Debug, Serialize, Deserialize)]
+struct ServiceClaims {
+    iss: String,
+    aud: String,
+    /// `service:<name>`.
+    sub: String,
+    iat: u64,
+    exp: u64,
+}
+
+/// The service key: signs this process's outbound internal calls, verifies inbound ones.
+#[derive(Debug)]
+pub struct ServiceKey {
+    key: SigningKey,
+    validation: Validation,
+    /// Tokens minted per calling service, with their expiry.
+    minted: Mutex<Vec<(&'static str, String, u64)>>,
+}
+
+impl ServiceKey {
+    pub fn new(key: SigningKey) -> ServiceKey {
+        let mut validation = Validation::new(Algorithm::EdDSA);
+        validation.leeway = 30;
+        validation.set_issuer(&[SERVICE_ISSUER]);
+        validation.set_audience(&[SERVICE_AUDIENCE]);
+        validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+        ServiceKey {
+            key,
+            validation,
+            minted: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// A token for `caller`'s calls, reused while it has more than a minute left.
+    pub fn token_for(&self, caller: &'static str) -> Result<String, KeyError> {
+        let now = jsonwebtoken::get_current_timestamp();
+        if let Ok(minted) = self.minted.lock()
+            && let Some((_, token, _)) = minted
+                .iter()
+                .find(|(c, _, exp)| *c == caller && *exp > now + RENEW_BEFORE_SECS)
+        {
+            return Ok(token.clone());
+        }
+        let exp = now + LIFETIME_SECS;
+        let token = self.key.sign(
+            "JWT",
+            &ServiceClaims {
+                iss: SERVICE_ISSUER.into(),
+                aud: SERVICE_AUDIENCE.into(),
+                sub: format!("service:{caller}"),
+                iat: now,
+                exp,
+            },
+        )?;
+        if let Ok(mut minted) = self.minted.lock() {
+            minted.retain(|(c, _, _)| *c != caller);
+            minted.push((caller, token.clone(), exp));
+        }
+        Ok(token)
+    }
+
+    /// The calling service's name, if `token` is a valid service token.
+    pub fn verify(&self, token: &str) -> Result<String, TokenError> {
+        let header =
+            jsonwebtoken::decode_header(token).map_err(|e| TokenError::Malformed(e.to_string()))?;
+        if header.kid.as_deref() != Some(self.key.kid()) {
+            return Err(TokenError::UnknownKey(header.kid.unwrap_or_default()));
+        }
+        let data = jsonwebtoken::decode::<ServiceClaims>(
+            token,
+            self.key.public().decoding_key(),
+            &self.validation,
+        )?;
+        data.claims
+            .sub
+            .strip_prefix("service:")
+            .map(str::to_owned)
+            .ok_or(TokenError::Claims("not a service subject"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn service_tokens_verify_with_their_key_only() {
+        let services = ServiceKey::new(SigningKey::generate().unwrap());
+        let token = services.token_for("orders").unwrap();
+        assert_eq!(services.verify(&token).unwrap(), "orders");
+        assert_eq!(services.token_for("orders").unwrap(), token, "reused");
+        assert_ne!(services.token_for("payments").unwrap(), token);
+        let other = ServiceKey::new(SigningKey::generate().unwrap());
+        assert!(other.verify(&token).is_err());
+        let mut tampered = token.clone();
+        tampered.insert(token.len() - 2, 'A');
+        assert!(services.verify(&tampered).is_err());
+    }
+}
