@@ -5,7 +5,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
@@ -41,32 +41,14 @@ tokio::task_local! {
     pub static REQUEST_ID: Option<String>;
 }
 
-/// Wraps a service's API routes with the shared endpoints and middleware.
-pub fn app(service: &'static str, api: Router, ready: ReadyCheck, body_limit: usize) -> Router {
+/// Wraps a service's API routes with `/health` and the shared middleware. Readiness and
+/// metrics are on the operations listener ([`ops_app`]), never on a public one.
+pub fn app(service: &'static str, api: Router, body_limit: usize) -> Router {
     Router::new()
         .route(
             "/health",
             get(|| async { axum::Json(json!({"status": "ok"})) }),
         )
-        .route(
-            "/ready",
-            get(move || {
-                let ready = ready.clone();
-                async move {
-                    match ready().await {
-                        Ok(()) => {
-                            (StatusCode::OK, axum::Json(json!({"status": "ready"}))).into_response()
-                        }
-                        Err(reason) => {
-                            Problem::new(StatusCode::SERVICE_UNAVAILABLE, "not-ready", "Not ready")
-                                .with_detail(reason)
-                                .into_response()
-                        }
-                    }
-                }
-            }),
-        )
-        .route("/metrics", get(render_metrics))
         .merge(api)
         .fallback(|| async { Problem::not_found("this route") })
         .method_not_allowed_fallback(|| async {
@@ -83,6 +65,66 @@ pub fn app(service: &'static str, api: Router, ready: ReadyCheck, body_limit: us
         .layer(middleware::from_fn_with_state(service, track_request))
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+}
+
+/// The operations listener (`ops.port`): `/health`, `/ready` (every service this process
+/// runs, each named) and `/metrics`, for the Kubernetes probes and the Prometheus scrape.
+/// `warning` (open mode) is repeated in every `/ready` answer.
+pub fn ops_app(checks: Vec<(&'static str, ReadyCheck)>, warning: Option<String>) -> Router {
+    let checks = Arc::new(checks);
+    Router::new()
+        .route(
+            "/health",
+            get(|| async { axum::Json(json!({"status": "ok"})) }),
+        )
+        .route(
+            "/ready",
+            get(move || {
+                let (checks, warning) = (checks.clone(), warning.clone());
+                async move {
+                    let mut results = Vec::with_capacity(checks.len());
+                    for (name, check) in checks.iter() {
+                        let result = tokio::time::timeout(Duration::from_secs(2), check())
+                            .await
+                            .unwrap_or_else(|_| Err("timed out".to_owned()));
+                        results.push((*name, result));
+                    }
+                    let mut services = serde_json::Map::new();
+                    let mut failing = Vec::new();
+                    for (name, result) in results {
+                        let status = match result {
+                            Ok(()) => "ready".to_owned(),
+                            Err(reason) => {
+                                failing.push(format!("{name}: {reason}"));
+                                format!("not ready: {reason}")
+                            }
+                        };
+                        services.insert(name.to_owned(), status.into());
+                    }
+                    if failing.is_empty() {
+                        let mut body = json!({"status": "ready", "services": services});
+                        if let Some(warning) = warning {
+                            body["warning"] = warning.into();
+                        }
+                        (StatusCode::OK, axum::Json(body)).into_response()
+                    } else {
+                        let mut problem =
+                            Problem::new(StatusCode::SERVICE_UNAVAILABLE, "not-ready", "Not ready")
+                                .with_detail(failing.join("; "))
+                                .with("services", services);
+                        if let Some(warning) = warning {
+                            problem = problem.with("warning", warning);
+                        }
+                        problem.into_response()
+                    }
+                }
+            }),
+        )
+        .route("/metrics", get(render_metrics))
+        .fallback(|| async { Problem::not_found("this route") })
+        .layer(CatchPanicLayer::custom(|_| {
+            Problem::internal().into_response()
+        }))
 }
 
 async fn render_metrics() -> Response {

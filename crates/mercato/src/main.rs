@@ -253,6 +253,11 @@ async fn run(settings: Settings, services: Vec<ServiceName>) -> anyhow::Result<(
     for (service, addr) in &platform.addresses {
         say!("  {:<width$} http://{addr}", service.as_str());
     }
+    say!(
+        "  {:<width$} http://{} (/ready, /metrics)",
+        "operations",
+        platform.ops_addr
+    );
     if settings.auth.mode == kit::config::AuthMode::Open {
         say!("WARNING: access control is OFF (open mode): anyone may read and change everything.");
     }

@@ -109,6 +109,8 @@ pub struct Platform {
     /// The demo accounts created at this start (`mercato up`'s first start), and the file
     /// that keeps their passwords.
     pub demo_accounts: Option<DemoAccounts>,
+    /// The operations listener: `/health`, `/ready`, `/metrics`.
+    pub ops_addr: SocketAddr,
 }
 
 /// Accounts `mercato up` created with random passwords, kept in `file` (mode 0600).
@@ -147,6 +149,11 @@ impl Platform {
         if let Some(bus) = &self.bus {
             bus.close().await;
         }
+    }
+
+    /// The operations listener's base URL (`/ready`, `/metrics`).
+    pub fn ops_url(&self) -> String {
+        format!("http://{}", self.ops_addr)
     }
 
     pub fn shutdown_token(&self) -> CancellationToken {
@@ -285,6 +292,8 @@ struct Assembly<'a> {
     /// Whether to create the demo accounts (`mercato up` with its demo catalog).
     demo_accounts: bool,
     created_demo_accounts: Option<DemoAccounts>,
+    /// Each started service's readiness, for the operations listener.
+    readiness: Vec<(&'static str, ReadyCheck)>,
 }
 
 impl Assembly<'_> {
@@ -411,10 +420,10 @@ impl Assembly<'_> {
         let app = server::app(
             service.as_str(),
             router.layer(self.auth.layer()),
-            ready,
             self.body_limit(),
         );
         self.apps.push((service, app));
+        self.readiness.push((service.as_str(), ready));
     }
 
     /// Spawns `job` to run now and then every `period` until shutdown.
@@ -900,11 +909,9 @@ impl Assembly<'_> {
         let timeout = Duration::from_millis(self.settings.http.upstream_timeout_ms);
         let routes = gateway::router(&upstreams, self.body_limit(), timeout)
             .context("configuring the gateway")?;
-        let probe = gateway::routes::probe::client();
-        let ready = ready_check(move || {
-            let (upstreams, probe) = (upstreams.clone(), probe.clone());
-            async move { gateway::routes::check_upstreams(&upstreams, &probe).await }
-        });
+        // The gateway is ready when it runs: one sick service must not take every gateway
+        // pod (and so the whole shop) out of the load balancer; its routes answer 503.
+        let ready = ready_check(|| async { Ok(()) });
         self.serve(ServiceName::Gateway, routes, ready);
         Ok(())
     }
@@ -1054,6 +1061,14 @@ pub async fn start(settings: &Settings, services: &[ServiceName]) -> anyhow::Res
             })?;
         listeners.push((service, listener));
     }
+    let ops_listener = TcpListener::bind((settings.host, settings.ops.port))
+        .await
+        .with_context(|| {
+            format!(
+                "the operations listener cannot listen on {}:{}",
+                settings.host, settings.ops.port
+            )
+        })?;
     // A service's URL: configured, else where it was just bound, else its configured port.
     let urls: Vec<(ServiceName, String)> = ServiceName::ALL
         .into_iter()
@@ -1127,6 +1142,7 @@ pub async fn start(settings: &Settings, services: &[ServiceName]) -> anyhow::Res
         // `mercato up` (every service) with its demo catalog; never `serve`.
         demo_accounts: settings.demo && ServiceName::ALL.iter().all(|s| services.contains(s)),
         created_demo_accounts: None,
+        readiness: Vec::new(),
     };
     if let Some(bus) = bus.clone() {
         let retention = assembly.retention();
@@ -1154,8 +1170,24 @@ pub async fn start(settings: &Settings, services: &[ServiceName]) -> anyhow::Res
         closing,
         mut apps,
         created_demo_accounts,
+        readiness,
         ..
     } = assembly;
+    let warning = (settings.auth.mode == AuthMode::Open).then(|| {
+        "access control is off (auth.mode = open): anyone may read and change everything".to_owned()
+    });
+    let ops_addr = ops_listener
+        .local_addr()
+        .context("reading the operations address")?;
+    {
+        let shutdown = shutdown.clone();
+        let app = server::ops_app(readiness, warning);
+        tasks.spawn(async move {
+            if let Err(e) = server::serve(ops_listener, app, shutdown).await {
+                tracing::error!(error = %e, "the operations listener stopped with an error");
+            }
+        });
+    }
     let mut addresses = Vec::new();
     for (service, listener) in listeners {
         let Some(pos) = apps.iter().position(|(s, _)| *s == service) else {
@@ -1180,5 +1212,6 @@ pub async fn start(settings: &Settings, services: &[ServiceName]) -> anyhow::Res
         closing,
         bus,
         demo_accounts: created_demo_accounts,
+        ops_addr,
     })
 }

@@ -113,19 +113,17 @@ async fn with_dynamodb_unreachable_orders_is_not_ready_and_gives_the_stock_back(
     let mut settings = test_settings(&dir);
     settings.orders.database_url = Some(format!("dynamodb://orders?{NOWHERE}"));
     let app = spawn_with(settings, &ServiceName::ALL, dir).await;
-    let orders = app
-        .platform
-        .as_ref()
-        .unwrap()
-        .url(ServiceName::Orders)
-        .unwrap();
-    let ready = app
-        .client
-        .get(format!("{orders}/ready"))
-        .send()
-        .await
-        .unwrap();
+    let ops = app.platform.as_ref().unwrap().ops_url();
+    let ready = app.client.get(format!("{ops}/ready")).send().await.unwrap();
     assert_eq!(ready.status(), reqwest::StatusCode::SERVICE_UNAVAILABLE);
+    let problem: serde_json::Value = ready.json().await.unwrap();
+    assert!(
+        problem["services"]["orders"]
+            .as_str()
+            .unwrap()
+            .starts_with("not ready"),
+        "{problem}"
+    );
 
     let user = app.create_user("outage@example.com").await;
     let product = app.create_product("OUTAGE-1", "5.00", 4).await;

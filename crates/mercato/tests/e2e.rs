@@ -25,6 +25,8 @@ use serde_json::{Value, json};
 struct Running {
     child: Option<Child>,
     gateway: String,
+    /// The operations listener (`/ready`, `/metrics`).
+    ops: String,
 }
 
 impl Running {
@@ -205,6 +207,9 @@ fn launch(data: &Path, profile: &Profile) -> Running {
     ] {
         cmd.env(format!("MERCATO_{svc}__PORT"), "0");
     }
+    cmd.env("MERCATO_OPS__PORT", "0");
+    cmd.env("MERCATO_AUTH__ADMIN_EMAIL", common::ADMIN_EMAIL);
+    cmd.env("MERCATO_AUTH__ADMIN_PASSWORD", common::ADMIN_PASSWORD);
     cmd.env("MERCATO_LOG__LEVEL", "warn");
     // A message claimed by the notifier when the process is killed reappears after the
     // visibility timeout; keep it short so the crash test need not wait the default 30 s.
@@ -217,12 +222,15 @@ fn launch(data: &Path, profile: &Profile) -> Running {
         .spawn()
         .expect("mercato starts");
     let stdout = child.stdout.take().unwrap();
-    let mut gateway = None;
+    let (mut gateway, mut ops) = (None, None);
     let mut lines = BufReader::new(stdout).lines();
     for line in lines.by_ref() {
         let line = line.unwrap();
         if let Some(rest) = line.trim().strip_prefix("gateway") {
             gateway = Some(rest.trim().to_owned());
+        }
+        if let Some(rest) = line.trim().strip_prefix("operations") {
+            ops = Some(rest.trim().to_owned());
         }
         if line.starts_with("Press Ctrl-C") {
             break;
@@ -230,7 +238,7 @@ fn launch(data: &Path, profile: &Profile) -> Running {
     }
     // Keep draining stdout so the process never writes into a closed pipe.
     std::thread::spawn(move || lines.for_each(drop));
-    let Some(gateway) = gateway else {
+    let (Some(gateway), Some(ops)) = (gateway, ops) else {
         let _ = child.kill();
         let _ = child.wait();
         panic!(
@@ -241,6 +249,7 @@ fn launch(data: &Path, profile: &Profile) -> Running {
     Running {
         child: Some(child),
         gateway,
+        ops,
     }
 }
 
@@ -264,18 +273,27 @@ fn wait_exit(mut child: Child) -> std::process::ExitStatus {
     panic!("mercato did not stop within 15 s");
 }
 
-fn client_for(gateway: &str) -> TestApp {
-    TestApp {
-        gateway: gateway.to_owned(),
+/// A client of the platform `running`, once it is ready, signed in as its administrator.
+async fn client_for(running: &Running) -> TestApp {
+    let mut app = TestApp {
+        gateway: running.gateway.clone(),
         client: reqwest::Client::new(),
         platform: None,
         dir: tempfile::tempdir().unwrap(),
-    }
+        token: None,
+    };
+    wait_ready(&app.client, &running.ops).await;
+    app.token = Some(
+        app.sign_in(common::ADMIN_EMAIL, common::ADMIN_PASSWORD)
+            .await,
+    );
+    app
 }
 
-async fn wait_ready(app: &TestApp) {
+async fn wait_ready(client: &reqwest::Client, ops: &str) {
     let ready = eventually(10, || async {
-        (app.get("/ready").await.status == StatusCode::OK).then_some(())
+        let answer = client.get(format!("{ops}/ready")).send().await.ok()?;
+        (answer.status() == StatusCode::OK).then_some(())
     })
     .await;
     assert!(ready.is_some(), "the platform became ready");
@@ -306,14 +324,14 @@ async fn the_tour_survives_restarts() {
     let patience = profile.patience_secs;
     let data = tempfile::tempdir().unwrap();
     let running = launch(data.path(), &profile);
-    let app = client_for(&running.gateway);
-    wait_ready(&app).await;
+    let app = client_for(&running).await;
 
     let user = app.create_user("tour@example.com").await;
     let product = app.create_product("TOUR-1", "1999.99", 5).await;
     let raw = app
         .client
         .post(format!("{}/api/v1/orders", app.gateway))
+        .bearer_auth(app.token.as_deref().unwrap())
         .json(&json!({"user_id": user, "items": [{"product_id": product, "quantity": 2}], "shipping_address": "221B Baker St"}))
         .send()
         .await
@@ -391,8 +409,7 @@ async fn the_tour_survives_restarts() {
     running.signal("TERM");
     assert!(running.wait_exit().success(), "SIGTERM stops cleanly");
     let running = launch(data.path(), &profile);
-    let app = client_for(&running.gateway);
-    wait_ready(&app).await;
+    let app = client_for(&running).await;
     let after = state(&app, &user, &product, &order_id).await;
     assert_eq!(before, after);
     assert_eq!(after.0["status"], "paid");
@@ -406,19 +423,19 @@ async fn the_tour_survives_restarts() {
     running.signal("KILL");
     running.wait_exit();
     let running = launch(data.path(), &profile);
-    let app = client_for(&running.gateway);
-    wait_ready(&app).await;
+    let app = client_for(&running).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(state(&app, &user, &product, &order_id).await, before);
     let payments = answer(
         app.client
             .get(format!("{}/api/v1/payments/order/{order_id}", app.gateway))
+            .bearer_auth(app.token.as_deref().unwrap())
             .send()
             .await
             .unwrap(),
     )
     .await;
-    assert_eq!(payments.body.as_array().unwrap().len(), 1);
+    assert_eq!(payments.body["payments"].as_array().unwrap().len(), 1);
 
     running.signal("TERM");
     assert!(running.wait_exit().success());
@@ -435,7 +452,7 @@ async fn all_orders(app: &TestApp, user: &str) -> Vec<Value> {
             ))
             .await
             .body;
-        let page = page.as_array().cloned().unwrap_or_default();
+        let page = page["orders"].as_array().cloned().unwrap_or_default();
         if page.is_empty() {
             return out;
         }
@@ -450,8 +467,7 @@ async fn a_crash_mid_flight_loses_nothing_and_doubles_nothing() {
     let patience = profile.patience_secs.max(20);
     let data = tempfile::tempdir().unwrap();
     let running = launch(data.path(), &profile);
-    let app = client_for(&running.gateway);
-    wait_ready(&app).await;
+    let app = client_for(&running).await;
     let users = [
         app.create_user("crash-a@example.com").await,
         app.create_user("crash-b@example.com").await,
@@ -505,8 +521,7 @@ async fn a_crash_mid_flight_loses_nothing_and_doubles_nothing() {
     let accepted = accepted.lock().unwrap().clone();
 
     let running = launch(data.path(), &profile);
-    let app = client_for(&running.gateway);
-    wait_ready(&app).await;
+    let app = client_for(&running).await;
     let mut stored = Vec::new();
     for user in &users {
         stored.extend(all_orders(&app, user).await);

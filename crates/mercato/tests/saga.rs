@@ -62,6 +62,7 @@ async fn one_idempotency_key_sent_20_times_concurrently_makes_one_order() {
     let bad_key = app
         .client
         .post(format!("{}/api/v1/orders", app.gateway))
+        .bearer_auth(app.token.as_deref().unwrap())
         .header("idempotency-key", "")
         .json(&other)
         .send()

@@ -70,11 +70,7 @@ async fn orders_are_notified_through_sqs() {
         .client
         .get(format!(
             "{}/ready",
-            app.platform
-                .as_ref()
-                .unwrap()
-                .url(ServiceName::Notifications)
-                .unwrap()
+            app.platform.as_ref().unwrap().ops_url()
         ))
         .send()
         .await

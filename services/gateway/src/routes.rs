@@ -1,4 +1,5 @@
-//! The public route table and the gateway's readiness (every upstream ready).
+//! The public route table: every route's method, template, service and who may call it; the
+//! early access check; the OpenAPI document that describes the table.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,7 +9,6 @@ use axum::extract::{Request, State};
 use axum::http::{Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
-use futures_util::future::join_all;
 use kit::Problem;
 use kit::auth::{Auth, Rejection};
 
@@ -230,17 +230,6 @@ impl Upstreams {
             Service::Analytics => &self.analytics,
         }
     }
-
-    fn all(&self) -> [(&'static str, &str); 6] {
-        [
-            ("users", &self.users),
-            ("products", &self.products),
-            ("orders", &self.orders),
-            ("payments", &self.payments),
-            ("notifications", &self.notifications),
-            ("analytics", &self.analytics),
-        ]
-    }
 }
 
 /// The gateway's API routes (the shared endpoints come from `kit::server::app`).
@@ -330,51 +319,6 @@ pub const OPENAPI: &str = include_str!("../openapi.json");
 
 async fn openapi() -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "application/json")], OPENAPI)
-}
-
-/// Ready when every upstream's `/ready` answers 200 within a second.
-pub async fn check_upstreams(upstreams: &Upstreams, client: &probe::Client) -> Result<(), String> {
-    let checks = upstreams.all().map(|(name, base)| async move {
-        let ok = probe::ready(client, &format!("{}/ready", base.trim_end_matches('/'))).await;
-        (name, ok)
-    });
-    let failing: Vec<&str> = join_all(checks)
-        .await
-        .into_iter()
-        .filter(|(_, ok)| !ok)
-        .map(|(n, _)| n)
-        .collect();
-    if failing.is_empty() {
-        Ok(())
-    } else {
-        Err(format!("not ready: {}", failing.join(", ")))
-    }
-}
-
-/// Readiness probing over the same hyper client the proxy uses (no second HTTP stack).
-pub mod probe {
-    use std::time::Duration;
-
-    use axum::body::Body;
-    use hyper_util::client::legacy::Client as HyperClient;
-    use hyper_util::client::legacy::connect::HttpConnector;
-    use hyper_util::rt::TokioExecutor;
-
-    pub type Client = HyperClient<HttpConnector, Body>;
-
-    pub fn client() -> Client {
-        HyperClient::builder(TokioExecutor::new()).build_http()
-    }
-
-    pub async fn ready(client: &Client, url: &str) -> bool {
-        let Ok(uri) = url.parse::<http::Uri>() else {
-            return false;
-        };
-        matches!(
-            tokio::time::timeout(Duration::from_secs(1), client.get(uri)).await,
-            Ok(Ok(response)) if response.status().is_success()
-        )
-    }
 }
 
 #[cfg(test)]
