@@ -1002,9 +1002,27 @@ fn identity(
              Use it only for the seed's clients on a private network."
         );
     }
-    let holds_signing_key = services.contains(&ServiceName::Users)
-        || auth.signing_key.is_some()
-        || auth.signing_key_file.is_some();
+    // `mercato up` keeps its keys in its data dir; a service run alone (one per pod) must get
+    // them from configuration, or each replica would sign and check with a key of its own.
+    let all_in_one = ServiceName::ALL.iter().all(|s| services.contains(s));
+    let signing_configured = auth.signing_key.is_some() || auth.signing_key_file.is_some();
+    let service_key_configured = auth.service_key.is_some() || auth.service_key_file.is_some();
+    if !all_in_one && services.contains(&ServiceName::Users) && !signing_configured {
+        anyhow::bail!(
+            "the users service run alone needs auth.signing_key or auth.signing_key_file \
+             (MERCATO_AUTH__SIGNING_KEY_FILE): an Ed25519 PKCS#8 PEM, e.g. from \
+             `openssl genpkey -algorithm ed25519`; `mercato up` keeps one in its data dir"
+        );
+    }
+    if !all_in_one && services.iter().any(|s| *s != ServiceName::Gateway) && !service_key_configured
+    {
+        anyhow::bail!(
+            "a service run alone needs auth.service_key or auth.service_key_file \
+             (MERCATO_AUTH__SERVICE_KEY_FILE), the same Ed25519 PKCS#8 PEM in every service but \
+             the gateway; `mercato up` keeps one in its data dir"
+        );
+    }
+    let holds_signing_key = services.contains(&ServiceName::Users) || signing_configured;
     let ring = if holds_signing_key {
         Some(
             kit::auth::signing_ring(auth, &settings.data_dir)

@@ -194,8 +194,17 @@ impl Drop for FreshDatabase {
 
 /// Starts `mercato up` on free ports, on `profile`'s backends, and waits for its banner.
 fn launch(data: &Path, profile: &Profile) -> Running {
+    launch_with(data, profile, &[])
+}
+
+/// `mercato up --no-demo` with `extra` arguments (`--open`).
+fn launch_with(data: &Path, profile: &Profile, extra: &[&str]) -> Running {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_mercato"));
-    cmd.arg("--data-dir").arg(data).arg("up").arg("--no-demo");
+    cmd.arg("--data-dir")
+        .arg(data)
+        .arg("up")
+        .arg("--no-demo")
+        .args(extra);
     for svc in [
         "GATEWAY",
         "USERS",
@@ -230,7 +239,7 @@ fn launch(data: &Path, profile: &Profile) -> Running {
             gateway = Some(rest.trim().to_owned());
         }
         if let Some(rest) = line.trim().strip_prefix("operations") {
-            ops = Some(rest.trim().to_owned());
+            ops = rest.split_whitespace().next().map(str::to_owned);
         }
         if line.starts_with("Press Ctrl-C") {
             break;
@@ -483,6 +492,7 @@ async fn a_crash_mid_flight_loses_nothing_and_doubles_nothing() {
     let mut clients = Vec::new();
     for worker in 0..8usize {
         let (gateway, accepted, stop) = (running.gateway.clone(), accepted.clone(), stop.clone());
+        let token = app.token.clone().unwrap();
         let (user, product_a, product_b) = (
             users[worker % 2].clone(),
             products[0].clone(),
@@ -494,7 +504,7 @@ async fn a_crash_mid_flight_loses_nothing_and_doubles_nothing() {
             while !stop.is_set() {
                 n += 1;
                 let body = json!({"user_id": user, "items": [{"product_id": product_a, "quantity": 1 + n % 3}, {"product_id": product_b, "quantity": 1}], "shipping_address": "Crash Ave"});
-                if let Ok(r) = http.post(format!("{gateway}/api/v1/orders")).json(&body).send().await
+                if let Ok(r) = http.post(format!("{gateway}/api/v1/orders")).bearer_auth(&token).json(&body).send().await
                     && r.status() == StatusCode::CREATED
                     && let Ok(order) = r.json::<Value>().await
                 {
@@ -631,4 +641,148 @@ mod stop_flag {
             self.0.load(Ordering::SeqCst)
         }
     }
+}
+
+/// The seed's own clients, unchanged, against `mercato up --open`: its product, user, order and
+/// payment calls with its bodies (prices as JSON numbers, the structured address, INR, no card
+/// number) all succeed without a token, and the platform says loudly that access control is off.
+#[tokio::test]
+async fn the_seeds_clients_work_in_open_mode() {
+    let profile = Profile::from_env();
+    let data = tempfile::tempdir().unwrap();
+    let running = launch_with(data.path(), &profile, &["--open"]);
+    let ops = running.ops.clone();
+    let app = client_for(&running).await;
+    let seed = app.as_caller(None);
+    let ready: Value = reqwest::get(format!("{ops}/ready"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        ready["warning"]
+            .as_str()
+            .unwrap()
+            .contains("access control is off"),
+        "{ready}"
+    );
+
+    // Products: create with a JSON-number price, read, list with skip/limit, stock, partial
+    // update, delete.
+    let product = seed
+        .post(
+            "/api/v1/products",
+            json!({"name": "Laptop", "description": "A laptop", "price": 1999.99, "stock": 10, "sku": "SEED-LAPTOP", "category": "electronics"}),
+        )
+        .await;
+    assert_eq!(product.status, StatusCode::CREATED, "{}", product.body);
+    assert_eq!(product.body["price"].as_f64(), Some(1999.99));
+    let product_id = product.body["id"].as_str().unwrap().to_owned();
+    let listed = seed.get("/api/v1/products?skip=0&limit=10").await;
+    assert_eq!(listed.status, StatusCode::OK);
+    assert!(listed.body.to_string().contains(&product_id));
+    let stock = seed
+        .get(&format!("/api/v1/products/{product_id}/stock"))
+        .await;
+    assert_eq!(stock.body["stock"], 10, "{}", stock.body);
+    let updated = seed
+        .send(
+            reqwest::Method::PUT,
+            &format!("/api/v1/products/{product_id}"),
+            Some(json!({"price": 1899.5})),
+        )
+        .await;
+    assert_eq!(updated.status, StatusCode::OK, "{}", updated.body);
+    assert_eq!(
+        updated.body["name"], "Laptop",
+        "a partial update keeps the rest"
+    );
+    let doomed = seed
+        .post(
+            "/api/v1/products",
+            json!({"name": "Old", "price": 10, "stock": 1, "sku": "SEED-OLD", "category": "x"}),
+        )
+        .await;
+    let gone = seed
+        .send(
+            reqwest::Method::DELETE,
+            &format!("/api/v1/products/{}", doomed.body["id"].as_str().unwrap()),
+            None,
+        )
+        .await;
+    assert_eq!(gone.status, StatusCode::NO_CONTENT);
+
+    // Users: no password (the seed has none), and a duplicate e-mail is a 409.
+    let user = seed
+        .post(
+            "/api/v1/users",
+            json!({"name": "Asha", "email": "asha@example.in", "phone": "+91 98765 43210"}),
+        )
+        .await;
+    assert_eq!(user.status, StatusCode::CREATED, "{}", user.body);
+    let user_id = user.body["id"].as_str().unwrap().to_owned();
+    let again = seed
+        .post(
+            "/api/v1/users",
+            json!({"name": "Asha", "email": "asha@example.in"}),
+        )
+        .await;
+    assert_eq!(again.status, StatusCode::CONFLICT);
+
+    // The order with the seed's structured address (the client's price is ignored).
+    let order = seed
+        .post(
+            "/api/v1/orders",
+            json!({
+                "user_id": user_id,
+                "items": [{"product_id": product_id, "quantity": 2, "price": 1.0}],
+                "shipping_address": {"street": "12 MG Road", "city": "Pune", "state": "MH", "zip": "411001"}
+            }),
+        )
+        .await;
+    assert_eq!(order.status, StatusCode::CREATED, "{}", order.body);
+    assert_eq!(order.body["currency"], "INR");
+    assert_eq!(order.body["total_amount"].as_f64(), Some(3799.0));
+    assert_eq!(order.body["shipping_address"]["city"], "Pune");
+    assert_eq!(order.body["shipping_address"]["country"], "India");
+    let order_id = order.body["id"].as_str().unwrap().to_owned();
+    let mine = seed.get(&format!("/api/v1/orders/user/{user_id}")).await;
+    assert_eq!(mine.body["count"], 1, "{}", mine.body);
+    assert_eq!(mine.body["orders"][0]["id"], order_id.as_str());
+
+    // The seed's payment: INR, a method, no card number.
+    let wrong_currency = seed
+        .post(
+            "/api/v1/payments",
+            json!({"order_id": order_id, "user_id": user_id, "amount": 3799.0, "currency": "USD", "payment_method": "upi"}),
+        )
+        .await;
+    assert_eq!(wrong_currency.status, StatusCode::UNPROCESSABLE_ENTITY);
+    let payment = seed
+        .post(
+            "/api/v1/payments",
+            json!({"order_id": order_id, "user_id": user_id, "amount": 3799.0, "currency": "INR", "payment_method": "upi"}),
+        )
+        .await;
+    assert_eq!(payment.status, StatusCode::CREATED, "{}", payment.body);
+    assert_eq!(payment.body["status"], "succeeded");
+    let payment_id = payment.body["id"].as_str().unwrap().to_owned();
+    let by_id = seed.get(&format!("/api/v1/payments/{payment_id}")).await;
+    assert_eq!(by_id.body["currency"], "INR");
+    let by_order = seed
+        .get(&format!("/api/v1/payments/order/{order_id}"))
+        .await;
+    assert_eq!(by_order.body["count"], 1, "{}", by_order.body);
+    let refund = seed
+        .post(
+            &format!("/api/v1/payments/{payment_id}/refund"),
+            json!({"reason": "customer request"}),
+        )
+        .await;
+    assert_eq!(refund.status, StatusCode::CREATED, "{}", refund.body);
+    assert_eq!(refund.body["amount"].as_f64(), Some(3799.0));
+
+    running.signal("TERM");
+    assert!(running.wait_exit().success());
 }

@@ -31,7 +31,7 @@ async fn one_idempotency_key_sent_20_times_concurrently_makes_one_order() {
         "the handler ran once; 19 replays"
     );
     let orders = app.get(&format!("/api/v1/orders/user/{user}")).await.body;
-    assert_eq!(orders.as_array().unwrap().len(), 1, "one order");
+    assert_eq!(orders["orders"].as_array().unwrap().len(), 1, "one order");
     assert_eq!(app.stock(&product).await, 7, "one reservation");
 
     // Same key, different request → 422; a new key → a new order.
@@ -93,7 +93,7 @@ async fn payment_retries_with_a_key_charge_once() {
         .get(&format!("/api/v1/payments/order/{order}"))
         .await
         .body;
-    assert_eq!(payments.as_array().unwrap().len(), 1);
+    assert_eq!(payments["payments"].as_array().unwrap().len(), 1);
     app.stop().await;
 }
 
@@ -180,7 +180,7 @@ async fn payment_network_errors_and_an_absent_orders_service_are_503s() {
     assert!(
         app.get(&format!("/api/v1/payments/order/{order}"))
             .await
-            .body
+            .body["payments"]
             .as_array()
             .unwrap()
             .is_empty()
@@ -289,7 +289,7 @@ async fn products_down_gives_a_503_and_no_order() {
     assert!(started.elapsed() < Duration::from_secs(3));
     let orders = app.get(&format!("/api/v1/orders/user/{user}")).await.body;
     assert_eq!(
-        orders.as_array().unwrap().len(),
+        orders["orders"].as_array().unwrap().len(),
         0,
         "no order without its stock"
     );
@@ -302,8 +302,7 @@ async fn orders_stub_that_cancels_under_payment(
     order_id: &str,
 ) -> (String, tokio::task::JoinHandle<()>) {
     use axum::routing::{get, post};
-    let order =
-        json!({"id": order_id, "status": "pending", "total_amount": 12.34, "currency": "USD"});
+    let order = json!({"id": order_id, "user_id": "00000000-0000-0000-0000-0000000000aa", "status": "pending", "total_amount": 12.34, "currency": "USD"});
     let app = axum::Router::new()
         .route(
             "/internal/v1/orders/{id}",
@@ -348,7 +347,7 @@ async fn a_payment_for_an_order_cancelled_meanwhile_is_refunded() {
         .get(&format!("/api/v1/payments/order/{order}"))
         .await
         .body;
-    let payment = &payments.as_array().unwrap()[0];
+    let payment = &payments["payments"].as_array().unwrap()[0];
     assert_eq!(
         payment["status"], "refunded",
         "the money went back: {payment}"

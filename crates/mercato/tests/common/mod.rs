@@ -29,6 +29,17 @@ pub fn test_settings(dir: &tempfile::TempDir) -> Settings {
         demo: false,
         ..Settings::default()
     };
+    // Keys from configuration, as a deployment has them: services started separately (in
+    // several `spawn_with` calls of one test) share them.
+    let keys = dir.path().join("auth");
+    s.auth.signing_key_file = Some(keys.join("signing-test.pem"));
+    s.auth.service_key_file = Some(keys.join("service-test.pem"));
+    for file in [&s.auth.signing_key_file, &s.auth.service_key_file]
+        .into_iter()
+        .flatten()
+    {
+        kit::auth::keys::key_in_file(file).unwrap();
+    }
     s.auth.admin_email = Some(ADMIN_EMAIL.into());
     s.auth.admin_password = Some(kit::config::Secret(ADMIN_PASSWORD.into()));
     s.ops.port = 0;
@@ -86,6 +97,19 @@ pub async fn spawn_with(
     };
     if services.contains(&ServiceName::Gateway) && services.contains(&ServiceName::Users) {
         app.token = Some(app.sign_in(ADMIN_EMAIL, ADMIN_PASSWORD).await);
+    } else if let Some(file) = &settings.auth.signing_key_file {
+        // No users service to sign in with: an administrator's token made with the key.
+        let ring = kit::auth::KeyRing {
+            current: kit::auth::SigningKey::from_file(file).unwrap(),
+            previous: Vec::new(),
+        };
+        let issuer = kit::auth::TokenIssuer::new(ring, &settings.auth);
+        app.token = Some(
+            issuer
+                .access_token(uuid::Uuid::new_v4(), kit::auth::Role::Admin)
+                .unwrap()
+                .token,
+        );
     }
     app
 }
