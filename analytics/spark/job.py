@@ -18,9 +18,13 @@ Rules, the same as Mercato's analytics engine:
   integer arithmetic.
 - Only `order.created` events are orders (count, revenue, users, items); every event counts in
   `event_counts` under its type.
-- An event is applied once: duplicates are dropped by `event_id` (or, for Kafka, the
-  CloudEvents `ce_id` header; failing both, a hash of the message's text, so an exactly
-  duplicated line counts once, as in `mercato analytics replay`).
+- An event is applied once: duplicates are dropped by its id, which is, as in Mercato's
+  decoder (bus::event::order): `event_id`; else the seed's `id` when it is a UUID other than
+  the order id (the seed's order service published events without `event_id`); else, for
+  Kafka, the CloudEvents `ce_id` header; failing all, a hash of the message's text without
+  surrounding whitespace, so an exactly duplicated line counts once.
+- Event times are `created_at`: RFC 3339 with any offset, or naive ISO 8601 as the seed wrote
+  it (`2024-01-01T10:00:00.123456`), read as UTC (the session time zone).
 - `unique_users` is exact (the set of buyers per open window, held in the state store until
   the watermark closes the window); `unique_users_estimate` is Spark's HyperLogLog++
   (`approx_count_distinct`, relative standard deviation `--rsd`). With `--unique-users approx`
@@ -52,6 +56,10 @@ EVENT_TYPES = (
     "payment.refunded",
 )
 ORDER_CREATED = "order.created"
+# A UUID as Python's str(uuid.uuid4()) writes it: only then is the seed's `id` an event id.
+UUID_PATTERN = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+# What Rust's trim_ascii removes: the body hash must be taken over the same text as Mercato's.
+EDGE_WHITESPACE = r"^[ \t\n\f\r]+|[ \t\n\f\r]+$"
 # The event time of the end-of-input marker a finite (file) run feeds last: past every window,
 # so the watermark passes every window and append mode emits the ones still open.
 END_OF_INPUT_TIME = "9999-12-31T23:59:00Z"
@@ -257,10 +265,12 @@ class RunReport:
 def event_schema():
     from pyspark.sql import types as T
 
-    # Only what the metrics need; unknown fields (items, status, ...) are ignored. created_at is
-    # read as text and cast, so any RFC 3339 offset is honoured.
+    # Only what the metrics and the event id need; unknown fields (items, status, ...) are
+    # ignored. created_at is read as text and cast, so any RFC 3339 offset is honoured and a
+    # naive time (the seed's) is taken in the session's time zone, UTC.
     return T.StructType([
         T.StructField("event_id", T.StringType()),
+        T.StructField("id", T.StringType()),
         T.StructField("event_type", T.StringType()),
         T.StructField("order_id", T.StringType()),
         T.StructField("user_id", T.StringType()),
@@ -359,9 +369,17 @@ def parse_events(raw):
     from pyspark.sql import functions as F
 
     parsed = raw.select(F.from_json(F.col("value"), event_schema()).alias("e"), F.col("header_id"), F.col("value"))
+    # The seed's `id`, lower-cased as Mercato writes UUIDs, unless it is the order's own id
+    # (which every event of the order would share).
+    seed_id = F.lower(F.col("e.id"))
+    seed_id = F.when(
+        F.col("e.id").rlike(UUID_PATTERN) & (seed_id != F.lower(F.coalesce(F.col("e.order_id"), F.lit("")))),
+        seed_id,
+    )
+    body_hash = F.sha2(F.regexp_replace(F.col("value"), EDGE_WHITESPACE, ""), 256)
     return parsed.select(
         # coalesce evaluates lazily: the hash is computed only for events without an id.
-        F.coalesce(F.col("e.event_id"), F.col("header_id"), F.sha2(F.trim(F.col("value")), 256)).alias("event_id"),
+        F.coalesce(F.col("e.event_id"), seed_id, F.col("header_id"), body_hash).alias("event_id"),
         F.col("e.event_type").alias("event_type"),
         F.col("e.user_id").alias("user_id"),
         F.col("e.total_amount").alias("total_amount"),

@@ -87,6 +87,40 @@ class SparkRules(unittest.TestCase):
         w = json.loads(out.select(job_to_json(out)).collect()[0][0])
         self.assertEqual((w["order_count"], w["total_revenue"]), (4, "8.00"))
 
+    def test_seed_shaped_events(self):
+        # The seed's order service: `id` instead of `event_id`, naive times (UTC), `price`,
+        # no currency; amounts as numbers or strings. The same id rule as Mercato's decoder.
+        order = "5eed0000-0000-4000-8000-000000000001"
+
+        def seed(event_type="order.created", seed_id="5eed0000-0000-4000-8000-00000000e001", amount="1999.99",
+                 at="2024-01-01T10:00:00.123456", reorder=False):
+            fields = [f'"order_id": "{order}"', '"user_id": "u1"', f'"total_amount": {amount}',
+                      '"status": "pending"', '"items_count": 2', f'"event_type": "{event_type}"',
+                      f'"created_at": "{at}"', '"items": [{"product_id": "p", "quantity": 2, "price": 999.99}]']
+            if seed_id is not None:
+                fields.insert(0, f'"id": "{seed_id}"')
+            return "{" + ", ".join(reversed(fields) if reorder else fields) + "}"
+
+        lines = [
+            seed(),
+            seed(reorder=True),  # the same id in other text: once
+            seed(seed_id="5EED0000-0000-4000-8000-00000000E001"),  # the same UUID, upper case: once
+            # The order's id as `id`: shared by the order's events, so not an event id.
+            seed("order.paid", seed_id=order, at="2024-01-01T10:00:10"),
+            seed("order.cancelled", seed_id=order, at="2024-01-01T10:00:10"),
+            seed("order.cancelled", seed_id=order, at="2024-01-01T10:00:10"),  # the same line: once
+            seed(seed_id="evt-7", amount='"0.01"', at="2024-01-01 10:00:59.999999"),  # not a UUID: by text
+            seed(seed_id=None, amount="10.5", at="2024-01-01T10:00:30"),
+            "  " + seed(seed_id=None, amount="10.5", at="2024-01-01T10:00:30") + "\t",  # padded: once
+            seed(seed_id="5eed0000-0000-4000-8000-00000000e002", at="2024-01-01T10:01:00.000001"),
+        ]
+        w = self.windows(lines)
+        self.assertEqual(sorted(w), ["2024-01-01T10:00:00Z", "2024-01-01T10:01:00Z"])
+        first = w["2024-01-01T10:00:00Z"]
+        self.assertEqual(first["event_counts"], {"order.created": 3, "order.paid": 1, "order.cancelled": 1})
+        self.assertEqual(first["total_revenue"], "2010.50")
+        self.assertEqual(w["2024-01-01T10:01:00Z"]["order_count"], 1)
+
     def test_approx_mode_reports_the_estimate(self):
         w = self.windows([event(event_id="x"), event(user="u2", event_id="y")], unique_users="approx")
         self.assertEqual(w["2026-11-24T10:00:00Z"]["unique_users"], 2)

@@ -3,7 +3,8 @@
 //!
 //! The payload stays the seed's order event, so the seed's own consumers can read it; its
 //! `event_id` and `event_type` repeat the envelope's so a consumer that only sees the body
-//! (a Lambda fed raw SQS bodies) can still deduplicate.
+//! (a Lambda fed raw SQS bodies) can still deduplicate. The order event and its decoding (both
+//! Mercato's shape and the seed's) live in [`order`].
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use kit::Money;
@@ -11,6 +12,10 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::{BusError, Headers, OutgoingMessage, Record};
+
+pub mod order;
+
+pub use order::{DecodeError, OrderEvent, OrderEventItem, PLATFORM_CURRENCY};
 
 pub mod types {
     pub const ORDER_CREATED: &str = "order.created";
@@ -125,33 +130,6 @@ impl Event {
                 .map_err(|_| BusError::Malformed("payload is not UTF-8".into()))?,
         })
     }
-}
-
-/// The seed's order event: what `orders` publishes on the stream and the queue.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct OrderEvent {
-    pub event_id: Uuid,
-    pub event_type: String,
-    pub order_id: Uuid,
-    pub user_id: Uuid,
-    pub total_amount: Money,
-    pub currency: String,
-    pub status: String,
-    pub items_count: i64,
-    /// When the order was placed: the event time analytics windows by.
-    pub created_at: DateTime<Utc>,
-    /// When this event happened (equal to `created_at` for `order.created`).
-    #[serde(default)]
-    pub occurred_at: Option<DateTime<Utc>>,
-    #[serde(default)]
-    pub items: Vec<OrderEventItem>,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct OrderEventItem {
-    pub product_id: Uuid,
-    pub quantity: i64,
-    pub unit_price: Money,
 }
 
 /// A payment outcome, on the `payments` stream.

@@ -58,7 +58,7 @@ fn events() -> Vec<OrderEvent> {
             order_id: Uuid::new_v4(),
             user_id: Uuid::from_u128(u128::from(i % 41)),
             total_amount: Money::from_cents(cents * 2).unwrap(),
-            currency: "USD".into(),
+            currency: Some("USD".into()),
             status: "pending".into(),
             items_count: 2,
             created_at: at,

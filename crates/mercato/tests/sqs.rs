@@ -95,7 +95,7 @@ async fn orders_are_notified_through_sqs() {
         order_id: outside_order,
         user_id: Uuid::new_v4(),
         total_amount: Money::from_cents(1234).unwrap(),
-        currency: "USD".into(),
+        currency: Some("USD".into()),
         status: "pending".into(),
         items_count: 1,
         created_at: chrono::Utc::now(),

@@ -6,9 +6,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bus::Stream;
-use bus::event::OrderEvent;
+use bus::event::{DecodeError, OrderEvent, attr};
 use bus::names::ORDERS_TOPIC;
+use bus::{Delivered, Stream};
 use chrono::{DateTime, Utc};
 use tokio_util::sync::CancellationToken;
 
@@ -73,7 +73,7 @@ pub async fn run(
             };
             let events: Vec<(u32, OrderEvent)> = batch
                 .iter()
-                .filter_map(|d| match serde_json::from_slice::<OrderEvent>(&d.record.payload) {
+                .filter_map(|d| match decode(d) {
                     Ok(e) => Some((d.partition, e)),
                     Err(e) => {
                         tracing::error!(offset = d.offset, error = %e, "skipping an unreadable order event");
@@ -115,6 +115,13 @@ pub async fn run(
         tokio::select! { () = shutdown.cancelled() => return, () = tokio::time::sleep(delay) => {} }
         delay = (delay * 2).min(Duration::from_secs(10));
     }
+}
+
+/// An order event in either shape, identified by its body, else by the record's `ce_id`
+/// header (the seed's producer sent bodies without event ids).
+fn decode(d: &Delivered) -> Result<OrderEvent, DecodeError> {
+    let ce_id = d.record.headers.get(attr::ID).map(String::as_str);
+    OrderEvent::from_delivery(&d.record.payload, ce_id)
 }
 
 /// The earliest and latest event time of a batch.

@@ -1,28 +1,24 @@
 //! Replay: the same windowing rules (windows, watermark, lateness, dedup by event id,
-//! mergeable partial windows) over a file of order events (the seed's JSON, one per line), for
-//! backfills and benchmarks. A bounded file needs no crash recovery, so state is held in
-//! memory instead of the service's SQLite store: lines are parsed on every core straight into
-//! the fields windows need, and folded batch by batch, the watermark moving per batch exactly
-//! as it moves per polled batch in the service.
+//! mergeable partial windows) over a file of order events (one JSON per line, in Mercato's
+//! shape or the seed's: [`bus::event::order`]), for backfills and benchmarks. A bounded file
+//! needs no crash recovery, so state is held in memory instead of the service's SQLite store:
+//! lines are parsed on every core by the decoder the service uses, and folded batch by batch,
+//! the watermark moving per batch exactly as it moves per polled batch in the service.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{BufRead as _, Write as _};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use bus::event::{OrderEventItem, types};
-use chrono::{DateTime, Utc};
+use bus::event::{OrderEvent, types};
+use chrono::DateTime;
 use kit::Money;
-use serde::Deserialize;
 use uuid::Uuid;
 
 use crate::engine::{Lateness, PartialWindow, ProductSales, Windows, is_final};
 use crate::sketch::UserSketch;
 use crate::store::Applied;
 
-/// Namespace of event ids derived from a line's content when the event carries none (the
-/// seed's events do not): a duplicated line is then deduplicated like a redelivered event.
-const LINE_IDS: Uuid = Uuid::from_u128(0x6d65_7263_6174_6f00_0000_0000_0000_0002);
 const BATCH: usize = 20_000;
 
 #[derive(Debug, thiserror::Error)]
@@ -43,28 +39,14 @@ pub struct ReplayReport {
     pub elapsed: Duration,
 }
 
-/// The fields of a seed order event that windows use (unknown fields are ignored).
-#[derive(Debug, Deserialize)]
-struct SeedEvent {
-    event_id: Option<Uuid>,
-    event_type: String,
-    user_id: Uuid,
-    total_amount: Money,
-    items_count: i64,
-    created_at: DateTime<Utc>,
-    #[serde(default)]
-    items: Vec<OrderEventItem>,
-}
-
-fn parse_line(number: usize, line: &str) -> Result<SeedEvent, ReplayError> {
-    let mut event: SeedEvent = serde_json::from_str(line).map_err(|e| ReplayError::BadLine {
+/// A line in either order-event shape (Mercato's or the seed's), decoded as every consumer
+/// decodes it. A line carries no transport id, so one without an event id of its own is
+/// identified by its text: a duplicated line counts once, like a redelivered event.
+fn parse_line(number: usize, line: &str) -> Result<OrderEvent, ReplayError> {
+    OrderEvent::from_json(line).map_err(|e| ReplayError::BadLine {
         line: number,
         reason: e.to_string(),
-    })?;
-    if event.event_id.is_none() {
-        event.event_id = Some(Uuid::new_v5(&LINE_IDS, line.as_bytes()));
-    }
-    Ok(event)
+    })
 }
 
 /// One window's state while replaying.
@@ -102,11 +84,11 @@ impl Fold {
         }
     }
 
-    fn apply(&mut self, events: &[SeedEvent]) -> Applied {
+    fn apply(&mut self, events: &[OrderEvent]) -> Applied {
         let watermark = self.lateness.watermark(self.max_event_ms);
         let mut applied = Applied::default();
         for e in events {
-            if !self.seen.insert(e.event_id.unwrap_or_default()) {
+            if !self.seen.insert(e.event_id) {
                 continue;
             }
             applied.fresh += 1;
@@ -184,7 +166,7 @@ impl Fold {
 }
 
 /// Parses `lines` on all cores, keeping their order.
-fn parse_all(lines: &[(usize, &str)]) -> Result<Vec<SeedEvent>, ReplayError> {
+fn parse_all(lines: &[(usize, &str)]) -> Result<Vec<OrderEvent>, ReplayError> {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let chunk = lines.len().div_ceil(threads).max(1);
     std::thread::scope(|scope| {
@@ -294,7 +276,8 @@ fn replay_blocking(
 mod tests {
     use super::*;
     use crate::store::AnalyticsStore;
-    use bus::event::OrderEvent;
+    use bus::event::OrderEventItem;
+    use chrono::Utc;
     use serde_json::Value;
 
     /// The in-memory fold and the service's SQLite store must agree on everything, late
@@ -319,7 +302,7 @@ mod tests {
                     order_id: Uuid::new_v4(),
                     user_id: Uuid::from_u128(u128::from(i % 37)),
                     total_amount: Money::from_cents(cents * 3).unwrap(),
-                    currency: "USD".into(),
+                    currency: Some("USD".into()),
                     status: "pending".into(),
                     items_count: 3,
                     created_at: start + chrono::Duration::milliseconds(offset),
@@ -353,7 +336,7 @@ mod tests {
                 .iter()
                 .map(|e| serde_json::to_string(e).unwrap())
                 .collect();
-            let parsed: Vec<SeedEvent> = lines
+            let parsed: Vec<OrderEvent> = lines
                 .iter()
                 .enumerate()
                 .map(|(n, l)| parse_line(n, l).unwrap())

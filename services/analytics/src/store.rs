@@ -687,7 +687,7 @@ mod tests {
             order_id: Uuid::now_v7(),
             user_id: Uuid::from_u128(user),
             total_amount: Money::from_cents(cents).unwrap(),
-            currency: "USD".into(),
+            currency: Some("USD".into()),
             status: "pending".into(),
             items_count: 2,
             created_at: DateTime::parse_from_rfc3339(at)

@@ -31,7 +31,7 @@ fn events(n: u64) -> Vec<OrderEvent> {
                 order_id: Uuid::from_u128(u128::from(i) * 31 + 7),
                 user_id: Uuid::from_u128(u128::from(i % 97)),
                 total_amount: Money::from_cents(cents * 2).unwrap(),
-                currency: "USD".into(),
+                currency: Some("USD".into()),
                 status: "pending".into(),
                 items_count: 2,
                 created_at: start + chrono::Duration::milliseconds(i as i64 * 900 + jitter),

@@ -1,6 +1,6 @@
 //! What a notification says for each order event: channel-neutral subject and body.
 
-use bus::event::{OrderEvent, types};
+use bus::event::{OrderEvent, PLATFORM_CURRENCY, types};
 use chrono::{DateTime, Utc};
 use kit::Money;
 use serde::Serialize;
@@ -25,7 +25,8 @@ pub struct Notification {
 /// The notification for `event`, or `None` for event types nobody is told about.
 pub fn compose(event: &OrderEvent, now: DateTime<Utc>) -> Option<Notification> {
     let short = &event.order_id.simple().to_string()[..8];
-    let total = format!("{} {}", event.total_amount, event.currency);
+    let currency = event.currency_or(PLATFORM_CURRENCY);
+    let total = format!("{} {currency}", event.total_amount);
     let (subject, body) = match event.event_type.as_str() {
         types::ORDER_CREATED => (
             format!("Order {short} received"),
@@ -70,7 +71,7 @@ pub fn compose(event: &OrderEvent, now: DateTime<Utc>) -> Option<Notification> {
         subject,
         body,
         amount: event.total_amount,
-        currency: event.currency.clone(),
+        currency: currency.to_owned(),
         created_at: now,
     })
 }

@@ -2,7 +2,7 @@
 //! Lambda's runtime and `mercato up`'s poller both call [`handle_sqs_event`].
 
 use aws_lambda_events::event::sqs::{BatchItemFailure, SqsBatchResponse, SqsEvent, SqsMessage};
-use bus::event::OrderEvent;
+use bus::event::{OrderEvent, attr};
 use chrono::Utc;
 
 use crate::content::{Notification, compose};
@@ -117,8 +117,14 @@ pub fn parse_record(record: &SqsMessage) -> Result<Option<Notification>, RecordE
         .body
         .as_deref()
         .ok_or_else(|| RecordError::Malformed("empty body".into()))?;
-    let event: OrderEvent =
-        serde_json::from_str(body).map_err(|e| RecordError::Malformed(e.to_string()))?;
+    // The seed's producer sent bodies without event ids: the CloudEvents id attribute, when
+    // there is one, is the next best identity for deduplication.
+    let ce_id = record
+        .message_attributes
+        .get(attr::ID)
+        .and_then(|a| a.string_value.as_deref());
+    let event = OrderEvent::from_delivery(body, ce_id)
+        .map_err(|e| RecordError::Malformed(e.to_string()))?;
     let notification = compose(&event, Utc::now());
     if notification.is_none() {
         tracing::info!(event_id = %event.event_id, event_type = event.event_type, "no notification for this event type");
@@ -202,6 +208,58 @@ mod tests {
         let (failed, stored) = run("mixed_batch.json").await;
         assert_eq!(failed, vec!["m-poison"]);
         assert_eq!(stored.len(), 2);
+    }
+
+    /// What the seed's order service sent: `id` instead of `event_id`, no currency, naive
+    /// times, `items[].price`, mostly without message attributes.
+    #[tokio::test]
+    async fn seed_shaped_messages_are_notified_once_each() {
+        let (failed, stored) = run("seed_batch.json").await;
+        assert!(failed.is_empty(), "{failed:?}");
+        let mut kinds: Vec<(&str, String)> = stored
+            .iter()
+            .map(|n| (n.event_type.as_str(), n.order_id.to_string()))
+            .collect();
+        kinds.sort();
+        assert_eq!(
+            kinds,
+            [
+                (
+                    "order.cancelled",
+                    "5eed0000-0000-4000-8000-000000000001".into()
+                ),
+                (
+                    "order.created",
+                    "5eed0000-0000-4000-8000-000000000001".into()
+                ),
+                (
+                    "order.created",
+                    "5eed0000-0000-4000-8000-000000000002".into()
+                ),
+                ("order.paid", "5eed0000-0000-4000-8000-000000000001".into()),
+            ],
+            "a resent body (by its `id`) and a resent ce_id count once; the paid and cancelled \
+             events whose `id` is the order's are told apart by their bodies"
+        );
+        let created = stored
+            .iter()
+            .find(|n| n.event_id.to_string() == "5eed0000-0000-4000-8000-00000000e001")
+            .unwrap();
+        assert_eq!(created.amount.to_string(), "1999.99");
+        assert_eq!(
+            created.currency, "INR",
+            "the platform's, as the seed named none"
+        );
+        assert!(
+            created.body.contains("totalling 1999.99 INR"),
+            "{}",
+            created.body
+        );
+        let by_ce_id = stored
+            .iter()
+            .find(|n| n.order_id.to_string() == "5eed0000-0000-4000-8000-000000000002")
+            .unwrap();
+        assert_eq!(by_ce_id.amount.to_string(), "250.50", "a string amount");
     }
 
     #[test]

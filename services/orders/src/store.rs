@@ -96,7 +96,7 @@ impl Order {
             order_id: self.id,
             user_id: self.user_id,
             total_amount: self.total_amount,
-            currency: self.currency.clone(),
+            currency: Some(self.currency.clone()),
             status: self.status.as_str().to_owned(),
             items_count: self.items_count(),
             created_at: self.created_at,
