@@ -879,3 +879,43 @@ async fn an_external_issuers_tokens_are_trusted_with_roles_from_cognito_groups()
     app.stop().await;
     jwks.abort();
 }
+
+/// An Idempotency-Key is the caller's own: another customer sending the same key and body gets
+/// an order of their own, never the first customer's stored answer.
+#[tokio::test]
+async fn idempotency_keys_are_per_caller() {
+    let app = spawn_app().await;
+    let product = app.create_product("IDEM-SCOPE", "5.00", 10).await;
+    let (_, ada) = app.register("ada-idem@example.com").await;
+    let (_, bob) = app.register("bob-idem@example.com").await;
+    let body =
+        json!({"items": [{"product_id": product, "quantity": 1}], "shipping_address": "1 Same St"});
+    let mut answers = Vec::new();
+    for token in [&ada, &bob, &ada] {
+        let response = app
+            .client
+            .post(format!("{}/api/v1/orders", app.gateway))
+            .bearer_auth(token)
+            .header("idempotency-key", "shared-key-1")
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let replayed = response.headers().contains_key("idempotent-replayed");
+        let a = answer(response).await;
+        assert_eq!(a.status, StatusCode::CREATED, "{}", a.body);
+        answers.push((
+            a.body["id"].as_str().unwrap().to_owned(),
+            a.body["user_id"].clone(),
+            replayed,
+        ));
+    }
+    assert_ne!(answers[0].0, answers[1].0, "Bob got an order of his own");
+    assert_ne!(answers[0].1, answers[1].1);
+    assert_eq!(answers[2].0, answers[0].0, "Ada's retry replays her order");
+    assert_eq!(
+        (answers[0].2, answers[1].2, answers[2].2),
+        (false, false, true)
+    );
+    app.stop().await;
+}
