@@ -9,24 +9,38 @@ service fails here instead of in a cluster:
 
 - the services:           `ServiceName::X => "x"` in crates/mercato/src/startup.rs
 - their default ports:    `x: ServiceSettings::on(PORT)` in crates/kit/src/config.rs
-- the paths every service serves besides its API: `.route("/path", ...)` in crates/kit/src/server.rs
+- the operations port:    `OpsSettings { port: PORT }` in crates/kit/src/config.rs
+- what each listener serves besides a service's API: the `.route("/path", ...)` of
+  `pub fn app` (the service listener) and of `pub fn ops_app` (the operations listener) in
+  crates/kit/src/server.rs
 
 Checked for every service: a Deployment, Service, ServiceAccount, PodDisruptionBudget and (all
-but analytics) a HorizontalPodAutoscaler; `mercato serve <service>`; the container port, the
-`MERCATO_<SERVICE>__PORT` setting, the Service's port and the Prometheus annotation all equal
-the binary's default port; the readiness probe GETs /ready, the liveness probe /health, the
-startup probe a served path, all on that port; MERCATO_HOST=0.0.0.0; the peer URLs point at the
-right Service and port; the data directory is a writable emptyDir under a read-only root; the
-pod runs non-root with no capabilities; every ConfigMap/Secret referenced exists (except the
-operator-created Secret of aws-eks). On aws-eks, orders, payments and notifications keep their
+but analytics) a HorizontalPodAutoscaler; `mercato serve <service>`; the container port `http`,
+the `MERCATO_<SERVICE>__PORT` setting and the Service's one port all equal the binary's default
+port; the container port `ops` and `MERCATO_OPS__PORT` (when set) the operations port, which no
+Service exposes; the Prometheus annotations scrape a path the operations listener serves on
+that port; the readiness probe GETs /ready on the operations port, the liveness probe /health,
+the startup probe a served path, each on a listener that serves it (liveness and startup on the
+same one); MERCATO_HOST=0.0.0.0; the peer URLs point at the right Service and port; the data
+directory is a writable emptyDir under a read-only root; the pod runs non-root with no
+capabilities; every ConfigMap/Secret referenced exists (except the operator-created Secrets).
+Keys (auth.*): every service but the gateway reads the service key from the file
+`MERCATO_AUTH__SERVICE_KEY_FILE`, the key `service-key.pem` of the Secret `mercato-auth`
+mounted read-only; only users reads the token signing key (`MERCATO_AUTH__SIGNING_KEY_FILE`,
+`signing-key.pem`); the gateway mounts neither; no key is given as an environment value, and
+access control is never turned off (`MERCATO_AUTH__MODE=open`). On aws-eks, orders, payments and notifications keep their
 data in DynamoDB: `MERCATO_<SERVICE>__DATABASE_URL=dynamodb://<prefix>-<service>?region=ap-south-1`
 (no endpoint: AWS's own) with an IRSA role; no other service has a DynamoDB URL, and none has
 one on the local overlay (embedded stores). NetworkPolicies: evaluated pairwise, pod-to-pod traffic
-inside the namespace is allowed for exactly the calls in docs/architecture.md and nothing more;
-every service may reach HTTPS outside the cluster (the signing keys of the token issuers it
+inside the namespace is allowed for exactly the calls in docs/architecture.md (and every
+service's to the users service's JWKS) and nothing more; the operations port admits Prometheus
+(namespace `monitoring`) and nothing from outside the cluster or from the other pods; every
+service may reach HTTPS outside the cluster (the signing keys of the token issuers it
 verifies). On aws-eks, MERCATO_AUTH__ISSUERS is one TOML inline array naming the Cognito user
 pool of ap-south-1 as issuer the way Cognito access tokens need it (audience in `client_id`,
-roles in `cognito:groups`, JWKS at ISSUER/.well-known/jwks.json).
+roles in `cognito:groups`, JWKS at ISSUER/.well-known/jwks.json); the gateway's Ingress routes
+to the gateway Service's port and its load balancer health check asks that port for a path the
+service listener serves.
 Exit status 1 with one line per problem.
 """
 
@@ -48,6 +62,16 @@ CALLS = {
     ("orders", "users"), ("orders", "products"),
     ("payments", "orders"),
 }
+# Every service verifies access tokens with the users service's JWKS
+# (`<users url>/.well-known/jwks.json`, crates/mercato/src/startup.rs).
+JWKS_CALLS = {(svc, "users") for svc in ("gateway", "products", "orders", "payments", "notifications", "analytics")}
+# Where Prometheus runs: the only peer admitted to the operations port (NetworkPolicy prometheus-scrape).
+MONITORING_NAMESPACE = "monitoring"
+# The identity keys (docs/deploy.md, "Identity keys"): the Secret, its keys, who mounts which.
+AUTH_SECRET = "mercato-auth"
+SIGNING_KEY, SERVICE_KEY = "signing-key.pem", "service-key.pem"
+SIGNS_TOKENS = {"users"}                 # holds auth.signing_key
+NO_SERVICE_KEY = {"gateway"}             # calls no /internal/* route, must not be able to
 # Analytics keeps window state per instance: one replica, no autoscaler (deploy/k8s/base/analytics.yaml).
 NO_HPA = {"analytics"}
 # Services that call AWS APIs and get an IRSA role on EKS (deploy/terraform/aws/iam_irsa.tf).
@@ -61,37 +85,69 @@ REGION = "ap-south-1"
 OUTSIDE_HTTPS = 443
 # The Cognito user pool as an issuer (deploy/terraform/aws/cognito.tf, output k8s_settings_env).
 COGNITO_ISSUER = re.compile(r"https://cognito-idp\.([a-z0-9-]+)\.amazonaws\.com/\1_[0-9A-Za-z]+")
-# The Secret the operator creates on EKS (docs/deploy.md); not part of the rendered output.
-EXTERNAL_SECRETS = {"aws-eks": {"mercato-secrets"}, "local": set()}
+# The Secrets the operator creates (docs/deploy.md); not part of the rendered output. The keys
+# are never committed, not even the local overlay's.
+EXTERNAL_SECRETS = {"aws-eks": {"mercato-secrets", AUTH_SECRET}, "local": {AUTH_SECRET}}
 
 
 def source(path: str) -> str:
     return (ROOT / path).read_text()
 
 
-def binary_facts() -> tuple[list[str], dict[str, int], set[str]]:
-    services = re.findall(r'ServiceName::\w+\s*=>\s*"([a-z]+)"', source("crates/mercato/src/startup.rs"))
-    ports = {name: int(port) for name, port in
-             re.findall(r"\b([a-z]+):\s*ServiceSettings::on\((\d+)\)", source("crates/kit/src/config.rs"))}
-    paths = set(re.findall(r'\.route\(\s*"(/[^"]*)"', source("crates/kit/src/server.rs")))
-    services = list(dict.fromkeys(services))
-    problems = []
-    if not services:
-        problems.append("no `ServiceName::X => \"x\"` arms found in crates/mercato/src/startup.rs")
-    for s in services:
-        if s not in ports:
-            problems.append(f"no `{s}: ServiceSettings::on(PORT)` default in crates/kit/src/config.rs")
-    for p in ("/health", "/ready", "/metrics"):
-        if p not in paths:
-            problems.append(f"crates/kit/src/server.rs no longer routes {p}")
-    if problems:
-        sys.exit("test_manifests: cannot read the binary's facts from source:\n  " + "\n  ".join(problems))
-    return services, ports, paths
+def function_body(text: str, name: str) -> str | None:
+    """The text of `pub fn NAME(...) { ... }`, up to the `}` that closes it at column 0."""
+    m = re.search(r"^pub fn %s\(.*?^\}" % re.escape(name), text, re.S | re.M)
+    return m.group(0) if m else None
+
+
+class Facts:
+    """What the binary serves, read from its source."""
+
+    def __init__(self) -> None:
+        startup, config, server = (source(f) for f in (
+            "crates/mercato/src/startup.rs", "crates/kit/src/config.rs", "crates/kit/src/server.rs"))
+        self.services = list(dict.fromkeys(re.findall(r'ServiceName::\w+\s*=>\s*"([a-z]+)"', startup)))
+        self.ports = {name: int(port) for name, port in
+                      re.findall(r"\b([a-z]+):\s*ServiceSettings::on\((\d+)\)", config)}
+        ops = re.search(r"OpsSettings\s*\{\s*port:\s*(\d+)\s*\}", config)
+        self.ops_port = int(ops.group(1)) if ops else None
+        routes = lambda body: set(re.findall(r'\.route\(\s*"(/[^"]*)"', body or ""))
+        app, ops_app = function_body(server, "app"), function_body(server, "ops_app")
+        # Besides its API, a service listener serves `app`'s routes; the operations listener `ops_app`'s.
+        self.service_paths, self.ops_paths = routes(app), routes(ops_app)
+        problems = []
+        if not self.services:
+            problems.append("no `ServiceName::X => \"x\"` arms found in crates/mercato/src/startup.rs")
+        for s in self.services:
+            if s not in self.ports:
+                problems.append(f"no `{s}: ServiceSettings::on(PORT)` default in crates/kit/src/config.rs")
+        if self.ops_port is None:
+            problems.append("no `OpsSettings { port: PORT }` default in crates/kit/src/config.rs")
+        elif self.ops_port in self.ports.values():
+            problems.append(f"the operations port {self.ops_port} is also a service's port")
+        if app is None or ops_app is None:
+            problems.append("crates/kit/src/server.rs has no `pub fn app` or no `pub fn ops_app`")
+        if "/health" not in self.service_paths:
+            problems.append("crates/kit/src/server.rs `app` no longer routes /health")
+        for p in ("/health", "/ready", "/metrics"):
+            if p not in self.ops_paths:
+                problems.append(f"crates/kit/src/server.rs `ops_app` no longer routes {p}")
+        if problems:
+            sys.exit("test_manifests: cannot read the binary's facts from source:\n  " + "\n  ".join(problems))
+
+    def served(self, port: int | None, svc: str) -> set[str] | None:
+        """The non-API paths served on `port` of a `serve <svc>` pod; None: nothing listens there."""
+        if port == self.ports[svc]:
+            return self.service_paths
+        if port == self.ops_port:
+            return self.ops_paths
+        return None
 
 
 class Checker:
-    def __init__(self, overlay: str, docs: list[dict], services: list[str], ports: dict[str, int], paths: set[str]):
-        self.overlay, self.services, self.ports, self.paths = overlay, services, ports, paths
+    def __init__(self, overlay: str, docs: list[dict], facts: Facts):
+        self.overlay, self.facts = overlay, facts
+        self.services, self.ports, self.ops_port = facts.services, facts.ports, facts.ops_port
         self.problems: list[str] = []
         self.by_kind: dict[str, dict[str, dict]] = {}
         for d in docs:
@@ -147,14 +203,21 @@ class Checker:
         named = {p.get("name"): p["containerPort"] for p in c.get("ports", [])}
         if named.get("http") != port:
             self.fail(f"{where}: containerPort 'http' is {named.get('http')}, the binary's {svc} port is {port}")
+        ops = self.ops_port
+        if named.get("ops") != ops:
+            self.fail(f"{where}: containerPort 'ops' is {named.get('ops')}, the binary's operations port is {ops}")
         env = self.environment(c, where)
         if env.get(f"MERCATO_{svc.upper()}__PORT") != str(port):
             self.fail(f"{where}: MERCATO_{svc.upper()}__PORT is {env.get(f'MERCATO_{svc.upper()}__PORT')!r}, expected '{port}'")
+        if env.get("MERCATO_OPS__PORT", str(ops)) != str(ops):
+            self.fail(f"{where}: MERCATO_OPS__PORT is {env['MERCATO_OPS__PORT']!r}, the ops container port and the probes expect '{ops}'")
         if env.get("MERCATO_HOST") != "0.0.0.0":
             self.fail(f"{where}: MERCATO_HOST is {env.get('MERCATO_HOST')!r}, expected '0.0.0.0' (the default 127.0.0.1 is unreachable)")
 
-        # probes
-        for probe, expected in (("readinessProbe", "/ready"), ("livenessProbe", "/health"), ("startupProbe", None)):
+        # probes: each GETs a path that the listener behind its port serves
+        probe_ports = {}
+        for probe, expected, expected_port in (("readinessProbe", "/ready", ops), ("livenessProbe", "/health", None),
+                                               ("startupProbe", None, None)):
             p = c.get(probe)
             if p is None:
                 if probe != "startupProbe":
@@ -167,17 +230,29 @@ class Checker:
             path = get.get("path")
             if expected and path != expected:
                 self.fail(f"{where}: {probe} path {path!r}, expected {expected!r}")
-            if path not in self.paths:
-                self.fail(f"{where}: {probe} path {path!r} is not served by the binary (serves {sorted(self.paths)})")
             probe_port = named.get(get.get("port")) if isinstance(get.get("port"), str) else get.get("port")
-            if probe_port != port:
-                self.fail(f"{where}: {probe} port {get.get('port')!r} resolves to {probe_port}, the service listens on {port}")
+            probe_ports[probe] = probe_port
+            served = self.facts.served(probe_port, svc)
+            if served is None:
+                self.fail(f"{where}: {probe} port {get.get('port')!r} resolves to {probe_port}; the binary listens on "
+                          f"{port} (service) and {ops} (operations)")
+            elif path not in served:
+                listener = "service" if probe_port == port else "operations"
+                self.fail(f"{where}: {probe} path {path!r} is not served by the binary on port {probe_port} "
+                          f"(its {listener} listener serves {sorted(served)} besides the API)")
+            if expected_port is not None and probe_port != expected_port:
+                self.fail(f"{where}: {probe} port {get.get('port')!r} resolves to {probe_port}, expected the operations port {ops}")
+        if "startupProbe" in probe_ports and "livenessProbe" in probe_ports \
+                and probe_ports["startupProbe"] != probe_ports["livenessProbe"]:
+            self.fail(f"{where}: startupProbe on port {probe_ports['startupProbe']} but livenessProbe on "
+                      f"{probe_ports['livenessProbe']}: start-up must wait for what liveness checks")
 
-        # Prometheus
+        # Prometheus: the operations listener's /metrics
         ann = pod["metadata"].get("annotations", {})
-        if ann.get("prometheus.io/scrape") != "true" or ann.get("prometheus.io/port") != str(port) \
-                or ann.get("prometheus.io/path") not in self.paths:
-            self.fail(f"Deployment {svc}: Prometheus annotations {ann} do not scrape a served path on {port}")
+        if ann.get("prometheus.io/scrape") != "true" or ann.get("prometheus.io/port") != str(ops) \
+                or ann.get("prometheus.io/path") not in self.facts.ops_paths:
+            self.fail(f"Deployment {svc}: Prometheus annotations {ann} do not scrape a path the operations listener "
+                      f"serves on {ops} ({sorted(self.facts.ops_paths)})")
 
         # security
         psc, csc = spec.get("securityContext", {}), c.get("securityContext", {})
@@ -220,14 +295,14 @@ class Checker:
         # settings file (secret settings as a file, not env)
         config = env.get("MERCATO_CONFIG")
         if config:
-            mount = next((m for p, m in mounts.items() if config.startswith(p.rstrip("/") + "/")), None)
-            vol = volumes.get(mount["name"]) if mount else None
-            items = (vol or {}).get("secret", {}).get("items", [])
-            rel = config[len(mount["mountPath"].rstrip("/")) + 1:] if mount else None
-            if not vol or not any(i.get("path") == rel for i in items):
+            source_of = self.secret_file(config, mounts, volumes)
+            if source_of is None:
                 self.fail(f"{where}: MERCATO_CONFIG={config} is not a file of a mounted Secret")
-            elif not any(i.get("key") == f"{svc}.toml" for i in items):
+            elif source_of[1] != f"{svc}.toml":
                 self.fail(f"{where}: its settings file is not the Secret's key {svc}.toml")
+
+        # identity keys: files of the mercato-auth Secret, each pod only the ones it needs
+        self.check_keys(svc, where, env, mounts, volumes)
 
         # Service
         service = self.get("Service", svc)
@@ -236,6 +311,11 @@ class Checker:
             if not sel or any(labels.get(k) != v for k, v in sel.items()):
                 self.fail(f"Service {svc} selector {sel} does not select Deployment {svc}'s pods {labels}")
             sp = service["spec"].get("ports", [])
+            for s in sp:
+                t = s.get("targetPort", s.get("port"))
+                if (named.get(t) if isinstance(t, str) else t) == ops or s.get("port") == ops:
+                    self.fail(f"Service {svc} exposes the operations port {ops} (/ready, /metrics are for the "
+                              "kubelet and Prometheus, which reach the pod directly)")
             if len(sp) != 1 or sp[0].get("port") != port:
                 self.fail(f"Service {svc} ports {sp}, expected one port {port}")
             else:
@@ -249,6 +329,46 @@ class Checker:
             url = env.get(f"MERCATO_{peer.upper()}__URL")
             if url != f"http://{peer}:{self.ports[peer]}":
                 self.fail(f"{where}: MERCATO_{peer.upper()}__URL is {url!r}, expected 'http://{peer}:{self.ports[peer]}'")
+
+    @staticmethod
+    def secret_file(path: str, mounts: dict, volumes: dict) -> tuple[str, str] | None:
+        """(Secret name, key) of the file `path` when it is an item of a mounted Secret volume."""
+        mount = next((m for p, m in mounts.items() if path.startswith(p.rstrip("/") + "/")), None)
+        vol = volumes.get(mount["name"]) if mount else None
+        if not vol or "secret" not in vol:
+            return None
+        rel = path[len(mount["mountPath"].rstrip("/")) + 1:]
+        item = next((i for i in vol["secret"].get("items", []) if i.get("path") == rel), None)
+        if item is None:
+            return None
+        if not mount.get("readOnly"):
+            return None
+        return vol["secret"]["secretName"], item["key"]
+
+    def check_keys(self, svc: str, where: str, env: dict, mounts: dict, volumes: dict) -> None:
+        if env.get("MERCATO_AUTH__MODE", "secure").lower() != "secure":
+            self.fail(f"{where}: MERCATO_AUTH__MODE={env['MERCATO_AUTH__MODE']}: access control must stay on in a deployment")
+        for inline in ("MERCATO_AUTH__SIGNING_KEY", "MERCATO_AUTH__SERVICE_KEY"):
+            if inline in env:
+                self.fail(f"{where}: {inline} as an environment value; mount the key as a file ({inline}_FILE)")
+        # What the pod can read of the Secret at all, whatever the environment says.
+        mounted = {i["key"] for v in volumes.values() if v.get("secret", {}).get("secretName") == AUTH_SECRET
+                   for i in v["secret"].get("items", [{"key": "*all*"}])}
+        if "*all*" in mounted:
+            self.fail(f"{where}: mounts the whole Secret {AUTH_SECRET}; list the items it needs")
+        for var, key, wanted in (("MERCATO_AUTH__SIGNING_KEY_FILE", SIGNING_KEY, svc in SIGNS_TOKENS),
+                                 ("MERCATO_AUTH__SERVICE_KEY_FILE", SERVICE_KEY, svc not in NO_SERVICE_KEY)):
+            path = env.get(var)
+            if not wanted:
+                if path or key in mounted or "*all*" in mounted:
+                    self.fail(f"{where}: holds {key} ({var}={path!r}); only "
+                              f"{sorted(SIGNS_TOKENS) if key == SIGNING_KEY else sorted(set(self.services) - NO_SERVICE_KEY)} may")
+                continue
+            if not path:
+                self.fail(f"{where}: no {var}; it needs the key {key} of the Secret {AUTH_SECRET}")
+                continue
+            if self.secret_file(path, mounts, volumes) != (AUTH_SECRET, key):
+                self.fail(f"{where}: {var}={path} is not the key {key} of the Secret {AUTH_SECRET} mounted read-only")
 
     def docs_of(self, kind: str) -> list[dict]:
         return list(self.by_kind.get(kind, {}).values())
@@ -311,14 +431,25 @@ class Checker:
             for dst in pods:
                 if src != dst and self.allows(policies, pods, src, dst, self.ports.get(dst)):
                     allowed.add((src, dst))
-        expected = {(a, b) for a, b in CALLS if a in pods and b in pods}
+        expected = {(a, b) for a, b in CALLS | JWKS_CALLS if a in pods and b in pods}
         for a, b in sorted(expected - allowed):
-            self.fail(f"NetworkPolicies block {a} -> {b}:{self.ports[b]}, a call the architecture makes")
+            what = "a call the architecture makes" if (a, b) in CALLS else "the JWKS that verifies access tokens"
+            self.fail(f"NetworkPolicies block {a} -> {b}:{self.ports[b]}, {what}")
         for a, b in sorted(allowed - expected):
             self.fail(f"NetworkPolicies allow {a} -> {b}:{self.ports[b]}, a call the architecture does not make")
         ingress_gateway = self.allows_from_outside(policies, pods["gateway"], self.ports["gateway"]) if "gateway" in pods else False
         if not ingress_gateway:
             self.fail("NetworkPolicies do not admit outside traffic (the load balancer) to the gateway")
+        # The operations port: Prometheus only (the kubelet's probes come from the node).
+        ops = self.ops_port
+        for dst in sorted(pods):
+            if not self.allows_from_namespace(policies, pods[dst], ops, MONITORING_NAMESPACE):
+                self.fail(f"NetworkPolicies block Prometheus (namespace {MONITORING_NAMESPACE}) -> {dst}:{ops}, its /metrics")
+            if self.allows_from_outside(policies, pods[dst], ops, any_rule=True):
+                self.fail(f"NetworkPolicies admit traffic from outside the cluster to {dst}:{ops}, the operations port")
+            for src in sorted(pods):
+                if src != dst and self.allows(policies, pods, src, dst, ops):
+                    self.fail(f"NetworkPolicies allow {src} -> {dst}:{ops}, the operations port (Prometheus only)")
         for svc in sorted(pods):
             if not self.allows_to_outside(policies, pods[svc], OUTSIDE_HTTPS):
                 self.fail(f"NetworkPolicies block {svc} -> outside:{OUTSIDE_HTTPS}, the token issuers' signing keys (JWKS)")
@@ -376,9 +507,22 @@ class Checker:
                                    for p in ingress for r in p["spec"].get("ingress", []))
         return out_ok and in_ok
 
-    def allows_from_outside(self, policies: list, labels: dict, port: int) -> bool:
+    def allows_from_outside(self, policies: list, labels: dict, port: int, any_rule: bool = False) -> bool:
+        """Does some rule admit `port` from anywhere (no `from`)? With any_rule, an ipBlock counts too."""
         ingress = [p for p in policies if "Ingress" in p["spec"].get("policyTypes", ["Ingress"]) and self.matches(p["spec"].get("podSelector", {}), labels)]
-        return not ingress or any(self.port_ok(r, port) and not r.get("from") for p in ingress for r in p["spec"].get("ingress", []))
+        return not ingress or any(
+            self.port_ok(r, port) and (not r.get("from") or (any_rule and any("ipBlock" in peer for peer in r["from"])))
+            for p in ingress for r in p["spec"].get("ingress", []))
+
+    def allows_from_namespace(self, policies: list, labels: dict, port: int, namespace: str) -> bool:
+        """Do the ingress policies admit `port` from any pod of another namespace?"""
+        ingress = [p for p in policies if "Ingress" in p["spec"].get("policyTypes", ["Ingress"]) and self.matches(p["spec"].get("podSelector", {}), labels)]
+        ns_labels = {"kubernetes.io/metadata.name": namespace}
+        return not ingress or any(
+            self.port_ok(r, port) and (not r.get("from") or any(
+                "namespaceSelector" in peer and self.matches(peer["namespaceSelector"], ns_labels)
+                and (peer.get("podSelector") in (None, {})) for peer in r["from"]))
+            for p in ingress for r in p["spec"].get("ingress", []))
 
     def allows_to_outside(self, policies: list, labels: dict, port: int) -> bool:
         """May a pod with these labels open TCP `port` to any public address (an ipBlock 0.0.0.0/0, or no `to`)?"""
@@ -414,6 +558,21 @@ class Checker:
                 backends = [p["backend"]["service"] for r in ing["spec"]["rules"] for p in r["http"]["paths"]]
                 if any(b["name"] != "gateway" for b in backends):
                     self.fail(f"Ingress gateway routes to {backends}, expected the gateway Service only")
+                gw = self.get("Service", "gateway")
+                names = {p.get("name"): p["port"] for p in (gw or {}).get("spec", {}).get("ports", [])}
+                for b in backends:
+                    bp = b.get("port", {})
+                    if names.get(bp.get("name"), bp.get("number")) != self.ports["gateway"]:
+                        self.fail(f"Ingress gateway routes to port {bp}, expected the gateway's service port {self.ports['gateway']}")
+                ann = ing["metadata"].get("annotations", {})
+                hc_path = ann.get("alb.ingress.kubernetes.io/healthcheck-path", "/")
+                hc_port = ann.get("alb.ingress.kubernetes.io/healthcheck-port", "traffic-port")
+                if hc_port not in ("traffic-port", str(self.ports["gateway"])):
+                    self.fail(f"Ingress gateway: the load balancer's health check goes to port {hc_port}; only the "
+                              f"gateway's port {self.ports['gateway']} is open to it")
+                elif hc_path not in self.facts.service_paths:
+                    self.fail(f"Ingress gateway: the load balancer's health check path {hc_path!r} is not served on the "
+                              f"gateway's port {self.ports['gateway']} ({sorted(self.facts.service_paths)} besides the API)")
             cm = next((c for c in self.docs_of("ConfigMap") if c["metadata"]["name"].startswith("mercato-config")), {})
             if cm.get("data", {}).get("AWS_REGION") != "ap-south-1":
                 self.fail("the aws-eks settings do not set AWS_REGION=ap-south-1")
@@ -515,20 +674,24 @@ def main(argv: list[str]) -> int:
     if not argv:
         print(__doc__, file=sys.stderr)
         return 2
-    services, ports, paths = binary_facts()
+    facts = Facts()
+    services = facts.services
     problems, summary = [], []
     for arg in argv:
         overlay, _, path = arg.partition("=")
         docs = [d for d in yaml.safe_load_all(Path(path).read_text()) if d]
-        problems += Checker(overlay, docs, services, ports, paths).run()
+        problems += Checker(overlay, docs, facts).run()
         summary.append(f"{overlay} {len(docs)} objects")
     if problems:
         print("\n".join(f"test_manifests: {p}" for p in problems), file=sys.stderr)
         print(f"test_manifests: {len(problems)} problem(s)", file=sys.stderr)
         return 1
     print(f"test_manifests: {', '.join(summary)}: {len(services)} services ({', '.join(services)}) "
-          f"checked against the binary's ports and routes {sorted(paths)}; NetworkPolicies allow exactly {len(CALLS)} calls "
-          f"and HTTPS out (the token issuers' JWKS) for every service")
+          f"checked against the binary's ports and routes (service listeners {sorted(facts.service_paths)}, "
+          f"operations listener :{facts.ops_port} {sorted(facts.ops_paths)}); keys from {AUTH_SECRET} "
+          f"(signing key: {', '.join(sorted(SIGNS_TOKENS))}; service key: all but {', '.join(sorted(NO_SERVICE_KEY))}); "
+          f"NetworkPolicies allow exactly {len(CALLS)} calls + {len(JWKS_CALLS - CALLS)} JWKS reads, Prometheus alone "
+          f"on :{facts.ops_port}, and HTTPS out (the token issuers' JWKS) for every service")
     return 0
 
 
