@@ -69,6 +69,9 @@ fn bad_refresh_token() -> Problem {
         .with_detail("the refresh token is not valid; sign in again")
 }
 
+/// A refused sign-in, as the answer to send (boxed: a response is large).
+type Refused = Box<Response>;
+
 fn too_many_attempts(wait: Duration) -> Response {
     let secs = wait.as_secs().max(1);
     let mut response = Problem::new(
@@ -114,12 +117,14 @@ pub async fn token(
     let answer = match grant.as_str() {
         "password" => password_grant(&ctx, &client, body).await,
         "refresh_token" => refresh_grant(&ctx, body).await,
-        other => Err(Problem::invalid(format!(
-            "grant_type `{}` is not supported (password, refresh_token)",
-            other.chars().take(40).collect::<String>()
-        ))
-        .with("field", "grant_type")
-        .into_response()),
+        other => Err(Box::new(
+            Problem::invalid(format!(
+                "grant_type `{}` is not supported (password, refresh_token)",
+                other.chars().take(40).collect::<String>()
+            ))
+            .with("field", "grant_type")
+            .into_response(),
+        )),
     };
     match answer {
         Ok(tokens) => {
@@ -130,7 +135,7 @@ pub async fn token(
                 .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
             response
         }
-        Err(response) => response,
+        Err(response) => *response,
     }
 }
 
@@ -138,21 +143,21 @@ async fn password_grant(
     ctx: &ApiContext,
     client: &str,
     body: TokenRequest,
-) -> Result<TokenResponse, Response> {
+) -> Result<TokenResponse, Refused> {
     let (Some(email), Some(password)) = (body.email, body.password) else {
-        return Err(
+        return Err(Box::new(
             Problem::invalid("email and password are required for the password grant")
                 .into_response(),
-        );
+        ));
     };
     // Bounded: the throttle keeps these keys.
     let account_key: String = email.trim().to_lowercase().chars().take(254).collect();
     if let Err(wait) = ctx.throttle.check(&account_key, client) {
-        return Err(too_many_attempts(wait));
+        return Err(Box::new(too_many_attempts(wait)));
     }
     if password.len() > 4 * crate::password::MAX_CHARS {
         ctx.throttle.failed(&account_key, client);
-        return Err(bad_credentials().into_response());
+        return Err(Box::new(bad_credentials().into_response()));
     }
     // Not a valid address: no account can have it, but the attempt still costs a hash.
     let found = match Email::parse(&email) {
@@ -160,7 +165,7 @@ async fn password_grant(
             .store
             .credentials(&email)
             .await
-            .map_err(|e| internal(e).into_response())?,
+            .map_err(|e| Box::new(internal(e).into_response()))?,
         Err(_) => None,
     };
     let stored = found.as_ref().and_then(|(_, hash)| hash.as_deref());
@@ -173,11 +178,11 @@ async fn password_grant(
         _ => {
             ctx.throttle.failed(&account_key, client);
             tracing::info!(client, "failed sign-in");
-            return Err(bad_credentials().into_response());
+            return Err(Box::new(bad_credentials().into_response()));
         }
     };
     ctx.throttle.succeeded(&account_key);
-    let refresh_token = new_refresh_token().map_err(IntoResponse::into_response)?;
+    let refresh_token = new_refresh_token().map_err(|p| Box::new(p.into_response()))?;
     ctx.store
         .issue_refresh(&RefreshRecord {
             token_hash: hash_token(&refresh_token),
@@ -186,19 +191,19 @@ async fn password_grant(
             expires_at_ms: now_ms().saturating_add(ttl_ms(ctx.refresh_ttl)),
         })
         .await
-        .map_err(|e| internal(e).into_response())?;
+        .map_err(|e| Box::new(internal(e).into_response()))?;
     issue(ctx, user, refresh_token)
 }
 
-async fn refresh_grant(ctx: &ApiContext, body: TokenRequest) -> Result<TokenResponse, Response> {
+async fn refresh_grant(ctx: &ApiContext, body: TokenRequest) -> Result<TokenResponse, Refused> {
     let Some(presented) = body.refresh_token else {
-        return Err(
+        return Err(Box::new(
             Problem::invalid("refresh_token is required for the refresh_token grant")
                 .with("field", "refresh_token")
                 .into_response(),
-        );
+        ));
     };
-    let next = new_refresh_token().map_err(IntoResponse::into_response)?;
+    let next = new_refresh_token().map_err(|p| Box::new(p.into_response()))?;
     let outcome = ctx
         .store
         .use_refresh(
@@ -213,14 +218,14 @@ async fn refresh_grant(ctx: &ApiContext, body: TokenRequest) -> Result<TokenResp
             now_ms(),
         )
         .await
-        .map_err(|e| internal(e).into_response())?;
+        .map_err(|e| Box::new(internal(e).into_response()))?;
     match outcome {
         RefreshUse::Rotated(user) => issue(ctx, user, next),
         RefreshUse::Reused => {
             tracing::warn!("a rotated refresh token was presented again: its family is revoked");
-            Err(bad_refresh_token().into_response())
+            Err(Box::new(bad_refresh_token().into_response()))
         }
-        RefreshUse::Invalid => Err(bad_refresh_token().into_response()),
+        RefreshUse::Invalid => Err(Box::new(bad_refresh_token().into_response())),
     }
 }
 
@@ -228,10 +233,10 @@ fn ttl_ms(ttl: Duration) -> i64 {
     i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX)
 }
 
-fn issue(ctx: &ApiContext, user: User, refresh_token: String) -> Result<TokenResponse, Response> {
+fn issue(ctx: &ApiContext, user: User, refresh_token: String) -> Result<TokenResponse, Refused> {
     let access = ctx.issuer.access_token(user.id, user.role).map_err(|e| {
         tracing::error!(error = %e, "signing an access token failed");
-        Problem::internal().into_response()
+        Box::new(Problem::internal().into_response())
     })?;
     Ok(TokenResponse {
         access_token: access.token,
