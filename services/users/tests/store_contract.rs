@@ -9,8 +9,9 @@
 
 use std::sync::Arc;
 
+use kit::auth::Role;
 use users::domain::{Email, Phone, UserName};
-use users::store::StoreError;
+use users::store::{RefreshRecord, RefreshUse, StoreError};
 use users::{SqliteUserStore, UserStore};
 use uuid::Uuid;
 
@@ -73,6 +74,9 @@ contract!(
     lists_page_in_creation_order,
     delete_removes_once_and_frees_the_email,
     answers_ping,
+    credentials_and_roles_are_kept,
+    refresh_tokens_rotate_once_and_a_replay_revokes_the_family,
+    revoking_a_token_revokes_its_family_and_deleting_a_user_its_tokens,
 );
 
 fn name(s: &str) -> UserName {
@@ -166,4 +170,179 @@ async fn delete_removes_once_and_frees_the_email(store: Arc<dyn UserStore>) {
 
 async fn answers_ping(store: Arc<dyn UserStore>) {
     store.ping().await.unwrap();
+}
+
+async fn credentials_and_roles_are_kept(store: Arc<dyn UserStore>) {
+    let ada = store
+        .register(
+            &name("Ada"),
+            &email("ada@example.com"),
+            None,
+            Some("$argon2id$hash-a"),
+            Role::Customer,
+        )
+        .await
+        .unwrap();
+    assert_eq!(ada.role, Role::Customer);
+    let (found, hash) = store
+        .credentials(&email("ADA@example.com"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (found.id, hash.as_deref()),
+        (ada.id, Some("$argon2id$hash-a"))
+    );
+    assert_eq!(
+        store
+            .credentials(&email("nobody@example.com"))
+            .await
+            .unwrap(),
+        None
+    );
+    let plain = store
+        .create(&name("Bob"), &email("bob@example.com"), None)
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .credentials(&email("bob@example.com"))
+            .await
+            .unwrap()
+            .unwrap()
+            .1,
+        None
+    );
+
+    // Promotion keeps the hash unless a new one is given.
+    assert!(store.set_role(ada.id, Role::Admin, None).await.unwrap());
+    let (admin, hash) = store
+        .credentials(&email("ada@example.com"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (admin.role, hash.as_deref()),
+        (Role::Admin, Some("$argon2id$hash-a"))
+    );
+    assert!(
+        store
+            .set_role(plain.id, Role::Admin, Some("$argon2id$hash-b"))
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        store.get(plain.id).await.unwrap().unwrap().role,
+        Role::Admin
+    );
+    assert!(
+        !store
+            .set_role(Uuid::new_v4(), Role::Admin, None)
+            .await
+            .unwrap()
+    );
+}
+
+fn refresh(hash: &str, user: Uuid, expires_at_ms: i64) -> RefreshRecord {
+    RefreshRecord {
+        token_hash: hash.to_owned(),
+        family: Uuid::now_v7(),
+        user_id: user,
+        expires_at_ms,
+    }
+}
+
+const NOW: i64 = 1_800_000_000_000;
+
+async fn refresh_tokens_rotate_once_and_a_replay_revokes_the_family(store: Arc<dyn UserStore>) {
+    let ada = store
+        .create(&name("Ada"), &email("ada@example.com"), None)
+        .await
+        .unwrap();
+    store
+        .issue_refresh(&refresh("h1", ada.id, NOW + 60_000))
+        .await
+        .unwrap();
+    let rotated = store
+        .use_refresh("h1", &refresh("h2", Uuid::nil(), NOW + 60_000), NOW)
+        .await
+        .unwrap();
+    assert_eq!(rotated, RefreshUse::Rotated(ada.clone()));
+    // The new token works once too.
+    let again = store
+        .use_refresh("h2", &refresh("h3", Uuid::nil(), NOW + 60_000), NOW)
+        .await
+        .unwrap();
+    assert_eq!(again, RefreshUse::Rotated(ada.clone()));
+    // h1 presented again: a replay; the whole family (h3 included) is revoked.
+    let replay = store
+        .use_refresh("h1", &refresh("h4", Uuid::nil(), NOW + 60_000), NOW)
+        .await
+        .unwrap();
+    assert_eq!(replay, RefreshUse::Reused);
+    let after = store
+        .use_refresh("h3", &refresh("h5", Uuid::nil(), NOW + 60_000), NOW)
+        .await
+        .unwrap();
+    assert_eq!(after, RefreshUse::Invalid);
+    // Unknown and expired tokens are invalid.
+    assert_eq!(
+        store
+            .use_refresh("nope", &refresh("h6", Uuid::nil(), NOW), NOW)
+            .await
+            .unwrap(),
+        RefreshUse::Invalid
+    );
+    store
+        .issue_refresh(&refresh("old", ada.id, NOW - 1))
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .use_refresh("old", &refresh("h7", Uuid::nil(), NOW), NOW)
+            .await
+            .unwrap(),
+        RefreshUse::Invalid
+    );
+}
+
+async fn revoking_a_token_revokes_its_family_and_deleting_a_user_its_tokens(
+    store: Arc<dyn UserStore>,
+) {
+    let ada = store
+        .create(&name("Ada"), &email("ada@example.com"), None)
+        .await
+        .unwrap();
+    store
+        .issue_refresh(&refresh("a1", ada.id, NOW + 60_000))
+        .await
+        .unwrap();
+    let rotated = store
+        .use_refresh("a1", &refresh("a2", Uuid::nil(), NOW + 60_000), NOW)
+        .await
+        .unwrap();
+    assert!(matches!(rotated, RefreshUse::Rotated(_)));
+    // Signing out with the first token of the family revokes the current one too.
+    assert!(store.revoke_refresh("a1").await.unwrap());
+    assert!(!store.revoke_refresh("unknown").await.unwrap());
+    assert_eq!(
+        store
+            .use_refresh("a2", &refresh("a3", Uuid::nil(), NOW + 60_000), NOW)
+            .await
+            .unwrap(),
+        RefreshUse::Invalid
+    );
+    // A user's tokens go with the user.
+    store
+        .issue_refresh(&refresh("b1", ada.id, NOW + 60_000))
+        .await
+        .unwrap();
+    assert!(store.delete(ada.id).await.unwrap());
+    assert_eq!(
+        store
+            .use_refresh("b1", &refresh("b2", Uuid::nil(), NOW + 60_000), NOW)
+            .await
+            .unwrap(),
+        RefreshUse::Invalid
+    );
 }
