@@ -874,6 +874,22 @@ async fn an_external_issuers_tokens_are_trusted_with_roles_from_cognito_groups()
         StatusCode::UNAUTHORIZED,
         "another app client's token"
     );
+    // A provider's customer, never registered here, shops with the provider's token.
+    let product = app.create_product("COGNITO-1", "7.00", 5).await;
+    let order = app
+        .as_caller(Some(&shopper))
+        .post(
+            "/api/v1/orders",
+            json!({"items": [{"product_id": product, "quantity": 1}], "shipping_address": "1 Cloud St"}),
+        )
+        .await;
+    assert_eq!(order.status, StatusCode::CREATED, "{}", order.body);
+    let order = order.body["id"].as_str().unwrap().to_owned();
+    let seen = app
+        .as_caller(Some(&shopper))
+        .get(&format!("/api/v1/orders/{order}"))
+        .await;
+    assert_eq!(seen.status, StatusCode::OK);
     // Mercato's own tokens keep working beside the provider's.
     assert_eq!(app.get("/api/v1/users").await.status, StatusCode::OK);
     app.stop().await;
