@@ -87,9 +87,7 @@ impl Password {
             return Err(PasswordError::Length);
         }
         let lower = raw.to_lowercase();
-        if COMMON.contains(&lower.as_str())
-            || lower.chars().all(|c| Some(c) == lower.chars().next())
-        {
+        if COMMON.contains(&lower.as_str()) || lower.chars().all(|c| lower.starts_with(c)) {
             return Err(PasswordError::Common);
         }
         Ok(Password(Zeroizing::new(raw.to_owned())))

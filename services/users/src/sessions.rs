@@ -228,6 +228,8 @@ fn ttl_ms(ttl: Duration) -> i64 {
     i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX)
 }
 
+// The error is the finished response, as axum handlers return it.
+#[allow(clippy::result_large_err)]
 fn issue(ctx: &ApiContext, user: User, refresh_token: String) -> Result<TokenResponse, Response> {
     let access = ctx.issuer.access_token(user.id, user.role).map_err(|e| {
         tracing::error!(error = %e, "signing an access token failed");

@@ -240,7 +240,7 @@ pub fn ring_in_dir(dir: &Path, access_ttl: Duration) -> Result<KeyRing, KeyError
         files = signing_files(dir)?;
     }
     // Newest first.
-    files.sort_by(|a, b| b.0.cmp(&a.0));
+    files.sort_by_key(|f| std::cmp::Reverse(f.0));
     let mut files = files.into_iter();
     let Some((_, current_path)) = files.next() else {
         return Err(KeyError::NotAPrivateKey {
