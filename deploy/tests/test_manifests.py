@@ -77,7 +77,7 @@ NO_HPA = {"analytics"}
 # Services that call AWS APIs and get an IRSA role on EKS (deploy/terraform/aws/iam_irsa.tf).
 IRSA = {"orders", "payments", "notifications", "analytics"}
 # Services whose store is a DynamoDB table on EKS (the only ones the binary lets use one:
-# `Backend::Dynamo` in crates/mercato/src/startup.rs), selected by their database URL.
+# `Service::may_use_dynamo` in crates/kit/src/wiring.rs), selected by their database URL.
 DYNAMODB = {"orders", "payments", "notifications"}
 REGION = "ap-south-1"
 # Every service verifies bearer tokens: each fetches the signing keys (JWKS) of the external

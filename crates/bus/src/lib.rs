@@ -10,6 +10,8 @@
 //!   Kafka-protocol broker) through rdkafka.
 //! - `sqs` (feature `sqs`): [`Queue`] on Amazon SQS (or an SQS-compatible server) through the
 //!   AWS SDK, dead-lettering by SQS's redrive policy.
+//! - [`transports`]: opening the stream and queue a process uses (external where configured,
+//!   else embedded), with their readiness checks, for the services' wiring.
 
 #[cfg(feature = "dynamodb")]
 pub mod dynamo;
@@ -20,6 +22,7 @@ pub mod kafka;
 pub mod outbox;
 #[cfg(feature = "sqs")]
 pub mod sqs;
+pub mod transports;
 
 use std::collections::BTreeMap;
 use std::time::Duration;

@@ -2,7 +2,7 @@
 //!
 //! A service crate builds its domain and routes; everything that must behave the same
 //! across services (configuration, error bodies, metrics, shutdown, outbound HTTP, money,
-//! SQLite and PostgreSQL setup) lives here so that it is written, and fixed, once.
+//! SQLite and PostgreSQL setup, what a service's wiring needs to start) lives here so that it is written, and fixed, once.
 
 pub mod auth;
 pub mod client;
@@ -17,6 +17,7 @@ pub mod pg;
 pub mod problem;
 pub mod server;
 pub mod telemetry;
+pub mod wiring;
 
 pub use money::Money;
 pub use problem::Problem;

@@ -16,6 +16,7 @@ pub mod replay;
 pub mod results;
 pub mod sketch;
 pub mod store;
+pub mod wiring;
 
 pub use api::router;
 pub use store::AnalyticsStore;

@@ -7,5 +7,6 @@
 
 pub mod proxy;
 pub mod routes;
+pub mod wiring;
 
 pub use routes::{Upstreams, router};

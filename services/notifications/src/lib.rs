@@ -17,6 +17,7 @@ pub mod pg;
 pub mod poller;
 pub mod sender;
 pub mod store;
+pub mod wiring;
 
 pub use api::router;
 pub use store::{NotificationStore, SqliteNotificationStore};

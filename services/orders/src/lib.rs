@@ -15,6 +15,7 @@ pub mod dynamo;
 pub mod pg;
 pub mod saga;
 pub mod store;
+pub mod wiring;
 
 pub use api::{ApiContext, router};
 #[cfg(feature = "postgres")]

@@ -12,6 +12,7 @@ pub mod dynamo;
 pub mod pg;
 pub mod provider;
 pub mod store;
+pub mod wiring;
 
 pub use api::{ApiContext, router};
 #[cfg(feature = "postgres")]

@@ -11,6 +11,7 @@ pub mod domain;
 #[cfg(feature = "postgres")]
 pub mod pg;
 pub mod store;
+pub mod wiring;
 
 pub use api::router;
 pub use store::{ProductStore, SqliteProductStore};

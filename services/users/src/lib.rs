@@ -15,6 +15,7 @@ pub mod pg;
 pub mod sessions;
 pub mod store;
 pub mod throttle;
+pub mod wiring;
 
 pub use api::{ApiContext, router};
 pub use store::{SqliteUserStore, UserStore};

@@ -1,0 +1,64 @@
+//! How the products service starts inside a platform process: its store on the backend its
+//! database url names, the demo catalog, the sweeper that releases expired reservations, and
+//! its router.
+
+use std::sync::Arc;
+
+use kit::wiring::{Backend, Context as _, Service, Shared, Started, WiringError, ready_when};
+
+use crate::store::{ProductStore, SqliteProductStore};
+
+/// Starts the products service.
+pub async fn start(shared: &Shared<'_>) -> Result<Started, WiringError> {
+    let settings = shared.settings;
+    let store: Arc<dyn ProductStore> = match shared.backend(Service::Products)? {
+        Backend::Sqlite(url) => Arc::new(
+            SqliteProductStore::open(&url, &settings.sqlite)
+                .await
+                .context("opening the products store")?,
+        ),
+        #[cfg(feature = "postgres")]
+        Backend::Postgres(url) => Arc::new(
+            crate::pg::PgProductStore::open(&url, "products", &settings.postgres)
+                .await
+                .context("opening the products store (PostgreSQL)")?,
+        ),
+        other => return Err(other.unsupported(Service::Products)),
+    };
+    let closed = store.clone();
+    shared
+        .lifecycle
+        .close_at_stop(move || async move { closed.close().await });
+    if settings.demo {
+        let added = crate::demo::seed_if_empty(store.as_ref())
+            .await
+            .context("seeding the demo catalog")?;
+        if added > 0 {
+            tracing::info!(products = added, "demo catalog seeded");
+        }
+    }
+    // Gives back stock held for orders that were never created or never settled.
+    let sweeper = store.clone();
+    shared.lifecycle.every(shared.sweep_interval(), move || {
+        let store = sweeper.clone();
+        async move {
+            match store.release_expired(100).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(released = n, "expired stock reservations released"),
+                Err(e) => tracing::warn!(error = %e, "releasing expired reservations failed"),
+            }
+        }
+    });
+    let pinged = store.clone();
+    let ready = ready_when(
+        move || {
+            let store = pinged.clone();
+            async move { store.ping().await.is_ok() }
+        },
+        Vec::new(),
+    );
+    Ok(Started {
+        router: crate::router(store),
+        ready,
+    })
+}
