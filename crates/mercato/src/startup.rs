@@ -194,8 +194,16 @@ fn identity(
         &auth.issuers,
         http.clone(),
     );
-    let service_key = kit::auth::service_key(auth, &settings.data_dir)
-        .context("loading the service key (auth.service_key)")?;
+    // The gateway alone calls no internal route and must not hold the services' key: it gets a
+    // throw-away one, never written anywhere.
+    let service_key = if services == [ServiceName::Gateway] {
+        kit::auth::ServiceKey::new(
+            kit::auth::SigningKey::generate().context("generating a throw-away service key")?,
+        )
+    } else {
+        kit::auth::service_key(auth, &settings.data_dir)
+            .context("loading the service key (auth.service_key)")?
+    };
     let issuer = ring.map(|ring| Arc::new(TokenIssuer::new(ring, auth)));
     Ok((
         Auth::new(auth.mode, verifier, Arc::new(service_key)),
