@@ -3,7 +3,8 @@
 //! the calling service. A caller reuses its token until a minute before it expires; a callee
 //! checks it against the one service key, with EdDSA pinned.
 
-use std::sync::Mutex;
+use std::collections::HashMap;
+use std::sync::{Mutex, RwLock};
 
 use jsonwebtoken::{Algorithm, Validation};
 use serde::{Deserialize, Serialize};
@@ -35,7 +36,13 @@ pub struct ServiceKey {
     validation: Validation,
     /// Tokens minted per calling service, with their expiry.
     minted: Mutex<Vec<(&'static str, String, u64)>>,
+    /// Tokens verified, with the caller they name and their expiry: a caller reuses its token
+    /// for minutes, so the hot path is a lookup, not a signature check per internal call.
+    verified: RwLock<HashMap<String, (String, u64)>>,
 }
+
+/// Verified service tokens remembered at most (a handful of callers in practice).
+const VERIFIED_CAPACITY: usize = 1024;
 
 impl ServiceKey {
     pub fn new(key: SigningKey) -> ServiceKey {
@@ -48,6 +55,7 @@ impl ServiceKey {
             key,
             validation,
             minted: Mutex::new(Vec::new()),
+            verified: RwLock::new(HashMap::new()),
         }
     }
 
@@ -81,6 +89,13 @@ impl ServiceKey {
 
     /// The calling service's name, if `token` is a valid service token.
     pub fn verify(&self, token: &str) -> Result<String, TokenError> {
+        let now = jsonwebtoken::get_current_timestamp();
+        if let Ok(verified) = self.verified.read()
+            && let Some((caller, exp)) = verified.get(token)
+            && now < *exp
+        {
+            return Ok(caller.clone());
+        }
         let header =
             jsonwebtoken::decode_header(token).map_err(|e| TokenError::Malformed(e.to_string()))?;
         if header.kid.as_deref() != Some(self.key.kid()) {
@@ -91,11 +106,22 @@ impl ServiceKey {
             self.key.public().decoding_key(),
             &self.validation,
         )?;
-        data.claims
+        let caller = data
+            .claims
             .sub
             .strip_prefix("service:")
             .map(str::to_owned)
-            .ok_or(TokenError::Claims("not a service subject"))
+            .ok_or(TokenError::Claims("not a service subject"))?;
+        if let Ok(mut verified) = self.verified.write() {
+            if verified.len() >= VERIFIED_CAPACITY {
+                verified.retain(|_, (_, exp)| *exp > now);
+                if verified.len() >= VERIFIED_CAPACITY {
+                    verified.clear();
+                }
+            }
+            verified.insert(token.to_owned(), (caller.clone(), data.claims.exp));
+        }
+        Ok(caller)
     }
 }
 
