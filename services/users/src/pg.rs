@@ -271,6 +271,17 @@ impl UserStore for PgUserStore {
         Ok(RefreshUse::Rotated(user))
     }
 
+    async fn prune_refresh(&self, now_ms: i64) -> Result<usize, StoreError> {
+        let done = sqlx::query(
+            "DELETE FROM refresh_tokens WHERE family IN (
+                 SELECT family FROM refresh_tokens GROUP BY family HAVING MAX(expires_at) < $1)",
+        )
+        .bind(now_ms)
+        .execute(self.pg.pool())
+        .await?;
+        Ok(usize::try_from(done.rows_affected()).unwrap_or(usize::MAX))
+    }
+
     async fn revoke_refresh(&self, token_hash: &str) -> Result<bool, StoreError> {
         let done = sqlx::query(
             "UPDATE refresh_tokens SET revoked = TRUE WHERE family =

@@ -158,6 +158,10 @@ pub trait UserStore: Send + Sync {
     /// Revokes the family of the token whose hash is given (sign-out). False when unknown.
     async fn revoke_refresh(&self, token_hash: &str) -> Result<bool, StoreError>;
 
+    /// Drops the refresh tokens of every family whose newest token expired before `now_ms`
+    /// (nothing in such a family can be used or replayed any more); the number removed.
+    async fn prune_refresh(&self, now_ms: i64) -> Result<usize, StoreError>;
+
     async fn get(&self, id: Uuid) -> Result<Option<User>, StoreError>;
 
     async fn list(&self, skip: u32, limit: u32) -> Result<Vec<User>, StoreError>;
@@ -439,6 +443,19 @@ impl UserStore for SqliteUserStore {
                      (SELECT family FROM refresh_tokens WHERE token_hash = ?1)",
                     [hash],
                 )? > 0)
+            })
+            .await
+    }
+
+    async fn prune_refresh(&self, now_ms: i64) -> Result<usize, StoreError> {
+        self.db
+            .write(move |tx| {
+                Ok(tx.execute(
+                    "DELETE FROM refresh_tokens WHERE family IN (
+                         SELECT family FROM refresh_tokens GROUP BY family
+                         HAVING MAX(expires_at) < ?1)",
+                    [now_ms],
+                )?)
             })
             .await
     }

@@ -47,10 +47,16 @@ pub async fn start(
 ) -> Result<(Started, Option<DemoAccounts>), WiringError> {
     let settings = shared.settings;
     let store = open_store(settings).await?;
-    let (pinged, closed) = (store.clone(), store.clone());
+    let (pinged, closed, pruned) = (store.clone(), store.clone(), store.clone());
     shared
         .lifecycle
         .close_at_stop(move || async move { closed.close().await });
+    shared
+        .lifecycle
+        .housekeeping("expired refresh-token families dropped", move || {
+            let store = pruned.clone();
+            async move { store.prune_refresh(kit::db::now_ms()).await }
+        });
     let ready = ready_when(
         move || {
             let store = pinged.clone();

@@ -77,6 +77,7 @@ contract!(
     credentials_and_roles_are_kept,
     refresh_tokens_rotate_once_and_a_replay_revokes_the_family,
     revoking_a_token_revokes_its_family_and_deleting_a_user_its_tokens,
+    pruning_drops_only_families_past_their_last_expiry,
 );
 
 fn name(s: &str) -> UserName {
@@ -345,4 +346,47 @@ async fn revoking_a_token_revokes_its_family_and_deleting_a_user_its_tokens(
             .unwrap(),
         RefreshUse::Invalid
     );
+}
+
+async fn pruning_drops_only_families_past_their_last_expiry(store: Arc<dyn UserStore>) {
+    let ada = store
+        .create(&name("Ada"), &email("ada@example.com"), None)
+        .await
+        .unwrap();
+    store
+        .issue_refresh(&refresh("gone", ada.id, NOW - 1))
+        .await
+        .unwrap();
+    // A family rotated once: its first token is past, its current one is not.
+    store
+        .issue_refresh(&refresh("r1", ada.id, NOW + 60_000))
+        .await
+        .unwrap();
+    store
+        .use_refresh("r1", &refresh("r2", Uuid::nil(), NOW + 120_000), NOW)
+        .await
+        .unwrap();
+    assert_eq!(store.prune_refresh(NOW).await.unwrap(), 1);
+    assert_eq!(
+        store.prune_refresh(NOW).await.unwrap(),
+        0,
+        "nothing left to prune"
+    );
+    // The live family still works, and still detects a replay of its used token.
+    assert!(matches!(
+        store
+            .use_refresh("r2", &refresh("r3", Uuid::nil(), NOW + 120_000), NOW)
+            .await
+            .unwrap(),
+        RefreshUse::Rotated(_)
+    ));
+    assert_eq!(
+        store
+            .use_refresh("r1", &refresh("r4", Uuid::nil(), NOW + 120_000), NOW)
+            .await
+            .unwrap(),
+        RefreshUse::Reused
+    );
+    // Past every expiry, the whole family goes.
+    assert_eq!(store.prune_refresh(NOW + 200_000).await.unwrap(), 3);
 }
