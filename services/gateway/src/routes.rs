@@ -25,17 +25,8 @@ pub struct Upstreams {
     pub analytics: String,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Service {
-    /// The gateway itself (its OpenAPI document).
-    Gateway,
-    Users,
-    Products,
-    Orders,
-    Payments,
-    Notifications,
-    Analytics,
-}
+/// The service behind a route (`Gateway`: the gateway itself, for its OpenAPI document).
+pub use kit::wiring::Service;
 
 /// Who may call a route. The gateway refuses early what it can tell from the token alone;
 /// every service checks again, and decides ownership (someone else's order is a 404 there).

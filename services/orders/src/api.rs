@@ -187,15 +187,15 @@ async fn create_order(
         .iter()
         .map(|l| (l.product_id, l.quantity, l.unit_price))
         .collect();
-    let mut order = new_order(
+    let order = new_order(
         order_id,
         request.user_id,
         &lines,
         request.shipping_address,
+        &ctx.currency,
         ctx.order_ttl,
     )
     .map_err(store_problem)?;
-    order.currency = ctx.currency.to_string();
     match ctx.store.insert(&order).await {
         Ok(()) => {}
         Err(StoreError::Duplicate) => {

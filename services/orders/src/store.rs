@@ -55,6 +55,7 @@ pub static MIGRATIONS: &[Step] = &[
     (3, "idempotency keys", kit::idempotency::MIGRATION),
 ];
 
+/// The default platform currency (the `currency` setting decides; tests use this).
 pub const CURRENCY: &str = "INR";
 const SOURCE: &str = "mercato/orders";
 
@@ -205,6 +206,7 @@ pub fn new_order(
     user_id: Uuid,
     lines: &[(Uuid, i64, Money)],
     shipping_address: String,
+    currency: &str,
     ttl: chrono::Duration,
 ) -> Result<Order, StoreError> {
     let mut total = Money::ZERO;
@@ -228,7 +230,7 @@ pub fn new_order(
         status: OrderStatus::Pending,
         items,
         total_amount: total,
-        currency: CURRENCY.to_owned(),
+        currency: currency.to_owned(),
         shipping_address,
         created_at: now,
         updated_at: now,
@@ -497,6 +499,7 @@ mod tests {
             Uuid::now_v7(),
             &[(Uuid::now_v7(), 2, price)],
             "1 Main St".into(),
+            CURRENCY,
             chrono::Duration::minutes(15),
         )
         .unwrap();

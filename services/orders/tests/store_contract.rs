@@ -128,6 +128,7 @@ fn order(user: Uuid, ttl: Duration) -> Order {
         user,
         &[(products[0], 2, cents(1999)), (products[1], 1, cents(501))],
         "1 Main St".into(),
+        orders::store::CURRENCY,
         ttl,
     )
     .unwrap()

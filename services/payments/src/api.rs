@@ -142,36 +142,14 @@ async fn create_payment(
         );
     }
 
-    let order: OrderView = match ctx
-        .orders
-        .get::<OrderView>(&format!("/internal/v1/orders/{}", body.order_id))
-        .await
-    {
-        // Someone else's order is as unknown as one that does not exist.
-        Ok(order) if caller.may_access(order.user_id) => order,
-        Ok(_) => {
-            return Err(Problem::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "unknown-order",
-                "Unknown order",
-            )
-            .with_detail(format!("order {} does not exist", body.order_id)));
-        }
-        Err(CallError::Rejected {
-            status: StatusCode::NOT_FOUND,
-            ..
-        }) => {
-            return Err(Problem::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "unknown-order",
-                "Unknown order",
-            )
-            .with_detail(format!("order {} does not exist", body.order_id)));
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "orders unavailable");
-            return Err(Problem::unavailable("orders"));
-        }
+    // Someone else's order is as unknown as one that does not exist.
+    let Some(order) = visible_order(&ctx, &caller, body.order_id).await? else {
+        return Err(Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "unknown-order",
+            "Unknown order",
+        )
+        .with_detail(format!("order {} does not exist", body.order_id)));
     };
     if body.user_id.is_some_and(|named| named != order.user_id) {
         return Err(Problem::invalid("user_id is not the order's user").with("field", "user_id"));
@@ -300,19 +278,25 @@ async fn move_order(ctx: &ApiContext, order_id: Uuid, statuses: &[&str]) -> Resu
 /// Whether `caller` may see what belongs to order `order_id`: administrators may; a customer
 /// only for their own order (asked of the orders service, which owns that fact).
 async fn may_see_order(ctx: &ApiContext, caller: &Caller, order_id: Uuid) -> Result<bool, Problem> {
-    if caller.is_admin() {
-        return Ok(true);
-    }
+    Ok(caller.is_admin() || visible_order(ctx, caller, order_id).await?.is_some())
+}
+
+/// The order `order_id` from the orders service, if it exists and `caller` may see it.
+async fn visible_order(
+    ctx: &ApiContext,
+    caller: &Caller,
+    order_id: Uuid,
+) -> Result<Option<OrderView>, Problem> {
     match ctx
         .orders
         .get::<OrderView>(&format!("/internal/v1/orders/{order_id}"))
         .await
     {
-        Ok(order) => Ok(caller.may_access(order.user_id)),
+        Ok(order) => Ok(caller.may_access(order.user_id).then_some(order)),
         Err(CallError::Rejected {
             status: StatusCode::NOT_FOUND,
             ..
-        }) => Ok(false),
+        }) => Ok(None),
         Err(e) => {
             tracing::warn!(error = %e, "orders unavailable");
             Err(Problem::unavailable("orders"))

@@ -10,6 +10,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use kit::Problem;
 use kit::auth::{Admin, AuthUser, MaybeAuthUser, Rejection, Role, ServiceCaller, TokenIssuer};
+use kit::config::Secret;
 use kit::extract::{self, PageParams, Path, Query};
 use serde::Deserialize;
 use uuid::Uuid;
@@ -46,7 +47,7 @@ pub struct CreateUser {
     /// Required when registering oneself; an operator (or open mode) may create an account
     /// without one, which cannot sign in until it has one.
     #[serde(default)]
-    pub password: Option<String>,
+    pub password: Option<Secret>,
 }
 
 pub fn router(ctx: ApiContext) -> Router {
@@ -72,8 +73,8 @@ pub(crate) fn internal(e: StoreError) -> Problem {
     }
 }
 
-fn invalid(field: &'static str) -> impl FnOnce(String) -> Problem {
-    move |e| Problem::invalid(e).with("field", field)
+fn invalid(field: &'static str, e: impl std::fmt::Display) -> Problem {
+    Problem::invalid(e.to_string()).with("field", field)
 }
 
 async fn create_user(
@@ -81,19 +82,19 @@ async fn create_user(
     MaybeAuthUser(caller): MaybeAuthUser,
     extract::Json(body): extract::Json<CreateUser>,
 ) -> Result<(StatusCode, Json<User>), Problem> {
-    let name = UserName::parse(&body.name).map_err(|e| invalid("name")(e.to_string()))?;
-    let email = Email::parse(&body.email).map_err(|e| invalid("email")(e.to_string()))?;
+    let name = UserName::parse(&body.name).map_err(|e| invalid("name", e))?;
+    let email = Email::parse(&body.email).map_err(|e| invalid("email", e))?;
     let phone = body
         .phone
         .as_deref()
         .map(Phone::parse)
         .transpose()
-        .map_err(|e| invalid("phone")(e.to_string()))?;
+        .map_err(|e| invalid("phone", e))?;
     let operator = caller.as_ref().is_some_and(|c| c.is_admin());
-    let password = match body.password.as_deref() {
-        Some(raw) => Some(Password::parse(raw).map_err(|e| invalid("password")(e.to_string()))?),
+    let password = match &body.password {
+        Some(raw) => Some(Password::parse(raw.expose()).map_err(|e| invalid("password", e))?),
         None if operator => None,
-        None => return Err(invalid("password")("password is required".into())),
+        None => return Err(invalid("password", "password is required")),
     };
     let hash = match password {
         Some(password) => Some(ctx.hasher.hash(password).await.map_err(|e| {

@@ -15,6 +15,7 @@ use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use kit::Problem;
+use kit::config::Secret;
 use kit::db::now_ms;
 use kit::extract::{self, ClientAddress};
 use serde::{Deserialize, Serialize};
@@ -33,9 +34,9 @@ pub struct TokenRequest {
     #[serde(default, alias = "username")]
     pub email: Option<String>,
     #[serde(default)]
-    pub password: Option<String>,
+    pub password: Option<Secret>,
     #[serde(default)]
-    pub refresh_token: Option<String>,
+    pub refresh_token: Option<Secret>,
 }
 
 #[derive(Debug, Serialize)]
@@ -50,7 +51,7 @@ pub struct TokenResponse {
 
 #[derive(Debug, Deserialize)]
 pub struct LogoutRequest {
-    pub refresh_token: String,
+    pub refresh_token: Secret,
 }
 
 /// The same answer for an unknown e-mail, an account without a password and a wrong
@@ -90,10 +91,13 @@ fn too_many_attempts(wait: Duration) -> Response {
 }
 
 fn hash_token(token: &str) -> String {
-    Sha256::digest(token.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    use std::fmt::Write as _;
+    let digest = Sha256::digest(token.as_bytes());
+    let mut hex = String::with_capacity(digest.len() * 2);
+    for b in digest.iter() {
+        let _ = write!(hex, "{b:02x}");
+    }
+    hex
 }
 
 fn new_refresh_token() -> Result<String, Problem> {
@@ -155,7 +159,7 @@ async fn password_grant(
     if let Err(wait) = ctx.throttle.check(&account_key, client) {
         return Err(Box::new(too_many_attempts(wait)));
     }
-    if password.len() > 4 * crate::password::MAX_CHARS {
+    if password.expose().len() > 4 * crate::password::MAX_CHARS {
         ctx.throttle.failed(&account_key, client);
         return Err(Box::new(bad_credentials().into_response()));
     }
@@ -169,10 +173,14 @@ async fn password_grant(
         Err(_) => None,
     };
     let stored = found.as_ref().and_then(|(_, hash)| hash.as_deref());
-    let matches = ctx.hasher.verify(&password, stored).await.map_err(|e| {
-        tracing::error!(error = %e, "checking a password failed");
-        Problem::internal().into_response()
-    })?;
+    let matches = ctx
+        .hasher
+        .verify(password.expose(), stored)
+        .await
+        .map_err(|e| {
+            tracing::error!(error = %e, "checking a password failed");
+            Problem::internal().into_response()
+        })?;
     let user = match (matches, found) {
         (true, Some((user, _))) => user,
         _ => {
@@ -207,7 +215,7 @@ async fn refresh_grant(ctx: &ApiContext, body: TokenRequest) -> Result<TokenResp
     let outcome = ctx
         .store
         .use_refresh(
-            &hash_token(&presented),
+            &hash_token(presented.expose()),
             &RefreshRecord {
                 token_hash: hash_token(&next),
                 // The store keeps the presented token's family.
@@ -255,7 +263,7 @@ pub async fn logout(
     extract::Json(body): extract::Json<LogoutRequest>,
 ) -> Result<StatusCode, Problem> {
     ctx.store
-        .revoke_refresh(&hash_token(&body.refresh_token))
+        .revoke_refresh(&hash_token(body.refresh_token.expose()))
         .await
         .map_err(internal)?;
     Ok(StatusCode::NO_CONTENT)

@@ -77,13 +77,6 @@ impl Caller {
         }
     }
 
-    pub fn role(&self) -> Option<Role> {
-        match self.0 {
-            Identity::Open { .. } => None,
-            Identity::User { role, .. } => Some(role),
-        }
-    }
-
     /// Whether the caller may see or act on something `owner` owns: its owner and
     /// administrators may. Callers who may not get the resource's 404, so ids cannot be probed.
     pub fn may_access(&self, owner: Uuid) -> bool {

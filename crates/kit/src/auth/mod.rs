@@ -32,7 +32,7 @@ use uuid::Uuid;
 pub use caller::{Caller, Role};
 pub use extract::{Admin, AuthUser, MaybeAuthUser, ServiceCaller};
 pub use keys::{KeyError, KeyRing, PublicKey, SigningKey};
-pub use service::{SERVICE_AUDIENCE, SERVICE_ISSUER, ServiceKey};
+pub use service::ServiceKey;
 pub use verify::{OwnKeys, TokenError, Verifier};
 
 use crate::config::{AuthMode, AuthSettings};
@@ -53,10 +53,6 @@ impl Auth {
             verifier,
             services,
         })
-    }
-
-    pub fn mode(&self) -> AuthMode {
-        self.mode
     }
 
     pub fn is_open(&self) -> bool {
@@ -258,10 +254,6 @@ impl TokenIssuer {
     /// The public keys tokens may be signed with (`/.well-known/jwks.json`).
     pub fn jwks(&self) -> serde_json::Value {
         self.ring.jwks()
-    }
-
-    pub fn public_keys(&self) -> Vec<PublicKey> {
-        self.ring.public_keys()
     }
 }
 

@@ -14,8 +14,8 @@ use super::verify::TokenError;
 
 /// `iss` and `aud` of service tokens: never those of user tokens, so neither kind passes
 /// for the other even if a key were shared by mistake.
-pub const SERVICE_ISSUER: &str = "mercato-services";
-pub const SERVICE_AUDIENCE: &str = "mercato-internal";
+const SERVICE_ISSUER: &str = "mercato-services";
+const SERVICE_AUDIENCE: &str = "mercato-internal";
 const LIFETIME_SECS: u64 = 300;
 const RENEW_BEFORE_SECS: u64 = 60;
 
