@@ -143,6 +143,11 @@ pub struct PaymentEvent {
     pub currency: String,
     pub status: String,
     pub occurred_at: DateTime<Utc>,
+    /// The payment's version when this event was written: 1 for its outcome (succeeded or
+    /// failed), one more for each refund. With `payment_id` it lets a consumer tell a stale or
+    /// reordered event from a newer one. 0 in events written before versions existed.
+    #[serde(default)]
+    pub sequence: u64,
 }
 
 #[cfg(test)]

@@ -155,6 +155,7 @@ pub(crate) fn event_for(
         currency: payment.currency.clone(),
         status: payment.status.clone(),
         occurred_at: payment.updated_at,
+        sequence: 0,
     };
     Event::new(
         id,
