@@ -4,6 +4,13 @@
 //! the first and then replay it. 5xx answers are not stored, so a retry after an outage runs
 //! again. Keys expire after a configurable time.
 //!
+//! A record keeps the request's SHA-256 ([`fingerprint`]), never the request: bodies carry
+//! card numbers and passwords, and a 24-hour cache must not become a copy of them. Records
+//! written before that kept the canonical request itself; they still match (their text is
+//! hashed on comparison) and [`Idempotency::run_purger`] rewrites them to their hash when the
+//! service starts ([`Idempotency::hash_legacy_fingerprints`]). The stored answer is kept as
+//! sent, so a route under this guard must answer nothing it would not store.
+//!
 //! The table lives in the owning service's database ([`MIGRATION`], [`PG_MIGRATION`]); for a
 //! service on DynamoDB the records are items of its own table ([`Idempotency::on_dynamo`]). Handlers see the key as
 //! an [`IdempotencyKey`] extension, so they can also make their own writes idempotent (the
@@ -18,6 +25,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use rusqlite::params;
+use sha2::{Digest as _, Sha256};
 
 use crate::db::{Db, DbError, now_ms};
 use crate::problem::Problem;
@@ -45,8 +53,9 @@ const ABANDONED_AFTER_MS: i64 = 60_000;
 /// How long a concurrent duplicate waits for the first request's answer.
 const WAIT_FOR_FIRST: Duration = Duration::from_secs(30);
 
-/// The validated key of the current request, with the fingerprint of its body: together
-/// they name "this request", so a handler can derive stable ids from them.
+/// The validated key of the current request, with the fingerprint of its body (`sha256:` and
+/// 64 hex digits): together they name "this request", so a handler can derive stable ids
+/// from them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IdempotencyKey {
     pub key: String,
@@ -114,7 +123,7 @@ impl Claim {
         stored: (String, Option<u16>, Option<String>, Option<Vec<u8>>),
     ) -> Claim {
         let (stored_fingerprint, status, content_type, body) = stored;
-        if stored_fingerprint != fingerprint {
+        if hashed(&stored_fingerprint).as_ref() != fingerprint {
             return Claim::Mismatch;
         }
         match status {
@@ -310,8 +319,14 @@ impl Idempotency {
         }
     }
 
-    /// Purges expired keys every `every` until `shutdown`.
+    /// Hashes records from before fingerprints were hashed (once), then purges expired keys
+    /// every `every` until `shutdown`.
     pub async fn run_purger(self, every: Duration, shutdown: tokio_util::sync::CancellationToken) {
+        match self.hash_legacy_fingerprints().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(rewritten = n, "idempotency records now keep only a hash"),
+            Err(e) => tracing::warn!(error = %e, "hashing old idempotency records failed"),
+        }
         loop {
             match self.purge_expired().await {
                 Ok(0) => {}
@@ -322,6 +337,63 @@ impl Idempotency {
                 () = shutdown.cancelled() => return,
                 () = tokio::time::sleep(every) => {}
             }
+        }
+    }
+
+    /// Replaces the request text that records written before fingerprints were hashed keep
+    /// (card numbers included) by its hash, so such a record still replays for its retry;
+    /// returns how many. On SQLite the rewrite runs with `secure_delete`, so the old text is
+    /// zeroed in the database pages rather than left in free space. On DynamoDB this rewrites
+    /// none: a scan of the service's whole table on every start would cost more than waiting,
+    /// and the table's TTL removes those records within a day of their expiry.
+    pub async fn hash_legacy_fingerprints(&self) -> Result<usize, IdempotencyError> {
+        match &self.backend {
+            Backend::Sqlite(db) => {
+                db.write(move |tx| {
+                    let legacy = tx
+                        .prepare(
+                            "SELECT key, fingerprint FROM idempotency_keys
+                             WHERE fingerprint NOT LIKE 'sha256:%'",
+                        )?
+                        .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?
+                        .collect::<Result<Vec<_>, _>>()?;
+                    if legacy.is_empty() {
+                        return Ok(0);
+                    }
+                    tx.pragma_update(None, "secure_delete", "ON")?;
+                    let mut rewrite =
+                        tx.prepare("UPDATE idempotency_keys SET fingerprint = ?2 WHERE key = ?1")?;
+                    for (key, text) in &legacy {
+                        rewrite.execute(params![key, sha256_fingerprint(text)])?;
+                    }
+                    drop(rewrite);
+                    tx.pragma_update(None, "secure_delete", "OFF")?;
+                    Ok(legacy.len())
+                })
+                .await
+            }
+            #[cfg(feature = "postgres")]
+            Backend::Postgres(pg) => {
+                let legacy: Vec<(String, String)> = sqlx::query_as(
+                    "SELECT key, fingerprint FROM idempotency_keys WHERE fingerprint NOT LIKE 'sha256:%'",
+                )
+                .fetch_all(pg.pool())
+                .await?;
+                for (key, text) in &legacy {
+                    // Only if unchanged: a replica may have rewritten or replaced it meanwhile.
+                    sqlx::query(
+                        "UPDATE idempotency_keys SET fingerprint = $3 WHERE key = $1 AND fingerprint = $2",
+                    )
+                    .bind(key)
+                    .bind(text)
+                    .bind(sha256_fingerprint(text))
+                    .execute(pg.pool())
+                    .await?;
+                }
+                Ok(legacy.len())
+            }
+            #[cfg(feature = "dynamodb")]
+            Backend::Dynamo(_) => Ok(0),
         }
     }
 
@@ -355,14 +427,44 @@ fn key_problem() -> Problem {
         .with("header", HEADER)
 }
 
-/// What identifies "the same request": method, path and the body as canonical JSON (key
-/// order and whitespace do not matter), or the raw bytes when the body is not JSON.
+/// What identifies "the same request": the SHA-256 of the method, the path and the body as
+/// canonical JSON (key order and whitespace do not matter), or of the raw bytes when the body
+/// is not JSON; as `sha256:` and 64 lowercase hex digits.
 fn fingerprint(method: &str, path: &str, body: &[u8]) -> String {
     let canonical = serde_json::from_slice::<serde_json::Value>(body)
         .ok()
         .and_then(|v| serde_json::to_string(&v).ok())
         .unwrap_or_else(|| String::from_utf8_lossy(body).into_owned());
-    format!("{method} {path}\n{canonical}")
+    sha256_fingerprint(&format!("{method} {path}\n{canonical}"))
+}
+
+const HASHED: &str = "sha256:";
+
+fn sha256_fingerprint(request: &str) -> String {
+    use std::fmt::Write as _;
+    let digest = Sha256::digest(request.as_bytes());
+    let mut out = String::with_capacity(HASHED.len() + digest.len() * 2);
+    out.push_str(HASHED);
+    for b in digest {
+        let _ = write!(out, "{b:02x}");
+    }
+    out
+}
+
+/// A stored fingerprint as it is compared: records from before hashing hold the request
+/// text that is now hashed, so hashing it gives what the same request fingerprints to today.
+fn hashed(stored: &str) -> std::borrow::Cow<'_, str> {
+    if is_hashed(stored) {
+        std::borrow::Cow::Borrowed(stored)
+    } else {
+        std::borrow::Cow::Owned(sha256_fingerprint(stored))
+    }
+}
+
+fn is_hashed(stored: &str) -> bool {
+    stored.strip_prefix(HASHED).is_some_and(|hex| {
+        hex.len() == 64 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    })
 }
 
 /// The middleware: `post(handler).layer(middleware::from_fn_with_state(idempotency, guard))`.
@@ -489,5 +591,48 @@ mod tests {
         assert_eq!(a, b);
         assert_ne!(a, c);
         assert_ne!(a, fingerprint("POST", "/y", br#"{"a": 1, "b": [1,2]}"#));
+    }
+
+    #[test]
+    fn a_fingerprint_is_a_hash_that_holds_nothing_of_the_request() {
+        let body = br#"{"order_id": "o-1", "card_number": "4242 4242 4242 4242"}"#;
+        let f = fingerprint("POST", "/api/v1/payments", body);
+        assert!(is_hashed(&f), "{f}");
+        assert!(!f.contains("4242"), "{f}");
+        assert_eq!(
+            f,
+            "sha256:".to_owned()
+                + &sha256_hex(
+                    br#"POST /api/v1/payments
+{"card_number":"4242 4242 4242 4242","order_id":"o-1"}"#
+                ),
+            "the hash of the canonical request"
+        );
+    }
+
+    #[test]
+    fn a_record_from_before_hashing_still_matches_its_request() {
+        let body = br#"{"b": 2, "a": 1}"#;
+        let legacy = "POST /x\n{\"a\":1,\"b\":2}".to_owned();
+        let stored = |fp: String| (fp, Some(201), None, Some(b"ok".to_vec()));
+        assert!(matches!(
+            Claim::of(&fingerprint("POST", "/x", body), stored(legacy.clone())),
+            Claim::Replay { status: 201, .. }
+        ));
+        assert!(matches!(
+            Claim::of(&fingerprint("POST", "/x", br#"{"a":2}"#), stored(legacy)),
+            Claim::Mismatch
+        ));
+        assert!(
+            !is_hashed("sha256:xyz"),
+            "only a full digest counts as hashed"
+        );
+    }
+
+    fn sha256_hex(bytes: &[u8]) -> String {
+        Sha256::digest(bytes)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
     }
 }

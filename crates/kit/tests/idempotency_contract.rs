@@ -134,6 +134,157 @@ async fn keeps_the_contract(idem: Idempotency, expired: Idempotency, purge: Purg
     );
 }
 
+/// Direct access to where the records live, behind the guard's back.
+enum Raw {
+    Sqlite(kit::db::Db),
+    #[cfg(feature = "postgres")]
+    Postgres(kit::pg::Pg),
+    #[cfg(feature = "dynamodb")]
+    Dynamo(aws_sdk_dynamodb::Client, String),
+}
+
+impl Raw {
+    /// A finished record as the guard wrote them before fingerprints were hashed: the
+    /// canonical request itself.
+    async fn insert_legacy(&self, key: &str, request: &str) {
+        let (key, request) = (key.to_owned(), request.to_owned());
+        let expires = kit::db::now_ms() + 3_600_000;
+        match self {
+            Raw::Sqlite(db) => db
+                .write(move |tx| -> Result<(), kit::db::DbError> {
+                    tx.execute(
+                        "INSERT INTO idempotency_keys (key, fingerprint, status, content_type, body, created_at, expires_at)
+                         VALUES (?1, ?2, 201, 'text/plain', CAST('legacy answer' AS BLOB), 0, ?3)",
+                        rusqlite::params![key, request, expires],
+                    )?;
+                    Ok(())
+                })
+                .await
+                .unwrap(),
+            #[cfg(feature = "postgres")]
+            Raw::Postgres(pg) => {
+                sqlx::query(
+                    "INSERT INTO idempotency_keys (key, fingerprint, status, content_type, body, created_at, expires_at)
+                     VALUES ($1, $2, 201, 'text/plain', 'legacy answer'::bytea, 0, $3)",
+                )
+                .bind(key)
+                .bind(request)
+                .bind(expires)
+                .execute(pg.pool())
+                .await
+                .unwrap();
+            }
+            #[cfg(feature = "dynamodb")]
+            Raw::Dynamo(client, table) => {
+                use aws_sdk_dynamodb::types::AttributeValue;
+                let n = |v: i64| AttributeValue::N(v.to_string());
+                client
+                    .put_item()
+                    .table_name(table)
+                    .item("payment_id", AttributeValue::S(format!("idempotency#{key}")))
+                    .item("kind", AttributeValue::S("idempotency".into()))
+                    .item("fingerprint", AttributeValue::S(request))
+                    .item("claimed_at", n(0))
+                    .item("expires_ms", n(expires))
+                    .item("purge_at", n(expires / 1000 + 1))
+                    .item("status_code", n(201))
+                    .item("content_type", AttributeValue::S("text/plain".into()))
+                    .item(
+                        "body",
+                        AttributeValue::B(aws_sdk_dynamodb::primitives::Blob::new(
+                            b"legacy answer".to_vec(),
+                        )),
+                    )
+                    .send()
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+
+    /// Every stored fingerprint.
+    async fn fingerprints(&self) -> Vec<String> {
+        match self {
+            Raw::Sqlite(db) => db
+                .read(|conn| -> Result<Vec<String>, kit::db::DbError> {
+                    Ok(conn
+                        .prepare("SELECT fingerprint FROM idempotency_keys")?
+                        .query_map([], |r| r.get(0))?
+                        .collect::<Result<_, _>>()?)
+                })
+                .await
+                .unwrap(),
+            #[cfg(feature = "postgres")]
+            Raw::Postgres(pg) => sqlx::query_scalar("SELECT fingerprint FROM idempotency_keys")
+                .fetch_all(pg.pool())
+                .await
+                .unwrap(),
+            #[cfg(feature = "dynamodb")]
+            Raw::Dynamo(client, table) => client
+                .scan()
+                .table_name(table)
+                .consistent_read(true)
+                .send()
+                .await
+                .unwrap()
+                .items()
+                .iter()
+                .filter_map(|item| item.get("fingerprint")?.as_s().ok().cloned())
+                .collect(),
+        }
+    }
+}
+
+/// What a record keeps of its request is a hash: never the body (a card number), so a
+/// store's tables, files and backups hold no copy of it. Records from before hashing, which
+/// held the canonical request, still replay for their retry, and `hash_legacy_fingerprints`
+/// turns them into hashes (except on DynamoDB, where the table's TTL removes them).
+async fn keeps_only_a_hash(idem: Idempotency, raw: Raw, rewrites_legacy: bool) {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let app = app(idem.clone(), runs.clone());
+    let secret = r#"{"card_number":"4242 4242 4242 4242","order_id":"o-1"}"#;
+    assert_eq!(
+        call(&app, "card", secret).await,
+        (StatusCode::CREATED, false, "run 1".into())
+    );
+    let legacy = "POST /things\n{\"card_number\":\"4000 0000 0000 0002\"}";
+    raw.insert_legacy("anonymous/old", legacy).await;
+    assert_eq!(
+        call(&app, "old", r#"{ "card_number": "4000 0000 0000 0002" }"#).await,
+        (StatusCode::CREATED, true, "legacy answer".into()),
+        "an old record replays for the same request"
+    );
+    assert_eq!(
+        call(&app, "old", r#"{"card_number":"4000 0000 0000 0119"}"#)
+            .await
+            .0,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "and refuses another"
+    );
+    let rewritten = idem.hash_legacy_fingerprints().await.unwrap();
+    assert_eq!(rewritten, usize::from(rewrites_legacy));
+    assert_eq!(idem.hash_legacy_fingerprints().await.unwrap(), 0, "once");
+    let stored = raw.fingerprints().await;
+    assert_eq!(stored.len(), 2, "{stored:?}");
+    for fingerprint in &stored {
+        if fingerprint == legacy && !rewrites_legacy {
+            continue;
+        }
+        assert!(!fingerprint.contains("4242"), "{fingerprint}");
+        assert!(!fingerprint.contains("0002"), "{fingerprint}");
+        assert!(
+            fingerprint.starts_with("sha256:") && fingerprint.len() == 7 + 64,
+            "{fingerprint}"
+        );
+    }
+    assert_eq!(
+        call(&app, "old", r#"{"card_number":"4000 0000 0000 0002"}"#).await,
+        (StatusCode::CREATED, true, "legacy answer".into()),
+        "a rewritten record still replays"
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
+
 /// `join_all` without a futures dependency in this crate: spawn and await in order.
 async fn futures_join_all<F>(futures: impl Iterator<Item = F>) -> Vec<F::Output>
 where
@@ -167,6 +318,35 @@ async fn sqlite_keeps_the_contract() {
     .await;
 }
 
+#[tokio::test]
+async fn sqlite_keeps_only_a_hash() {
+    static STEPS: &[kit::db::Step] = &[(1, "idempotency", idempotency::MIGRATION)];
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}/svc.db", dir.path().display());
+    let db = kit::db::Db::open(&url, &Default::default(), STEPS)
+        .await
+        .unwrap();
+    keeps_only_a_hash(
+        Idempotency::new(db.clone(), TTL, LIMIT),
+        Raw::Sqlite(db.clone()),
+        true,
+    )
+    .await;
+    db.close().await;
+    // Closed, the database is checkpointed: the rewritten text is gone from its pages too.
+    for entry in std::fs::read_dir(dir.path()).unwrap() {
+        let path = entry.unwrap().path();
+        let bytes = std::fs::read(&path).unwrap();
+        for card in ["4242 4242 4242 4242", "4000 0000 0000 0002"] {
+            assert!(
+                !bytes.windows(card.len()).any(|w| w == card.as_bytes()),
+                "{card} in {}",
+                path.display()
+            );
+        }
+    }
+}
+
 #[cfg(feature = "postgres")]
 #[tokio::test]
 async fn postgres_keeps_the_contract() {
@@ -191,14 +371,35 @@ async fn postgres_keeps_the_contract() {
     pg.drop_schema().await.unwrap();
 }
 
+#[cfg(feature = "postgres")]
+#[tokio::test]
+async fn postgres_keeps_only_a_hash() {
+    static STEPS: &[kit::pg::PgStep] = &[(1, "idempotency", idempotency::PG_MIGRATION)];
+    let url = kit::pg::test_database_url();
+    let pg = kit::pg::Pg::open(
+        &url,
+        &kit::pg::unique_schema("idemhash"),
+        &Default::default(),
+        STEPS,
+    )
+    .await
+    .unwrap_or_else(|e| {
+        panic!("PostgreSQL at {url} (TEST_DATABASE_URL): {e}; scripts/test starts one")
+    });
+    keeps_only_a_hash(
+        Idempotency::on_postgres(pg.clone(), TTL, LIMIT),
+        Raw::Postgres(pg.clone()),
+        true,
+    )
+    .await;
+    pg.drop_schema().await.unwrap();
+}
+
 /// In a table of its own (as a payments table: partition key `payment_id`), deleted afterwards.
 #[cfg(feature = "dynamodb")]
 #[tokio::test]
 async fn dynamodb_keeps_the_contract() {
     use aws_sdk_dynamodb::config::{BehaviorVersion, Credentials, Region};
-    use aws_sdk_dynamodb::types::{
-        AttributeDefinition, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType,
-    };
     let endpoint = std::env::var("TEST_DYNAMODB_ENDPOINT").unwrap_or_else(|_| {
         panic!(
             "TEST_DYNAMODB_ENDPOINT is not set: run scripts/check-aws (it starts \
@@ -213,9 +414,45 @@ async fn dynamodb_keeps_the_contract() {
         .build();
     let client = aws_sdk_dynamodb::Client::from_conf(config);
     let table = format!("idempotency-{}", uuid::Uuid::new_v4().simple());
+    create_payments_table(&client, &table).await;
+    keeps_the_contract(
+        Idempotency::on_dynamo(client.clone(), &table, "payment_id", TTL, LIMIT),
+        Idempotency::on_dynamo(client.clone(), &table, "payment_id", Duration::ZERO, LIMIT),
+        Purge::ByTheTable,
+    )
+    .await;
+    // A table of its own again: `keeps_only_a_hash` reads every record.
+    let hashes = format!("{table}-hash");
+    create_payments_table(&client, &hashes).await;
+    keeps_only_a_hash(
+        Idempotency::on_dynamo(client.clone(), &hashes, "payment_id", TTL, LIMIT),
+        Raw::Dynamo(client.clone(), hashes.clone()),
+        false,
+    )
+    .await;
+    client
+        .delete_table()
+        .table_name(&hashes)
+        .send()
+        .await
+        .unwrap();
+    client
+        .delete_table()
+        .table_name(&table)
+        .send()
+        .await
+        .unwrap();
+}
+
+/// A table keyed by `payment_id`, as the payments service's.
+#[cfg(feature = "dynamodb")]
+async fn create_payments_table(client: &aws_sdk_dynamodb::Client, table: &str) {
+    use aws_sdk_dynamodb::types::{
+        AttributeDefinition, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType,
+    };
     client
         .create_table()
-        .table_name(&table)
+        .table_name(table)
         .billing_mode(BillingMode::PayPerRequest)
         .key_schema(
             KeySchemaElement::builder()
@@ -233,17 +470,5 @@ async fn dynamodb_keeps_the_contract() {
         )
         .send()
         .await
-        .unwrap_or_else(|e| panic!("DynamoDB at {endpoint}: {e:?}"));
-    keeps_the_contract(
-        Idempotency::on_dynamo(client.clone(), &table, "payment_id", TTL, LIMIT),
-        Idempotency::on_dynamo(client.clone(), &table, "payment_id", Duration::ZERO, LIMIT),
-        Purge::ByTheTable,
-    )
-    .await;
-    client
-        .delete_table()
-        .table_name(&table)
-        .send()
-        .await
-        .unwrap();
+        .unwrap_or_else(|e| panic!("DynamoDB at {table}: {e:?}"));
 }

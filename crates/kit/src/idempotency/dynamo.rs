@@ -10,6 +10,8 @@
 //! - `expires_ms` (Unix ms) decides expiry exactly; `purge_at` (Unix seconds) is the table's
 //!   TTL attribute, so DynamoDB deletes old records itself ([`Idempotency::purge_expired`]
 //!   has nothing to do: TTL is configured on the table by Terraform);
+//! - `fingerprint` is the request's hash (see [`super::fingerprint`]); items written before
+//!   hashing hold the request text, are compared by its hash, and are left to the TTL;
 //! - a stored answer is kept in the item (`status_code`, `content_type`, `body` as binary), so
 //!   it shares DynamoDB's 400 KB item limit: an answer that does not fit is not stored, and a
 //!   retry then waits for the claim to be abandoned (one minute) and runs again.
