@@ -5,10 +5,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::{DateTime, Utc};
-use kit::Money;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::revenue::Revenue;
 use crate::sketch::UserSketch;
 
 /// How many products a window reports in `top_products`.
@@ -109,8 +109,8 @@ pub struct WindowReport {
     pub window_end: DateTime<Utc>,
     pub order_count: i64,
     pub unique_users: i64,
-    pub total_revenue: Money,
-    pub avg_order_value: Money,
+    pub total_revenue: Revenue,
+    pub avg_order_value: Revenue,
     pub items_sold: i64,
     /// Events per type seen in the window (`order.created`, `order.paid`, ...).
     pub event_counts: BTreeMap<String, i64>,
@@ -130,12 +130,12 @@ pub struct WindowReport {
 pub struct ProductSales {
     pub product_id: String,
     pub quantity: i64,
-    pub revenue: Money,
+    pub revenue: Revenue,
 }
 
 /// Average order value, exact to the cent (half-even), zero for an empty window.
-pub fn average(revenue: Money, orders: i64) -> Money {
-    revenue.div_round(orders).unwrap_or(Money::ZERO)
+pub fn average(revenue: Revenue, orders: i64) -> Revenue {
+    revenue.average(orders)
 }
 
 /// Everything a window's figures are made of, in a form that merges: what one instance
@@ -146,7 +146,7 @@ pub struct PartialWindow {
     pub window_start: DateTime<Utc>,
     pub window_end: DateTime<Utc>,
     pub order_count: i64,
-    pub total_revenue: Money,
+    pub total_revenue: Revenue,
     pub items_sold: i64,
     pub late_events: i64,
     pub event_counts: BTreeMap<String, i64>,
@@ -163,8 +163,6 @@ pub struct PartialWindow {
 pub enum MergeError {
     #[error("windows {0} and {1} differ")]
     DifferentWindows(DateTime<Utc>, DateTime<Utc>),
-    #[error("a sum overflowed")]
-    Overflow,
     #[error("a users sketch is malformed")]
     BadSketch,
 }
@@ -174,7 +172,8 @@ impl PartialWindow {
         UserSketch::from_hex(&self.users_sketch).ok_or(MergeError::BadSketch)
     }
 
-    /// Folds `other` (the same window, seen by another instance) into `self`.
+    /// Folds `other` (the same window, seen by another instance) into `self`. Sums saturate
+    /// as the store's do ([`add_count`], [`Revenue::plus`]): no input can make a merge fail.
     pub fn merge(&mut self, other: &PartialWindow) -> Result<(), MergeError> {
         if (self.window_start, self.window_end) != (other.window_start, other.window_end) {
             return Err(MergeError::DifferentWindows(
@@ -182,19 +181,15 @@ impl PartialWindow {
                 other.window_start,
             ));
         }
-        let add = |a: i64, b: i64| a.checked_add(b).ok_or(MergeError::Overflow);
-        self.order_count = add(self.order_count, other.order_count)?;
-        self.items_sold = add(self.items_sold, other.items_sold)?;
-        self.late_events = add(self.late_events, other.late_events)?;
-        self.total_revenue = self
-            .total_revenue
-            .checked_add(other.total_revenue)
-            .ok_or(MergeError::Overflow)?;
+        self.order_count = add_count(self.order_count, other.order_count);
+        self.items_sold = add_count(self.items_sold, other.items_sold);
+        self.late_events = add_count(self.late_events, other.late_events);
+        self.total_revenue = self.total_revenue.plus(other.total_revenue);
         for (kind, n) in &other.event_counts {
             let mine = self.event_counts.entry(kind.clone()).or_insert(0);
-            *mine = add(*mine, *n)?;
+            *mine = add_count(*mine, *n);
         }
-        let mut products: BTreeMap<String, (i64, Money)> = self
+        let mut products: BTreeMap<String, (i64, Revenue)> = self
             .products
             .drain(..)
             .map(|p| (p.product_id, (p.quantity, p.revenue)))
@@ -202,9 +197,9 @@ impl PartialWindow {
         for p in &other.products {
             let mine = products
                 .entry(p.product_id.clone())
-                .or_insert((0, Money::ZERO));
-            mine.0 = add(mine.0, p.quantity)?;
-            mine.1 = mine.1.checked_add(p.revenue).ok_or(MergeError::Overflow)?;
+                .or_insert((0, Revenue::ZERO));
+            mine.0 = add_count(mine.0, p.quantity);
+            mine.1 = mine.1.plus(p.revenue);
         }
         self.products = products
             .into_iter()
@@ -253,6 +248,13 @@ impl PartialWindow {
             is_final,
         }
     }
+}
+
+/// Adds to a count (orders, items, events). Only a producer sending absurd `items_count` or
+/// quantities can reach `i64::MAX`; the count then stays there instead of breaking the window
+/// (SQLite would turn an overflowing sum into a REAL, which no report can read).
+pub fn add_count(a: i64, b: i64) -> i64 {
+    a.saturating_add(b)
 }
 
 /// Merges partial windows from any number of instances into one window per start, oldest
@@ -361,7 +363,7 @@ mod tests {
             window_start,
             window_end: window_start + chrono::Duration::minutes(1),
             order_count: orders,
-            total_revenue: Money::from_cents(cents).unwrap(),
+            total_revenue: Revenue::from_cents(cents.into()),
             items_sold: orders * 2,
             late_events: 1,
             event_counts: BTreeMap::from([("order.created".to_owned(), orders)]),
@@ -370,7 +372,7 @@ mod tests {
                 .map(|(id, q, c)| ProductSales {
                     product_id: (*id).to_owned(),
                     quantity: *q,
-                    revenue: Money::from_cents(*c).unwrap(),
+                    revenue: Revenue::from_cents((*c).into()),
                 })
                 .collect(),
             users,
@@ -427,8 +429,28 @@ mod tests {
 
     #[test]
     fn average_is_exact() {
-        let revenue = Money::from_cents(1_000).unwrap();
+        let revenue = Revenue::from_cents(1_000);
         assert_eq!(average(revenue, 3).cents(), 333);
-        assert_eq!(average(revenue, 0), Money::ZERO);
+        assert_eq!(average(revenue, 0), Revenue::ZERO);
+    }
+
+    #[test]
+    fn windows_past_64_bit_cents_merge_exactly() {
+        let big = i64::MAX - 7;
+        let mut a = partial("2026-11-24T10:00:00Z", 1, big, &[1], &[("p1", 1, big)]);
+        let b = partial("2026-11-24T10:00:00Z", 1, big, &[2], &[("p1", 1, big)]);
+        a.merge(&b).unwrap();
+        let r = a.report(true);
+        let twice = 2 * i128::from(big);
+        assert_eq!(r.total_revenue.cents(), twice);
+        assert_eq!(r.avg_order_value.cents(), i128::from(big));
+        assert_eq!(r.top_products[0].revenue.cents(), twice);
+        a.items_sold = i64::MAX;
+        a.merge(&b).unwrap();
+        assert_eq!(
+            a.items_sold,
+            i64::MAX,
+            "a count saturates, the merge goes on"
+        );
     }
 }

@@ -6,7 +6,8 @@
 //! [`consumer`] feeds it from the stream; [`api`] answers `/api/v1/analytics/...`;
 //! [`results`] publishes final windows (the watermark has passed them) to the
 //! `analytics-results` stream and an object store, and merges several instances' outputs.
-//! [`sketch`] is the mergeable HyperLogLog of distinct users.
+//! [`sketch`] is the mergeable HyperLogLog of distinct users; [`revenue`] the 128-bit sums of
+//! money that no number of orders can overflow.
 
 pub mod api;
 pub mod consumer;
@@ -14,6 +15,7 @@ pub mod engine;
 pub mod feed;
 pub mod replay;
 pub mod results;
+pub mod revenue;
 pub mod sketch;
 pub mod store;
 pub mod wiring;

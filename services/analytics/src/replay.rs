@@ -12,10 +12,10 @@ use std::time::{Duration, Instant};
 
 use bus::event::{OrderEvent, types};
 use chrono::DateTime;
-use kit::Money;
 use uuid::Uuid;
 
-use crate::engine::{Lateness, PartialWindow, ProductSales, Windows, is_final};
+use crate::engine::{Lateness, PartialWindow, ProductSales, Windows, add_count, is_final};
+use crate::revenue::Revenue;
 use crate::sketch::UserSketch;
 use crate::store::Applied;
 
@@ -53,14 +53,14 @@ fn parse_line(number: usize, line: &str) -> Result<OrderEvent, ReplayError> {
 #[derive(Debug, Default)]
 struct WindowState {
     orders: i64,
-    revenue_cents: i64,
+    revenue: Revenue,
     items: i64,
     late: i64,
     event_counts: BTreeMap<String, i64>,
     users: HashSet<Uuid>,
     sketch: UserSketch,
-    /// product → (quantity, revenue cents)
-    products: HashMap<Uuid, (i64, i64)>,
+    /// product → (quantity, revenue)
+    products: HashMap<Uuid, (i64, Revenue)>,
 }
 
 /// Windows folded in memory, with the same rules as [`crate::store::AnalyticsStore::apply`].
@@ -98,27 +98,28 @@ impl Fold {
             let window = self.state.entry(start).or_default();
             if is_final(start + self.windows.size_ms(), watermark) {
                 applied.late += 1;
-                window.late += 1;
+                window.late = add_count(window.late, 1);
                 continue;
             }
-            *window.event_counts.entry(e.event_type.clone()).or_insert(0) += 1;
+            let kind = window.event_counts.entry(e.event_type.clone()).or_insert(0);
+            *kind = add_count(*kind, 1);
             if e.event_type != types::ORDER_CREATED {
                 continue;
             }
-            window.orders += 1;
-            window.revenue_cents += e.total_amount.cents();
-            window.items += e.items_count;
+            // The same sums as the store's: 128-bit revenue, saturating counts.
+            window.orders = add_count(window.orders, 1);
+            window.revenue = window.revenue.plus(e.total_amount.into());
+            window.items = add_count(window.items, e.items_count);
             if window.users.insert(e.user_id) {
                 window.sketch.insert(e.user_id);
             }
             for item in &e.items {
-                let revenue = item
-                    .unit_price
-                    .checked_mul(item.quantity)
-                    .unwrap_or(Money::ZERO);
-                let p = window.products.entry(item.product_id).or_insert((0, 0));
-                p.0 += item.quantity;
-                p.1 += revenue.cents();
+                let p = window
+                    .products
+                    .entry(item.product_id)
+                    .or_insert((0, Revenue::ZERO));
+                p.0 = add_count(p.0, item.quantity);
+                p.1 = p.1.plus(Revenue::of_line(item.unit_price, item.quantity));
             }
         }
         applied
@@ -137,22 +138,19 @@ impl Fold {
                 let mut products = w
                     .products
                     .iter()
-                    .map(|(id, (quantity, cents))| {
-                        Ok(ProductSales {
-                            product_id: id.to_string(),
-                            quantity: *quantity,
-                            revenue: Money::from_cents(*cents).map_err(|_| overflow("revenue"))?,
-                        })
+                    .map(|(id, (quantity, revenue))| ProductSales {
+                        product_id: id.to_string(),
+                        quantity: *quantity,
+                        revenue: *revenue,
                     })
-                    .collect::<Result<Vec<_>, ReplayError>>()?;
+                    .collect::<Vec<_>>();
                 products.sort_by(|a, b| a.product_id.cmp(&b.product_id));
                 Ok(PartialWindow {
                     window_start,
                     window_end: window_start
                         + chrono::Duration::milliseconds(self.windows.size_ms()),
                     order_count: w.orders,
-                    total_revenue: Money::from_cents(w.revenue_cents)
-                        .map_err(|_| overflow("revenue"))?,
+                    total_revenue: w.revenue,
                     items_sold: w.items,
                     late_events: w.late,
                     event_counts: w.event_counts.clone(),
@@ -278,6 +276,7 @@ mod tests {
     use crate::store::AnalyticsStore;
     use bus::event::OrderEventItem;
     use chrono::Utc;
+    use kit::Money;
     use serde_json::Value;
 
     /// The in-memory fold and the service's SQLite store must agree on everything, late

@@ -14,13 +14,13 @@ use std::sync::Arc;
 use bus::{Event, Stream};
 use chrono::{DateTime, Utc};
 use futures_util::TryStreamExt as _;
-use kit::Money;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt as _, PutPayload};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::engine::{MergeError, PartialWindow, ProductSales, Windows, merge_partials};
+use crate::revenue::Revenue;
 use crate::store::{AnalyticsStore, StoreError};
 
 pub const RESULTS_TOPIC: &str = "analytics-results";
@@ -59,8 +59,8 @@ pub struct ResultRecord {
     pub window_end: DateTime<Utc>,
     pub order_count: i64,
     pub unique_users: i64,
-    pub total_revenue: Money,
-    pub avg_order_value: Money,
+    pub total_revenue: Revenue,
+    pub avg_order_value: Revenue,
     pub processed_at: DateTime<Utc>,
     pub metric_type: String,
     pub window_type: String,
@@ -297,6 +297,7 @@ mod tests {
     use crate::engine::{Lateness, WindowReport};
     use bus::embedded::{EmbeddedBus, EmbeddedOptions};
     use bus::event::{OrderEvent, OrderEventItem, types};
+    use kit::Money;
     use std::time::Duration;
 
     /// Order events over ~6 minutes of event time, slightly out of order, with repeat buyers.

@@ -5,7 +5,6 @@
 
 use bus::event::{OrderEvent, types};
 use chrono::{DateTime, Utc};
-use kit::Money;
 use kit::db::{Db, DbError, Step, now_ms};
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
@@ -14,9 +13,10 @@ use uuid::Uuid;
 use rusqlite::{Connection, OptionalExtension as _, params};
 
 use crate::engine::{
-    Lateness, PartialWindow, PartitionProgress, ProductSales, WindowReport, Windows, average,
-    is_final, low_water_mark,
+    Lateness, PartialWindow, PartitionProgress, ProductSales, WindowReport, Windows, add_count,
+    average, is_final, low_water_mark,
 };
+use crate::revenue::Revenue;
 use crate::sketch::UserSketch;
 
 pub static MIGRATIONS: &[Step] = &[
@@ -76,6 +76,25 @@ pub static MIGRATIONS: &[Step] = &[
         seen_at_ms INTEGER NOT NULL
     );",
     ),
+    (
+        4,
+        "revenue as 128-bit cents",
+        // SQLite integers are 64-bit: two orders near the largest amount overflowed into a
+        // REAL that no report could read. Revenue is now decimal text of 128-bit cents,
+        // summed in Rust (`crate::revenue`). Integer rows convert exactly; a REAL (a sum the
+        // old code already broke) keeps its nearest integer, the only figure left of it (a
+        // replay from the stream recomputes it exactly).
+        "ALTER TABLE windows ADD COLUMN revenue TEXT NOT NULL DEFAULT '0';
+    UPDATE windows SET revenue = CASE typeof(revenue_cents)
+        WHEN 'integer' THEN CAST(revenue_cents AS TEXT) ELSE printf('%.0f', revenue_cents) END;
+    ALTER TABLE windows DROP COLUMN revenue_cents;
+    ALTER TABLE windows RENAME COLUMN revenue TO revenue_cents;
+    ALTER TABLE window_products ADD COLUMN revenue TEXT NOT NULL DEFAULT '0';
+    UPDATE window_products SET revenue = CASE typeof(revenue_cents)
+        WHEN 'integer' THEN CAST(revenue_cents AS TEXT) ELSE printf('%.0f', revenue_cents) END;
+    ALTER TABLE window_products DROP COLUMN revenue_cents;
+    ALTER TABLE window_products RENAME COLUMN revenue TO revenue_cents;",
+    ),
 ];
 
 /// engine_state row where stores before migration 3 kept the latest event time applied;
@@ -88,6 +107,8 @@ const WATERMARK: &str = "watermark_ms";
 pub enum StoreError {
     #[error("stored value is corrupt")]
     Corrupt,
+    #[error("stored revenue `{0}` is not a decimal number of cents")]
+    CorruptRevenue(String),
     #[error(transparent)]
     Sqlite(#[from] rusqlite::Error),
     #[error(transparent)]
@@ -99,8 +120,8 @@ pub enum StoreError {
 pub struct Summary {
     pub order_count: i64,
     pub unique_users: i64,
-    pub total_revenue: Money,
-    pub avg_order_value: Money,
+    pub total_revenue: Revenue,
+    pub avg_order_value: Revenue,
     pub items_sold: i64,
     pub events_processed: i64,
     /// Events that arrived after their window was final (not in the figures).
@@ -120,73 +141,134 @@ pub struct Applied {
     pub late: usize,
 }
 
+/// What a batch adds to one window.
+#[derive(Debug)]
+struct WindowDelta {
+    end: i64,
+    orders: i64,
+    revenue: Revenue,
+    items: i64,
+    late: i64,
+}
+
+impl WindowDelta {
+    fn new(end: i64) -> WindowDelta {
+        WindowDelta {
+            end,
+            orders: 0,
+            revenue: Revenue::ZERO,
+            items: 0,
+            late: 0,
+        }
+    }
+}
+
 /// What a batch of new events adds, aggregated per window before touching the database.
+/// Sums are taken here, in Rust, and written as totals: SQL arithmetic on 64-bit integers
+/// is what let a large order break a window.
 #[derive(Debug, Default)]
 struct Delta {
-    /// window start → (window end, orders, revenue cents, items, late events)
-    windows: BTreeMap<i64, (i64, i64, i64, i64, i64)>,
+    windows: BTreeMap<i64, WindowDelta>,
     event_types: BTreeMap<(i64, String), i64>,
     window_users: BTreeMap<i64, BTreeSet<Uuid>>,
     users: BTreeSet<String>,
-    /// (window start, product) → (quantity, revenue cents)
-    products: BTreeMap<(i64, String), (i64, i64)>,
+    /// (window start, product) → (quantity, revenue)
+    products: BTreeMap<(i64, String), (i64, Revenue)>,
+}
+
+/// Revenue as the store keeps it: decimal text of cents (SQLite has no 128-bit integer).
+fn revenue_text(r: Revenue) -> String {
+    r.cents().to_string()
+}
+
+fn revenue_of(text: &str) -> Result<Revenue, StoreError> {
+    text.parse::<i128>()
+        .map(Revenue::from_cents)
+        .map_err(|_| StoreError::CorruptRevenue(text.to_owned()))
 }
 
 impl Delta {
-    fn late(&mut self, windows: Windows, e: &OrderEvent) {
-        let start = windows.start_of(e.created_at);
-        self.windows
-            .entry(start)
-            .or_insert((start + windows.size_ms(), 0, 0, 0, 0))
-            .4 += 1;
-    }
-
-    fn add(&mut self, windows: Windows, e: &OrderEvent) {
+    fn window(&mut self, windows: Windows, e: &OrderEvent) -> (i64, &mut WindowDelta) {
         let start = windows.start_of(e.created_at);
         let window = self
             .windows
             .entry(start)
-            .or_insert((start + windows.size_ms(), 0, 0, 0, 0));
-        *self
+            .or_insert_with(|| WindowDelta::new(start + windows.size_ms()));
+        (start, window)
+    }
+
+    fn late(&mut self, windows: Windows, e: &OrderEvent) {
+        let (_, window) = self.window(windows, e);
+        window.late = add_count(window.late, 1);
+    }
+
+    fn add(&mut self, windows: Windows, e: &OrderEvent) {
+        let (start, window) = self.window(windows, e);
+        let is_order = e.event_type == types::ORDER_CREATED;
+        if is_order {
+            window.orders = add_count(window.orders, 1);
+            window.revenue = window.revenue.plus(e.total_amount.into());
+            window.items = add_count(window.items, e.items_count);
+        }
+        let kind = self
             .event_types
             .entry((start, e.event_type.clone()))
-            .or_insert(0) += 1;
-        if e.event_type != types::ORDER_CREATED {
+            .or_insert(0);
+        *kind = add_count(*kind, 1);
+        if !is_order {
             return;
         }
-        window.1 += 1;
-        window.2 += e.total_amount.cents();
-        window.3 += e.items_count;
         self.window_users
             .entry(start)
             .or_default()
             .insert(e.user_id);
         self.users.insert(e.user_id.to_string());
         for item in &e.items {
-            let revenue = item
-                .unit_price
-                .checked_mul(item.quantity)
-                .unwrap_or(Money::ZERO)
-                .cents();
             let p = self
                 .products
                 .entry((start, item.product_id.to_string()))
-                .or_insert((0, 0));
-            p.0 += item.quantity;
-            p.1 += revenue;
+                .or_insert((0, Revenue::ZERO));
+            p.0 = add_count(p.0, item.quantity);
+            p.1 = p.1.plus(Revenue::of_line(item.unit_price, item.quantity));
         }
     }
 
-    fn write(&self, conn: &Connection) -> Result<(), rusqlite::Error> {
+    fn write(&self, conn: &Connection) -> Result<(), StoreError> {
+        let mut read_window = conn.prepare_cached(
+            "SELECT order_count, revenue_cents, items_sold, late_events FROM windows WHERE window_start = ?1",
+        )?;
         let mut windows = conn.prepare_cached(
             "INSERT INTO windows (window_start, window_end, order_count, revenue_cents, items_sold, late_events)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-             ON CONFLICT (window_start) DO UPDATE SET order_count = order_count + excluded.order_count,
-                revenue_cents = revenue_cents + excluded.revenue_cents, items_sold = items_sold + excluded.items_sold,
-                late_events = late_events + excluded.late_events",
+             ON CONFLICT (window_start) DO UPDATE SET order_count = excluded.order_count,
+                revenue_cents = excluded.revenue_cents, items_sold = excluded.items_sold,
+                late_events = excluded.late_events",
         )?;
-        for (start, (end, orders, revenue, items, late)) in &self.windows {
-            windows.execute(params![start, end, orders, revenue, items, late])?;
+        for (start, d) in &self.windows {
+            let stored = read_window
+                .query_row([start], |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, i64>(2)?,
+                        r.get::<_, i64>(3)?,
+                    ))
+                })
+                .optional()?;
+            let (orders, revenue, items, late) = match stored {
+                Some((orders, revenue, items, late)) => {
+                    (orders, revenue_of(&revenue)?, items, late)
+                }
+                None => (0, Revenue::ZERO, 0, 0),
+            };
+            windows.execute(params![
+                start,
+                d.end,
+                add_count(orders, d.orders),
+                revenue_text(revenue.plus(d.revenue)),
+                add_count(items, d.items),
+                add_count(late, d.late)
+            ])?;
         }
         let mut types = conn.prepare_cached(
             "INSERT INTO window_event_types (window_start, event_type, count) VALUES (?1, ?2, ?3)
@@ -219,13 +301,30 @@ impl Delta {
         for user in &self.users {
             users.execute([user])?;
         }
+        let mut read_product = conn.prepare_cached(
+            "SELECT quantity, revenue_cents FROM window_products WHERE window_start = ?1 AND product_id = ?2",
+        )?;
         let mut products = conn.prepare_cached(
             "INSERT INTO window_products (window_start, product_id, quantity, revenue_cents) VALUES (?1, ?2, ?3, ?4)
-             ON CONFLICT (window_start, product_id) DO UPDATE SET quantity = quantity + excluded.quantity,
-                revenue_cents = revenue_cents + excluded.revenue_cents",
+             ON CONFLICT (window_start, product_id) DO UPDATE SET quantity = excluded.quantity,
+                revenue_cents = excluded.revenue_cents",
         )?;
         for ((start, product), (quantity, revenue)) in &self.products {
-            products.execute(params![start, product, quantity, revenue])?;
+            let stored = read_product
+                .query_row(params![start, product], |r| {
+                    Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+                })
+                .optional()?;
+            let (had, earned) = match stored {
+                Some((had, earned)) => (had, revenue_of(&earned)?),
+                None => (0, Revenue::ZERO),
+            };
+            products.execute(params![
+                start,
+                product,
+                add_count(had, *quantity),
+                revenue_text(earned.plus(*revenue))
+            ])?;
         }
         Ok(())
     }
@@ -448,7 +547,8 @@ impl AnalyticsStore {
             .collect())
     }
 
-    /// The best-selling products by revenue over windows starting in `[from, to)`.
+    /// The best-selling products by revenue over windows starting in `[from, to)`. Summed
+    /// here rather than by SQL's `SUM`, which stops at 64 bits.
     pub async fn top_products(
         &self,
         from: DateTime<Utc>,
@@ -458,54 +558,80 @@ impl AnalyticsStore {
         let (from, to) = (self.windows.start_of(from), to.timestamp_millis());
         self.db
             .read(move |conn| {
-                let rows = conn
-                    .prepare_cached(
-                        "SELECT product_id, SUM(quantity), SUM(revenue_cents) AS revenue FROM window_products
-                         WHERE window_start >= ?1 AND window_start < ?2
-                         GROUP BY product_id ORDER BY revenue DESC, product_id LIMIT ?3",
-                    )?
-                    .query_map(params![from, to, limit], |r| {
-                        Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
-                    })?
-                    .collect::<Result<Vec<_>, _>>()?;
-                rows.into_iter()
-                    .map(|(product_id, quantity, revenue)| {
-                        Ok(ProductSales {
-                            product_id,
-                            quantity,
-                            revenue: Money::from_cents(revenue).map_err(|_| StoreError::Corrupt)?,
-                        })
+                let mut by_product: BTreeMap<String, (i64, Revenue)> = BTreeMap::new();
+                let mut rows = conn.prepare_cached(
+                    "SELECT product_id, quantity, revenue_cents FROM window_products
+                     WHERE window_start >= ?1 AND window_start < ?2",
+                )?;
+                for row in rows.query_map(params![from, to], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, String>(2)?,
+                    ))
+                })? {
+                    let (product_id, quantity, revenue) = row?;
+                    let total = by_product.entry(product_id).or_insert((0, Revenue::ZERO));
+                    total.0 = add_count(total.0, quantity);
+                    total.1 = total.1.plus(revenue_of(&revenue)?);
+                }
+                let mut top: Vec<ProductSales> = by_product
+                    .into_iter()
+                    .map(|(product_id, (quantity, revenue))| ProductSales {
+                        product_id,
+                        quantity,
+                        revenue,
                     })
-                    .collect()
+                    .collect();
+                top.sort_by(|a, b| {
+                    b.revenue
+                        .cmp(&a.revenue)
+                        .then_with(|| a.product_id.cmp(&b.product_id))
+                });
+                top.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+                Ok(top)
             })
             .await
     }
 
+    /// Totals over every window, summed here rather than by SQL's `SUM`, which stops at 64
+    /// bits (one scan of the windows, as the SQL sums were).
     pub async fn summary(&self) -> Result<Summary, StoreError> {
         self.db
             .read(move |conn| {
-                let (orders, revenue, items, first, last, users, events, late) = conn.query_row(
-                    "SELECT COALESCE(SUM(order_count), 0), COALESCE(SUM(revenue_cents), 0), COALESCE(SUM(items_sold), 0),
-                            MIN(window_start), MAX(window_end),
-                            (SELECT COUNT(*) FROM users_seen), (SELECT COUNT(*) FROM processed_events),
-                            COALESCE(SUM(late_events), 0)
+                let (first, last, users, events) = conn.query_row(
+                    "SELECT MIN(window_start), MAX(window_end),
+                            (SELECT COUNT(*) FROM users_seen), (SELECT COUNT(*) FROM processed_events)
                      FROM windows",
                     [],
                     |r| {
                         Ok((
-                            r.get::<_, i64>(0)?,
-                            r.get::<_, i64>(1)?,
+                            r.get::<_, Option<i64>>(0)?,
+                            r.get::<_, Option<i64>>(1)?,
                             r.get::<_, i64>(2)?,
-                            r.get::<_, Option<i64>>(3)?,
-                            r.get::<_, Option<i64>>(4)?,
-                            r.get::<_, i64>(5)?,
-                            r.get::<_, i64>(6)?,
-                            r.get::<_, i64>(7)?,
+                            r.get::<_, i64>(3)?,
                         ))
                     },
                 )?;
+                let (mut orders, mut revenue, mut items, mut late) = (0, Revenue::ZERO, 0, 0);
+                let mut rows = conn.prepare_cached(
+                    "SELECT order_count, revenue_cents, items_sold, late_events FROM windows",
+                )?;
+                for row in rows.query_map([], |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, i64>(2)?,
+                        r.get::<_, i64>(3)?,
+                    ))
+                })? {
+                    let (o, r, i, l) = row?;
+                    orders = add_count(orders, o);
+                    revenue = revenue.plus(revenue_of(&r)?);
+                    items = add_count(items, i);
+                    late = add_count(late, l);
+                }
                 let watermark = state(conn, WATERMARK)?;
-                let revenue = Money::from_cents(revenue).map_err(|_| StoreError::Corrupt)?;
                 Ok(Summary {
                     order_count: orders,
                     unique_users: users,
@@ -576,7 +702,7 @@ fn read_partials(
                 r.get::<_, i64>(0)?,
                 r.get::<_, i64>(1)?,
                 r.get::<_, i64>(2)?,
-                r.get::<_, i64>(3)?,
+                r.get::<_, String>(3)?,
                 r.get::<_, i64>(4)?,
                 r.get::<_, i64>(5)?,
                 r.get::<_, Option<Vec<u8>>>(6)?,
@@ -632,14 +758,14 @@ fn read_partials(
             r.get::<_, i64>(0)?,
             r.get::<_, String>(1)?,
             r.get::<_, i64>(2)?,
-            r.get::<_, i64>(3)?,
+            r.get::<_, String>(3)?,
         ))
     })? {
         let (start, product_id, quantity, revenue) = row?;
         products.entry(start).or_default().push(ProductSales {
             product_id,
             quantity,
-            revenue: Money::from_cents(revenue).map_err(|_| StoreError::Corrupt)?,
+            revenue: revenue_of(&revenue)?,
         });
     }
     rows.into_iter()
@@ -661,7 +787,7 @@ fn read_partials(
                 window_start: ts(start)?,
                 window_end: ts(end)?,
                 order_count: orders,
-                total_revenue: Money::from_cents(revenue).map_err(|_| StoreError::Corrupt)?,
+                total_revenue: revenue_of(&revenue)?,
                 items_sold: items,
                 late_events: late,
                 event_counts: counts.remove(&start).unwrap_or_default(),
@@ -678,6 +804,7 @@ fn read_partials(
 mod tests {
     use super::*;
     use bus::event::OrderEventItem;
+    use kit::Money;
     use uuid::Uuid;
 
     fn created(user: u128, cents: i64, at: &str) -> OrderEvent {
@@ -995,5 +1122,115 @@ mod tests {
             (4, 3, 4)
         );
         assert_eq!(summary.total_revenue.to_string(), "36.01");
+    }
+
+    fn huge(n: u128, cents: i64, at: &str) -> OrderEvent {
+        let mut e = created(n, cents, at);
+        e.items[0] = OrderEventItem {
+            product_id: Uuid::from_u128(7),
+            quantity: 1,
+            unit_price: Money::from_cents(cents).unwrap(),
+        };
+        e
+    }
+
+    #[tokio::test]
+    async fn revenue_past_64_bit_cents_stays_exact_everywhere() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir, "huge", 30).await;
+        let max = i64::MAX;
+        store
+            .apply(&[
+                huge(1, max, "2026-11-24T10:00:10Z"),
+                huge(2, max, "2026-11-24T10:00:20Z"),
+            ])
+            .await
+            .unwrap();
+        // A second batch adds to what is stored, past 64 bits already.
+        store
+            .apply(&[
+                huge(3, max, "2026-11-24T10:00:30Z"),
+                huge(4, 100, "2026-11-24T10:05:00Z"),
+            ])
+            .await
+            .unwrap();
+        let three = 3 * i128::from(max);
+        let from = at("2026-11-24T10:00:00Z");
+        let windows = store
+            .windows_between(from, from + chrono::Duration::minutes(10))
+            .await
+            .unwrap();
+        assert_eq!(windows[0].total_revenue.cents(), three);
+        assert_eq!(windows[0].avg_order_value.cents(), i128::from(max));
+        assert_eq!(windows[0].top_products[0].revenue.cents(), three);
+        assert!(windows[0].is_final);
+        let summary = store.summary().await.unwrap();
+        assert_eq!(summary.total_revenue.cents(), three + 100);
+        assert_eq!(summary.order_count, 4);
+        let top = store
+            .top_products(from, from + chrono::Duration::minutes(10), 5)
+            .await
+            .unwrap();
+        assert_eq!((top[0].quantity, top[0].revenue.cents()), (4, three + 100));
+        let ready = store.unemitted_final(10).await.unwrap();
+        assert_eq!(
+            ready[0].total_revenue.cents(),
+            three,
+            "the final window is emittable"
+        );
+
+        // Absurd item counts saturate rather than break the window.
+        let mut absurd = created(5, 100, "2026-11-24T10:05:10Z");
+        absurd.items_count = i64::MAX;
+        store.apply(&[absurd.clone()]).await.unwrap();
+        absurd.event_id = Uuid::now_v7();
+        store.apply(&[absurd]).await.unwrap();
+        assert_eq!(store.summary().await.unwrap().items_sold, i64::MAX);
+    }
+
+    #[tokio::test]
+    async fn revenue_stored_as_64_bit_integers_migrates() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}/old.db", dir.path().display());
+        let old = Db::open(&url, &Default::default(), &MIGRATIONS[..3])
+            .await
+            .unwrap();
+        let (a, b) = (
+            at("2026-11-24T10:00:00Z").timestamp_millis(),
+            at("2026-11-24T10:01:00Z").timestamp_millis(),
+        );
+        old.write(move |tx| -> Result<(), StoreError> {
+            // An exact window, and one whose sum the old code let SQLite turn into a REAL.
+            tx.execute(
+                "INSERT INTO windows (window_start, window_end, order_count, revenue_cents, items_sold)
+                 VALUES (?1, ?1 + 60000, 1, 1234, 1), (?2, ?2 + 60000, 2, 1.8e19, 2)",
+                [a, b],
+            )?;
+            tx.execute(
+                "INSERT INTO window_products (window_start, product_id, quantity, revenue_cents)
+                 VALUES (?1, 'p', 1, 1234), (?2, 'p', 2, 1.8e19)",
+                [a, b],
+            )?;
+            Ok(())
+        })
+        .await
+        .unwrap();
+        old.close().await;
+        let store = open(&dir, "old", 30).await;
+        let windows = store
+            .windows_between(at("2026-11-24T10:00:00Z"), at("2026-11-24T10:02:00Z"))
+            .await
+            .unwrap();
+        assert_eq!(windows[0].total_revenue.to_string(), "12.34");
+        assert_eq!(windows[0].top_products[0].revenue.to_string(), "12.34");
+        assert_eq!(
+            windows[1].total_revenue.to_string(),
+            "180000000000000000.00",
+            "a REAL keeps its nearest integer"
+        );
+        assert_eq!(
+            store.summary().await.unwrap().total_revenue.to_string(),
+            "180000000000000012.34"
+        );
     }
 }
