@@ -271,7 +271,9 @@ mod decimal_money {
             Written::Decimal(x) => format!("{x:.2}"),
             Written::Text(t) => t,
         };
-        text.trim().parse::<Money>().map_err(serde::de::Error::custom)
+        text.trim()
+            .parse::<Money>()
+            .map_err(serde::de::Error::custom)
     }
 }
 
