@@ -57,6 +57,7 @@ pub struct Settings {
     pub notifications: ServiceSettings,
     pub analytics: ServiceSettings,
     pub saga: SagaSettings,
+    pub limits: LimitsSettings,
     pub notifier: NotifierSettings,
     pub dynamodb: DynamoSettings,
     pub analytics_engine: AnalyticsSettings,
@@ -201,6 +202,81 @@ pub struct SagaSettings {
     pub sweep_interval_ms: u64,
 }
 
+/// Upper bounds on what a shop sells at once, against typing errors and abuse. Amounts are in
+/// the platform's currency, written as decimals (`1000000.00`, or a string).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsSettings {
+    /// Highest unit price of a product (₹10,00,000.00 by default).
+    #[serde(with = "decimal_money")]
+    pub max_price: crate::Money,
+    /// Highest total of one order (₹50,00,000.00 by default).
+    #[serde(with = "decimal_money")]
+    pub max_order_total: crate::Money,
+    /// Most units of one product in one order (1 to 10000).
+    pub max_line_quantity: i64,
+}
+
+impl Default for LimitsSettings {
+    fn default() -> Self {
+        LimitsSettings {
+            max_price: crate::Money::from_cents(100_000_000).unwrap_or(crate::Money::ZERO),
+            max_order_total: crate::Money::from_cents(500_000_000).unwrap_or(crate::Money::ZERO),
+            max_line_quantity: 1_000,
+        }
+    }
+}
+
+impl LimitsSettings {
+    /// The most units of one product any order may hold, whatever `max_line_quantity` says.
+    pub const LINE_QUANTITY_CAP: i64 = 10_000;
+
+    /// Refuses bounds that would stop every sale, or go past what the services can hold.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.max_price.cents() <= 0 || self.max_order_total.cents() <= 0 {
+            return Err("limits.max_price and limits.max_order_total must be above 0".into());
+        }
+        if !(1..=Self::LINE_QUANTITY_CAP).contains(&self.max_line_quantity) {
+            return Err(format!(
+                "limits.max_line_quantity must be between 1 and {}",
+                Self::LINE_QUANTITY_CAP
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Money in settings: written as a string (figment's own values carry no raw JSON), read from
+/// a string or a number, exactly to the cent.
+mod decimal_money {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use crate::Money;
+
+    pub fn serialize<S: Serializer>(money: &Money, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&money.to_string())
+    }
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Written {
+        Whole(i64),
+        Decimal(f64),
+        Text(String),
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Money, D::Error> {
+        let text = match Written::deserialize(deserializer)? {
+            Written::Whole(n) => n.to_string(),
+            Written::Decimal(x) => format!("{x:.2}"),
+            Written::Text(t) => t,
+        };
+        text.trim()
+            .parse::<Money>()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct DynamoSettings {
@@ -255,6 +331,7 @@ impl Default for Settings {
             notifications: ServiceSettings::on(8005),
             analytics: ServiceSettings::on(8006),
             saga: SagaSettings::default(),
+            limits: LimitsSettings::default(),
             notifier: NotifierSettings::default(),
             dynamodb: DynamoSettings::default(),
             analytics_engine: AnalyticsSettings::default(),
@@ -557,6 +634,28 @@ impl Settings {
 #[allow(clippy::result_large_err)] // figment's Jail closures return its large error type
 mod tests {
     use super::*;
+
+    #[test]
+    fn limits_are_read_exactly_and_checked() {
+        figment::Jail::expect_with(|jail| {
+            let defaults = Settings::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(defaults.limits.max_price.cents(), 100_000_000);
+            assert_eq!(defaults.limits.max_order_total.cents(), 500_000_000);
+            assert_eq!(defaults.limits.validate(), Ok(()));
+            jail.create_file(
+                "mercato.toml",
+                "[limits]\nmax_price = 2500.5\nmax_order_total = 100000\nmax_line_quantity = 0\n",
+            )?;
+            jail.set_env("MERCATO_LIMITS__MAX_PRICE", "\"1999.99\"");
+            let s = Settings::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(s.limits.max_price.cents(), 199_999, "env beats file");
+            assert_eq!(s.limits.max_order_total.cents(), 10_000_000);
+            assert!(s.limits.validate().is_err(), "no order could hold a unit");
+            jail.set_env("MERCATO_LIMITS__MAX_PRICE", "1.234");
+            assert!(Settings::load(None).is_err(), "not a sum of money");
+            Ok(())
+        });
+    }
 
     #[test]
     fn layers_apply_in_order() {

@@ -216,6 +216,14 @@ impl World {
             ),
         );
         cases.insert(
+            ("PUT", "/api/v1/products/{id}/stock"),
+            case(
+                format!("/api/v1/products/{product}/stock"),
+                Some(json!({"adjust": 1})),
+                [401, 403, 403, 200],
+            ),
+        );
+        cases.insert(
             ("POST", "/api/v1/orders"),
             case(
                 "/api/v1/orders".into(),

@@ -130,6 +130,12 @@ pub const PUBLIC_ROUTES: &[PublicRoute] = &[
         Service::Products,
         Access::Anyone,
     ),
+    route(
+        "PUT",
+        "/api/v1/products/{id}/stock",
+        Service::Products,
+        Access::Admin,
+    ),
     route("POST", "/api/v1/orders", Service::Orders, Access::SignedIn),
     route(
         "GET",

@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use uuid::Uuid;
 
-use crate::clients::Dependencies;
+use crate::clients::{Dependencies, ReservationStatus};
 use crate::domain::{OrderError, OrderRequest, OrderStatus};
 use crate::store::{Order, OrderStore, StoreError, Transition, new_order};
 
@@ -32,6 +32,8 @@ pub struct ApiContext {
     pub idempotency: Idempotency,
     /// The platform's currency (`currency` setting): every order is in it.
     pub currency: Arc<str>,
+    /// Bounds on one order's lines and total (`limits` settings).
+    pub limits: kit::config::LimitsSettings,
 }
 
 /// Namespace of order ids derived from an Idempotency-Key (UUIDv5).
@@ -160,6 +162,19 @@ async fn create_order(
         Err(e) => return Err(dependency_problem(e)),
     }
 
+    if let Some((_, quantity)) = request
+        .lines
+        .iter()
+        .find(|(_, q)| *q > ctx.limits.max_line_quantity)
+    {
+        return Err(Problem::invalid(format!(
+            "quantity must be at most {} per product, {quantity} requested",
+            ctx.limits.max_line_quantity
+        ))
+        .with("field", "quantity")
+        .with("limit", ctx.limits.max_line_quantity));
+    }
+
     // With an Idempotency-Key the order id is derived from the request, so even a retry after
     // a crash (before the answer was stored) reserves nothing twice and finds the same order.
     let order_id = match &key {
@@ -169,33 +184,62 @@ async fn create_order(
         ),
         None => Uuid::now_v7(),
     };
+    if key.is_some()
+        && let Some(existing) = ctx.store.get(order_id).await.map_err(store_problem)?
+    {
+        // A retry of a request that created this order before its answer was stored.
+        return Ok((StatusCode::CREATED, Json(existing)));
+    }
+    // No order has this id, so the reservation is renewed for this attempt: held again if a
+    // failed attempt's clean-up released it, and safe from that clean-up if it comes late.
+    let attempt = Uuid::now_v7();
     // Held a minute past the order's own expiry, so a late payment still finds its stock.
     let hold_secs =
         u32::try_from(ctx.order_ttl.num_seconds().saturating_add(60)).unwrap_or(u32::MAX);
-    let reservation = match ctx.deps.reserve(order_id, &request.lines, hold_secs).await {
+    let reservation = match ctx
+        .deps
+        .reserve(order_id, &request.lines, hold_secs, attempt)
+        .await
+    {
         Ok(r) => r,
         Err(e) => {
             if matches!(e, CallError::Unavailable { .. }) {
                 // The reservation may have been made before the call failed: give it back.
-                release_in_background(ctx.deps.clone(), order_id);
+                release_in_background(ctx.deps.clone(), order_id, attempt);
             }
             return Err(dependency_problem(e));
         }
     };
+    if reservation.status != ReservationStatus::Held {
+        // Only if the order was lost after its stock was settled: nothing safe to build on.
+        tracing::warn!(%order_id, status = ?reservation.status, "reservation not held for a new order");
+        return Err(Problem::conflict(
+            "reservation-settled",
+            "the stock for this request was already settled; start over with a new Idempotency-Key",
+        ));
+    }
     let lines: Vec<(Uuid, i64, Money)> = reservation
         .items
         .iter()
         .map(|l| (l.product_id, l.quantity, l.unit_price))
         .collect();
-    let order = new_order(
+    let order = match new_order(
         order_id,
         request.user_id,
         &lines,
         request.shipping_address,
         &ctx.currency,
         ctx.order_ttl,
-    )
-    .map_err(store_problem)?;
+    ) {
+        Ok(order) if order.total_amount <= ctx.limits.max_order_total => order,
+        refused => {
+            release_now(&ctx.deps, order_id, attempt).await;
+            return Err(match refused {
+                Err(e) => store_problem(e),
+                Ok(order) => total_too_large(order.total_amount, ctx.limits.max_order_total),
+            });
+        }
+    };
     match ctx.store.insert(&order).await {
         Ok(()) => {}
         Err(StoreError::Duplicate) => {
@@ -209,7 +253,7 @@ async fn create_order(
             return Ok((StatusCode::CREATED, Json(existing)));
         }
         Err(e) => {
-            release_in_background(ctx.deps.clone(), order_id);
+            release_in_background(ctx.deps.clone(), order_id, attempt);
             return Err(store_problem(e));
         }
     }
@@ -217,9 +261,27 @@ async fn create_order(
     Ok((StatusCode::CREATED, Json(order)))
 }
 
-fn release_in_background(deps: Dependencies, order_id: Uuid) {
+fn total_too_large(total: Money, limit: Money) -> Problem {
+    let limit_json = serde_json::to_value(limit).unwrap_or_default();
+    Problem::invalid(format!(
+        "the order total {total} is more than the {limit} one order may come to"
+    ))
+    .with("field", "items")
+    .with("limit", limit_json)
+}
+
+/// Gives back what `attempt` reserved before answering a refusal, so the client sees the
+/// stock back at once; in the background if the products service does not answer.
+async fn release_now(deps: &Dependencies, order_id: Uuid, attempt: Uuid) {
+    if let Err(e) = deps.release_attempt(order_id, attempt).await {
+        tracing::warn!(%order_id, error = %e, "releasing a refused order's stock failed; retrying in the background");
+        release_in_background(deps.clone(), order_id, attempt);
+    }
+}
+
+fn release_in_background(deps: Dependencies, order_id: Uuid, attempt: Uuid) {
     tokio::spawn(async move {
-        if let Err(e) = deps.release(order_id).await {
+        if let Err(e) = deps.release_attempt(order_id, attempt).await {
             tracing::warn!(%order_id, error = %e, "could not release the reservation of a failed order");
         }
     });

@@ -28,6 +28,8 @@ struct ReserveRequest<'a> {
     order_id: Uuid,
     items: &'a [ReserveItem],
     hold_secs: u32,
+    attempt: Uuid,
+    renew: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -37,9 +39,23 @@ pub struct ReservedLine {
     pub unit_price: Money,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReservationStatus {
+    Held,
+    Released,
+    Committed,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 pub struct Reservation {
     pub order_id: Uuid,
+    /// Only a held reservation can carry a new order: a released one's stock may be sold to
+    /// someone else, a committed one belongs to a paid order.
+    pub status: ReservationStatus,
+    /// When the products service gives the stock back unless the order settles; `None`: never.
+    #[serde(default)]
+    pub expires_at: Option<chrono::DateTime<chrono::Utc>>,
     pub items: Vec<ReservedLine>,
 }
 
@@ -48,13 +64,16 @@ impl Dependencies {
         self.users.get(&format!("/internal/v1/users/{id}")).await
     }
 
-    /// All-or-nothing, idempotent per order id; returns the catalog prices.
+    /// All-or-nothing, idempotent per order id; returns the catalog prices. For an order not
+    /// created yet: a reservation this order id already has passes to `attempt`, and one
+    /// released meanwhile (a failed earlier attempt's, given back) is taken again.
     /// `hold_secs`: when to give the stock back if the order is never created or settled.
     pub async fn reserve(
         &self,
         order_id: Uuid,
         lines: &[(Uuid, i64)],
         hold_secs: u32,
+        attempt: Uuid,
     ) -> Result<Reservation, CallError> {
         let items: Vec<ReserveItem> = lines
             .iter()
@@ -70,6 +89,8 @@ impl Dependencies {
                     order_id,
                     items: &items,
                     hold_secs,
+                    attempt,
+                    renew: true,
                 },
             )
             .await
@@ -77,15 +98,21 @@ impl Dependencies {
 
     /// Gives the order's stock back; succeeds when there was nothing to release.
     pub async fn release(&self, order_id: Uuid) -> Result<(), CallError> {
-        match self
-            .products
-            .send(
-                Method::DELETE,
-                &format!("/internal/v1/reservations/{order_id}"),
-                None::<&()>,
-            )
+        self.release_at(&format!("/internal/v1/reservations/{order_id}"))
             .await
-        {
+    }
+
+    /// Gives back the stock `attempt` reserved for an order it failed to create, unless a
+    /// later attempt (a retry) holds the reservation by now.
+    pub async fn release_attempt(&self, order_id: Uuid, attempt: Uuid) -> Result<(), CallError> {
+        self.release_at(&format!(
+            "/internal/v1/reservations/{order_id}?attempt={attempt}"
+        ))
+        .await
+    }
+
+    async fn release_at(&self, path: &str) -> Result<(), CallError> {
+        match self.products.send(Method::DELETE, path, None::<&()>).await {
             Err(e) if e.status() == Some(http::StatusCode::NOT_FOUND) => Ok(()),
             other => other,
         }

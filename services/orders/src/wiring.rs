@@ -62,6 +62,11 @@ async fn open(
 /// Starts the orders service on `transports` (the `orders` stream it publishes to and the
 /// `payments` stream it listens to; the `order-events` queue).
 pub async fn start(shared: &Shared<'_>, transports: &Transports) -> Result<Started, WiringError> {
+    shared
+        .settings
+        .limits
+        .validate()
+        .map_err(WiringError::config)?;
     let stream = transports.stream.clone();
     let (store, relay, idempotency) =
         open(shared, stream.clone(), transports.queue.clone()).await?;
@@ -79,6 +84,7 @@ pub async fn start(shared: &Shared<'_>, transports: &Transports) -> Result<Start
         ),
         idempotency,
         currency: Arc::from(shared.settings.currency.as_str()),
+        limits: shared.settings.limits.clone(),
     };
     let shutdown = lifecycle.shutdown();
     lifecycle.spawn(relay.run(shutdown.clone()));

@@ -16,8 +16,17 @@ use uuid::Uuid;
 
 use crate::domain::{self, FieldError, ReservationLines};
 use crate::store::{
-    NewProduct, Product, ProductChanges, ProductStore, Reservation, StockLevel, StoreError,
+    Hold, NewProduct, Product, ProductChanges, ProductStore, ReleaseIf, Reservation, StockLevel,
+    StoreError,
 };
+
+/// What every handler works with.
+#[derive(Clone)]
+pub struct Catalog {
+    pub store: Arc<dyn ProductStore>,
+    /// The highest unit price a product may have (`limits.max_price`).
+    pub max_price: Money,
+}
 
 #[derive(Debug, Deserialize)]
 pub struct CreateProduct {
@@ -25,6 +34,8 @@ pub struct CreateProduct {
     #[serde(default)]
     pub description: String,
     pub price: Money,
+    /// Units on the shelf (`on_hand` is accepted as well).
+    #[serde(alias = "on_hand")]
     pub stock: i64,
     pub sku: String,
     #[serde(default = "default_category")]
@@ -41,9 +52,21 @@ pub struct UpdateProduct {
     pub name: Option<String>,
     pub description: Option<String>,
     pub price: Option<Money>,
+    /// The count on the shelf (`on_hand` is accepted as well): what unpaid orders hold is part
+    /// of it, so it cannot be less than that.
+    #[serde(alias = "on_hand")]
     pub stock: Option<i64>,
     pub sku: Option<String>,
     pub category: Option<String>,
+}
+
+/// `PUT /api/v1/products/{id}/stock`: a new count (`on_hand`, or `stock`) or a difference.
+#[derive(Debug, Deserialize)]
+pub struct ChangeStock {
+    #[serde(default, alias = "stock")]
+    pub on_hand: Option<i64>,
+    #[serde(default)]
+    pub adjust: Option<i64>,
 }
 
 /// `?skip=&limit=&category=`. (Not `#[serde(flatten)]` over [`PageParams`]: flattening makes
@@ -74,18 +97,34 @@ pub struct ReserveRequest {
     /// How long to hold the stock if the order never settles (default 16 minutes).
     #[serde(default)]
     pub hold_secs: Option<u32>,
+    /// Names the caller's attempt; `DELETE ...?attempt=` then releases only while it holds.
+    #[serde(default)]
+    pub attempt: Option<Uuid>,
+    /// No order exists for this id yet: an existing held reservation passes to this attempt
+    /// and a released one is taken again (all or nothing), rather than returned as it is.
+    #[serde(default)]
+    pub renew: bool,
+}
+
+/// `DELETE /internal/v1/reservations/{order_id}?attempt=`.
+#[derive(Debug, Deserialize)]
+pub struct ReleaseParams {
+    pub attempt: Option<Uuid>,
 }
 
 const DEFAULT_HOLD_SECS: u32 = 16 * 60;
 
-pub fn router(store: Arc<dyn ProductStore>) -> Router {
+pub fn router(catalog: Catalog) -> Router {
     Router::new()
         .route("/api/v1/products", get(list_products).post(create_product))
         .route(
             "/api/v1/products/{id}",
             get(get_product).put(update_product).delete(delete_product),
         )
-        .route("/api/v1/products/{id}/stock", get(get_stock))
+        .route(
+            "/api/v1/products/{id}/stock",
+            get(get_stock).put(change_stock),
+        )
         .route("/internal/v1/reservations", post(reserve_stock))
         .route(
             "/internal/v1/reservations/{order_id}",
@@ -95,11 +134,15 @@ pub fn router(store: Arc<dyn ProductStore>) -> Router {
             "/internal/v1/reservations/{order_id}/commit",
             post(commit_reservation),
         )
-        .with_state(store)
+        .with_state(catalog)
 }
 
 fn field(e: FieldError) -> Problem {
-    Problem::invalid(e.to_string()).with("field", e.field())
+    let problem = Problem::invalid(e.to_string()).with("field", e.field());
+    match e.limit().and_then(|l| serde_json::to_value(l).ok()) {
+        Some(limit) => problem.with("limit", limit),
+        None => problem,
+    }
 }
 
 fn store_problem(e: StoreError) -> Problem {
@@ -120,6 +163,22 @@ fn store_problem(e: StoreError) -> Problem {
         .with("product_id", product_id.to_string())
         .with("available", available)
         .with("requested", requested),
+        StoreError::BelowReserved {
+            product_id,
+            reserved,
+            on_hand,
+        } => Problem::conflict(
+            "stock-reserved",
+            format!(
+                "product {product_id} has {reserved} held for unpaid orders: on hand cannot be {on_hand}"
+            ),
+        )
+        .with("product_id", product_id.to_string())
+        .with("reserved", reserved)
+        .with("on_hand", on_hand),
+        StoreError::StockOutOfRange => Problem::invalid(e.to_string())
+            .with("field", "on_hand")
+            .with("limit", domain::MAX_STOCK),
         StoreError::WrongState(status) => Problem::conflict(
             "reservation-state",
             format!("the reservation is already {}", serde_plain(status)),
@@ -148,24 +207,24 @@ fn serde_plain<T: Serialize>(v: T) -> String {
 }
 
 async fn create_product(
-    State(store): State<Arc<dyn ProductStore>>,
+    State(catalog): State<Catalog>,
     Admin(_): Admin,
     extract::Json(body): extract::Json<CreateProduct>,
 ) -> Result<(StatusCode, Json<Product>), Problem> {
     let new = NewProduct {
         name: domain::name(&body.name).map_err(field)?,
         description: domain::description(&body.description).map_err(field)?,
-        price: domain::price(body.price).map_err(field)?,
-        stock: domain::stock(body.stock).map_err(field)?,
+        price: domain::price(body.price, catalog.max_price).map_err(field)?,
+        on_hand: domain::stock(body.stock).map_err(field)?,
         sku: domain::sku(&body.sku).map_err(field)?,
         category: domain::category(&body.category).map_err(field)?,
     };
-    let product = store.create(new).await.map_err(store_problem)?;
+    let product = catalog.store.create(new).await.map_err(store_problem)?;
     Ok((StatusCode::CREATED, Json(product)))
 }
 
 async fn list_products(
-    State(store): State<Arc<dyn ProductStore>>,
+    State(catalog): State<Catalog>,
     Query(params): Query<ListParams>,
 ) -> Result<Json<Vec<Product>>, Problem> {
     let page = PageParams {
@@ -173,7 +232,8 @@ async fn list_products(
         limit: params.limit,
     }
     .checked()?;
-    let products = store
+    let products = catalog
+        .store
         .list(page.skip, page.limit, params.category)
         .await
         .map_err(store_problem)?;
@@ -181,10 +241,11 @@ async fn list_products(
 }
 
 async fn get_product(
-    State(store): State<Arc<dyn ProductStore>>,
+    State(catalog): State<Catalog>,
     Path(id): Path<Uuid>,
 ) -> Result<Json<Product>, Problem> {
-    store
+    catalog
+        .store
         .get(id)
         .await
         .map_err(store_problem)?
@@ -193,7 +254,7 @@ async fn get_product(
 }
 
 async fn update_product(
-    State(store): State<Arc<dyn ProductStore>>,
+    State(catalog): State<Catalog>,
     Admin(_): Admin,
     Path(id): Path<Uuid>,
     extract::Json(body): extract::Json<UpdateProduct>,
@@ -211,8 +272,12 @@ async fn update_product(
             .map(domain::description)
             .transpose()
             .map_err(field)?,
-        price: body.price.map(domain::price).transpose().map_err(field)?,
-        stock: body.stock.map(domain::stock).transpose().map_err(field)?,
+        price: body
+            .price
+            .map(|p| domain::price(p, catalog.max_price))
+            .transpose()
+            .map_err(field)?,
+        on_hand: body.stock.map(domain::stock).transpose().map_err(field)?,
         sku: body
             .sku
             .as_deref()
@@ -226,7 +291,8 @@ async fn update_product(
             .transpose()
             .map_err(field)?,
     };
-    store
+    catalog
+        .store
         .update(id, changes)
         .await
         .map_err(store_problem)?
@@ -235,11 +301,11 @@ async fn update_product(
 }
 
 async fn delete_product(
-    State(store): State<Arc<dyn ProductStore>>,
+    State(catalog): State<Catalog>,
     Admin(_): Admin,
     Path(id): Path<Uuid>,
 ) -> Result<impl IntoResponse, Problem> {
-    if store.delete(id).await.map_err(store_problem)? {
+    if catalog.store.delete(id).await.map_err(store_problem)? {
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(Problem::not_found("the product"))
@@ -247,10 +313,11 @@ async fn delete_product(
 }
 
 async fn get_stock(
-    State(store): State<Arc<dyn ProductStore>>,
+    State(catalog): State<Catalog>,
     Path(id): Path<Uuid>,
 ) -> Result<Json<StockLevel>, Problem> {
-    store
+    catalog
+        .store
         .stock(id)
         .await
         .map_err(store_problem)?
@@ -258,9 +325,26 @@ async fn get_stock(
         .ok_or_else(|| Problem::not_found("the product"))
 }
 
-/// 201 when stock was taken now, 200 when this order already held it (a retry).
+async fn change_stock(
+    State(catalog): State<Catalog>,
+    Admin(_): Admin,
+    Path(id): Path<Uuid>,
+    extract::Json(body): extract::Json<ChangeStock>,
+) -> Result<Json<StockLevel>, Problem> {
+    let change = domain::stock_change(body.on_hand, body.adjust).map_err(field)?;
+    catalog
+        .store
+        .change_stock(id, change)
+        .await
+        .map_err(store_problem)?
+        .map(Json)
+        .ok_or_else(|| Problem::not_found("the product"))
+}
+
+/// 201 when stock was taken now (or taken again by a renewal), 200 when this order already
+/// held it (a retry); the answer's `status` says whether it is held.
 async fn reserve_stock(
-    State(store): State<Arc<dyn ProductStore>>,
+    State(catalog): State<Catalog>,
     ServiceCaller(_): ServiceCaller,
     extract::Json(body): extract::Json<ReserveRequest>,
 ) -> Result<(StatusCode, Json<Reservation>), Problem> {
@@ -271,12 +355,14 @@ async fn reserve_stock(
         .collect();
     let lines = ReservationLines::parse(&items).map_err(field)?;
     let hold_ms = i64::from(body.hold_secs.unwrap_or(DEFAULT_HOLD_SECS)) * 1000;
-    let (reservation, created) = store
-        .reserve(
-            body.order_id,
-            &lines,
-            kit::db::now_ms().saturating_add(hold_ms),
-        )
+    let hold = Hold {
+        until_ms: kit::db::now_ms().saturating_add(hold_ms),
+        attempt: body.attempt,
+        renew: body.renew,
+    };
+    let (reservation, created) = catalog
+        .store
+        .reserve(body.order_id, &lines, hold)
         .await
         .map_err(store_problem)?;
     let status = if created {
@@ -288,12 +374,16 @@ async fn reserve_stock(
 }
 
 async fn release_reservation(
-    State(store): State<Arc<dyn ProductStore>>,
+    State(catalog): State<Catalog>,
     ServiceCaller(_): ServiceCaller,
     Path(order_id): Path<Uuid>,
+    Query(params): Query<ReleaseParams>,
 ) -> Result<Json<Reservation>, Problem> {
-    store
-        .release(order_id)
+    // With the attempt named, a later attempt's hold is left alone.
+    let only = params.attempt.map_or(ReleaseIf::Held, ReleaseIf::HeldBy);
+    catalog
+        .store
+        .release(order_id, only)
         .await
         .map_err(store_problem)?
         .map(Json)
@@ -301,11 +391,12 @@ async fn release_reservation(
 }
 
 async fn commit_reservation(
-    State(store): State<Arc<dyn ProductStore>>,
+    State(catalog): State<Catalog>,
     ServiceCaller(_): ServiceCaller,
     Path(order_id): Path<Uuid>,
 ) -> Result<Json<Reservation>, Problem> {
-    store
+    catalog
+        .store
         .commit(order_id)
         .await
         .map_err(store_problem)?

@@ -67,7 +67,7 @@ pub async fn seed_if_empty(store: &dyn ProductStore) -> Result<usize, StoreError
                 name: (*name).into(),
                 description: (*description).into(),
                 price: Money::from_cents(*cents).unwrap_or(Money::ZERO),
-                stock: *stock,
+                on_hand: *stock,
                 sku: (*sku).into(),
                 category: (*category).into(),
             })

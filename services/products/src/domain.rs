@@ -13,8 +13,16 @@ pub enum FieldError {
     Description,
     #[error("price must be greater than 0")]
     Price,
+    #[error("price must be at most {0}")]
+    PriceAbove(Money),
     #[error("stock must be between 0 and 1000000000")]
     Stock,
+    #[error("on_hand must be between 0 and 1000000000")]
+    OnHand,
+    #[error("adjust must be between -1000000000 and 1000000000")]
+    Adjust,
+    #[error("send one of on_hand (the count on the shelf) or adjust (a change to it)")]
+    StockChange,
     #[error("sku must be 1 to 64 letters, digits, '-', '_' or '.'")]
     Sku,
     #[error("category must be 1 to 100 characters")]
@@ -30,12 +38,22 @@ impl FieldError {
         match self {
             FieldError::Name => "name",
             FieldError::Description => "description",
-            FieldError::Price => "price",
+            FieldError::Price | FieldError::PriceAbove(_) => "price",
             FieldError::Stock => "stock",
+            FieldError::OnHand | FieldError::StockChange => "on_hand",
+            FieldError::Adjust => "adjust",
             FieldError::Sku => "sku",
             FieldError::Category => "category",
             FieldError::ItemCount => "items",
             FieldError::Quantity => "quantity",
+        }
+    }
+
+    /// The bound a value went past, for the client to show.
+    pub fn limit(&self) -> Option<Money> {
+        match self {
+            FieldError::PriceAbove(limit) => Some(*limit),
+            _ => None,
         }
     }
 }
@@ -65,9 +83,13 @@ pub fn description(raw: &str) -> Result<String, FieldError> {
     Ok(t.to_owned())
 }
 
-pub fn price(raw: Money) -> Result<Money, FieldError> {
+/// A unit price: positive, and at most `max` (`limits.max_price`).
+pub fn price(raw: Money, max: Money) -> Result<Money, FieldError> {
     if raw.cents() <= 0 {
         return Err(FieldError::Price);
+    }
+    if raw > max {
+        return Err(FieldError::PriceAbove(max));
     }
     Ok(raw)
 }
@@ -77,6 +99,21 @@ pub fn stock(raw: i64) -> Result<i64, FieldError> {
         return Err(FieldError::Stock);
     }
     Ok(raw)
+}
+
+/// An operator's change to stock on hand: exactly one of a new count or a difference.
+pub fn stock_change(
+    on_hand: Option<i64>,
+    adjust: Option<i64>,
+) -> Result<crate::store::StockChange, FieldError> {
+    use crate::store::StockChange;
+    match (on_hand, adjust) {
+        (Some(n), None) if (0..=MAX_STOCK).contains(&n) => Ok(StockChange::Set(n)),
+        (Some(_), None) => Err(FieldError::OnHand),
+        (None, Some(d)) if (-MAX_STOCK..=MAX_STOCK).contains(&d) => Ok(StockChange::Adjust(d)),
+        (None, Some(_)) => Err(FieldError::Adjust),
+        _ => Err(FieldError::StockChange),
+    }
 }
 
 pub fn sku(raw: &str) -> Result<String, FieldError> {
@@ -153,9 +190,36 @@ mod tests {
     fn product_fields() {
         assert_eq!(sku(" AB-1_2.x ").unwrap(), "AB-1_2.x");
         assert!(sku("has space").is_err());
-        assert!(price(Money::ZERO).is_err());
+        let max = Money::from_cents(100_000_000).unwrap();
+        assert_eq!(price(Money::ZERO, max), Err(FieldError::Price));
+        assert_eq!(price(max, max), Ok(max));
+        let above = Money::from_cents(100_000_001).unwrap();
+        assert_eq!(price(above, max), Err(FieldError::PriceAbove(max)));
+        assert_eq!(FieldError::PriceAbove(max).limit(), Some(max));
         assert!(stock(-1).is_err());
         assert!(stock(MAX_STOCK + 1).is_err());
         assert!(name("").is_err());
+    }
+
+    #[test]
+    fn stock_changes_are_one_of_a_count_or_a_difference() {
+        use crate::store::StockChange;
+        assert_eq!(stock_change(Some(5), None), Ok(StockChange::Set(5)));
+        assert_eq!(stock_change(None, Some(-5)), Ok(StockChange::Adjust(-5)));
+        assert_eq!(stock_change(None, None), Err(FieldError::StockChange));
+        assert_eq!(stock_change(Some(1), Some(1)), Err(FieldError::StockChange));
+        assert_eq!(stock_change(Some(-1), None), Err(FieldError::OnHand));
+        assert_eq!(
+            stock_change(Some(MAX_STOCK + 1), None),
+            Err(FieldError::OnHand)
+        );
+        assert_eq!(
+            stock_change(None, Some(MAX_STOCK + 1)),
+            Err(FieldError::Adjust)
+        );
+        assert_eq!(
+            stock_change(None, Some(-MAX_STOCK - 1)),
+            Err(FieldError::Adjust)
+        );
     }
 }

@@ -5,10 +5,11 @@
 //! `expires_at` may be "never", `i64::MAX`, which no TIMESTAMPTZ holds).
 //!
 //! Why reservations cannot oversell or double-reserve, at READ COMMITTED:
-//! - Stock is only ever taken by `UPDATE products SET stock = stock - q WHERE id = $ AND
-//!   stock >= q`. The row lock serialises writers of one product, and PostgreSQL re-checks
-//!   the `WHERE` against the newest committed row once the lock is granted, so every taker
-//!   sees the stock left by the one before. `CHECK (stock >= 0)` is the backstop.
+//! - Stock is only ever taken by `UPDATE products SET reserved = reserved + q WHERE id = $ AND
+//!   on_hand - reserved >= q`. The row lock serialises writers of one product, and PostgreSQL
+//!   re-checks the `WHERE` against the newest committed row once the lock is granted, so every
+//!   taker sees the stock left by the one before. `CHECK (reserved <= on_hand)` is the
+//!   backstop; operators' changes of on hand use the same conditional form.
 //! - One reservation's lines are taken in ascending product id (`ReservationLines` is sorted
 //!   by id, and UUIDs sort alike in Rust and PostgreSQL), as is stock given back on release:
 //!   every transaction locks product rows in the same order, so they cannot deadlock.
@@ -16,8 +17,9 @@
 //!   transaction. A concurrent reserve for the same order waits on that key; when the first
 //!   commits it finds the row and returns the existing reservation, when it rolls back (short
 //!   stock) the second proceeds on its own. All lines commit with the row or none do.
-//! - Release and commit lock the reservation row (`FOR UPDATE`) before reading its status,
-//!   so two of them for one order run one after the other and stock comes back only once.
+//! - Release, commit and a retry's renewal lock the reservation row (`FOR UPDATE`) before
+//!   reading its status, so two of them for one order run one after the other and stock comes
+//!   back, or is taken again, only once.
 
 use async_trait::async_trait;
 use chrono::DateTime;
@@ -31,14 +33,16 @@ use uuid::Uuid;
 
 use crate::domain::ReservationLines;
 use crate::store::{
-    NewProduct, Product, ProductChanges, ProductStore, Reservation, ReservationStatus,
-    ReservedLine, StockLevel, StoreError,
+    Hold, NewProduct, Product, ProductChanges, ProductStore, ReleaseIf, Reservation,
+    ReservationStatus, ReservedLine, Stock, StockChange, StockLevel, StoreError, changed_on_hand,
+    expiry,
 };
 
-pub static PG_MIGRATIONS: &[PgStep] = &[(
-    1,
-    "catalog and reservations",
-    "CREATE TABLE products (
+pub static PG_MIGRATIONS: &[PgStep] = &[
+    (
+        1,
+        "catalog and reservations",
+        "CREATE TABLE products (
         id UUID PRIMARY KEY,
         name TEXT NOT NULL,
         description TEXT NOT NULL,
@@ -69,9 +73,27 @@ pub static PG_MIGRATIONS: &[PgStep] = &[(
         PRIMARY KEY (order_id, product_id)
     );
     CREATE INDEX reservation_items_product ON reservation_items (product_id);",
-)];
+    ),
+    (
+        2,
+        "stock on hand and reserved; the attempt holding a reservation",
+        // `stock` was what could still be sold, held units already taken out of it: on hand is
+        // that plus what held reservations have.
+        "ALTER TABLE products RENAME COLUMN stock TO on_hand;
+        ALTER TABLE products ADD COLUMN reserved BIGINT NOT NULL DEFAULT 0;
+        UPDATE products p SET on_hand = p.on_hand + h.held, reserved = h.held
+            FROM (SELECT ri.product_id, SUM(ri.quantity)::BIGINT AS held FROM reservation_items ri
+                  JOIN reservations r ON r.order_id = ri.order_id
+                  WHERE r.status = 'held' GROUP BY ri.product_id) h
+            WHERE h.product_id = p.id;
+        ALTER TABLE products ADD CONSTRAINT products_reserved_on_hand
+            CHECK (reserved >= 0 AND reserved <= on_hand);
+        ALTER TABLE reservations ADD COLUMN attempt UUID;",
+    ),
+];
 
-const SELECT_PRODUCT: &str = "SELECT id, name, description, price_cents, stock, sku, category, created_at, updated_at FROM products";
+const PRODUCT_COLUMNS: &str =
+    "id, name, description, price_cents, on_hand, reserved, sku, category, created_at, updated_at";
 
 #[derive(Debug, Clone)]
 pub struct PgProductStore {
@@ -91,11 +113,14 @@ fn to_product(row: &PgRow) -> Result<Product, StoreError> {
         name: row.try_get(1)?,
         description: row.try_get(2)?,
         price: money(row.try_get(3)?)?,
-        stock: row.try_get(4)?,
-        sku: row.try_get(5)?,
-        category: row.try_get(6)?,
-        created_at: time(7)?,
-        updated_at: time(8)?,
+        stock: Stock {
+            on_hand: row.try_get(4)?,
+            reserved: row.try_get(5)?,
+        },
+        sku: row.try_get(6)?,
+        category: row.try_get(7)?,
+        created_at: time(8)?,
+        updated_at: time(9)?,
     })
 }
 
@@ -106,6 +131,78 @@ fn unique_sku(e: sqlx::Error) -> StoreError {
     } else {
         StoreError::Postgres(e)
     }
+}
+
+async fn stock_of(conn: &mut PgConnection, id: Uuid) -> Result<Option<StockLevel>, StoreError> {
+    let row = sqlx::query("SELECT id, sku, on_hand, reserved FROM products WHERE id = $1")
+        .bind(id)
+        .fetch_optional(conn)
+        .await?;
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    Ok(Some(StockLevel {
+        product_id: row.try_get(0)?,
+        sku: row.try_get(1)?,
+        stock: Stock {
+            on_hand: row.try_get(2)?,
+            reserved: row.try_get(3)?,
+        },
+    }))
+}
+
+/// Takes every line for `order_id` (whose reservation row exists) at the current price, in
+/// ascending product id: the one lock order every transaction here uses. An error leaves the
+/// caller's transaction to roll back.
+async fn take_lines(
+    conn: &mut PgConnection,
+    order_id: Uuid,
+    lines: &ReservationLines,
+    now: i64,
+) -> Result<Vec<ReservedLine>, StoreError> {
+    let mut reserved = Vec::with_capacity(lines.lines().len());
+    for (product_id, quantity) in lines.lines() {
+        let price: Option<i64> = sqlx::query_scalar(
+            "UPDATE products SET reserved = reserved + $1, updated_at = $2
+             WHERE id = $3 AND on_hand - reserved >= $1 RETURNING price_cents",
+        )
+        .bind(quantity)
+        .bind(now)
+        .bind(product_id)
+        .fetch_optional(&mut *conn)
+        .await?;
+        let Some(price) = price else {
+            let available: Option<i64> =
+                sqlx::query_scalar("SELECT on_hand - reserved FROM products WHERE id = $1")
+                    .bind(product_id)
+                    .fetch_optional(&mut *conn)
+                    .await?;
+            return Err(match available {
+                None => StoreError::UnknownProduct(*product_id),
+                Some(available) => StoreError::InsufficientStock {
+                    product_id: *product_id,
+                    requested: *quantity,
+                    available,
+                },
+            });
+        };
+        sqlx::query(
+            "INSERT INTO reservation_items (order_id, product_id, quantity, unit_price_cents)
+             VALUES ($1, $2, $3, $4)",
+        )
+        .bind(order_id)
+        .bind(product_id)
+        .bind(quantity)
+        .bind(price)
+        .execute(&mut *conn)
+        .await?;
+        reserved.push(ReservedLine {
+            product_id: *product_id,
+            quantity: *quantity,
+            unit_price: money(price)?,
+        });
+    }
+    Ok(reserved)
 }
 
 impl PgProductStore {
@@ -124,36 +221,51 @@ impl PgProductStore {
         &self.pg
     }
 
+    /// Moves a held reservation to `to` when `only` allows: (the reservation, whether it moved).
     async fn transition(
         &self,
         order_id: Uuid,
         to: ReservationStatus,
-    ) -> Result<Option<Reservation>, StoreError> {
+        only: ReleaseIf,
+    ) -> Result<Option<(Reservation, bool)>, StoreError> {
         let mut tx = self.pg.pool().begin().await?;
         // The row lock makes concurrent transitions of one order take turns, and the status
         // read under it is the one the previous turn committed.
-        let Some(mut reservation) = load_reservation(&mut tx, order_id, true).await? else {
+        let Some((mut reservation, attempt, expires_at)) =
+            load_reservation(&mut tx, order_id, true).await?
+        else {
             return Ok(None);
         };
         if reservation.status == to {
-            return Ok(Some(reservation));
+            return Ok(Some((reservation, false)));
         }
         if reservation.status != ReservationStatus::Held {
             return Err(StoreError::WrongState(reservation.status));
         }
+        let applies = match only {
+            ReleaseIf::Held => true,
+            ReleaseIf::HeldBy(a) => attempt == Some(a),
+            ReleaseIf::ExpiredBy(now) => expires_at <= now,
+        };
+        if !applies {
+            return Ok(Some((reservation, false)));
+        }
         let now = now_ms();
-        if to == ReservationStatus::Released {
-            // Items come ordered by product id: the same lock order as `reserve`.
-            for line in &reservation.items {
-                sqlx::query(
-                    "UPDATE products SET stock = stock + $1, updated_at = $2 WHERE id = $3",
-                )
+        // Released units go back to what can be sold; sold ones leave the shelf too.
+        let settle = if to == ReservationStatus::Released {
+            "UPDATE products SET reserved = reserved - $1, updated_at = $2 WHERE id = $3"
+        } else {
+            "UPDATE products SET reserved = reserved - $1, on_hand = on_hand - $1, updated_at = $2
+             WHERE id = $3"
+        };
+        // Items come ordered by product id: the same lock order as `reserve`.
+        for line in &reservation.items {
+            sqlx::query(settle)
                 .bind(line.quantity)
                 .bind(now)
                 .bind(line.product_id)
                 .execute(&mut *tx)
                 .await?;
-            }
         }
         sqlx::query("UPDATE reservations SET status = $1, updated_at = $2 WHERE order_id = $3")
             .bind(to.as_str())
@@ -163,28 +275,33 @@ impl PgProductStore {
             .await?;
         tx.commit().await?;
         reservation.status = to;
-        Ok(Some(reservation))
+        Ok(Some((reservation, true)))
     }
 }
 
-/// The reservation of `order_id` with its lines (ordered by product id); with `lock`, its row
-/// stays locked until the transaction ends.
+/// The reservation of `order_id` with its lines (ordered by product id), the attempt holding
+/// it and its deadline; with `lock`, its row stays locked until the transaction ends.
 async fn load_reservation(
     conn: &mut PgConnection,
     order_id: Uuid,
     lock: bool,
-) -> Result<Option<Reservation>, StoreError> {
-    let status: Option<String> = if lock {
-        sqlx::query_scalar("SELECT status FROM reservations WHERE order_id = $1 FOR UPDATE")
+) -> Result<Option<(Reservation, Option<Uuid>, i64)>, StoreError> {
+    let head = if lock {
+        sqlx::query(
+            "SELECT status, attempt, expires_at FROM reservations WHERE order_id = $1 FOR UPDATE",
+        )
     } else {
-        sqlx::query_scalar("SELECT status FROM reservations WHERE order_id = $1")
+        sqlx::query("SELECT status, attempt, expires_at FROM reservations WHERE order_id = $1")
     }
     .bind(order_id)
     .fetch_optional(&mut *conn)
     .await?;
-    let Some(status) = status else {
+    let Some(head) = head else {
         return Ok(None);
     };
+    let status: String = head.try_get(0)?;
+    let attempt: Option<Uuid> = head.try_get(1)?;
+    let expires_at: i64 = head.try_get(2)?;
     let rows = sqlx::query(
         "SELECT product_id, quantity, unit_price_cents FROM reservation_items
          WHERE order_id = $1 ORDER BY product_id",
@@ -202,11 +319,16 @@ async fn load_reservation(
             })
         })
         .collect::<Result<Vec<_>, StoreError>>()?;
-    Ok(Some(Reservation {
-        order_id,
-        status: ReservationStatus::parse(&status),
-        items,
-    }))
+    Ok(Some((
+        Reservation {
+            order_id,
+            status: ReservationStatus::parse(&status),
+            expires_at: expiry(expires_at),
+            items,
+        },
+        attempt,
+        expires_at,
+    )))
 }
 
 #[async_trait]
@@ -218,16 +340,16 @@ impl ProductStore for PgProductStore {
     }
 
     async fn create(&self, new: NewProduct) -> Result<Product, StoreError> {
-        let row = sqlx::query(
-            "INSERT INTO products (id, name, description, price_cents, stock, sku, category, created_at, updated_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8)
-             RETURNING id, name, description, price_cents, stock, sku, category, created_at, updated_at",
-        )
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO products (id, name, description, price_cents, on_hand, reserved, sku, category, created_at, updated_at)
+             VALUES ($1, $2, $3, $4, $5, 0, $6, $7, $8, $8)
+             RETURNING {PRODUCT_COLUMNS}"
+        )))
         .bind(Uuid::now_v7())
         .bind(&new.name)
         .bind(&new.description)
         .bind(new.price.cents())
-        .bind(new.stock)
+        .bind(new.on_hand)
         .bind(&new.sku)
         .bind(&new.category)
         .bind(now_ms())
@@ -239,7 +361,7 @@ impl ProductStore for PgProductStore {
 
     async fn get(&self, id: Uuid) -> Result<Option<Product>, StoreError> {
         let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "{SELECT_PRODUCT} WHERE id = $1"
+            "SELECT {PRODUCT_COLUMNS} FROM products WHERE id = $1"
         )))
         .bind(id)
         .fetch_optional(self.pg.pool())
@@ -255,7 +377,7 @@ impl ProductStore for PgProductStore {
     ) -> Result<Vec<Product>, StoreError> {
         // The same order as SQLite: UUIDs sort by bytes, as their lower-case text does there.
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "{SELECT_PRODUCT} WHERE ($1::TEXT IS NULL OR category = $1)
+            "SELECT {PRODUCT_COLUMNS} FROM products WHERE ($1::TEXT IS NULL OR category = $1)
              ORDER BY created_at, id LIMIT $2 OFFSET $3"
         )))
         .bind(category)
@@ -271,22 +393,24 @@ impl ProductStore for PgProductStore {
         id: Uuid,
         changes: ProductChanges,
     ) -> Result<Option<Product>, StoreError> {
-        let row = sqlx::query(
+        // The on-hand condition is checked against the row as locked by this UPDATE, so a
+        // reservation committed meanwhile is counted.
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
             "UPDATE products SET
                 name = COALESCE($1, name),
                 description = COALESCE($2, description),
                 price_cents = COALESCE($3, price_cents),
-                stock = COALESCE($4, stock),
+                on_hand = COALESCE($4, on_hand),
                 sku = COALESCE($5, sku),
                 category = COALESCE($6, category),
                 updated_at = $7
-             WHERE id = $8
-             RETURNING id, name, description, price_cents, stock, sku, category, created_at, updated_at",
-        )
+             WHERE id = $8 AND ($4::BIGINT IS NULL OR $4 >= reserved)
+             RETURNING {PRODUCT_COLUMNS}"
+        )))
         .bind(changes.name)
         .bind(changes.description)
         .bind(changes.price.map(Money::cents))
-        .bind(changes.stock)
+        .bind(changes.on_hand)
         .bind(changes.sku)
         .bind(changes.category)
         .bind(now_ms())
@@ -294,7 +418,21 @@ impl ProductStore for PgProductStore {
         .fetch_optional(self.pg.pool())
         .await
         .map_err(unique_sku)?;
-        row.as_ref().map(to_product).transpose()
+        match (row, changes.on_hand) {
+            (Some(row), _) => to_product(&row).map(Some),
+            (None, None) => Ok(None),
+            (None, Some(on_hand)) => {
+                let mut conn = self.pg.pool().acquire().await?;
+                match stock_of(&mut conn, id).await? {
+                    None => Ok(None),
+                    Some(level) => Err(StoreError::BelowReserved {
+                        product_id: id,
+                        reserved: level.stock.reserved,
+                        on_hand,
+                    }),
+                }
+            }
+        }
     }
 
     async fn delete(&self, id: Uuid) -> Result<bool, StoreError> {
@@ -306,137 +444,170 @@ impl ProductStore for PgProductStore {
     }
 
     async fn stock(&self, id: Uuid) -> Result<Option<StockLevel>, StoreError> {
-        let row = sqlx::query(
-            "SELECT p.id, p.sku, p.stock,
-                    COALESCE((SELECT SUM(ri.quantity) FROM reservation_items ri
-                              JOIN reservations r ON r.order_id = ri.order_id
-                              WHERE ri.product_id = p.id AND r.status = 'held'), 0)::BIGINT
-             FROM products p WHERE p.id = $1",
-        )
-        .bind(id)
-        .fetch_optional(self.pg.pool())
-        .await?;
+        let mut conn = self.pg.pool().acquire().await?;
+        stock_of(&mut conn, id).await
+    }
+
+    async fn change_stock(
+        &self,
+        id: Uuid,
+        change: StockChange,
+    ) -> Result<Option<StockLevel>, StoreError> {
+        let mut tx = self.pg.pool().begin().await?;
+        // Locked, so no reservation lands between the check and the write.
+        let row =
+            sqlx::query("SELECT sku, on_hand, reserved FROM products WHERE id = $1 FOR UPDATE")
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await?;
         let Some(row) = row else {
             return Ok(None);
         };
-        Ok(Some(StockLevel {
-            product_id: row.try_get(0)?,
-            sku: row.try_get(1)?,
-            stock: row.try_get(2)?,
-            reserved: row.try_get(3)?,
-        }))
+        let mut level = StockLevel {
+            product_id: id,
+            sku: row.try_get(0)?,
+            stock: Stock {
+                on_hand: row.try_get(1)?,
+                reserved: row.try_get(2)?,
+            },
+        };
+        let on_hand = changed_on_hand(level.stock, change)?;
+        if on_hand < level.stock.reserved {
+            return Err(StoreError::BelowReserved {
+                product_id: id,
+                reserved: level.stock.reserved,
+                on_hand,
+            });
+        }
+        sqlx::query("UPDATE products SET on_hand = $1, updated_at = $2 WHERE id = $3")
+            .bind(on_hand)
+            .bind(now_ms())
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        level.stock.on_hand = on_hand;
+        Ok(Some(level))
     }
 
     async fn reserve(
         &self,
         order_id: Uuid,
         lines: &ReservationLines,
-        hold_until_ms: i64,
+        hold: Hold,
     ) -> Result<(Reservation, bool), StoreError> {
         let now = now_ms();
         // Dropping `tx` on any early return rolls back the claim and every line taken so far.
         let mut tx = self.pg.pool().begin().await?;
         let claimed = sqlx::query(
-            "INSERT INTO reservations (order_id, status, created_at, updated_at, expires_at)
-             VALUES ($1, 'held', $2, $2, $3) ON CONFLICT (order_id) DO NOTHING",
+            "INSERT INTO reservations (order_id, status, created_at, updated_at, expires_at, attempt)
+             VALUES ($1, 'held', $2, $2, $3, $4) ON CONFLICT (order_id) DO NOTHING",
         )
         .bind(order_id)
         .bind(now)
-        .bind(hold_until_ms)
+        .bind(hold.until_ms)
+        .bind(hold.attempt)
         .execute(&mut *tx)
         .await?
         .rows_affected();
         if claimed == 0 {
-            // A retry: the conflict was with a committed reservation, which this statement
-            // (a new snapshot at READ COMMITTED) reads whole.
-            let existing = load_reservation(&mut tx, order_id, false)
+            // A retry: the conflict was with a committed reservation, which this statement (a
+            // new snapshot at READ COMMITTED) reads whole; renewing locks it first.
+            let (mut existing, _, expires_at) = load_reservation(&mut tx, order_id, hold.renew)
                 .await?
                 .ok_or(StoreError::Corrupt)?;
-            return Ok((existing, false));
-        }
-        let mut reserved = Vec::with_capacity(lines.lines().len());
-        // Ascending product id: the one lock order every transaction here uses.
-        for (product_id, quantity) in lines.lines() {
-            let price: Option<i64> = sqlx::query_scalar(
-                "UPDATE products SET stock = stock - $1, updated_at = $2
-                 WHERE id = $3 AND stock >= $1 RETURNING price_cents",
-            )
-            .bind(quantity)
-            .bind(now)
-            .bind(product_id)
-            .fetch_optional(&mut *tx)
-            .await?;
-            let Some(price) = price else {
-                let available: Option<i64> =
-                    sqlx::query_scalar("SELECT stock FROM products WHERE id = $1")
-                        .bind(product_id)
-                        .fetch_optional(&mut *tx)
-                        .await?;
-                return Err(match available {
-                    None => StoreError::UnknownProduct(*product_id),
-                    Some(available) => StoreError::InsufficientStock {
-                        product_id: *product_id,
-                        requested: *quantity,
-                        available,
-                    },
-                });
+            if !hold.renew || existing.status == ReservationStatus::Committed {
+                return Ok((existing, false));
+            }
+            let until = if existing.status == ReservationStatus::Held {
+                expires_at.max(hold.until_ms)
+            } else {
+                hold.until_ms
             };
             sqlx::query(
-                "INSERT INTO reservation_items (order_id, product_id, quantity, unit_price_cents)
-                 VALUES ($1, $2, $3, $4)",
+                "UPDATE reservations SET status = 'held', attempt = $1, expires_at = $2, updated_at = $3
+                 WHERE order_id = $4",
             )
+            .bind(hold.attempt)
+            .bind(until)
+            .bind(now)
             .bind(order_id)
-            .bind(product_id)
-            .bind(quantity)
-            .bind(price)
             .execute(&mut *tx)
             .await?;
-            reserved.push(ReservedLine {
-                product_id: *product_id,
-                quantity: *quantity,
-                unit_price: money(price)?,
-            });
+            existing.expires_at = expiry(until);
+            if existing.status == ReservationStatus::Released {
+                // Taken again as if new; a shortfall rolls the renewal back too.
+                sqlx::query("DELETE FROM reservation_items WHERE order_id = $1")
+                    .bind(order_id)
+                    .execute(&mut *tx)
+                    .await?;
+                existing.items = take_lines(&mut tx, order_id, lines, now).await?;
+                existing.status = ReservationStatus::Held;
+                tx.commit().await?;
+                return Ok((existing, true));
+            }
+            tx.commit().await?;
+            return Ok((existing, false));
         }
+        let items = take_lines(&mut tx, order_id, lines, now).await?;
         tx.commit().await?;
         Ok((
             Reservation {
                 order_id,
                 status: ReservationStatus::Held,
-                items: reserved,
+                expires_at: expiry(hold.until_ms),
+                items,
             },
             true,
         ))
     }
 
     async fn release_expired(&self, limit: u32) -> Result<usize, StoreError> {
+        let now = now_ms();
         let due: Vec<Uuid> = sqlx::query_scalar(
             "SELECT order_id FROM reservations WHERE status = 'held' AND expires_at <= $1
              ORDER BY expires_at LIMIT $2",
         )
-        .bind(now_ms())
+        .bind(now)
         .bind(i64::from(limit))
         .fetch_all(self.pg.pool())
         .await?;
         let mut released = 0;
         for order_id in due {
-            // Another replica's sweeper, or the order's own settlement, may get there first:
-            // the locked re-check in `transition` makes that harmless.
-            match self.transition(order_id, ReservationStatus::Released).await {
-                Ok(Some(_)) => released += 1,
-                Ok(None) | Err(StoreError::WrongState(_)) => {}
+            // Another replica's sweeper, the order's own settlement or a retry's renewal may
+            // get there first: the locked re-check in `transition` makes that harmless.
+            match self
+                .transition(
+                    order_id,
+                    ReservationStatus::Released,
+                    ReleaseIf::ExpiredBy(now),
+                )
+                .await
+            {
+                Ok(Some((_, true))) => released += 1,
+                Ok(_) | Err(StoreError::WrongState(_)) => {}
                 Err(e) => return Err(e),
             }
         }
         Ok(released)
     }
 
-    async fn release(&self, order_id: Uuid) -> Result<Option<Reservation>, StoreError> {
-        self.transition(order_id, ReservationStatus::Released).await
+    async fn release(
+        &self,
+        order_id: Uuid,
+        only: ReleaseIf,
+    ) -> Result<Option<Reservation>, StoreError> {
+        Ok(self
+            .transition(order_id, ReservationStatus::Released, only)
+            .await?
+            .map(|(r, _)| r))
     }
 
     async fn commit(&self, order_id: Uuid) -> Result<Option<Reservation>, StoreError> {
-        self.transition(order_id, ReservationStatus::Committed)
-            .await
+        Ok(self
+            .transition(order_id, ReservationStatus::Committed, ReleaseIf::Held)
+            .await?
+            .map(|(r, _)| r))
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -11,6 +11,7 @@ use crate::store::{ProductStore, SqliteProductStore};
 /// Starts the products service.
 pub async fn start(shared: &Shared<'_>) -> Result<Started, WiringError> {
     let settings = shared.settings;
+    settings.limits.validate().map_err(WiringError::config)?;
     let store: Arc<dyn ProductStore> = match shared.backend(Service::Products)? {
         Backend::Sqlite(url) => Arc::new(
             SqliteProductStore::open(&url, &settings.sqlite)
@@ -58,7 +59,10 @@ pub async fn start(shared: &Shared<'_>) -> Result<Started, WiringError> {
         Vec::new(),
     );
     Ok(Started {
-        router: crate::router(store),
+        router: crate::router(crate::api::Catalog {
+            store,
+            max_price: settings.limits.max_price,
+        }),
         ready,
     })
 }

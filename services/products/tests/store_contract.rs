@@ -12,7 +12,10 @@ use std::sync::Arc;
 use kit::Money;
 use kit::db::now_ms;
 use products::domain::ReservationLines;
-use products::store::{NewProduct, ProductChanges, ReservationStatus, StockLevel, StoreError};
+use products::store::{
+    Hold, NewProduct, ProductChanges, ReleaseIf, ReservationStatus, Stock, StockChange, StockLevel,
+    StoreError,
+};
 use products::{ProductStore, SqliteProductStore};
 use uuid::Uuid;
 
@@ -84,6 +87,12 @@ contract!(
     expired_holds_are_released,
     unknown_products,
     answers_ping,
+    on_hand_and_reserved_follow_reserve_release_and_commit,
+    operators_set_and_adjust_on_hand_never_below_reserved,
+    concurrent_counts_and_reservations_never_oversell,
+    a_renewal_takes_a_released_reservation_again_all_or_nothing,
+    a_failed_attempt_releases_only_its_own_hold,
+    renewal_extends_the_hold_past_the_sweeper,
 );
 
 fn widget(sku: &str, stock: i64) -> NewProduct {
@@ -91,7 +100,7 @@ fn widget(sku: &str, stock: i64) -> NewProduct {
         name: format!("Widget {sku}"),
         description: "A widget".into(),
         price: Money::from_cents(1_999).unwrap(),
-        stock,
+        on_hand: stock,
         sku: sku.into(),
         category: "tools".into(),
     }
@@ -101,11 +110,25 @@ fn lines(items: &[(Uuid, i64)]) -> ReservationLines {
     ReservationLines::parse(items).unwrap()
 }
 
+/// (available, reserved)
 async fn level(store: &Arc<dyn ProductStore>, id: Uuid) -> (i64, i64) {
-    let StockLevel {
-        stock, reserved, ..
-    } = store.stock(id).await.unwrap().unwrap();
-    (stock, reserved)
+    let StockLevel { stock, .. } = store.stock(id).await.unwrap().unwrap();
+    (stock.available(), stock.reserved)
+}
+
+/// (on hand, reserved), as the product and its stock level both say.
+async fn shelf(store: &Arc<dyn ProductStore>, id: Uuid) -> (i64, i64) {
+    let StockLevel { stock, .. } = store.stock(id).await.unwrap().unwrap();
+    assert_eq!(store.get(id).await.unwrap().unwrap().stock, stock);
+    (stock.on_hand, stock.reserved)
+}
+
+fn renewing(attempt: Uuid) -> Hold {
+    Hold {
+        until_ms: i64::MAX,
+        attempt: Some(attempt),
+        renew: true,
+    }
 }
 
 async fn created_products_read_back_exactly(store: Arc<dyn ProductStore>) {
@@ -116,7 +139,14 @@ async fn created_products_read_back_exactly(store: Arc<dyn ProductStore>) {
     assert_eq!(p.price.cents(), 1_999);
     assert_eq!(
         (p.stock, p.sku.as_str(), p.category.as_str()),
-        (7, "W-1", "tools")
+        (
+            Stock {
+                on_hand: 7,
+                reserved: 0
+            },
+            "W-1",
+            "tools"
+        )
     );
     assert_eq!(p.created_at, p.updated_at);
     assert_eq!(store.get(p.id).await.unwrap(), Some(p.clone()));
@@ -126,8 +156,10 @@ async fn created_products_read_back_exactly(store: Arc<dyn ProductStore>) {
         Some(StockLevel {
             product_id: p.id,
             sku: "W-1".into(),
-            stock: 7,
-            reserved: 0
+            stock: Stock {
+                on_hand: 7,
+                reserved: 0
+            },
         })
     );
     assert_eq!(store.get(Uuid::new_v4()).await.unwrap(), None);
@@ -144,7 +176,7 @@ async fn a_taken_sku_is_a_duplicate(store: Arc<dyn ProductStore>) {
     // Renaming onto a taken sku is the same conflict, and changes nothing.
     let rename = ProductChanges {
         sku: Some("DUP".into()),
-        stock: Some(99),
+        on_hand: Some(99),
         ..Default::default()
     };
     assert!(matches!(
@@ -190,7 +222,7 @@ async fn update_changes_only_what_is_given(store: Arc<dyn ProductStore>) {
             p.id,
             ProductChanges {
                 price: Some(Money::from_cents(2_500).unwrap()),
-                stock: Some(12),
+                on_hand: Some(12),
                 name: Some("Better widget".into()),
                 ..Default::default()
             },
@@ -200,7 +232,7 @@ async fn update_changes_only_what_is_given(store: Arc<dyn ProductStore>) {
         .unwrap();
     assert_eq!(changed.name, "Better widget");
     assert_eq!(changed.price.cents(), 2_500);
-    assert_eq!(changed.stock, 12);
+    assert_eq!(changed.stock.on_hand, 12);
     assert_eq!(
         (
             changed.sku.as_str(),
@@ -238,7 +270,11 @@ async fn concurrent_reservations_never_oversell(store: Arc<dyn ProductStore>) {
     let tasks: Vec<_> = (0..100)
         .map(|_| {
             let (store, one) = (store.clone(), one.clone());
-            tokio::spawn(async move { store.reserve(Uuid::new_v4(), &one, i64::MAX).await })
+            tokio::spawn(async move {
+                store
+                    .reserve(Uuid::new_v4(), &one, Hold::until(i64::MAX))
+                    .await
+            })
         })
         .collect();
     let (mut ok, mut short) = (0, 0);
@@ -262,7 +298,7 @@ async fn reservation_is_all_or_nothing(store: Arc<dyn ProductStore>) {
     let scarce = store.create(widget("B", 1)).await.unwrap();
     let order = Uuid::new_v4();
     let too_many = lines(&[(plenty.id, 3), (scarce.id, 2)]);
-    match store.reserve(order, &too_many, i64::MAX).await {
+    match store.reserve(order, &too_many, Hold::until(i64::MAX)).await {
         Err(StoreError::InsufficientStock {
             product_id,
             requested: 2,
@@ -272,11 +308,18 @@ async fn reservation_is_all_or_nothing(store: Arc<dyn ProductStore>) {
     }
     assert_eq!(level(&store, plenty.id).await, (10, 0), "nothing kept");
     assert_eq!(level(&store, scarce.id).await, (1, 0));
-    assert_eq!(store.release(order).await.unwrap(), None, "no reservation");
+    assert_eq!(
+        store.release(order, ReleaseIf::Held).await.unwrap(),
+        None,
+        "no reservation"
+    );
 
     // The failed attempt left no trace: the same order can reserve what fits.
     let fits = lines(&[(plenty.id, 3), (scarce.id, 1)]);
-    let (held, created) = store.reserve(order, &fits, i64::MAX).await.unwrap();
+    let (held, created) = store
+        .reserve(order, &fits, Hold::until(i64::MAX))
+        .await
+        .unwrap();
     assert!(created);
     assert_eq!(held.order_id, order);
     assert_eq!(held.status, ReservationStatus::Held);
@@ -299,19 +342,19 @@ async fn re_reserving_for_the_same_order_takes_nothing(store: Arc<dyn ProductSto
     let p = store.create(widget("R-1", 10)).await.unwrap();
     let order = Uuid::new_v4();
     let (first, created) = store
-        .reserve(order, &lines(&[(p.id, 4)]), i64::MAX)
+        .reserve(order, &lines(&[(p.id, 4)]), Hold::until(i64::MAX))
         .await
         .unwrap();
     assert!(created);
     let (again, created) = store
-        .reserve(order, &lines(&[(p.id, 4)]), i64::MAX)
+        .reserve(order, &lines(&[(p.id, 4)]), Hold::until(i64::MAX))
         .await
         .unwrap();
     assert!(!created);
     assert_eq!(again, first);
     // Even a retry with other lines gets the original reservation, not a second one.
     let (other, created) = store
-        .reserve(order, &lines(&[(p.id, 1)]), i64::MAX)
+        .reserve(order, &lines(&[(p.id, 1)]), Hold::until(i64::MAX))
         .await
         .unwrap();
     assert!(!created);
@@ -326,7 +369,7 @@ async fn concurrent_retries_of_one_order_reserve_once(store: Arc<dyn ProductStor
     let tasks: Vec<_> = (0..20)
         .map(|_| {
             let (store, two) = (store.clone(), two.clone());
-            tokio::spawn(async move { store.reserve(order, &two, i64::MAX).await })
+            tokio::spawn(async move { store.reserve(order, &two, Hold::until(i64::MAX)).await })
         })
         .collect();
     let mut created = 0;
@@ -345,7 +388,11 @@ async fn release_gives_stock_back_once(store: Arc<dyn ProductStore>) {
     let b = store.create(widget("REL-B", 5)).await.unwrap();
     let order = Uuid::new_v4();
     store
-        .reserve(order, &lines(&[(a.id, 2), (b.id, 5)]), i64::MAX)
+        .reserve(
+            order,
+            &lines(&[(a.id, 2), (b.id, 5)]),
+            Hold::until(i64::MAX),
+        )
         .await
         .unwrap();
     assert_eq!(level(&store, a.id).await, (3, 2));
@@ -354,7 +401,7 @@ async fn release_gives_stock_back_once(store: Arc<dyn ProductStore>) {
     let tasks: Vec<_> = (0..10)
         .map(|_| {
             let store = store.clone();
-            tokio::spawn(async move { store.release(order).await })
+            tokio::spawn(async move { store.release(order, ReleaseIf::Held).await })
         })
         .collect();
     for t in tasks {
@@ -362,7 +409,12 @@ async fn release_gives_stock_back_once(store: Arc<dyn ProductStore>) {
         assert_eq!(released.status, ReservationStatus::Released);
     }
     assert_eq!(
-        store.release(order).await.unwrap().unwrap().status,
+        store
+            .release(order, ReleaseIf::Held)
+            .await
+            .unwrap()
+            .unwrap()
+            .status,
         ReservationStatus::Released
     );
     assert_eq!(level(&store, a.id).await, (5, 0), "released exactly once");
@@ -373,20 +425,26 @@ async fn release_gives_stock_back_once(store: Arc<dyn ProductStore>) {
     ));
     // A released order stays released: reserving again returns it and takes nothing.
     let (again, created) = store
-        .reserve(order, &lines(&[(a.id, 2)]), i64::MAX)
+        .reserve(order, &lines(&[(a.id, 2)]), Hold::until(i64::MAX))
         .await
         .unwrap();
     assert!(!created);
     assert_eq!(again.status, ReservationStatus::Released);
     assert_eq!(level(&store, a.id).await, (5, 0));
-    assert_eq!(store.release(Uuid::new_v4()).await.unwrap(), None);
+    assert_eq!(
+        store
+            .release(Uuid::new_v4(), ReleaseIf::Held)
+            .await
+            .unwrap(),
+        None
+    );
 }
 
 async fn commit_keeps_stock_taken(store: Arc<dyn ProductStore>) {
     let p = store.create(widget("C-1", 5)).await.unwrap();
     let order = Uuid::new_v4();
     store
-        .reserve(order, &lines(&[(p.id, 3)]), now_ms() - 1)
+        .reserve(order, &lines(&[(p.id, 3)]), Hold::until(now_ms() - 1))
         .await
         .unwrap();
     let committed = store.commit(order).await.unwrap().unwrap();
@@ -397,10 +455,11 @@ async fn commit_keeps_stock_taken(store: Arc<dyn ProductStore>) {
         ReservationStatus::Committed,
         "committing twice is a no-op"
     );
-    // Sold for good: not reserved any more, not given back by release or expiry.
+    // Sold for good: off the shelf, not reserved any more, not given back by release or expiry.
     assert_eq!(level(&store, p.id).await, (2, 0));
+    assert_eq!(shelf(&store, p.id).await, (2, 0));
     assert!(matches!(
-        store.release(order).await,
+        store.release(order, ReleaseIf::Held).await,
         Err(StoreError::WrongState(ReservationStatus::Committed))
     ));
     assert_eq!(store.release_expired(100).await.unwrap(), 0);
@@ -412,11 +471,11 @@ async fn expired_holds_are_released(store: Arc<dyn ProductStore>) {
     let p = store.create(widget("EXP", 4)).await.unwrap();
     let expired = Uuid::new_v4();
     store
-        .reserve(expired, &lines(&[(p.id, 3)]), now_ms() - 1)
+        .reserve(expired, &lines(&[(p.id, 3)]), Hold::until(now_ms() - 1))
         .await
         .unwrap();
     store
-        .reserve(Uuid::new_v4(), &lines(&[(p.id, 1)]), i64::MAX)
+        .reserve(Uuid::new_v4(), &lines(&[(p.id, 1)]), Hold::until(i64::MAX))
         .await
         .unwrap();
     assert_eq!(level(&store, p.id).await, (0, 4));
@@ -424,7 +483,12 @@ async fn expired_holds_are_released(store: Arc<dyn ProductStore>) {
     assert_eq!(store.release_expired(100).await.unwrap(), 0);
     assert_eq!(level(&store, p.id).await, (3, 1));
     assert_eq!(
-        store.release(expired).await.unwrap().unwrap().status,
+        store
+            .release(expired, ReleaseIf::Held)
+            .await
+            .unwrap()
+            .unwrap()
+            .status,
         ReservationStatus::Released
     );
     assert_eq!(level(&store, p.id).await, (3, 1), "not given back twice");
@@ -432,7 +496,11 @@ async fn expired_holds_are_released(store: Arc<dyn ProductStore>) {
     // `limit` bounds one sweep.
     for _ in 0..3 {
         store
-            .reserve(Uuid::new_v4(), &lines(&[(p.id, 1)]), now_ms() - 1)
+            .reserve(
+                Uuid::new_v4(),
+                &lines(&[(p.id, 1)]),
+                Hold::until(now_ms() - 1),
+            )
             .await
             .unwrap();
     }
@@ -446,16 +514,426 @@ async fn unknown_products(store: Arc<dyn ProductStore>) {
     let ghost = Uuid::new_v4();
     let order = Uuid::new_v4();
     match store
-        .reserve(order, &lines(&[(p.id, 1), (ghost, 1)]), i64::MAX)
+        .reserve(
+            order,
+            &lines(&[(p.id, 1), (ghost, 1)]),
+            Hold::until(i64::MAX),
+        )
         .await
     {
         Err(StoreError::UnknownProduct(id)) => assert_eq!(id, ghost),
         other => panic!("unexpected {other:?}"),
     }
     assert_eq!(level(&store, p.id).await, (5, 0), "nothing kept");
-    assert_eq!(store.release(order).await.unwrap(), None);
+    assert_eq!(store.release(order, ReleaseIf::Held).await.unwrap(), None);
 }
 
 async fn answers_ping(store: Arc<dyn ProductStore>) {
     store.ping().await.unwrap();
+}
+
+async fn on_hand_and_reserved_follow_reserve_release_and_commit(store: Arc<dyn ProductStore>) {
+    let p = store.create(widget("OH-1", 10)).await.unwrap();
+    let (released, sold) = (Uuid::new_v4(), Uuid::new_v4());
+    store
+        .reserve(released, &lines(&[(p.id, 3)]), Hold::until(i64::MAX))
+        .await
+        .unwrap();
+    store
+        .reserve(sold, &lines(&[(p.id, 2)]), Hold::until(i64::MAX))
+        .await
+        .unwrap();
+    assert_eq!(shelf(&store, p.id).await, (10, 5));
+    assert_eq!(level(&store, p.id).await, (5, 5));
+    store.release(released, ReleaseIf::Held).await.unwrap();
+    assert_eq!(shelf(&store, p.id).await, (10, 2), "released: back to sale");
+    store.commit(sold).await.unwrap();
+    assert_eq!(shelf(&store, p.id).await, (8, 0), "sold: off the shelf");
+    assert_eq!(level(&store, p.id).await, (8, 0));
+}
+
+async fn operators_set_and_adjust_on_hand_never_below_reserved(store: Arc<dyn ProductStore>) {
+    let p = store.create(widget("OH-2", 5)).await.unwrap();
+    store
+        .reserve(Uuid::new_v4(), &lines(&[(p.id, 3)]), Hold::until(i64::MAX))
+        .await
+        .unwrap();
+    let set = store
+        .change_stock(p.id, StockChange::Set(4))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        set.stock,
+        Stock {
+            on_hand: 4,
+            reserved: 3
+        }
+    );
+    for change in [StockChange::Set(2), StockChange::Adjust(-2)] {
+        match store.change_stock(p.id, change).await {
+            Err(StoreError::BelowReserved {
+                product_id,
+                reserved: 3,
+                on_hand: 2,
+            }) => assert_eq!(product_id, p.id),
+            other => panic!("{change:?}: unexpected {other:?}"),
+        }
+    }
+    let adjusted = store
+        .change_stock(p.id, StockChange::Adjust(6))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (adjusted.stock.on_hand, adjusted.stock.available()),
+        (10, 7)
+    );
+    let below = ProductChanges {
+        on_hand: Some(1),
+        name: Some("Renamed".into()),
+        ..Default::default()
+    };
+    assert!(matches!(
+        store.update(p.id, below).await,
+        Err(StoreError::BelowReserved { reserved: 3, .. })
+    ));
+    assert_eq!(shelf(&store, p.id).await, (10, 3), "nothing changed");
+    assert_eq!(store.get(p.id).await.unwrap().unwrap().name, "Widget OH-2");
+    let exact = ProductChanges {
+        on_hand: Some(3),
+        ..Default::default()
+    };
+    store.update(p.id, exact).await.unwrap().unwrap();
+    assert_eq!(level(&store, p.id).await, (0, 3));
+    for change in [
+        StockChange::Set(products::domain::MAX_STOCK + 1),
+        StockChange::Adjust(products::domain::MAX_STOCK),
+    ] {
+        assert!(
+            matches!(
+                store.change_stock(p.id, change).await,
+                Err(StoreError::StockOutOfRange)
+            ),
+            "{change:?}"
+        );
+    }
+    assert_eq!(
+        store
+            .change_stock(Uuid::new_v4(), StockChange::Set(1))
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(
+        store
+            .update(
+                Uuid::new_v4(),
+                ProductChanges {
+                    on_hand: Some(1),
+                    ..Default::default()
+                }
+            )
+            .await
+            .unwrap(),
+        None
+    );
+}
+
+async fn concurrent_counts_and_reservations_never_oversell(store: Arc<dyn ProductStore>) {
+    // 60 claims on 50 units: 40 orders of one, and 20 units written off one at a time.
+    let p = store.create(widget("OH-3", 50)).await.unwrap();
+    let one = lines(&[(p.id, 1)]);
+    let orders: Vec<_> = (0..40)
+        .map(|_| {
+            let (store, one) = (store.clone(), one.clone());
+            tokio::spawn(async move {
+                store
+                    .reserve(Uuid::new_v4(), &one, Hold::until(i64::MAX))
+                    .await
+            })
+        })
+        .collect();
+    let write_offs: Vec<_> = (0..20)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move { store.change_stock(p.id, StockChange::Adjust(-1)).await })
+        })
+        .collect();
+    let mut reserved = 0;
+    for t in orders {
+        match t.await.unwrap() {
+            Ok((_, true)) => reserved += 1,
+            Err(StoreError::InsufficientStock { .. }) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let mut written_off = 0;
+    for t in write_offs {
+        match t.await.unwrap() {
+            Ok(Some(_)) => written_off += 1,
+            Err(StoreError::BelowReserved { .. }) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(
+        reserved + written_off,
+        50,
+        "every unit claimed exactly once"
+    );
+    assert_eq!(shelf(&store, p.id).await, (50 - written_off, reserved));
+    assert_eq!(level(&store, p.id).await, (0, reserved));
+}
+
+async fn a_renewal_takes_a_released_reservation_again_all_or_nothing(store: Arc<dyn ProductStore>) {
+    let a = store.create(widget("RN-A", 5)).await.unwrap();
+    let b = store.create(widget("RN-B", 5)).await.unwrap();
+    let order = Uuid::new_v4();
+    let both = lines(&[(a.id, 2), (b.id, 1)]);
+    store
+        .reserve(order, &both, renewing(Uuid::new_v4()))
+        .await
+        .unwrap();
+    store.release(order, ReleaseIf::Held).await.unwrap();
+    assert_eq!(shelf(&store, a.id).await, (5, 0));
+
+    // Without renewal a released reservation is answered as it is.
+    let (as_is, taken) = store
+        .reserve(order, &both, Hold::until(i64::MAX))
+        .await
+        .unwrap();
+    assert_eq!((as_is.status, taken), (ReservationStatus::Released, false));
+    assert_eq!(shelf(&store, a.id).await, (5, 0));
+
+    // Renewed: held again, at today's price, and taken only once however often it is asked.
+    store
+        .update(
+            a.id,
+            ProductChanges {
+                price: Some(Money::from_cents(2_100).unwrap()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let (renewed, taken) = store
+        .reserve(order, &both, renewing(Uuid::new_v4()))
+        .await
+        .unwrap();
+    assert_eq!((renewed.status, taken), (ReservationStatus::Held, true));
+    let got: Vec<(Uuid, i64, i64)> = renewed
+        .items
+        .iter()
+        .map(|l| (l.product_id, l.quantity, l.unit_price.cents()))
+        .collect();
+    let mut expected = vec![(a.id, 2, 2_100), (b.id, 1, 1_999)];
+    expected.sort();
+    assert_eq!(got, expected);
+    let (again, taken) = store
+        .reserve(order, &both, renewing(Uuid::new_v4()))
+        .await
+        .unwrap();
+    assert_eq!((again.status, taken), (ReservationStatus::Held, false));
+    assert_eq!(again.items, renewed.items);
+    assert_eq!(shelf(&store, a.id).await, (5, 2));
+    assert_eq!(shelf(&store, b.id).await, (5, 1));
+
+    // Released again, and b sold out meanwhile: the renewal takes nothing and stays released.
+    store.release(order, ReleaseIf::Held).await.unwrap();
+    store
+        .reserve(Uuid::new_v4(), &lines(&[(b.id, 5)]), Hold::until(i64::MAX))
+        .await
+        .unwrap();
+    match store.reserve(order, &both, renewing(Uuid::new_v4())).await {
+        Err(StoreError::InsufficientStock {
+            product_id,
+            requested: 1,
+            available: 0,
+        }) => assert_eq!(product_id, b.id),
+        other => panic!("unexpected {other:?}"),
+    }
+    assert_eq!(shelf(&store, a.id).await, (5, 0), "nothing kept");
+    let (still, _) = store
+        .reserve(order, &both, Hold::until(i64::MAX))
+        .await
+        .unwrap();
+    assert_eq!(still.status, ReservationStatus::Released);
+
+    // A sold reservation is never renewed.
+    let sold = Uuid::new_v4();
+    let one_a = lines(&[(a.id, 1)]);
+    store
+        .reserve(sold, &one_a, Hold::until(i64::MAX))
+        .await
+        .unwrap();
+    store.commit(sold).await.unwrap();
+    let (committed, taken) = store
+        .reserve(sold, &one_a, renewing(Uuid::new_v4()))
+        .await
+        .unwrap();
+    assert_eq!(
+        (committed.status, taken),
+        (ReservationStatus::Committed, false)
+    );
+    assert_eq!(shelf(&store, a.id).await, (4, 0));
+}
+
+async fn a_failed_attempt_releases_only_its_own_hold(store: Arc<dyn ProductStore>) {
+    let p = store.create(widget("AT-1", 5)).await.unwrap();
+    let order = Uuid::new_v4();
+    let two = lines(&[(p.id, 2)]);
+    let (first, second) = (Uuid::new_v4(), Uuid::new_v4());
+    store.reserve(order, &two, renewing(first)).await.unwrap();
+    // The retry arrives before the failed first attempt's clean-up does.
+    let (held, _) = store.reserve(order, &two, renewing(second)).await.unwrap();
+    assert_eq!(held.status, ReservationStatus::Held);
+    let late = store
+        .release(order, ReleaseIf::HeldBy(first))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        late.status,
+        ReservationStatus::Held,
+        "the retry's hold stays"
+    );
+    assert_eq!(shelf(&store, p.id).await, (5, 2));
+    let own = store
+        .release(order, ReleaseIf::HeldBy(second))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(own.status, ReservationStatus::Released);
+    assert_eq!(shelf(&store, p.id).await, (5, 0));
+    assert_eq!(
+        store
+            .release(Uuid::new_v4(), ReleaseIf::HeldBy(first))
+            .await
+            .unwrap(),
+        None
+    );
+}
+
+async fn renewal_extends_the_hold_past_the_sweeper(store: Arc<dyn ProductStore>) {
+    let p = store.create(widget("EX-1", 5)).await.unwrap();
+    let order = Uuid::new_v4();
+    let one = lines(&[(p.id, 1)]);
+    let deadline = now_ms() - 1;
+    let (held, _) = store
+        .reserve(order, &one, Hold::until(deadline))
+        .await
+        .unwrap();
+    assert_eq!(
+        held.expires_at.map(|t| t.timestamp_millis()),
+        Some(deadline)
+    );
+    let later = now_ms() + 60_000;
+    let (renewed, taken) = store
+        .reserve(
+            order,
+            &one,
+            Hold {
+                until_ms: later,
+                attempt: None,
+                renew: true,
+            },
+        )
+        .await
+        .unwrap();
+    assert!(!taken);
+    assert_eq!(
+        renewed.expires_at.map(|t| t.timestamp_millis()),
+        Some(later)
+    );
+    assert_eq!(
+        store.release_expired(100).await.unwrap(),
+        0,
+        "renewed in time"
+    );
+    assert_eq!(shelf(&store, p.id).await, (5, 1));
+    let (forever, _) = store
+        .reserve(Uuid::new_v4(), &one, Hold::until(i64::MAX))
+        .await
+        .unwrap();
+    assert_eq!(forever.expires_at, None, "never expires");
+}
+
+/// A database written before on-hand and reserved were separate: what could be sold plus what
+/// held reservations have is on hand; released and sold reservations count for nothing.
+mod migration {
+    use super::*;
+
+    #[tokio::test]
+    async fn sqlite_stock_carries_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}/products.db", dir.path().display());
+        let before: &'static [kit::db::Step] = &products::store::MIGRATIONS[..2];
+        let old = kit::db::Db::open(&url, &Default::default(), before)
+            .await
+            .unwrap();
+        let (p, q) = (Uuid::new_v4(), Uuid::new_v4());
+        old.write(move |tx| {
+            tx.execute_batch(&format!(
+                "INSERT INTO products VALUES ('{p}', 'P', '', 100, 3, 'P-1', 'x', 1, 1);
+                 INSERT INTO products VALUES ('{q}', 'Q', '', 100, 7, 'Q-1', 'x', 1, 1);
+                 INSERT INTO reservations VALUES ('h', 'held', 1, 1, 9223372036854775807);
+                 INSERT INTO reservations VALUES ('r', 'released', 1, 1, 1);
+                 INSERT INTO reservations VALUES ('c', 'committed', 1, 1, 1);
+                 INSERT INTO reservation_items VALUES ('h', '{p}', 2, 100);
+                 INSERT INTO reservation_items VALUES ('r', '{p}', 1, 100);
+                 INSERT INTO reservation_items VALUES ('c', '{p}', 4, 100);"
+            ))?;
+            Ok::<_, StoreError>(())
+        })
+        .await
+        .unwrap();
+        old.close().await;
+        let store: Arc<dyn ProductStore> = Arc::new(
+            SqliteProductStore::open(&url, &Default::default())
+                .await
+                .unwrap(),
+        );
+        assert_eq!(shelf(&store, p).await, (5, 2));
+        assert_eq!(shelf(&store, q).await, (7, 0));
+        store.close().await;
+    }
+
+    #[cfg(feature = "postgres")]
+    #[tokio::test]
+    async fn postgres_stock_carries_over() {
+        let url = kit::pg::test_database_url();
+        let schema = kit::pg::unique_schema("products");
+        let before: &'static [kit::pg::PgStep] = &products::pg::PG_MIGRATIONS[..1];
+        let old = kit::pg::Pg::open(&url, &schema, &Default::default(), before)
+            .await
+            .unwrap();
+        let (p, q) = (Uuid::new_v4(), Uuid::new_v4());
+        let (held, released, sold) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+        for sql in [
+            format!("INSERT INTO products VALUES ('{p}', 'P', '', 100, 3, 'P-1', 'x', 1, 1)"),
+            format!("INSERT INTO products VALUES ('{q}', 'Q', '', 100, 7, 'Q-1', 'x', 1, 1)"),
+            format!(
+                "INSERT INTO reservations VALUES ('{held}', 'held', 1, 1, 9223372036854775807)"
+            ),
+            format!("INSERT INTO reservations VALUES ('{released}', 'released', 1, 1, 1)"),
+            format!("INSERT INTO reservations VALUES ('{sold}', 'committed', 1, 1, 1)"),
+            format!("INSERT INTO reservation_items VALUES ('{held}', '{p}', 2, 100)"),
+            format!("INSERT INTO reservation_items VALUES ('{released}', '{p}', 1, 100)"),
+            format!("INSERT INTO reservation_items VALUES ('{sold}', '{p}', 4, 100)"),
+        ] {
+            sqlx::query(sqlx::AssertSqlSafe(sql))
+                .execute(old.pool())
+                .await
+                .unwrap();
+        }
+        old.close().await;
+        let new = products::pg::PgProductStore::open(&url, &schema, &Default::default())
+            .await
+            .unwrap();
+        let pg = new.pg().clone();
+        let store: Arc<dyn ProductStore> = Arc::new(new);
+        assert_eq!(shelf(&store, p).await, (5, 2));
+        assert_eq!(shelf(&store, q).await, (7, 0));
+        pg.drop_schema().await.unwrap();
+    }
 }
