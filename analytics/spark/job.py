@@ -13,9 +13,10 @@ as JSON lines.
         --source kafka --output gs://BUCKET/analytics/windows --checkpoint gs://BUCKET/analytics/checkpoint
 
 Rules, the same as Mercato's analytics engine:
-- Money is exact: `total_amount` is parsed as DECIMAL(18,2) from the JSON number's text and
-  summed as a decimal; the average is revenue cents / orders rounded half-even to the cent in
-  integer arithmetic.
+- Money is exact: `total_amount` is parsed as DECIMAL(19,2) from the JSON number's text (room
+  for Mercato's largest amount, 92233720368547758.07) and summed as a decimal, which goes past
+  64-bit cents as Mercato's 128-bit window sums do; the average is revenue cents / orders
+  rounded half-even to the cent in exact decimal arithmetic.
 - Only `order.created` events are orders (count, revenue, users, items); every event counts in
   `event_counts` under its type.
 - An event is applied once: duplicates are dropped by its id, which is, as in Mercato's
@@ -274,7 +275,7 @@ def event_schema():
         T.StructField("event_type", T.StringType()),
         T.StructField("order_id", T.StringType()),
         T.StructField("user_id", T.StringType()),
-        T.StructField("total_amount", T.DecimalType(18, 2)),
+        T.StructField("total_amount", T.DecimalType(19, 2)),
         T.StructField("items_count", T.LongType()),
         T.StructField("created_at", T.StringType()),
     ])
@@ -412,16 +413,20 @@ def window_metrics(events, window: str, watermark: str, unique_users: str = "exa
     aggregates.append(F.count(F.when(~F.col("event_type").isin(*EVENT_TYPES), 1)).alias("n_other"))
     agg = deduped.groupBy(F.window("event_time", window).alias("w")).agg(*aggregates)
 
-    # Integer cents (exact: revenue has two decimals), then the average in integer arithmetic,
-    # rounded half-even like kit::Money::div_round. `div` is SQL's integral division.
-    agg = (agg.withColumn("cents", (F.coalesce(F.col("revenue"), F.lit(0)) * 100).cast("long"))
-           .withColumn("q", F.expr("IF(order_count = 0, 0L, cents div order_count)"))
-           .withColumn("r", F.expr("IF(order_count = 0, 0L, cents - q * order_count)")))
+    # Integer cents as a decimal (exact: revenue has two decimals; a long would overflow where
+    # two of the largest orders meet in a window), then the average rounded half-even like
+    # analytics::revenue::Revenue::average. The quotient's floor is corrected by the remainder's
+    # sign: decimal division rounds its last digit, which could carry it to the next integer.
+    agg = (agg.withColumn("cents", (F.coalesce(F.col("revenue"), F.lit(0)) * 100).cast("decimal(30,0)"))
+           .withColumn("q0", F.expr("IF(order_count = 0, 0, FLOOR(cents / order_count))"))
+           .withColumn("r0", F.expr("IF(order_count = 0, 0, cents - q0 * order_count)"))
+           .withColumn("q", F.expr("IF(r0 < 0, q0 - 1, q0)"))
+           .withColumn("r", F.expr("IF(r0 < 0, r0 + order_count, r0)")))
     n, q, r = F.col("order_count"), F.col("q"), F.col("r")
     avg_cents = F.when((2 * r > n) | ((2 * r == n) & (q % 2 == 1)), q + 1).otherwise(q)
     cents = F.col("cents")
-    # Exact cents: long division by 100 into a decimal with two places loses nothing.
-    to_money = lambda c: (c.cast("decimal(20,0)") / F.lit(100)).cast("decimal(18,2)")  # noqa: E731
+    # Exact cents: multiplying by 0.01 only moves the decimal point.
+    to_money = lambda c: (c.cast("decimal(36,0)") * F.lit(0.01).cast("decimal(2,2)")).cast("decimal(38,2)")  # noqa: E731
     counts = F.create_map(*[x for i, t in enumerate(EVENT_TYPES) for x in (F.lit(t), F.col(f"n_{i}"))],
                           F.lit("other"), F.col("n_other"))
     iso = "yyyy-MM-dd'T'HH:mm:ss'Z'"

@@ -55,10 +55,14 @@ class SparkRules(unittest.TestCase):
             event(user="u2", amount="20.01", at="2026-11-24T11:00:01Z", event_id="y1"),  # 1500.5 -> 1500
             event(amount="10.00", at="2026-11-24T12:00:00Z", event_id="x2"),
             event(user="u2", amount="20.03", at="2026-11-24T12:00:01Z", event_id="y2"),  # 1501.5 -> 1502
+            # sums past 64-bit cents stay exact (two of the largest amount an order can carry)
+            event(amount="92233720368547758.07", at="2026-11-24T13:00:00Z", event_id="h1"),
+            event(user="u2", amount="92233720368547758.07", at="2026-11-24T13:00:01Z", event_id="h2"),
+            event(user="u3", amount="0.01", at="2026-11-24T13:00:02Z", event_id="h3"),
         ]
         w = self.windows(lines)
         self.assertEqual(sorted(w), ["2026-11-24T10:00:00Z", "2026-11-24T10:01:00Z",
-                                     "2026-11-24T11:00:00Z", "2026-11-24T12:00:00Z"])
+                                     "2026-11-24T11:00:00Z", "2026-11-24T12:00:00Z", "2026-11-24T13:00:00Z"])
         first = w["2026-11-24T10:00:00Z"]
         self.assertEqual(first["window_end"], "2026-11-24T10:01:00Z")
         self.assertEqual((first["order_count"], first["unique_users"], first["items_sold"]), (4, 3, 5))
@@ -72,6 +76,9 @@ class SparkRules(unittest.TestCase):
                          (0, 0, "0.00", "0.00"))
         self.assertEqual(w["2026-11-24T11:00:00Z"]["avg_order_value"], "15.00")
         self.assertEqual(w["2026-11-24T12:00:00Z"]["avg_order_value"], "15.02")
+        huge = w["2026-11-24T13:00:00Z"]
+        self.assertEqual(huge["total_revenue"], "184467440737095516.15")
+        self.assertEqual(huge["avg_order_value"], "61489146912365172.05")  # 18446744073709551615 / 3
 
     def test_kafka_records_use_the_ce_id_header_when_the_body_has_no_id(self):
         schema = "value binary, headers array<struct<key: string, value: binary>>"
