@@ -268,7 +268,16 @@ mod decimal_money {
     pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Money, D::Error> {
         let text = match Written::deserialize(deserializer)? {
             Written::Whole(n) => n.to_string(),
-            Written::Decimal(x) => format!("{x:.2}"),
+            // TOML and the environment hand decimals over as floats: refuse rather than round
+            // what is not whole cents.
+            Written::Decimal(x) if ((x * 100.0).round() - x * 100.0).abs() < 1e-6 => {
+                format!("{x:.2}")
+            }
+            Written::Decimal(x) => {
+                return Err(serde::de::Error::custom(format!(
+                    "{x} is not an amount in whole cents"
+                )));
+            }
             Written::Text(t) => t,
         };
         text.trim()
