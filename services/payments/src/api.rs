@@ -23,7 +23,9 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::flow::{self, Followed};
-use crate::provider::{Card, ChargeOutcome, ChargeRequest, Instrument, PaymentProvider, ProviderError};
+use crate::provider::{
+    Card, ChargeOutcome, ChargeRequest, Instrument, PaymentProvider, ProviderError,
+};
 use crate::simulator::SUCCESS_CARD;
 use crate::store::{Payment, PaymentStore, Refund, StoreError};
 use crate::stripe::{self, PaymentIntent};
@@ -119,10 +121,7 @@ pub fn router(ctx: ApiContext) -> Router {
             post(refund_payment).layer(keyed()),
         )
         .route("/api/v1/payments/webhooks/stripe", post(stripe_webhook))
-        .route(
-            "/internal/v1/payments/{id}/compensate",
-            post(compensate),
-        )
+        .route("/internal/v1/payments/{id}/compensate", post(compensate))
         .with_state(ctx)
 }
 
@@ -169,7 +168,10 @@ enum Paying {
 
 fn paying_with(ctx: &ApiContext, body: &CreatePayment) -> Result<Paying, Problem> {
     if !ctx.provider.needs_token() {
-        let number = body.card_number.as_ref().map_or(SUCCESS_CARD, |n| n.0.as_str());
+        let number = body
+            .card_number
+            .as_ref()
+            .map_or(SUCCESS_CARD, |n| n.0.as_str());
         return Card::parse(number)
             .map(Paying::Card)
             .map_err(|e| Problem::invalid(e.to_string()).with("field", "card_number"));
@@ -348,17 +350,28 @@ async fn charge_failed(ctx: &ApiContext, payment: &Payment, e: ProviderError) ->
             message,
         } => {
             metrics::counter!("payments_total", "outcome" => "method_refused").increment(1);
-            Problem::invalid(format!("the payment provider refused the payment method: {message}"))
-                .with("field", "payment_method_token")
-                .with("reason", code)
+            Problem::invalid(format!(
+                "the payment provider refused the payment method: {message}"
+            ))
+            .with("field", "payment_method_token")
+            .with("reason", code)
         }
         ProviderError::Refused { code, message, .. } => {
-            tracing::error!(provider = ctx.provider.name(), code, message, "the payment provider refused our request; check the payments.stripe settings");
+            tracing::error!(
+                provider = ctx.provider.name(),
+                code,
+                message,
+                "the payment provider refused our request; check the payments.stripe settings"
+            );
             metrics::counter!("payments_total", "outcome" => "provider_refused").increment(1);
             Problem::unavailable("payment provider")
         }
         ProviderError::NotSent(reason) => {
-            tracing::warn!(provider = ctx.provider.name(), reason, "payment provider unreachable; nothing charged");
+            tracing::warn!(
+                provider = ctx.provider.name(),
+                reason,
+                "payment provider unreachable; nothing charged"
+            );
             metrics::counter!("payments_total", "outcome" => "provider_unreachable").increment(1);
             Problem::unavailable("payment provider")
         }
@@ -506,21 +519,28 @@ async fn stripe_webhook(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Json<serde_json::Value>, Problem> {
+    let refused = |detail: String| {
+        metrics::counter!("payments_webhooks_total", "outcome" => "refused").increment(1);
+        Problem::new(
+            StatusCode::BAD_REQUEST,
+            "invalid-signature",
+            "Invalid signature",
+        )
+        .with_detail(detail)
+    };
+    // Unconfigured, no signature can be valid: the same refusal as a forged one.
     let Some(secret) = &ctx.webhook_secret else {
-        return Err(Problem::not_found("the Stripe webhook endpoint"));
+        return Err(refused(
+            "no webhook secret is configured (payments.stripe.webhook_secret_file)".into(),
+        ));
     };
     let signature = headers
         .get("stripe-signature")
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default();
     let now = now_ms() / 1000;
-    if let Err(e) = stripe::verify_signature(signature, &body, secret.expose(), now) {
-        metrics::counter!("payments_webhooks_total", "outcome" => "refused").increment(1);
-        return Err(
-            Problem::new(StatusCode::BAD_REQUEST, "invalid-signature", "Invalid signature")
-                .with_detail(e.to_string()),
-        );
-    }
+    stripe::verify_signature(signature, &body, secret.expose(), now)
+        .map_err(|e| refused(e.to_string()))?;
     let event: stripe::Event = serde_json::from_slice(&body)
         .map_err(|e| Problem::bad_request(format!("not a Stripe event: {e}")))?;
     let ignored = |why: &str| {
@@ -564,7 +584,9 @@ async fn stripe_webhook(
 /// Whether a recorded payment says what the provider says.
 fn agrees(payment: &Payment, outcome: &ChargeOutcome) -> bool {
     match outcome {
-        ChargeOutcome::Succeeded { .. } => payment.status != "failed" && payment.status != "pending",
+        ChargeOutcome::Succeeded { .. } => {
+            payment.status != "failed" && payment.status != "pending"
+        }
         ChargeOutcome::Declined { .. } => payment.status == "failed",
         ChargeOutcome::Processing { .. } => true,
     }

@@ -356,11 +356,7 @@ impl PaymentStore for DynamoPaymentStore {
                     changed: false,
                 });
             };
-            let mut set = vec![
-                "#status = :status",
-                "#v = :v",
-                "updated_at = :now",
-            ];
+            let mut set = vec!["#status = :status", "#v = :v", "updated_at = :now"];
             let mut update = Update::builder()
                 .table_name(&self.table)
                 .key("payment_id", s(id.to_string()))
@@ -372,7 +368,11 @@ impl PaymentStore for DynamoPaymentStore {
                 .expression_attribute_values(":v", n(1))
                 .expression_attribute_values(":now", n(payment.updated_at.timestamp_millis()));
             for (name, placeholder, value) in [
-                ("provider_reference", ":reference", &payment.provider_reference),
+                (
+                    "provider_reference",
+                    ":reference",
+                    &payment.provider_reference,
+                ),
                 ("failure_reason", ":reason", &payment.failure_reason),
                 ("card_brand", ":brand", &payment.card_brand),
                 ("card_last4", ":last4", &payment.card_last4),
@@ -552,9 +552,7 @@ impl PaymentStore for DynamoPaymentStore {
                 )
                 // Only against the version the refund was computed from (items written before
                 // versions existed have none, and version 1).
-                .condition_expression(
-                    "#v = :seen OR (attribute_not_exists(#v) AND :seen = :one)",
-                )
+                .condition_expression("#v = :seen OR (attribute_not_exists(#v) AND :seen = :one)")
                 .expression_attribute_names("#status", "status")
                 .expression_attribute_names("#v", "version")
                 .expression_attribute_values(":new", n(p.refunded_amount.cents()))
@@ -573,7 +571,10 @@ impl PaymentStore for DynamoPaymentStore {
                 ("kind".to_owned(), s("refund")),
                 ("refund_of".to_owned(), s(p.id.to_string())),
                 ("amount_cents".to_owned(), n(refund.amount.cents())),
-                ("created_at".to_owned(), n(refund.created_at.timestamp_millis())),
+                (
+                    "created_at".to_owned(),
+                    n(refund.created_at.timestamp_millis()),
+                ),
             ]);
             for (name, value) in [
                 ("provider_reference", &refund.provider_reference),

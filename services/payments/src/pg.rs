@@ -22,8 +22,8 @@ use tokio::sync::Notify;
 use uuid::Uuid;
 
 use crate::store::{
-    DESTINATIONS, Finished, HOLDING_STATUSES, NewRefund, Payment, PaymentStore, Refund,
-    Settlement, StoreError, apply_new_refund, apply_settlement, event_for, outcome_event,
+    DESTINATIONS, Finished, HOLDING_STATUSES, NewRefund, Payment, PaymentStore, Refund, Settlement,
+    StoreError, apply_new_refund, apply_settlement, event_for, outcome_event,
 };
 
 /// Timestamps are Unix milliseconds in BIGINT as in SQLite (and the shared outbox); money is
@@ -124,7 +124,8 @@ fn to_payment(row: &sqlx::postgres::PgRow) -> Result<Payment, StoreError> {
         created_at: time("created_at")?,
         updated_at: time("updated_at")?,
         card_brand: row.try_get("card_brand")?,
-        version: u64::try_from(row.try_get::<i64, _>("version")?).map_err(|_| StoreError::Corrupt)?,
+        version: u64::try_from(row.try_get::<i64, _>("version")?)
+            .map_err(|_| StoreError::Corrupt)?,
     })
 }
 

@@ -177,8 +177,12 @@ impl RefundRequest<'_> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RefundOutcome {
     /// Done, or accepted and certain to complete (Stripe's `pending`).
-    Refunded { reference: String },
-    Failed { reason: String },
+    Refunded {
+        reference: String,
+    },
+    Failed {
+        reason: String,
+    },
 }
 
 /// A payment provider. Implementations must be idempotent by the requests' keys: the same key

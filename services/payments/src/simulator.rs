@@ -19,8 +19,8 @@ use async_trait::async_trait;
 use uuid::Uuid;
 
 use crate::provider::{
-    Card, ChargeOutcome, ChargeRequest, Instrument, PaymentProvider, ProviderError,
-    RefundOutcome, RefundRequest, charge_key,
+    Card, ChargeOutcome, ChargeRequest, Instrument, PaymentProvider, ProviderError, RefundOutcome,
+    RefundRequest, charge_key,
 };
 
 pub const SUCCESS_CARD: &str = "4242424242424242";
@@ -126,9 +126,11 @@ impl PaymentProvider for Simulator {
 
     async fn refund(&self, request: &RefundRequest<'_>) -> Result<RefundOutcome, ProviderError> {
         let mut refunds = self.refunds.lock().map_err(|_| poisoned())?;
-        Ok(refunds.get_or(request.idempotency_key(), || RefundOutcome::Refunded {
-            reference: format!("sim_re_{}", Uuid::new_v4().simple()),
-        }))
+        Ok(
+            refunds.get_or(request.idempotency_key(), || RefundOutcome::Refunded {
+                reference: format!("sim_re_{}", Uuid::new_v4().simple()),
+            }),
+        )
     }
 }
 
@@ -185,7 +187,10 @@ mod tests {
                 ..request(Uuid::now_v7(), &Card::parse(SUCCESS_CARD).unwrap())
             })
             .await,
-            Err(ProviderError::Refused { by_client: true, .. })
+            Err(ProviderError::Refused {
+                by_client: true,
+                ..
+            })
         ));
     }
 

@@ -189,7 +189,8 @@ pub enum StoreError {
     Dynamo(String),
 }
 
-const COLUMNS: &str = "id, order_id, amount_cents, currency, status, payment_method, card_last4, provider_reference,
+const COLUMNS: &str =
+    "id, order_id, amount_cents, currency, status, payment_method, card_last4, provider_reference,
                        failure_reason, refunded_cents, created_at, updated_at, card_brand, version";
 
 fn to_payment(row: &Row<'_>) -> rusqlite::Result<Payment> {
@@ -469,7 +470,10 @@ impl PaymentStore for SqlitePaymentStore {
             .write(move |tx| {
                 let current = load(tx, id)?.ok_or(StoreError::NotFound)?;
                 let Some(payment) = apply_settlement(current.clone(), &settlement, now_ms()) else {
-                    return Ok(Finished { payment: current, changed: false });
+                    return Ok(Finished {
+                        payment: current,
+                        changed: false,
+                    });
                 };
                 tx.execute(
                     "UPDATE payments SET status = ?2, provider_reference = ?3, failure_reason = ?4,
@@ -488,7 +492,10 @@ impl PaymentStore for SqlitePaymentStore {
                 )?;
                 let event = event_for(&payment, outcome_event(&payment), payment.amount)?;
                 outbox::enqueue(tx, &event, DESTINATIONS)?;
-                Ok::<_, StoreError>(Finished { payment, changed: true })
+                Ok::<_, StoreError>(Finished {
+                    payment,
+                    changed: true,
+                })
             })
             .await?;
         if finished.changed {
@@ -655,10 +662,19 @@ mod tests {
     fn refunds_sum_exactly_and_count_versions() {
         let paid = payment("succeeded", 2500, 0, 1);
         let (part, amount) = apply_refund(paid, Some(Money::from_cents(1000).unwrap()), 1).unwrap();
-        assert_eq!((amount.cents(), part.status.as_str(), part.version), (1000, "partially_refunded", 2));
+        assert_eq!(
+            (amount.cents(), part.status.as_str(), part.version),
+            (1000, "partially_refunded", 2)
+        );
         let (rest, amount) = apply_refund(part.clone(), None, 2).unwrap();
-        assert_eq!((amount.cents(), rest.status.as_str(), rest.version), (1500, "refunded", 3));
-        assert!(matches!(apply_refund(rest, None, 3), Err(StoreError::NotRefundable)));
+        assert_eq!(
+            (amount.cents(), rest.status.as_str(), rest.version),
+            (1500, "refunded", 3)
+        );
+        assert!(matches!(
+            apply_refund(rest, None, 3),
+            Err(StoreError::NotRefundable)
+        ));
         assert!(matches!(
             apply_refund(part.clone(), Some(Money::from_cents(1501).unwrap()), 3),
             Err(StoreError::RefundTooLarge { .. })
@@ -675,6 +691,9 @@ mod tests {
             provider_reference: None,
             reason: None,
         };
-        assert!(matches!(apply_new_refund(part, &stale, 4), Err(StoreError::Conflict)));
+        assert!(matches!(
+            apply_new_refund(part, &stale, 4),
+            Err(StoreError::Conflict)
+        ));
     }
 }

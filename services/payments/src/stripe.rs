@@ -186,9 +186,7 @@ impl Stripe {
             // An unknown or unusable payment method is the client's; bad keys are ours.
             by_client: matches!(status, StatusCode::BAD_REQUEST | StatusCode::NOT_FOUND)
                 && error.kind.as_deref() == Some("invalid_request_error"),
-            code: error
-                .code
-                .unwrap_or_else(|| status.as_u16().to_string()),
+            code: error.code.unwrap_or_else(|| status.as_u16().to_string()),
             message: error.message.unwrap_or_default(),
         }
     }
@@ -351,9 +349,9 @@ pub fn verify_signature(
     mac.update(timestamp.to_string().as_bytes());
     mac.update(b".");
     mac.update(body);
-    let matches = signatures.iter().any(|hex| {
-        decode_hex(hex).is_some_and(|bytes| mac.clone().verify_slice(&bytes).is_ok())
-    });
+    let matches = signatures
+        .iter()
+        .any(|hex| decode_hex(hex).is_some_and(|bytes| mac.clone().verify_slice(&bytes).is_ok()));
     if matches {
         Ok(())
     } else {
@@ -406,7 +404,10 @@ mod tests {
         let body = r#"{"type":"payment_intent.succeeded"}"#;
         let now = 1_764_000_000;
         let good = sign(body, now, "whsec_a");
-        assert_eq!(verify_signature(&good, body.as_bytes(), "whsec_a", now), Ok(()));
+        assert_eq!(
+            verify_signature(&good, body.as_bytes(), "whsec_a", now),
+            Ok(())
+        );
         assert_eq!(
             verify_signature(&good, body.as_bytes(), "whsec_a", now + 299),
             Ok(()),
@@ -446,7 +447,8 @@ mod tests {
 
     #[test]
     fn intents_map_to_outcomes() {
-        let intent = |json: serde_json::Value| -> PaymentIntent { serde_json::from_value(json).unwrap() };
+        let intent =
+            |json: serde_json::Value| -> PaymentIntent { serde_json::from_value(json).unwrap() };
         let paid = intent(serde_json::json!({
             "id": "pi_1", "status": "succeeded",
             "metadata": {"mercato_payment_id": "01a20f00-0000-7000-8000-000000000001"},

@@ -58,7 +58,9 @@ pub fn provider(
             let webhook = match &stripe.webhook_secret_file {
                 Some(file) => Some(secret_from(file, "payments.stripe.webhook_secret_file")?),
                 None => {
-                    tracing::warn!("payments.stripe.webhook_secret_file is not set: Stripe webhooks are refused, pending payments wait for the reconciler");
+                    tracing::warn!(
+                        "payments.stripe.webhook_secret_file is not set: Stripe webhooks are refused, pending payments wait for the reconciler"
+                    );
                     None
                 }
             };

@@ -219,7 +219,10 @@ async fn keeps_the_contract(store: Arc<dyn PaymentStore>, outbox: Outbox) {
     let again = store.finish(first.id, &paid("pi_late")).await.unwrap();
     assert!(!again.changed);
     assert_eq!(again.payment, failed.payment);
-    assert_eq!(store.get(first.id).await.unwrap(), Some(failed.payment.clone()));
+    assert_eq!(
+        store.get(first.id).await.unwrap(),
+        Some(failed.payment.clone())
+    );
     assert!(
         !store
             .pending_before(later, 1000)
@@ -237,9 +240,17 @@ async fn keeps_the_contract(store: Arc<dyn PaymentStore>, outbox: Outbox) {
     // A failure holds nothing: the next attempt begins and succeeds; then the order is paid.
     let second = intent(order, 1000);
     store.begin(&second).await.unwrap();
-    let ok = store.finish(second.id, &paid("pi_1")).await.unwrap().payment;
+    let ok = store
+        .finish(second.id, &paid("pi_1"))
+        .await
+        .unwrap()
+        .payment;
     assert_eq!(
-        (ok.status.as_str(), ok.version, ok.provider_reference.as_deref()),
+        (
+            ok.status.as_str(),
+            ok.version,
+            ok.provider_reference.as_deref()
+        ),
         ("succeeded", 1, Some("pi_1"))
     );
     assert_eq!(
@@ -397,21 +408,31 @@ async fn keeps_the_contract(store: Arc<dyn PaymentStore>, outbox: Outbox) {
     }
     assert_eq!((refunded, conflicts), (1, 19));
     let after = store.get(big.id).await.unwrap().unwrap();
-    assert_eq!(
-        (after.refunded_amount, after.version),
-        (cents(100), 2)
-    );
+    assert_eq!((after.refunded_amount, after.version), (cents(100), 2));
     // Refunds one after the other, each from the version the last left, sum exactly.
     let mut current = after;
     for _ in 0..9 {
-        current = store.refund(&refund_of(&current, 100)).await.unwrap().payment;
+        current = store
+            .refund(&refund_of(&current, 100))
+            .await
+            .unwrap()
+            .payment;
     }
     assert_eq!(
-        (current.status.as_str(), current.refunded_amount, current.version),
+        (
+            current.status.as_str(),
+            current.refunded_amount,
+            current.version
+        ),
         ("refunded", cents(1000), 11)
     );
     assert_eq!(
-        outbox.of(big.order_id).await.iter().map(|r| r.4).collect::<Vec<_>>(),
+        outbox
+            .of(big.order_id)
+            .await
+            .iter()
+            .map(|r| r.4)
+            .collect::<Vec<_>>(),
         (1..=11).collect::<Vec<u64>>(),
         "the charge and ten refunds, their sequences the payment's versions"
     );
