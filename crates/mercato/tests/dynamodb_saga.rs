@@ -92,7 +92,10 @@ async fn the_saga_holds_with_orders_payments_and_notifications_on_dynamodb() {
         .unwrap();
     let recorded = payments.by_order(order.parse().unwrap()).await.unwrap();
     assert_eq!(
-        recorded.iter().map(|p| p.status.as_str()).collect::<Vec<_>>(),
+        recorded
+            .iter()
+            .map(|p| p.status.as_str())
+            .collect::<Vec<_>>(),
         ["succeeded"]
     );
 }

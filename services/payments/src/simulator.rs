@@ -37,11 +37,17 @@ pub struct Simulator {
     refunds: Mutex<Remembered<RefundOutcome>>,
 }
 
+/// Outcomes by key, with the amount each key was first sent with.
 #[derive(Debug)]
 struct Remembered<T> {
-    by_key: HashMap<String, T>,
+    by_key: HashMap<String, (i64, T)>,
     order: VecDeque<String>,
 }
+
+/// A key sent again with another amount: refused, as Stripe refuses a reused key with other
+/// parameters, so a replay can never stand for a different request.
+#[derive(Debug)]
+struct KeyReused;
 
 impl<T> Default for Remembered<T> {
     fn default() -> Self {
@@ -53,10 +59,19 @@ impl<T> Default for Remembered<T> {
 }
 
 impl<T: Clone> Remembered<T> {
-    /// The outcome stored under `key`, or `make`'s, stored.
-    fn get_or(&mut self, key: String, make: impl FnOnce() -> T) -> T {
-        if let Some(known) = self.by_key.get(&key) {
-            return known.clone();
+    /// The outcome stored under `key` (sent with `cents`), or `make`'s, stored.
+    fn get_or(
+        &mut self,
+        key: String,
+        cents: i64,
+        make: impl FnOnce() -> T,
+    ) -> Result<T, KeyReused> {
+        if let Some((first_cents, known)) = self.by_key.get(&key) {
+            return if *first_cents == cents {
+                Ok(known.clone())
+            } else {
+                Err(KeyReused)
+            };
         }
         let outcome = make();
         if self.order.len() >= REMEMBERED
@@ -65,8 +80,8 @@ impl<T: Clone> Remembered<T> {
             self.by_key.remove(&oldest);
         }
         self.order.push_back(key.clone());
-        self.by_key.insert(key, outcome.clone());
-        outcome
+        self.by_key.insert(key, (cents, outcome.clone()));
+        Ok(outcome)
     }
 }
 
@@ -116,21 +131,35 @@ impl PaymentProvider for Simulator {
             ));
         };
         let mut charges = self.charges.lock().map_err(|_| poisoned())?;
-        Ok(charges.get_or(request.idempotency_key(), || outcome))
+        charges
+            .get_or(request.idempotency_key(), request.amount.cents(), || {
+                outcome
+            })
+            .map_err(|KeyReused| ProviderError::Refused {
+                by_client: false,
+                code: "idempotency_key_reused".into(),
+                message: "this key was sent with another amount".into(),
+            })
     }
 
     async fn lookup(&self, payment_id: Uuid) -> Result<Option<ChargeOutcome>, ProviderError> {
         let charges = self.charges.lock().map_err(|_| poisoned())?;
-        Ok(charges.by_key.get(&charge_key(payment_id)).cloned())
+        Ok(charges
+            .by_key
+            .get(&charge_key(payment_id))
+            .map(|(_, outcome)| outcome.clone()))
     }
 
     async fn refund(&self, request: &RefundRequest<'_>) -> Result<RefundOutcome, ProviderError> {
         let mut refunds = self.refunds.lock().map_err(|_| poisoned())?;
-        Ok(
-            refunds.get_or(request.idempotency_key(), || RefundOutcome::Refunded {
+        let made = refunds.get_or(request.idempotency_key(), request.amount.cents(), || {
+            RefundOutcome::Refunded {
                 reference: format!("sim_re_{}", Uuid::new_v4().simple()),
-            }),
-        )
+            }
+        });
+        Ok(made.unwrap_or_else(|KeyReused| RefundOutcome::Failed {
+            reason: "idempotency_key_reused: this refund was requested with another amount".into(),
+        }))
     }
 }
 
@@ -215,5 +244,20 @@ mod tests {
             sim.refund(&refund).await.unwrap(),
             sim.refund(&refund).await.unwrap()
         );
+        // The same key for another amount is another request: refused, never a replay.
+        let other = RefundRequest {
+            amount: Money::from_cents(50).unwrap(),
+            ..refund.clone()
+        };
+        assert!(matches!(
+            sim.refund(&other).await.unwrap(),
+            RefundOutcome::Failed { .. }
+        ));
+        let mut cheaper = request(id, &card);
+        cheaper.amount = Money::from_cents(1).unwrap();
+        assert!(matches!(
+            sim.charge(&cheaper).await,
+            Err(ProviderError::Refused { .. })
+        ));
     }
 }

@@ -333,7 +333,7 @@ pub(crate) fn outcome_event(payment: &Payment) -> &'static str {
 /// The refund rules, shared by every backend: only a successful payment, never zero, never
 /// past what is left. Returns the payment as the refund leaves it (one version more) and the
 /// amount refunded (everything left when `amount` is `None`).
-pub fn apply_refund(
+pub(crate) fn apply_refund(
     mut payment: Payment,
     amount: Option<Money>,
     now_ms: i64,

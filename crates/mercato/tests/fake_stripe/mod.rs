@@ -23,8 +23,8 @@ pub const SECRET_KEY: &str = "sk_test_fake_0123456789";
 
 #[derive(Default)]
 struct Books {
-    /// Idempotency-Key → (status, body) of its first answer.
-    answers: HashMap<String, (StatusCode, Value)>,
+    /// Idempotency-Key → the amount it was first sent with, and (status, body) of its answer.
+    answers: HashMap<String, (i64, StatusCode, Value)>,
     intents: Vec<Value>,
     refunds: Vec<Value>,
 }
@@ -127,6 +127,21 @@ fn metadata(form: &FormBody) -> Value {
     Value::Object(out)
 }
 
+/// Stripe's idempotency: the first answer again for the same key and parameters, an
+/// `idempotency_error` for the same key with others.
+fn replay(books: &Books, key: &str, amount: i64) -> Option<(StatusCode, Json<Value>)> {
+    let (first_amount, status, body) = books.answers.get(key)?;
+    Some(if *first_amount == amount {
+        (*status, Json(body.clone()))
+    } else {
+        error(
+            StatusCode::BAD_REQUEST,
+            "idempotency_error",
+            "Keys for idempotent requests can only be used with the same parameters they were first used with.",
+        )
+    })
+}
+
 async fn create_intent(
     State(fake): State<FakeStripe>,
     headers: HeaderMap,
@@ -145,10 +160,10 @@ async fn create_intent(
     };
     let (status, body) = {
         let mut books = fake.books.lock().unwrap();
-        if let Some((status, body)) = books.answers.get(key) {
-            return (*status, Json(body.clone()));
-        }
         let amount: i64 = field(&form, "amount").unwrap().parse().unwrap();
+        if let Some(answer) = replay(&books, key, amount) {
+            return answer;
+        }
         let currency = field(&form, "currency").unwrap();
         assert_eq!(currency, currency.to_lowercase(), "Stripe wants lowercase");
         assert_eq!(field(&form, "confirm"), Some("true"));
@@ -183,7 +198,9 @@ async fn create_intent(
             }
             None => intent,
         };
-        books.answers.insert(key.to_owned(), (status, body.clone()));
+        books
+            .answers
+            .insert(key.to_owned(), (amount, status, body.clone()));
         (status, body)
     };
     let pid = fake.kill_on_charge.swap(0, Ordering::SeqCst);
@@ -272,13 +289,13 @@ async fn create_refund(
         );
     };
     let mut books = fake.books.lock().unwrap();
-    if let Some((status, body)) = books.answers.get(key) {
-        return (*status, Json(body.clone()));
+    let amount: i64 = field(&form, "amount").unwrap().parse().unwrap();
+    if let Some(answer) = replay(&books, key, amount) {
+        return answer;
     }
     let intent_id = field(&form, "payment_intent")
         .unwrap_or_default()
         .to_owned();
-    let amount: i64 = field(&form, "amount").unwrap().parse().unwrap();
     let Some(intent) = books.intents.iter().find(|i| i["id"] == intent_id.as_str()) else {
         return error(
             StatusCode::NOT_FOUND,
@@ -311,6 +328,6 @@ async fn create_refund(
     books.refunds.push(refund.clone());
     books
         .answers
-        .insert(key.to_owned(), (StatusCode::OK, refund.clone()));
+        .insert(key.to_owned(), (amount, StatusCode::OK, refund.clone()));
     (StatusCode::OK, Json(refund))
 }
