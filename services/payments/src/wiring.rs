@@ -161,3 +161,34 @@ pub async fn start(shared: &Shared<'_>, transports: &Transports) -> Result<Start
         ready,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn the_simulator_is_refused_in_production_and_stripe_needs_its_key() {
+        let mut settings = Settings::default();
+        assert_eq!(provider(&settings).unwrap().0.name(), "simulator");
+        settings.environment = "production".into();
+        let refused = provider(&settings).unwrap_err().to_string();
+        assert!(refused.contains("simulator"), "{refused}");
+
+        settings.payments.provider = ProviderChoice::Stripe;
+        let refused = provider(&settings).unwrap_err().to_string();
+        assert!(refused.contains("secret_key_file"), "{refused}");
+
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("key");
+        std::fs::write(&key, "  \n").unwrap();
+        settings.payments.stripe.secret_key_file = Some(key.clone());
+        assert!(provider(&settings).is_err(), "an empty key file");
+        std::fs::write(&key, "sk_live_secret_value\n").unwrap();
+        let (stripe, webhook) = provider(&settings).unwrap();
+        assert_eq!(stripe.name(), "stripe");
+        assert!(stripe.needs_token());
+        assert!(webhook.is_none());
+        assert!(!format!("{stripe:?}").contains("secret_value"));
+    }
+}
