@@ -53,7 +53,7 @@ pub struct Settings {
     pub users: ServiceSettings,
     pub products: ServiceSettings,
     pub orders: ServiceSettings,
-    pub payments: ServiceSettings,
+    pub payments: PaymentsSettings,
     pub notifications: ServiceSettings,
     pub analytics: ServiceSettings,
     pub saga: SagaSettings,
@@ -66,6 +66,9 @@ pub struct Settings {
     pub currency: String,
     pub auth: AuthSettings,
     pub ops: OpsSettings,
+    /// `development` (the default), `production`, or any other name a deployment uses.
+    /// `production` refuses what only a developer may run (the payment simulator).
+    pub environment: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -77,6 +80,134 @@ pub struct ServiceSettings {
     pub url: Option<String>,
     /// Storage URL; `sqlite://<data_dir>/<service>.db` when unset.
     pub database_url: Option<String>,
+}
+
+/// The payments service: where it listens and stores, like every service, and which payment
+/// provider takes the money. In mercato.toml these are all keys of `[payments]`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(from = "PaymentsKeys", into = "PaymentsKeys")]
+pub struct PaymentsSettings {
+    pub service: ServiceSettings,
+    pub provider: PaymentProvider,
+    pub stripe: StripeSettings,
+    /// A payment left `pending` (its process died between charging and recording, or the
+    /// provider is still working) is looked up at the provider once it is this old. Longer
+    /// than a charge call can take, and than Stripe's search index lags.
+    pub reconcile_after_secs: u64,
+    /// How often pending payments are looked for (and once at start-up).
+    pub reconcile_interval_secs: u64,
+}
+
+/// Lets the platform's service-generic code (ports, urls, database urls) treat the payments
+/// settings as any service's.
+impl std::ops::Deref for PaymentsSettings {
+    type Target = ServiceSettings;
+    fn deref(&self) -> &ServiceSettings {
+        &self.service
+    }
+}
+
+impl std::ops::DerefMut for PaymentsSettings {
+    fn deref_mut(&mut self) -> &mut ServiceSettings {
+        &mut self.service
+    }
+}
+
+/// `[payments]` as written: one flat table, unknown keys refused (serde's `flatten` cannot
+/// refuse them, hence this shape and the conversions).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct PaymentsKeys {
+    port: u16,
+    url: Option<String>,
+    database_url: Option<String>,
+    provider: PaymentProvider,
+    stripe: StripeSettings,
+    reconcile_after_secs: u64,
+    reconcile_interval_secs: u64,
+}
+
+impl Default for PaymentsKeys {
+    fn default() -> Self {
+        PaymentsSettings::default().into()
+    }
+}
+
+impl From<PaymentsKeys> for PaymentsSettings {
+    fn from(k: PaymentsKeys) -> Self {
+        PaymentsSettings {
+            service: ServiceSettings {
+                port: k.port,
+                url: k.url,
+                database_url: k.database_url,
+            },
+            provider: k.provider,
+            stripe: k.stripe,
+            reconcile_after_secs: k.reconcile_after_secs,
+            reconcile_interval_secs: k.reconcile_interval_secs,
+        }
+    }
+}
+
+impl From<PaymentsSettings> for PaymentsKeys {
+    fn from(s: PaymentsSettings) -> Self {
+        PaymentsKeys {
+            port: s.service.port,
+            url: s.service.url,
+            database_url: s.service.database_url,
+            provider: s.provider,
+            stripe: s.stripe,
+            reconcile_after_secs: s.reconcile_after_secs,
+            reconcile_interval_secs: s.reconcile_interval_secs,
+        }
+    }
+}
+
+impl Default for PaymentsSettings {
+    fn default() -> Self {
+        PaymentsSettings {
+            service: ServiceSettings::default(),
+            provider: PaymentProvider::Simulator,
+            stripe: StripeSettings::default(),
+            reconcile_after_secs: 120,
+            reconcile_interval_secs: 60,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum PaymentProvider {
+    /// Deterministic test cards, no money moves: development and tests only (refused when
+    /// `environment = "production"`).
+    #[default]
+    Simulator,
+    Stripe,
+}
+
+/// Stripe's REST API. The secrets are read from files (a mounted Kubernetes secret) at
+/// start-up and never logged.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct StripeSettings {
+    pub api_base: String,
+    /// The secret API key (`sk_live_...`), alone in the file.
+    pub secret_key_file: Option<PathBuf>,
+    /// The webhook endpoint's signing secret (`whsec_...`); webhooks are refused without it.
+    pub webhook_secret_file: Option<PathBuf>,
+    /// Whole-call timeout of one API call.
+    pub timeout_ms: u64,
+}
+
+impl Default for StripeSettings {
+    fn default() -> Self {
+        StripeSettings {
+            api_base: "https://api.stripe.com".into(),
+            secret_key_file: None,
+            webhook_secret_file: None,
+            timeout_ms: 10_000,
+        }
+    }
 }
 
 impl ServiceSettings {
@@ -336,7 +467,10 @@ impl Default for Settings {
             users: ServiceSettings::on(8001),
             products: ServiceSettings::on(8002),
             orders: ServiceSettings::on(8003),
-            payments: ServiceSettings::on(8004),
+            payments: PaymentsSettings {
+                service: ServiceSettings::on(8004),
+                ..PaymentsSettings::default()
+            },
             notifications: ServiceSettings::on(8005),
             analytics: ServiceSettings::on(8006),
             saga: SagaSettings::default(),
@@ -347,6 +481,7 @@ impl Default for Settings {
             currency: "INR".into(),
             auth: AuthSettings::default(),
             ops: OpsSettings::default(),
+            environment: "development".into(),
         }
     }
 }
@@ -741,10 +876,40 @@ mod tests {
     }
 
     #[test]
+    fn payments_keys_sit_beside_the_service_keys() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "mercato.toml",
+                "environment = \"production\"\n[payments]\nport = 9104\nprovider = \"stripe\"\n\
+                 [payments.stripe]\nsecret_key_file = \"/run/secrets/stripe\"\n",
+            )?;
+            jail.set_env("MERCATO_PAYMENTS__DATABASE_URL", "postgres://db/payments");
+            let s = Settings::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(s.environment, "production");
+            assert_eq!(s.payments.port, 9104);
+            assert_eq!(s.payments.provider, PaymentProvider::Stripe);
+            assert_eq!(
+                s.payments.stripe.secret_key_file.as_deref(),
+                Some(Path::new("/run/secrets/stripe"))
+            );
+            assert_eq!(s.payments.stripe.api_base, "https://api.stripe.com");
+            assert_eq!(
+                s.database_url(&s.payments, "payments"),
+                "postgres://db/payments"
+            );
+            assert_eq!(Settings::default().environment, "development");
+            assert_eq!(Settings::default().payments.port, 8004);
+            Ok(())
+        });
+    }
+
+    #[test]
     fn unknown_keys_are_refused() {
         figment::Jail::expect_with(|jail| {
             jail.create_file("mercato.toml", "[orders]\nprot = 1\n")?;
             assert!(Settings::load(None).is_err());
+            jail.create_file("mercato.toml", "[payments]\nprovder = \"stripe\"\n")?;
+            assert!(Settings::load(None).is_err(), "in [payments] too");
             Ok(())
         });
     }

@@ -282,6 +282,15 @@ impl World {
                 [401, 403, 403, 201],
             ),
         );
+        // Stripe's, signed not authenticated: a token changes nothing, an unsigned call is a 400.
+        cases.insert(
+            ("POST", "/api/v1/payments/webhooks/stripe"),
+            case(
+                "/api/v1/payments/webhooks/stripe".into(),
+                Some(json!({"type": "payment_intent.succeeded"})),
+                [400, 400, 400, 400],
+            ),
+        );
         cases.insert(
             ("GET", "/api/v1/payments/order/{order_id}"),
             case(
@@ -489,8 +498,13 @@ async fn internal_routes_are_for_services_only() {
             "POST",
             format!("/internal/v1/orders/{id}/status"),
         ),
+        (
+            ServiceName::Payments,
+            "POST",
+            format!("/internal/v1/payments/{id}/compensate"),
+        ),
     ];
-    let body = json!({"order_id": id, "items": [], "hold_secs": 1, "status": "paid"});
+    let body = json!({"order_id": id, "items": [], "hold_secs": 1, "status": "paid", "reason": "order_cancelled"});
     for (service, method, path) in &routes {
         let base = platform.url(*service).unwrap();
         for token in [None, app.token.as_deref()] {

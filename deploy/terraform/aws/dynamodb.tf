@@ -95,10 +95,10 @@ resource "aws_dynamodb_table" "orders" {
 }
 
 # Items told apart by `kind` (services/payments/src/dynamo.rs): `payment` (payment_id = the
-# payment's UUID), `success` guard (payment_id = "success#<order_id>": one successful payment
-# per order), `refund` (payment_id = "refund#<id>"), `idempotency` (payment_id =
+# payment's UUID), `active` guard (payment_id = "active#<order_id>": one payment in flight or
+# successful per order), `refund` (payment_id = "refund#<id>"), `idempotency` (payment_id =
 # "idempotency#<key>"). Only payment items carry order_id and created_at, so only they are in
-# the index.
+# the indexes.
 resource "aws_dynamodb_table" "payments" {
   name         = "${var.name_prefix}-payments"
   billing_mode = "PAY_PER_REQUEST"
@@ -117,11 +117,23 @@ resource "aws_dynamodb_table" "payments" {
     name = "created_at"
     type = "N"
   }
+  # Always "pending", present only while the payment is pending (a sparse index).
+  attribute {
+    name = "pending"
+    type = "S"
+  }
 
   # GET /api/v1/payments/order/{order_id}.
   global_secondary_index {
     name            = "order_id-created_at"
     hash_key        = "order_id"
+    range_key       = "created_at"
+    projection_type = "ALL"
+  }
+  # The reconciler: payments left pending (a crash between charge and record).
+  global_secondary_index {
+    name            = "pending-created_at"
+    hash_key        = "pending"
     range_key       = "created_at"
     projection_type = "ALL"
   }

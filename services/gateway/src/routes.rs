@@ -173,6 +173,13 @@ pub const PUBLIC_ROUTES: &[PublicRoute] = &[
         Service::Payments,
         Access::Admin,
     ),
+    // Stripe calls it; its signature, not a token, is checked (by the payments service).
+    route(
+        "POST",
+        "/api/v1/payments/webhooks/stripe",
+        Service::Payments,
+        Access::Anyone,
+    ),
     route(
         "GET",
         "/api/v1/payments/order/{order_id}",

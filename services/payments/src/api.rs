@@ -1,33 +1,44 @@
-//! HTTP handlers and DTOs of the payments service.
+//! HTTP handlers and DTOs of the payments service: paying an order (intent first, then the
+//! provider), reading payments, refunds (admin, `Idempotency-Key`), the compensation the orders
+//! service calls, and Stripe's webhook.
 
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::middleware;
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use bytes::Bytes;
 use chrono::DateTime;
-use http::Method;
 use kit::Money;
 use kit::Problem;
-use kit::auth::{Admin, AuthUser, Caller};
+use kit::auth::{Admin, AuthUser, Caller, ServiceCaller};
 use kit::client::{CallError, ServiceClient};
+use kit::config::Secret;
 use kit::db::now_ms;
 use kit::extract::{self, Path};
 use kit::idempotency::{self, Idempotency};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::provider::{self, Card, Charge};
+use crate::flow::{self, Followed};
+use crate::provider::{
+    Card, ChargeOutcome, ChargeRequest, Instrument, PaymentProvider, ProviderError,
+};
+use crate::simulator::SUCCESS_CARD;
 use crate::store::{Payment, PaymentStore, Refund, StoreError};
+use crate::stripe::{self, PaymentIntent};
 
 #[derive(Debug, Clone)]
 pub struct ApiContext {
-    /// SQLite or PostgreSQL, chosen at start-up from the database URL.
+    /// SQLite, PostgreSQL or DynamoDB, chosen at start-up from the database URL.
     pub store: Arc<dyn PaymentStore>,
     pub orders: ServiceClient,
     pub idempotency: Idempotency,
+    pub provider: Arc<dyn PaymentProvider>,
+    /// Stripe's webhook signing secret; webhooks are refused without one.
+    pub webhook_secret: Option<Secret>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -38,18 +49,34 @@ pub struct CreatePayment {
     pub amount: Option<Money>,
     #[serde(default)]
     pub currency: Option<String>,
-    /// Free text as the seed's clients send it (`credit_card`, ...).
+    /// Free text as the seed's clients send it (`credit_card`, ...): stored, returned, and
+    /// passed to the provider as metadata.
     #[serde(default)]
     pub payment_method: Option<String>,
-    /// A test card number (see the provider table); the always-succeeding card when absent.
+    /// The simulator only: a test card number (see its table); the always-succeeding card
+    /// when absent. Never stored: only its brand and last four are.
     #[serde(default)]
-    pub card_number: Option<String>,
+    pub card_number: Option<CardNumber>,
+    /// A real provider's payment method (`pm_...` at Stripe); required with one.
+    #[serde(default)]
+    pub payment_method_token: Option<String>,
     /// Sent by the seed's clients: when present it must be the order's user.
     #[serde(default)]
     pub user_id: Option<Uuid>,
     /// Sent by the seed's clients and ignored: the last four digits come from the card.
     #[serde(default)]
     pub card_last_four: Option<String>,
+}
+
+/// A card number in a request body: `Debug` never shows it.
+#[derive(Clone, Deserialize)]
+#[serde(transparent)]
+pub struct CardNumber(String);
+
+impl std::fmt::Debug for CardNumber {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CardNumber(..)")
+    }
 }
 
 /// A page of an order's payments, in the seed's shape.
@@ -66,6 +93,13 @@ pub struct RefundRequest {
     pub amount: Option<Money>,
 }
 
+/// The orders service's request to give an order's money back.
+#[derive(Debug, Deserialize)]
+pub struct Compensation {
+    /// Why (`order_cancelled`, ...): 1 to 64 characters, kept with the refund.
+    pub reason: String,
+}
+
 /// The part of an order payments needs.
 #[derive(Debug, Deserialize)]
 struct OrderView {
@@ -76,36 +110,39 @@ struct OrderView {
     currency: String,
 }
 
-#[derive(Debug, Serialize)]
-struct StatusChange<'a> {
-    status: &'a str,
-}
-
 pub fn router(ctx: ApiContext) -> Router {
+    let keyed = || middleware::from_fn_with_state(ctx.idempotency.clone(), idempotency::guard);
     Router::new()
-        .route(
-            "/api/v1/payments",
-            post(create_payment).layer(middleware::from_fn_with_state(
-                ctx.idempotency.clone(),
-                idempotency::guard,
-            )),
-        )
+        .route("/api/v1/payments", post(create_payment).layer(keyed()))
         .route("/api/v1/payments/{id}", get(get_payment))
         .route("/api/v1/payments/order/{order_id}", get(payments_of_order))
-        .route("/api/v1/payments/{id}/refund", post(refund_payment))
+        .route(
+            "/api/v1/payments/{id}/refund",
+            post(refund_payment).layer(keyed()),
+        )
+        .route("/api/v1/payments/webhooks/stripe", post(stripe_webhook))
+        .route("/internal/v1/payments/{id}/compensate", post(compensate))
         .with_state(ctx)
 }
 
-fn store_problem(e: StoreError) -> Problem {
+pub(crate) fn store_problem(e: StoreError) -> Problem {
     match e {
         StoreError::AlreadyPaid => Problem::conflict(
             "already-paid",
             "this order already has a successful payment",
         ),
+        StoreError::InProgress => Problem::conflict(
+            "payment-in-progress",
+            "a payment of this order is in progress; its outcome will be known shortly",
+        ),
         StoreError::NotFound => Problem::not_found("the payment"),
         StoreError::NotRefundable => Problem::conflict(
             "not-refundable",
             "only a successful payment can be refunded",
+        ),
+        StoreError::Conflict => Problem::conflict(
+            "refund-conflict",
+            "another refund of this payment was recorded meanwhile; retry",
         ),
         StoreError::RefundTooLarge {
             requested,
@@ -123,17 +160,49 @@ fn store_problem(e: StoreError) -> Problem {
     }
 }
 
+/// What pays: a card (the simulator) or a payment method token (a real provider).
+enum Paying {
+    Card(Card),
+    Token(String),
+}
+
+fn paying_with(ctx: &ApiContext, body: &CreatePayment) -> Result<Paying, Problem> {
+    if !ctx.provider.needs_token() {
+        let number = body
+            .card_number
+            .as_ref()
+            .map_or(SUCCESS_CARD, |n| n.0.as_str());
+        return Card::parse(number)
+            .map(Paying::Card)
+            .map_err(|e| Problem::invalid(e.to_string()).with("field", "card_number"));
+    }
+    if body.card_number.is_some() {
+        return Err(Problem::invalid(
+            "card numbers are not accepted: send the payment_method_token your payment form got from the provider",
+        )
+        .with("field", "card_number"));
+    }
+    match body.payment_method_token.as_deref().map(str::trim) {
+        Some(token)
+            if !token.is_empty()
+                && token.len() <= 255
+                && token.bytes().all(|b| b.is_ascii_graphic()) =>
+        {
+            Ok(Paying::Token(token.to_owned()))
+        }
+        _ => Err(Problem::invalid(
+            "payment_method_token (1 to 255 printable characters) is required",
+        )
+        .with("field", "payment_method_token")),
+    }
+}
+
 async fn create_payment(
     State(ctx): State<ApiContext>,
     AuthUser(caller): AuthUser,
     extract::Json(body): extract::Json<CreatePayment>,
 ) -> Result<(StatusCode, Json<Payment>), Problem> {
-    let card = Card::parse(
-        body.card_number
-            .as_deref()
-            .unwrap_or(provider::SUCCESS_CARD),
-    )
-    .map_err(|e| Problem::invalid(e.to_string()).with("field", "card_number"))?;
+    let paying = paying_with(&ctx, &body)?;
     let method = body.payment_method.as_deref().unwrap_or("card").trim();
     if method.is_empty() || method.len() > 50 {
         return Err(
@@ -176,69 +245,83 @@ async fn create_payment(
                 .with("field", "currency"),
         );
     }
-    if ctx
-        .store
-        .has_success(order.id)
-        .await
-        .map_err(store_problem)?
-    {
-        return Err(store_problem(StoreError::AlreadyPaid));
-    }
     if order.status != "pending" {
+        let payments = ctx.store.by_order(order.id).await.map_err(store_problem)?;
+        if payments
+            .iter()
+            .any(|p| matches!(p.status.as_str(), "succeeded" | "partially_refunded"))
+        {
+            return Err(store_problem(StoreError::AlreadyPaid));
+        }
         return Err(Problem::conflict(
             "order-not-payable",
             format!("the order is {}", order.status),
         ));
     }
 
+    // The intent, before any money moves: one per order, so a concurrent attempt stops here.
     let now = DateTime::from_timestamp_millis(now_ms()).unwrap_or_default();
-    let mut payment = Payment {
+    let (card_brand, card_last4) = match &paying {
+        Paying::Card(card) => (Some(card.brand().to_owned()), Some(card.last4().to_owned())),
+        Paying::Token(_) => (None, None),
+    };
+    let payment = Payment {
         id: Uuid::now_v7(),
         order_id: order.id,
         amount: order.total_amount,
         currency: order.currency.clone(),
-        status: String::new(),
+        status: "pending".into(),
         payment_method: method.to_owned(),
-        card_last4: Some(card.last4().to_owned()),
+        card_brand,
+        card_last4,
         provider_reference: None,
         failure_reason: None,
         refunded_amount: Money::ZERO,
+        version: 0,
         created_at: now,
         updated_at: now,
     };
-    match provider::charge(&card, order.total_amount) {
-        Charge::Succeeded { reference } => {
-            payment.status = "succeeded".into();
-            payment.provider_reference = Some(reference);
-            ctx.store.record(&payment).await.map_err(store_problem)?;
-            metrics::counter!("payments_total", "outcome" => "succeeded").increment(1);
-            if let Err(CallError::Rejected {
-                status: StatusCode::CONFLICT,
-                ..
-            }) = move_order(&ctx, order.id, &["paid"]).await
-            {
-                // The order stopped being payable while the card was charged (it expired or
-                // was cancelled): give the money back rather than keep it for nothing.
-                let refund = ctx
-                    .store
-                    .refund(payment.id, None)
-                    .await
-                    .map_err(store_problem)?;
-                metrics::counter!("payments_total", "outcome" => "refunded_unpayable").increment(1);
-                return Err(Problem::conflict(
-                    "order-not-payable",
-                    "the order was cancelled while it was being paid; the charge has been refunded",
-                )
-                .with("payment_id", refund.payment.id.to_string()));
-            }
-            Ok((StatusCode::CREATED, Json(payment)))
+    ctx.store.begin(&payment).await.map_err(store_problem)?;
+
+    let request = ChargeRequest {
+        payment_id: payment.id,
+        order_id: order.id,
+        amount: payment.amount,
+        currency: &payment.currency,
+        instrument: match &paying {
+            Paying::Card(card) => Instrument::Card(card),
+            Paying::Token(token) => Instrument::Token(token),
+        },
+        method_label: method,
+    };
+    let outcome = match ctx.provider.charge(&request).await {
+        Ok(outcome) => outcome,
+        Err(e) => return Err(charge_failed(&ctx, &payment, e).await),
+    };
+    let Some(settlement) = flow::settlement(outcome.clone()) else {
+        // Still processing at the provider: a webhook or the reconciler finishes it.
+        metrics::counter!("payments_total", "outcome" => "processing").increment(1);
+        return Ok((StatusCode::ACCEPTED, Json(payment)));
+    };
+    let (finished, followed) = flow::finish(&ctx, payment.id, &settlement)
+        .await
+        .map_err(store_problem)?;
+    let payment = finished.payment;
+    match followed {
+        Followed::RefundedUnpayable(_) | Followed::UnpayableNotRefunded => {
+            let detail = if matches!(followed, Followed::RefundedUnpayable(_)) {
+                "the order was cancelled while it was being paid; the charge has been refunded"
+            } else {
+                "the order was cancelled while it was being paid; the charge will be refunded"
+            };
+            return Err(Problem::conflict("order-not-payable", detail)
+                .with("payment_id", payment.id.to_string()));
         }
-        Charge::Declined { reason } => {
-            payment.status = "failed".into();
-            payment.failure_reason = Some(reason.to_owned());
-            ctx.store.record(&payment).await.map_err(store_problem)?;
-            metrics::counter!("payments_total", "outcome" => "declined").increment(1);
-            let _ = move_order(&ctx, order.id, &["payment_failed", "cancelled"]).await;
+        Followed::Done => {}
+    }
+    match payment.status.as_str() {
+        "failed" => {
+            let reason = payment.failure_reason.clone().unwrap_or_default();
             Err(Problem::new(
                 StatusCode::PAYMENT_REQUIRED,
                 "payment-declined",
@@ -248,31 +331,58 @@ async fn create_payment(
             .with("payment_id", payment.id.to_string())
             .with("reason", reason))
         }
-        Charge::Unreachable => {
-            metrics::counter!("payments_total", "outcome" => "provider_unreachable").increment(1);
-            Err(Problem::unavailable("payment provider"))
-        }
+        "pending" => Ok((StatusCode::ACCEPTED, Json(payment))),
+        _ => Ok((StatusCode::CREATED, Json(payment))),
     }
 }
 
-/// The fast path of the saga: move the order now. If this fails the order still follows,
-/// from the `payment.*` event the orders service consumes.
-async fn move_order(ctx: &ApiContext, order_id: Uuid, statuses: &[&str]) -> Result<(), CallError> {
-    for status in statuses {
-        if let Err(e) = ctx
-            .orders
-            .send(
-                Method::POST,
-                &format!("/internal/v1/orders/{order_id}/status"),
-                Some(&StatusChange { status }),
-            )
-            .await
-        {
-            tracing::warn!(%order_id, status, error = %e, "order not moved now; the payment event will move it");
-            return Err(e);
+/// The provider did not answer with an outcome: withdraw the intent when nothing can have been
+/// charged; otherwise keep it pending for the reconciler (or a webhook) to finish.
+async fn charge_failed(ctx: &ApiContext, payment: &Payment, e: ProviderError) -> Problem {
+    let withdraw = !matches!(e, ProviderError::Unknown(_));
+    if withdraw && let Err(abandon) = ctx.store.abandon(payment.id).await {
+        tracing::error!(payment_id = %payment.id, error = %abandon, "a payment intent could not be withdrawn; the reconciler will");
+    }
+    match e {
+        ProviderError::Refused {
+            by_client: true,
+            code,
+            message,
+        } => {
+            metrics::counter!("payments_total", "outcome" => "method_refused").increment(1);
+            Problem::invalid(format!(
+                "the payment provider refused the payment method: {message}"
+            ))
+            .with("field", "payment_method_token")
+            .with("reason", code)
+        }
+        ProviderError::Refused { code, message, .. } => {
+            tracing::error!(
+                provider = ctx.provider.name(),
+                code,
+                message,
+                "the payment provider refused our request; check the payments.stripe settings"
+            );
+            metrics::counter!("payments_total", "outcome" => "provider_refused").increment(1);
+            Problem::unavailable("payment provider")
+        }
+        ProviderError::NotSent(reason) => {
+            tracing::warn!(
+                provider = ctx.provider.name(),
+                reason,
+                "payment provider unreachable; nothing charged"
+            );
+            metrics::counter!("payments_total", "outcome" => "provider_unreachable").increment(1);
+            Problem::unavailable("payment provider")
+        }
+        ProviderError::Unknown(reason) => {
+            tracing::warn!(payment_id = %payment.id, provider = ctx.provider.name(), reason, "charge outcome unknown; the payment stays pending until it is looked up");
+            metrics::counter!("payments_total", "outcome" => "unknown").increment(1);
+            Problem::unavailable("payment provider")
+                .with_detail("the payment's outcome is not known yet; it stays pending and is looked up shortly")
+                .with("payment_id", payment.id.to_string())
         }
     }
-    Ok(())
 }
 
 /// Whether `caller` may see what belongs to order `order_id`: administrators may; a customer
@@ -343,13 +453,141 @@ async fn refund_payment(
     extract::OptionalJson(body): extract::OptionalJson<RefundRequest>,
 ) -> Result<(StatusCode, Json<Refund>), Problem> {
     let request = body.unwrap_or_default();
-    let refund = ctx
+    let payment = ctx
         .store
-        .refund(id, request.amount)
+        .get(id)
         .await
-        .map_err(store_problem)?;
+        .map_err(store_problem)?
+        .ok_or_else(|| Problem::not_found("the payment"))?;
+    let refund = flow::refund(&ctx, payment, request.amount, None).await?;
     if refund.payment.status == "refunded" {
-        let _ = move_order(&ctx, refund.payment.order_id, &["refunded"]).await;
+        flow::move_order(&ctx, refund.payment.order_id, &["refunded"]).await;
     }
     Ok((StatusCode::CREATED, Json(refund)))
+}
+
+/// How often a compensation re-reads the payment when a refund lands meanwhile.
+const COMPENSATION_ATTEMPTS: usize = 3;
+
+/// The orders service gives an order's money back (it was cancelled after it was paid):
+/// whatever is left of the payment is refunded. Idempotent: a refunded payment is answered as
+/// it is.
+async fn compensate(
+    State(ctx): State<ApiContext>,
+    ServiceCaller(caller): ServiceCaller,
+    Path(id): Path<Uuid>,
+    extract::Json(body): extract::Json<Compensation>,
+) -> Result<Json<Payment>, Problem> {
+    let reason = body.reason.trim();
+    if reason.is_empty() || reason.chars().count() > 64 {
+        return Err(Problem::invalid("reason must be 1 to 64 characters").with("field", "reason"));
+    }
+    for _ in 0..COMPENSATION_ATTEMPTS {
+        let payment = ctx
+            .store
+            .get(id)
+            .await
+            .map_err(store_problem)?
+            .ok_or_else(|| Problem::not_found("the payment"))?;
+        match payment.status.as_str() {
+            "refunded" => return Ok(Json(payment)),
+            "succeeded" | "partially_refunded" => {}
+            other => {
+                return Err(Problem::conflict(
+                    "not-refundable",
+                    format!("the payment is {other}: nothing was taken to give back"),
+                ));
+            }
+        }
+        match flow::refund(&ctx, payment, None, Some(reason)).await {
+            Ok(refund) => {
+                tracing::info!(payment_id = %id, caller, reason, "payment compensated");
+                metrics::counter!("payments_compensations_total").increment(1);
+                return Ok(Json(refund.payment));
+            }
+            // Another refund landed meanwhile: what is left changed, look again.
+            Err(problem) if problem.status == StatusCode::CONFLICT.as_u16() => continue,
+            Err(problem) => return Err(problem),
+        }
+    }
+    Err(store_problem(StoreError::Conflict))
+}
+
+/// Stripe's webhook: a signed event finishes the pending payment its intent names.
+async fn stripe_webhook(
+    State(ctx): State<ApiContext>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<serde_json::Value>, Problem> {
+    let refused = |detail: String| {
+        metrics::counter!("payments_webhooks_total", "outcome" => "refused").increment(1);
+        Problem::new(
+            StatusCode::BAD_REQUEST,
+            "invalid-signature",
+            "Invalid signature",
+        )
+        .with_detail(detail)
+    };
+    // Unconfigured, no signature can be valid: the same refusal as a forged one.
+    let Some(secret) = &ctx.webhook_secret else {
+        return Err(refused(
+            "no webhook secret is configured (payments.stripe.webhook_secret_file)".into(),
+        ));
+    };
+    let signature = headers
+        .get("stripe-signature")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    let now = now_ms() / 1000;
+    stripe::verify_signature(signature, &body, secret.expose(), now)
+        .map_err(|e| refused(e.to_string()))?;
+    let event: stripe::Event = serde_json::from_slice(&body)
+        .map_err(|e| Problem::bad_request(format!("not a Stripe event: {e}")))?;
+    let ignored = |why: &str| {
+        metrics::counter!("payments_webhooks_total", "outcome" => "ignored").increment(1);
+        Ok(Json(serde_json::json!({"received": true, "ignored": why})))
+    };
+    if !matches!(
+        event.kind.as_str(),
+        "payment_intent.succeeded" | "payment_intent.payment_failed" | "payment_intent.canceled"
+    ) {
+        return ignored("event type not used");
+    }
+    let intent: PaymentIntent = serde_json::from_value(event.data.object)
+        .map_err(|e| Problem::bad_request(format!("not a payment intent: {e}")))?;
+    let Some(payment_id) = intent.payment_id() else {
+        return ignored("not a Mercato payment");
+    };
+    let outcome = intent.outcome();
+    let Some(settlement) = flow::settlement(outcome.clone()) else {
+        return ignored("still processing");
+    };
+    match flow::finish(&ctx, payment_id, &settlement).await {
+        Ok((finished, _)) => {
+            if !finished.changed && !agrees(&finished.payment, &outcome) {
+                tracing::error!(%payment_id, status = finished.payment.status, ?outcome,
+                    "Stripe reports another outcome than the one recorded; look at this payment");
+                metrics::counter!("payments_webhooks_total", "outcome" => "disagrees").increment(1);
+            } else {
+                metrics::counter!("payments_webhooks_total", "outcome" => "applied").increment(1);
+            }
+            Ok(Json(serde_json::json!({"received": true})))
+        }
+        Err(StoreError::NotFound) => {
+            tracing::error!(%payment_id, intent = intent.id, "Stripe reports a payment this service does not have");
+            ignored("unknown payment")
+        }
+        Err(e) => Err(store_problem(e)),
+    }
+}
+
+/// Whether a recorded payment says what the provider says.
+fn agrees(payment: &Payment, outcome: &ChargeOutcome) -> bool {
+    match outcome {
+        ChargeOutcome::Succeeded { .. } => {
+            payment.status != "failed" && payment.status != "pending"
+        }
+        ChargeOutcome::Declined { .. } => payment.status == "failed",
+        ChargeOutcome::Processing { .. } => true,
+    }
 }

@@ -1,12 +1,13 @@
 //! The payments store on PostgreSQL (feature `postgres`), with the same semantics as the
-//! SQLite one: a payment or refund and its outbox row in one transaction, at most one
-//! successful payment per order (a partial unique index, so it holds under any concurrency),
-//! refunds never past the charge.
+//! SQLite one: each change and its outbox row in one transaction, at most one payment per
+//! order in flight or successful (a partial unique index, so it holds under any concurrency),
+//! a pending payment finished once, refunds never past the charge and only against the
+//! version they were computed from.
 //!
-//! SQLite serialises refunds through its single writer; here the refund locks the payment row
-//! (`SELECT ... FOR UPDATE`) before applying the shared rules, so concurrent refunds of one
-//! payment queue up and each sees what the previous left. The CHECK on `refunded_cents` is the
-//! backstop.
+//! SQLite serialises writes through its single writer; here finishing and refunding lock the
+//! payment row (`SELECT ... FOR UPDATE`) before applying the shared rules, so concurrent changes
+//! of one payment queue up and each sees what the previous left. The CHECK on
+//! `refunded_cents` is the backstop.
 
 use std::sync::Arc;
 
@@ -21,8 +22,8 @@ use tokio::sync::Notify;
 use uuid::Uuid;
 
 use crate::store::{
-    DESTINATIONS, Payment, PaymentStore, Refund, SUCCESS_STATUSES, StoreError, apply_refund,
-    event_for,
+    DESTINATIONS, Finished, HOLDING_STATUSES, NewRefund, Payment, PaymentStore, Refund, Settlement,
+    StoreError, apply_new_refund, apply_settlement, event_for, outcome_event,
 };
 
 /// Timestamps are Unix milliseconds in BIGINT as in SQLite (and the shared outbox); money is
@@ -59,6 +60,21 @@ pub static MIGRATIONS: &[PgStep] = &[
     ),
     (2, "outbox", bus::outbox::PG_MIGRATION),
     (3, "idempotency keys", kit::idempotency::PG_MIGRATION),
+    // Existing payments get the version their events would have had: 1, plus one per refund.
+    (
+        4,
+        "payment state machine",
+        "ALTER TABLE payments DROP CONSTRAINT payments_status_check;
+        ALTER TABLE payments ADD CONSTRAINT payments_status_check
+            CHECK (status IN ('pending', 'succeeded', 'failed', 'partially_refunded', 'refunded'));
+        ALTER TABLE payments ADD COLUMN card_brand TEXT, ADD COLUMN version BIGINT NOT NULL DEFAULT 0;
+        UPDATE payments SET version = 1 + (SELECT COUNT(*) FROM refunds r WHERE r.payment_id = payments.id);
+        DROP INDEX payments_one_success_per_order;
+        CREATE UNIQUE INDEX payments_one_attempt_per_order ON payments (order_id)
+            WHERE status IN ('pending', 'succeeded', 'partially_refunded');
+        CREATE INDEX payments_pending ON payments (created_at) WHERE status = 'pending';
+        ALTER TABLE refunds ADD COLUMN provider_reference TEXT, ADD COLUMN reason TEXT;",
+    ),
 ];
 
 #[derive(Debug, Clone)]
@@ -107,61 +123,125 @@ fn to_payment(row: &sqlx::postgres::PgRow) -> Result<Payment, StoreError> {
         refunded_amount: money("refunded_cents")?,
         created_at: time("created_at")?,
         updated_at: time("updated_at")?,
+        card_brand: row.try_get("card_brand")?,
+        version: u64::try_from(row.try_get::<i64, _>("version")?)
+            .map_err(|_| StoreError::Corrupt)?,
     })
+}
+
+/// A payment's version as PostgreSQL stores it.
+fn version(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
 }
 
 #[async_trait]
 impl PaymentStore for PgPaymentStore {
-    async fn record(&self, payment: &Payment) -> Result<(), StoreError> {
-        let event_type = if payment.status == "succeeded" {
-            types::PAYMENT_SUCCEEDED
-        } else {
-            types::PAYMENT_FAILED
-        };
-        let event = event_for(payment, event_type, payment.amount)?;
-        let p = payment;
-        let mut tx = self.pg.pool().begin().await?;
-        // A second success for the order waits on the index entry of the first until that
-        // transaction ends, then fails with a unique violation: AlreadyPaid.
-        sqlx::query(
+    async fn begin(&self, p: &Payment) -> Result<(), StoreError> {
+        // A second attempt for the order waits on the index entry of the first until that
+        // transaction ends, then fails with a unique violation.
+        let inserted = sqlx::query(
             "INSERT INTO payments (id, order_id, amount_cents, currency, status, payment_method, card_last4,
-                                   provider_reference, failure_reason, refunded_cents, created_at, updated_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 0, $10, $11)",
+                                   provider_reference, failure_reason, refunded_cents, created_at, updated_at,
+                                   card_brand, version)
+             VALUES ($1, $2, $3, $4, 'pending', $5, $6, NULL, NULL, 0, $7, $8, $9, 0)",
         )
         .bind(p.id)
         .bind(p.order_id)
         .bind(p.amount.cents())
         .bind(&p.currency)
-        .bind(&p.status)
         .bind(&p.payment_method)
         .bind(&p.card_last4)
-        .bind(&p.provider_reference)
-        .bind(&p.failure_reason)
         .bind(p.created_at.timestamp_millis())
         .bind(p.updated_at.timestamp_millis())
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| {
-            if kit::pg::is_unique_violation(&e) {
-                StoreError::AlreadyPaid
-            } else {
-                StoreError::Postgres(e)
+        .bind(&p.card_brand)
+        .execute(self.pg.pool())
+        .await;
+        match inserted {
+            Ok(_) => Ok(()),
+            Err(e) if kit::pg::is_unique_violation(&e) => {
+                let holder: Option<String> = sqlx::query_scalar(
+                    "SELECT status FROM payments WHERE order_id = $1 AND status = ANY($2)",
+                )
+                .bind(p.order_id)
+                .bind(&HOLDING_STATUSES[..])
+                .fetch_optional(self.pg.pool())
+                .await?;
+                // A holder gone since (abandoned) was still in flight a moment ago.
+                Err(match holder.as_deref() {
+                    Some("succeeded" | "partially_refunded") => StoreError::AlreadyPaid,
+                    _ => StoreError::InProgress,
+                })
             }
-        })?;
+            Err(e) => Err(StoreError::Postgres(e)),
+        }
+    }
+
+    async fn finish(&self, id: Uuid, settlement: &Settlement) -> Result<Finished, StoreError> {
+        let mut tx = self.pg.pool().begin().await?;
+        let row = sqlx::query("SELECT * FROM payments WHERE id = $1 FOR UPDATE")
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or(StoreError::NotFound)?;
+        let current = to_payment(&row)?;
+        let Some(payment) = apply_settlement(current.clone(), settlement, now_ms()) else {
+            return Ok(Finished {
+                payment: current,
+                changed: false,
+            });
+        };
+        sqlx::query(
+            "UPDATE payments SET status = $2, provider_reference = $3, failure_reason = $4,
+                    card_brand = $5, card_last4 = $6, version = $7, updated_at = $8
+             WHERE id = $1",
+        )
+        .bind(id)
+        .bind(&payment.status)
+        .bind(&payment.provider_reference)
+        .bind(&payment.failure_reason)
+        .bind(&payment.card_brand)
+        .bind(&payment.card_last4)
+        .bind(version(payment.version))
+        .bind(payment.updated_at.timestamp_millis())
+        .execute(&mut *tx)
+        .await?;
+        let event = event_for(&payment, outcome_event(&payment), payment.amount)?;
         bus::outbox::enqueue_pg(&mut tx, &event, DESTINATIONS).await?;
         tx.commit().await?;
         self.wake_relay.notify_one();
-        Ok(())
+        Ok(Finished {
+            payment,
+            changed: true,
+        })
     }
 
-    async fn has_success(&self, order_id: Uuid) -> Result<bool, StoreError> {
-        Ok(sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM payments WHERE order_id = $1 AND status = ANY($2))",
+    async fn abandon(&self, id: Uuid) -> Result<bool, StoreError> {
+        Ok(
+            sqlx::query("DELETE FROM payments WHERE id = $1 AND status = 'pending'")
+                .bind(id)
+                .execute(self.pg.pool())
+                .await?
+                .rows_affected()
+                == 1,
         )
-        .bind(order_id)
-        .bind(&SUCCESS_STATUSES[..])
-        .fetch_one(self.pg.pool())
-        .await?)
+    }
+
+    async fn pending_before(
+        &self,
+        before: DateTime<chrono::Utc>,
+        limit: usize,
+    ) -> Result<Vec<Payment>, StoreError> {
+        sqlx::query(
+            "SELECT * FROM payments WHERE status = 'pending' AND created_at < $1
+             ORDER BY created_at LIMIT $2",
+        )
+        .bind(before.timestamp_millis())
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(self.pg.pool())
+        .await?
+        .iter()
+        .map(to_payment)
+        .collect()
     }
 
     async fn get(&self, id: Uuid) -> Result<Option<Payment>, StoreError> {
@@ -184,45 +264,43 @@ impl PaymentStore for PgPaymentStore {
             .collect()
     }
 
-    async fn refund(&self, payment_id: Uuid, amount: Option<Money>) -> Result<Refund, StoreError> {
+    async fn refund(&self, new: &NewRefund) -> Result<Refund, StoreError> {
         let mut tx = self.pg.pool().begin().await?;
         let row = sqlx::query("SELECT * FROM payments WHERE id = $1 FOR UPDATE")
-            .bind(payment_id)
+            .bind(new.payment_id)
             .fetch_optional(&mut *tx)
             .await?
             .ok_or(StoreError::NotFound)?;
-        let now = now_ms();
-        let (payment, amount) = apply_refund(to_payment(&row)?, amount, now)?;
+        let refund = apply_new_refund(to_payment(&row)?, new, now_ms())?;
+        let p = &refund.payment;
         sqlx::query(
-            "UPDATE payments SET refunded_cents = $2, status = $3, updated_at = $4 WHERE id = $1",
+            "UPDATE payments SET refunded_cents = $2, status = $3, version = $4, updated_at = $5
+             WHERE id = $1",
         )
-        .bind(payment_id)
-        .bind(payment.refunded_amount.cents())
-        .bind(&payment.status)
-        .bind(now)
+        .bind(p.id)
+        .bind(p.refunded_amount.cents())
+        .bind(&p.status)
+        .bind(version(p.version))
+        .bind(p.updated_at.timestamp_millis())
         .execute(&mut *tx)
         .await?;
-        let refund_id = Uuid::now_v7();
         sqlx::query(
-            "INSERT INTO refunds (id, payment_id, amount_cents, created_at) VALUES ($1, $2, $3, $4)",
+            "INSERT INTO refunds (id, payment_id, amount_cents, created_at, provider_reference, reason)
+             VALUES ($1, $2, $3, $4, $5, $6)",
         )
-        .bind(refund_id)
-        .bind(payment_id)
-        .bind(amount.cents())
-        .bind(now)
+        .bind(refund.id)
+        .bind(refund.payment_id)
+        .bind(refund.amount.cents())
+        .bind(refund.created_at.timestamp_millis())
+        .bind(&refund.provider_reference)
+        .bind(&refund.reason)
         .execute(&mut *tx)
         .await?;
-        let event = event_for(&payment, types::PAYMENT_REFUNDED, amount)?;
+        let event = event_for(p, types::PAYMENT_REFUNDED, refund.amount)?;
         bus::outbox::enqueue_pg(&mut tx, &event, DESTINATIONS).await?;
         tx.commit().await?;
         self.wake_relay.notify_one();
-        Ok(Refund {
-            id: refund_id,
-            payment_id,
-            amount,
-            created_at: payment.updated_at,
-            payment,
-        })
+        Ok(refund)
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -1,18 +1,79 @@
 //! How the payments service starts inside a platform process: its store on the backend its
 //! database url names (SQLite, PostgreSQL or DynamoDB) with its outbox relay and
-//! Idempotency-Key records, and its router with a client of the orders service.
+//! Idempotency-Key records, its payment provider (the simulator refused in production), the
+//! reconciler of pending payments, and its router with a client of the orders service.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bus::outbox::Relay;
 use bus::transports::Transports;
 use bus::{Queue, Stream};
+use kit::config::{PaymentProvider as ProviderChoice, Secret, Settings};
 use kit::idempotency::Idempotency;
 use kit::wiring::{
     Backend, Context as _, HOUSEKEEPING, Service, Shared, Started, WiringError, ready_when,
 };
 
+use crate::provider::PaymentProvider;
+use crate::simulator::Simulator;
 use crate::store::{PaymentStore, SqlitePaymentStore};
+use crate::stripe::Stripe;
+
+/// A secret alone in a file (a mounted Kubernetes secret), surrounding whitespace dropped.
+fn secret_from(path: &std::path::Path, setting: &str) -> Result<Secret, WiringError> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading {setting} ({})", path.display()))?;
+    let secret = text.trim();
+    if secret.is_empty() {
+        return Err(WiringError::config(format!(
+            "{setting} ({}) is empty",
+            path.display()
+        )));
+    }
+    Ok(Secret(secret.to_owned()))
+}
+
+/// The configured provider and, for Stripe, its webhook secret.
+pub fn provider(
+    settings: &Settings,
+) -> Result<(Arc<dyn PaymentProvider>, Option<Secret>), WiringError> {
+    match settings.payments.provider {
+        ProviderChoice::Simulator if settings.environment == "production" => {
+            Err(WiringError::config(
+                "payments.provider = \"simulator\" takes no money and is refused when \
+                 environment = \"production\": set payments.provider = \"stripe\" with \
+                 payments.stripe.secret_key_file",
+            ))
+        }
+        ProviderChoice::Simulator => Ok((Arc::new(Simulator::default()), None)),
+        ProviderChoice::Stripe => {
+            let stripe = &settings.payments.stripe;
+            let Some(key_file) = &stripe.secret_key_file else {
+                return Err(WiringError::config(
+                    "payments.provider = \"stripe\" needs payments.stripe.secret_key_file",
+                ));
+            };
+            let key = secret_from(key_file, "payments.stripe.secret_key_file")?;
+            let webhook = match &stripe.webhook_secret_file {
+                Some(file) => Some(secret_from(file, "payments.stripe.webhook_secret_file")?),
+                None => {
+                    tracing::warn!(
+                        "payments.stripe.webhook_secret_file is not set: Stripe webhooks are refused, pending payments wait for the reconciler"
+                    );
+                    None
+                }
+            };
+            let client = Stripe::new(
+                &stripe.api_base,
+                key,
+                Duration::from_millis(stripe.timeout_ms),
+            )
+            .context("building the Stripe client")?;
+            Ok((Arc::new(client), webhook))
+        }
+    }
+}
 
 /// The payments store on the backend its URL names, with its relay and idempotency keys.
 async fn open(
@@ -61,6 +122,8 @@ async fn open(
 
 /// Starts the payments service on `transports` (the `payments` stream it publishes to).
 pub async fn start(shared: &Shared<'_>, transports: &Transports) -> Result<Started, WiringError> {
+    // Before anything opens: a refused provider is a configuration error, not a half start.
+    let (provider, webhook_secret) = provider(shared.settings)?;
     let (store, relay, idempotency) =
         open(shared, transports.stream.clone(), transports.queue.clone()).await?;
     let closed = store.clone();
@@ -70,8 +133,17 @@ pub async fn start(shared: &Shared<'_>, transports: &Transports) -> Result<Start
         store: store.clone(),
         orders: shared.client(Service::Payments, Service::Orders),
         idempotency,
+        provider,
+        webhook_secret,
     };
     lifecycle.spawn(relay.run(lifecycle.shutdown()));
+    let settings = &shared.settings.payments;
+    lifecycle.spawn(crate::flow::run_reconciler(
+        ctx.clone(),
+        Duration::from_secs(settings.reconcile_after_secs),
+        Duration::from_secs(settings.reconcile_interval_secs.max(1)),
+        lifecycle.shutdown(),
+    ));
     lifecycle.spawn(
         ctx.idempotency
             .clone()
@@ -88,4 +160,35 @@ pub async fn start(shared: &Shared<'_>, transports: &Transports) -> Result<Start
         router: crate::router(ctx),
         ready,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn the_simulator_is_refused_in_production_and_stripe_needs_its_key() {
+        let mut settings = Settings::default();
+        assert_eq!(provider(&settings).unwrap().0.name(), "simulator");
+        settings.environment = "production".into();
+        let refused = provider(&settings).unwrap_err().to_string();
+        assert!(refused.contains("simulator"), "{refused}");
+
+        settings.payments.provider = ProviderChoice::Stripe;
+        let refused = provider(&settings).unwrap_err().to_string();
+        assert!(refused.contains("secret_key_file"), "{refused}");
+
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("key");
+        std::fs::write(&key, "  \n").unwrap();
+        settings.payments.stripe.secret_key_file = Some(key.clone());
+        assert!(provider(&settings).is_err(), "an empty key file");
+        std::fs::write(&key, "sk_live_secret_value\n").unwrap();
+        let (stripe, webhook) = provider(&settings).unwrap();
+        assert_eq!(stripe.name(), "stripe");
+        assert!(stripe.needs_token());
+        assert!(webhook.is_none());
+        assert!(!format!("{stripe:?}").contains("secret_value"));
+    }
 }

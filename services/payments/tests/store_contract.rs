@@ -1,6 +1,8 @@
 //! The [`PaymentStore`] contract, run unchanged against SQLite, (feature `postgres`)
-//! PostgreSQL and (feature `dynamodb`) DynamoDB: one success per order under concurrency,
-//! exact refunds, and the outbox row each change writes. PostgreSQL must be reachable for the
+//! PostgreSQL and (feature `dynamodb`) DynamoDB: the payment state machine (pending →
+//! succeeded | failed → refunds), one attempt in flight or successful per order under
+//! concurrency, a refunded payment no longer holding its order, exact refunds only against the
+//! version they were computed from, and the outbox row (with its sequence) each change writes. PostgreSQL must be reachable for the
 //! `postgres` test, and `TEST_DYNAMODB_ENDPOINT` set (scripts/check-aws starts moto) for the
 //! `dynamodb` one: they fail, never skip.
 
@@ -11,10 +13,11 @@ use std::sync::Arc;
 use bus::names::PAYMENTS_TOPIC;
 use chrono::DateTime;
 use kit::Money;
-use payments::store::{Payment, PaymentStore, StoreError};
+use payments::store::{NewRefund, Payment, PaymentStore, Settlement, StoreError};
 use uuid::Uuid;
 
-/// Reads a backend's outbox back: `(destination, event type, key, amount)` in commit order.
+/// Reads a backend's outbox back: `(destination, event type, key, amount, sequence)` in commit
+/// order.
 enum Outbox {
     Sqlite(kit::db::Db),
     #[cfg(feature = "postgres")]
@@ -23,7 +26,7 @@ enum Outbox {
     Dynamo(aws_sdk_dynamodb::Client, String),
 }
 
-type Row = (String, String, String, String);
+type Row = (String, String, String, String, u64);
 
 impl Outbox {
     async fn rows(&self) -> Vec<Row> {
@@ -85,6 +88,7 @@ impl Outbox {
                     payload["event_type"].as_str().unwrap().to_owned(),
                     key,
                     payload["amount"].to_string(),
+                    payload["sequence"].as_u64().unwrap(),
                 )
             })
             .collect()
@@ -101,12 +105,13 @@ impl Outbox {
     }
 }
 
-fn row(order: Uuid, event_type: &str, amount: Money) -> Row {
+fn row(order: Uuid, event_type: &str, amount: Money, sequence: u64) -> Row {
     (
         format!("stream:{PAYMENTS_TOPIC}"),
         event_type.to_owned(),
         order.to_string(),
         serde_json::to_value(amount).unwrap().to_string(),
+        sequence,
     )
 }
 
@@ -114,100 +119,211 @@ fn cents(c: i64) -> Money {
     Money::from_cents(c).unwrap()
 }
 
-fn payment(order_id: Uuid, status: &str, amount: i64) -> Payment {
+/// A new pending payment (as `begin` takes it).
+fn intent(order_id: Uuid, amount: i64) -> Payment {
     let now = DateTime::from_timestamp_millis(kit::db::now_ms()).unwrap();
     Payment {
         id: Uuid::now_v7(),
         order_id,
         amount: cents(amount),
         currency: "USD".into(),
-        status: status.into(),
+        status: "pending".into(),
         payment_method: "credit_card".into(),
-        card_last4: Some("4242".into()),
-        provider_reference: (status == "succeeded").then(|| "sim_123".to_owned()),
-        failure_reason: (status == "failed").then(|| "card_declined".to_owned()),
+        card_brand: None,
+        card_last4: None,
+        provider_reference: None,
+        failure_reason: None,
         refunded_amount: Money::ZERO,
+        version: 0,
         created_at: now,
         updated_at: now,
     }
 }
 
+fn paid(reference: &str) -> Settlement {
+    Settlement::Succeeded {
+        reference: reference.into(),
+        card: Some(("visa".into(), "4242".into())),
+    }
+}
+
+fn declined() -> Settlement {
+    Settlement::Failed {
+        reference: Some("pi_declined".into()),
+        reason: "card_declined".into(),
+    }
+}
+
+fn refund_of(payment: &Payment, amount: i64) -> NewRefund {
+    NewRefund {
+        id: Uuid::now_v7(),
+        payment_id: payment.id,
+        expected_version: payment.version,
+        amount: cents(amount),
+        provider_reference: Some("re_1".into()),
+        reason: None,
+    }
+}
+
+/// A succeeded payment of `amount` for a new order.
+async fn charged(store: &Arc<dyn PaymentStore>, amount: i64) -> Payment {
+    let p = intent(Uuid::now_v7(), amount);
+    store.begin(&p).await.unwrap();
+    store.finish(p.id, &paid("pi_ok")).await.unwrap().payment
+}
+
 async fn keeps_the_contract(store: Arc<dyn PaymentStore>, outbox: Outbox) {
     store.ping().await.unwrap();
 
-    // Record, get, by_order (oldest first), has_success; at most one success per order.
+    // An intent: pending, version 0, no event; one per order.
     let order = Uuid::now_v7();
-    assert!(!store.has_success(order).await.unwrap());
-    let mut failed = payment(order, "failed", 1000);
-    failed.created_at -= chrono::Duration::milliseconds(5);
-    failed.updated_at = failed.created_at;
-    store.record(&failed).await.unwrap();
-    assert!(
-        !store.has_success(order).await.unwrap(),
-        "a failure is not a success"
-    );
-    let ok = payment(order, "succeeded", 1000);
-    store.record(&ok).await.unwrap();
-    assert!(store.has_success(order).await.unwrap());
-    assert!(!store.has_success(Uuid::now_v7()).await.unwrap());
-    assert_eq!(store.get(ok.id).await.unwrap(), Some(ok.clone()));
-    assert_eq!(store.get(failed.id).await.unwrap(), Some(failed.clone()));
+    let mut first = intent(order, 1000);
+    first.created_at -= chrono::Duration::milliseconds(5);
+    first.updated_at = first.created_at;
+    store.begin(&first).await.unwrap();
+    assert_eq!(store.get(first.id).await.unwrap(), Some(first.clone()));
     assert_eq!(store.get(Uuid::now_v7()).await.unwrap(), None);
-    assert_eq!(
-        store.by_order(order).await.unwrap(),
-        vec![failed.clone(), ok.clone()]
-    );
-    assert_eq!(store.by_order(Uuid::now_v7()).await.unwrap(), vec![]);
     assert!(matches!(
-        store.record(&payment(order, "succeeded", 1000)).await,
+        store.begin(&intent(order, 1000)).await,
+        Err(StoreError::InProgress)
+    ));
+    let later = DateTime::from_timestamp_millis(kit::db::now_ms() + 1000).unwrap();
+    assert!(
+        store
+            .pending_before(later, 1000)
+            .await
+            .unwrap()
+            .contains(&first)
+    );
+    assert!(
+        !store
+            .pending_before(first.created_at, 1000)
+            .await
+            .unwrap()
+            .contains(&first),
+        "only those created before the cutoff"
+    );
+    assert_eq!(outbox.of(order).await, vec![], "nothing happened yet");
+
+    // Finished once, at version 1, with its event; a second outcome changes nothing.
+    let failed = store.finish(first.id, &declined()).await.unwrap();
+    assert!(failed.changed);
+    assert_eq!(
+        (
+            failed.payment.status.as_str(),
+            failed.payment.version,
+            failed.payment.failure_reason.as_deref()
+        ),
+        ("failed", 1, Some("card_declined"))
+    );
+    let again = store.finish(first.id, &paid("pi_late")).await.unwrap();
+    assert!(!again.changed);
+    assert_eq!(again.payment, failed.payment);
+    assert_eq!(
+        store.get(first.id).await.unwrap(),
+        Some(failed.payment.clone())
+    );
+    assert!(
+        !store
+            .pending_before(later, 1000)
+            .await
+            .unwrap()
+            .iter()
+            .any(|p| p.id == first.id),
+        "no longer pending"
+    );
+    assert!(matches!(
+        store.finish(Uuid::now_v7(), &declined()).await,
+        Err(StoreError::NotFound)
+    ));
+
+    // A failure holds nothing: the next attempt begins and succeeds; then the order is paid.
+    let second = intent(order, 1000);
+    store.begin(&second).await.unwrap();
+    let ok = store
+        .finish(second.id, &paid("pi_1"))
+        .await
+        .unwrap()
+        .payment;
+    assert_eq!(
+        (
+            ok.status.as_str(),
+            ok.version,
+            ok.provider_reference.as_deref()
+        ),
+        ("succeeded", 1, Some("pi_1"))
+    );
+    assert_eq!(
+        (ok.card_brand.as_deref(), ok.card_last4.as_deref()),
+        (Some("visa"), Some("4242"))
+    );
+    assert!(matches!(
+        store.begin(&intent(order, 1000)).await,
         Err(StoreError::AlreadyPaid)
     ));
-    // Failed attempts after a success are still recorded (the provider declined them).
-    let late_failure = payment(order, "failed", 1000);
-    store.record(&late_failure).await.unwrap();
-    assert_eq!(store.by_order(order).await.unwrap().len(), 3);
+    assert_eq!(
+        store.by_order(order).await.unwrap(),
+        vec![failed.payment.clone(), ok.clone()]
+    );
+    assert_eq!(store.by_order(Uuid::now_v7()).await.unwrap(), vec![]);
     assert_eq!(
         outbox.of(order).await,
         vec![
-            row(order, "payment.failed", cents(1000)),
-            row(order, "payment.succeeded", cents(1000)),
-            row(order, "payment.failed", cents(1000)),
+            row(order, "payment.failed", cents(1000), 1),
+            row(order, "payment.succeeded", cents(1000), 1),
         ],
-        "one row per recorded attempt, none for the refused one"
+        "one row per finished attempt, none for the refused ones"
     );
 
-    // 20 concurrent successes for one order: exactly one is recorded.
+    // An intent the provider never charged is withdrawn, without a trace; the order is free.
+    let quiet = Uuid::now_v7();
+    let withdrawn = intent(quiet, 500);
+    store.begin(&withdrawn).await.unwrap();
+    assert!(store.abandon(withdrawn.id).await.unwrap());
+    assert!(!store.abandon(withdrawn.id).await.unwrap());
+    assert_eq!(store.get(withdrawn.id).await.unwrap(), None);
+    assert!(!store.abandon(ok.id).await.unwrap(), "only a pending one");
+    assert_eq!(store.get(ok.id).await.unwrap(), Some(ok.clone()));
+    store.begin(&intent(quiet, 500)).await.unwrap();
+    assert_eq!(outbox.of(quiet).await, vec![]);
+
+    // 20 concurrent attempts for one order: exactly one begins.
     let contested = Uuid::now_v7();
     let attempts = (0..20).map(|_| {
         let store = store.clone();
-        tokio::spawn(async move { store.record(&payment(contested, "succeeded", 2500)).await })
+        tokio::spawn(async move { store.begin(&intent(contested, 2500)).await })
     });
-    let (mut won, mut refused) = (0, 0);
+    let (mut began, mut in_progress) = (0, 0);
     for attempt in attempts.collect::<Vec<_>>() {
         match attempt.await.unwrap() {
-            Ok(()) => won += 1,
-            Err(StoreError::AlreadyPaid) => refused += 1,
+            Ok(()) => began += 1,
+            Err(StoreError::InProgress) => in_progress += 1,
             Err(e) => panic!("unexpected {e}"),
         }
     }
-    assert_eq!((won, refused), (1, 19));
+    assert_eq!((began, in_progress), (1, 19));
     assert_eq!(store.by_order(contested).await.unwrap().len(), 1);
-    assert_eq!(
-        outbox.of(contested).await,
-        vec![row(contested, "payment.succeeded", cents(2500))]
-    );
 
-    // Refunds: exact, bounded by what is left, only of a success.
-    let partial = store.refund(ok.id, Some(cents(300))).await.unwrap();
+    // Refunds: exact, bounded by what is left, only of a success, only at the version read.
+    let partial = store.refund(&refund_of(&ok, 300)).await.unwrap();
     assert_eq!(partial.amount, cents(300));
     assert_eq!(partial.payment_id, ok.id);
+    assert_eq!(partial.provider_reference.as_deref(), Some("re_1"));
     assert_eq!(partial.payment.status, "partially_refunded");
     assert_eq!(partial.payment.refunded_amount, cents(300));
+    assert_eq!(partial.payment.version, 2);
     assert_eq!(
         store.get(ok.id).await.unwrap(),
         Some(partial.payment.clone())
     );
-    match store.refund(ok.id, Some(cents(701))).await {
+    assert!(
+        matches!(
+            store.refund(&refund_of(&ok, 100)).await,
+            Err(StoreError::Conflict)
+        ),
+        "computed from version 1, which is gone"
+    );
+    match store.refund(&refund_of(&partial.payment, 701)).await {
         Err(StoreError::RefundTooLarge {
             requested,
             remaining,
@@ -215,69 +331,110 @@ async fn keeps_the_contract(store: Arc<dyn PaymentStore>, outbox: Outbox) {
         other => panic!("expected RefundTooLarge, got {other:?}"),
     }
     assert!(matches!(
-        store.refund(ok.id, Some(Money::ZERO)).await,
+        store.refund(&refund_of(&partial.payment, 0)).await,
         Err(StoreError::RefundTooLarge { .. })
     ));
-    let rest = store.refund(ok.id, None).await.unwrap();
+    assert!(
+        matches!(
+            store.begin(&intent(order, 1000)).await,
+            Err(StoreError::AlreadyPaid)
+        ),
+        "a partially refunded payment still holds its order"
+    );
+    let rest = store
+        .refund(&NewRefund {
+            reason: Some("order_cancelled".into()),
+            ..refund_of(&partial.payment, 700)
+        })
+        .await
+        .unwrap();
     assert_eq!(rest.amount, cents(700));
+    assert_eq!(rest.reason.as_deref(), Some("order_cancelled"));
     assert_eq!(rest.payment.status, "refunded");
     assert_eq!(rest.payment.refunded_amount, cents(1000));
+    assert_eq!(rest.payment.version, 3);
     assert_ne!(rest.id, partial.id);
     assert!(matches!(
-        store.refund(ok.id, None).await,
+        store.refund(&refund_of(&rest.payment, 1)).await,
         Err(StoreError::NotRefundable)
     ));
     assert!(matches!(
-        store.refund(failed.id, None).await,
+        store.refund(&refund_of(&failed.payment, 1)).await,
         Err(StoreError::NotRefundable)
     ));
     assert!(matches!(
-        store.refund(Uuid::now_v7(), None).await,
+        store
+            .refund(&NewRefund {
+                payment_id: Uuid::now_v7(),
+                ..refund_of(&ok, 1)
+            })
+            .await,
         Err(StoreError::NotFound)
     ));
     assert_eq!(store.get(ok.id).await.unwrap(), Some(rest.payment.clone()));
-    // A refunded payment still took the money once: no second success for the order.
-    assert!(store.has_success(order).await.unwrap());
-    assert!(matches!(
-        store.record(&payment(order, "succeeded", 1000)).await,
-        Err(StoreError::AlreadyPaid)
-    ));
     assert_eq!(
-        outbox.of(order).await[3..].to_vec(),
+        outbox.of(order).await[2..].to_vec(),
         vec![
-            row(order, "payment.refunded", cents(300)),
-            row(order, "payment.refunded", cents(700)),
+            row(order, "payment.refunded", cents(300), 2),
+            row(order, "payment.refunded", cents(700), 3),
         ],
         "one row per refund, none for the refused ones"
     );
 
-    // 20 concurrent refunds of 1.00 against 10.00: exactly ten go through.
-    let charged = Uuid::now_v7();
-    let big = payment(charged, "succeeded", 1000);
-    store.record(&big).await.unwrap();
+    // Finding 4: a refunded payment is not the order's success; a new attempt may begin.
+    let next = intent(order, 1000);
+    store.begin(&next).await.unwrap();
+    let repaid = store.finish(next.id, &paid("pi_2")).await.unwrap();
+    assert_eq!(repaid.payment.status, "succeeded");
+    assert_eq!(store.by_order(order).await.unwrap().len(), 3);
+
+    // 20 concurrent refunds computed from one version: exactly one is recorded.
+    let big = charged(&store, 1000).await;
     let refunds = (0..20).map(|_| {
         let store = store.clone();
-        tokio::spawn(async move { store.refund(big.id, Some(cents(100))).await })
+        let refund = refund_of(&big, 100);
+        tokio::spawn(async move { store.refund(&refund).await })
     });
-    let (mut refunded, mut too_large) = (0, 0);
+    let (mut refunded, mut conflicts) = (0, 0);
     for refund in refunds.collect::<Vec<_>>() {
         match refund.await.unwrap() {
             Ok(r) => {
                 assert_eq!(r.amount, cents(100));
                 refunded += 1;
             }
-            Err(StoreError::RefundTooLarge { .. } | StoreError::NotRefundable) => too_large += 1,
+            Err(StoreError::Conflict) => conflicts += 1,
             Err(e) => panic!("unexpected {e}"),
         }
     }
-    assert_eq!((refunded, too_large), (10, 10));
+    assert_eq!((refunded, conflicts), (1, 19));
     let after = store.get(big.id).await.unwrap().unwrap();
-    assert_eq!(after.refunded_amount, cents(1000));
-    assert_eq!(after.status, "refunded");
+    assert_eq!((after.refunded_amount, after.version), (cents(100), 2));
+    // Refunds one after the other, each from the version the last left, sum exactly.
+    let mut current = after;
+    for _ in 0..9 {
+        current = store
+            .refund(&refund_of(&current, 100))
+            .await
+            .unwrap()
+            .payment;
+    }
     assert_eq!(
-        outbox.of(charged).await.len(),
-        11,
-        "the charge and ten refunds"
+        (
+            current.status.as_str(),
+            current.refunded_amount,
+            current.version
+        ),
+        ("refunded", cents(1000), 11)
+    );
+    assert_eq!(
+        outbox
+            .of(big.order_id)
+            .await
+            .iter()
+            .map(|r| r.4)
+            .collect::<Vec<_>>(),
+        (1..=11).collect::<Vec<u64>>(),
+        "the charge and ten refunds, their sequences the payment's versions"
     );
 }
 

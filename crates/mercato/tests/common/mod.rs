@@ -48,7 +48,7 @@ pub fn test_settings(dir: &tempfile::TempDir) -> Settings {
         &mut s.users,
         &mut s.products,
         &mut s.orders,
-        &mut s.payments,
+        &mut s.payments.service,
         &mut s.notifications,
         &mut s.analytics,
     ] {
