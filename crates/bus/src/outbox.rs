@@ -571,6 +571,40 @@ mod tests {
         }
     }
 
+    /// A stream that refuses the records of chosen events: a partition whose leader is down, a
+    /// record the broker rejects. A call carrying a refused record fails as a whole.
+    struct Refusing {
+        inner: EmbeddedBus,
+        refused: std::sync::Mutex<std::collections::BTreeSet<String>>,
+    }
+
+    impl Refusing {
+        fn refuses(&self, record: &Record) -> bool {
+            let refused = self.refused.lock().unwrap();
+            record
+                .headers
+                .get(crate::event::attr::ID)
+                .is_some_and(|id| refused.contains(id))
+        }
+    }
+
+    #[async_trait]
+    impl Stream for Refusing {
+        async fn publish(&self, topic: &str, records: &[Record]) -> Result<(), BusError> {
+            if records.iter().any(|r| self.refuses(r)) {
+                return Err(BusError::Kafka("record refused".into()));
+            }
+            self.inner.publish(topic, records).await
+        }
+        async fn subscribe(
+            &self,
+            topic: &str,
+            group: &str,
+        ) -> Result<Box<dyn crate::StreamConsumer>, BusError> {
+            self.inner.subscribe(topic, group).await
+        }
+    }
+
     impl Source {
         async fn enqueue_for_test(&self, event: Event, to: &'static [Destination]) {
             match self {
@@ -708,6 +742,133 @@ mod tests {
             ids.extend(got.into_iter().map(|m| m.id));
         }
         assert_eq!(ids.len(), 300, "no row published twice");
+    }
+
+    fn keyed(key: &str, n: u32) -> Event {
+        Event::new(
+            uuid::Uuid::now_v7(),
+            "payment.refunded",
+            "test",
+            key.to_owned(),
+            &serde_json::json!({ "n": n }),
+        )
+        .unwrap()
+    }
+
+    /// Every id published on `topic` so far, in stream order.
+    async fn published(bus: &EmbeddedBus, topic: &str) -> Vec<String> {
+        let mut consumer = bus
+            .subscribe(topic, &format!("check-{}", uuid::Uuid::new_v4()))
+            .await
+            .unwrap();
+        let got = consumer.poll(1000, Duration::ZERO).await.unwrap();
+        got.into_iter()
+            .map(|d| d.record.headers[crate::event::attr::ID].clone())
+            .collect()
+    }
+
+    /// The ordering contract, run unchanged against each backend: rows of one key go out in
+    /// commit order. A row that fails holds back the later rows of its key (and only of its
+    /// key) until it is published itself.
+    async fn keeps_each_keys_order(source: Source, dir: &std::path::Path) {
+        const TOPIC: &str = "ordered";
+        let bus = EmbeddedBus::open(
+            &format!("sqlite://{}/ordered.db", dir.display()),
+            &SqliteSettings::default(),
+            EmbeddedOptions::default(),
+        )
+        .await
+        .unwrap();
+        let stream = Arc::new(Refusing {
+            inner: bus.clone(),
+            refused: Default::default(),
+        });
+        let relay = Relay::from_source(source.clone(), stream.clone(), Arc::new(bus.clone()));
+        let to: &'static [Destination] = &[Destination::Stream(TOPIC)];
+
+        let (k1, k2, l1) = (keyed("K", 1), keyed("K", 2), keyed("L", 1));
+        stream.refused.lock().unwrap().insert(k1.id.to_string());
+        source.enqueue_for_test(k1.clone(), to).await;
+        assert_eq!(relay.relay_once().await.unwrap(), 0, "K's first row fails");
+        source.enqueue_for_test(k2.clone(), to).await;
+        source.enqueue_for_test(l1.clone(), to).await;
+        relay.relay_once().await.unwrap();
+        assert_eq!(
+            published(&bus, TOPIC).await,
+            vec![l1.id.to_string()],
+            "L goes out; K's second row waits for K's first"
+        );
+        assert_eq!(relay.pending().await.unwrap(), 2);
+
+        stream.refused.lock().unwrap().clear();
+        source.make_all_due().await;
+        while relay.pending().await.unwrap() > 0 {
+            relay.relay_once().await.unwrap();
+        }
+        let order = published(&bus, TOPIC).await;
+        let position = |e: &Event| order.iter().position(|id| *id == e.id.to_string());
+        assert!(
+            position(&k1).unwrap() < position(&k2).unwrap(),
+            "K in commit order: {order:?}"
+        );
+        assert_eq!(order.len(), 3, "each row once: {order:?}");
+    }
+
+    #[tokio::test]
+    async fn sqlite_outbox_keeps_each_keys_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(
+            &format!("sqlite://{}/svc.db", dir.path().display()),
+            &SqliteSettings::default(),
+            STEPS,
+        )
+        .await
+        .unwrap();
+        keeps_each_keys_order(Source::Sqlite(db), dir.path()).await;
+    }
+
+    #[cfg(feature = "postgres")]
+    #[tokio::test]
+    async fn postgres_outbox_keeps_each_keys_order() {
+        static PG_STEPS: &[kit::pg::PgStep] = &[(1, "outbox", PG_MIGRATION)];
+        let dir = tempfile::tempdir().unwrap();
+        let url = kit::pg::test_database_url();
+        let pg = kit::pg::Pg::open(
+            &url,
+            &kit::pg::unique_schema("outbox_order"),
+            &kit::config::PostgresSettings::default(),
+            PG_STEPS,
+        )
+        .await
+        .unwrap_or_else(|e| {
+            panic!("PostgreSQL at {url} (TEST_DATABASE_URL): {e}; scripts/test starts one")
+        });
+        keeps_each_keys_order(Source::Postgres(pg.clone()), dir.path()).await;
+        pg.drop_schema().await.unwrap();
+    }
+
+    /// DynamoDB on the server at `TEST_DYNAMODB_ENDPOINT` (scripts/check-aws starts moto).
+    #[cfg(feature = "dynamodb")]
+    #[tokio::test]
+    async fn dynamodb_outbox_keeps_each_keys_order() {
+        let endpoint = std::env::var("TEST_DYNAMODB_ENDPOINT").unwrap_or_else(|_| {
+            panic!(
+                "TEST_DYNAMODB_ENDPOINT is not set: run under scripts/check-aws (it starts moto)"
+            )
+        });
+        let url = kit::dynamo_url::parse(&format!(
+            "dynamodb://outbox-{}?region=us-east-1&endpoint={endpoint}",
+            uuid::Uuid::new_v4()
+        ))
+        .unwrap();
+        let config = crate::dynamo::sdk_config(&url).await;
+        let outbox = crate::dynamo::DynamoOutbox::new(
+            aws_sdk_dynamodb::Client::new(&config),
+            url.table.clone(),
+        );
+        outbox.ensure_table().await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        keeps_each_keys_order(Source::Dynamo(outbox), dir.path()).await;
     }
 
     #[tokio::test]

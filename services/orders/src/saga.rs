@@ -142,3 +142,6 @@ async fn sleep_or_stop(shutdown: &CancellationToken, d: Duration) -> bool {
         () = tokio::time::sleep(d) => false,
     }
 }
+
+#[cfg(test)]
+mod tests;
