@@ -17,7 +17,7 @@ use uuid::Uuid;
 use crate::ApiContext;
 use crate::clients::Dependencies;
 use crate::domain::OrderStatus;
-use crate::store::{CURRENCY, OrderStore, SqliteOrderStore, new_order};
+use crate::store::{CURRENCY, SqliteOrderStore, new_order};
 
 /// What the fake payments service was asked, and whether it is up.
 #[derive(Default)]
@@ -62,6 +62,7 @@ pub(crate) struct Harness {
     _dir: tempfile::TempDir,
     pub(crate) ctx: ApiContext,
     pub(crate) payments: Arc<Payments>,
+    pub(crate) saga: super::Saga,
 }
 
 impl Harness {
@@ -83,15 +84,22 @@ impl Harness {
             store: Arc::new(store),
             deps: Dependencies {
                 users: ServiceClient::new("users", &base, http.clone()),
-                products: ServiceClient::new("products", &base, http),
+                products: ServiceClient::new("products", &base, http.clone()),
             },
             order_ttl: chrono::Duration::minutes(15),
             currency: Arc::from(CURRENCY),
+        };
+        let saga = super::Saga {
+            ctx: ctx.clone(),
+            payments: crate::compensation::PaymentsClient::new(ServiceClient::new(
+                "payments", &base, http,
+            )),
         };
         Harness {
             _dir: dir,
             ctx,
             payments,
+            saga,
         }
     }
 
@@ -117,7 +125,7 @@ impl Harness {
     /// Hands `event` to the listener: `Err` means it stays uncommitted and comes again.
     pub(crate) async fn deliver(&self, event: &Event) -> Result<(), String> {
         let record = event.to_record();
-        super::handle_payment_event(&self.ctx, &record.headers, &record.payload).await
+        super::handle_payment_event(&self.saga, &record.headers, &record.payload).await
     }
 
     pub(crate) fn compensations(&self) -> Vec<(Uuid, serde_json::Value)> {
