@@ -229,4 +229,6 @@ async fn sleep_or_stop(shutdown: &CancellationToken, d: Duration) -> bool {
 }
 
 #[cfg(test)]
+mod property;
+#[cfg(test)]
 mod tests;
