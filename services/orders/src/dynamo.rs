@@ -579,10 +579,14 @@ impl OrderStore for DynamoOrderStore {
             .update_item()
             .table_name(&self.table)
             .key("order_id", s(format!("payment#{payment_id}")))
-            .update_expression(
-                "SET kind = :kind, for_order = :order, seen_version = :v, processed = :p, processed_at = :now",
-            )
-            .condition_expression("attribute_not_exists(seen_version) OR seen_version <= :v")
+            // Names through placeholders: `processed` is one of DynamoDB's reserved words.
+            .update_expression("SET #kind = :kind, #order = :order, #v = :v, #p = :p, #at = :now")
+            .condition_expression("attribute_not_exists(#v) OR #v <= :v")
+            .expression_attribute_names("#kind", "kind")
+            .expression_attribute_names("#order", "for_order")
+            .expression_attribute_names("#v", "seen_version")
+            .expression_attribute_names("#p", "processed")
+            .expression_attribute_names("#at", "processed_at")
             .expression_attribute_values(":kind", s("payment_version"))
             .expression_attribute_values(":order", s(order_id.to_string()))
             .expression_attribute_values(":v", n(version))
