@@ -9,7 +9,7 @@
 //! - sort key `seq` (S): a UUIDv7 string, so rows sort in commit-time order as SQL's `seq`;
 //! - `next_attempt_at` (N, Unix ms): when the row is due; the relay *leases* a row by pushing it
 //!   out with a conditional update on the value it read, so two relays never take the same row
-//!   (the loser's condition fails and it skips the row);
+//!   (the loser's condition fails and it skips the row, and the later rows of its key);
 //! - `event_id`, `destination`, `key`, `headers` (JSON), `payload`, `created_at`, `attempts`.
 //!
 //! Also [`sdk_config`]: the AWS configuration for a `dynamodb://` URL, shared by the stores,
@@ -17,7 +17,7 @@
 
 pub mod design;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::error::{DisplayErrorContext, SdkError};
@@ -162,13 +162,16 @@ impl DynamoOutbox {
             .collect()
     }
 
-    /// Leases up to `batch` due rows, oldest first. The Query reads the partition in `seq`
-    /// order, filtered on `next_attempt_at`; each row is then taken with a conditional update
-    /// on the `next_attempt_at` just read, so a row another relay leased meanwhile is skipped.
+    /// Leases up to `batch` rows it may take now, oldest first. The Query reads the whole
+    /// partition in `seq` order (a filter would save no read capacity, and the rows it hid are
+    /// needed): a row not due yet (backing off, or leased by another relay) holds back the
+    /// later rows of its key and destination, and so does one that another relay leased
+    /// between the Query and this relay's conditional update on the `next_attempt_at` read.
     pub(crate) async fn due(&self, batch: i64) -> Result<Vec<(String, Pending)>, BusError> {
         let now = now_ms();
         let wanted = usize::try_from(batch.max(1)).unwrap_or(256);
         let mut taken = Vec::new();
+        let mut waiting: HashSet<(String, String)> = HashSet::new();
         let mut start: Option<HashMap<String, AttributeValue>> = None;
         loop {
             let page = self
@@ -177,9 +180,7 @@ impl DynamoOutbox {
                 .table_name(&self.table)
                 .consistent_read(true)
                 .key_condition_expression("pk = :pk")
-                .filter_expression("next_attempt_at <= :now")
                 .expression_attribute_values(":pk", s(PARTITION))
-                .expression_attribute_values(":now", n(now))
                 .set_exclusive_start_key(start.take())
                 .send()
                 .await
@@ -189,9 +190,15 @@ impl DynamoOutbox {
                     return Ok(taken);
                 }
                 let Row(destination, pending, seen) = read_row(item)?;
-                if self.lease(&pending.seq, seen, now + LEASE_MS).await? {
-                    taken.push((destination, pending));
+                let chain = (destination, pending.key.clone());
+                if waiting.contains(&chain) {
+                    continue;
                 }
+                if seen > now || !self.lease(&pending.seq, seen, now + LEASE_MS).await? {
+                    waiting.insert(chain);
+                    continue;
+                }
+                taken.push((chain.0, pending));
             }
             match page.last_evaluated_key() {
                 Some(key) if taken.len() < wanted => start = Some(key.clone()),
@@ -265,6 +272,34 @@ impl DynamoOutbox {
                 Err(SdkError::ServiceError(e))
                     if e.err().is_conditional_check_failed_exception() => {}
                 Err(e) => return Err(dynamo_error("rescheduling an outbox row", e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes leased rows due at `at` again without counting an attempt (they were not tried).
+    pub(crate) async fn reschedule_untried(
+        &self,
+        seqs: Vec<String>,
+        at: i64,
+    ) -> Result<(), BusError> {
+        for seq in seqs {
+            let update = self
+                .client
+                .update_item()
+                .table_name(&self.table)
+                .key("pk", s(PARTITION))
+                .key("seq", s(seq))
+                .update_expression("SET next_attempt_at = :at")
+                .condition_expression("attribute_exists(seq)")
+                .expression_attribute_values(":at", n(at))
+                .send()
+                .await;
+            match update {
+                Ok(_) => {}
+                Err(SdkError::ServiceError(e))
+                    if e.err().is_conditional_check_failed_exception() => {}
+                Err(e) => return Err(dynamo_error("releasing an outbox row", e)),
             }
         }
         Ok(())

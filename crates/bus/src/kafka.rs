@@ -1,5 +1,6 @@
 //! [`Stream`] on Kafka through rdkafka (feature `kafka`): an idempotent producer (acks=all,
-//! the record key picks the partition, so one order's events keep their order), CloudEvents
+//! the record key picks the partition, so one order's events keep their order, retries
+//! included; records are acknowledged one by one, [`Stream::publish_each`]), CloudEvents
 //! attributes and `traceparent` as record headers, and consumer groups that commit offsets
 //! only when the caller says a batch is processed. Security settings take the seed's names
 //! (`KAFKA_SECURITY_PROTOCOL=SASL_SSL`, `KAFKA_SASL_MECHANISM=PLAIN`, `KAFKA_API_KEY`,
@@ -22,7 +23,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
 
-use crate::{BusError, Delivered, Headers, Record, Stream, StreamConsumer};
+use crate::{BusError, Delivered, Headers, Record, Stream, StreamConsumer, Unsent};
 
 /// How long a record may wait in the producer's queue (retries included) before publish fails.
 const DELIVERY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -93,8 +94,12 @@ impl KafkaStream {
         if let Some(n) = settings.batch_messages {
             producer_config.set("batch.num.messages", n.max(1).to_string());
         }
+        // Idempotence keeps one partition's records in send order through retries (with at
+        // most 5 requests in flight, librdkafka's own bound for it, stated here so no tuning
+        // raises it). The default partitioner maps one key to one partition.
         let producer = producer_config
             .set("enable.idempotence", "true")
+            .set("max.in.flight.requests.per.connection", "5")
             .set("acks", "all")
             .set("linger.ms", "5")
             .set(
@@ -144,6 +149,14 @@ impl KafkaStream {
 impl Stream for KafkaStream {
     /// Returns once every record is acknowledged by all in-sync replicas.
     async fn publish(&self, topic: &str, records: &[Record]) -> Result<(), BusError> {
+        self.publish_each(topic, records).await.map_err(|u| u.error)
+    }
+
+    /// Each record's own acknowledgement: a partition that is down fails its records only.
+    async fn publish_each(&self, topic: &str, records: &[Record]) -> Result<(), Unsent> {
+        // Sent in order (join_all polls, and so enqueues, them in order): one key's records
+        // go to one partition in that order, and the idempotent producer keeps it through
+        // retries.
         let sends = records.iter().map(|r| {
             let headers = r.headers.iter().fold(
                 OwnedHeaders::new_with_capacity(r.headers.len()),
@@ -160,10 +173,19 @@ impl Stream for KafkaStream {
                 .headers(headers);
             self.producer.send(record, DELIVERY_TIMEOUT)
         });
-        for outcome in join_all(sends).await {
-            outcome.map_err(|(e, _)| BusError::from(e))?;
+        let mut unsent: Option<Unsent> = None;
+        for (i, outcome) in join_all(sends).await.into_iter().enumerate() {
+            if let Err((e, _)) = outcome {
+                unsent
+                    .get_or_insert_with(|| Unsent {
+                        indexes: Vec::new(),
+                        error: BusError::from(e),
+                    })
+                    .indexes
+                    .push(i);
+            }
         }
-        Ok(())
+        unsent.map_or(Ok(()), Err)
     }
 
     async fn subscribe(

@@ -4,7 +4,8 @@
 //! - [`Stream`] (a partitioned, replayable log with consumer groups: Kafka's model) and
 //!   [`Queue`] (messages with visibility timeouts and dead-lettering: SQS's model).
 //! - [`outbox`]: events are written in the same transaction as the state they describe,
-//!   then relayed at least once; consumers deduplicate by event id.
+//!   then relayed at least once and, per key, in commit order; consumers deduplicate by event
+//!   id.
 //! - [`embedded`]: both traits on one SQLite file, so `mercato up` needs nothing installed.
 //! - `kafka` (feature `kafka`): [`Stream`] on a Kafka cluster (Confluent Cloud, or any
 //!   Kafka-protocol broker) through rdkafka.
@@ -63,7 +64,8 @@ pub type Headers = BTreeMap<String, String>;
 /// A record to append to a stream.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Record {
-    /// Partitioning key: records with one key keep their order.
+    /// Partitioning key: records with one key keep their order (docs/architecture.md, "Event
+    /// ordering", says how far each backend guarantees it).
     pub key: String,
     pub headers: Headers,
     pub payload: Vec<u8>,
@@ -78,10 +80,36 @@ pub struct Delivered {
     pub record: Record,
 }
 
+/// The entries of a batch that did not go out (their indexes in the batch) and why.
+#[derive(Debug)]
+pub struct Unsent {
+    pub indexes: Vec<usize>,
+    pub error: BusError,
+}
+
+impl Unsent {
+    /// Every one of `count` entries failed for `error`.
+    pub fn all(count: usize, error: BusError) -> Unsent {
+        Unsent {
+            indexes: (0..count).collect(),
+            error,
+        }
+    }
+}
+
 /// A partitioned, replayable log (Kafka's model).
 #[async_trait]
 pub trait Stream: Send + Sync {
     async fn publish(&self, topic: &str, records: &[Record]) -> Result<(), BusError>;
+
+    /// Like [`Stream::publish`], but where the backend acknowledges records one by one (Kafka
+    /// does, per partition) a failed record does not fail the others: `Err` names the ones
+    /// that did not go out. By default all or nothing, through `publish`.
+    async fn publish_each(&self, topic: &str, records: &[Record]) -> Result<(), Unsent> {
+        self.publish(topic, records)
+            .await
+            .map_err(|error| Unsent::all(records.len(), error))
+    }
 
     /// Joins `group` on `topic`; the consumer resumes after the group's committed offsets.
     async fn subscribe(
@@ -134,6 +162,15 @@ pub struct ReceivedMessage {
 #[async_trait]
 pub trait Queue: Send + Sync {
     async fn send_batch(&self, queue: &str, messages: &[OutgoingMessage]) -> Result<(), BusError>;
+
+    /// Like [`Queue::send_batch`], but where the backend answers per message (SQS does) a
+    /// failed message does not fail the others: `Err` names the ones that did not go out. By
+    /// default all or nothing, through `send_batch`.
+    async fn send_each(&self, queue: &str, messages: &[OutgoingMessage]) -> Result<(), Unsent> {
+        self.send_batch(queue, messages)
+            .await
+            .map_err(|error| Unsent::all(messages.len(), error))
+    }
 
     /// Up to `max` visible messages, waiting up to `wait` for the first (long polling).
     async fn receive(

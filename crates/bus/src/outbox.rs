@@ -2,8 +2,15 @@
 //! transaction as the state change they describe, and the [`Relay`] publishes them afterwards,
 //! at least once, retrying with jittered exponential backoff. A crash between commit and
 //! publish delays an event; it never loses one. Consumers deduplicate by event id.
+//!
+//! Rows with one key (an order's events) go to each destination in commit order: a relay takes
+//! a row only when every earlier row of its key and destination is due as well (none is backing
+//! off or leased by another relay), and publishes at most one row per key in one call, so a
+//! failure (even of one record in a batch) holds back the later rows of that key alone, and a
+//! retry repeats a row before its successors, never after. docs/architecture.md, "Event
+//! ordering", gives the guarantee per backend and its limits.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,7 +19,7 @@ use rusqlite::{Connection, params};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::{BusError, Event, OutgoingMessage, Queue, Record, Stream};
+use crate::{BusError, Event, OutgoingMessage, Queue, Record, Stream, Unsent};
 
 /// The outbox table, to include in the owning service's migrations.
 pub const MIGRATION: &str = "CREATE TABLE outbox (
@@ -159,6 +166,10 @@ pub(crate) const LEASE_MS: i64 = 30_000;
 
 type Due = Vec<(String, Pending)>;
 
+// The SQL outboxes take the rows a relay may take now, oldest first: due, and no earlier row of
+// their key and destination waiting (backing off, or leased by another relay), found as each
+// key's oldest waiting row.
+
 // Every backend leases the rows they take by pushing their next attempt out, in the statement
 // that selects them, so two relays over one outbox never publish a row twice.
 
@@ -172,9 +183,13 @@ impl Source {
                 let mut rows = db
                     .write(move |tx| {
                         let mut q = tx.prepare_cached(
-                            "UPDATE outbox SET next_attempt_at = ?1
-                             WHERE seq IN (SELECT seq FROM outbox WHERE next_attempt_at <= ?2
-                                           ORDER BY seq LIMIT ?3)
+                            "UPDATE outbox SET next_attempt_at = ?1 WHERE seq IN (
+                               SELECT o.seq FROM outbox o
+                               LEFT JOIN (SELECT destination, key, MIN(seq) AS first FROM outbox
+                                          WHERE next_attempt_at > ?2 GROUP BY destination, key) waiting
+                                      ON waiting.destination = o.destination AND waiting.key = o.key
+                               WHERE o.next_attempt_at <= ?2 AND (waiting.first IS NULL OR o.seq < waiting.first)
+                               ORDER BY o.seq LIMIT ?3)
                              RETURNING seq, event_id, destination, key, headers, payload, attempts",
                         )?;
                         let rows = q
@@ -198,20 +213,35 @@ impl Source {
             }
             #[cfg(feature = "postgres")]
             Source::Postgres(pg) => {
-                // Replicas share the table: each takes a disjoint set of due rows (SKIP LOCKED).
+                // Replicas share the table. Each takes its rows under a lock of this schema's
+                // outbox, so the next one's snapshot sees those leases and holds back the later
+                // rows of their keys (with SKIP LOCKED alone it would not see them yet).
                 let now = now_ms();
-                let rows: Vec<(i64, String, String, String, String, String, i32)> = sqlx::query_as(
-                    "UPDATE outbox SET next_attempt_at = $1
-                         WHERE seq IN (SELECT seq FROM outbox WHERE next_attempt_at <= $2
-                                       ORDER BY seq LIMIT $3 FOR UPDATE SKIP LOCKED)
-                         RETURNING seq, event_id, destination, key, headers, payload, attempts",
+                let mut tx = pg.pool().begin().await.map_err(pg_error)?;
+                sqlx::query(
+                    "SELECT pg_advisory_xact_lock(hashtext(current_schema() || '.outbox'))",
                 )
-                .bind(now + LEASE_MS)
-                .bind(now)
-                .bind(batch)
-                .fetch_all(pg.pool())
+                .execute(&mut *tx)
                 .await
                 .map_err(pg_error)?;
+                let rows: Vec<(i64, String, String, String, String, String, i32)> =
+                    sqlx::query_as(
+                        "UPDATE outbox SET next_attempt_at = $1 WHERE seq IN (
+                           SELECT o.seq FROM outbox o
+                           LEFT JOIN (SELECT destination, key, MIN(seq) AS first FROM outbox
+                                      WHERE next_attempt_at > $2 GROUP BY destination, key) waiting
+                                  ON waiting.destination = o.destination AND waiting.key = o.key
+                           WHERE o.next_attempt_at <= $2 AND (waiting.first IS NULL OR o.seq < waiting.first)
+                           ORDER BY o.seq LIMIT $3)
+                         RETURNING seq, event_id, destination, key, headers, payload, attempts",
+                    )
+                    .bind(now + LEASE_MS)
+                    .bind(now)
+                    .bind(batch)
+                    .fetch_all(&mut *tx)
+                    .await
+                    .map_err(pg_error)?;
+                tx.commit().await.map_err(pg_error)?;
                 let mut rows: Vec<_> = rows
                     .into_iter()
                     .map(|(a, b, c, d, e, f, g)| (a, b, c, d, e, f, i64::from(g)))
@@ -295,6 +325,38 @@ impl Source {
                 .execute(pg.pool())
                 .await
                 .map_err(pg_error)?;
+                Ok(())
+            }
+        }
+    }
+
+    /// Gives back leased rows that were not tried (a predecessor of their key failed): due
+    /// again at once, yet held back until that predecessor goes out.
+    async fn release(&self, ids: Vec<RowId>) -> Result<(), BusError> {
+        let now = now_ms();
+        match self {
+            #[cfg(feature = "dynamodb")]
+            Source::Dynamo(outbox) => outbox.reschedule_untried(keys(ids), now).await,
+            Source::Sqlite(db) => {
+                let seqs = seqs(ids);
+                db.write(move |tx| {
+                    let mut update =
+                        tx.prepare_cached("UPDATE outbox SET next_attempt_at = ?1 WHERE seq = ?2")?;
+                    for seq in seqs {
+                        update.execute([now, seq])?;
+                    }
+                    Ok::<_, BusError>(())
+                })
+                .await
+            }
+            #[cfg(feature = "postgres")]
+            Source::Postgres(pg) => {
+                sqlx::query("UPDATE outbox SET next_attempt_at = $1 WHERE seq = ANY($2)")
+                    .bind(now)
+                    .bind(seqs(ids))
+                    .execute(pg.pool())
+                    .await
+                    .map_err(pg_error)?;
                 Ok(())
             }
         }
@@ -440,7 +502,8 @@ impl Relay {
         }
     }
 
-    /// One pass: publishes every due row (up to a batch). Returns how many went out.
+    /// One pass: publishes every row it may take now (up to a batch). Returns how many went
+    /// out.
     pub async fn relay_once(&self) -> Result<usize, BusError> {
         let rows = self.source.due(self.batch).await?;
         if rows.is_empty() {
@@ -451,34 +514,75 @@ impl Relay {
             by_destination.entry(destination).or_default().push(pending);
         }
         let mut published = 0;
-        for (destination, pending) in by_destination {
-            let outcome = self.publish(&destination, &pending).await;
-            let seqs: Vec<RowId> = pending.iter().map(|p| p.seq.clone()).collect();
-            match &outcome {
-                Ok(()) => self.source.delete(seqs).await?,
-                Err(e) => {
-                    tracing::warn!(destination, error = %e, events = pending.len(), "publishing failed; will retry");
-                    let attempts = pending.iter().map(|p| p.attempts).max().unwrap_or(0) + 1;
-                    let retry_at =
-                        now_ms() + i64::try_from(backoff(attempts).as_millis()).unwrap_or(30_000);
-                    self.source.reschedule(seqs, retry_at).await?;
-                }
-            }
-            let outcome_label = if outcome.is_ok() {
-                "published"
-            } else {
-                "failed"
-            };
-            metrics::counter!("outbox_events_total", "destination" => destination.clone(), "outcome" => outcome_label)
-                .increment(pending.len() as u64);
-            if outcome.is_ok() {
-                published += pending.len();
-            }
+        for (destination, rows) in by_destination {
+            published += self.relay_to(&destination, rows).await?;
         }
         Ok(published)
     }
 
-    async fn publish(&self, destination: &str, pending: &[Pending]) -> Result<(), BusError> {
+    /// Publishes `rows` (oldest first) to one destination in rounds holding at most one row per
+    /// key: the first round takes each key's oldest row, the next each key's second, and so on.
+    /// A key whose row fails sits out the later rounds; its untried rows are given back.
+    async fn relay_to(&self, destination: &str, rows: Vec<Pending>) -> Result<usize, BusError> {
+        let mut rounds: Vec<Vec<Pending>> = Vec::new();
+        let mut per_key: HashMap<String, usize> = HashMap::new();
+        for row in rows {
+            let round = per_key.entry(row.key.clone()).or_insert(0);
+            if rounds.len() <= *round {
+                rounds.push(Vec::new());
+            }
+            rounds[*round].push(row);
+            *round += 1;
+        }
+        let mut failed_keys: HashSet<String> = HashSet::new();
+        let mut untried: Vec<RowId> = Vec::new();
+        let mut published = 0;
+        for round in rounds {
+            let (held, round): (Vec<Pending>, Vec<Pending>) = round
+                .into_iter()
+                .partition(|row| failed_keys.contains(&row.key));
+            untried.extend(held.into_iter().map(|row| row.seq));
+            if round.is_empty() {
+                continue;
+            }
+            let failed: HashSet<usize> = match self.publish(destination, &round).await {
+                Ok(()) => HashSet::new(),
+                Err(unsent) => {
+                    tracing::warn!(destination, error = %unsent.error, events = unsent.indexes.len(), "publishing failed; will retry");
+                    unsent.indexes.into_iter().collect()
+                }
+            };
+            let (mut sent, mut retry, mut attempts) = (Vec::new(), Vec::new(), 0);
+            for (i, row) in round.into_iter().enumerate() {
+                if failed.contains(&i) {
+                    attempts = attempts.max(row.attempts + 1);
+                    failed_keys.insert(row.key);
+                    retry.push(row.seq);
+                } else {
+                    sent.push(row.seq);
+                }
+            }
+            metrics::counter!("outbox_events_total", "destination" => destination.to_owned(), "outcome" => "published")
+                .increment(sent.len() as u64);
+            metrics::counter!("outbox_events_total", "destination" => destination.to_owned(), "outcome" => "failed")
+                .increment(retry.len() as u64);
+            published += sent.len();
+            if !sent.is_empty() {
+                self.source.delete(sent).await?;
+            }
+            if !retry.is_empty() {
+                let retry_at =
+                    now_ms() + i64::try_from(backoff(attempts).as_millis()).unwrap_or(30_000);
+                self.source.reschedule(retry, retry_at).await?;
+            }
+        }
+        if !untried.is_empty() {
+            self.source.release(untried).await?;
+        }
+        Ok(published)
+    }
+
+    async fn publish(&self, destination: &str, pending: &[Pending]) -> Result<(), Unsent> {
         if let Some(topic) = destination.strip_prefix("stream:") {
             let records: Vec<Record> = pending
                 .iter()
@@ -488,7 +592,7 @@ impl Relay {
                     payload: p.payload.clone().into_bytes(),
                 })
                 .collect();
-            self.stream.publish(topic, &records).await
+            self.stream.publish_each(topic, &records).await
         } else if let Some(queue) = destination.strip_prefix("queue:") {
             let messages: Vec<OutgoingMessage> = pending
                 .iter()
@@ -498,11 +602,12 @@ impl Relay {
                     attributes: p.headers.clone(),
                 })
                 .collect();
-            self.queue.send_batch(queue, &messages).await
+            self.queue.send_each(queue, &messages).await
         } else {
-            Err(BusError::Malformed(format!(
-                "unknown destination {destination}"
-            )))
+            Err(Unsent::all(
+                pending.len(),
+                BusError::Malformed(format!("unknown destination {destination}")),
+            ))
         }
     }
 
@@ -568,6 +673,59 @@ mod tests {
         }
         async fn depth(&self, q: &str) -> Result<i64, BusError> {
             self.inner.depth(q).await
+        }
+    }
+
+    /// A stream that refuses the records of chosen events: a partition whose leader is down, a
+    /// record the broker rejects. `publish` fails as a whole when it carries one; `publish_each`
+    /// fails those records only, as Kafka does.
+    struct Refusing {
+        inner: EmbeddedBus,
+        refused: std::sync::Mutex<std::collections::BTreeSet<String>>,
+    }
+
+    impl Refusing {
+        fn refuses(&self, record: &Record) -> bool {
+            let refused = self.refused.lock().unwrap();
+            record
+                .headers
+                .get(crate::event::attr::ID)
+                .is_some_and(|id| refused.contains(id))
+        }
+    }
+
+    #[async_trait]
+    impl Stream for Refusing {
+        async fn publish(&self, topic: &str, records: &[Record]) -> Result<(), BusError> {
+            if records.iter().any(|r| self.refuses(r)) {
+                return Err(BusError::Kafka("record refused".into()));
+            }
+            self.inner.publish(topic, records).await
+        }
+        async fn publish_each(&self, topic: &str, records: &[Record]) -> Result<(), Unsent> {
+            let (refused, accepted): (Vec<_>, Vec<_>) = records
+                .iter()
+                .enumerate()
+                .partition(|(_, r)| self.refuses(r));
+            let accepted: Vec<Record> = accepted.into_iter().map(|(_, r)| r.clone()).collect();
+            self.inner
+                .publish(topic, &accepted)
+                .await
+                .map_err(|e| Unsent::all(records.len(), e))?;
+            if refused.is_empty() {
+                return Ok(());
+            }
+            Err(Unsent {
+                indexes: refused.into_iter().map(|(i, _)| i).collect(),
+                error: BusError::Kafka("record refused".into()),
+            })
+        }
+        async fn subscribe(
+            &self,
+            topic: &str,
+            group: &str,
+        ) -> Result<Box<dyn crate::StreamConsumer>, BusError> {
+            self.inner.subscribe(topic, group).await
         }
     }
 
@@ -708,6 +866,145 @@ mod tests {
             ids.extend(got.into_iter().map(|m| m.id));
         }
         assert_eq!(ids.len(), 300, "no row published twice");
+    }
+
+    fn keyed(key: &str, n: u32) -> Event {
+        Event::new(
+            uuid::Uuid::now_v7(),
+            "payment.refunded",
+            "test",
+            key.to_owned(),
+            &serde_json::json!({ "n": n }),
+        )
+        .unwrap()
+    }
+
+    /// Every id published on `topic` so far, in stream order.
+    async fn published(bus: &EmbeddedBus, topic: &str) -> Vec<String> {
+        let mut consumer = bus
+            .subscribe(topic, &format!("check-{}", uuid::Uuid::new_v4()))
+            .await
+            .unwrap();
+        let got = consumer.poll(1000, Duration::ZERO).await.unwrap();
+        got.into_iter()
+            .map(|d| d.record.headers[crate::event::attr::ID].clone())
+            .collect()
+    }
+
+    /// The ordering contract, run unchanged against each backend: rows of one key go out in
+    /// commit order. A row that fails holds back the later rows of its key (and only of its
+    /// key) until it is published itself.
+    async fn keeps_each_keys_order(source: Source, dir: &std::path::Path) {
+        const TOPIC: &str = "ordered";
+        let bus = EmbeddedBus::open(
+            &format!("sqlite://{}/ordered.db", dir.display()),
+            &SqliteSettings::default(),
+            EmbeddedOptions::default(),
+        )
+        .await
+        .unwrap();
+        let stream = Arc::new(Refusing {
+            inner: bus.clone(),
+            refused: Default::default(),
+        });
+        let relay = Relay::from_source(source.clone(), stream.clone(), Arc::new(bus.clone()));
+        let to: &'static [Destination] = &[Destination::Stream(TOPIC)];
+
+        let (k1, k2, l1) = (keyed("K", 1), keyed("K", 2), keyed("L", 1));
+        stream.refused.lock().unwrap().insert(k1.id.to_string());
+        source.enqueue_for_test(k1.clone(), to).await;
+        assert_eq!(relay.relay_once().await.unwrap(), 0, "K's first row fails");
+        source.enqueue_for_test(k2.clone(), to).await;
+        source.enqueue_for_test(l1.clone(), to).await;
+        relay.relay_once().await.unwrap();
+        assert_eq!(
+            published(&bus, TOPIC).await,
+            vec![l1.id.to_string()],
+            "L goes out; K's second row waits for K's first"
+        );
+        assert_eq!(relay.pending().await.unwrap(), 2);
+
+        // K's first row due again and still refused, in one call with a new row of L: L's goes
+        // out on its own account, K's second still waits.
+        let l2 = keyed("L", 2);
+        source.enqueue_for_test(l2.clone(), to).await;
+        source.make_all_due().await;
+        assert_eq!(relay.relay_once().await.unwrap(), 1);
+        assert_eq!(
+            published(&bus, TOPIC).await,
+            vec![l1.id.to_string(), l2.id.to_string()]
+        );
+        assert_eq!(relay.pending().await.unwrap(), 2);
+
+        stream.refused.lock().unwrap().clear();
+        source.make_all_due().await;
+        while relay.pending().await.unwrap() > 0 {
+            relay.relay_once().await.unwrap();
+        }
+        let order = published(&bus, TOPIC).await;
+        let position = |e: &Event| order.iter().position(|id| *id == e.id.to_string());
+        assert!(
+            position(&k1).unwrap() < position(&k2).unwrap(),
+            "K in commit order: {order:?}"
+        );
+        assert_eq!(order.len(), 4, "each row once: {order:?}");
+    }
+
+    #[tokio::test]
+    async fn sqlite_outbox_keeps_each_keys_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(
+            &format!("sqlite://{}/svc.db", dir.path().display()),
+            &SqliteSettings::default(),
+            STEPS,
+        )
+        .await
+        .unwrap();
+        keeps_each_keys_order(Source::Sqlite(db), dir.path()).await;
+    }
+
+    #[cfg(feature = "postgres")]
+    #[tokio::test]
+    async fn postgres_outbox_keeps_each_keys_order() {
+        static PG_STEPS: &[kit::pg::PgStep] = &[(1, "outbox", PG_MIGRATION)];
+        let dir = tempfile::tempdir().unwrap();
+        let url = kit::pg::test_database_url();
+        let pg = kit::pg::Pg::open(
+            &url,
+            &kit::pg::unique_schema("outbox_order"),
+            &kit::config::PostgresSettings::default(),
+            PG_STEPS,
+        )
+        .await
+        .unwrap_or_else(|e| {
+            panic!("PostgreSQL at {url} (TEST_DATABASE_URL): {e}; scripts/test starts one")
+        });
+        keeps_each_keys_order(Source::Postgres(pg.clone()), dir.path()).await;
+        pg.drop_schema().await.unwrap();
+    }
+
+    /// DynamoDB on the server at `TEST_DYNAMODB_ENDPOINT` (scripts/check-aws starts moto).
+    #[cfg(feature = "dynamodb")]
+    #[tokio::test]
+    async fn dynamodb_outbox_keeps_each_keys_order() {
+        let endpoint = std::env::var("TEST_DYNAMODB_ENDPOINT").unwrap_or_else(|_| {
+            panic!(
+                "TEST_DYNAMODB_ENDPOINT is not set: run under scripts/check-aws (it starts moto)"
+            )
+        });
+        let url = kit::dynamo_url::parse(&format!(
+            "dynamodb://outbox-{}?region=us-east-1&endpoint={endpoint}",
+            uuid::Uuid::new_v4()
+        ))
+        .unwrap();
+        let config = crate::dynamo::sdk_config(&url).await;
+        let outbox = crate::dynamo::DynamoOutbox::new(
+            aws_sdk_dynamodb::Client::new(&config),
+            url.table.clone(),
+        );
+        outbox.ensure_table().await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        keeps_each_keys_order(Source::Dynamo(outbox), dir.path()).await;
     }
 
     #[tokio::test]

@@ -11,10 +11,13 @@
 //! - Dead-lettering is SQS's redrive policy (`maxReceiveCount`); [`SqsQueue::ensure_queues`]
 //!   sets it up on local servers and in tests, Terraform does in AWS.
 //!
-//! A batch with any failed entry is an error as a whole: the outbox relay sends the batch
-//! again, and consumers deduplicate the entries that did go out by event id. Retrying only the
-//! failed entries here would save a few duplicates at the cost of a second retry policy next
-//! to the relay's.
+//! Entries are answered one by one ([`Queue::send_each`]): the outbox relay retries the failed
+//! ones only, with its own backoff (no second retry policy here).
+//!
+//! Order: a standard queue delivers in no particular order, so consumers of one must not rely
+//! on it (they deduplicate by event id; the order consumers check versions). A FIFO queue (its
+//! URL ends in `.fifo`) gets the event's subject as `MessageGroupId`: one order's messages
+//! are then delivered in the order the relay sent them, which is commit order.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
@@ -31,7 +34,9 @@ use aws_sdk_sqs::types::{
 };
 use tokio::time::Instant;
 
-use crate::{BusError, Headers, OutgoingMessage, Queue, ReceivedMessage, dead_letter_queue};
+use crate::{
+    BusError, Headers, OutgoingMessage, Queue, ReceivedMessage, Unsent, dead_letter_queue,
+};
 
 /// The message attribute that carries [`OutgoingMessage::id`].
 pub const ID_ATTRIBUTE: &str = "mercato-id";
@@ -318,11 +323,27 @@ fn checked_size(m: &OutgoingMessage) -> Result<usize, BusError> {
 
 /// One batch entry. The entry id only has to be unique in its batch (and alphanumeric): the
 /// position in it.
-fn entry(index: usize, m: &OutgoingMessage) -> Result<SendMessageBatchRequestEntry, BusError> {
+/// One batch entry. On a FIFO queue the message group is the event's subject (its
+/// partitioning key: an order id), so one order's messages are delivered in order and
+/// different orders' in parallel; the event id deduplicates a resent message.
+fn entry(
+    index: usize,
+    m: &OutgoingMessage,
+    fifo: bool,
+) -> Result<SendMessageBatchRequestEntry, BusError> {
     let mut builder = SendMessageBatchRequestEntry::builder()
         .id(index.to_string())
         .message_body(&m.body)
         .message_attributes(ID_ATTRIBUTE, string_attribute(&m.id)?);
+    if fifo {
+        let group = m
+            .attributes
+            .get(crate::event::attr::SUBJECT)
+            .unwrap_or(&m.id);
+        builder = builder
+            .message_group_id(group)
+            .message_deduplication_id(&m.id);
+    }
     for (name, value) in &m.attributes {
         builder = builder.message_attributes(name, string_attribute(value)?);
     }
@@ -389,34 +410,79 @@ fn to_received(m: Message) -> Result<ReceivedMessage, BusError> {
 #[async_trait]
 impl Queue for SqsQueue {
     async fn send_batch(&self, queue: &str, messages: &[OutgoingMessage]) -> Result<(), BusError> {
+        self.send_each(queue, messages).await.map_err(|u| u.error)
+    }
+
+    /// SQS answers per entry: the entries that failed, and those of batches that failed as a
+    /// whole, are the unsent ones.
+    async fn send_each(&self, queue: &str, messages: &[OutgoingMessage]) -> Result<(), Unsent> {
         if messages.is_empty() {
             return Ok(());
         }
-        let url = self.url(queue).await?;
-        for batch in batches(messages)? {
-            let entries = batch
+        let url = self
+            .url(queue)
+            .await
+            .map_err(|e| Unsent::all(messages.len(), e))?;
+        let fifo = url.ends_with(".fifo");
+        let mut unsent: Option<Unsent> = None;
+        let mut fail = |indexes: &mut dyn Iterator<Item = usize>, error: BusError| {
+            let u = unsent.get_or_insert_with(|| Unsent {
+                indexes: Vec::new(),
+                error,
+            });
+            u.indexes.extend(indexes);
+        };
+        let mut offset = 0;
+        for batch in batches(messages).map_err(|e| Unsent::all(messages.len(), e))? {
+            let range = offset..offset + batch.len();
+            offset += batch.len();
+            let entries = match batch
                 .iter()
                 .enumerate()
-                .map(|(i, m)| entry(i, m))
-                .collect::<Result<Vec<_>, _>>()?;
-            let out = self
+                .map(|(i, m)| entry(i, m, fifo))
+                .collect::<Result<Vec<_>, _>>()
+            {
+                Ok(entries) => entries,
+                Err(e) => {
+                    fail(&mut range.clone(), e);
+                    continue;
+                }
+            };
+            let out = match self
                 .client
                 .send_message_batch()
                 .queue_url(&url)
                 .set_entries(Some(entries))
                 .send()
                 .await
-                .map_err(|e| sqs_error(&format!("sending to {queue}"), e))?;
-            if let Some(failed) = out.failed.first() {
-                return Err(BusError::Sqs(format!(
+            {
+                Ok(out) => out,
+                Err(e) => {
+                    fail(
+                        &mut range.clone(),
+                        sqs_error(&format!("sending to {queue}"), e),
+                    );
+                    continue;
+                }
+            };
+            if let Some(first) = out.failed.first() {
+                let error = BusError::Sqs(format!(
                     "sending to {queue}: {} of the batch failed, e.g. {}: {}",
                     out.failed.len(),
-                    failed.code,
-                    failed.message.as_deref().unwrap_or("no message")
-                )));
+                    first.code,
+                    first.message.as_deref().unwrap_or("no message")
+                ));
+                // Entry ids are their indexes in the batch; one SQS cannot place fails all.
+                let failed: Vec<usize> = out
+                    .failed
+                    .iter()
+                    .map(|f| f.id.parse::<usize>().ok().map(|i| range.start + i))
+                    .collect::<Option<_>>()
+                    .unwrap_or_else(|| range.clone().collect());
+                fail(&mut failed.into_iter(), error);
             }
         }
-        Ok(())
+        unsent.map_or(Ok(()), Err)
     }
 
     async fn receive(
@@ -566,12 +632,20 @@ mod tests {
         event.traceparent = Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into());
         assert!(checked_size(&event.to_message()).is_ok());
         assert_eq!(
-            entry(0, &event.to_message())
+            entry(0, &event.to_message(), false)
                 .unwrap()
                 .message_attributes()
                 .unwrap()
                 .len(),
             9
+        );
+        let standard = entry(0, &event.to_message(), false).unwrap();
+        assert_eq!(standard.message_group_id(), None);
+        let fifo = entry(0, &event.to_message(), true).unwrap();
+        assert_eq!(fifo.message_group_id(), Some("o-1"), "one order, one group");
+        assert_eq!(
+            fifo.message_deduplication_id(),
+            Some(event.id.to_string().as_str())
         );
         assert!(checked_size(&message("m", 1, 9)).is_ok());
         assert!(matches!(

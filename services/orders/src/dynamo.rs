@@ -18,6 +18,9 @@
 //! - `event`: `order_id` = `event#<event id>`, `processed` (S, always `processed`),
 //!   `processed_at` (N): a processed event id, put with `attribute_not_exists` in the
 //!   transaction that applies the event; GSI `processed-processed_at` finds old ones to prune;
+//! - `payment_version`: `order_id` = `payment#<payment id>`, `for_order`, `seen_version` (N): the
+//!   newest version of the payment the saga has seen (older events are stale); it carries
+//!   `processed`/`processed_at` too, so it is pruned with the processed events;
 //! - `counter`: `order_id` = `count#<shard>` (8 shards), `orders` (N): incremented by the
 //!   insert's transaction. Sharded so concurrent inserts rarely touch the same counter item
 //!   (DynamoDB cancels transactions that collide on an item); `count` reads the 8 items.
@@ -562,6 +565,45 @@ impl OrderStore for DynamoOrderStore {
                     .map_err(|_| StoreError::Corrupt)
             })
             .collect()
+    }
+
+    async fn observe_payment_version(
+        &self,
+        order_id: Uuid,
+        payment_id: Uuid,
+        version: u64,
+    ) -> Result<bool, StoreError> {
+        let version = i64::try_from(version).map_err(|_| StoreError::Corrupt)?;
+        let update = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .key("order_id", s(format!("payment#{payment_id}")))
+            // Names through placeholders: `processed` is one of DynamoDB's reserved words.
+            .update_expression("SET #kind = :kind, #order = :order, #v = :v, #p = :p, #at = :now")
+            .condition_expression("attribute_not_exists(#v) OR #v <= :v")
+            .expression_attribute_names("#kind", "kind")
+            .expression_attribute_names("#order", "for_order")
+            .expression_attribute_names("#v", "seen_version")
+            .expression_attribute_names("#p", "processed")
+            .expression_attribute_names("#at", "processed_at")
+            .expression_attribute_values(":kind", s("payment_version"))
+            .expression_attribute_values(":order", s(order_id.to_string()))
+            .expression_attribute_values(":v", n(version))
+            .expression_attribute_values(":p", s("processed"))
+            .expression_attribute_values(":now", n(now_ms()))
+            .send()
+            .await;
+        match update {
+            Ok(_) => Ok(true),
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(remote(dynamo_error("recording a payment version", e))),
+        }
     }
 
     async fn prune_processed(&self, age: Duration) -> Result<usize, StoreError> {

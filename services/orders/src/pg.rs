@@ -57,6 +57,17 @@ pub static MIGRATIONS: &[PgStep] = &[
     ),
     (2, "outbox", bus::outbox::PG_MIGRATION),
     (3, "idempotency keys", kit::idempotency::PG_MIGRATION),
+    (
+        4,
+        "payment versions",
+        "CREATE TABLE payment_versions (
+            payment_id UUID PRIMARY KEY,
+            order_id UUID NOT NULL,
+            version BIGINT NOT NULL,
+            seen_at BIGINT NOT NULL
+        );
+        CREATE INDEX payment_versions_age ON payment_versions (seen_at);",
+    ),
 ];
 
 #[derive(Debug, Clone)]
@@ -317,12 +328,42 @@ impl OrderStore for PgOrderStore {
 
     async fn prune_processed(&self, age: std::time::Duration) -> Result<usize, StoreError> {
         let cutoff = now_ms() - i64::try_from(age.as_millis()).unwrap_or(i64::MAX / 2);
-        let removed = sqlx::query("DELETE FROM processed_events WHERE processed_at < $1")
+        let mut removed = sqlx::query("DELETE FROM processed_events WHERE processed_at < $1")
+            .bind(cutoff)
+            .execute(self.pg.pool())
+            .await?
+            .rows_affected();
+        removed += sqlx::query("DELETE FROM payment_versions WHERE seen_at < $1")
             .bind(cutoff)
             .execute(self.pg.pool())
             .await?
             .rows_affected();
         Ok(usize::try_from(removed).unwrap_or(usize::MAX))
+    }
+
+    async fn observe_payment_version(
+        &self,
+        order_id: Uuid,
+        payment_id: Uuid,
+        version: u64,
+    ) -> Result<bool, StoreError> {
+        let version = i64::try_from(version).map_err(|_| StoreError::Corrupt)?;
+        // Concurrent deliveries of one payment's events serialise on its row.
+        let newest = sqlx::query(
+            "INSERT INTO payment_versions (payment_id, order_id, version, seen_at)
+             VALUES ($1, $2, $3, $4)
+             ON CONFLICT (payment_id) DO UPDATE SET version = EXCLUDED.version, seen_at = EXCLUDED.seen_at
+             WHERE payment_versions.version <= EXCLUDED.version",
+        )
+        .bind(payment_id)
+        .bind(order_id)
+        .bind(version)
+        .bind(now_ms())
+        .execute(self.pg.pool())
+        .await?
+        .rows_affected()
+            == 1;
+        Ok(newest)
     }
 
     async fn count(&self) -> Result<i64, StoreError> {

@@ -1,5 +1,16 @@
 //! The order saga's background half: payment outcomes from the `payments` stream move orders
 //! (idempotently, by event id), and unpaid orders are cancelled when their time runs out.
+//!
+//! Payment events of one order normally arrive in the order they were written, but a relay
+//! that could not publish for a while, a redelivery or a replica's stale lease can still mix
+//! them up. So the listener never trusts arrival order:
+//! - each event carries its payment's version (`sequence`); one older than a version already
+//!   seen for that payment is stale and ignored (every later event states the payment's whole
+//!   status, so the stale one says nothing new);
+//! - a refund implies the success before it: a refund for a pending order pays it first, and a
+//!   full refund then refunds it, so no arrival order leaves a refunded order `paid`;
+//! - money taken for an order that can no longer be paid (cancelled, or failed) is given back
+//!   through payments' compensation, whichever event brings the news.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,17 +19,26 @@ use bus::event::{PaymentEvent, types};
 use bus::names::PAYMENTS_TOPIC;
 use bus::{Event, Stream};
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
 use crate::api::{ApiContext, apply_status};
+use crate::compensation::{PaymentsClient, worth_retrying};
 use crate::domain::OrderStatus;
 
 pub const CONSUMER_GROUP: &str = "orders-status";
+
+/// What the payment listener works with: the orders API's context and the payments service.
+#[derive(Debug, Clone)]
+pub struct Saga {
+    pub ctx: ApiContext,
+    pub payments: PaymentsClient,
+}
 
 /// Applies `payment.*` events to orders until `shutdown`. A transient failure (a dependency
 /// down) leaves the event uncommitted and retries it; an event that can never apply is logged
 /// and skipped.
 pub async fn run_payment_listener(
-    ctx: ApiContext,
+    saga: Saga,
     stream: Arc<dyn Stream>,
     shutdown: CancellationToken,
 ) {
@@ -45,9 +65,12 @@ pub async fn run_payment_listener(
                 }
             };
             for (i, delivered) in batch.iter().enumerate() {
-                if let Err(retry) =
-                    handle_payment_event(&ctx, &delivered.record.headers, &delivered.record.payload)
-                        .await
+                if let Err(retry) = handle_payment_event(
+                    &saga,
+                    &delivered.record.headers,
+                    &delivered.record.payload,
+                )
+                .await
                 {
                     tracing::warn!(reason = %retry, "payment event will be retried");
                     let _ = consumer.commit(&batch[..i]).await;
@@ -66,12 +89,32 @@ pub async fn run_payment_listener(
     }
 }
 
+/// The order moves a payment event calls for, in order.
+fn steps_for(event_type: &str, payment_status: &str) -> &'static [OrderStatus] {
+    match (event_type, payment_status) {
+        (types::PAYMENT_SUCCEEDED, _) => &[OrderStatus::Paid],
+        (types::PAYMENT_FAILED, _) => &[OrderStatus::PaymentFailed, OrderStatus::Cancelled],
+        (types::PAYMENT_REFUNDED, "refunded") => &[OrderStatus::Paid, OrderStatus::Refunded],
+        (types::PAYMENT_REFUNDED, "partially_refunded") => &[OrderStatus::Paid],
+        _ => &[],
+    }
+}
+
+/// Whether, after this event, the payment still holds some of the customer's money.
+fn holds_money(event_type: &str, payment_status: &str) -> bool {
+    matches!(
+        (event_type, payment_status),
+        (types::PAYMENT_SUCCEEDED, _) | (types::PAYMENT_REFUNDED, "partially_refunded")
+    )
+}
+
 /// `Err` means "try again later"; everything else, including events that cannot apply, is done.
-async fn handle_payment_event(
-    ctx: &ApiContext,
+pub(crate) async fn handle_payment_event(
+    saga: &Saga,
     headers: &bus::Headers,
     payload: &[u8],
 ) -> Result<(), String> {
+    let ctx = &saga.ctx;
     let event = match Event::from_parts(headers, payload) {
         Ok(e) => e,
         Err(e) => {
@@ -86,27 +129,69 @@ async fn handle_payment_event(
             return Ok(());
         }
     };
-    let steps: &[OrderStatus] = match event.event_type.as_str() {
-        types::PAYMENT_SUCCEEDED => &[OrderStatus::Paid],
-        types::PAYMENT_FAILED => &[OrderStatus::PaymentFailed, OrderStatus::Cancelled],
-        types::PAYMENT_REFUNDED if payment.status == "refunded" => &[OrderStatus::Refunded],
-        _ => &[],
-    };
-    for (i, to) in steps.iter().enumerate() {
+    // Events written before payments had versions carry 0: only the state machine guards them.
+    if payment.sequence > 0 {
+        let newest = ctx
+            .store
+            .observe_payment_version(payment.order_id, payment.payment_id, payment.sequence)
+            .await
+            .map_err(|e| e.to_string())?;
+        if !newest {
+            metrics::counter!("payment_events_stale_total").increment(1);
+            tracing::info!(event_id = %event.id, payment_id = %payment.payment_id, sequence = payment.sequence, "stale payment event ignored");
+            return Ok(());
+        }
+    }
+    for (i, to) in steps_for(&event.event_type, &payment.status)
+        .iter()
+        .enumerate()
+    {
         // Only the first step carries the event id: it marks the event as applied.
         let dedup = if i == 0 { Some(event.id) } else { None };
         match apply_status(ctx, payment.order_id, *to, dedup).await {
             Ok(_) => {}
-            Err(problem) if problem.status == 503 || problem.status >= 500 => {
-                return Err(problem.to_string());
-            }
+            Err(problem) if problem.status >= 500 => return Err(problem.to_string()),
             Err(problem) => {
+                if holds_money(&event.event_type, &payment.status)
+                    && cannot_be_paid(ctx, payment.order_id).await?
+                {
+                    return compensate(saga, &event, &payment).await;
+                }
                 tracing::warn!(event_id = %event.id, order_id = %payment.order_id, %problem, "payment event does not apply");
                 return Ok(());
             }
         }
     }
     Ok(())
+}
+
+/// Whether the order is gone past paying (cancelled, expired, its payment failed).
+async fn cannot_be_paid(ctx: &ApiContext, order_id: Uuid) -> Result<bool, String> {
+    let order = ctx.store.get(order_id).await.map_err(|e| e.to_string())?;
+    Ok(order.is_some_and(|o| {
+        matches!(
+            o.status,
+            OrderStatus::Cancelled | OrderStatus::PaymentFailed
+        )
+    }))
+}
+
+/// Asks payments to give the money back; a failure that may pass is retried with the event.
+async fn compensate(saga: &Saga, event: &Event, payment: &PaymentEvent) -> Result<(), String> {
+    match saga.payments.compensate(payment.payment_id).await {
+        Ok(done) => {
+            metrics::counter!("payments_compensated_total", "outcome" => "compensated")
+                .increment(1);
+            tracing::warn!(event_id = %event.id, order_id = %payment.order_id, payment_id = %payment.payment_id, status = done.status, "money taken for an order that can no longer be paid was given back");
+            Ok(())
+        }
+        Err(e) if worth_retrying(&e) => Err(format!("compensating a payment: {e}")),
+        Err(e) => {
+            metrics::counter!("payments_compensated_total", "outcome" => "refused").increment(1);
+            tracing::error!(event_id = %event.id, order_id = %payment.order_id, payment_id = %payment.payment_id, error = %e, "payments refused to compensate a payment for an order that can no longer be paid");
+            Ok(())
+        }
+    }
 }
 
 /// Cancels pending orders past their payment window, releasing their stock.
@@ -142,3 +227,8 @@ async fn sleep_or_stop(shutdown: &CancellationToken, d: Duration) -> bool {
         () = tokio::time::sleep(d) => false,
     }
 }
+
+#[cfg(test)]
+mod property;
+#[cfg(test)]
+mod tests;

@@ -53,6 +53,18 @@ pub static MIGRATIONS: &[Step] = &[
     ),
     (2, "outbox", outbox::MIGRATION),
     (3, "idempotency keys", kit::idempotency::MIGRATION),
+    (
+        4,
+        "payment versions",
+        // The newest version of each payment the saga has seen: an event carrying an older
+        // one arrived out of order and is stale.
+        "CREATE TABLE payment_versions (
+            payment_id TEXT PRIMARY KEY,
+            order_id TEXT NOT NULL,
+            version INTEGER NOT NULL,
+            seen_at INTEGER NOT NULL
+        ) WITHOUT ROWID;",
+    ),
 ];
 
 /// The default platform currency (the `currency` setting decides; tests use this).
@@ -187,8 +199,19 @@ pub trait OrderStore: Send + Sync + std::fmt::Debug {
     /// Pending orders whose payment window has closed, soonest expired first.
     async fn expired_pending(&self, limit: u32) -> Result<Vec<Uuid>, StoreError>;
 
-    /// Forgets processed event ids older than `age`: past the stream's retention nothing that
-    /// old can be redelivered. Returns how many.
+    /// Notes that version `version` of payment `payment_id` (of order `order_id`) has been
+    /// seen. `false` when a newer version of that payment was seen before: an event carrying
+    /// this one is stale. Seeing the same version again is `true` (a redelivery, or a retry
+    /// of an event whose handling failed halfway).
+    async fn observe_payment_version(
+        &self,
+        order_id: Uuid,
+        payment_id: Uuid,
+        version: u64,
+    ) -> Result<bool, StoreError>;
+
+    /// Forgets processed event ids (and payment versions) older than `age`: past the stream's
+    /// retention nothing that old can be redelivered. Returns how many.
     async fn prune_processed(&self, age: std::time::Duration) -> Result<usize, StoreError>;
 
     async fn count(&self) -> Result<i64, StoreError>;
@@ -393,8 +416,28 @@ impl OrderStore for SqliteOrderStore {
             .await
     }
 
-    /// Forgets processed event ids older than `age`: past the stream's retention nothing that
-    /// old can be redelivered. Returns how many.
+    async fn observe_payment_version(
+        &self,
+        order_id: Uuid,
+        payment_id: Uuid,
+        version: u64,
+    ) -> Result<bool, StoreError> {
+        let version = i64::try_from(version).map_err(|_| StoreError::Corrupt)?;
+        self.db
+            .write(move |tx| {
+                Ok(tx.execute(
+                    "INSERT INTO payment_versions (payment_id, order_id, version, seen_at)
+                     VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT (payment_id) DO UPDATE SET version = excluded.version, seen_at = excluded.seen_at
+                     WHERE excluded.version >= payment_versions.version",
+                    params![payment_id.to_string(), order_id.to_string(), version, now_ms()],
+                )? == 1)
+            })
+            .await
+    }
+
+    /// Forgets processed event ids (and payment versions) older than `age`: past the stream's
+    /// retention nothing that old can be redelivered. Returns how many.
     async fn prune_processed(&self, age: std::time::Duration) -> Result<usize, StoreError> {
         let cutoff = now_ms() - i64::try_from(age.as_millis()).unwrap_or(i64::MAX / 2);
         self.db
@@ -402,7 +445,7 @@ impl OrderStore for SqliteOrderStore {
                 Ok(tx.execute(
                     "DELETE FROM processed_events WHERE processed_at < ?1",
                     [cutoff],
-                )?)
+                )? + tx.execute("DELETE FROM payment_versions WHERE seen_at < ?1", [cutoff])?)
             })
             .await
     }

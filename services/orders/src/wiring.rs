@@ -1,6 +1,7 @@
 //! How the orders service starts inside a platform process: its store on the backend its
 //! database url names (SQLite, PostgreSQL or DynamoDB) with its outbox relay and
-//! Idempotency-Key records, the saga's payment listener and expiry sweeper, and its router.
+//! Idempotency-Key records, the saga's payment listener (with its payments client, for
+//! compensations) and expiry sweeper, and its router.
 
 use std::sync::Arc;
 
@@ -93,8 +94,14 @@ pub async fn start(shared: &Shared<'_>, transports: &Transports) -> Result<Start
             .clone()
             .run_purger(HOUSEKEEPING, shutdown.clone()),
     );
+    let saga = crate::saga::Saga {
+        ctx: ctx.clone(),
+        payments: crate::compensation::PaymentsClient::new(
+            shared.client(Service::Orders, Service::Payments),
+        ),
+    };
     lifecycle.spawn(crate::saga::run_payment_listener(
-        ctx.clone(),
+        saga,
         stream,
         shutdown.clone(),
     ));

@@ -457,6 +457,47 @@ async fn keeps_the_contract(store: Arc<dyn OrderStore>, outbox: Outbox) {
     );
     assert_eq!(store.expired_pending(1).await.unwrap(), vec![older.id]);
 
+    // Payment versions: the newest seen per payment wins; older ones are stale, the same one
+    // again is not (a redelivery), and payments are told apart.
+    let (for_order, payment, other) = (older.id, Uuid::now_v7(), Uuid::now_v7());
+    assert!(
+        store
+            .observe_payment_version(for_order, payment, 2)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .observe_payment_version(for_order, payment, 1)
+            .await
+            .unwrap(),
+        "an older version is stale"
+    );
+    assert!(
+        store
+            .observe_payment_version(for_order, payment, 2)
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .observe_payment_version(for_order, payment, 3)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .observe_payment_version(for_order, payment, 2)
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .observe_payment_version(for_order, other, 1)
+            .await
+            .unwrap()
+    );
+
     assert_eq!(store.count().await.unwrap(), inserted);
     let keys: BTreeSet<String> = outbox.rows().await.into_iter().map(|r| r.2).collect();
     assert_eq!(

@@ -1,0 +1,331 @@
+//! The payment listener's decisions, driven through the real handler and a SQLite store, with
+//! a fake products and payments service on a local port that records what it was asked.
+
+use std::sync::{Arc, Mutex};
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::routing::{delete, post};
+use bus::Event;
+use bus::event::{PaymentEvent, types};
+use kit::Money;
+use kit::client::ServiceClient;
+use kit::idempotency::Idempotency;
+use uuid::Uuid;
+
+use crate::ApiContext;
+use crate::clients::Dependencies;
+use crate::domain::OrderStatus;
+use crate::store::{CURRENCY, SqliteOrderStore, new_order};
+
+/// What the fake payments service was asked, and whether it is up.
+#[derive(Default)]
+pub(crate) struct Payments {
+    pub(crate) compensated: Mutex<Vec<(Uuid, serde_json::Value)>>,
+    pub(crate) down: std::sync::atomic::AtomicBool,
+}
+
+async fn compensate(
+    State(payments): State<Arc<Payments>>,
+    Path(id): Path<Uuid>,
+    Json(body): Json<serde_json::Value>,
+) -> Result<Json<serde_json::Value>, StatusCode> {
+    if payments.down.load(std::sync::atomic::Ordering::SeqCst) {
+        return Err(StatusCode::SERVICE_UNAVAILABLE);
+    }
+    payments.compensated.lock().unwrap().push((id, body));
+    Ok(Json(serde_json::json!({ "id": id, "status": "refunded" })))
+}
+
+/// Serves the products routes the saga calls (commit and release answer 204) and payments'
+/// compensation route; returns its base URL.
+pub(crate) async fn fake_dependencies(payments: Arc<Payments>) -> String {
+    let app = axum::Router::new()
+        .route(
+            "/internal/v1/reservations/{id}/commit",
+            post(|| async { StatusCode::NO_CONTENT }),
+        )
+        .route(
+            "/internal/v1/reservations/{id}",
+            delete(|| async { StatusCode::NO_CONTENT }),
+        )
+        .route("/internal/v1/payments/{id}/compensate", post(compensate))
+        .with_state(payments);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    url
+}
+
+pub(crate) struct Harness {
+    _dir: tempfile::TempDir,
+    pub(crate) ctx: ApiContext,
+    pub(crate) payments: Arc<Payments>,
+    pub(crate) saga: super::Saga,
+}
+
+impl Harness {
+    pub(crate) async fn new() -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}/orders.db", dir.path().display());
+        let store = SqliteOrderStore::open(&url, &kit::config::SqliteSettings::default())
+            .await
+            .unwrap();
+        let payments = Arc::new(Payments::default());
+        let base = fake_dependencies(payments.clone()).await;
+        let http = kit::client::http_client(&kit::config::HttpSettings::default()).unwrap();
+        let ctx = ApiContext {
+            idempotency: Idempotency::new(
+                store.db().clone(),
+                std::time::Duration::from_secs(60),
+                1 << 20,
+            ),
+            store: Arc::new(store),
+            deps: Dependencies {
+                users: ServiceClient::new("users", &base, http.clone()),
+                products: ServiceClient::new("products", &base, http.clone()),
+            },
+            order_ttl: chrono::Duration::minutes(15),
+            currency: Arc::from(CURRENCY),
+        };
+        let saga = super::Saga {
+            ctx: ctx.clone(),
+            payments: crate::compensation::PaymentsClient::new(ServiceClient::new(
+                "payments", &base, http,
+            )),
+        };
+        Harness {
+            _dir: dir,
+            ctx,
+            payments,
+            saga,
+        }
+    }
+
+    /// A pending order of `cents`.
+    pub(crate) async fn order(&self, cents: i64) -> Uuid {
+        let order = new_order(
+            Uuid::now_v7(),
+            Uuid::now_v7(),
+            &[(Uuid::now_v7(), 1, Money::from_cents(cents).unwrap())],
+            "1 Main St".into(),
+            CURRENCY,
+            chrono::Duration::minutes(15),
+        )
+        .unwrap();
+        self.ctx.store.insert(&order).await.unwrap();
+        order.id
+    }
+
+    pub(crate) async fn status(&self, order: Uuid) -> OrderStatus {
+        self.ctx.store.get(order).await.unwrap().unwrap().status
+    }
+
+    /// Hands `event` to the listener: `Err` means it stays uncommitted and comes again.
+    pub(crate) async fn deliver(&self, event: &Event) -> Result<(), String> {
+        let record = event.to_record();
+        super::handle_payment_event(&self.saga, &record.headers, &record.payload).await
+    }
+
+    pub(crate) fn compensations(&self) -> Vec<(Uuid, serde_json::Value)> {
+        self.payments.compensated.lock().unwrap().clone()
+    }
+}
+
+/// A `payment.*` event as the payments service writes it.
+pub(crate) fn payment_event(
+    event_type: &str,
+    order: Uuid,
+    payment: Uuid,
+    status: &str,
+    cents: i64,
+    sequence: u64,
+) -> Event {
+    let id = Uuid::now_v7();
+    Event::new(
+        id,
+        event_type,
+        "mercato/payments",
+        order.to_string(),
+        &PaymentEvent {
+            event_id: id,
+            event_type: event_type.to_owned(),
+            payment_id: payment,
+            order_id: order,
+            amount: Money::from_cents(cents).unwrap(),
+            currency: CURRENCY.to_owned(),
+            status: status.to_owned(),
+            occurred_at: chrono::Utc::now(),
+            sequence,
+        },
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_success_for_a_cancelled_order_is_compensated() {
+    let h = Harness::new().await;
+    let order = h.order(10_000).await;
+    h.ctx
+        .store
+        .transition(order, OrderStatus::Cancelled, None)
+        .await
+        .unwrap();
+    let payment = Uuid::now_v7();
+    let succeeded = payment_event(
+        types::PAYMENT_SUCCEEDED,
+        order,
+        payment,
+        "succeeded",
+        10_000,
+        1,
+    );
+    h.deliver(&succeeded).await.unwrap();
+    assert_eq!(
+        h.compensations(),
+        vec![(payment, serde_json::json!({ "reason": "order_cancelled" }))],
+        "the customer's money is given back"
+    );
+    assert_eq!(h.status(order).await, OrderStatus::Cancelled);
+}
+
+#[tokio::test]
+async fn a_partial_refund_for_an_expired_order_compensates_the_rest() {
+    let h = Harness::new().await;
+    let order = h.order(10_000).await;
+    h.ctx
+        .store
+        .transition(order, OrderStatus::Cancelled, None)
+        .await
+        .unwrap();
+    let payment = Uuid::now_v7();
+    let partial = payment_event(
+        types::PAYMENT_REFUNDED,
+        order,
+        payment,
+        "partially_refunded",
+        2_500,
+        2,
+    );
+    h.deliver(&partial).await.unwrap();
+    assert_eq!(h.compensations().len(), 1, "the rest is refunded");
+    assert_eq!(h.compensations()[0].0, payment);
+}
+
+#[tokio::test]
+async fn a_compensation_payments_cannot_take_now_is_retried() {
+    let h = Harness::new().await;
+    let order = h.order(10_000).await;
+    h.ctx
+        .store
+        .transition(order, OrderStatus::Cancelled, None)
+        .await
+        .unwrap();
+    let payment = Uuid::now_v7();
+    let succeeded = payment_event(
+        types::PAYMENT_SUCCEEDED,
+        order,
+        payment,
+        "succeeded",
+        10_000,
+        1,
+    );
+    h.payments
+        .down
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        h.deliver(&succeeded).await.is_err(),
+        "payments down: the event stays uncommitted"
+    );
+    h.payments
+        .down
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    h.deliver(&succeeded).await.unwrap();
+    assert_eq!(h.compensations().len(), 1);
+}
+
+#[tokio::test]
+async fn a_refund_before_its_success_leaves_the_order_refunded() {
+    let h = Harness::new().await;
+    let order = h.order(10_000).await;
+    let payment = Uuid::now_v7();
+    let succeeded = payment_event(
+        types::PAYMENT_SUCCEEDED,
+        order,
+        payment,
+        "succeeded",
+        10_000,
+        1,
+    );
+    let refunded = payment_event(
+        types::PAYMENT_REFUNDED,
+        order,
+        payment,
+        "refunded",
+        10_000,
+        2,
+    );
+    h.deliver(&refunded).await.unwrap();
+    h.deliver(&succeeded).await.unwrap();
+    assert_eq!(h.status(order).await, OrderStatus::Refunded);
+    // Duplicates and the stale success again: nothing moves, nobody is asked to refund.
+    h.deliver(&refunded).await.unwrap();
+    h.deliver(&succeeded).await.unwrap();
+    assert_eq!(h.status(order).await, OrderStatus::Refunded);
+    assert_eq!(h.compensations(), vec![]);
+}
+
+#[tokio::test]
+async fn a_partial_refund_before_its_success_pays_the_order() {
+    let h = Harness::new().await;
+    let order = h.order(10_000).await;
+    let payment = Uuid::now_v7();
+    let partial = payment_event(
+        types::PAYMENT_REFUNDED,
+        order,
+        payment,
+        "partially_refunded",
+        1_000,
+        2,
+    );
+    h.deliver(&partial).await.unwrap();
+    assert_eq!(h.status(order).await, OrderStatus::Paid);
+    assert_eq!(h.compensations(), vec![]);
+}
+
+#[tokio::test]
+async fn a_stale_success_after_the_full_refund_asks_nothing_of_payments() {
+    // The order expired; payments refunded the charge itself (its synchronous path) and that
+    // refund's event came first. The success, older, must not ask for a second refund.
+    let h = Harness::new().await;
+    let order = h.order(10_000).await;
+    h.ctx
+        .store
+        .transition(order, OrderStatus::Cancelled, None)
+        .await
+        .unwrap();
+    let payment = Uuid::now_v7();
+    h.deliver(&payment_event(
+        types::PAYMENT_REFUNDED,
+        order,
+        payment,
+        "refunded",
+        10_000,
+        2,
+    ))
+    .await
+    .unwrap();
+    h.deliver(&payment_event(
+        types::PAYMENT_SUCCEEDED,
+        order,
+        payment,
+        "succeeded",
+        10_000,
+        1,
+    ))
+    .await
+    .unwrap();
+    assert_eq!(h.compensations(), vec![]);
+    assert_eq!(h.status(order).await, OrderStatus::Cancelled);
+}
