@@ -88,6 +88,7 @@ impl Harness {
             },
             order_ttl: chrono::Duration::minutes(15),
             currency: Arc::from(CURRENCY),
+            limits: kit::config::LimitsSettings::default(),
         };
         let saga = super::Saga {
             ctx: ctx.clone(),
