@@ -8,7 +8,7 @@ What the binary serves is read from its source, so a renamed route, a moved port
 service fails here instead of in a cluster:
 
 - the services:           `ServiceName::X => "x"` in crates/mercato/src/startup.rs
-- their default ports:    `x: ServiceSettings::on(PORT)` in crates/kit/src/config.rs
+- their default ports:    `x: ServiceSettings::on(PORT)` (or `x: XSettings { service: ServiceSettings::on(PORT), .. }`) in crates/kit/src/config.rs
 - the operations port:    `OpsSettings { port: PORT }` in crates/kit/src/config.rs
 - what each listener serves besides a service's API: the `.route("/path", ...)` of
   `pub fn app` (the service listener) and of `pub fn ops_app` (the operations listener) in
@@ -108,7 +108,7 @@ class Facts:
             "crates/mercato/src/startup.rs", "crates/kit/src/config.rs", "crates/kit/src/server.rs"))
         self.services = list(dict.fromkeys(re.findall(r'ServiceName::\w+\s*=>\s*"([a-z]+)"', startup)))
         self.ports = {name: int(port) for name, port in
-                      re.findall(r"\b([a-z]+):\s*ServiceSettings::on\((\d+)\)", config)}
+                      re.findall(r"\b([a-z]+):\s*(?:\w+Settings\s*\{\s*service:\s*)?ServiceSettings::on\((\d+)\)", config)}
         ops = re.search(r"OpsSettings\s*\{\s*port:\s*(\d+)\s*\}", config)
         self.ops_port = int(ops.group(1)) if ops else None
         routes = lambda body: set(re.findall(r'\.route\(\s*"(/[^"]*)"', body or ""))
