@@ -298,7 +298,7 @@ async fn create_payment(
         Ok(outcome) => outcome,
         Err(e) => return Err(charge_failed(&ctx, &payment, e).await),
     };
-    let Some(settlement) = flow::settlement(outcome.clone()) else {
+    let Some(settlement) = flow::settlement(outcome) else {
         // Still processing at the provider: a webhook or the reconciler finishes it.
         metrics::counter!("payments_total", "outcome" => "processing").increment(1);
         return Ok((StatusCode::ACCEPTED, Json(payment)));

@@ -341,7 +341,8 @@ pub fn verify_signature(
     if signatures.is_empty() {
         return Err(WebhookError::Malformed);
     }
-    if (now - timestamp).abs() > WEBHOOK_TOLERANCE_SECS {
+    // `abs_diff`: the timestamp is the sender's, and `now - i64::MIN` would overflow.
+    if now.abs_diff(timestamp) > WEBHOOK_TOLERANCE_SECS.unsigned_abs() {
         return Err(WebhookError::Stale);
     }
     let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes())
@@ -431,6 +432,14 @@ mod tests {
             verify_signature(&good, body.as_bytes(), "whsec_a", now + 301),
             Err(WebhookError::Stale)
         );
+        for extreme in [i64::MIN, i64::MAX] {
+            let far = sign(body, extreme, "whsec_a");
+            assert_eq!(
+                verify_signature(&far, body.as_bytes(), "whsec_a", now),
+                Err(WebhookError::Stale),
+                "a timestamp at {extreme} neither overflows nor passes"
+            );
+        }
         for malformed in ["", "t=x,v1=00", &format!("t={now}"), "v1=00"] {
             assert_eq!(
                 verify_signature(malformed, body.as_bytes(), "whsec_a", now),
