@@ -87,7 +87,11 @@ OUTSIDE_HTTPS = 443
 COGNITO_ISSUER = re.compile(r"https://cognito-idp\.([a-z0-9-]+)\.amazonaws\.com/\1_[0-9A-Za-z]+")
 # The Secrets the operator creates (docs/deploy.md); not part of the rendered output. The keys
 # are never committed, not even the local overlay's.
-EXTERNAL_SECRETS = {"aws-eks": {"mercato-secrets", AUTH_SECRET}, "local": {AUTH_SECRET}}
+# Stripe's keys (docs/deploy.md, "Payments with Stripe"): files of this Secret, payments only.
+STRIPE_SECRET = "mercato-stripe"
+STRIPE_FILES = {"MERCATO_PAYMENTS__STRIPE__SECRET_KEY_FILE": "secret-key",
+                "MERCATO_PAYMENTS__STRIPE__WEBHOOK_SECRET_FILE": "webhook-secret"}
+EXTERNAL_SECRETS = {"aws-eks": {"mercato-secrets", AUTH_SECRET, STRIPE_SECRET}, "local": {AUTH_SECRET}}
 
 
 def source(path: str) -> str:
@@ -577,6 +581,7 @@ class Checker:
             if cm.get("data", {}).get("AWS_REGION") != "ap-south-1":
                 self.fail("the aws-eks settings do not set AWS_REGION=ap-south-1")
             self.check_cognito_issuer(cm.get("data", {}).get("MERCATO_AUTH__ISSUERS"))
+            self.check_payment_provider(deps)
         elif self.overlay == "local":
             for d in deps:
                 c = d["spec"]["template"]["spec"]["containers"][0]
@@ -592,6 +597,32 @@ class Checker:
                     self.fail(f"Deployment {svc}: MERCATO_{svc.upper()}__DATABASE_URL={url} on the local overlay, whose stores are embedded")
         else:
             self.fail("unknown overlay (expected local or aws-eks)")
+
+    def check_payment_provider(self, deps: list) -> None:
+        """Production takes real money: environment production (the simulator refuses to start
+        there), Stripe as the provider, its keys files of the mercato-stripe Secret that only the
+        payments pods mount."""
+        for d in deps:
+            name = d["metadata"]["name"]
+            spec = d["spec"]["template"]["spec"]
+            c = spec["containers"][0]
+            env = self.environment(c, f"Deployment {name}")
+            mounts_stripe = any(v.get("secret", {}).get("secretName") == STRIPE_SECRET for v in spec.get("volumes", []))
+            if name != "payments":
+                if mounts_stripe:
+                    self.fail(f"Deployment {name}: mounts the Secret {STRIPE_SECRET}, which only payments needs")
+                continue
+            if env.get("MERCATO_ENVIRONMENT") != "production":
+                self.fail(f"Deployment payments: MERCATO_ENVIRONMENT={env.get('MERCATO_ENVIRONMENT')!r}, expected production")
+            if env.get("MERCATO_PAYMENTS__PROVIDER") != "stripe":
+                self.fail(f"Deployment payments: MERCATO_PAYMENTS__PROVIDER={env.get('MERCATO_PAYMENTS__PROVIDER')!r}, "
+                          "expected stripe (the simulator takes no money)")
+            volumes = {v["name"]: v for v in spec.get("volumes", [])}
+            mounts = {m["mountPath"]: m for m in c.get("volumeMounts", [])}
+            for key, item in STRIPE_FILES.items():
+                path = env.get(key)
+                if path is None or self.secret_file(path, mounts, volumes) != (STRIPE_SECRET, item):
+                    self.fail(f"Deployment payments: {key}={path!r} is not the key {item} of the mounted Secret {STRIPE_SECRET}")
 
     def check_cognito_issuer(self, value: str | None) -> None:
         """MERCATO_AUTH__ISSUERS names the Cognito user pool as Cognito's access tokens need it."""

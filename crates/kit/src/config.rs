@@ -66,8 +66,8 @@ pub struct Settings {
     pub currency: String,
     pub auth: AuthSettings,
     pub ops: OpsSettings,
-    /// `development` (the default), `production`, or any other name a deployment uses.
-    /// `production` refuses what only a developer may run (the payment simulator).
+    /// `development` (the default), `test`, `production`, or any other name a deployment uses.
+    /// Only `development` and `test` may run what only a developer may (the payment simulator).
     pub environment: String,
 }
 

@@ -34,17 +34,25 @@ fn secret_from(path: &std::path::Path, setting: &str) -> Result<Secret, WiringEr
     Ok(Secret(secret.to_owned()))
 }
 
+/// Where the payment simulator may run; everywhere else a real provider is required.
+pub const SIMULATOR_ENVIRONMENTS: [&str; 2] = ["development", "test"];
+
 /// The configured provider and, for Stripe, its webhook secret.
 pub fn provider(
     settings: &Settings,
 ) -> Result<(Arc<dyn PaymentProvider>, Option<Secret>), WiringError> {
     match settings.payments.provider {
-        ProviderChoice::Simulator if settings.environment == "production" => {
-            Err(WiringError::config(
-                "payments.provider = \"simulator\" takes no money and is refused when \
-                 environment = \"production\": set payments.provider = \"stripe\" with \
-                 payments.stripe.secret_key_file",
-            ))
+        // An allow-list, not `== "production"`: a deployment that names itself anything else
+        // (`prod`, `live`, `staging`) must choose a real provider (Stripe's test mode for staging).
+        ProviderChoice::Simulator
+            if !SIMULATOR_ENVIRONMENTS.contains(&settings.environment.as_str()) =>
+        {
+            Err(WiringError::config(format!(
+                "payments.provider = \"simulator\" takes no money and runs only when environment \
+                 is one of {SIMULATOR_ENVIRONMENTS:?} (this one is {:?}): set payments.provider = \
+                 \"stripe\" with payments.stripe.secret_key_file",
+                settings.environment
+            )))
         }
         ProviderChoice::Simulator => Ok((Arc::new(Simulator::default()), None)),
         ProviderChoice::Stripe => {
@@ -171,6 +179,13 @@ mod tests {
     fn the_simulator_is_refused_in_production_and_stripe_needs_its_key() {
         let mut settings = Settings::default();
         assert_eq!(provider(&settings).unwrap().0.name(), "simulator");
+        settings.environment = "test".into();
+        assert_eq!(provider(&settings).unwrap().0.name(), "simulator");
+        for elsewhere in ["staging", "prod", "Production"] {
+            settings.environment = elsewhere.into();
+            let refused = provider(&settings).unwrap_err().to_string();
+            assert!(refused.contains("simulator"), "{elsewhere}: {refused}");
+        }
         settings.environment = "production".into();
         let refused = provider(&settings).unwrap_err().to_string();
         assert!(refused.contains("simulator"), "{refused}");
