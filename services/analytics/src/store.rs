@@ -84,11 +84,29 @@ pub static MIGRATIONS: &[Step] = &[
         // summed in Rust (`crate::revenue`). Integer rows convert exactly; a REAL (a sum the
         // old code already broke) keeps its nearest integer, the only figure left of it (a
         // replay from the stream recomputes it exactly).
-        "ALTER TABLE windows ADD COLUMN revenue TEXT NOT NULL DEFAULT '0';
-    UPDATE windows SET revenue = CASE typeof(revenue_cents)
-        WHEN 'integer' THEN CAST(revenue_cents AS TEXT) ELSE printf('%.0f', revenue_cents) END;
-    ALTER TABLE windows DROP COLUMN revenue_cents;
-    ALTER TABLE windows RENAME COLUMN revenue TO revenue_cents;
+        // `windows` is rebuilt rather than given a new column: SQLite appends added columns,
+        // which would put revenue behind the 4 KiB users sketch, on an overflow page that
+        // every summary and batch would then read.
+        "CREATE TABLE windows_128 (
+        window_start INTEGER PRIMARY KEY,
+        window_end INTEGER NOT NULL,
+        order_count INTEGER NOT NULL DEFAULT 0,
+        revenue_cents TEXT NOT NULL DEFAULT '0',
+        items_sold INTEGER NOT NULL DEFAULT 0,
+        late_events INTEGER NOT NULL DEFAULT 0,
+        users_sketch BLOB,
+        emitted_at INTEGER
+    );
+    INSERT INTO windows_128 (window_start, window_end, order_count, revenue_cents, items_sold,
+                             late_events, users_sketch, emitted_at)
+        SELECT window_start, window_end, order_count,
+               CASE typeof(revenue_cents) WHEN 'integer' THEN CAST(revenue_cents AS TEXT)
+                                          ELSE printf('%.0f', revenue_cents) END,
+               items_sold, late_events, users_sketch, emitted_at
+        FROM windows;
+    DROP TABLE windows;
+    ALTER TABLE windows_128 RENAME TO windows;
+    CREATE INDEX windows_unemitted ON windows (window_end) WHERE emitted_at IS NULL;
     ALTER TABLE window_products ADD COLUMN revenue TEXT NOT NULL DEFAULT '0';
     UPDATE window_products SET revenue = CASE typeof(revenue_cents)
         WHEN 'integer' THEN CAST(revenue_cents AS TEXT) ELSE printf('%.0f', revenue_cents) END;
@@ -599,33 +617,33 @@ impl AnalyticsStore {
     pub async fn summary(&self) -> Result<Summary, StoreError> {
         self.db
             .read(move |conn| {
-                let (first, last, users, events) = conn.query_row(
-                    "SELECT MIN(window_start), MAX(window_end),
-                            (SELECT COUNT(*) FROM users_seen), (SELECT COUNT(*) FROM processed_events)
-                     FROM windows",
+                let (users, events) = conn.query_row(
+                    "SELECT (SELECT COUNT(*) FROM users_seen), (SELECT COUNT(*) FROM processed_events)",
                     [],
-                    |r| {
-                        Ok((
-                            r.get::<_, Option<i64>>(0)?,
-                            r.get::<_, Option<i64>>(1)?,
-                            r.get::<_, i64>(2)?,
-                            r.get::<_, i64>(3)?,
-                        ))
-                    },
+                    |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)),
                 )?;
+                // One pass over the windows: revenue is summed here (128-bit), so the bounds
+                // come from the same rows rather than a second scan.
                 let (mut orders, mut revenue, mut items, mut late) = (0, Revenue::ZERO, 0, 0);
+                let (mut first, mut last) = (None::<i64>, None::<i64>);
                 let mut rows = conn.prepare_cached(
-                    "SELECT order_count, revenue_cents, items_sold, late_events FROM windows",
+                    "SELECT window_start, window_end, order_count, revenue_cents, items_sold,
+                            late_events
+                     FROM windows",
                 )?;
                 for row in rows.query_map([], |r| {
                     Ok((
                         r.get::<_, i64>(0)?,
-                        r.get::<_, String>(1)?,
+                        r.get::<_, i64>(1)?,
                         r.get::<_, i64>(2)?,
-                        r.get::<_, i64>(3)?,
+                        r.get::<_, String>(3)?,
+                        r.get::<_, i64>(4)?,
+                        r.get::<_, i64>(5)?,
                     ))
                 })? {
-                    let (o, r, i, l) = row?;
+                    let (start, end, o, r, i, l) = row?;
+                    first = Some(first.map_or(start, |f| f.min(start)));
+                    last = Some(last.map_or(end, |e| e.max(end)));
                     orders = add_count(orders, o);
                     revenue = revenue.plus(revenue_of(&r)?);
                     items = add_count(items, i);
@@ -1202,8 +1220,10 @@ mod tests {
         old.write(move |tx| -> Result<(), StoreError> {
             // An exact window, and one whose sum the old code let SQLite turn into a REAL.
             tx.execute(
-                "INSERT INTO windows (window_start, window_end, order_count, revenue_cents, items_sold)
-                 VALUES (?1, ?1 + 60000, 1, 1234, 1), (?2, ?2 + 60000, 2, 1.8e19, 2)",
+                "INSERT INTO windows (window_start, window_end, order_count, revenue_cents, items_sold,
+                                      late_events, users_sketch, emitted_at)
+                 VALUES (?1, ?1 + 60000, 1, 1234, 1, 0, NULL, NULL),
+                        (?2, ?2 + 60000, 2, 1.8e19, 2, 3, NULL, 77)",
                 [a, b],
             )?;
             tx.execute(
@@ -1232,5 +1252,36 @@ mod tests {
             store.summary().await.unwrap().total_revenue.to_string(),
             "180000000000000012.34"
         );
+        drop(store);
+
+        let raw = Connection::open(dir.path().join("old.db")).unwrap();
+        let columns: Vec<String> = raw
+            .prepare("SELECT name FROM pragma_table_info('windows') ORDER BY cid")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let position = |name: &str| columns.iter().position(|c| c == name).unwrap();
+        assert!(
+            position("revenue_cents") < position("users_sketch"),
+            "revenue stays ahead of the sketch blob: {columns:?}"
+        );
+        let carried: (i64, i64, i64) = raw
+            .query_row(
+                "SELECT items_sold, late_events, emitted_at FROM windows WHERE window_start = ?1",
+                [b],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .unwrap();
+        assert_eq!(carried, (2, 3, 77), "the rebuild carries every column over");
+        let unemitted_index: i64 = raw
+            .query_row(
+                "SELECT COUNT(*) FROM sqlite_master WHERE type = 'index' AND name = 'windows_unemitted'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(unemitted_index, 1);
     }
 }
