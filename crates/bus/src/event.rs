@@ -22,6 +22,9 @@ pub mod types {
     pub const ORDER_PAID: &str = "order.paid";
     pub const ORDER_CANCELLED: &str = "order.cancelled";
     pub const ORDER_REFUNDED: &str = "order.refunded";
+    /// Money taken for an order that could no longer be paid (it was cancelled or expired
+    /// while the customer paid) was given back: the order itself does not change.
+    pub const ORDER_PAYMENT_REFUNDED: &str = "order.payment_refunded";
     pub const PAYMENT_SUCCEEDED: &str = "payment.succeeded";
     pub const PAYMENT_FAILED: &str = "payment.failed";
     pub const PAYMENT_REFUNDED: &str = "payment.refunded";

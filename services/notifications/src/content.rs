@@ -45,7 +45,11 @@ pub fn compose(event: &OrderEvent, now: DateTime<Utc>) -> Option<Notification> {
         ),
         types::ORDER_CANCELLED => (
             format!("Order {short} cancelled"),
-            "Your order was cancelled and its items released. Nothing was charged.".to_owned(),
+            "Your order was cancelled and its items released. You pay nothing for it: a payment that still arrives is refunded in full.".to_owned(),
+        ),
+        types::ORDER_PAYMENT_REFUNDED => (
+            format!("Payment refunded for order {short}"),
+            format!("Your payment of {total} arrived after the order was cancelled, so it has been refunded in full to your original payment method."),
         ),
         types::ORDER_REFUNDED => (
             format!("Order {short} refunded"),
@@ -74,4 +78,47 @@ pub fn compose(event: &OrderEvent, now: DateTime<Utc>) -> Option<Notification> {
         currency: currency.to_owned(),
         created_at: now,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn event(event_type: &str) -> OrderEvent {
+        let body = serde_json::json!({
+            "event_id": Uuid::now_v7(),
+            "event_type": event_type,
+            "order_id": "0192f0c1-0000-7000-8000-000000000001",
+            "user_id": Uuid::now_v7(),
+            "total_amount": "1999.50",
+            "currency": "INR",
+            "status": "cancelled",
+            "items_count": 2,
+            "created_at": "2026-12-01T10:00:00Z",
+            "items": [],
+        });
+        OrderEvent::from_json(body.to_string()).unwrap()
+    }
+
+    #[test]
+    fn a_payment_given_back_after_a_cancellation_is_told_with_its_amount() {
+        let note = compose(&event(types::ORDER_PAYMENT_REFUNDED), Utc::now()).unwrap();
+        assert_eq!(note.subject, "Payment refunded for order 0192f0c1");
+        assert!(
+            note.body.contains("1999.50 INR") && note.body.contains("refunded in full"),
+            "{}",
+            note.body
+        );
+        assert_eq!(note.amount, Money::from_cents(199_950).unwrap());
+    }
+
+    #[test]
+    fn a_cancellation_never_promises_that_nothing_was_charged() {
+        // A payment may still land after it; the refund notice then follows.
+        let note = compose(&event(types::ORDER_CANCELLED), Utc::now()).unwrap();
+        assert!(!note.body.contains("Nothing was charged"), "{}", note.body);
+        assert!(note.body.contains("refunded in full"), "{}", note.body);
+    }
 }

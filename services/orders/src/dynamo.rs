@@ -544,6 +544,31 @@ impl OrderStore for DynamoOrderStore {
         ))
     }
 
+    async fn announce(
+        &self,
+        id: Uuid,
+        event_type: &str,
+        event_id: Uuid,
+    ) -> Result<bool, StoreError> {
+        let order = self.current(id).await?;
+        let mut items = vec![self.put_new(Self::processed_item(event_id, now_ms()))?];
+        items.extend(
+            self.outbox
+                .items(&order.event_with_id(event_id, event_type)?, DESTINATIONS)
+                .map_err(remote)?,
+        );
+        match transact(&self.client, items).await.map_err(remote)? {
+            Ok(()) => {
+                self.wake_relay.notify_one();
+                Ok(true)
+            }
+            Err(codes) if codes.first().map(String::as_str) == Some(CONDITION_FAILED) => Ok(false),
+            Err(codes) => Err(StoreError::Dynamo(format!(
+                "an announcement was cancelled: {codes:?}"
+            ))),
+        }
+    }
+
     async fn expired_pending(&self, limit: u32) -> Result<Vec<Uuid>, StoreError> {
         let page = self
             .client

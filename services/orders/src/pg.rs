@@ -315,6 +315,38 @@ impl OrderStore for PgOrderStore {
         })
     }
 
+    async fn announce(
+        &self,
+        id: Uuid,
+        event_type: &str,
+        event_id: Uuid,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.pg.pool().begin().await?;
+        let fresh = sqlx::query(
+            "INSERT INTO processed_events (event_id, processed_at) VALUES ($1, $2)
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(event_id)
+        .bind(now_ms())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        if !fresh {
+            return Ok(false);
+        }
+        let order = load(&mut tx, id).await?.ok_or(StoreError::NotFound)?;
+        bus::outbox::enqueue_pg(
+            &mut tx,
+            &order.event_with_id(event_id, event_type)?,
+            DESTINATIONS,
+        )
+        .await?;
+        tx.commit().await?;
+        self.wake_relay.notify_one();
+        Ok(true)
+    }
+
     async fn expired_pending(&self, limit: u32) -> Result<Vec<Uuid>, StoreError> {
         Ok(sqlx::query_scalar(
             "SELECT id FROM orders WHERE status = 'pending' AND expires_at <= $1

@@ -27,6 +27,10 @@ use crate::domain::OrderStatus;
 
 pub const CONSUMER_GROUP: &str = "orders-status";
 
+/// Namespace of the ids of `order.payment_refunded` notices: one per payment, so a compensation
+/// asked again (a redelivered event) tells the customer once.
+const REFUND_NOTICE_IDS: Uuid = Uuid::from_u128(0x6d65_7263_6174_6f00_0000_0000_0000_0005);
+
 /// What the payment listener works with: the orders API's context and the payments service.
 #[derive(Debug, Clone)]
 pub struct Saga {
@@ -176,13 +180,23 @@ async fn cannot_be_paid(ctx: &ApiContext, order_id: Uuid) -> Result<bool, String
     }))
 }
 
-/// Asks payments to give the money back; a failure that may pass is retried with the event.
+/// Asks payments to give the money back, then tells the customer (the `order.cancelled` they
+/// were sent said they pay nothing); a failure that may pass is retried with the event.
 async fn compensate(saga: &Saga, event: &Event, payment: &PaymentEvent) -> Result<(), String> {
     match saga.payments.compensate(payment.payment_id).await {
         Ok(done) => {
-            metrics::counter!("payments_compensated_total", "outcome" => "compensated")
-                .increment(1);
-            tracing::warn!(event_id = %event.id, order_id = %payment.order_id, payment_id = %payment.payment_id, status = done.status, "money taken for an order that can no longer be paid was given back");
+            let notice = Uuid::new_v5(&REFUND_NOTICE_IDS, payment.payment_id.as_bytes());
+            let told = saga
+                .ctx
+                .store
+                .announce(payment.order_id, types::ORDER_PAYMENT_REFUNDED, notice)
+                .await
+                .map_err(|e| format!("announcing a compensation: {e}"))?;
+            if told {
+                metrics::counter!("payments_compensated_total", "outcome" => "compensated")
+                    .increment(1);
+                tracing::warn!(event_id = %event.id, order_id = %payment.order_id, payment_id = %payment.payment_id, status = done.status, "money taken for an order that can no longer be paid was given back");
+            }
             Ok(())
         }
         Err(e) if worth_retrying(&e) => Err(format!("compensating a payment: {e}")),
@@ -194,30 +208,48 @@ async fn compensate(saga: &Saga, event: &Event, payment: &PaymentEvent) -> Resul
     }
 }
 
-/// Cancels pending orders past their payment window, releasing their stock.
+/// Expired orders cancelled per batch while draining.
+const EXPIRY_BATCH: u32 = 200;
+
+/// Cancels pending orders past their payment window, releasing their stock: every order due,
+/// in batches, until none is left or the interval has passed (then the next sweep goes on).
 pub async fn run_expiry_sweeper(ctx: ApiContext, every: Duration, shutdown: CancellationToken) {
     loop {
-        match ctx.store.expired_pending(100).await {
-            Ok(ids) => {
-                for id in ids {
-                    match apply_status(&ctx, id, OrderStatus::Cancelled, None).await {
-                        Ok(t) if t.changed => {
-                            metrics::counter!("orders_expired_total").increment(1);
-                            tracing::info!(order_id = %id, "unpaid order expired and was cancelled");
-                        }
-                        Ok(_) => {}
-                        Err(problem) => {
-                            tracing::warn!(order_id = %id, %problem, "could not expire order")
-                        }
-                    }
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "expiry sweep failed"),
-        }
+        let deadline = tokio::time::Instant::now() + every;
+        while sweep_expired_batch(&ctx).await && tokio::time::Instant::now() < deadline {}
         if sleep_or_stop(&shutdown, every).await {
             return;
         }
     }
+}
+
+/// Cancels one batch of expired orders; `true` when the batch was full (more may be due).
+async fn sweep_expired_batch(ctx: &ApiContext) -> bool {
+    let ids = match ctx.store.expired_pending(EXPIRY_BATCH).await {
+        Ok(ids) => ids,
+        Err(e) => {
+            tracing::warn!(error = %e, "expiry sweep failed");
+            return false;
+        }
+    };
+    let full = ids.len() == EXPIRY_BATCH as usize;
+    let mut failed = false;
+    for id in ids {
+        match apply_status(ctx, id, OrderStatus::Cancelled, None).await {
+            Ok(t) if t.changed => {
+                metrics::counter!("orders_expired_total").increment(1);
+                tracing::info!(order_id = %id, "unpaid order expired and was cancelled");
+            }
+            Ok(_) => {}
+            Err(problem) => {
+                failed = true;
+                tracing::warn!(order_id = %id, %problem, "could not expire order")
+            }
+        }
+    }
+    // An order that could not be cancelled stays due: asking again at once would only find
+    // it again.
+    full && !failed
 }
 
 /// Sleeps for `d`; `true` if shutdown came first.

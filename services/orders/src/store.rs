@@ -102,7 +102,11 @@ impl Order {
 
     /// The seed-shaped event announcing this order's current state.
     pub fn event(&self, event_type: &str) -> Result<Event, serde_json::Error> {
-        let id = Uuid::now_v7();
+        self.event_with_id(Uuid::now_v7(), event_type)
+    }
+
+    /// As [`Order::event`], under an id the caller chose (so a repeated announcement is one event).
+    pub fn event_with_id(&self, id: Uuid, event_type: &str) -> Result<Event, serde_json::Error> {
         let payload = OrderEvent {
             event_id: id,
             event_type: event_type.to_owned(),
@@ -195,6 +199,16 @@ pub trait OrderStore: Send + Sync + std::fmt::Debug {
         to: OrderStatus,
         event_id: Option<Uuid>,
     ) -> Result<Transition, StoreError>;
+
+    /// Publishes `event_type` for the order as it is, without changing it, under `event_id`:
+    /// once per id (`false` when that id was announced or processed before), so a caller
+    /// that retries announces once.
+    async fn announce(
+        &self,
+        id: Uuid,
+        event_type: &str,
+        event_id: Uuid,
+    ) -> Result<bool, StoreError>;
 
     /// Pending orders whose payment window has closed, soonest expired first.
     async fn expired_pending(&self, limit: u32) -> Result<Vec<Uuid>, StoreError>;
@@ -399,6 +413,34 @@ impl OrderStore for SqliteOrderStore {
             self.wake_relay.notify_one();
         }
         Ok(transition)
+    }
+
+    async fn announce(
+        &self,
+        id: Uuid,
+        event_type: &str,
+        event_id: Uuid,
+    ) -> Result<bool, StoreError> {
+        let event_type = event_type.to_owned();
+        let announced = self
+            .db
+            .write(move |tx| {
+                let fresh = tx.execute(
+                    "INSERT OR IGNORE INTO processed_events (event_id, processed_at) VALUES (?1, ?2)",
+                    params![event_id.to_string(), now_ms()],
+                )? == 1;
+                if !fresh {
+                    return Ok(false);
+                }
+                let order = load(tx, id)?.ok_or(StoreError::NotFound)?;
+                outbox::enqueue(tx, &order.event_with_id(event_id, &event_type)?, DESTINATIONS)?;
+                Ok::<_, StoreError>(true)
+            })
+            .await?;
+        if announced {
+            self.wake_relay.notify_one();
+        }
+        Ok(announced)
     }
 
     /// Pending orders whose payment window has closed.

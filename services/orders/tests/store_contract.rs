@@ -498,6 +498,48 @@ async fn keeps_the_contract(store: Arc<dyn OrderStore>, outbox: Outbox) {
             .unwrap()
     );
 
+    // announce: the order's event under a chosen id, once per id, the order unchanged; an
+    // id already processed (here, by a transition) announces nothing.
+    let notice = Uuid::now_v7();
+    let before = outbox.of(older.id).await;
+    assert!(
+        store
+            .announce(older.id, "order.payment_refunded", notice)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .announce(older.id, "order.payment_refunded", notice)
+            .await
+            .unwrap(),
+        "announced once per id"
+    );
+    let mut expected = before.clone();
+    expected.extend(rows_for(older.id, "order.payment_refunded"));
+    assert_eq!(outbox.of(older.id).await, expected);
+    assert_eq!(
+        store.get(older.id).await.unwrap().unwrap().status,
+        OrderStatus::Pending
+    );
+    let applied = Uuid::now_v7();
+    store
+        .transition(newer.id, OrderStatus::Cancelled, Some(applied))
+        .await
+        .unwrap();
+    assert!(
+        !store
+            .announce(newer.id, "order.payment_refunded", applied)
+            .await
+            .unwrap()
+    );
+    assert!(matches!(
+        store
+            .announce(Uuid::now_v7(), "order.payment_refunded", Uuid::now_v7())
+            .await,
+        Err(StoreError::NotFound)
+    ));
+
     assert_eq!(store.count().await.unwrap(), inserted);
     let keys: BTreeSet<String> = outbox.rows().await.into_iter().map(|r| r.2).collect();
     assert_eq!(

@@ -3,8 +3,8 @@
 //! delivering payment events late, twice or out of order, for a few orders. The orders side is
 //! the real one (the saga's handler, `apply_status`, the SQLite store); the payments side is a
 //! small model that charges, refunds, writes versioned events and compensates when asked. The
-//! products side is a fake that accepts every commit and release, so stock is not checked here
-//! (the products service's own tests hold its invariants).
+//! products side is a fake with products' reservation rules (held, then committed or released,
+//! never both): stock sold matches the paid orders, stock given back the cancelled ones.
 
 use std::collections::BTreeMap;
 
@@ -13,7 +13,7 @@ use bus::event::types;
 use proptest::prelude::*;
 use uuid::Uuid;
 
-use super::tests::{Harness, payment_event};
+use super::tests::{Harness, Stock, payment_event};
 use crate::api::apply_status;
 use crate::domain::OrderStatus;
 
@@ -220,6 +220,20 @@ async fn run(orders: usize, ops: Vec<Op>) -> Result<(), TestCaseError> {
             (c + p.charged, r + p.refunded, k + p.chosen_refunds)
         });
         let net = charged - refunded;
+        // Stock: sold exactly for orders that were paid (refunded ones keep their sale: the
+        // goods go back through a return, not the reservation), back on the shelf for cancelled
+        // ones, still held for the rest. Each unit is in one of the three, so on-hand + held +
+        // sold stays the initial stock.
+        let reservation = h.products.state(*order_id);
+        let expected = match status {
+            OrderStatus::Paid
+            | OrderStatus::Refunded
+            | OrderStatus::Shipped
+            | OrderStatus::Delivered => Stock::Committed,
+            OrderStatus::Cancelled => Stock::Released,
+            OrderStatus::Pending | OrderStatus::PaymentFailed => Stock::Held,
+        };
+        prop_assert_eq!(reservation, expected, "order {} {} stock", n, status);
         match status {
             // Paid: the whole total, less only what someone chose to refund.
             OrderStatus::Paid => prop_assert_eq!(net, TOTAL - chosen, "order {} {}", n, status),

@@ -38,20 +38,70 @@ async fn compensate(
     Ok(Json(serde_json::json!({ "id": id, "status": "refunded" })))
 }
 
-/// Serves the products routes the saga calls (commit and release answer 204) and payments'
-/// compensation route; returns its base URL.
-pub(crate) async fn fake_dependencies(payments: Arc<Payments>) -> String {
-    let app = axum::Router::new()
+/// Where the fake products service keeps an order's reservation: held until committed
+/// (paid) or released (cancelled), and never both, as the real one refuses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Stock {
+    Held,
+    Committed,
+    Released,
+}
+
+/// The fake products service: each order's reservation (held when never touched).
+#[derive(Default)]
+pub(crate) struct Products {
+    pub(crate) reservations: Mutex<std::collections::HashMap<Uuid, Stock>>,
+}
+
+impl Products {
+    pub(crate) fn state(&self, order: Uuid) -> Stock {
+        self.reservations
+            .lock()
+            .unwrap()
+            .get(&order)
+            .copied()
+            .unwrap_or(Stock::Held)
+    }
+
+    /// Moves the reservation to `to` as products does: repeating a move is fine, leaving
+    /// committed or released is a 409.
+    fn settle(&self, order: Uuid, to: Stock) -> StatusCode {
+        let mut all = self.reservations.lock().unwrap();
+        let now = all.entry(order).or_insert(Stock::Held);
+        if *now == Stock::Held || *now == to {
+            *now = to;
+            StatusCode::NO_CONTENT
+        } else {
+            StatusCode::CONFLICT
+        }
+    }
+}
+
+/// Serves the products routes the saga calls (commit and release, with products' rules) and
+/// payments' compensation route; returns its base URL.
+pub(crate) async fn fake_dependencies(products: Arc<Products>, payments: Arc<Payments>) -> String {
+    let stock = axum::Router::new()
         .route(
             "/internal/v1/reservations/{id}/commit",
-            post(|| async { StatusCode::NO_CONTENT }),
+            post(
+                |State(p): State<Arc<Products>>, Path(id): Path<Uuid>| async move {
+                    p.settle(id, Stock::Committed)
+                },
+            ),
         )
         .route(
             "/internal/v1/reservations/{id}",
-            delete(|| async { StatusCode::NO_CONTENT }),
+            delete(
+                |State(p): State<Arc<Products>>, Path(id): Path<Uuid>| async move {
+                    p.settle(id, Stock::Released)
+                },
+            ),
         )
+        .with_state(products);
+    let app = axum::Router::new()
         .route("/internal/v1/payments/{id}/compensate", post(compensate))
-        .with_state(payments);
+        .with_state(payments)
+        .merge(stock);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
@@ -60,8 +110,10 @@ pub(crate) async fn fake_dependencies(payments: Arc<Payments>) -> String {
 
 pub(crate) struct Harness {
     _dir: tempfile::TempDir,
+    db: kit::db::Db,
     pub(crate) ctx: ApiContext,
     pub(crate) payments: Arc<Payments>,
+    pub(crate) products: Arc<Products>,
     pub(crate) saga: super::Saga,
 }
 
@@ -72,8 +124,10 @@ impl Harness {
         let store = SqliteOrderStore::open(&url, &kit::config::SqliteSettings::default())
             .await
             .unwrap();
+        let db = store.db().clone();
         let payments = Arc::new(Payments::default());
-        let base = fake_dependencies(payments.clone()).await;
+        let products = Arc::new(Products::default());
+        let base = fake_dependencies(products.clone(), payments.clone()).await;
         let http = kit::client::http_client(&kit::config::HttpSettings::default()).unwrap();
         let ctx = ApiContext {
             idempotency: Idempotency::new(
@@ -98,8 +152,10 @@ impl Harness {
         };
         Harness {
             _dir: dir,
+            db,
             ctx,
             payments,
+            products,
             saga,
         }
     }
@@ -127,6 +183,29 @@ impl Harness {
     pub(crate) async fn deliver(&self, event: &Event) -> Result<(), String> {
         let record = event.to_record();
         super::handle_payment_event(&self.saga, &record.headers, &record.payload).await
+    }
+
+    /// The event types the order's customer is told about (its `order-events` queue rows).
+    pub(crate) async fn queued(&self, order: Uuid) -> Vec<String> {
+        let key = order.to_string();
+        self.db
+            .read(move |c| {
+                let mut stmt = c.prepare(
+                    "SELECT payload FROM outbox WHERE key = ?1 AND destination LIKE 'queue:%' ORDER BY seq",
+                )?;
+                let rows = stmt
+                    .query_map([key], |r| r.get::<_, String>(0))?
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok::<_, kit::db::DbError>(rows)
+            })
+            .await
+            .unwrap()
+            .iter()
+            .map(|p| {
+                let v: serde_json::Value = serde_json::from_str(p).unwrap();
+                v["event_type"].as_str().unwrap().to_owned()
+            })
+            .collect()
     }
 
     pub(crate) fn compensations(&self) -> Vec<(Uuid, serde_json::Value)> {
@@ -189,6 +268,17 @@ async fn a_success_for_a_cancelled_order_is_compensated() {
         "the customer's money is given back"
     );
     assert_eq!(h.status(order).await, OrderStatus::Cancelled);
+    let told = [
+        types::ORDER_CREATED,
+        types::ORDER_CANCELLED,
+        types::ORDER_PAYMENT_REFUNDED,
+    ];
+    assert_eq!(h.queued(order).await, told, "and told so");
+
+    // A redelivery asks payments again (idempotent there) but tells the customer once.
+    h.deliver(&succeeded).await.unwrap();
+    assert_eq!(h.compensations().len(), 2);
+    assert_eq!(h.queued(order).await, told);
 }
 
 #[tokio::test]
