@@ -66,6 +66,7 @@ pub struct Settings {
     pub currency: String,
     pub auth: AuthSettings,
     pub ops: OpsSettings,
+    pub rate_limit: RateLimitSettings,
     /// `development` (the default), `test`, `production`, or any other name a deployment uses.
     /// Only `development` and `test` may run what only a developer may (the payment simulator).
     pub environment: String,
@@ -241,6 +242,21 @@ pub struct HttpSettings {
     pub upstream_timeout_ms: u64,
     /// How long an `Idempotency-Key` and its stored answer are kept.
     pub idempotency_ttl_secs: u64,
+    /// Every listener: how long a client may take to send a request's headers, and how long
+    /// an HTTP/1.1 keep-alive connection may sit idle between requests.
+    pub header_read_timeout_ms: u64,
+    /// Every listener: how long a request may take until its answer starts (a slow body upload
+    /// included); then 503 `request-timeout`. Longer than `upstream_timeout_ms`, so the gateway
+    /// answers its own 504 first. Streams (SSE) run on once their answer has started.
+    pub request_timeout_ms: u64,
+    /// Every listener: open connections at most; more wait in the kernel's accept queue.
+    pub max_connections: usize,
+    /// Every listener: an idle HTTP/2 connection is pinged this often and closed when a ping
+    /// goes unanswered for as long.
+    pub http2_keep_alive_ms: u64,
+    /// On SIGTERM, how long in-flight requests may finish before connections are cut; inside
+    /// Kubernetes' default 30 s grace period.
+    pub drain_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -358,9 +374,27 @@ impl Default for LimitsSettings {
     }
 }
 
+impl HttpSettings {
+    /// Refuses listener settings that would refuse every request or never time out.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.header_read_timeout_ms == 0
+            || self.request_timeout_ms == 0
+            || self.max_connections == 0
+            || self.http2_keep_alive_ms == 0
+        {
+            return Err("http.header_read_timeout_ms, request_timeout_ms, max_connections and http2_keep_alive_ms must be above 0".into());
+        }
+        Ok(())
+    }
+}
+
 impl LimitsSettings {
     /// The most units of one product any order may hold, whatever `max_line_quantity` says.
     pub const LINE_QUANTITY_CAP: i64 = 10_000;
+
+    /// The longest a reservation may hold stock: a day. Longer would let one caller lock
+    /// inventory for as good as ever (orders asks for its pending TTL plus a minute).
+    pub const MAX_HOLD_SECS: u32 = 24 * 60 * 60;
 
     /// Refuses bounds that would stop every sale, or go past what the services can hold.
     pub fn validate(&self) -> Result<(), String> {
@@ -481,7 +515,56 @@ impl Default for Settings {
             currency: "INR".into(),
             auth: AuthSettings::default(),
             ops: OpsSettings::default(),
+            rate_limit: RateLimitSettings::default(),
             environment: "development".into(),
+        }
+    }
+}
+
+/// The gateway's rate limits: requests per second, sustained, with a burst of twice as many;
+/// 0 turns a limit off. Over a limit the gateway answers 429 with `Retry-After`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RateLimitSettings {
+    /// Each client address (an IPv6 client by its /64), every route.
+    pub per_address_per_sec: u32,
+    /// Each signed-in user, on the routes that need sign-in.
+    pub per_user_per_sec: u32,
+    /// All clients together, per route class: signing in and registering (password guessing).
+    pub sign_in_per_sec: u32,
+    /// All clients together: reads (GET, HEAD).
+    pub reads_per_sec: u32,
+    /// All clients together: every other method.
+    pub writes_per_sec: u32,
+    /// Proxies in front of the gateway (the load balancer's subnets, as CIDRs such as
+    /// `10.0.0.0/16`): from them `X-Forwarded-For` and `X-Forwarded-Proto` are believed, and
+    /// the client is the last address in the chain that is not one of them.
+    pub trusted_proxies: Vec<String>,
+}
+
+impl Default for RateLimitSettings {
+    fn default() -> Self {
+        RateLimitSettings {
+            per_address_per_sec: 100,
+            per_user_per_sec: 50,
+            sign_in_per_sec: 50,
+            reads_per_sec: 20_000,
+            writes_per_sec: 5_000,
+            trusted_proxies: Vec::new(),
+        }
+    }
+}
+
+impl RateLimitSettings {
+    /// No limit at all: for benchmarks and tests that are not about limits.
+    pub fn off() -> RateLimitSettings {
+        RateLimitSettings {
+            per_address_per_sec: 0,
+            per_user_per_sec: 0,
+            sign_in_per_sec: 0,
+            reads_per_sec: 0,
+            writes_per_sec: 0,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -651,6 +734,11 @@ impl Default for HttpSettings {
             body_limit_bytes: 1024 * 1024,
             upstream_timeout_ms: 10_000,
             idempotency_ttl_secs: 24 * 60 * 60,
+            header_read_timeout_ms: 10_000,
+            request_timeout_ms: 30_000,
+            max_connections: 10_000,
+            http2_keep_alive_ms: 20_000,
+            drain_timeout_ms: 25_000,
         }
     }
 }

@@ -173,24 +173,47 @@ where
     }
 }
 
-/// The client's address: the last `X-Forwarded-For` hop (the one Mercato's gateway appended,
-/// so a client cannot choose it when it comes through the gateway), else the TCP peer.
+/// The client's address: the `for=` of the `Forwarded` header Mercato's gateway sets (the
+/// client it resolved, behind trusted proxies too), else the last `X-Forwarded-For` hop (the
+/// one a proxy appended), else the TCP peer. Services sit behind the gateway, never on the
+/// open internet, so what the gateway wrote is what they read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientAddress(pub String);
+
+/// The last `for=` node of a `Forwarded` header (RFC 7239), without quotes, brackets or port.
+fn forwarded_for(headers: &http::HeaderMap) -> Option<String> {
+    let value = headers
+        .get_all(http::header::FORWARDED)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .flat_map(|element| element.split(';'))
+        .filter_map(|pair| pair.split_once('='))
+        .filter(|(key, _)| key.trim().eq_ignore_ascii_case("for"))
+        .map(|(_, value)| value.trim().trim_matches('"'))
+        .next_back()?;
+    let node = match value.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(v6),
+        None => value.split(':').next().unwrap_or(value),
+    };
+    (!node.is_empty()).then(|| node.chars().take(64).collect())
+}
 
 impl<S: Send + Sync> FromRequestParts<S> for ClientAddress {
     type Rejection = std::convert::Infallible;
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
-        let forwarded = parts
-            .headers
-            .get_all("x-forwarded-for")
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(str::trim)
-            .rfind(|hop| !hop.is_empty())
-            .map(|hop| hop.chars().take(64).collect::<String>());
+        let forwarded = forwarded_for(&parts.headers).or_else(|| {
+            parts
+                .headers
+                .get_all("x-forwarded-for")
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .map(str::trim)
+                .rfind(|hop| !hop.is_empty())
+                .map(|hop| hop.chars().take(64).collect::<String>())
+        });
         let peer = parts
             .extensions
             .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
@@ -198,5 +221,32 @@ impl<S: Send + Sync> FromRequestParts<S> for ClientAddress {
         Ok(ClientAddress(
             forwarded.or(peer).unwrap_or_else(|| "unknown".to_owned()),
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_forwarded_client_is_the_last_for_node_without_port_or_brackets() {
+        let cases = [
+            ("for=203.0.113.7", Some("203.0.113.7")),
+            (
+                "for=192.0.2.1;proto=https, for=203.0.113.7:4711",
+                Some("203.0.113.7"),
+            ),
+            ("for=\"[2001:db8::1]:4711\";proto=http", Some("2001:db8::1")),
+            ("proto=https", None),
+            ("for=", None),
+        ];
+        for (header, expected) in cases {
+            let mut headers = http::HeaderMap::new();
+            headers.insert(
+                http::header::FORWARDED,
+                http::HeaderValue::from_str(header).unwrap(),
+            );
+            assert_eq!(forwarded_for(&headers).as_deref(), expected, "{header}");
+        }
     }
 }

@@ -4,6 +4,12 @@
 //! the first and then replay it. 5xx answers are not stored, so a retry after an outage runs
 //! again. Keys expire after a configurable time.
 //!
+//! What a key costs is bounded: a body that is not JSON never claims one (the handler answers
+//! its 400); only answers a retry of the same request would meet again are kept (2xx, 402,
+//! 409, 422) and at most [`MAX_STORED_ANSWER`] bytes of them, anything else frees the key; a
+//! request whose client went away frees its key at once; and waiters back off (10 ms
+//! doubling to 250 ms) instead of asking the store every 10 ms.
+//!
 //! A record keeps the request's SHA-256 ([`fingerprint`]), never the request: bodies carry
 //! card numbers and passwords, and a 24-hour cache must not become a copy of them. Records
 //! written before that kept the canonical request itself; they still match (their text is
@@ -25,7 +31,6 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use rusqlite::params;
-use sha2::{Digest as _, Sha256};
 
 use crate::db::{Db, DbError, now_ms};
 use crate::problem::Problem;
@@ -52,6 +57,54 @@ CREATE INDEX idempotency_keys_expiry ON idempotency_keys (expires_at);";
 const ABANDONED_AFTER_MS: i64 = 60_000;
 /// How long a concurrent duplicate waits for the first request's answer.
 const WAIT_FOR_FIRST: Duration = Duration::from_secs(30);
+/// The largest answer kept for a replay; a larger one frees its key (orders and payments
+/// answer a few KiB).
+pub const MAX_STORED_ANSWER: usize = 64 * 1024;
+
+/// Answers a retry of the same request would meet again: what it did (2xx, or 402: the
+/// provider declined the card, a payment recorded as failed), or a refusal of the request
+/// itself (409, 422). Anything else (a malformed body, missing rights, a limit, an outage)
+/// frees the key, so the client can fix and resend under it.
+fn worth_storing(status: StatusCode) -> bool {
+    status.is_success()
+        || status == StatusCode::PAYMENT_REQUIRED
+        || status == StatusCode::CONFLICT
+        || status == StatusCode::UNPROCESSABLE_ENTITY
+}
+
+/// A claim this request holds: freed when dropped unsettled (the client went away and the
+/// handler with it), rather than blocking its key until it counts as abandoned.
+struct Claimed {
+    idem: Idempotency,
+    key: String,
+    settled: bool,
+}
+
+impl Claimed {
+    /// Frees the key now: the answer is not worth keeping.
+    async fn forget(mut self) {
+        self.settled = true;
+        if let Err(e) = self.idem.forget(&self.key).await {
+            tracing::warn!(error = %e, "could not release an idempotency key");
+        }
+    }
+}
+
+impl Drop for Claimed {
+    fn drop(&mut self) {
+        if self.settled {
+            return;
+        }
+        let (idem, key) = (self.idem.clone(), std::mem::take(&mut self.key));
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                if let Err(e) = idem.forget(&key).await {
+                    tracing::warn!(error = %e, "could not release an abandoned idempotency key");
+                }
+            });
+        }
+    }
+}
 
 /// The validated key of the current request, with the fingerprint of its body (`sha256:` and
 /// 64 hex digits): together they name "this request", so a handler can derive stable ids
@@ -349,48 +402,45 @@ impl Idempotency {
     pub async fn hash_legacy_fingerprints(&self) -> Result<usize, IdempotencyError> {
         match &self.backend {
             Backend::Sqlite(db) => {
+                // Looked for on a reader, so the writer (every claim) waits only when there is
+                // something to rewrite: after the first start, never.
+                let legacy = db
+                    .read(|conn| -> Result<Vec<(String, String)>, IdempotencyError> {
+                        Ok(conn
+                            .prepare(
+                                "SELECT key, fingerprint FROM idempotency_keys
+                                 WHERE fingerprint NOT LIKE 'sha256:%'",
+                            )?
+                            .query_map([], |r| {
+                                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+                            })?
+                            .collect::<Result<Vec<_>, _>>()?)
+                    })
+                    .await?;
+                if legacy.is_empty() {
+                    return Ok(0);
+                }
                 db.write(move |tx| {
-                    let legacy = tx
-                        .prepare(
-                            "SELECT key, fingerprint FROM idempotency_keys
-                             WHERE fingerprint NOT LIKE 'sha256:%'",
-                        )?
-                        .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?
-                        .collect::<Result<Vec<_>, _>>()?;
-                    if legacy.is_empty() {
-                        return Ok(0);
-                    }
                     tx.pragma_update(None, "secure_delete", "ON")?;
-                    let mut rewrite =
-                        tx.prepare("UPDATE idempotency_keys SET fingerprint = ?2 WHERE key = ?1")?;
-                    for (key, text) in &legacy {
-                        rewrite.execute(params![key, sha256_fingerprint(text)])?;
-                    }
-                    drop(rewrite);
+                    let rewritten = rewrite_legacy(tx, &legacy);
+                    // Back off whatever happened: the connection returns to the pool.
                     tx.pragma_update(None, "secure_delete", "OFF")?;
-                    Ok(legacy.len())
+                    rewritten
                 })
                 .await
             }
             #[cfg(feature = "postgres")]
             Backend::Postgres(pg) => {
-                let legacy: Vec<(String, String)> = sqlx::query_as(
-                    "SELECT key, fingerprint FROM idempotency_keys WHERE fingerprint NOT LIKE 'sha256:%'",
+                // One statement, hashed where the rows are; only rows still unhashed, so a
+                // replica doing the same meanwhile changes nothing twice.
+                let done = sqlx::query(
+                    "UPDATE idempotency_keys
+                     SET fingerprint = 'sha256:' || encode(sha256(convert_to(fingerprint, 'UTF8')), 'hex')
+                     WHERE fingerprint NOT LIKE 'sha256:%'",
                 )
-                .fetch_all(pg.pool())
+                .execute(pg.pool())
                 .await?;
-                for (key, text) in &legacy {
-                    // Only if unchanged: a replica may have rewritten or replaced it meanwhile.
-                    sqlx::query(
-                        "UPDATE idempotency_keys SET fingerprint = $3 WHERE key = $1 AND fingerprint = $2",
-                    )
-                    .bind(key)
-                    .bind(text)
-                    .bind(sha256_fingerprint(text))
-                    .execute(pg.pool())
-                    .await?;
-                }
-                Ok(legacy.len())
+                Ok(usize::try_from(done.rows_affected()).unwrap_or(usize::MAX))
             }
             #[cfg(feature = "dynamodb")]
             Backend::Dynamo(_) => Ok(0),
@@ -422,6 +472,21 @@ impl Idempotency {
     }
 }
 
+/// Rewrites each `(key, request text)` to the text's fingerprint, if still unhashed.
+fn rewrite_legacy(
+    tx: &rusqlite::Transaction<'_>,
+    legacy: &[(String, String)],
+) -> Result<usize, IdempotencyError> {
+    let mut rewrite = tx.prepare(
+        "UPDATE idempotency_keys SET fingerprint = ?3 WHERE key = ?1 AND fingerprint = ?2",
+    )?;
+    let mut rewritten = 0;
+    for (key, text) in legacy {
+        rewritten += rewrite.execute(params![key, text, sha256_fingerprint(text)])?;
+    }
+    Ok(rewritten)
+}
+
 fn key_problem() -> Problem {
     Problem::bad_request("Idempotency-Key must be 1 to 255 visible ASCII characters")
         .with("header", HEADER)
@@ -433,22 +498,29 @@ fn key_problem() -> Problem {
 fn fingerprint(method: &str, path: &str, body: &[u8]) -> String {
     let canonical = serde_json::from_slice::<serde_json::Value>(body)
         .ok()
-        .and_then(|v| serde_json::to_string(&v).ok())
-        .unwrap_or_else(|| String::from_utf8_lossy(body).into_owned());
-    sha256_fingerprint(&format!("{method} {path}\n{canonical}"))
+        .and_then(|v| serde_json::to_string(&v).ok());
+    // Hashed in parts, so the body is not copied once more to be hashed. A body that is not
+    // JSON is hashed as the (lossy) text records before hashing kept.
+    let text;
+    let body = match &canonical {
+        Some(json) => json.as_bytes(),
+        None => {
+            text = String::from_utf8_lossy(body);
+            text.as_bytes()
+        }
+    };
+    crate::digest::sha256_hex_of(
+        HASHED,
+        &[method.as_bytes(), b" ", path.as_bytes(), b"\n", body],
+    )
 }
 
 const HASHED: &str = "sha256:";
 
+/// The fingerprint of a record's request text as records before hashing kept it
+/// (`{method} {path}\n{canonical body}`).
 fn sha256_fingerprint(request: &str) -> String {
-    use std::fmt::Write as _;
-    let digest = Sha256::digest(request.as_bytes());
-    let mut out = String::with_capacity(HASHED.len() + digest.len() * 2);
-    out.push_str(HASHED);
-    for b in digest {
-        let _ = write!(out, "{b:02x}");
-    }
-    out
+    crate::digest::sha256_hex_of(HASHED, &[request.as_bytes()])
 }
 
 /// A stored fingerprint as it is compared: records from before hashing hold the request
@@ -495,8 +567,15 @@ pub async fn guard(State(idem): State<Idempotency>, req: Request, next: Next) ->
         Ok(b) => b,
         Err(_) => return crate::extract::too_large().into_response(),
     };
+    if !bytes.is_empty() && serde_json::from_slice::<serde::de::IgnoredAny>(&bytes).is_err() {
+        // Not JSON: the handler refuses it, and the refusal is not worth a key.
+        return next
+            .run(Request::from_parts(parts, Body::from(bytes)))
+            .await;
+    }
     let fingerprint = fingerprint(parts.method.as_str(), parts.uri.path(), &bytes);
     let deadline = tokio::time::Instant::now() + WAIT_FOR_FIRST;
+    let mut pause = Duration::from_millis(10);
     loop {
         let claim = match idem.claim(&key, &fingerprint).await {
             Ok(c) => c,
@@ -522,7 +601,8 @@ pub async fn guard(State(idem): State<Idempotency>, req: Request, next: Next) ->
                 .into_response();
             }
             Claim::InFlight if tokio::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(10)).await;
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(250));
             }
             Claim::InFlight => {
                 return Problem::conflict(
@@ -534,6 +614,11 @@ pub async fn guard(State(idem): State<Idempotency>, req: Request, next: Next) ->
         }
     }
 
+    let mut claimed = Claimed {
+        idem: idem.clone(),
+        key: key.clone(),
+        settled: false,
+    };
     parts.extensions.insert(IdempotencyKey {
         key: key.clone(),
         fingerprint,
@@ -541,18 +626,26 @@ pub async fn guard(State(idem): State<Idempotency>, req: Request, next: Next) ->
     let response = next
         .run(Request::from_parts(parts, Body::from(bytes)))
         .await;
-    if response.status().is_server_error() {
-        // Not an answer worth keeping: a retry should run again.
-        if let Err(e) = idem.forget(&key).await {
-            tracing::warn!(error = %e, "could not release an idempotency key");
-        }
+    if !worth_storing(response.status()) {
+        claimed.forget().await;
         return response;
     }
     let (parts, body) = response.into_parts();
+    // The handler's own answer: bounded by what the handler writes, not by the client.
     let Ok(body) = axum::body::to_bytes(body, usize::MAX).await else {
-        let _ = idem.forget(&key).await;
+        claimed.forget().await;
         return Problem::internal().into_response();
     };
+    if body.len() > MAX_STORED_ANSWER {
+        tracing::warn!(
+            key,
+            bytes = body.len(),
+            "an answer too large to keep for a replay"
+        );
+        claimed.forget().await;
+        return Response::from_parts(parts, Body::from(body));
+    }
+    claimed.settled = true;
     let content_type = parts
         .headers
         .get(header::CONTENT_TYPE)
@@ -582,6 +675,7 @@ fn replay(status: u16, content_type: Option<String>, body: Vec<u8>) -> Response 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::digest::sha256_hex;
 
     #[test]
     fn fingerprints_ignore_json_formatting_but_not_content() {
@@ -627,12 +721,5 @@ mod tests {
             !is_hashed("sha256:xyz"),
             "only a full digest counts as hashed"
         );
-    }
-
-    fn sha256_hex(bytes: &[u8]) -> String {
-        Sha256::digest(bytes)
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
     }
 }

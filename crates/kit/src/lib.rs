@@ -8,6 +8,7 @@ pub mod auth;
 pub mod client;
 pub mod config;
 pub mod db;
+pub mod digest;
 pub mod dynamo_url;
 pub mod extract;
 pub mod idempotency;

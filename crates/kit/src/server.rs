@@ -1,26 +1,34 @@
 //! What every service's HTTP server has in common: `/health`, `/ready`, `/metrics`, request ids,
-//! request metrics labelled by route template, panics turned into problem+json, problem+json
-//! 404/405, a body limit, and graceful shutdown.
+//! request metrics labelled by route template and known method, panics turned into problem+json,
+//! problem+json 404/405, a body limit, a request timeout, and a listener that times out slow
+//! and idle clients, caps its connections, speaks HTTP/1.1 and HTTP/2 (h2c) and drains on
+//! shutdown.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::Router;
+use axum::extract::ConnectInfo;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::serve::ListenerExt;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
 use serde_json::json;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+use tower::ServiceExt as _;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tracing::Instrument;
 
+use crate::config::HttpSettings;
 use crate::problem::Problem;
 
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -43,7 +51,8 @@ tokio::task_local! {
 
 /// Wraps a service's API routes with `/health` and the shared middleware. Readiness and
 /// metrics are on the operations listener ([`ops_app`]), never on a public one.
-pub fn app(service: &'static str, api: Router, body_limit: usize) -> Router {
+pub fn app(service: &'static str, api: Router, http: &HttpSettings) -> Router {
+    let request_timeout = Duration::from_millis(http.request_timeout_ms);
     Router::new()
         .route(
             "/health",
@@ -61,17 +70,101 @@ pub fn app(service: &'static str, api: Router, body_limit: usize) -> Router {
         .layer(CatchPanicLayer::custom(|_| {
             Problem::internal().into_response()
         }))
-        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(DefaultBodyLimit::max(http.body_limit_bytes))
+        .layer(middleware::from_fn_with_state(
+            request_timeout,
+            answer_in_time,
+        ))
         .layer(middleware::from_fn_with_state(service, track_request))
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        .layer(middleware::from_fn(drop_unusable_request_id))
+}
+
+/// The longest `x-request-id` kept from a client; it goes into every log line of the request.
+pub const MAX_REQUEST_ID_LEN: usize = 64;
+
+/// Whether a client's request id may be kept: short, and of characters that need no escaping.
+fn usable_request_id(id: &[u8]) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_REQUEST_ID_LEN
+        && id
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+}
+
+/// Removes a client's request id that is too long or holds odd characters, so a fresh one is
+/// minted in its place.
+async fn drop_unusable_request_id(mut req: Request, next: Next) -> Response {
+    let usable = req
+        .headers()
+        .get_all("x-request-id")
+        .iter()
+        .map(|v| usable_request_id(v.as_bytes()))
+        .collect::<Vec<_>>();
+    if usable != [true] && !usable.is_empty() {
+        req.headers_mut().remove("x-request-id");
+    }
+    next.run(req).await
+}
+
+/// Answers 503 when the handler has not started its answer within the request timeout (a
+/// stuck dependency, a client trickling its body); a started stream runs on.
+async fn answer_in_time(State(limit): State<Duration>, req: Request, next: Next) -> Response {
+    match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(response) => response,
+        Err(_) => Problem::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "request-timeout",
+            "Request timed out",
+        )
+        .with_detail("the request was not answered in time; retry later")
+        .into_response(),
+    }
+}
+
+/// The method as a metric label: the standard ones by name, any other token (each would be a
+/// new series) as `other`.
+fn method_label(method: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        _ => "other",
+    }
+}
+
+/// Runs each check (2 s at most): (name, `Err(reason)` when it failed).
+async fn run_checks<N: Clone>(checks: &[(N, ReadyCheck)]) -> Vec<(N, Result<(), String>)> {
+    let mut results = Vec::with_capacity(checks.len());
+    for (name, check) in checks {
+        let result = tokio::time::timeout(Duration::from_secs(2), check())
+            .await
+            .unwrap_or_else(|_| Err("timed out".to_owned()));
+        results.push((name.clone(), result));
+    }
+    results
 }
 
 /// The operations listener (`ops.port`): `/health`, `/ready` (every service this process
-/// runs, each named) and `/metrics`, for the Kubernetes probes and the Prometheus scrape.
-/// `warning` (open mode) is repeated in every `/ready` answer.
-pub fn ops_app(checks: Vec<(&'static str, ReadyCheck)>, warning: Option<String>) -> Router {
+/// runs, each named; 503 when one cannot work) and `/metrics`, for the Kubernetes probes and
+/// the Prometheus scrape. `/ready` also reports each service's `dependencies` (the bus, the
+/// queue: `up` or why not), which never make it 503. `warning` (open mode) is repeated in
+/// every `/ready` answer.
+pub fn ops_app(
+    checks: Vec<(&'static str, ReadyCheck)>,
+    dependencies: Vec<(String, ReadyCheck)>,
+    warning: Option<String>,
+) -> Router {
     let checks = Arc::new(checks);
+    let dependencies = Arc::new(dependencies);
     Router::new()
         .route(
             "/health",
@@ -80,14 +173,17 @@ pub fn ops_app(checks: Vec<(&'static str, ReadyCheck)>, warning: Option<String>)
         .route(
             "/ready",
             get(move || {
-                let (checks, warning) = (checks.clone(), warning.clone());
+                let (checks, dependencies, warning) =
+                    (checks.clone(), dependencies.clone(), warning.clone());
                 async move {
-                    let mut results = Vec::with_capacity(checks.len());
-                    for (name, check) in checks.iter() {
-                        let result = tokio::time::timeout(Duration::from_secs(2), check())
-                            .await
-                            .unwrap_or_else(|_| Err("timed out".to_owned()));
-                        results.push((*name, result));
+                    let results = run_checks(&checks).await;
+                    let mut needed = serde_json::Map::new();
+                    for (name, result) in run_checks(&dependencies).await {
+                        let state = match result {
+                            Ok(()) => "up".to_owned(),
+                            Err(reason) => format!("down: {reason}"),
+                        };
+                        needed.insert(name, state.into());
                     }
                     let mut services = serde_json::Map::new();
                     let mut failing = Vec::new();
@@ -102,7 +198,7 @@ pub fn ops_app(checks: Vec<(&'static str, ReadyCheck)>, warning: Option<String>)
                         services.insert(name.to_owned(), status.into());
                     }
                     if failing.is_empty() {
-                        let mut body = json!({"status": "ready", "services": services});
+                        let mut body = json!({"status": "ready", "services": services, "dependencies": needed});
                         if let Some(warning) = warning {
                             body["warning"] = warning.into();
                         }
@@ -111,7 +207,8 @@ pub fn ops_app(checks: Vec<(&'static str, ReadyCheck)>, warning: Option<String>)
                         let mut problem =
                             Problem::new(StatusCode::SERVICE_UNAVAILABLE, "not-ready", "Not ready")
                                 .with_detail(failing.join("; "))
-                                .with("services", services);
+                                .with("services", services)
+                                .with("dependencies", needed);
                         if let Some(warning) = warning {
                             problem = problem.with("warning", warning);
                         }
@@ -144,14 +241,14 @@ async fn track_request(
     next: Next,
 ) -> Response {
     let start = Instant::now();
-    let method = req.method().clone();
+    let method = method_label(req.method());
     let route = matched.map_or_else(|| "unmatched".to_owned(), |m| m.as_str().to_owned());
     let request_id = req
         .headers()
         .get("x-request-id")
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
-    let span = tracing::info_span!("request", service, method = %method, route = %route, request_id = request_id.as_deref().unwrap_or(""));
+    let span = tracing::info_span!("request", service, method, route = %route, request_id = request_id.as_deref().unwrap_or(""));
     let response = REQUEST_ID
         .scope(request_id, next.run(req).instrument(span.clone()))
         .await;
@@ -161,7 +258,7 @@ async fn track_request(
     }
     let labels = [
         ("service", service.to_owned()),
-        ("method", method.as_str().to_owned()),
+        ("method", method.to_owned()),
         ("route", route),
         ("status", status.as_u16().to_string()),
     ];
@@ -171,22 +268,146 @@ async fn track_request(
     response
 }
 
-/// Serves `app` until `shutdown` is cancelled, then lets in-flight requests finish.
+/// How a listener treats its connections (from [`HttpSettings`]).
+#[derive(Debug, Clone)]
+pub struct ListenerLimits {
+    pub header_read_timeout: Duration,
+    pub max_connections: usize,
+    pub http2_keep_alive: Duration,
+    pub drain_timeout: Duration,
+}
+
+impl ListenerLimits {
+    pub fn from_settings(http: &HttpSettings) -> ListenerLimits {
+        ListenerLimits {
+            header_read_timeout: Duration::from_millis(http.header_read_timeout_ms),
+            max_connections: http.max_connections.max(1),
+            http2_keep_alive: Duration::from_millis(http.http2_keep_alive_ms),
+            drain_timeout: Duration::from_millis(http.drain_timeout_ms),
+        }
+    }
+}
+
+/// The first bytes of every HTTP/2 connection (RFC 9113 §3.4).
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Serves `app` until `shutdown` is cancelled, then lets in-flight requests finish for up to
+/// the drain timeout.
+///
+/// Its own accept loop rather than `axum::serve`, which sets no timer (so hyper reads headers
+/// forever), has no connection limit, and no HTTP/2 keep-alive.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
     shutdown: CancellationToken,
+    limits: ListenerLimits,
 ) -> std::io::Result<()> {
-    let listener = listener.tap_io(|tcp| {
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let graceful = GracefulShutdown::new();
+    loop {
+        // At the limit, new connections wait in the kernel's queue, not in memory here.
+        let permit = tokio::select! {
+            () = shutdown.cancelled() => break,
+            permit = permits.clone().acquire_owned() => match permit {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
+        let (tcp, peer) = tokio::select! {
+            () = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of descriptors, or a connection reset before it was taken: pause
+                    // rather than spin, as hyper's own examples do.
+                    tracing::warn!(error = %e, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
         let _ = tcp.set_nodelay(true);
-    });
-    // Peer addresses for `ClientAddress` (login throttling, forwarded-for at the gateway).
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move { shutdown.cancelled().await })
-    .await
+        let (app, limits, watcher) = (app.clone(), limits.clone(), graceful.watcher());
+        tokio::spawn(async move {
+            serve_connection(tcp, peer, app, &limits, watcher).await;
+            drop(permit);
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(limits.drain_timeout, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("connections still busy after the drain timeout were cut");
+    }
+    Ok(())
+}
+
+/// Serves one connection as HTTP/2 when it opens with the HTTP/2 preface (h2c with prior
+/// knowledge), else as HTTP/1.1; a client that sends nothing in time is dropped.
+async fn serve_connection(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    app: Router,
+    limits: &ListenerLimits,
+    watcher: hyper_util::server::graceful::Watcher,
+) {
+    let Some(http2) = opens_with_h2_preface(&tcp, limits.header_read_timeout).await else {
+        return;
+    };
+    // Handlers read the peer address (`ClientAddress`, the gateway's X-Forwarded-For).
+    let service =
+        hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+            req.extensions_mut().insert(ConnectInfo(peer));
+            app.clone().oneshot(req.map(axum::body::Body::new))
+        });
+    let io = TokioIo::new(tcp);
+    let served = if http2 {
+        let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        builder
+            .timer(TokioTimer::new())
+            .keep_alive_interval(limits.http2_keep_alive)
+            .keep_alive_timeout(limits.http2_keep_alive)
+            .max_concurrent_streams(256);
+        watcher.watch(builder.serve_connection(io, service)).await
+    } else {
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_read_timeout)
+            .keep_alive(true);
+        watcher.watch(builder.serve_connection(io, service)).await
+    };
+    if let Err(e) = served {
+        tracing::debug!(%peer, error = %e, "connection ended with an error");
+    }
+}
+
+/// `Some(true)` when the client opened with the HTTP/2 preface, `Some(false)` for anything
+/// else (HTTP/1), `None` when it sent nothing recognisable within `within` or closed.
+async fn opens_with_h2_preface(tcp: &TcpStream, within: Duration) -> Option<bool> {
+    let deadline = tokio::time::Instant::now() + within;
+    let mut buf = [0u8; 24];
+    loop {
+        let n = tokio::time::timeout_at(deadline, tcp.peek(&mut buf))
+            .await
+            .ok()?
+            .ok()?;
+        if n == 0 {
+            return None;
+        }
+        if !H2_PREFACE.starts_with(&buf[..n]) {
+            return Some(false);
+        }
+        if n == H2_PREFACE.len() {
+            return Some(true);
+        }
+        // Part of the preface so far: peek answers at once while bytes wait, so pause.
+        tokio::time::sleep_until(
+            (tokio::time::Instant::now() + Duration::from_millis(10)).min(deadline),
+        )
+        .await;
+    }
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

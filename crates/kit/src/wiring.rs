@@ -284,41 +284,40 @@ impl Lifecycle {
 /// and access control) and its readiness for the operations listener.
 pub struct Started {
     pub router: axum::Router,
+    /// Ready: what the service cannot work without (its own database). A load balancer
+    /// stops sending it requests while this fails.
     pub ready: ReadyCheck,
+    /// What it works around for a while (the bus, the queue: the outbox holds events, the
+    /// notifier waits): shown under `/ready`'s `dependencies`, never making it not ready, so a
+    /// queue blip does not take a service (or the shop) out of the load balancer.
+    pub dependencies: Vec<(&'static str, ReadyCheck)>,
 }
 
-/// Ready when `database` answers true (a store behind a trait, whatever its backend) and then
-/// each of `dependencies` answers, in order; not ready names the first that did not.
-pub fn ready_when<F, Fut>(database: F, dependencies: Vec<(&'static str, ReadyCheck)>) -> ReadyCheck
+/// Ready when `database` answers true (a store behind a trait, whatever its backend).
+pub fn ready_when<F, Fut>(database: F) -> ReadyCheck
 where
     F: Fn() -> Fut + Send + Sync + 'static,
     Fut: Future<Output = bool> + Send + 'static,
 {
-    let dependencies = Arc::new(dependencies);
     ready_check(move || {
-        let (up, dependencies) = (database(), dependencies.clone());
+        let up = database();
         async move {
-            if !up.await {
-                return Err("database".to_owned());
+            if up.await {
+                Ok(())
+            } else {
+                Err("database".to_owned())
             }
-            for (name, check) in dependencies.iter() {
-                check().await.map_err(|_| (*name).to_owned())?;
-            }
-            Ok(())
         }
     })
 }
 
-/// Ready when the SQLite database answers (and then `dependencies`).
-pub fn ready_on_db(db: &Db, dependencies: Vec<(&'static str, ReadyCheck)>) -> ReadyCheck {
+/// Ready when the SQLite database answers.
+pub fn ready_on_db(db: &Db) -> ReadyCheck {
     let db = db.clone();
-    ready_when(
-        move || {
-            let db = db.clone();
-            async move { db.ping().await.is_ok() }
-        },
-        dependencies,
-    )
+    ready_when(move || {
+        let db = db.clone();
+        async move { db.ping().await.is_ok() }
+    })
 }
 
 /// Everything the services being started share while the platform is assembled.

@@ -17,11 +17,18 @@ use axum::routing::post;
 use kit::idempotency::{self, Idempotency};
 use tower::ServiceExt as _;
 
-/// A POST route that counts its runs and answers 500 when the body says `fail`.
+/// A POST route that counts its runs and answers 500 when the body says `fail`; 400 for a
+/// body that is not JSON and 403 when it says `forbidden`, without a run.
 fn app(idem: Idempotency, runs: Arc<AtomicUsize>) -> Router {
     let handler = move |body: String| {
         let runs = runs.clone();
         async move {
+            if serde_json::from_str::<serde_json::Value>(&body).is_err() {
+                return (StatusCode::BAD_REQUEST, "not JSON".to_owned());
+            }
+            if body.contains("forbidden") {
+                return (StatusCode::FORBIDDEN, "not yours".to_owned());
+            }
             let n = runs.fetch_add(1, Ordering::SeqCst) + 1;
             if body.contains("fail") {
                 return (StatusCode::INTERNAL_SERVER_ERROR, "broken".to_owned());
@@ -132,6 +139,19 @@ async fn keeps_the_contract(idem: Idempotency, expired: Idempotency, purge: Purg
         call(&expiring, "k4", "{}").await,
         (StatusCode::CREATED, false, "run 6".into())
     );
+
+    // A request whose client went away mid-handler frees its key at once: the retry runs
+    // rather than waiting for the claim to count as abandoned (a minute).
+    let gone = tokio::spawn({
+        let app = app.clone();
+        async move { call(&app, "gone", r#"{"g":1}"#).await }
+    });
+    tokio::time::sleep(Duration::from_millis(25)).await;
+    gone.abort();
+    let retried = tokio::time::timeout(Duration::from_secs(10), call(&app, "gone", r#"{"g":1}"#))
+        .await
+        .expect("the retry is not held up by the request that went away");
+    assert_eq!((retried.0, retried.1), (StatusCode::CREATED, false));
 }
 
 /// Direct access to where the records live, behind the guard's back.
@@ -283,6 +303,22 @@ async fn keeps_only_a_hash(idem: Idempotency, raw: Raw, rewrites_legacy: bool) {
         "a rewritten record still replays"
     );
     assert_eq!(runs.load(Ordering::SeqCst), 1);
+
+    // What a key costs is bounded: 1,000 bodies that are not JSON and 50 requests refused
+    // for rights, each under a key of its own, leave no record; the refused key is free again.
+    for i in 0..1_000 {
+        let (status, _, _) = call(&app, &format!("junk-{i}"), "{not json").await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+    }
+    for i in 0..50 {
+        let (status, _, _) = call(&app, &format!("refused-{i}"), r#"{"forbidden":1}"#).await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+    }
+    assert_eq!(raw.fingerprints().await.len(), 2);
+    assert_eq!(
+        call(&app, "refused-0", r#"{"fixed":1}"#).await,
+        (StatusCode::CREATED, false, "run 2".into())
+    );
 }
 
 /// `join_all` without a futures dependency in this crate: spawn and await in order.

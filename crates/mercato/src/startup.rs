@@ -216,6 +216,10 @@ pub async fn start(settings: &Settings, services: &[ServiceName]) -> anyhow::Res
     let started = Instant::now();
     // Install the recorder before anything records, or early samples are lost.
     let _ = kit::telemetry::metrics();
+    settings
+        .http
+        .validate()
+        .map_err(|e| anyhow::anyhow!("invalid settings: {e}"))?;
     let wants = |s: ServiceName| services.contains(&s);
 
     let mut listeners = Vec::new();
@@ -302,9 +306,14 @@ pub async fn start(settings: &Settings, services: &[ServiceName]) -> anyhow::Res
     let bus = || transports.as_ref().context("the bus is not open");
     let mut apps = Vec::new();
     let mut readiness = Vec::new();
+    let mut dependencies = Vec::new();
     let mut demo_accounts = None;
     for service in ServiceName::ALL.into_iter().filter(|s| wants(*s)) {
-        let Started { router, ready } = match service {
+        let Started {
+            router,
+            ready,
+            dependencies: needs,
+        } = match service {
             ServiceName::Users => {
                 let issuer = issuer
                     .clone()
@@ -322,13 +331,14 @@ pub async fn start(settings: &Settings, services: &[ServiceName]) -> anyhow::Res
             ServiceName::Analytics => analytics::wiring::start(&shared, bus()?).await?,
             ServiceName::Gateway => gateway::wiring::start(&shared)?,
         };
-        let app = server::app(
-            service.as_str(),
-            router.layer(auth.layer()),
-            shared.body_limit(),
-        );
+        let app = server::app(service.as_str(), router.layer(auth.layer()), &settings.http);
         apps.push((service, app));
         readiness.push((service.as_str(), ready));
+        dependencies.extend(
+            needs
+                .into_iter()
+                .map(|(name, check)| (format!("{}/{name}", service.as_str()), check)),
+        );
     }
 
     let (shutdown, mut tasks, closing) = lifecycle.into_parts();
@@ -340,9 +350,10 @@ pub async fn start(settings: &Settings, services: &[ServiceName]) -> anyhow::Res
         .context("reading the operations address")?;
     {
         let shutdown = shutdown.clone();
-        let app = server::ops_app(readiness, warning);
+        let app = server::ops_app(readiness, dependencies, warning);
+        let limits = server::ListenerLimits::from_settings(&settings.http);
         tasks.spawn(async move {
-            if let Err(e) = server::serve(ops_listener, app, shutdown).await {
+            if let Err(e) = server::serve(ops_listener, app, shutdown, limits).await {
                 tracing::error!(error = %e, "the operations listener stopped with an error");
             }
         });
@@ -356,8 +367,9 @@ pub async fn start(settings: &Settings, services: &[ServiceName]) -> anyhow::Res
         let addr = listener.local_addr().context("reading a bound address")?;
         addresses.push((service, addr));
         let shutdown = shutdown.clone();
+        let limits = server::ListenerLimits::from_settings(&settings.http);
         tasks.spawn(async move {
-            if let Err(e) = server::serve(listener, app, shutdown).await {
+            if let Err(e) = server::serve(listener, app, shutdown, limits).await {
                 tracing::error!(service = service.as_str(), error = %e, "server stopped with an error");
             }
         });

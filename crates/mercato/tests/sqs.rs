@@ -186,6 +186,20 @@ async fn orders_accepted_while_sqs_is_down_are_notified_once_it_is_back() {
     settings.bus.queue_url = Some(format!("{endpoint}/{ACCOUNT}/{ORDER_EVENTS_QUEUE}"));
     settings.aws_region = Some("us-east-1".into());
     let app = spawn_with(settings, &ServiceName::ALL, dir).await;
+    // SQS down is a dependency down, not a service that cannot work: the process stays in the
+    // load balancer and says what is missing.
+    let ops = app.platform.as_ref().unwrap().ops_url();
+    let ready = app.client.get(format!("{ops}/ready")).send().await.unwrap();
+    assert_eq!(ready.status(), StatusCode::OK);
+    let ready: Value = ready.json().await.unwrap();
+    assert!(
+        ready["dependencies"]["notifications/queue"]
+            .as_str()
+            .unwrap()
+            .starts_with("down"),
+        "{ready}"
+    );
+    assert_eq!(ready["dependencies"]["orders/bus"], "up", "{ready}");
     let user = app.create_user("sqs-down@example.com").await;
     let product = app.create_product("SQS-DOWN-1", "10.00", 50).await;
     let mut orders = Vec::new();

@@ -409,3 +409,43 @@ async fn order_line_quantities_are_bounded() {
     );
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_reservation_holds_stock_a_day_at_most() {
+    let app = spawn_app().await;
+    let product = app.create_product("HOLD-1", "10.00", 5).await;
+    let base = app
+        .platform
+        .as_ref()
+        .unwrap()
+        .url(mercato::startup::ServiceName::Products)
+        .unwrap();
+    let settings = common::test_settings(&app.dir);
+    let service = kit::auth::service_key(&settings.auth, &settings.data_dir).unwrap();
+    let token = service.token_for("orders").unwrap();
+    let reserve = |hold_secs: u64| {
+        app.client
+            .post(format!("{base}/internal/v1/reservations"))
+            .bearer_auth(&token)
+            .json(&json!({
+                "order_id": uuid::Uuid::now_v7(),
+                "items": [{"product_id": product, "quantity": 1}],
+                "hold_secs": hold_secs,
+            }))
+            .send()
+    };
+    for too_long in [86_401, u64::from(u32::MAX), 0] {
+        let answer = reserve(too_long).await.unwrap();
+        assert_eq!(
+            answer.status(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{too_long}"
+        );
+        let body: Value = answer.json().await.unwrap();
+        assert_eq!(body["field"], "hold_secs", "{body}");
+    }
+    assert_eq!(app.stock(&product).await, 5, "nothing was held");
+    assert_eq!(reserve(86_400).await.unwrap().status(), StatusCode::CREATED);
+    assert_eq!(app.stock(&product).await, 4);
+    app.stop().await;
+}

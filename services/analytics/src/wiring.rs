@@ -70,9 +70,10 @@ pub async fn start(shared: &Shared<'_>, transports: &Transports) -> Result<Start
         let store = pruned.clone();
         async move { store.prune_processed(retention).await }
     });
-    let ready = ready_on_db(store.db(), transports.readiness(false));
+    let ready = ready_on_db(store.db());
     Ok(Started {
         router: crate::router(store, feed),
         ready,
+        dependencies: transports.readiness(false),
     })
 }

@@ -1,6 +1,7 @@
 //! Forwarding one request to one upstream, streaming both bodies.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use axum::body::Body;
@@ -21,11 +22,12 @@ pub enum ProxyError {
     Method(&'static str),
 }
 
-/// An upstream's scheme and authority.
-#[derive(Debug, Clone)]
+/// An upstream's scheme and authority, and its circuit breaker.
+#[derive(Debug)]
 pub struct Upstream {
     scheme: http::uri::Scheme,
     authority: http::uri::Authority,
+    breaker: Breaker,
 }
 
 impl Upstream {
@@ -37,10 +39,109 @@ impl Upstream {
             (Some(scheme), Some(authority)) if scheme == &http::uri::Scheme::HTTP => Ok(Upstream {
                 scheme: scheme.clone(),
                 authority: authority.clone(),
+                breaker: Breaker::default(),
             }),
             _ => Err(ProxyError::InvalidUpstream(base.to_owned())),
         }
     }
+}
+
+/// Consecutive failures (unreachable or timed out) that open an upstream's breaker.
+const OPEN_AFTER: u32 = 5;
+/// How long an open breaker answers 503 at once before letting one probe through.
+const OPEN_FOR_MS: u64 = 2_000;
+
+/// A circuit breaker per upstream: after [`OPEN_AFTER`] failures in a row its routes answer
+/// 503 at once (no connect attempt, no timeout to wait out) for [`OPEN_FOR_MS`]; then one
+/// request probes (half-open): a success closes it, a failure opens it again. Other
+/// upstreams' routes are untouched.
+#[derive(Debug, Default)]
+struct Breaker {
+    failures: AtomicU32,
+    /// When it opened (ms since the gateway's start), while open.
+    opened_at: AtomicU64,
+    probing: AtomicBool,
+}
+
+/// What the breaker lets a request do.
+#[derive(Debug, PartialEq, Eq)]
+enum Pass {
+    Go,
+    /// The one request that tests an upstream whose breaker was open.
+    Probe,
+    Refuse,
+}
+
+fn now_ms() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    u64::try_from(
+        START
+            .get_or_init(std::time::Instant::now)
+            .elapsed()
+            .as_millis(),
+    )
+    .unwrap_or(u64::MAX)
+    .saturating_add(1)
+}
+
+impl Breaker {
+    fn pass(&self) -> Pass {
+        if self.failures.load(Ordering::Relaxed) < OPEN_AFTER {
+            return Pass::Go;
+        }
+        let opened = self.opened_at.load(Ordering::Relaxed);
+        if now_ms().saturating_sub(opened) < OPEN_FOR_MS {
+            return Pass::Refuse;
+        }
+        match self
+            .probing
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Relaxed)
+        {
+            Ok(_) => Pass::Probe,
+            Err(_) => Pass::Refuse,
+        }
+    }
+
+    fn succeeded(&self, pass: &Pass) {
+        if self.failures.swap(0, Ordering::Relaxed) >= OPEN_AFTER {
+            tracing::info!("an upstream answers again; its breaker is closed");
+        }
+        if *pass == Pass::Probe {
+            self.probing.store(false, Ordering::Release);
+        }
+    }
+
+    fn failed(&self, pass: &Pass, upstream: &http::uri::Authority) {
+        let failures = self
+            .failures
+            .fetch_add(1, Ordering::Relaxed)
+            .saturating_add(1);
+        if failures == OPEN_AFTER || *pass == Pass::Probe {
+            self.opened_at.store(now_ms(), Ordering::Relaxed);
+            if failures == OPEN_AFTER {
+                tracing::warn!(%upstream, "an upstream keeps failing; its breaker is open");
+                metrics::counter!("gateway_breaker_opened_total", "upstream" => upstream.to_string())
+                    .increment(1);
+            }
+        }
+        if *pass == Pass::Probe {
+            self.probing.store(false, Ordering::Release);
+        }
+    }
+}
+
+fn unavailable() -> Response {
+    let mut response = Problem::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "upstream-unavailable",
+        "Service unavailable",
+    )
+    .with_detail("the service behind this route is not reachable; retry later")
+    .into_response();
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("2"));
+    response
 }
 
 #[derive(Clone)]
@@ -96,7 +197,15 @@ impl Proxy {
         }
     }
 
-    pub async fn forward(&self, upstream: &Upstream, req: Request) -> Response {
+    /// Forwards `req` to `upstream`. `client` is who the gateway decided the client is (see
+    /// [`crate::limits::Limits::client_address`]) and `scheme` the scheme it used.
+    pub async fn forward(
+        &self,
+        upstream: &Upstream,
+        req: Request,
+        client: Option<std::net::IpAddr>,
+        scheme: &'static str,
+    ) -> Response {
         let (mut parts, body) = req.into_parts();
         let declared = parts
             .headers
@@ -105,6 +214,10 @@ impl Proxy {
             .and_then(|v| v.parse::<u64>().ok());
         if declared.is_some_and(|n| n > self.body_limit as u64) {
             return kit::extract::too_large().into_response();
+        }
+        let pass = upstream.breaker.pass();
+        if pass == Pass::Refuse {
+            return unavailable();
         }
         let path_and_query = parts.uri.path_and_query().cloned();
         let mut uri = Uri::builder()
@@ -139,9 +252,21 @@ impl Proxy {
                 parts.headers.insert("x-forwarded-for", value);
             }
         }
+        // The client as the gateway resolved it (RFC 7239), replacing whatever a client sent:
+        // services read it for login throttling and logs.
+        parts.headers.remove(header::FORWARDED);
+        if let Some(client) = client {
+            let node = match client {
+                std::net::IpAddr::V4(v4) => v4.to_string(),
+                std::net::IpAddr::V6(v6) => format!("\"[{v6}]\""),
+            };
+            if let Ok(value) = HeaderValue::from_str(&format!("for={node};proto={scheme}")) {
+                parts.headers.insert(header::FORWARDED, value);
+            }
+        }
         parts
             .headers
-            .insert("x-forwarded-proto", HeaderValue::from_static("http"));
+            .insert("x-forwarded-proto", HeaderValue::from_static(scheme));
         parts.uri = uri;
         parts.version = http::Version::HTTP_11;
         let upstream_req =
@@ -149,24 +274,22 @@ impl Proxy {
 
         match tokio::time::timeout(self.timeout, self.client.request(upstream_req)).await {
             Ok(Ok(response)) => {
+                upstream.breaker.succeeded(&pass);
                 let (mut parts, body) = response.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
                 Response::from_parts(parts, Body::new(body))
             }
             Ok(Err(e)) => {
                 if caused_by_body_limit(&e) {
+                    upstream.breaker.succeeded(&pass);
                     return kit::extract::too_large().into_response();
                 }
+                upstream.breaker.failed(&pass, &upstream.authority);
                 tracing::warn!(upstream = %upstream.authority, error = %e, "upstream request failed");
-                Problem::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "upstream-unavailable",
-                    "Service unavailable",
-                )
-                .with_detail("the service behind this route is not reachable; retry later")
-                .into_response()
+                unavailable()
             }
             Err(_) => {
+                upstream.breaker.failed(&pass, &upstream.authority);
                 tracing::warn!(upstream = %upstream.authority, "upstream timed out");
                 Problem::new(
                     StatusCode::GATEWAY_TIMEOUT,

@@ -1,17 +1,19 @@
 //! The public route table: every route's method, template, service and who may call it; the
 //! early access check; the OpenAPI document that describes the table.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{Request, State};
+use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
 use kit::Problem;
-use kit::auth::{Auth, Rejection};
+use kit::auth::{Auth, Caller, Rejection};
 
+use crate::limits::{Limits, RouteClass};
 use crate::proxy::{Proxy, Upstream};
 
 /// Base URLs of the services behind the gateway.
@@ -236,14 +238,47 @@ impl Upstreams {
     }
 }
 
+/// One method of a route template: where it goes, who may call it, its limit class.
+type RouteMethod = (Method, Arc<Upstream>, Access, RouteClass);
+
+/// The class of a route for the limits all clients share.
+fn class_of(method: &Method, template: &str) -> RouteClass {
+    let signs_in =
+        *method == Method::POST && matches!(template, "/api/v1/auth/token" | "/api/v1/users");
+    if signs_in {
+        RouteClass::SignIn
+    } else if *method == Method::GET || *method == Method::HEAD {
+        RouteClass::Read
+    } else {
+        RouteClass::Write
+    }
+}
+
 /// The gateway's API routes (the shared endpoints come from `kit::server::app`).
 pub fn router(
     upstreams: &Upstreams,
     body_limit: usize,
     timeout: Duration,
+    limits: Arc<Limits>,
 ) -> Result<Router, crate::proxy::ProxyError> {
     let proxy = Proxy::new(body_limit, timeout);
     let mut router = Router::new().route(OPENAPI_ROUTE.template, get(openapi));
+    // One upstream (and so one circuit breaker) per service, shared by its routes.
+    let mut by_service: Vec<(Service, Arc<Upstream>)> = Vec::new();
+    for r in PUBLIC_ROUTES {
+        if !by_service.iter().any(|(s, _)| *s == r.service) {
+            by_service.push((
+                r.service,
+                Arc::new(Upstream::parse(upstreams.base(r.service))?),
+            ));
+        }
+    }
+    let upstream_of = |service: Service| {
+        by_service
+            .iter()
+            .find(|(s, _)| *s == service)
+            .map(|(_, u)| u.clone())
+    };
     let mut templates: Vec<&'static str> = Vec::new();
     for r in PUBLIC_ROUTES {
         if !templates.contains(&r.template) {
@@ -252,37 +287,56 @@ pub fn router(
     }
     for template in templates {
         // The methods of this template, with their service and access.
-        let methods: Arc<Vec<(Method, Arc<Upstream>, Access)>> = Arc::new(
+        let methods: Arc<Vec<RouteMethod>> = Arc::new(
             PUBLIC_ROUTES
                 .iter()
                 .filter(|r| r.template == template)
                 .map(|r| {
-                    Ok((
-                        Method::from_bytes(r.method.as_bytes())
-                            .map_err(|_| crate::proxy::ProxyError::Method(r.method))?,
-                        Arc::new(Upstream::parse(upstreams.base(r.service))?),
-                        r.access,
-                    ))
+                    let method = Method::from_bytes(r.method.as_bytes())
+                        .map_err(|_| crate::proxy::ProxyError::Method(r.method))?;
+                    let class = class_of(&method, r.template);
+                    let upstream = upstream_of(r.service).ok_or_else(|| {
+                        crate::proxy::ProxyError::InvalidUpstream(r.template.to_owned())
+                    })?;
+                    Ok((method, upstream, r.access, class))
                 })
                 .collect::<Result<_, crate::proxy::ProxyError>>()?,
         );
+        let limits = limits.clone();
         router = router.route(
             template,
             any(move |State(proxy): State<Proxy>, req: Request| {
-                let methods = methods.clone();
+                let (methods, limits) = (methods.clone(), limits.clone());
                 async move {
-                    let Some((_, upstream, access)) =
-                        methods.iter().find(|(m, _, _)| m == req.method())
+                    let Some((_, upstream, access, class)) =
+                        methods.iter().find(|(m, ..)| m == req.method())
                     else {
                         return method_not_allowed();
                     };
+                    let peer = req
+                        .extensions()
+                        .get::<ConnectInfo<SocketAddr>>()
+                        .map(|info| info.0.ip());
+                    let client = peer.map(|p| limits.client_address(p, req.headers()));
+                    let scheme = peer.map_or("http", |p| limits.client_scheme(p, req.headers()));
+                    if let Some(client) = client
+                        && let Err(limited) = limits.admit_request(*class, client)
+                    {
+                        return limited.into_response();
+                    }
                     let auth = req.extensions().get::<Arc<Auth>>().cloned();
                     let (parts, body) = req.into_parts();
-                    if let Err(refused) = admit(*access, auth.as_deref(), &parts.headers).await {
-                        return refused.into_response();
+                    let caller = match admit(*access, auth.as_deref(), &parts.headers).await {
+                        Ok(caller) => caller,
+                        Err(refused) => return refused.into_response(),
+                    };
+                    if let Some(user) = caller.as_ref().and_then(|c| c.user_id())
+                        && let Err(limited) = limits.admit_user(user)
+                    {
+                        return limited.into_response();
                     }
                     let req = Request::from_parts(parts, body);
-                    proxy.forward(upstream, req).await
+                    proxy.forward(upstream, req, client, scheme).await
                 }
             }),
         );
@@ -301,20 +355,21 @@ fn method_not_allowed() -> Response {
 
 /// The early check: a missing or bad token on a signed-in route is a 401, a customer on an
 /// administrators' route a 403, before anything reaches a service. Open mode admits all.
+/// Returns the caller of a route that needs sign-in (for the per-user limit).
 async fn admit(
     access: Access,
     auth: Option<&Auth>,
     headers: &axum::http::HeaderMap,
-) -> Result<(), Rejection> {
+) -> Result<Option<Caller>, Rejection> {
     if access == Access::Anyone {
-        return Ok(());
+        return Ok(None);
     }
     let auth = auth.ok_or(Rejection::NotConfigured)?;
     let caller = auth.caller(headers).await?.ok_or(Rejection::Missing)?;
     if access == Access::Admin && !caller.is_admin() {
         return Err(Rejection::NotAdmin);
     }
-    Ok(())
+    Ok(Some(caller))
 }
 
 /// The public API's OpenAPI 3.1 document, kept next to the route table it describes (a test

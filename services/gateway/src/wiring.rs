@@ -1,6 +1,7 @@
 //! How the gateway starts inside a platform process: its route table over the other
 //! services' URLs, ready whenever it runs.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use kit::server::ready_check;
@@ -17,10 +18,16 @@ pub fn start(shared: &Shared<'_>) -> Result<Started, WiringError> {
         analytics: shared.url(Service::Analytics),
     };
     let timeout = Duration::from_millis(shared.settings.http.upstream_timeout_ms);
-    let router = crate::router(&upstreams, shared.body_limit(), timeout)
+    let limits = crate::limits::Limits::new(&shared.settings.rate_limit)
+        .map_err(|e| WiringError::config(e.to_string()))?;
+    let router = crate::router(&upstreams, shared.body_limit(), timeout, Arc::new(limits))
         .context("configuring the gateway")?;
     // The gateway is ready when it runs: one sick service must not take every gateway pod
     // (and so the whole shop) out of the load balancer; its routes answer 503.
     let ready = ready_check(|| async { Ok(()) });
-    Ok(Started { router, ready })
+    Ok(Started {
+        router,
+        ready,
+        dependencies: Vec::new(),
+    })
 }

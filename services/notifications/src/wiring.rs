@@ -44,13 +44,10 @@ pub async fn start(shared: &Shared<'_>, transports: &Transports) -> Result<Start
     shared
         .lifecycle
         .close_at_stop(move || async move { closed.close().await });
-    let ready = ready_when(
-        move || {
-            let store = pinged.clone();
-            async move { store.ping().await.is_ok() }
-        },
-        transports.readiness(true),
-    );
+    let ready = ready_when(move || {
+        let store = pinged.clone();
+        async move { store.ping().await.is_ok() }
+    });
     let poller = crate::poller::Poller {
         queue: transports.queue.clone(),
         store: store.clone(),
@@ -63,5 +60,6 @@ pub async fn start(shared: &Shared<'_>, transports: &Transports) -> Result<Start
     Ok(Started {
         router: crate::router(store),
         ready,
+        dependencies: transports.readiness(true),
     })
 }

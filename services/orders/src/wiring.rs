@@ -68,6 +68,13 @@ pub async fn start(shared: &Shared<'_>, transports: &Transports) -> Result<Start
         .limits
         .validate()
         .map_err(WiringError::config)?;
+    // Products holds stock for the order's TTL plus a minute, and holds nothing past a day.
+    let longest = u64::from(kit::config::LimitsSettings::MAX_HOLD_SECS) - 60;
+    if !(1..=longest).contains(&shared.settings.saga.pending_order_ttl_secs) {
+        return Err(WiringError::config(format!(
+            "saga.pending_order_ttl_secs must be between 1 and {longest}"
+        )));
+    }
     let stream = transports.stream.clone();
     let (store, relay, idempotency) =
         open(shared, stream.clone(), transports.queue.clone()).await?;
@@ -116,15 +123,13 @@ pub async fn start(shared: &Shared<'_>, transports: &Transports) -> Result<Start
         async move { store.prune_processed(retention).await }
     });
     let pinged = store.clone();
-    let ready = ready_when(
-        move || {
-            let store = pinged.clone();
-            async move { store.ping().await.is_ok() }
-        },
-        transports.readiness(false),
-    );
+    let ready = ready_when(move || {
+        let store = pinged.clone();
+        async move { store.ping().await.is_ok() }
+    });
     Ok(Started {
         router: crate::router(ctx),
         ready,
+        dependencies: transports.readiness(false),
     })
 }

@@ -157,16 +157,14 @@ pub async fn start(shared: &Shared<'_>, transports: &Transports) -> Result<Start
             .clone()
             .run_purger(HOUSEKEEPING, lifecycle.shutdown()),
     );
-    let ready = ready_when(
-        move || {
-            let store = store.clone();
-            async move { store.ping().await.is_ok() }
-        },
-        transports.readiness(false),
-    );
+    let ready = ready_when(move || {
+        let store = store.clone();
+        async move { store.ping().await.is_ok() }
+    });
     Ok(Started {
         router: crate::router(ctx),
         ready,
+        dependencies: transports.readiness(false),
     })
 }
 

@@ -113,6 +113,7 @@ pub struct ReleaseParams {
 }
 
 const DEFAULT_HOLD_SECS: u32 = 16 * 60;
+const MAX_HOLD_SECS: u32 = kit::config::LimitsSettings::MAX_HOLD_SECS;
 
 pub fn router(catalog: Catalog) -> Router {
     Router::new()
@@ -354,7 +355,14 @@ async fn reserve_stock(
         .map(|i| (i.product_id, i.quantity))
         .collect();
     let lines = ReservationLines::parse(&items).map_err(field)?;
-    let hold_ms = i64::from(body.hold_secs.unwrap_or(DEFAULT_HOLD_SECS)) * 1000;
+    let hold_secs = body.hold_secs.unwrap_or(DEFAULT_HOLD_SECS);
+    if !(1..=MAX_HOLD_SECS).contains(&hold_secs) {
+        return Err(
+            Problem::invalid(format!("hold_secs must be between 1 and {MAX_HOLD_SECS}"))
+                .with("field", "hold_secs"),
+        );
+    }
+    let hold_ms = i64::from(hold_secs) * 1000;
     let hold = Hold {
         until_ms: kit::db::now_ms().saturating_add(hold_ms),
         attempt: body.attempt,

@@ -393,6 +393,29 @@ pub trait ProductStore: Send + Sync {
     async fn close(&self);
 }
 
+/// Reservations released per call while draining.
+const RELEASE_BATCH: u32 = 500;
+
+/// Releases every reservation that is due, in batches, until none is left or `within` has
+/// passed (the sweep interval: the next sweep goes on). A backlog of any size drains, rather
+/// than a fixed number per sweep falling behind a flood of abandoned orders.
+pub async fn release_all_due(
+    store: &dyn ProductStore,
+    within: std::time::Duration,
+) -> Result<usize, StoreError> {
+    let deadline = std::time::Instant::now() + within;
+    let mut released = 0;
+    loop {
+        let n = store.release_expired(RELEASE_BATCH).await?;
+        released += n;
+        // A short batch means nothing more was due (a reservation settled meanwhile is left
+        // to the next sweep, which finds it no longer held).
+        if n < RELEASE_BATCH as usize || std::time::Instant::now() >= deadline {
+            return Ok(released);
+        }
+    }
+}
+
 const COLUMNS: &str =
     "id, name, description, price_cents, on_hand, reserved, sku, category, created_at, updated_at";
 
@@ -879,6 +902,44 @@ fn load_reservation(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn one_sweep_releases_a_backlog_of_any_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}/products.db", dir.path().display());
+        let store = SqliteProductStore::open(&url, &Default::default())
+            .await
+            .unwrap();
+        let product = store
+            .create(NewProduct {
+                name: "Chai".into(),
+                description: String::new(),
+                price: Money::from_cents(100).unwrap(),
+                on_hand: 10_000,
+                sku: "CHAI-1".into(),
+                category: "tea".into(),
+            })
+            .await
+            .unwrap();
+        let lines = ReservationLines::parse(&[(product.id, 1)]).unwrap();
+        let backlog = 3 * RELEASE_BATCH as usize + 7;
+        for _ in 0..backlog {
+            let past = Hold {
+                until_ms: now_ms() - 1_000,
+                attempt: None,
+                renew: false,
+            };
+            store.reserve(Uuid::now_v7(), &lines, past).await.unwrap();
+        }
+        let held = store.get(product.id).await.unwrap().unwrap().stock;
+        assert_eq!(held.reserved, backlog as i64);
+        let released = release_all_due(&store, std::time::Duration::from_secs(60))
+            .await
+            .unwrap();
+        assert_eq!(released, backlog);
+        let after = store.get(product.id).await.unwrap().unwrap().stock;
+        assert_eq!((after.on_hand, after.reserved), (10_000, 0));
+    }
 
     #[test]
     fn stock_changes_stay_in_range() {

@@ -40,10 +40,11 @@ pub async fn start(shared: &Shared<'_>) -> Result<Started, WiringError> {
     }
     // Gives back stock held for orders that were never created or never settled.
     let sweeper = store.clone();
-    shared.lifecycle.every(shared.sweep_interval(), move || {
+    let interval = shared.sweep_interval();
+    shared.lifecycle.every(interval, move || {
         let store = sweeper.clone();
         async move {
-            match store.release_expired(100).await {
+            match crate::store::release_all_due(store.as_ref(), interval).await {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(released = n, "expired stock reservations released"),
                 Err(e) => tracing::warn!(error = %e, "releasing expired reservations failed"),
@@ -51,18 +52,16 @@ pub async fn start(shared: &Shared<'_>) -> Result<Started, WiringError> {
         }
     });
     let pinged = store.clone();
-    let ready = ready_when(
-        move || {
-            let store = pinged.clone();
-            async move { store.ping().await.is_ok() }
-        },
-        Vec::new(),
-    );
+    let ready = ready_when(move || {
+        let store = pinged.clone();
+        async move { store.ping().await.is_ok() }
+    });
     Ok(Started {
         router: crate::router(crate::api::Catalog {
             store,
             max_price: settings.limits.max_price,
         }),
         ready,
+        dependencies: Vec::new(),
     })
 }

@@ -19,7 +19,6 @@ use kit::config::Secret;
 use kit::db::now_ms;
 use kit::extract::{self, ClientAddress};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use crate::api::{ApiContext, internal};
@@ -91,13 +90,7 @@ fn too_many_attempts(wait: Duration) -> Response {
 }
 
 fn hash_token(token: &str) -> String {
-    use std::fmt::Write as _;
-    let digest = Sha256::digest(token.as_bytes());
-    let mut hex = String::with_capacity(digest.len() * 2);
-    for b in digest.iter() {
-        let _ = write!(hex, "{b:02x}");
-    }
-    hex
+    kit::digest::sha256_hex(token.as_bytes())
 }
 
 fn new_refresh_token() -> Result<String, Problem> {

@@ -57,13 +57,10 @@ pub async fn start(
             let store = pruned.clone();
             async move { store.prune_refresh(kit::db::now_ms()).await }
         });
-    let ready = ready_when(
-        move || {
-            let store = pinged.clone();
-            async move { store.ping().await.is_ok() }
-        },
-        Vec::new(),
-    );
+    let ready = ready_when(move || {
+        let store = pinged.clone();
+        async move { store.ping().await.is_ok() }
+    });
     let hasher = crate::password::Hasher::new(2).context("preparing password hashing")?;
     let auth = &settings.auth;
     match (&auth.admin_email, &auth.admin_password) {
@@ -110,7 +107,14 @@ pub async fn start(
         refresh_ttl: Duration::from_secs(auth.refresh_token_ttl_secs),
     };
     let router = crate::router(ctx);
-    Ok((Started { router, ready }, demo))
+    Ok((
+        Started {
+            router,
+            ready,
+            dependencies: Vec::new(),
+        },
+        demo,
+    ))
 }
 
 /// Writes a file only its owner may read (appending to what it holds).

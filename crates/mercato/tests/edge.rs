@@ -1,0 +1,228 @@
+//! The edge under abuse, through the real gateway: rate limits per client address, per user and
+//! per route class (429 problem+json with `Retry-After`, while others are served), and the
+//! client address the services are told.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use common::{spawn_with, test_settings};
+use kit::config::RateLimitSettings;
+use mercato::startup::ServiceName;
+use reqwest::StatusCode;
+
+/// A client whose connections come from `127.0.0.<n>` (every loopback address reaches the
+/// gateway on 127.0.0.1), so one test can be several clients.
+fn client_from(n: u8) -> reqwest::Client {
+    reqwest::Client::builder()
+        .local_address(IpAddr::V4(Ipv4Addr::new(127, 0, 0, n)))
+        .build()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_flood_from_one_address_gets_429_while_another_client_is_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = test_settings(&dir);
+    settings.rate_limit = RateLimitSettings {
+        per_address_per_sec: 5,
+        ..RateLimitSettings::off()
+    };
+    let app = spawn_with(settings, &ServiceName::ALL, dir).await;
+    let products = format!("{}/api/v1/products", app.gateway);
+
+    let flooder = client_from(2);
+    let mut statuses = Vec::new();
+    let mut refusal = None;
+    for _ in 0..40 {
+        let answer = flooder.get(&products).send().await.unwrap();
+        statuses.push(answer.status());
+        if answer.status() == StatusCode::TOO_MANY_REQUESTS && refusal.is_none() {
+            refusal = Some(answer);
+        }
+    }
+    let served = statuses.iter().filter(|s| **s == StatusCode::OK).count();
+    assert!(
+        (10..40).contains(&served),
+        "a burst of 10 is served, then the flood is refused: {statuses:?}"
+    );
+    let refusal = refusal.expect("the flood is refused");
+    let retry_after: u64 = refusal.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=2).contains(&retry_after), "{retry_after}");
+    assert_eq!(
+        refusal.headers()["content-type"],
+        "application/problem+json"
+    );
+    let body: serde_json::Value = refusal.json().await.unwrap();
+    assert_eq!(body["status"], 429, "{body}");
+    assert!(body["type"].as_str().unwrap().ends_with("rate-limited"));
+
+    // Another address is served meanwhile.
+    let neighbour = client_from(3);
+    assert_eq!(
+        neighbour.get(&products).send().await.unwrap().status(),
+        StatusCode::OK
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_signed_in_user_is_limited_apart_from_others_and_sign_in_for_everyone() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = test_settings(&dir);
+    settings.rate_limit = RateLimitSettings {
+        per_user_per_sec: 3,
+        sign_in_per_sec: 4,
+        ..RateLimitSettings::off()
+    };
+    let app = spawn_with(settings, &ServiceName::ALL, dir).await;
+    let (_, customer) = app.register("limited@example.com").await;
+    let me = format!("{}/api/v1/users/me", app.gateway);
+    let mut statuses = Vec::new();
+    for _ in 0..20 {
+        let answer = app
+            .client
+            .get(&me)
+            .bearer_auth(&customer)
+            .send()
+            .await
+            .unwrap();
+        statuses.push(answer.status());
+    }
+    assert!(
+        statuses.contains(&StatusCode::TOO_MANY_REQUESTS),
+        "{statuses:?}"
+    );
+    // The administrator, from the same address, is another user.
+    let admin = app.token.clone().unwrap();
+    assert_eq!(
+        app.client
+            .get(&me)
+            .bearer_auth(&admin)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::OK
+    );
+
+    // Password guessing: sign-in attempts of all clients together are capped.
+    let token = format!("{}/api/v1/auth/token", app.gateway);
+    let mut guesses = Vec::new();
+    for n in 0..30u8 {
+        let answer = client_from(10 + n)
+            .post(&token)
+            .json(&serde_json::json!({"grant_type": "password", "email": "limited@example.com", "password": format!("guess {n}")}))
+            .send()
+            .await
+            .unwrap();
+        guesses.push(answer.status());
+    }
+    assert!(
+        guesses.contains(&StatusCode::TOO_MANY_REQUESTS),
+        "{guesses:?}"
+    );
+    assert!(
+        guesses
+            .iter()
+            .all(|s| *s == StatusCode::UNAUTHORIZED || *s == StatusCode::TOO_MANY_REQUESTS),
+        "{guesses:?}"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn services_are_told_the_client_the_gateway_saw_not_what_it_claims() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = test_settings(&dir);
+    settings.auth.login_client_max_failures = 3;
+    let app = spawn_with(settings, &ServiceName::ALL, dir).await;
+    app.register("throttled@example.com").await;
+    let token = format!("{}/api/v1/auth/token", app.gateway);
+    let guess = |client: reqwest::Client, claimed: &'static str| {
+        let token = token.clone();
+        async move {
+            client
+                .post(&token)
+                .header("x-forwarded-for", claimed)
+                .header("forwarded", format!("for={claimed}"))
+                .json(&serde_json::json!({"grant_type": "password", "email": "nobody@example.com", "password": "wrong"}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    };
+    // One address claiming a new origin each time is still one client to the users service:
+    // its login throttle (3 failures per client) stops it.
+    let attacker = client_from(20);
+    let claims = [
+        "1.1.1.1", "2.2.2.2", "3.3.3.3", "4.4.4.4", "5.5.5.5", "6.6.6.6",
+    ];
+    let mut statuses = Vec::new();
+    for claimed in claims {
+        statuses.push(guess(attacker.clone(), claimed).await);
+    }
+    assert!(
+        statuses.contains(&StatusCode::TOO_MANY_REQUESTS),
+        "forged origins dodged the throttle: {statuses:?}"
+    );
+    // A different address is not throttled by the attacker's failures.
+    assert_eq!(
+        guess(client_from(21), "1.1.1.1").await,
+        StatusCode::UNAUTHORIZED
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_hung_service_costs_only_its_own_routes_and_its_breaker_answers_at_once() {
+    // Analytics is a black hole: it accepts connections and never answers.
+    let hole = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let hole_url = format!("http://{}", hole.local_addr().unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = test_settings(&dir);
+    settings.analytics.url = Some(hole_url);
+    settings.http.upstream_timeout_ms = 300;
+    let app = spawn_with(settings, &common::all_but(ServiceName::Analytics), dir).await;
+
+    // The first calls wait out the upstream timeout and open the breaker...
+    for _ in 0..5 {
+        assert_eq!(
+            app.get("/api/v1/analytics/summary").await.status,
+            StatusCode::GATEWAY_TIMEOUT
+        );
+    }
+    // ...then its routes answer 503 at once (100 calls would take 30 s if each waited).
+    let started = std::time::Instant::now();
+    for _ in 0..100 {
+        let a = app.get("/api/v1/analytics/summary").await;
+        assert_eq!(a.status, StatusCode::SERVICE_UNAVAILABLE, "{}", a.body);
+        assert_eq!(
+            a.body["type"].as_str().unwrap().rsplit('/').next(),
+            Some("upstream-unavailable")
+        );
+    }
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(3),
+        "an open breaker still waited: {:?} for 100 calls",
+        started.elapsed()
+    );
+    // The rest of the shop is served, and the platform stays ready.
+    assert_eq!(app.get("/api/v1/products").await.status, StatusCode::OK);
+    let ready = reqwest::get(format!(
+        "{}/ready",
+        app.platform.as_ref().unwrap().ops_url()
+    ))
+    .await
+    .unwrap();
+    assert_eq!(ready.status(), StatusCode::OK);
+    drop(hole);
+    app.stop().await;
+}
