@@ -59,7 +59,9 @@ use tokio::sync::Notify;
 use uuid::Uuid;
 
 use crate::domain::OrderStatus;
-use crate::store::{DESTINATIONS, Order, OrderLine, OrderStore, StoreError, Transition};
+use crate::store::{
+    DESTINATIONS, DeadLetter, Order, OrderLine, OrderStore, StoreError, Transition,
+};
 
 pub const USER_INDEX: &str = "user_id-created_at";
 pub const PENDING_INDEX: &str = "pending-expires_at";
@@ -567,6 +569,91 @@ impl OrderStore for DynamoOrderStore {
                 "an announcement was cancelled: {codes:?}"
             ))),
         }
+    }
+
+    async fn dead_letter(&self, letter: &DeadLetter) -> Result<(), StoreError> {
+        let key = format!(
+            "deadletter#{}#{}#{}",
+            letter.topic, letter.partition, letter.offset
+        );
+        let item = HashMap::from([
+            ("order_id".to_owned(), s(key)),
+            ("kind".to_owned(), s("deadletter")),
+            ("topic".to_owned(), s(&letter.topic)),
+            ("partition".to_owned(), n(i64::from(letter.partition))),
+            ("record_offset".to_owned(), n(letter.offset)),
+            ("key".to_owned(), s(&letter.key)),
+            ("payload".to_owned(), s(&letter.payload)),
+            ("reason".to_owned(), s(&letter.reason)),
+            ("attempts".to_owned(), n(i64::from(letter.attempts))),
+            ("dead_at".to_owned(), n(now_ms())),
+        ]);
+        let put = self
+            .client
+            .put_item()
+            .table_name(&self.table)
+            .set_item(Some(item))
+            .condition_expression("attribute_not_exists(order_id)")
+            .send()
+            .await;
+        match put {
+            Ok(_) => Ok(()),
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(remote(dynamo_error("storing a dead letter", e))),
+        }
+    }
+
+    /// A scan: dead letters are rare and read by an operator, never on a request's path.
+    async fn dead_letters(&self, limit: u32) -> Result<Vec<DeadLetter>, StoreError> {
+        let mut letters = Vec::new();
+        let mut start = None;
+        loop {
+            let page = self
+                .client
+                .scan()
+                .table_name(&self.table)
+                .consistent_read(true)
+                .filter_expression("#kind = :kind")
+                .expression_attribute_names("#kind", "kind")
+                .expression_attribute_values(":kind", s("deadletter"))
+                .set_exclusive_start_key(start)
+                .send()
+                .await
+                .map_err(|e| remote(dynamo_error("reading dead letters", e)))?;
+            for item in page.items() {
+                letters.push((
+                    number(item, "dead_at")?,
+                    DeadLetter {
+                        topic: text(item, "topic")?,
+                        partition: u32::try_from(number(item, "partition")?)
+                            .map_err(|_| StoreError::Corrupt)?,
+                        offset: number(item, "record_offset")?,
+                        key: text(item, "key")?,
+                        payload: text(item, "payload")?,
+                        reason: text(item, "reason")?,
+                        attempts: u32::try_from(number(item, "attempts")?)
+                            .map_err(|_| StoreError::Corrupt)?,
+                    },
+                ));
+            }
+            start = page.last_evaluated_key().cloned();
+            if start.is_none() {
+                break;
+            }
+        }
+        letters.sort_by(|(at_a, a), (at_b, b)| {
+            (at_a, &a.topic, a.partition, a.offset).cmp(&(at_b, &b.topic, b.partition, b.offset))
+        });
+        Ok(letters
+            .into_iter()
+            .take(limit as usize)
+            .map(|(_, letter)| letter)
+            .collect())
     }
 
     async fn expired_pending(&self, limit: u32) -> Result<Vec<Uuid>, StoreError> {

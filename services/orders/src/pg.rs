@@ -19,7 +19,9 @@ use tokio::sync::Notify;
 use uuid::Uuid;
 
 use crate::domain::OrderStatus;
-use crate::store::{DESTINATIONS, Order, OrderLine, OrderStore, StoreError, Transition};
+use crate::store::{
+    DESTINATIONS, DeadLetter, Order, OrderLine, OrderStore, StoreError, Transition,
+};
 
 /// Timestamps are Unix milliseconds in BIGINT as in SQLite (and the shared outbox), so both
 /// backends round-trip an order exactly; money is BIGINT cents.
@@ -67,6 +69,21 @@ pub static MIGRATIONS: &[PgStep] = &[
             seen_at BIGINT NOT NULL
         );
         CREATE INDEX payment_versions_age ON payment_versions (seen_at);",
+    ),
+    (
+        5,
+        "dead letters",
+        "CREATE TABLE dead_letters (
+            topic TEXT NOT NULL,
+            partition BIGINT NOT NULL,
+            record_offset BIGINT NOT NULL,
+            key TEXT NOT NULL,
+            payload TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            attempts BIGINT NOT NULL,
+            dead_at BIGINT NOT NULL,
+            PRIMARY KEY (topic, partition, record_offset)
+        );",
     ),
 ];
 
@@ -345,6 +362,50 @@ impl OrderStore for PgOrderStore {
         tx.commit().await?;
         self.wake_relay.notify_one();
         Ok(true)
+    }
+
+    async fn dead_letter(&self, letter: &DeadLetter) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO dead_letters
+             (topic, partition, record_offset, key, payload, reason, attempts, dead_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING",
+        )
+        .bind(&letter.topic)
+        .bind(i64::from(letter.partition))
+        .bind(letter.offset)
+        .bind(&letter.key)
+        .bind(&letter.payload)
+        .bind(&letter.reason)
+        .bind(i64::from(letter.attempts))
+        .bind(now_ms())
+        .execute(self.pg.pool())
+        .await?;
+        Ok(())
+    }
+
+    async fn dead_letters(&self, limit: u32) -> Result<Vec<DeadLetter>, StoreError> {
+        let rows: Vec<(String, i64, i64, String, String, String, i64)> = sqlx::query_as(
+            "SELECT topic, partition, record_offset, key, payload, reason, attempts
+             FROM dead_letters ORDER BY dead_at, topic, partition, record_offset LIMIT $1",
+        )
+        .bind(i64::from(limit))
+        .fetch_all(self.pg.pool())
+        .await?;
+        rows.into_iter()
+            .map(
+                |(topic, partition, offset, key, payload, reason, attempts)| {
+                    Ok(DeadLetter {
+                        topic,
+                        partition: u32::try_from(partition).map_err(|_| StoreError::Corrupt)?,
+                        offset,
+                        key,
+                        payload,
+                        reason,
+                        attempts: u32::try_from(attempts).map_err(|_| StoreError::Corrupt)?,
+                    })
+                },
+            )
+            .collect()
     }
 
     async fn expired_pending(&self, limit: u32) -> Result<Vec<Uuid>, StoreError> {

@@ -12,18 +12,20 @@
 //! - money taken for an order that can no longer be paid (cancelled, or failed) is given back
 //!   through payments' compensation, whichever event brings the news.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bus::event::{PaymentEvent, types};
 use bus::names::PAYMENTS_TOPIC;
-use bus::{Event, Stream};
+use bus::{Delivered, Event, Stream};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::api::{ApiContext, apply_status};
 use crate::compensation::{PaymentsClient, worth_retrying};
 use crate::domain::OrderStatus;
+use crate::store::DeadLetter;
 
 pub const CONSUMER_GROUP: &str = "orders-status";
 
@@ -36,6 +38,27 @@ const REFUND_NOTICE_IDS: Uuid = Uuid::from_u128(0x6d65_7263_6174_6f00_0000_0000_
 pub struct Saga {
     pub ctx: ApiContext,
     pub payments: PaymentsClient,
+    pub retry: Retry,
+}
+
+/// How the listener retries an event whose handling failed for a reason that may pass (a
+/// dependency down): after a pause doubling from `first_pause` to 10 s, `attempts` times in
+/// all, then the event is dead-lettered and the partition moves on.
+#[derive(Debug, Clone, Copy)]
+pub struct Retry {
+    pub attempts: u32,
+    pub first_pause: Duration,
+}
+
+impl Default for Retry {
+    /// Eight attempts over about 20 s: longer than a dependency's restart, short enough that
+    /// one poison event does not hold every later payment of its partition for long.
+    fn default() -> Retry {
+        Retry {
+            attempts: 8,
+            first_pause: Duration::from_millis(200),
+        }
+    }
 }
 
 /// Applies `payment.*` events to orders until `shutdown`. A transient failure (a dependency
@@ -46,7 +69,10 @@ pub async fn run_payment_listener(
     stream: Arc<dyn Stream>,
     shutdown: CancellationToken,
 ) {
-    let mut delay = Duration::from_millis(200);
+    let mut delay = saga.retry.first_pause;
+    // Failed attempts per record (partition, offset): records of committed batches are
+    // forgotten, so this holds at most the records of one batch.
+    let mut failures: HashMap<(u32, i64), u32> = HashMap::new();
     while !shutdown.is_cancelled() {
         let mut consumer = match stream.subscribe(PAYMENTS_TOPIC, CONSUMER_GROUP).await {
             Ok(c) => c,
@@ -69,27 +95,62 @@ pub async fn run_payment_listener(
                 }
             };
             for (i, delivered) in batch.iter().enumerate() {
-                if let Err(retry) = handle_payment_event(
+                if let Err(reason) = handle_payment_event(
                     &saga,
                     &delivered.record.headers,
                     &delivered.record.payload,
                 )
                 .await
                 {
-                    tracing::warn!(reason = %retry, "payment event will be retried");
-                    let _ = consumer.commit(&batch[..i]).await;
-                    break 'consume;
+                    let attempts = failures
+                        .entry((delivered.partition, delivered.offset))
+                        .or_insert(0);
+                    *attempts += 1;
+                    if *attempts < saga.retry.attempts
+                        || !dead_letter(&saga, delivered, &reason, *attempts).await
+                    {
+                        tracing::warn!(%reason, attempt = *attempts, "payment event will be retried");
+                        let _ = consumer.commit(&batch[..i]).await;
+                        break 'consume;
+                    }
                 }
             }
             if let Err(e) = consumer.commit(&batch).await {
                 tracing::warn!(error = %e, "committing payments offsets failed");
                 break 'consume;
             }
-            delay = Duration::from_millis(200);
+            failures.clear();
+            delay = saga.retry.first_pause;
         }
         // Re-subscribing rewinds to the last committed offset.
         sleep_or_stop(&shutdown, delay).await;
         delay = (delay * 2).min(Duration::from_secs(10));
+    }
+}
+
+/// Gives up on a record that kept failing: keeps it in the dead-letter table (for an operator
+/// and a replay), counts it, and lets the partition move on. `false` when it could not be
+/// kept (the record is then retried, never dropped).
+async fn dead_letter(saga: &Saga, delivered: &Delivered, reason: &str, attempts: u32) -> bool {
+    let letter = DeadLetter {
+        topic: delivered.topic.clone(),
+        partition: delivered.partition,
+        offset: delivered.offset,
+        key: delivered.record.key.clone(),
+        payload: String::from_utf8_lossy(&delivered.record.payload).into_owned(),
+        reason: reason.chars().take(1_000).collect(),
+        attempts,
+    };
+    match saga.ctx.store.dead_letter(&letter).await {
+        Ok(()) => {
+            metrics::counter!("payment_events_dead_lettered_total").increment(1);
+            tracing::error!(topic = letter.topic, partition = letter.partition, offset = letter.offset, key = letter.key, %reason, attempts, "a payment event kept failing and was dead-lettered; the order may need an operator");
+            true
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "could not dead-letter a payment event");
+            false
+        }
     }
 }
 

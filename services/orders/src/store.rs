@@ -65,7 +65,37 @@ pub static MIGRATIONS: &[Step] = &[
             seen_at INTEGER NOT NULL
         ) WITHOUT ROWID;",
     ),
+    (
+        5,
+        "dead letters",
+        // Events the saga gave up on after repeated transient failures: kept for an operator
+        // (and a replay), so the partition behind them moves on.
+        "CREATE TABLE dead_letters (
+            topic TEXT NOT NULL,
+            partition INTEGER NOT NULL,
+            record_offset INTEGER NOT NULL,
+            key TEXT NOT NULL,
+            payload TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            attempts INTEGER NOT NULL,
+            dead_at INTEGER NOT NULL,
+            PRIMARY KEY (topic, partition, record_offset)
+        ) WITHOUT ROWID;",
+    ),
 ];
+
+/// A stream record the saga gave up on: where it was, what it said, and why it failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    pub topic: String,
+    pub partition: u32,
+    pub offset: i64,
+    pub key: String,
+    /// The record's body as text (lossy for bytes that are not UTF-8).
+    pub payload: String,
+    pub reason: String,
+    pub attempts: u32,
+}
 
 /// The default platform currency (the `currency` setting decides; tests use this).
 pub const CURRENCY: &str = "INR";
@@ -209,6 +239,12 @@ pub trait OrderStore: Send + Sync + std::fmt::Debug {
         event_type: &str,
         event_id: Uuid,
     ) -> Result<bool, StoreError>;
+
+    /// Keeps a record the saga gave up on; storing the same record again changes nothing.
+    async fn dead_letter(&self, letter: &DeadLetter) -> Result<(), StoreError>;
+
+    /// The records given up on, at most `limit`, oldest first.
+    async fn dead_letters(&self, limit: u32) -> Result<Vec<DeadLetter>, StoreError>;
 
     /// Pending orders whose payment window has closed, soonest expired first.
     async fn expired_pending(&self, limit: u32) -> Result<Vec<Uuid>, StoreError>;
@@ -441,6 +477,55 @@ impl OrderStore for SqliteOrderStore {
             self.wake_relay.notify_one();
         }
         Ok(announced)
+    }
+
+    async fn dead_letter(&self, letter: &DeadLetter) -> Result<(), StoreError> {
+        let l = letter.clone();
+        self.db
+            .write(move |tx| {
+                tx.execute(
+                    "INSERT OR IGNORE INTO dead_letters
+                     (topic, partition, record_offset, key, payload, reason, attempts, dead_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                    params![
+                        l.topic,
+                        l.partition,
+                        l.offset,
+                        l.key,
+                        l.payload,
+                        l.reason,
+                        l.attempts,
+                        now_ms()
+                    ],
+                )?;
+                Ok::<_, StoreError>(())
+            })
+            .await
+    }
+
+    async fn dead_letters(&self, limit: u32) -> Result<Vec<DeadLetter>, StoreError> {
+        self.db
+            .read(move |conn| {
+                let letters = conn
+                    .prepare_cached(
+                        "SELECT topic, partition, record_offset, key, payload, reason, attempts
+                         FROM dead_letters ORDER BY dead_at, topic, partition, record_offset LIMIT ?1",
+                    )?
+                    .query_map([limit], |r| {
+                        Ok(DeadLetter {
+                            topic: r.get(0)?,
+                            partition: r.get(1)?,
+                            offset: r.get(2)?,
+                            key: r.get(3)?,
+                            payload: r.get(4)?,
+                            reason: r.get(5)?,
+                            attempts: r.get(6)?,
+                        })
+                    })?
+                    .collect::<Result<_, _>>()?;
+                Ok::<_, StoreError>(letters)
+            })
+            .await
     }
 
     /// Pending orders whose payment window has closed.

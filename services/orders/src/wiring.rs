@@ -106,6 +106,7 @@ pub async fn start(shared: &Shared<'_>, transports: &Transports) -> Result<Start
         payments: crate::compensation::PaymentsClient::new(
             shared.client(Service::Orders, Service::Payments),
         ),
+        retry: crate::saga::Retry::default(),
     };
     lifecycle.spawn(crate::saga::run_payment_listener(
         saga,

@@ -13,7 +13,7 @@ use bus::names::{ORDER_EVENTS_QUEUE, ORDERS_TOPIC};
 use chrono::Duration;
 use kit::Money;
 use orders::domain::OrderStatus;
-use orders::store::{Order, OrderStore, StoreError, new_order};
+use orders::store::{DeadLetter, Order, OrderStore, StoreError, new_order};
 use uuid::Uuid;
 
 /// Reads a backend's outbox back: `(destination, event type, key)` in commit order.
@@ -539,6 +539,29 @@ async fn keeps_the_contract(store: Arc<dyn OrderStore>, outbox: Outbox) {
             .await,
         Err(StoreError::NotFound)
     ));
+
+    // Dead letters: kept once per record, read back oldest first.
+    let letter = DeadLetter {
+        topic: "payments".into(),
+        partition: 0,
+        offset: 41,
+        key: older.id.to_string(),
+        payload: r#"{"event":"poison"}"#.into(),
+        reason: "products answered 503".into(),
+        attempts: 8,
+    };
+    store.dead_letter(&letter).await.unwrap();
+    store.dead_letter(&letter).await.unwrap();
+    let later = DeadLetter {
+        offset: 42,
+        ..letter.clone()
+    };
+    store.dead_letter(&later).await.unwrap();
+    assert_eq!(
+        store.dead_letters(10).await.unwrap(),
+        vec![letter.clone(), later]
+    );
+    assert_eq!(store.dead_letters(1).await.unwrap(), vec![letter]);
 
     assert_eq!(store.count().await.unwrap(), inserted);
     let keys: BTreeSet<String> = outbox.rows().await.into_iter().map(|r| r.2).collect();

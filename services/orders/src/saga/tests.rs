@@ -47,10 +47,12 @@ pub(crate) enum Stock {
     Released,
 }
 
-/// The fake products service: each order's reservation (held when never touched).
+/// The fake products service: each order's reservation (held when never touched), and the
+/// orders whose reservation it cannot move (it answers 503, as a products service in trouble).
 #[derive(Default)]
 pub(crate) struct Products {
     pub(crate) reservations: Mutex<std::collections::HashMap<Uuid, Stock>>,
+    pub(crate) failing: Mutex<std::collections::HashSet<Uuid>>,
 }
 
 impl Products {
@@ -66,6 +68,9 @@ impl Products {
     /// Moves the reservation to `to` as products does: repeating a move is fine, leaving
     /// committed or released is a 409.
     fn settle(&self, order: Uuid, to: Stock) -> StatusCode {
+        if self.failing.lock().unwrap().contains(&order) {
+            return StatusCode::SERVICE_UNAVAILABLE;
+        }
         let mut all = self.reservations.lock().unwrap();
         let now = all.entry(order).or_insert(Stock::Held);
         if *now == Stock::Held || *now == to {
@@ -149,6 +154,7 @@ impl Harness {
             payments: crate::compensation::PaymentsClient::new(ServiceClient::new(
                 "payments", &base, http,
             )),
+            retry: crate::saga::Retry::default(),
         };
         Harness {
             _dir: dir,
@@ -419,4 +425,70 @@ async fn a_stale_success_after_the_full_refund_asks_nothing_of_payments() {
     .unwrap();
     assert_eq!(h.compensations(), vec![]);
     assert_eq!(h.status(order).await, OrderStatus::Cancelled);
+}
+
+#[tokio::test]
+async fn a_poison_event_is_dead_lettered_and_later_payments_still_flow() {
+    let mut h = Harness::new().await;
+    h.saga.retry = super::Retry {
+        attempts: 3,
+        first_pause: std::time::Duration::from_millis(10),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let bus = bus::embedded::EmbeddedBus::open(
+        &format!("sqlite://{}/bus.db", dir.path().display()),
+        &kit::config::SqliteSettings::default(),
+        bus::embedded::EmbeddedOptions::default(),
+    )
+    .await
+    .unwrap();
+    let (poisoned, healthy) = (h.order(10_000).await, h.order(5_000).await);
+    // Products cannot settle the first order's stock, whatever happens: its payment can never
+    // apply, and it comes first on the one partition.
+    h.products.failing.lock().unwrap().insert(poisoned);
+    let events = [
+        payment_event(
+            types::PAYMENT_SUCCEEDED,
+            poisoned,
+            Uuid::now_v7(),
+            "succeeded",
+            10_000,
+            1,
+        ),
+        payment_event(
+            types::PAYMENT_SUCCEEDED,
+            healthy,
+            Uuid::now_v7(),
+            "succeeded",
+            5_000,
+            1,
+        ),
+    ];
+    let records: Vec<_> = events.iter().map(Event::to_record).collect();
+    bus::Stream::publish(&bus, bus::names::PAYMENTS_TOPIC, &records)
+        .await
+        .unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let listener = tokio::spawn(super::run_payment_listener(
+        h.saga.clone(),
+        Arc::new(bus.clone()),
+        shutdown.clone(),
+    ));
+    let started = std::time::Instant::now();
+    while h.status(healthy).await != OrderStatus::Paid {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(60),
+            "the payment behind a poison event never applied"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let letters = h.ctx.store.dead_letters(10).await.unwrap();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0].key, poisoned.to_string());
+    assert_eq!(letters[0].attempts, 3);
+    assert!(!letters[0].reason.is_empty());
+    assert!(letters[0].payload.contains(&poisoned.to_string()));
+    assert_eq!(h.status(poisoned).await, OrderStatus::Pending);
+    shutdown.cancel();
+    listener.await.unwrap();
 }
