@@ -96,13 +96,13 @@ fn usable_request_id(id: &[u8]) -> bool {
 /// Removes a client's request id that is too long or holds odd characters, so a fresh one is
 /// minted in its place.
 async fn drop_unusable_request_id(mut req: Request, next: Next) -> Response {
-    let usable = req
-        .headers()
-        .get_all("x-request-id")
-        .iter()
-        .map(|v| usable_request_id(v.as_bytes()))
-        .collect::<Vec<_>>();
-    if usable != [true] && !usable.is_empty() {
+    let mut ids = req.headers().get_all("x-request-id").iter();
+    let unusable = match (ids.next(), ids.next()) {
+        (None, _) => false,
+        (Some(only), None) => !usable_request_id(only.as_bytes()),
+        (Some(_), Some(_)) => true,
+    };
+    if unusable {
         req.headers_mut().remove("x-request-id");
     }
     next.run(req).await
@@ -242,7 +242,7 @@ async fn track_request(
 ) -> Response {
     let start = Instant::now();
     let method = method_label(req.method());
-    let route = matched.map_or_else(|| "unmatched".to_owned(), |m| m.as_str().to_owned());
+    let route = matched.map_or("unmatched", |m| route_label(m.as_str()));
     let request_id = req
         .headers()
         .get("x-request-id")
@@ -256,16 +256,66 @@ async fn track_request(
     if status.is_server_error() {
         span.in_scope(|| tracing::warn!(status = status.as_u16(), "request failed"));
     }
-    let labels = [
-        ("service", service.to_owned()),
-        ("method", method.to_owned()),
-        ("route", route),
-        ("status", status.as_u16().to_string()),
-    ];
-    metrics::counter!("http_requests_total", &labels).increment(1);
-    metrics::histogram!("http_request_duration_seconds", &labels)
+    // Static labels: no allocation per request for the metric keys.
+    let status = status_label(status);
+    metrics::counter!("http_requests_total", "service" => service, "method" => method, "route" => route, "status" => status)
+        .increment(1);
+    metrics::histogram!("http_request_duration_seconds", "service" => service, "method" => method, "route" => route, "status" => status)
         .record(start.elapsed().as_secs_f64());
     response
+}
+
+/// A route template as a `'static` label: templates are a fixed set (the routers'), so each
+/// is leaked once and looked up after that.
+fn route_label(template: &str) -> &'static str {
+    intern(template)
+}
+
+/// `text` as a `'static` str, leaked on first sight: only for small fixed sets (templates,
+/// status codes), never for what a client chooses.
+fn intern(text: &str) -> &'static str {
+    let template = text;
+    static ROUTES: std::sync::OnceLock<
+        std::sync::RwLock<std::collections::HashMap<String, &'static str>>,
+    > = std::sync::OnceLock::new();
+    let routes = ROUTES.get_or_init(Default::default);
+    if let Some(label) = routes.read().ok().and_then(|r| r.get(template).copied()) {
+        return label;
+    }
+    let Ok(mut routes) = routes.write() else {
+        return "unmatched";
+    };
+    routes
+        .entry(template.to_owned())
+        .or_insert_with(|| Box::leak(template.to_owned().into_boxed_str()))
+}
+
+/// The status as a label, without formatting it for the common ones.
+fn status_label(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        200 => "200",
+        201 => "201",
+        202 => "202",
+        204 => "204",
+        304 => "304",
+        400 => "400",
+        401 => "401",
+        402 => "402",
+        403 => "403",
+        404 => "404",
+        405 => "405",
+        409 => "409",
+        413 => "413",
+        415 => "415",
+        422 => "422",
+        429 => "429",
+        500 => "500",
+        502 => "502",
+        503 => "503",
+        504 => "504",
+        // Any other code: interned once, like templates (at most 900 of them).
+        other => intern(&other.to_string()),
+    }
 }
 
 /// How a listener treats its connections (from [`HttpSettings`]).
