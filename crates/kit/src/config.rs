@@ -362,6 +362,11 @@ pub struct LimitsSettings {
     pub max_order_total: crate::Money,
     /// Most units of one product in one order (1 to 10000).
     pub max_line_quantity: i64,
+    /// Most unpaid (pending) orders one user may have at once; 0 = no limit. Stock held by
+    /// unpaid orders is stock nobody else can buy until they expire.
+    pub max_pending_orders_per_user: i64,
+    /// Most units one user's unpaid orders may hold in all; 0 = no limit.
+    pub max_pending_units_per_user: i64,
 }
 
 impl Default for LimitsSettings {
@@ -370,6 +375,8 @@ impl Default for LimitsSettings {
             max_price: crate::Money::from_cents(100_000_000).unwrap_or(crate::Money::ZERO),
             max_order_total: crate::Money::from_cents(500_000_000).unwrap_or(crate::Money::ZERO),
             max_line_quantity: 1_000,
+            max_pending_orders_per_user: 20,
+            max_pending_units_per_user: 10_000,
         }
     }
 }

@@ -449,3 +449,78 @@ async fn a_reservation_holds_stock_a_day_at_most() {
     assert_eq!(app.stock(&product).await, 4);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn one_user_cannot_lock_the_shelves_with_unpaid_orders() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = test_settings(&dir);
+    settings.limits.max_pending_orders_per_user = 2;
+    settings.limits.max_pending_units_per_user = 10;
+    let app = spawn_with(settings, &ServiceName::ALL, dir).await;
+    let (hoarder, other) = (
+        app.create_user("hoarder@example.com").await,
+        app.create_user("shopper@example.com").await,
+    );
+    let product = app.create_product("QUOTA-1", "5.00", 1_000).await;
+
+    // Units: 10 at most held by one user's unpaid orders.
+    let too_many_units = app.order(&hoarder, &[(&product, 11)]).await;
+    assert_eq!(
+        too_many_units.status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "{}",
+        too_many_units.body
+    );
+    assert_eq!(
+        too_many_units.body["quota"], "units",
+        "{}",
+        too_many_units.body
+    );
+    assert_eq!(too_many_units.body["limit"], 10);
+
+    // Orders: two unpaid at most.
+    let first = app.order(&hoarder, &[(&product, 1)]).await;
+    assert_eq!(first.status, StatusCode::CREATED, "{}", first.body);
+    assert_eq!(
+        app.order(&hoarder, &[(&product, 1)]).await.status,
+        StatusCode::CREATED
+    );
+    let third = app.order(&hoarder, &[(&product, 1)]).await;
+    assert_eq!(
+        third.status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "{}",
+        third.body
+    );
+    assert_eq!(third.body["quota"], "orders", "{}", third.body);
+    assert!(
+        third.body["type"]
+            .as_str()
+            .unwrap()
+            .ends_with("pending-quota")
+    );
+    assert_eq!(
+        app.stock(&product).await,
+        998,
+        "the refused order holds nothing"
+    );
+
+    // Another customer is not affected, and a cancelled order frees its place.
+    assert_eq!(
+        app.order(&other, &[(&product, 1)]).await.status,
+        StatusCode::CREATED
+    );
+    let id = first.body["id"].as_str().unwrap();
+    let cancelled = put(
+        &app,
+        &format!("/api/v1/orders/{id}/status"),
+        json!({"status": "cancelled"}),
+    )
+    .await;
+    assert_eq!(cancelled.status, StatusCode::OK, "{}", cancelled.body);
+    assert_eq!(
+        app.order(&hoarder, &[(&product, 1)]).await.status,
+        StatusCode::CREATED
+    );
+    app.stop().await;
+}

@@ -190,6 +190,7 @@ async fn create_order(
         // A retry of a request that created this order before its answer was stored.
         return Ok((StatusCode::CREATED, Json(existing)));
     }
+    within_pending_quota(&ctx, request.user_id, &request.lines).await?;
     // No order has this id, so the reservation is renewed for this attempt: held again if a
     // failed attempt's clean-up released it, and safe from that clean-up if it comes late.
     let attempt = Uuid::now_v7();
@@ -410,6 +411,59 @@ async fn set_status_internal(
 /// Moves an order to `to`, settling its stock first: the products service's reservation
 /// (held → released or committed, each at most once) decides races between a payment and a
 /// cancellation, so stock is never both sold and given back.
+/// Refuses an order that would take its user past the unpaid-order quota (orders or units):
+/// held stock is stock nobody else can buy, so one account cannot lock the shelves. Two
+/// concurrent orders may both pass the check: the quota can be passed by what is in flight.
+async fn within_pending_quota(
+    ctx: &ApiContext,
+    user_id: Uuid,
+    lines: &[(Uuid, i64)],
+) -> Result<(), Problem> {
+    let (max_orders, max_units) = (
+        ctx.limits.max_pending_orders_per_user,
+        ctx.limits.max_pending_units_per_user,
+    );
+    if max_orders <= 0 && max_units <= 0 {
+        return Ok(());
+    }
+    let (orders, units) = ctx
+        .store
+        .pending_of_user(user_id)
+        .await
+        .map_err(store_problem)?;
+    let wanted: i64 = lines.iter().map(|(_, q)| *q).sum();
+    let refused = if max_orders > 0 && orders >= max_orders {
+        Some((
+            "orders",
+            max_orders,
+            format!("{orders} unpaid orders already"),
+        ))
+    } else if max_units > 0 && units.saturating_add(wanted) > max_units {
+        Some((
+            "units",
+            max_units,
+            format!("{units} units held by unpaid orders, {wanted} more asked"),
+        ))
+    } else {
+        None
+    };
+    let Some((quota, limit, held)) = refused else {
+        return Ok(());
+    };
+    metrics::counter!("orders_refused_quota_total", "quota" => quota).increment(1);
+    // No Retry-After: the quota frees when the customer pays or cancels, or an order expires.
+    Err(Problem::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "pending-quota",
+        "Too many unpaid orders",
+    )
+    .with_detail(format!(
+        "{held}: pay or cancel an order first (at most {limit} {quota} unpaid)"
+    ))
+    .with("quota", quota)
+    .with("limit", limit))
+}
+
 pub async fn apply_status(
     ctx: &ApiContext,
     id: Uuid,

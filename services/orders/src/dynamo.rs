@@ -571,6 +571,35 @@ impl OrderStore for DynamoOrderStore {
         }
     }
 
+    async fn pending_of_user(&self, user_id: Uuid) -> Result<(i64, i64), StoreError> {
+        let (mut orders, mut units) = (0, 0);
+        let mut start = None;
+        loop {
+            let page = self
+                .client
+                .query()
+                .table_name(&self.table)
+                .index_name(USER_INDEX)
+                .key_condition_expression("user_id = :u")
+                .filter_expression("#status = :pending")
+                .expression_attribute_names("#status", "status")
+                .expression_attribute_values(":u", s(user_id.to_string()))
+                .expression_attribute_values(":pending", s(OrderStatus::Pending.as_str()))
+                .set_exclusive_start_key(start.take())
+                .send()
+                .await
+                .map_err(|e| remote(dynamo_error("counting a user's pending orders", e)))?;
+            for item in page.items() {
+                orders += 1;
+                units += from_item(item)?.items_count();
+            }
+            match page.last_evaluated_key() {
+                Some(key) => start = Some(key.clone()),
+                None => return Ok((orders, units)),
+            }
+        }
+    }
+
     async fn dead_letter(&self, letter: &DeadLetter) -> Result<(), StoreError> {
         let key = format!(
             "deadletter#{}#{}#{}",

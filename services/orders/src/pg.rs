@@ -364,6 +364,18 @@ impl OrderStore for PgOrderStore {
         Ok(true)
     }
 
+    async fn pending_of_user(&self, user_id: Uuid) -> Result<(i64, i64), StoreError> {
+        let (orders, units): (i64, i64) = sqlx::query_as(
+            "SELECT COUNT(DISTINCT o.id), COALESCE(SUM(i.quantity), 0)::BIGINT
+             FROM orders o JOIN order_items i ON i.order_id = o.id
+             WHERE o.user_id = $1 AND o.status = 'pending'",
+        )
+        .bind(user_id)
+        .fetch_one(self.pg.pool())
+        .await?;
+        Ok((orders, units))
+    }
+
     async fn dead_letter(&self, letter: &DeadLetter) -> Result<(), StoreError> {
         sqlx::query(
             "INSERT INTO dead_letters

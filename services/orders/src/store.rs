@@ -240,6 +240,9 @@ pub trait OrderStore: Send + Sync + std::fmt::Debug {
         event_id: Uuid,
     ) -> Result<bool, StoreError>;
 
+    /// A user's pending orders: how many, and how many units they hold in all.
+    async fn pending_of_user(&self, user_id: Uuid) -> Result<(i64, i64), StoreError>;
+
     /// Keeps a record the saga gave up on; storing the same record again changes nothing.
     async fn dead_letter(&self, letter: &DeadLetter) -> Result<(), StoreError>;
 
@@ -477,6 +480,21 @@ impl OrderStore for SqliteOrderStore {
             self.wake_relay.notify_one();
         }
         Ok(announced)
+    }
+
+    async fn pending_of_user(&self, user_id: Uuid) -> Result<(i64, i64), StoreError> {
+        self.db
+            .read(move |conn| {
+                Ok::<_, StoreError>(
+                    conn.prepare_cached(
+                        "SELECT COUNT(DISTINCT o.id), COALESCE(SUM(i.quantity), 0)
+                         FROM orders o JOIN order_items i ON i.order_id = o.id
+                         WHERE o.user_id = ?1 AND o.status = 'pending'",
+                    )?
+                    .query_row([user_id.to_string()], |r| Ok((r.get(0)?, r.get(1)?)))?,
+                )
+            })
+            .await
     }
 
     async fn dead_letter(&self, letter: &DeadLetter) -> Result<(), StoreError> {

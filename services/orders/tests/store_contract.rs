@@ -540,6 +540,21 @@ async fn keeps_the_contract(store: Arc<dyn OrderStore>, outbox: Outbox) {
         Err(StoreError::NotFound)
     ));
 
+    // A user's pending orders and the units they hold: `first` and `second` were paid or
+    // moved on above; a fresh pending order of 3 units counts, a cancelled one does not.
+    let shopper = Uuid::now_v7();
+    assert_eq!(store.pending_of_user(shopper).await.unwrap(), (0, 0));
+    let (held, dropped) = (order(shopper, TTL), order(shopper, TTL));
+    for o in [&held, &dropped] {
+        store.insert(o).await.unwrap();
+        inserted += 1;
+    }
+    store
+        .transition(dropped.id, OrderStatus::Cancelled, None)
+        .await
+        .unwrap();
+    assert_eq!(store.pending_of_user(shopper).await.unwrap(), (1, 3));
+
     // Dead letters: kept once per record, read back oldest first.
     let letter = DeadLetter {
         topic: "payments".into(),

@@ -43,9 +43,11 @@ pub fn test_settings(dir: &tempfile::TempDir) -> Settings {
     s.auth.admin_email = Some(ADMIN_EMAIL.into());
     s.auth.admin_password = Some(kit::config::Secret(ADMIN_PASSWORD.into()));
     s.ops.port = 0;
-    // Tests drive the platform far faster than a person from one address; the tests about
-    // limits (edge.rs) turn them on.
+    // Tests drive the platform far faster than a person from one address, and leave many
+    // orders unpaid; the tests about limits (edge.rs, stock_and_limits.rs) turn them on.
     s.rate_limit = kit::config::RateLimitSettings::off();
+    s.limits.max_pending_orders_per_user = 0;
+    s.limits.max_pending_units_per_user = 0;
     for svc in [
         &mut s.gateway,
         &mut s.users,
