@@ -227,11 +227,24 @@ impl DynamoOrderStore {
     /// Marks `event_id` processed on its own (a delivery whose move is already done); whether
     /// it was new does not matter to the caller.
     async fn mark_processed(&self, event_id: Uuid) -> Result<(), StoreError> {
+        self.put_if_absent(
+            Self::processed_item(event_id, now_ms()),
+            "recording a processed event",
+        )
+        .await
+    }
+
+    /// Puts `item` unless its key exists; an existing one is left as it is (not an error).
+    async fn put_if_absent(
+        &self,
+        item: HashMap<String, AttributeValue>,
+        what: &str,
+    ) -> Result<(), StoreError> {
         let put = self
             .client
             .put_item()
             .table_name(&self.table)
-            .set_item(Some(Self::processed_item(event_id, now_ms())))
+            .set_item(Some(item))
             .condition_expression("attribute_not_exists(order_id)")
             .send()
             .await;
@@ -243,7 +256,7 @@ impl DynamoOrderStore {
             {
                 Ok(())
             }
-            Err(e) => Err(remote(dynamo_error("recording a processed event", e))),
+            Err(e) => Err(remote(dynamo_error(what, e))),
         }
     }
 }
@@ -617,24 +630,7 @@ impl OrderStore for DynamoOrderStore {
             ("attempts".to_owned(), n(i64::from(letter.attempts))),
             ("dead_at".to_owned(), n(now_ms())),
         ]);
-        let put = self
-            .client
-            .put_item()
-            .table_name(&self.table)
-            .set_item(Some(item))
-            .condition_expression("attribute_not_exists(order_id)")
-            .send()
-            .await;
-        match put {
-            Ok(_) => Ok(()),
-            Err(e)
-                if e.as_service_error()
-                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
-            {
-                Ok(())
-            }
-            Err(e) => Err(remote(dynamo_error("storing a dead letter", e))),
-        }
+        self.put_if_absent(item, "storing a dead letter").await
     }
 
     /// A scan: dead letters are rare and read by an operator, never on a request's path.

@@ -183,6 +183,24 @@ async fn load(conn: &mut PgConnection, id: Uuid) -> Result<Option<Order>, StoreE
     Ok(Some(order))
 }
 
+/// Marks `event_id` processed in `tx`; `false` when it was already. A concurrent delivery of
+/// the same event waits on the key until the first transaction ends, then finds it taken.
+async fn mark_processed(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    event_id: Uuid,
+) -> Result<bool, StoreError> {
+    Ok(sqlx::query(
+        "INSERT INTO processed_events (event_id, processed_at) VALUES ($1, $2)
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(event_id)
+    .bind(now_ms())
+    .execute(&mut **tx)
+    .await?
+    .rows_affected()
+        == 1)
+}
+
 #[async_trait]
 impl OrderStore for PgOrderStore {
     async fn insert(&self, order: &Order) -> Result<(), StoreError> {
@@ -271,17 +289,7 @@ impl OrderStore for PgOrderStore {
         if let Some(event_id) = event_id {
             // A concurrent delivery of the same event waits here on the key until this
             // transaction ends, then finds it taken.
-            let fresh = sqlx::query(
-                "INSERT INTO processed_events (event_id, processed_at) VALUES ($1, $2)
-                 ON CONFLICT DO NOTHING",
-            )
-            .bind(event_id)
-            .bind(now_ms())
-            .execute(&mut *tx)
-            .await?
-            .rows_affected()
-                == 1;
-            if !fresh {
+            if !mark_processed(&mut tx, event_id).await? {
                 let order = load(&mut tx, id).await?.ok_or(StoreError::NotFound)?;
                 tx.commit().await?;
                 return Ok(Transition {
@@ -339,17 +347,7 @@ impl OrderStore for PgOrderStore {
         event_id: Uuid,
     ) -> Result<bool, StoreError> {
         let mut tx = self.pg.pool().begin().await?;
-        let fresh = sqlx::query(
-            "INSERT INTO processed_events (event_id, processed_at) VALUES ($1, $2)
-             ON CONFLICT DO NOTHING",
-        )
-        .bind(event_id)
-        .bind(now_ms())
-        .execute(&mut *tx)
-        .await?
-        .rows_affected()
-            == 1;
-        if !fresh {
+        if !mark_processed(&mut tx, event_id).await? {
             return Ok(false);
         }
         let order = load(&mut tx, id).await?.ok_or(StoreError::NotFound)?;

@@ -420,22 +420,27 @@ impl OrderStore for SqliteOrderStore {
         let transition = self
             .db
             .write(move |tx| {
-                if let Some(event_id) = event_id {
-                    let fresh = tx.execute(
-                        "INSERT OR IGNORE INTO processed_events (event_id, processed_at) VALUES (?1, ?2)",
-                        params![event_id.to_string(), now_ms()],
-                    )? == 1;
-                    if !fresh {
-                        let order = load(tx, id)?.ok_or(StoreError::NotFound)?;
-                        return Ok(Transition { order, changed: false });
-                    }
+                if let Some(event_id) = event_id
+                    && !mark_processed(tx, event_id)?
+                {
+                    let order = load(tx, id)?.ok_or(StoreError::NotFound)?;
+                    return Ok(Transition {
+                        order,
+                        changed: false,
+                    });
                 }
                 let mut order = load(tx, id)?.ok_or(StoreError::NotFound)?;
                 if order.status == to {
-                    return Ok(Transition { order, changed: false });
+                    return Ok(Transition {
+                        order,
+                        changed: false,
+                    });
                 }
                 if !order.status.can_become(to) {
-                    return Err(StoreError::IllegalTransition { from: order.status, to });
+                    return Err(StoreError::IllegalTransition {
+                        from: order.status,
+                        to,
+                    });
                 }
                 let now = now_ms();
                 tx.execute(
@@ -445,7 +450,10 @@ impl OrderStore for SqliteOrderStore {
                 order.status = to;
                 order.updated_at = DateTime::from_timestamp_millis(now).unwrap_or_default();
                 outbox::enqueue(tx, &order.event(&to.event_type())?, DESTINATIONS)?;
-                Ok(Transition { order, changed: true })
+                Ok(Transition {
+                    order,
+                    changed: true,
+                })
             })
             .await?;
         if transition.changed {
@@ -464,15 +472,15 @@ impl OrderStore for SqliteOrderStore {
         let announced = self
             .db
             .write(move |tx| {
-                let fresh = tx.execute(
-                    "INSERT OR IGNORE INTO processed_events (event_id, processed_at) VALUES (?1, ?2)",
-                    params![event_id.to_string(), now_ms()],
-                )? == 1;
-                if !fresh {
+                if !mark_processed(tx, event_id)? {
                     return Ok(false);
                 }
                 let order = load(tx, id)?.ok_or(StoreError::NotFound)?;
-                outbox::enqueue(tx, &order.event_with_id(event_id, &event_type)?, DESTINATIONS)?;
+                outbox::enqueue(
+                    tx,
+                    &order.event_with_id(event_id, &event_type)?,
+                    DESTINATIONS,
+                )?;
                 Ok::<_, StoreError>(true)
             })
             .await?;
@@ -608,6 +616,14 @@ impl OrderStore for SqliteOrderStore {
     async fn close(&self) {
         self.db.close().await;
     }
+}
+
+/// Marks `event_id` processed in the write transaction; `false` when it was already.
+fn mark_processed(tx: &Connection, event_id: Uuid) -> Result<bool, StoreError> {
+    Ok(tx.execute(
+        "INSERT OR IGNORE INTO processed_events (event_id, processed_at) VALUES (?1, ?2)",
+        params![event_id.to_string(), now_ms()],
+    )? == 1)
 }
 
 fn load(conn: &Connection, id: Uuid) -> Result<Option<Order>, StoreError> {
