@@ -411,6 +411,12 @@ async fn set_status_internal(
 /// Moves an order to `to`, settling its stock first: the products service's reservation
 /// (held → released or committed, each at most once) decides races between a payment and a
 /// cancellation, so stock is never both sold and given back.
+/// The oldest creation time an order still pending can have: its TTL ago, with a margin for
+/// the expiry sweep (an order past it is being cancelled).
+fn pending_since(ctx: &ApiContext) -> chrono::DateTime<chrono::Utc> {
+    chrono::Utc::now() - ctx.order_ttl - chrono::Duration::minutes(5)
+}
+
 /// Refuses an order that would take its user past the unpaid-order quota (orders or units):
 /// held stock is stock nobody else can buy, so one account cannot lock the shelves. Two
 /// concurrent orders may both pass the check: the quota can be passed by what is in flight.
@@ -428,7 +434,7 @@ async fn within_pending_quota(
     }
     let (orders, units) = ctx
         .store
-        .pending_of_user(user_id)
+        .pending_of_user(user_id, pending_since(ctx))
         .await
         .map_err(store_problem)?;
     let wanted: i64 = lines.iter().map(|(_, q)| *q).sum();

@@ -584,33 +584,35 @@ impl OrderStore for DynamoOrderStore {
         }
     }
 
-    async fn pending_of_user(&self, user_id: Uuid) -> Result<(i64, i64), StoreError> {
+    async fn pending_of_user(
+        &self,
+        user_id: Uuid,
+        since: DateTime<Utc>,
+    ) -> Result<(i64, i64), StoreError> {
+        // The user index's range key starts with the zero-padded creation time: only the
+        // window is read.
+        let mut pages = self
+            .client
+            .query()
+            .table_name(&self.table)
+            .index_name(USER_INDEX)
+            .key_condition_expression("user_id = :u AND user_sort >= :since")
+            .filter_expression("#status = :pending")
+            .expression_attribute_names("#status", "status")
+            .expression_attribute_values(":u", s(user_id.to_string()))
+            .expression_attribute_values(":since", s(format!("{:020}", since.timestamp_millis())))
+            .expression_attribute_values(":pending", s(OrderStatus::Pending.as_str()))
+            .into_paginator()
+            .items()
+            .send();
         let (mut orders, mut units) = (0, 0);
-        let mut start = None;
-        loop {
-            let page = self
-                .client
-                .query()
-                .table_name(&self.table)
-                .index_name(USER_INDEX)
-                .key_condition_expression("user_id = :u")
-                .filter_expression("#status = :pending")
-                .expression_attribute_names("#status", "status")
-                .expression_attribute_values(":u", s(user_id.to_string()))
-                .expression_attribute_values(":pending", s(OrderStatus::Pending.as_str()))
-                .set_exclusive_start_key(start.take())
-                .send()
-                .await
-                .map_err(|e| remote(dynamo_error("counting a user's pending orders", e)))?;
-            for item in page.items() {
-                orders += 1;
-                units += from_item(item)?.items_count();
-            }
-            match page.last_evaluated_key() {
-                Some(key) => start = Some(key.clone()),
-                None => return Ok((orders, units)),
-            }
+        while let Some(item) = pages.next().await {
+            let item =
+                item.map_err(|e| remote(dynamo_error("counting a user's pending orders", e)))?;
+            orders += 1;
+            units += from_item(&item)?.items_count();
         }
+        Ok((orders, units))
     }
 
     async fn dead_letter(&self, letter: &DeadLetter) -> Result<(), StoreError> {
@@ -635,41 +637,34 @@ impl OrderStore for DynamoOrderStore {
 
     /// A scan: dead letters are rare and read by an operator, never on a request's path.
     async fn dead_letters(&self, limit: u32) -> Result<Vec<DeadLetter>, StoreError> {
+        let mut pages = self
+            .client
+            .scan()
+            .table_name(&self.table)
+            .consistent_read(true)
+            .filter_expression("#kind = :kind")
+            .expression_attribute_names("#kind", "kind")
+            .expression_attribute_values(":kind", s("deadletter"))
+            .into_paginator()
+            .items()
+            .send();
         let mut letters = Vec::new();
-        let mut start = None;
-        loop {
-            let page = self
-                .client
-                .scan()
-                .table_name(&self.table)
-                .consistent_read(true)
-                .filter_expression("#kind = :kind")
-                .expression_attribute_names("#kind", "kind")
-                .expression_attribute_values(":kind", s("deadletter"))
-                .set_exclusive_start_key(start)
-                .send()
-                .await
-                .map_err(|e| remote(dynamo_error("reading dead letters", e)))?;
-            for item in page.items() {
-                letters.push((
-                    number(item, "dead_at")?,
-                    DeadLetter {
-                        topic: text(item, "topic")?,
-                        partition: u32::try_from(number(item, "partition")?)
-                            .map_err(|_| StoreError::Corrupt)?,
-                        offset: number(item, "record_offset")?,
-                        key: text(item, "key")?,
-                        payload: text(item, "payload")?,
-                        reason: text(item, "reason")?,
-                        attempts: u32::try_from(number(item, "attempts")?)
-                            .map_err(|_| StoreError::Corrupt)?,
-                    },
-                ));
-            }
-            start = page.last_evaluated_key().cloned();
-            if start.is_none() {
-                break;
-            }
+        while let Some(item) = pages.next().await {
+            let item = item.map_err(|e| remote(dynamo_error("reading dead letters", e)))?;
+            letters.push((
+                number(&item, "dead_at")?,
+                DeadLetter {
+                    topic: text(&item, "topic")?,
+                    partition: u32::try_from(number(&item, "partition")?)
+                        .map_err(|_| StoreError::Corrupt)?,
+                    offset: number(&item, "record_offset")?,
+                    key: text(&item, "key")?,
+                    payload: text(&item, "payload")?,
+                    reason: text(&item, "reason")?,
+                    attempts: u32::try_from(number(&item, "attempts")?)
+                        .map_err(|_| StoreError::Corrupt)?,
+                },
+            ));
         }
         letters.sort_by(|(at_a, a), (at_b, b)| {
             (at_a, &a.topic, a.partition, a.offset).cmp(&(at_b, &b.topic, b.partition, b.offset))

@@ -10,7 +10,7 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use chrono::DateTime;
+use chrono::{DateTime, Utc};
 use kit::Money;
 use kit::db::now_ms;
 use kit::pg::{Pg, PgStep};
@@ -117,7 +117,7 @@ fn corrupt<E>(_: E) -> StoreError {
     StoreError::Corrupt
 }
 
-fn time(ms: i64) -> Result<DateTime<chrono::Utc>, StoreError> {
+fn time(ms: i64) -> Result<DateTime<Utc>, StoreError> {
     DateTime::from_timestamp_millis(ms).ok_or(StoreError::Corrupt)
 }
 
@@ -362,13 +362,18 @@ impl OrderStore for PgOrderStore {
         Ok(true)
     }
 
-    async fn pending_of_user(&self, user_id: Uuid) -> Result<(i64, i64), StoreError> {
+    async fn pending_of_user(
+        &self,
+        user_id: Uuid,
+        since: DateTime<Utc>,
+    ) -> Result<(i64, i64), StoreError> {
         let (orders, units): (i64, i64) = sqlx::query_as(
             "SELECT COUNT(DISTINCT o.id), COALESCE(SUM(i.quantity), 0)::BIGINT
              FROM orders o JOIN order_items i ON i.order_id = o.id
-             WHERE o.user_id = $1 AND o.status = 'pending'",
+             WHERE o.user_id = $1 AND o.created_at >= $2 AND o.status = 'pending'",
         )
         .bind(user_id)
+        .bind(since.timestamp_millis())
         .fetch_one(self.pg.pool())
         .await?;
         Ok((orders, units))

@@ -240,8 +240,14 @@ pub trait OrderStore: Send + Sync + std::fmt::Debug {
         event_id: Uuid,
     ) -> Result<bool, StoreError>;
 
-    /// A user's pending orders: how many, and how many units they hold in all.
-    async fn pending_of_user(&self, user_id: Uuid) -> Result<(i64, i64), StoreError>;
+    /// A user's pending orders placed since `since`: how many, and how many units they hold
+    /// in all. The window keeps the read to the user's recent orders (an order pending longer
+    /// than its TTL is being cancelled), however long their history.
+    async fn pending_of_user(
+        &self,
+        user_id: Uuid,
+        since: DateTime<Utc>,
+    ) -> Result<(i64, i64), StoreError>;
 
     /// Keeps a record the saga gave up on; storing the same record again changes nothing.
     async fn dead_letter(&self, letter: &DeadLetter) -> Result<(), StoreError>;
@@ -490,16 +496,23 @@ impl OrderStore for SqliteOrderStore {
         Ok(announced)
     }
 
-    async fn pending_of_user(&self, user_id: Uuid) -> Result<(i64, i64), StoreError> {
+    async fn pending_of_user(
+        &self,
+        user_id: Uuid,
+        since: DateTime<Utc>,
+    ) -> Result<(i64, i64), StoreError> {
         self.db
             .read(move |conn| {
                 Ok::<_, StoreError>(
                     conn.prepare_cached(
                         "SELECT COUNT(DISTINCT o.id), COALESCE(SUM(i.quantity), 0)
                          FROM orders o JOIN order_items i ON i.order_id = o.id
-                         WHERE o.user_id = ?1 AND o.status = 'pending'",
+                         WHERE o.user_id = ?1 AND o.created_at >= ?2 AND o.status = 'pending'",
                     )?
-                    .query_row([user_id.to_string()], |r| Ok((r.get(0)?, r.get(1)?)))?,
+                    .query_row(
+                        params![user_id.to_string(), since.timestamp_millis()],
+                        |r| Ok((r.get(0)?, r.get(1)?)),
+                    )?,
                 )
             })
             .await

@@ -543,7 +543,11 @@ async fn keeps_the_contract(store: Arc<dyn OrderStore>, outbox: Outbox) {
     // A user's pending orders and the units they hold: `first` and `second` were paid or
     // moved on above; a fresh pending order of 3 units counts, a cancelled one does not.
     let shopper = Uuid::now_v7();
-    assert_eq!(store.pending_of_user(shopper).await.unwrap(), (0, 0));
+    let window = chrono::Utc::now() - Duration::minutes(20);
+    assert_eq!(
+        store.pending_of_user(shopper, window).await.unwrap(),
+        (0, 0)
+    );
     let (held, dropped) = (order(shopper, TTL), order(shopper, TTL));
     for o in [&held, &dropped] {
         store.insert(o).await.unwrap();
@@ -553,7 +557,18 @@ async fn keeps_the_contract(store: Arc<dyn OrderStore>, outbox: Outbox) {
         .transition(dropped.id, OrderStatus::Cancelled, None)
         .await
         .unwrap();
-    assert_eq!(store.pending_of_user(shopper).await.unwrap(), (1, 3));
+    assert_eq!(
+        store.pending_of_user(shopper, window).await.unwrap(),
+        (1, 3)
+    );
+    // Outside the window nothing is read.
+    assert_eq!(
+        store
+            .pending_of_user(shopper, chrono::Utc::now() + Duration::minutes(1))
+            .await
+            .unwrap(),
+        (0, 0)
+    );
 
     // Dead letters: kept once per record, read back oldest first.
     let letter = DeadLetter {
