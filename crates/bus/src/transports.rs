@@ -1,6 +1,6 @@
 //! Opening the stream and the queue a platform process uses: Kafka and SQS where configured
 //! (features `kafka`, `sqs`), else the embedded bus, which is opened whenever a service that
-//! uses a bus runs (its ping is part of their readiness, and it holds the embedded topics).
+//! uses a bus runs (its ping is reported with their readiness, and it holds the embedded topics).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -64,10 +64,10 @@ impl Transports {
         }))
     }
 
-    /// What a service using the bus waits for to be ready: the embedded bus and, for the
-    /// queue's consumer, the external queue. Producers (orders, payments) stay ready while the
-    /// queue is down: their outbox holds events until it is back, so accepting orders is right.
-    pub fn readiness(&self, consumes_queue: bool) -> Vec<(&'static str, ReadyCheck)> {
+    /// The bus checks a service reports under `/ready`'s `dependencies` (never making it not
+    /// ready): the embedded bus and, for the queue's consumer, the external queue. While the
+    /// queue is down producers' outboxes hold events and the notifier waits.
+    pub fn dependencies(&self, consumes_queue: bool) -> Vec<(&'static str, ReadyCheck)> {
         let bus = self.embedded.clone();
         let mut checks = vec![(
             "bus",

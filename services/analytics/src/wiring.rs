@@ -74,6 +74,6 @@ pub async fn start(shared: &Shared<'_>, transports: &Transports) -> Result<Start
     Ok(Started {
         router: crate::router(store, feed),
         ready,
-        dependencies: transports.readiness(false),
+        dependencies: transports.dependencies(false),
     })
 }

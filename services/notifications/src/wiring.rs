@@ -60,6 +60,6 @@ pub async fn start(shared: &Shared<'_>, transports: &Transports) -> Result<Start
     Ok(Started {
         router: crate::router(store),
         ready,
-        dependencies: transports.readiness(true),
+        dependencies: transports.dependencies(true),
     })
 }

@@ -164,7 +164,7 @@ pub async fn start(shared: &Shared<'_>, transports: &Transports) -> Result<Start
     Ok(Started {
         router: crate::router(ctx),
         ready,
-        dependencies: transports.readiness(false),
+        dependencies: transports.dependencies(false),
     })
 }
 
