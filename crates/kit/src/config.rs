@@ -240,6 +240,10 @@ pub struct HttpSettings {
     pub body_limit_bytes: usize,
     /// Gateway: how long an upstream may take to answer.
     pub upstream_timeout_ms: u64,
+    /// Gateway: a service running in the same process (`mercato up`) is handed its requests in
+    /// memory, through its whole middleware stack, instead of over its TCP port. `false` sends
+    /// them over TCP as between pods.
+    pub in_process_upstreams: bool,
     /// How long an `Idempotency-Key` and its stored answer are kept.
     pub idempotency_ttl_secs: u64,
     /// Every listener: how long a client may take to send a request's headers, and how long
@@ -347,6 +351,26 @@ pub struct SagaSettings {
     pub pending_order_ttl_secs: u64,
     /// How often expired orders and orphaned reservations are looked for.
     pub sweep_interval_ms: u64,
+    /// Settled (sold or released) reservations are deleted this long after they settled, so
+    /// products' tables do not grow with every order ever placed. Longer than any hold
+    /// ([`LimitsSettings::MAX_HOLD_SECS`]) and unpaid-order window, or a late payment could
+    /// find no reservation (it is then refused and refunded, not sold twice).
+    pub reservation_retention_hours: u64,
+}
+
+impl SagaSettings {
+    pub fn validate(&self) -> Result<(), String> {
+        let retention = self.reservation_retention_hours.saturating_mul(3600);
+        if retention <= u64::from(LimitsSettings::MAX_HOLD_SECS)
+            || retention <= self.pending_order_ttl_secs
+        {
+            return Err(format!(
+                "saga.reservation_retention_hours must be longer than a hold may last ({} hours) and than saga.pending_order_ttl_secs",
+                LimitsSettings::MAX_HOLD_SECS / 3600
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Upper bounds on what a shop sells at once, against typing errors and abuse. Amounts are in
@@ -740,6 +764,7 @@ impl Default for HttpSettings {
             connect_timeout_ms: 500,
             body_limit_bytes: 1024 * 1024,
             upstream_timeout_ms: 10_000,
+            in_process_upstreams: true,
             idempotency_ttl_secs: 24 * 60 * 60,
             header_read_timeout_ms: 10_000,
             request_timeout_ms: 30_000,
@@ -789,6 +814,7 @@ impl Default for SagaSettings {
         SagaSettings {
             pending_order_ttl_secs: 15 * 60,
             sweep_interval_ms: 5_000,
+            reservation_retention_hours: 7 * 24,
         }
     }
 }
@@ -881,6 +907,10 @@ mod tests {
             assert_eq!(defaults.limits.max_price.cents(), 100_000_000);
             assert_eq!(defaults.limits.max_order_total.cents(), 500_000_000);
             assert_eq!(defaults.limits.validate(), Ok(()));
+            assert_eq!(defaults.saga.validate(), Ok(()));
+            let mut short = defaults.saga.clone();
+            short.reservation_retention_hours = 24;
+            assert!(short.validate().is_err(), "as long as a hold may last");
             jail.create_file(
                 "mercato.toml",
                 "[limits]\nmax_price = 2500.5\nmax_order_total = 100000\nmax_line_quantity = 0\n",

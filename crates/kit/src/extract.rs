@@ -110,33 +110,6 @@ where
     }
 }
 
-/// `?skip=&limit=` as the seed's list routes take them: skip ≥ 0, 1 ≤ limit ≤ 1000 (default 100).
-#[derive(Debug, Clone, Copy, serde::Deserialize)]
-pub struct PageParams {
-    #[serde(default)]
-    pub skip: u32,
-    #[serde(default = "default_limit")]
-    pub limit: u32,
-}
-
-fn default_limit() -> u32 {
-    100
-}
-
-impl PageParams {
-    pub const MAX_LIMIT: u32 = 1000;
-
-    pub fn checked(self) -> Result<PageParams, Problem> {
-        if self.limit == 0 || self.limit > Self::MAX_LIMIT {
-            return Err(Problem::bad_request(format!(
-                "limit must be between 1 and {}",
-                Self::MAX_LIMIT
-            )));
-        }
-        Ok(self)
-    }
-}
-
 /// A JSON body that may be absent (an empty body gives `None`), with [`Json`]'s error answers.
 #[derive(Debug, Clone, Default)]
 pub struct OptionalJson<T>(pub Option<T>);

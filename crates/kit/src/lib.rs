@@ -13,6 +13,7 @@ pub mod dynamo_url;
 pub mod extract;
 pub mod idempotency;
 pub mod money;
+pub mod page;
 #[cfg(feature = "postgres")]
 pub mod pg;
 pub mod problem;

@@ -361,6 +361,16 @@ impl Shared<'_> {
         Duration::from_millis(self.settings.saga.sweep_interval_ms.max(10))
     }
 
+    /// How long settled reservations are kept.
+    pub fn reservation_retention(&self) -> Duration {
+        Duration::from_secs(
+            self.settings
+                .saga
+                .reservation_retention_hours
+                .saturating_mul(3600),
+        )
+    }
+
     /// How long processed-event ids and stream records are kept.
     pub fn retention(&self) -> Duration {
         Duration::from_secs(self.settings.bus.retention_hours.saturating_mul(3600))

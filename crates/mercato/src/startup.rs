@@ -219,6 +219,7 @@ pub async fn start(settings: &Settings, services: &[ServiceName]) -> anyhow::Res
     settings
         .http
         .validate()
+        .and_then(|()| settings.saga.validate())
         .map_err(|e| anyhow::anyhow!("invalid settings: {e}"))?;
     let wants = |s: ServiceName| services.contains(&s);
 
@@ -304,11 +305,16 @@ pub async fn start(settings: &Settings, services: &[ServiceName]) -> anyhow::Res
         });
     }
     let bus = || transports.as_ref().context("the bus is not open");
-    let mut apps = Vec::new();
+    let mut apps: Vec<(ServiceName, axum::Router)> = Vec::new();
     let mut readiness = Vec::new();
     let mut dependencies = Vec::new();
     let mut demo_accounts = None;
-    for service in ServiceName::ALL.into_iter().filter(|s| wants(*s)) {
+    // The gateway last: it is handed the apps of the services in this process.
+    let order = ServiceName::ALL
+        .into_iter()
+        .filter(|s| wants(*s) && *s != ServiceName::Gateway)
+        .chain(wants(ServiceName::Gateway).then_some(ServiceName::Gateway));
+    for service in order {
         let Started {
             router,
             ready,
@@ -329,7 +335,15 @@ pub async fn start(settings: &Settings, services: &[ServiceName]) -> anyhow::Res
             ServiceName::Payments => payments::wiring::start(&shared, bus()?).await?,
             ServiceName::Notifications => notifications::wiring::start(&shared, bus()?).await?,
             ServiceName::Analytics => analytics::wiring::start(&shared, bus()?).await?,
-            ServiceName::Gateway => gateway::wiring::start(&shared)?,
+            ServiceName::Gateway => {
+                // A service whose URL is configured is reached there, even from here.
+                let in_process: Vec<_> = apps
+                    .iter()
+                    .filter(|(s, _)| s.settings(settings).url.is_none())
+                    .map(|(s, app)| (s.service(), app.clone()))
+                    .collect();
+                gateway::wiring::start(&shared, &in_process)?
+            }
         };
         let app = server::app(service.as_str(), router.layer(auth.layer()), &settings.http);
         apps.push((service, app));

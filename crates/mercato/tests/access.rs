@@ -347,6 +347,7 @@ async fn call(
             status: response.status(),
             content_type,
             body: Value::Null,
+            next: None,
         };
     }
     answer(response).await

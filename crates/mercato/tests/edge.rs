@@ -226,3 +226,113 @@ async fn a_hung_service_costs_only_its_own_routes_and_its_breaker_answers_at_onc
     drop(hole);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn services_in_the_gateways_process_answer_in_memory_as_over_tcp() {
+    for in_memory in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut settings = test_settings(&dir);
+        settings.http.in_process_upstreams = in_memory;
+        let app = spawn_with(settings, &ServiceName::ALL, dir).await;
+        let product = app.create_product("MEM-1", "10.00", 5).await;
+        app.create_product("MEM-2", "10.00", 5).await;
+        let url = |path: &str| format!("{}{path}", app.gateway);
+
+        let found = app
+            .client
+            .get(url(&format!("/api/v1/products/{product}")))
+            .header("x-request-id", "edge-in-memory-1")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(found.status(), StatusCode::OK, "in memory: {in_memory}");
+        assert_eq!(found.headers()["x-request-id"], "edge-in-memory-1");
+        let body: serde_json::Value = found.json().await.unwrap();
+        assert_eq!(body["name"], "Product MEM-1");
+
+        let missing = app
+            .get(&format!("/api/v1/products/{}", uuid::Uuid::nil()))
+            .await;
+        assert_eq!(
+            missing.status,
+            StatusCode::NOT_FOUND,
+            "in memory: {in_memory}"
+        );
+        assert_eq!(missing.content_type, "application/problem+json");
+        let malformed = app.get("/api/v1/products/not-a-uuid").await;
+        assert_eq!(
+            malformed.status,
+            StatusCode::BAD_REQUEST,
+            "in memory: {in_memory}"
+        );
+        let paged = app.get("/api/v1/products?limit=1").await;
+        assert!(paged.next.is_some(), "the Link header passes: {in_memory}");
+
+        // A body over the limit, declared or streamed: 413 either way.
+        let big = vec![b'x'; 2 * 1024 * 1024];
+        let declared = app
+            .send_raw(
+                reqwest::Method::POST,
+                "/api/v1/orders",
+                "application/json",
+                big,
+            )
+            .await;
+        assert_eq!(
+            declared.status,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "in memory: {in_memory}"
+        );
+        // Just over the limit, so the whole body is written before the answer comes.
+        let over = vec![b'x'; 1024 * 1024 + 64 * 1024];
+        let streamed = chunked_post(
+            &app.gateway,
+            "/api/v1/orders",
+            app.token.as_deref().unwrap(),
+            &over,
+        )
+        .await;
+        assert!(
+            streamed.starts_with("HTTP/1.1 413"),
+            "in memory: {in_memory}: {streamed}"
+        );
+
+        // The service is told who the client is, in memory too: a customer's sign-in from
+        // here is throttled per address (users reads `Forwarded`), and an order works end to
+        // end.
+        let (user, _) = app.register(&format!("mem-{in_memory}@example.com")).await;
+        let order = app.place_order(&user, &[(&product, 1)]).await;
+        assert!(
+            app.notified(&order, "order.created").await,
+            "in memory: {in_memory}"
+        );
+        app.stop().await;
+    }
+}
+
+/// POSTs `body` with `Transfer-Encoding: chunked` (no length declared, as a streaming client
+/// sends it) and returns the status line; the server may answer before the body is sent.
+async fn chunked_post(base: &str, path: &str, token: &str, body: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let addr = base.trim_start_matches("http://");
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer {token}\r\n\
+         content-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    for chunk in body.chunks(64 * 1024) {
+        let framed = [format!("{:x}\r\n", chunk.len()).as_bytes(), chunk, b"\r\n"].concat();
+        if stream.write_all(&framed).await.is_err() {
+            break; // answered and closed early
+        }
+    }
+    let _ = stream.write_all(b"0\r\n\r\n").await;
+    let mut answer = vec![0u8; 1024];
+    let n = stream.read(&mut answer).await.unwrap_or(0);
+    String::from_utf8_lossy(&answer[..n])
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_owned()
+}

@@ -179,6 +179,14 @@ async fn a_test_reads_every_table_and_log_line_after_a_payment_and_finds_no_pan(
         text.contains("payment"),
         "the capture saw the platform's debug logs"
     );
+    // The gateway's access log is among the lines read: one per request, naming the client.
+    assert!(
+        text.lines().any(|l| l.contains(" access:")
+            && l.contains("client=127.0.0.1")
+            && l.contains("status=402")
+            && l.contains("route=/api/v1/payments")),
+        "an access line for a declined payment, with the client's address"
+    );
     found.extend(card_numbers_in_logs(&text, &cards));
     assert!(found.is_empty(), "card numbers at rest: {found:#?}");
 }

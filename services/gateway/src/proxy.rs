@@ -22,15 +22,24 @@ pub enum ProxyError {
     Method(&'static str),
 }
 
-/// An upstream's scheme and authority, and its circuit breaker.
+/// An upstream's scheme and authority, and its circuit breaker; and, when the service runs
+/// in this process, its app, called in memory.
 #[derive(Debug)]
 pub struct Upstream {
     scheme: http::uri::Scheme,
     authority: http::uri::Authority,
     breaker: Breaker,
+    local: Option<axum::Router>,
 }
 
 impl Upstream {
+    /// The same upstream, served in memory by `app` (the service's whole app, as its listener
+    /// serves it), with no socket, connection pool or HTTP encoding in between.
+    pub fn served_by(mut self, app: axum::Router) -> Upstream {
+        self.local = Some(app);
+        self
+    }
+
     pub fn parse(base: &str) -> Result<Upstream, ProxyError> {
         let uri: Uri = base
             .parse()
@@ -40,6 +49,7 @@ impl Upstream {
                 scheme: scheme.clone(),
                 authority: authority.clone(),
                 breaker: Breaker::default(),
+                local: None,
             }),
             _ => Err(ProxyError::InvalidUpstream(base.to_owned())),
         }
@@ -267,8 +277,11 @@ impl Proxy {
         parts
             .headers
             .insert("x-forwarded-proto", HeaderValue::from_static(scheme));
-        parts.uri = uri;
         parts.version = http::Version::HTTP_11;
+        if let Some(app) = &upstream.local {
+            return self.call_in_memory(app, parts, body).await;
+        }
+        parts.uri = uri;
         let upstream_req =
             Request::from_parts(parts, Body::new(Limited::new(body, self.body_limit)));
 
@@ -291,16 +304,45 @@ impl Proxy {
             Err(_) => {
                 upstream.breaker.failed(&pass, &upstream.authority);
                 tracing::warn!(upstream = %upstream.authority, "upstream timed out");
-                Problem::new(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "upstream-timeout",
-                    "Upstream timed out",
-                )
-                .with_detail("the service behind this route did not answer in time")
-                .into_response()
+                timed_out()
             }
         }
     }
+}
+
+impl Proxy {
+    /// Hands the request to an app in this process, as its listener would: a fresh request
+    /// (none of the gateway's extensions; the client is in `Forwarded`), the origin-form
+    /// target, the same time limit. The app enforces the body limit itself.
+    async fn call_in_memory(
+        &self,
+        app: &axum::Router,
+        mut parts: http::request::Parts,
+        body: Body,
+    ) -> Response {
+        use tower::ServiceExt as _;
+        parts.extensions = http::Extensions::new();
+        let request = Request::from_parts(parts, body);
+        match tokio::time::timeout(self.timeout, app.clone().oneshot(request)).await {
+            Ok(Ok(response)) => {
+                let (mut parts, body) = response.into_parts();
+                strip_hop_by_hop(&mut parts.headers);
+                Response::from_parts(parts, body)
+            }
+            Ok(Err(never)) => match never {},
+            Err(_) => timed_out(),
+        }
+    }
+}
+
+fn timed_out() -> Response {
+    Problem::new(
+        StatusCode::GATEWAY_TIMEOUT,
+        "upstream-timeout",
+        "Upstream timed out",
+    )
+    .with_detail("the service behind this route did not answer in time")
+    .into_response()
 }
 
 fn caused_by_body_limit(e: &(dyn std::error::Error + 'static)) -> bool {

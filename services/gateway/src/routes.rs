@@ -16,7 +16,8 @@ use kit::auth::{Auth, Caller, Rejection};
 use crate::limits::{Limits, RouteClass};
 use crate::proxy::{Proxy, Upstream};
 
-/// Base URLs of the services behind the gateway.
+/// Base URLs of the services behind the gateway, and the apps of those that run in this
+/// process (called in memory: see [`crate::proxy::Upstream::served_by`]).
 #[derive(Debug, Clone)]
 pub struct Upstreams {
     pub users: String,
@@ -25,6 +26,7 @@ pub struct Upstreams {
     pub payments: String,
     pub notifications: String,
     pub analytics: String,
+    pub in_process: Vec<(Service, Router)>,
 }
 
 /// The service behind a route (`Gateway`: the gateway itself, for its OpenAPI document).
@@ -267,10 +269,11 @@ pub fn router(
     let mut by_service: Vec<(Service, Arc<Upstream>)> = Vec::new();
     for r in PUBLIC_ROUTES {
         if !by_service.iter().any(|(s, _)| *s == r.service) {
-            by_service.push((
-                r.service,
-                Arc::new(Upstream::parse(upstreams.base(r.service))?),
-            ));
+            let mut upstream = Upstream::parse(upstreams.base(r.service))?;
+            if let Some((_, app)) = upstreams.in_process.iter().find(|(s, _)| *s == r.service) {
+                upstream = upstream.served_by(app.clone());
+            }
+            by_service.push((r.service, Arc::new(upstream)));
         }
     }
     let upstream_of = |service: Service| {
@@ -308,40 +311,59 @@ pub fn router(
             any(move |State(proxy): State<Proxy>, req: Request| {
                 let (methods, limits) = (methods.clone(), limits.clone());
                 async move {
-                    let Some((_, upstream, access, class)) =
-                        methods.iter().find(|(m, ..)| m == req.method())
-                    else {
-                        return method_not_allowed();
-                    };
+                    let started = std::time::Instant::now();
                     let peer = req
                         .extensions()
                         .get::<ConnectInfo<SocketAddr>>()
                         .map(|info| info.0.ip());
                     let client = peer.map(|p| limits.client_address(p, req.headers()));
-                    let scheme = peer.map_or("http", |p| limits.client_scheme(p, req.headers()));
-                    if let Some(client) = client
-                        && let Err(limited) = limits.admit_request(*class, client)
-                    {
-                        return limited.into_response();
+                    let response = async {
+                        let Some((_, upstream, access, class)) =
+                            methods.iter().find(|(m, ..)| m == req.method())
+                        else {
+                            return method_not_allowed();
+                        };
+                        let scheme =
+                            peer.map_or("http", |p| limits.client_scheme(p, req.headers()));
+                        if let Some(client) = client
+                            && let Err(limited) = limits.admit_request(*class, client)
+                        {
+                            return limited.into_response();
+                        }
+                        let auth = req.extensions().get::<Arc<Auth>>().cloned();
+                        let (parts, body) = req.into_parts();
+                        let caller = match admit(*access, auth.as_deref(), &parts.headers).await {
+                            Ok(caller) => caller,
+                            Err(refused) => return refused.into_response(),
+                        };
+                        if let Some(user) = caller.as_ref().and_then(|c| c.user_id())
+                            && let Err(limited) = limits.admit_user(user)
+                        {
+                            return limited.into_response();
+                        }
+                        let req = Request::from_parts(parts, body);
+                        proxy.forward(upstream, req, client, scheme).await
                     }
-                    let auth = req.extensions().get::<Arc<Auth>>().cloned();
-                    let (parts, body) = req.into_parts();
-                    let caller = match admit(*access, auth.as_deref(), &parts.headers).await {
-                        Ok(caller) => caller,
-                        Err(refused) => return refused.into_response(),
-                    };
-                    if let Some(user) = caller.as_ref().and_then(|c| c.user_id())
-                        && let Err(limited) = limits.admit_user(user)
-                    {
-                        return limited.into_response();
-                    }
-                    let req = Request::from_parts(parts, body);
-                    proxy.forward(upstream, req, client, scheme).await
+                    .await;
+                    access_log(client, response.status(), started);
+                    response
                 }
             }),
         );
     }
     Ok(router.with_state(proxy))
+}
+
+/// One line per request at the edge, target `access` (filter it like any target, e.g.
+/// `MERCATO_LOG__LEVEL=info,access=off`): the client's address as the rate limits saw it, the
+/// answer and the time taken; the request span adds the method, route template and request id.
+fn access_log(client: Option<std::net::IpAddr>, status: StatusCode, started: std::time::Instant) {
+    tracing::info!(
+        target: "access",
+        client = %client.map_or_else(|| "-".to_owned(), |c| c.to_string()),
+        status = status.as_u16(),
+        duration_ms = started.elapsed().as_secs_f64() * 1e3,
+    );
 }
 
 fn method_not_allowed() -> Response {

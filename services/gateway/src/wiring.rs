@@ -7,8 +7,13 @@ use std::time::Duration;
 use kit::server::ready_check;
 use kit::wiring::{Context as _, Service, Shared, Started, WiringError};
 
-/// Starts the gateway in front of the services at `shared`'s URLs.
-pub fn start(shared: &Shared<'_>) -> Result<Started, WiringError> {
+/// Starts the gateway in front of the services at `shared`'s URLs; `in_process` are the apps
+/// of those running in this process (handed their requests in memory when
+/// `http.in_process_upstreams` is on).
+pub fn start(
+    shared: &Shared<'_>,
+    in_process: &[(Service, axum::Router)],
+) -> Result<Started, WiringError> {
     let upstreams = crate::Upstreams {
         users: shared.url(Service::Users),
         products: shared.url(Service::Products),
@@ -16,6 +21,11 @@ pub fn start(shared: &Shared<'_>) -> Result<Started, WiringError> {
         payments: shared.url(Service::Payments),
         notifications: shared.url(Service::Notifications),
         analytics: shared.url(Service::Analytics),
+        in_process: if shared.settings.http.in_process_upstreams {
+            in_process.to_vec()
+        } else {
+            Vec::new()
+        },
     };
     let timeout = Duration::from_millis(shared.settings.http.upstream_timeout_ms);
     let limits = crate::limits::Limits::new(&shared.settings.rate_limit)

@@ -3,15 +3,19 @@
 //! Table design, no scans on the read paths:
 //! - partition key `event_id` (S): one record per event, enforced by a conditional put
 //!   (`attribute_not_exists(event_id)`), so a redelivered SQS message never writes twice;
-//! - GSI `user_id-created_at` and GSI `order_id-created_at` for the two lookups the API offers.
+//! - GSI `user_id-created_at` and GSI `order_id-created_at` for the two lookups the API offers,
+//!   both with range key `created_sort` (S) = zero-padded `created_at` (Unix ms) + `#` + id:
+//!   oldest first with ties broken by id, as the SQL stores order them, so a page's cursor is
+//!   a key range start and means the same on every backend. (`created_at` stays the seed's
+//!   RFC 3339 text, for readers of the table.)
 //!
 //! `amount` is a DynamoDB number written from the decimal text (`3999.98`): exact, no float.
 //!
 //! The platform's notifier uses it too when its database URL is
 //! `dynamodb://TABLE?region=REGION&endpoint=URL` (region and endpoint optional: the standard
 //! AWS environment otherwise). Listing without a user or an order (an operator's view, not a
-//! customer's) is the one read that scans: it stops after `limit` records, sorted among
-//! themselves, so on a table larger than `limit` they are not the oldest overall.
+//! customer's, and admin-only) is the one read that scans: a page of `limit` records in table
+//! order, its cursor the last record's key.
 
 use async_trait::async_trait;
 use aws_sdk_dynamodb::Client;
@@ -25,7 +29,8 @@ use std::collections::HashMap;
 use uuid::Uuid;
 
 use crate::content::Notification;
-use crate::store::{Filter, NotificationStore, StoreError};
+use crate::store::{Filter, NotificationStore, StoreError, notification_cursor};
+use kit::page::{BadCursor, Cursor, Page, PageRequest, Start};
 
 pub const USER_INDEX: &str = "user_id-created_at";
 pub const ORDER_INDEX: &str = "order_id-created_at";
@@ -38,18 +43,18 @@ pub const TABLE: TableDesign = TableDesign {
         ("event_id", Kind::S),
         ("user_id", Kind::S),
         ("order_id", Kind::S),
-        ("created_at", Kind::S),
+        ("created_sort", Kind::S),
     ],
     indexes: &[
         Index {
             name: USER_INDEX,
             hash: "user_id",
-            range: Some("created_at"),
+            range: Some("created_sort"),
         },
         Index {
             name: ORDER_INDEX,
             hash: "order_id",
-            range: Some("created_at"),
+            range: Some("created_sort"),
         },
     ],
     ttl: None,
@@ -84,6 +89,61 @@ impl DynamoNotificationStore {
             .create_if_missing(&self.client, &self.table)
             .await
             .map_err(|e| StoreError::Remote(e.to_string()))
+    }
+
+    /// A page of every record, in table order (an operator's view): the one read that scans.
+    async fn scan_page(&self, page: &PageRequest) -> Result<Page<Notification>, StoreError> {
+        let remote = |e: String| StoreError::Remote(e);
+        let mut start = match &page.start {
+            Start::After(cursor) => {
+                let event_id = cursor.text().strip_prefix(SCAN_CURSOR).ok_or(BadCursor)?;
+                let event_id: Uuid = event_id.parse().map_err(|_| BadCursor)?;
+                Some(HashMap::from([(
+                    "event_id".to_owned(),
+                    s(event_id.to_string()),
+                )]))
+            }
+            Start::Skip(_) => None,
+        };
+        let skip = match page.start {
+            Start::Skip(skip) => skip as usize,
+            Start::After(_) => 0,
+        };
+        let wanted = skip + page.limit as usize;
+        let mut records = Vec::new();
+        loop {
+            let out = self
+                .client
+                .scan()
+                .table_name(&self.table)
+                .set_exclusive_start_key(start.take())
+                .limit(i32::try_from(wanted - records.len()).unwrap_or(i32::MAX))
+                .send()
+                .await
+                .map_err(|e| remote(aws_sdk_dynamodb::error::DisplayErrorContext(e).to_string()))?;
+            for item in out.items() {
+                records.push(from_item(item)?);
+            }
+            match out.last_evaluated_key() {
+                Some(next) if records.len() < wanted => start = Some(next.clone()),
+                // Full, or the end: the last record read is where the next page starts, unless
+                // the table has nothing after it.
+                Some(_) => {
+                    let records = records.split_off(skip.min(records.len()));
+                    let next = records
+                        .last()
+                        .map(|n| Cursor::from_text(format!("{SCAN_CURSOR}{}", n.event_id)));
+                    return Ok(Page {
+                        items: records,
+                        next,
+                    });
+                }
+                None => {
+                    let records = records.split_off(skip.min(records.len()));
+                    return Ok(Page::last(records));
+                }
+            }
+        }
     }
 
     async fn describe(&self) -> Result<(), StoreError> {
@@ -122,8 +182,20 @@ fn to_item(n: &Notification) -> HashMap<String, AttributeValue> {
             "created_at".to_owned(),
             s(n.created_at.to_rfc3339_opts(SecondsFormat::Millis, true)),
         ),
+        (
+            "created_sort".to_owned(),
+            s(sort_key(n.created_at.timestamp_millis(), n.id)),
+        ),
     ])
 }
+
+/// `created_sort` for a record made at `created_at_ms`: text that sorts as `(created_at, id)`.
+fn sort_key(created_at_ms: i64, id: Uuid) -> String {
+    format!("{created_at_ms:020}#{id}")
+}
+
+/// A scan's cursor: the last record's key, marked so a row cursor is never taken for one.
+const SCAN_CURSOR: &str = "scan:";
 
 fn from_item(item: &HashMap<String, AttributeValue>) -> Result<Notification, StoreError> {
     let text = |k: &str| -> Result<String, StoreError> {
@@ -186,69 +258,46 @@ impl NotificationStore for DynamoNotificationStore {
         Ok(stored)
     }
 
-    async fn find(&self, filter: &Filter) -> Result<Vec<Notification>, StoreError> {
-        let limit = usize::try_from(filter.limit).unwrap_or(1000);
-        let remote = |e: String| StoreError::Remote(e);
-        let mut items = Vec::new();
-        let mut start = None;
-        loop {
-            // Pages until `limit` records or the end; a page may hold fewer than asked.
-            let page = match (filter.order_id, filter.user_id) {
-                (order, user) if order.is_some() || user.is_some() => {
-                    let (index, key, value) = match order {
-                        Some(order) => (ORDER_INDEX, "order_id", order.to_string()),
-                        None => (
-                            USER_INDEX,
-                            "user_id",
-                            user.map(|u| u.to_string()).unwrap_or_default(),
-                        ),
-                    };
-                    let out = self
-                        .client
-                        .query()
-                        .table_name(&self.table)
-                        .index_name(index)
-                        .key_condition_expression("#k = :v")
-                        .expression_attribute_names("#k", key)
-                        .expression_attribute_values(":v", s(value))
-                        .set_exclusive_start_key(start.take())
-                        .send()
-                        .await
-                        .map_err(|e| {
-                            remote(aws_sdk_dynamodb::error::DisplayErrorContext(e).to_string())
-                        })?;
-                    (out.items().to_vec(), out.last_evaluated_key().cloned())
-                }
-                _ => {
-                    let out = self
-                        .client
-                        .scan()
-                        .table_name(&self.table)
-                        .set_exclusive_start_key(start.take())
-                        .send()
-                        .await
-                        .map_err(|e| {
-                            remote(aws_sdk_dynamodb::error::DisplayErrorContext(e).to_string())
-                        })?;
-                    (out.items().to_vec(), out.last_evaluated_key().cloned())
-                }
-            };
-            items.extend(page.0);
-            match page.1 {
-                Some(next) if items.len() < limit => {
-                    start = Some(next);
-                }
-                _ => break,
+    async fn find(&self, filter: &Filter) -> Result<Page<Notification>, StoreError> {
+        let limit = filter.page.limit;
+        let Some((index, key, value)) = (match (filter.order_id, filter.user_id) {
+            (Some(order), _) => Some((ORDER_INDEX, "order_id", order.to_string())),
+            (None, Some(user)) => Some((USER_INDEX, "user_id", user.to_string())),
+            (None, None) => None,
+        }) else {
+            return self.scan_page(&filter.page).await;
+        };
+        let ((after_at, after_id), skip) = filter.page.row_start()?;
+        let mut query = self
+            .client
+            .query()
+            .table_name(&self.table)
+            .index_name(index)
+            .expression_attribute_names("#k", key)
+            .expression_attribute_values(":v", s(value))
+            .key_condition_expression("#k = :v AND created_sort > :after")
+            .expression_attribute_values(":after", s(sort_key(after_at, after_id)))
+            .limit(i32::try_from(limit + 1).unwrap_or(i32::MAX));
+        if let (Some(user), Some(_)) = (filter.user_id, filter.order_id) {
+            query = query
+                .filter_expression("user_id = :user")
+                .expression_attribute_values(":user", s(user.to_string()));
+        }
+        // Pages (a page stops at 1 MB, or holds fewer after the filter) until the offset and
+        // `limit + 1` records are read, or the end.
+        let wanted = skip as usize + limit as usize + 1;
+        let mut items = query.into_paginator().items().send();
+        let mut records = Vec::new();
+        while records.len() < wanted {
+            match items.next().await {
+                Some(item) => records.push(from_item(&item.map_err(|e| {
+                    StoreError::Remote(aws_sdk_dynamodb::error::DisplayErrorContext(e).to_string())
+                })?)?),
+                None => break,
             }
         }
-        let mut records = items.iter().map(from_item).collect::<Result<Vec<_>, _>>()?;
-        if let (Some(user), Some(_)) = (filter.user_id, filter.order_id) {
-            records.retain(|n| n.user_id == user);
-        }
-        // The order every store answers in: oldest first, ties by id.
-        records.sort_by_key(|n| (n.created_at, n.id));
-        records.truncate(limit);
-        Ok(records)
+        let records = records.split_off((skip as usize).min(records.len()));
+        Ok(Page::from_rows(records, limit, notification_cursor))
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

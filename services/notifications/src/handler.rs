@@ -158,13 +158,7 @@ mod tests {
             .into_iter()
             .map(|f| f.item_identifier)
             .collect();
-        let stored = store
-            .find(&Filter {
-                limit: 100,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+        let stored = store.find(&Filter::default()).await.unwrap().items;
         (failed, stored)
     }
 

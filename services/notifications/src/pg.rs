@@ -15,7 +15,8 @@ use sqlx::Row as _;
 use sqlx::postgres::PgRow;
 
 use crate::content::Notification;
-use crate::store::{Filter, NotificationStore, StoreError};
+use crate::store::{Filter, NotificationStore, StoreError, notification_cursor};
+use kit::page::Page;
 
 pub static PG_MIGRATIONS: &[PgStep] = &[(
     1,
@@ -113,19 +114,32 @@ impl NotificationStore for PgNotificationStore {
         Ok(stored)
     }
 
-    async fn find(&self, filter: &Filter) -> Result<Vec<Notification>, StoreError> {
+    async fn find(&self, filter: &Filter) -> Result<Page<Notification>, StoreError> {
+        let ((after_at, after_id), skip) = filter.page.row_start()?;
         let rows = sqlx::query(
             "SELECT id, event_id, event_type, order_id, user_id, recipient, subject, body, amount_cents, currency, created_at
              FROM notifications
              WHERE ($1::UUID IS NULL OR user_id = $1) AND ($2::UUID IS NULL OR order_id = $2)
-             ORDER BY created_at, id LIMIT $3",
+             AND (created_at, id) > ($3, $4)
+             ORDER BY created_at, id LIMIT $5 OFFSET $6",
         )
         .bind(filter.user_id)
         .bind(filter.order_id)
-        .bind(i64::from(filter.limit))
+        .bind(after_at)
+        .bind(after_id)
+        .bind(i64::from(filter.page.limit) + 1)
+        .bind(i64::from(skip))
         .fetch_all(self.pg.pool())
         .await?;
-        Ok(rows.iter().map(to_notification).collect::<Result<_, _>>()?)
+        let rows = rows
+            .iter()
+            .map(to_notification)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Page::from_rows(
+            rows,
+            filter.page.limit,
+            notification_cursor,
+        ))
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

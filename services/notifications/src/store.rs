@@ -6,6 +6,7 @@ use async_trait::async_trait;
 use chrono::DateTime;
 use kit::Money;
 use kit::db::{Db, DbError, Step, corrupt};
+use kit::page::{BadCursor, Cursor, Page, PageRequest};
 
 use rusqlite::{Row, params};
 use uuid::Uuid;
@@ -14,6 +15,8 @@ use crate::content::Notification;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    #[error(transparent)]
+    BadCursor(#[from] BadCursor),
     /// A remote store (DynamoDB) failed or answered something unreadable.
     #[error("notification store failed: {0}")]
     Remote(String),
@@ -41,11 +44,27 @@ impl StoreError {
     }
 }
 
-#[derive(Debug, Clone, Default)]
+/// Which records, and which page of them.
+#[derive(Debug, Clone)]
 pub struct Filter {
     pub user_id: Option<Uuid>,
     pub order_id: Option<Uuid>,
-    pub limit: u32,
+    pub page: PageRequest,
+}
+
+impl Default for Filter {
+    fn default() -> Self {
+        Filter {
+            user_id: None,
+            order_id: None,
+            page: PageRequest::first(100),
+        }
+    }
+}
+
+/// Where the page after `n` starts, on the stores that sort by `(created_at, id)`.
+pub fn notification_cursor(n: &Notification) -> Cursor {
+    Cursor::after_row(n.created_at.timestamp_millis(), n.id)
 }
 
 #[async_trait]
@@ -63,8 +82,9 @@ pub trait NotificationStore: Send + Sync {
             .unwrap_or(false))
     }
 
-    /// Records matching `filter`, oldest first (by `created_at`, then id), at most `limit`.
-    async fn find(&self, filter: &Filter) -> Result<Vec<Notification>, StoreError>;
+    /// A page of the records matching `filter`, oldest first (by `created_at`, then id). With
+    /// neither a user nor an order (an operator's view) DynamoDB answers in table order.
+    async fn find(&self, filter: &Filter) -> Result<Page<Notification>, StoreError>;
 
     /// Readiness: the store answers. The default suits stores without a connection of their
     /// own to check (DynamoDB: every call is a fresh HTTPS request).
@@ -170,27 +190,36 @@ impl NotificationStore for SqliteNotificationStore {
             .await
     }
 
-    async fn find(&self, filter: &Filter) -> Result<Vec<Notification>, StoreError> {
+    async fn find(&self, filter: &Filter) -> Result<Page<Notification>, StoreError> {
+        let ((after_at, after_id), skip) = filter.page.row_start()?;
+        let limit = filter.page.limit;
         let filter = filter.clone();
-        self.db
+        let rows = self
+            .db
             .read(move |conn| {
-                Ok(conn
-                    .prepare_cached(&format!(
+                Ok::<_, StoreError>(
+                    conn.prepare_cached(&format!(
                         "SELECT {COLUMNS} FROM notifications
                          WHERE (?1 IS NULL OR user_id = ?1) AND (?2 IS NULL OR order_id = ?2)
-                         ORDER BY created_at, id LIMIT ?3"
+                         AND (created_at, id) > (?3, ?4)
+                         ORDER BY created_at, id LIMIT ?5 OFFSET ?6"
                     ))?
                     .query_map(
                         params![
                             filter.user_id.map(|u| u.to_string()),
                             filter.order_id.map(|u| u.to_string()),
-                            filter.limit
+                            after_at,
+                            after_id.to_string(),
+                            limit + 1,
+                            skip
                         ],
                         to_notification,
                     )?
-                    .collect::<Result<Vec<_>, _>>()?)
+                    .collect::<Result<Vec<_>, _>>()?,
+                )
             })
-            .await
+            .await?;
+        Ok(Page::from_rows(rows, limit, notification_cursor))
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use kit::Money;
+use kit::page::{Cursor, PageRequest, Start};
 use notifications::content::Notification;
 use notifications::store::Filter;
 use notifications::{NotificationStore, SqliteNotificationStore};
@@ -128,10 +129,12 @@ fn note(user: Uuid, order: Uuid, ms: i64, kind: &str) -> Notification {
     }
 }
 
-fn all() -> Filter {
+/// Everything a user has, oldest first, in one page.
+fn of_user(user_id: Uuid) -> Filter {
     Filter {
-        limit: 1000,
-        ..Default::default()
+        user_id: Some(user_id),
+        order_id: None,
+        page: PageRequest::first(1000),
     }
 }
 
@@ -162,7 +165,7 @@ async fn stores_each_event_once(store: Arc<dyn NotificationStore>) {
     let d = note(user, order, 4, "order.shipped");
     assert!(store.insert_once(&d).await.unwrap());
     assert_eq!(
-        store.find(&all()).await.unwrap(),
+        store.find(&of_user(user)).await.unwrap().items,
         vec![a, b, c, d],
         "exact, first writes win"
     );
@@ -181,7 +184,10 @@ async fn racing_deliveries_of_one_event_store_it_once(store: Arc<dyn Notificatio
         stored += usize::from(t.await.unwrap().unwrap());
     }
     assert_eq!(stored, 1);
-    assert_eq!(store.find(&all()).await.unwrap(), vec![n]);
+    assert_eq!(
+        store.find(&of_user(n.user_id)).await.unwrap().items,
+        vec![n]
+    );
 }
 
 async fn lists_by_user_and_order_oldest_first(store: Arc<dyn NotificationStore>) {
@@ -210,10 +216,11 @@ async fn lists_by_user_and_order_oldest_first(store: Arc<dyn NotificationStore>)
                 .find(&Filter {
                     user_id,
                     order_id,
-                    limit,
+                    page: PageRequest::first(limit),
                 })
                 .await
                 .unwrap()
+                .items
         }
     };
     assert_eq!(
@@ -237,11 +244,65 @@ async fn lists_by_user_and_order_oldest_first(store: Arc<dyn NotificationStore>)
     bob_all.extend(same_ms.iter().cloned());
     assert_eq!(find(Some(bob), None, 100).await, bob_all);
     assert_eq!(find(None, Some(o3), 2).await, bob_all[..2]);
-    assert_eq!(
-        find(None, None, 3).await,
-        vec![ada_o1_created, bob_o3_created, ada_o1_paid]
-    );
     assert_eq!(find(Some(Uuid::new_v4()), None, 100).await, vec![]);
+
+    // Following the cursor visits each record once, in order, for any page size: by user, by
+    // order, by both, and (an operator's view) everything, in the store's own order.
+    let everything = walk(&store, None, None, 100).await;
+    assert_eq!(everything.len(), 7);
+    for limit in [1, 2, 3, 4] {
+        assert_eq!(
+            walk(&store, Some(bob), None, limit).await,
+            bob_all,
+            "{limit}"
+        );
+        assert_eq!(
+            walk(&store, None, Some(o3), limit).await,
+            bob_all,
+            "{limit}"
+        );
+        assert_eq!(
+            walk(&store, Some(ada), Some(o1), limit).await,
+            vec![ada_o1_created.clone(), ada_o1_paid.clone()]
+        );
+        assert_eq!(walk(&store, None, None, limit).await, everything);
+    }
+    let foreign = Filter {
+        user_id: Some(ada),
+        order_id: None,
+        page: PageRequest {
+            limit: 2,
+            start: Start::After(Cursor::from_text("not a row")),
+        },
+    };
+    assert!(matches!(
+        store.find(&foreign).await,
+        Err(notifications::store::StoreError::BadCursor(_))
+    ));
+}
+
+/// Every page from the first, following `next` to the end.
+async fn walk(
+    store: &Arc<dyn NotificationStore>,
+    user_id: Option<Uuid>,
+    order_id: Option<Uuid>,
+    limit: u32,
+) -> Vec<Notification> {
+    let mut filter = Filter {
+        user_id,
+        order_id,
+        page: PageRequest::first(limit),
+    };
+    let mut seen = Vec::new();
+    loop {
+        let page = store.find(&filter).await.unwrap();
+        assert!(page.items.len() <= limit as usize);
+        seen.extend(page.items);
+        match page.next {
+            Some(next) => filter.page.start = Start::After(next),
+            None => return seen,
+        }
+    }
 }
 
 async fn answers_ping(store: Arc<dyn NotificationStore>) {

@@ -2,7 +2,7 @@
 
 use axum::Extension;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::middleware;
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
@@ -10,8 +10,9 @@ use kit::Money;
 use kit::Problem;
 use kit::auth::{AuthUser, Caller, ServiceCaller};
 use kit::client::CallError;
-use kit::extract::{self, PageParams, Path, Query};
+use kit::extract::{self, Path, Query};
 use kit::idempotency::{self, Idempotency, IdempotencyKey};
+use kit::page::{self, PageParams};
 use serde::Deserialize;
 use std::sync::Arc;
 
@@ -90,6 +91,7 @@ fn store_problem(e: StoreError) -> Problem {
         .with("from", from.as_str())
         .with("to", to.as_str()),
         StoreError::Overflow => Problem::invalid("the order total is too large"),
+        StoreError::BadCursor(bad) => bad.into(),
         // Corrupt rows, encoding and database failures (whichever backend): the client can do
         // nothing about them.
         _ => {
@@ -320,32 +322,39 @@ async fn get_order_internal(
         .ok_or_else(|| Problem::not_found("the order"))
 }
 
-/// A page of a user's orders, in the seed's shape.
+/// A page of a user's orders, in the seed's shape, with the next page's cursor (also in the
+/// `Link` header; `null` on the last page).
 #[derive(Debug, serde::Serialize)]
 pub struct UserOrders {
     pub orders: Vec<Order>,
     pub count: usize,
+    pub next: Option<String>,
 }
 
 async fn list_user_orders(
     State(ctx): State<ApiContext>,
     AuthUser(caller): AuthUser,
     Path(user_id): Path<Uuid>,
-    Query(page): Query<PageParams>,
-) -> Result<Json<UserOrders>, Problem> {
+    uri: Uri,
+    Query(params): Query<PageParams>,
+) -> Result<(HeaderMap, Json<UserOrders>), Problem> {
     if !caller.may_access(user_id) {
         return Err(Problem::not_found("the user"));
     }
-    let page = page.checked()?;
-    let orders = ctx
+    let page = ctx
         .store
-        .list_by_user(user_id, page.skip, page.limit)
+        .list_by_user(user_id, &params.checked()?)
         .await
         .map_err(store_problem)?;
-    Ok(Json(UserOrders {
-        count: orders.len(),
-        orders,
-    }))
+    let headers = page::link_headers(&uri, &page);
+    Ok((
+        headers,
+        Json(UserOrders {
+            count: page.items.len(),
+            next: page.next.map(|next| next.token()),
+            orders: page.items,
+        }),
+    ))
 }
 
 fn parse_status(raw: &str) -> Result<OrderStatus, Problem> {
@@ -492,7 +501,18 @@ pub async fn apply_status(
         if to.releases_stock() {
             ctx.deps.release(id).await.map_err(dependency_problem)?;
         } else if to == OrderStatus::Paid {
-            ctx.deps.commit(id).await.map_err(dependency_problem)?;
+            ctx.deps.commit(id).await.map_err(|e| match e {
+                // Released (409), or released and pruned since (404): the stock is not held.
+                CallError::Rejected { status, .. }
+                    if status == StatusCode::CONFLICT || status == StatusCode::NOT_FOUND =>
+                {
+                    Problem::conflict(
+                        "reservation-state",
+                        "the order's stock is no longer held for it",
+                    )
+                }
+                e => dependency_problem(e),
+            })?;
         }
     }
     ctx.store

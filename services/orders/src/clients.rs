@@ -118,19 +118,16 @@ impl Dependencies {
         }
     }
 
-    /// Makes the order's reservation permanent (it was paid).
+    /// Makes the order's reservation permanent (it was paid). A reservation that is gone
+    /// (404: released and pruned after its retention) is refused like a released one: the
+    /// order's stock is not held, so it cannot be sold.
     pub async fn commit(&self, order_id: Uuid) -> Result<(), CallError> {
-        match self
-            .products
+        self.products
             .send(
                 Method::POST,
                 &format!("/internal/v1/reservations/{order_id}/commit"),
                 None::<&()>,
             )
             .await
-        {
-            Err(e) if e.status() == Some(http::StatusCode::NOT_FOUND) => Ok(()),
-            other => other,
-        }
     }
 }

@@ -60,8 +60,9 @@ use uuid::Uuid;
 
 use crate::domain::OrderStatus;
 use crate::store::{
-    DESTINATIONS, DeadLetter, Order, OrderLine, OrderStore, StoreError, Transition,
+    DESTINATIONS, DeadLetter, Order, OrderLine, OrderStore, StoreError, Transition, order_cursor,
 };
+use kit::page::{Page, PageRequest, Start};
 
 pub const USER_INDEX: &str = "user_id-created_at";
 pub const PENDING_INDEX: &str = "pending-expires_at";
@@ -125,10 +126,46 @@ fn event_key(event_id: Uuid) -> String {
 }
 
 fn user_sort(order: &Order) -> String {
-    format!("{:020}#{}", order.created_at.timestamp_millis(), order.id)
+    sort_key(order.created_at.timestamp_millis(), order.id)
+}
+
+/// `user_sort` for an order made at `created_at_ms`: text that sorts as `(created_at, id)`.
+fn sort_key(created_at_ms: i64, id: Uuid) -> String {
+    format!("{created_at_ms:020}#{id}")
 }
 
 impl DynamoOrderStore {
+    /// The `user_sort` of the user's `skip`-th order (1-based), reading only that attribute;
+    /// `None` when they have fewer.
+    async fn user_sort_at(&self, user_id: Uuid, skip: u32) -> Result<Option<String>, StoreError> {
+        let mut keys = self
+            .client
+            .query()
+            .table_name(&self.table)
+            .index_name(USER_INDEX)
+            .key_condition_expression("user_id = :u")
+            .expression_attribute_values(":u", s(user_id.to_string()))
+            .projection_expression("user_sort")
+            .limit(i32::try_from(skip).unwrap_or(i32::MAX).min(1000))
+            .into_paginator()
+            .items()
+            .send();
+        let mut seen = 0;
+        while let Some(item) = keys.next().await {
+            let item = item.map_err(|e| remote(dynamo_error("skipping a user's orders", e)))?;
+            seen += 1;
+            if seen == skip {
+                return Ok(Some(
+                    item.get("user_sort")
+                        .and_then(|v| v.as_s().ok())
+                        .ok_or(StoreError::Corrupt)?
+                        .clone(),
+                ));
+            }
+        }
+        Ok(None)
+    }
+
     /// A store over `table`, its outbox in `outbox`.
     pub fn new(client: Client, table: impl Into<String>, outbox: DynamoOutbox) -> Self {
         DynamoOrderStore {
@@ -414,42 +451,48 @@ impl OrderStore for DynamoOrderStore {
     async fn list_by_user(
         &self,
         user_id: Uuid,
-        skip: u32,
-        limit: u32,
-    ) -> Result<Vec<Order>, StoreError> {
-        let wanted = usize::try_from(u64::from(skip) + u64::from(limit)).unwrap_or(usize::MAX);
-        let mut orders = Vec::new();
-        let mut start = None;
-        while orders.len() < wanted {
-            let page = self
-                .client
-                .query()
-                .table_name(&self.table)
-                .index_name(USER_INDEX)
-                .key_condition_expression("user_id = :u")
-                .expression_attribute_values(":u", s(user_id.to_string()))
-                .limit(
-                    i32::try_from(wanted - orders.len())
-                        .unwrap_or(1000)
-                        .clamp(1, 1000),
-                )
-                .set_exclusive_start_key(start.take())
-                .send()
-                .await
-                .map_err(|e| remote(dynamo_error("listing a user's orders", e)))?;
-            for item in page.items() {
-                orders.push(from_item(item)?);
+        page: &PageRequest,
+    ) -> Result<Page<Order>, StoreError> {
+        // The user index's range key is the SQL stores' sort key, `created_at` then id, as
+        // text: a cursor's row is a key range start, and cursors mean the same on every backend.
+        let ((after_at, after_id), skip) = page.row_start()?;
+        let mut after = match page.start {
+            Start::After(_) => Some(sort_key(after_at, after_id)),
+            Start::Skip(_) => None,
+        };
+        if skip > 0 {
+            // The seed's offset (bounded by kit::page::MAX_SKIP): walk past it reading keys only.
+            after = self.user_sort_at(user_id, skip).await?;
+            if after.is_none() {
+                return Ok(Page::last(Vec::new()));
             }
-            match page.last_evaluated_key() {
-                Some(key) => start = Some(key.clone()),
+        }
+        let limit = page.limit;
+        let mut query = self
+            .client
+            .query()
+            .table_name(&self.table)
+            .index_name(USER_INDEX)
+            .expression_attribute_values(":u", s(user_id.to_string()))
+            .limit(i32::try_from(limit + 1).unwrap_or(i32::MAX));
+        query = match after {
+            Some(after) => query
+                .key_condition_expression("user_id = :u AND user_sort > :after")
+                .expression_attribute_values(":after", s(after)),
+            None => query.key_condition_expression("user_id = :u"),
+        };
+        // Pages until `limit + 1` orders or the end (a page stops at 1 MB).
+        let mut items = query.into_paginator().items().send();
+        let mut orders = Vec::new();
+        while orders.len() <= limit as usize {
+            match items.next().await {
+                Some(item) => orders.push(from_item(
+                    &item.map_err(|e| remote(dynamo_error("listing a user's orders", e)))?,
+                )?),
                 None => break,
             }
         }
-        Ok(orders
-            .into_iter()
-            .skip(usize::try_from(skip).unwrap_or(usize::MAX))
-            .take(usize::try_from(limit).unwrap_or(usize::MAX))
-            .collect())
+        Ok(Page::from_rows(orders, limit, order_cursor))
     }
 
     async fn transition(

@@ -20,8 +20,9 @@ use uuid::Uuid;
 
 use crate::domain::OrderStatus;
 use crate::store::{
-    DESTINATIONS, DeadLetter, Order, OrderLine, OrderStore, StoreError, Transition,
+    DESTINATIONS, DeadLetter, Order, OrderLine, OrderStore, StoreError, Transition, order_cursor,
 };
+use kit::page::{Page, PageRequest};
 
 /// Timestamps are Unix milliseconds in BIGINT as in SQLite (and the shared outbox), so both
 /// backends round-trip an order exactly; money is BIGINT cents.
@@ -253,9 +254,9 @@ impl OrderStore for PgOrderStore {
     async fn list_by_user(
         &self,
         user_id: Uuid,
-        skip: u32,
-        limit: u32,
-    ) -> Result<Vec<Order>, StoreError> {
+        page: &PageRequest,
+    ) -> Result<Page<Order>, StoreError> {
+        let ((after_at, after_id), skip) = page.row_start()?;
         // One snapshot for the orders and their lines.
         let mut tx = self.pg.pool().begin().await?;
         sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
@@ -263,10 +264,13 @@ impl OrderStore for PgOrderStore {
             .await?;
         let rows = sqlx::query(
             "SELECT id, user_id, status, total_cents, currency, shipping_address, created_at, updated_at, expires_at
-             FROM orders WHERE user_id = $1 ORDER BY created_at, id LIMIT $2 OFFSET $3",
+             FROM orders WHERE user_id = $1 AND (created_at, id) > ($2, $3)
+             ORDER BY created_at, id LIMIT $4 OFFSET $5",
         )
         .bind(user_id)
-        .bind(i64::from(limit))
+        .bind(after_at)
+        .bind(after_id)
+        .bind(i64::from(page.limit) + 1)
         .bind(i64::from(skip))
         .fetch_all(&mut *tx)
         .await?;
@@ -276,7 +280,7 @@ impl OrderStore for PgOrderStore {
             .collect::<Result<Vec<_>, _>>()?;
         attach_lines(&mut tx, &mut orders).await?;
         tx.commit().await?;
-        Ok(orders)
+        Ok(Page::from_rows(orders, page.limit, order_cursor))
     }
 
     async fn transition(

@@ -217,9 +217,22 @@ pub(crate) async fn handle_payment_event(
             Ok(_) => {}
             Err(problem) if problem.status >= 500 => return Err(problem.to_string()),
             Err(problem) => {
-                if holds_money(&event.event_type, &payment.status)
-                    && cannot_be_paid(ctx, payment.order_id).await?
-                {
+                let money = holds_money(&event.event_type, &payment.status);
+                if money && *to == OrderStatus::Paid && stock_not_held(&problem) {
+                    // The order's stock was given back while it waited (its hold ran out before
+                    // the order expired): it cannot be filled. Cancelled, then refunded below,
+                    // rather than left pending with the money kept.
+                    match apply_status(ctx, payment.order_id, OrderStatus::Cancelled, None).await {
+                        Ok(_) => {
+                            tracing::warn!(event_id = %event.id, order_id = %payment.order_id, "paid after its stock was released: cancelled");
+                        }
+                        Err(problem) if problem.status >= 500 => {
+                            return Err(problem.to_string());
+                        }
+                        Err(_) => {}
+                    }
+                }
+                if money && cannot_be_paid(ctx, payment.order_id).await? {
                     return compensate(saga, &event, &payment).await;
                 }
                 tracing::warn!(event_id = %event.id, order_id = %payment.order_id, %problem, "payment event does not apply");
@@ -228,6 +241,12 @@ pub(crate) async fn handle_payment_event(
         }
     }
     Ok(())
+}
+
+/// Products refused to sell the order's reservation: released, or gone (pruned after its
+/// retention); both are `reservation-state` (see `api::apply_status`).
+fn stock_not_held(problem: &kit::Problem) -> bool {
+    problem.kind.ends_with("/reservation-state")
 }
 
 /// Whether the order is gone past paying (cancelled, expired, its payment failed).

@@ -15,6 +15,7 @@ use bus::outbox::{self, Destination};
 use chrono::{DateTime, Utc};
 use kit::Money;
 use kit::db::{Db, DbError, Step, corrupt, now_ms};
+use kit::page::{BadCursor, Cursor, Page, PageRequest};
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 use tokio::sync::Notify;
@@ -162,12 +163,19 @@ impl Order {
     }
 }
 
+/// Where the page after `order` starts: the same on every backend.
+pub fn order_cursor(order: &Order) -> Cursor {
+    Cursor::after_row(order.created_at.timestamp_millis(), order.id)
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("order not found")]
     NotFound,
     #[error("an order with this id already exists")]
     Duplicate,
+    #[error(transparent)]
+    BadCursor(#[from] BadCursor),
     #[error("an order cannot go from {from} to {to}")]
     IllegalTransition { from: OrderStatus, to: OrderStatus },
     #[error("an order total overflowed")]
@@ -212,13 +220,13 @@ pub trait OrderStore: Send + Sync + std::fmt::Debug {
 
     async fn get(&self, id: Uuid) -> Result<Option<Order>, StoreError>;
 
-    /// A user's orders, oldest first.
+    /// A page of a user's orders, oldest first, ties by id (the cursor is the last order's
+    /// `(created_at, id)` on every backend).
     async fn list_by_user(
         &self,
         user_id: Uuid,
-        skip: u32,
-        limit: u32,
-    ) -> Result<Vec<Order>, StoreError>;
+        page: &PageRequest,
+    ) -> Result<Page<Order>, StoreError>;
 
     /// Moves an order to `to` if legal, publishing `order.<to>` in the same transaction.
     /// Moving to the current status is a no-op (`changed: false`), so retries are safe.
@@ -394,14 +402,28 @@ impl OrderStore for SqliteOrderStore {
     async fn list_by_user(
         &self,
         user_id: Uuid,
-        skip: u32,
-        limit: u32,
-    ) -> Result<Vec<Order>, StoreError> {
-        self.db
+        page: &PageRequest,
+    ) -> Result<Page<Order>, StoreError> {
+        let ((after_at, after_id), skip) = page.row_start()?;
+        let limit = page.limit;
+        let rows = self
+            .db
             .read(move |conn| {
                 let ids: Vec<String> = conn
-                    .prepare_cached("SELECT id FROM orders WHERE user_id = ?1 ORDER BY created_at, id LIMIT ?2 OFFSET ?3")?
-                    .query_map(params![user_id.to_string(), limit, skip], |r| r.get(0))?
+                    .prepare_cached(
+                        "SELECT id FROM orders WHERE user_id = ?1 AND (created_at, id) > (?2, ?3)
+                         ORDER BY created_at, id LIMIT ?4 OFFSET ?5",
+                    )?
+                    .query_map(
+                        params![
+                            user_id.to_string(),
+                            after_at,
+                            after_id.to_string(),
+                            limit + 1,
+                            skip
+                        ],
+                        |r| r.get(0),
+                    )?
                     .collect::<Result<_, _>>()?;
                 let mut orders = Vec::with_capacity(ids.len());
                 for id in ids {
@@ -409,9 +431,10 @@ impl OrderStore for SqliteOrderStore {
                         orders.push(order);
                     }
                 }
-                Ok(orders)
+                Ok::<_, StoreError>(orders)
             })
-            .await
+            .await?;
+        Ok(Page::from_rows(rows, limit, order_cursor))
     }
 
     /// Moves an order to `to` if legal, publishing `order.<to>` in the same transaction.

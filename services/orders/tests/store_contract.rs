@@ -12,6 +12,7 @@ use std::sync::Arc;
 use bus::names::{ORDER_EVENTS_QUEUE, ORDERS_TOPIC};
 use chrono::Duration;
 use kit::Money;
+use kit::page::{Cursor, PageRequest, Start};
 use orders::domain::OrderStatus;
 use orders::store::{DeadLetter, Order, OrderStore, StoreError, new_order};
 use uuid::Uuid;
@@ -181,7 +182,7 @@ async fn keeps_the_contract(store: Arc<dyn OrderStore>, outbox: Outbox) {
     // list_by_user: oldest first (created_at, then id), paged, only that user's.
     let base = first.created_at;
     let mut later = Vec::new();
-    for offset in [30, 10, 20] {
+    for offset in [30, 10, 20, 20] {
         let mut o = order(user, TTL);
         o.created_at = base + Duration::milliseconds(offset);
         o.updated_at = o.created_at;
@@ -192,26 +193,51 @@ async fn keeps_the_contract(store: Arc<dyn OrderStore>, outbox: Outbox) {
     let other_user = order(Uuid::now_v7(), TTL);
     store.insert(&other_user).await.unwrap();
     inserted += 1;
+    // Two orders made in the same millisecond: ordered by id.
+    let (tie_a, tie_b) = if later[2].id < later[3].id {
+        (later[2].clone(), later[3].clone())
+    } else {
+        (later[3].clone(), later[2].clone())
+    };
     let expected = vec![
         first.clone(),
         later[1].clone(),
-        later[2].clone(),
+        tie_a,
+        tie_b,
         later[0].clone(),
     ];
-    assert_eq!(store.list_by_user(user, 0, 100).await.unwrap(), expected);
+    assert_eq!(listed(&store, user, 0, 100).await, expected);
+    assert_eq!(listed(&store, user, 1, 2).await, expected[1..3].to_vec());
+    assert_eq!(listed(&store, user, 5, 10).await, vec![]);
     assert_eq!(
-        store.list_by_user(user, 1, 2).await.unwrap(),
-        expected[1..3].to_vec()
-    );
-    assert_eq!(store.list_by_user(user, 4, 10).await.unwrap(), vec![]);
-    assert_eq!(
-        store.list_by_user(other_user.user_id, 0, 10).await.unwrap(),
+        listed(&store, other_user.user_id, 0, 10).await,
         vec![other_user.clone()]
     );
-    assert_eq!(
-        store.list_by_user(Uuid::now_v7(), 0, 10).await.unwrap(),
-        vec![]
-    );
+    assert_eq!(listed(&store, Uuid::now_v7(), 0, 10).await, vec![]);
+    // Following the cursor visits each order once, in order, for any page size; a full last
+    // page says it is the last.
+    for limit in [1, 2, 3, 5, 6] {
+        let mut request = PageRequest::first(limit);
+        let mut seen = Vec::new();
+        loop {
+            let page = store.list_by_user(user, &request).await.unwrap();
+            assert!(page.items.len() <= limit as usize);
+            seen.extend(page.items);
+            match page.next {
+                Some(next) => request.start = Start::After(next),
+                None => break,
+            }
+        }
+        assert_eq!(seen, expected, "pages of {limit}");
+    }
+    let foreign = PageRequest {
+        limit: 2,
+        start: Start::After(Cursor::from_text("not a row")),
+    };
+    assert!(matches!(
+        store.list_by_user(user, &foreign).await,
+        Err(StoreError::BadCursor(_))
+    ));
 
     // Every (from, to) pair: legal moves change the order and write order.<to>; moving to the
     // current status is a no-op; everything else is refused and writes nothing.
@@ -661,4 +687,10 @@ async fn dynamodb_keeps_the_contract() {
     let client = aws_sdk_dynamodb::Client::new(&bus::dynamo::sdk_config(&parsed).await);
     let outbox = Outbox::Dynamo(client, store.outbox().table().to_owned());
     keeps_the_contract(Arc::new(store), outbox).await;
+}
+
+/// The seed's `skip` and `limit`.
+async fn listed(store: &Arc<dyn OrderStore>, user: Uuid, skip: u32, limit: u32) -> Vec<Order> {
+    let request = PageRequest::parse(limit, Some(skip), None).unwrap();
+    store.list_by_user(user, &request).await.unwrap().items
 }

@@ -3,14 +3,15 @@
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::IntoResponse;
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use kit::Money;
 use kit::Problem;
 use kit::auth::{Admin, ServiceCaller};
-use kit::extract::{self, PageParams, Path, Query};
+use kit::extract::{self, Path, Query};
+use kit::page::{self, PageRequest};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -69,19 +70,14 @@ pub struct ChangeStock {
     pub adjust: Option<i64>,
 }
 
-/// `?skip=&limit=&category=`. (Not `#[serde(flatten)]` over [`PageParams`]: flattening makes
-/// serde_urlencoded hand numbers over as strings, and they would fail to parse.)
+/// `?limit=&cursor=&category=` (or the seed's `skip=`); see [`kit::page`].
 #[derive(Debug, Deserialize)]
 pub struct ListParams {
-    #[serde(default)]
-    pub skip: u32,
-    #[serde(default = "default_limit")]
+    #[serde(default = "kit::page::default_limit")]
     pub limit: u32,
+    pub skip: Option<u32>,
+    pub cursor: Option<String>,
     pub category: Option<String>,
-}
-
-fn default_limit() -> u32 {
-    100
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -180,6 +176,7 @@ fn store_problem(e: StoreError) -> Problem {
         StoreError::StockOutOfRange => Problem::invalid(e.to_string())
             .with("field", "on_hand")
             .with("limit", domain::MAX_STOCK),
+        StoreError::BadCursor(bad) => bad.into(),
         StoreError::WrongState(status) => Problem::conflict(
             "reservation-state",
             format!("the reservation is already {}", serde_plain(status)),
@@ -226,19 +223,16 @@ async fn create_product(
 
 async fn list_products(
     State(catalog): State<Catalog>,
+    uri: Uri,
     Query(params): Query<ListParams>,
-) -> Result<Json<Vec<Product>>, Problem> {
-    let page = PageParams {
-        skip: params.skip,
-        limit: params.limit,
-    }
-    .checked()?;
-    let products = catalog
+) -> Result<(HeaderMap, Json<Vec<Product>>), Problem> {
+    let request = PageRequest::parse(params.limit, params.skip, params.cursor.as_deref())?;
+    let page = catalog
         .store
-        .list(page.skip, page.limit, params.category)
+        .list(&request, params.category)
         .await
         .map_err(store_problem)?;
-    Ok(Json(products))
+    Ok((page::link_headers(&uri, &page), Json(page.items)))
 }
 
 async fn get_product(

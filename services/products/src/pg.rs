@@ -26,6 +26,7 @@ use chrono::DateTime;
 use kit::Money;
 use kit::config::PostgresSettings;
 use kit::db::now_ms;
+use kit::page::{Cursor, Page, PageRequest};
 use kit::pg::{Pg, PgError, PgStep, is_unique_violation};
 use sqlx::postgres::PgRow;
 use sqlx::{PgConnection, Row as _};
@@ -89,6 +90,11 @@ pub static PG_MIGRATIONS: &[PgStep] = &[
         ALTER TABLE products ADD CONSTRAINT products_reserved_on_hand
             CHECK (reserved >= 0 AND reserved <= on_hand);
         ALTER TABLE reservations ADD COLUMN attempt UUID;",
+    ),
+    (
+        3,
+        "settled reservations found by age, to be pruned",
+        "CREATE INDEX reservations_settled ON reservations (status, updated_at);",
     ),
 ];
 
@@ -371,21 +377,27 @@ impl ProductStore for PgProductStore {
 
     async fn list(
         &self,
-        skip: u32,
-        limit: u32,
+        page: &PageRequest,
         category: Option<String>,
-    ) -> Result<Vec<Product>, StoreError> {
+    ) -> Result<Page<Product>, StoreError> {
+        let ((after_at, after_id), skip) = page.row_start()?;
         // The same order as SQLite: UUIDs sort by bytes, as their lower-case text does there.
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
             "SELECT {PRODUCT_COLUMNS} FROM products WHERE ($1::TEXT IS NULL OR category = $1)
-             ORDER BY created_at, id LIMIT $2 OFFSET $3"
+             AND (created_at, id) > ($2, $3)
+             ORDER BY created_at, id LIMIT $4 OFFSET $5"
         )))
         .bind(category)
-        .bind(i64::from(limit))
+        .bind(after_at)
+        .bind(after_id)
+        .bind(i64::from(page.limit) + 1)
         .bind(i64::from(skip))
         .fetch_all(self.pg.pool())
         .await?;
-        rows.iter().map(to_product).collect()
+        let rows = rows.iter().map(to_product).collect::<Result<Vec<_>, _>>()?;
+        Ok(Page::from_rows(rows, page.limit, |p| {
+            Cursor::after_row(p.created_at.timestamp_millis(), p.id)
+        }))
     }
 
     async fn update(
@@ -560,6 +572,30 @@ impl ProductStore for PgProductStore {
             },
             true,
         ))
+    }
+
+    async fn prune_settled(&self, settled_before_ms: i64, limit: u32) -> Result<usize, StoreError> {
+        // One statement: the batch's lines, then the reservations themselves. The rows are
+        // locked (and re-checked once locked), so a released reservation renewed meanwhile is
+        // left alone rather than deleted while it holds stock.
+        let pruned: i64 = sqlx::query_scalar(
+            "WITH due AS (
+                SELECT order_id FROM reservations
+                WHERE status IN ('released', 'committed') AND updated_at < $1
+                LIMIT $2 FOR UPDATE SKIP LOCKED
+             ), lines AS (
+                DELETE FROM reservation_items WHERE order_id IN (SELECT order_id FROM due)
+             ), gone AS (
+                DELETE FROM reservations WHERE order_id IN (SELECT order_id FROM due)
+                RETURNING 1
+             )
+             SELECT COUNT(*) FROM gone",
+        )
+        .bind(settled_before_ms)
+        .bind(i64::from(limit))
+        .fetch_one(self.pg.pool())
+        .await?;
+        Ok(usize::try_from(pruned).unwrap_or(0))
     }
 
     async fn release_expired(&self, limit: u32) -> Result<usize, StoreError> {

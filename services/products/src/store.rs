@@ -13,6 +13,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use kit::Money;
 use kit::db::{Db, DbError, Step, corrupt, is_unique_violation, now_ms};
+use kit::page::{BadCursor, Cursor, Page, PageRequest};
 use rusqlite::{Connection, OptionalExtension, Row, params};
 use serde::Serialize;
 use serde::ser::SerializeStruct as _;
@@ -89,6 +90,11 @@ pub static MIGRATIONS: &[Step] = &[
         CREATE INDEX products_category ON products (category, created_at);
         CREATE INDEX products_created ON products (created_at, id);
         ALTER TABLE reservations ADD COLUMN attempt TEXT;",
+    ),
+    (
+        4,
+        "settled reservations found by age, to be pruned",
+        "CREATE INDEX reservations_settled ON reservations (status, updated_at);",
     ),
 ];
 
@@ -271,6 +277,8 @@ pub enum StoreError {
     StockOutOfRange,
     #[error("reservation is {0:?}")]
     WrongState(ReservationStatus),
+    #[error(transparent)]
+    BadCursor(#[from] BadCursor),
     #[error("stored value is corrupt")]
     Corrupt,
     #[error(transparent)]
@@ -336,12 +344,12 @@ pub trait ProductStore: Send + Sync {
 
     async fn get(&self, id: Uuid) -> Result<Option<Product>, StoreError>;
 
+    /// A page of the catalog (of one category), oldest first, ties by id.
     async fn list(
         &self,
-        skip: u32,
-        limit: u32,
+        page: &PageRequest,
         category: Option<String>,
-    ) -> Result<Vec<Product>, StoreError>;
+    ) -> Result<Page<Product>, StoreError>;
 
     /// Applies the given changes; `None` when the product does not exist.
     async fn update(
@@ -386,6 +394,11 @@ pub trait ProductStore: Send + Sync {
     /// Marks a held reservation as sold (its order was paid): the units leave the shelf.
     async fn commit(&self, order_id: Uuid) -> Result<Option<Reservation>, StoreError>;
 
+    /// Deletes up to `limit` reservations that settled (sold or released) before
+    /// `settled_before_ms`, with their lines; returns how many. Stock is untouched: a settled
+    /// reservation no longer counts in it.
+    async fn prune_settled(&self, settled_before_ms: i64, limit: u32) -> Result<usize, StoreError>;
+
     /// Readiness: the database answers.
     async fn ping(&self) -> Result<(), StoreError>;
 
@@ -412,6 +425,26 @@ pub async fn release_all_due(
         // to the next sweep, which finds it no longer held).
         if n < RELEASE_BATCH as usize || std::time::Instant::now() >= deadline {
             return Ok(released);
+        }
+    }
+}
+
+/// Deletes every reservation that settled before `settled_before_ms`, in batches, until none is
+/// left or `within` has passed.
+pub async fn prune_all_settled(
+    store: &dyn ProductStore,
+    settled_before_ms: i64,
+    within: std::time::Duration,
+) -> Result<usize, StoreError> {
+    let deadline = std::time::Instant::now() + within;
+    let mut pruned = 0;
+    loop {
+        let n = store
+            .prune_settled(settled_before_ms, RELEASE_BATCH)
+            .await?;
+        pruned += n;
+        if n < RELEASE_BATCH as usize || std::time::Instant::now() >= deadline {
+            return Ok(pruned);
         }
     }
 }
@@ -630,22 +663,31 @@ impl ProductStore for SqliteProductStore {
 
     async fn list(
         &self,
-        skip: u32,
-        limit: u32,
+        page: &PageRequest,
         category: Option<String>,
-    ) -> Result<Vec<Product>, StoreError> {
-        self.db
+    ) -> Result<Page<Product>, StoreError> {
+        let ((after_at, after_id), skip) = page.row_start()?;
+        let limit = page.limit;
+        let rows = self
+            .db
             .read(move |conn| {
                 let mut q = conn.prepare_cached(&format!(
                     "SELECT {COLUMNS} FROM products WHERE (?1 IS NULL OR category = ?1)
-                     ORDER BY created_at, id LIMIT ?2 OFFSET ?3"
+                     AND (created_at, id) > (?2, ?3)
+                     ORDER BY created_at, id LIMIT ?4 OFFSET ?5"
                 ))?;
                 let products = q
-                    .query_map(params![category, limit, skip], to_product)?
+                    .query_map(
+                        params![category, after_at, after_id.to_string(), limit + 1, skip],
+                        to_product,
+                    )?
                     .collect::<Result<Vec<_>, _>>()?;
-                Ok(products)
+                Ok::<_, StoreError>(products)
             })
-            .await
+            .await?;
+        Ok(Page::from_rows(rows, limit, |p| {
+            Cursor::after_row(p.created_at.timestamp_millis(), p.id)
+        }))
     }
 
     async fn update(
@@ -790,6 +832,28 @@ impl ProductStore for SqliteProductStore {
                     },
                     true,
                 ))
+            })
+            .await
+    }
+
+    async fn prune_settled(&self, settled_before_ms: i64, limit: u32) -> Result<usize, StoreError> {
+        self.db
+            .write(move |tx| {
+                let due: Vec<String> = tx
+                    .prepare_cached(
+                        "SELECT order_id FROM reservations
+                         WHERE status IN ('released', 'committed') AND updated_at < ?1 LIMIT ?2",
+                    )?
+                    .query_map(params![settled_before_ms, limit], |r| r.get(0))?
+                    .collect::<Result<_, _>>()?;
+                for order_id in &due {
+                    tx.execute(
+                        "DELETE FROM reservation_items WHERE order_id = ?1",
+                        [order_id],
+                    )?;
+                    tx.execute("DELETE FROM reservations WHERE order_id = ?1", [order_id])?;
+                }
+                Ok(due.len())
             })
             .await
     }

@@ -38,9 +38,11 @@ pub async fn start(shared: &Shared<'_>) -> Result<Started, WiringError> {
             tracing::info!(products = added, "demo catalog seeded");
         }
     }
-    // Gives back stock held for orders that were never created or never settled.
+    // Gives back stock held for orders that were never created or never settled, and forgets
+    // reservations settled longer ago than the retention.
     let sweeper = store.clone();
     let interval = shared.sweep_interval();
+    let retention = i64::try_from(shared.reservation_retention().as_millis()).unwrap_or(i64::MAX);
     shared.lifecycle.every(interval, move || {
         let store = sweeper.clone();
         async move {
@@ -48,6 +50,12 @@ pub async fn start(shared: &Shared<'_>) -> Result<Started, WiringError> {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(released = n, "expired stock reservations released"),
                 Err(e) => tracing::warn!(error = %e, "releasing expired reservations failed"),
+            }
+            let before = kit::db::now_ms().saturating_sub(retention);
+            match crate::store::prune_all_settled(store.as_ref(), before, interval).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(pruned = n, "settled stock reservations pruned"),
+                Err(e) => tracing::warn!(error = %e, "pruning settled reservations failed"),
             }
         }
     });

@@ -11,10 +11,11 @@ use std::sync::Arc;
 
 use kit::Money;
 use kit::db::now_ms;
+use kit::page::{Cursor, PageRequest, Start};
 use products::domain::ReservationLines;
 use products::store::{
-    Hold, NewProduct, ProductChanges, ReleaseIf, ReservationStatus, Stock, StockChange, StockLevel,
-    StoreError,
+    Hold, NewProduct, Product, ProductChanges, ReleaseIf, ReservationStatus, Stock, StockChange,
+    StockLevel, StoreError,
 };
 use products::{ProductStore, SqliteProductStore};
 use uuid::Uuid;
@@ -93,6 +94,7 @@ contract!(
     a_renewal_takes_a_released_reservation_again_all_or_nothing,
     a_failed_attempt_releases_only_its_own_hold,
     renewal_extends_the_hold_past_the_sweeper,
+    settled_reservations_are_pruned_after_their_retention_and_held_ones_never,
 );
 
 fn widget(sku: &str, stock: i64) -> NewProduct {
@@ -195,24 +197,66 @@ async fn lists_page_in_creation_order_and_filter_by_category(store: Arc<dyn Prod
         new.category = if i % 2 == 0 { "even" } else { "odd" }.into();
         all.push(store.create(new).await.unwrap());
     }
-    assert_eq!(store.list(0, 100, None).await.unwrap(), all);
-    assert_eq!(store.list(0, 4, None).await.unwrap(), all[..4]);
-    assert_eq!(store.list(4, 4, None).await.unwrap(), all[4..]);
-    assert_eq!(store.list(6, 4, None).await.unwrap(), vec![]);
+    assert_eq!(listed(&store, 0, 100, None).await, all);
+    assert_eq!(listed(&store, 0, 4, None).await, all[..4]);
+    assert_eq!(listed(&store, 4, 4, None).await, all[4..]);
+    assert_eq!(listed(&store, 6, 4, None).await, vec![]);
     let odd: Vec<_> = all
         .iter()
         .filter(|p| p.category == "odd")
         .cloned()
         .collect();
-    assert_eq!(store.list(0, 100, Some("odd".into())).await.unwrap(), odd);
-    assert_eq!(
-        store.list(1, 1, Some("odd".into())).await.unwrap(),
-        odd[1..2]
-    );
-    assert_eq!(
-        store.list(0, 100, Some("none".into())).await.unwrap(),
-        vec![]
-    );
+    assert_eq!(listed(&store, 0, 100, Some("odd")).await, odd);
+    assert_eq!(listed(&store, 1, 1, Some("odd")).await, odd[1..2]);
+    assert_eq!(listed(&store, 0, 100, Some("none")).await, vec![]);
+
+    // Following the cursor visits every product once, in order, whatever the page size
+    // (products made in the same millisecond are ordered by id), and the last page says so.
+    for limit in [1, 2, 3, 4, 6, 7] {
+        assert_eq!(walk(&store, limit, None).await, all, "pages of {limit}");
+    }
+    assert_eq!(walk(&store, 1, Some("odd")).await, odd);
+    // A cursor from somewhere else is the client's error, not the store's.
+    let foreign = PageRequest {
+        limit: 2,
+        start: Start::After(Cursor::from_text("LastEvaluatedKey")),
+    };
+    assert!(matches!(
+        store.list(&foreign, None).await,
+        Err(StoreError::BadCursor(_))
+    ));
+}
+
+async fn listed(
+    store: &Arc<dyn ProductStore>,
+    skip: u32,
+    limit: u32,
+    category: Option<&str>,
+) -> Vec<Product> {
+    let request = PageRequest::parse(limit, Some(skip), None).unwrap();
+    store
+        .list(&request, category.map(str::to_owned))
+        .await
+        .unwrap()
+        .items
+}
+
+/// Every page from the first, following `next` to the end.
+async fn walk(store: &Arc<dyn ProductStore>, limit: u32, category: Option<&str>) -> Vec<Product> {
+    let mut request = PageRequest::first(limit);
+    let mut seen = Vec::new();
+    loop {
+        let page = store
+            .list(&request, category.map(str::to_owned))
+            .await
+            .unwrap();
+        assert!(page.items.len() <= limit as usize);
+        seen.extend(page.items);
+        match page.next {
+            Some(next) => request.start = Start::After(next),
+            None => return seen,
+        }
+    }
 }
 
 async fn update_changes_only_what_is_given(store: Arc<dyn ProductStore>) {
@@ -259,7 +303,7 @@ async fn delete_removes_once(store: Arc<dyn ProductStore>) {
     assert!(store.delete(p.id).await.unwrap());
     assert!(!store.delete(p.id).await.unwrap());
     assert_eq!(store.get(p.id).await.unwrap(), None);
-    assert_eq!(store.list(0, 100, None).await.unwrap(), vec![kept]);
+    assert_eq!(listed(&store, 0, 100, None).await, vec![kept]);
     // The sku is free again.
     store.create(widget("D-1", 1)).await.unwrap();
 }
@@ -438,6 +482,68 @@ async fn release_gives_stock_back_once(store: Arc<dyn ProductStore>) {
             .unwrap(),
         None
     );
+}
+
+async fn settled_reservations_are_pruned_after_their_retention_and_held_ones_never(
+    store: Arc<dyn ProductStore>,
+) {
+    let p = store.create(widget("PR-1", 20)).await.unwrap();
+    let (held, sold, released, sold_too) = (
+        Uuid::new_v4(),
+        Uuid::new_v4(),
+        Uuid::new_v4(),
+        Uuid::new_v4(),
+    );
+    for order in [held, sold, released, sold_too] {
+        store
+            .reserve(order, &lines(&[(p.id, 2)]), Hold::until(now_ms() + 60_000))
+            .await
+            .unwrap();
+    }
+    store.commit(sold).await.unwrap().unwrap();
+    store.commit(sold_too).await.unwrap().unwrap();
+    store
+        .release(released, ReleaseIf::Held)
+        .await
+        .unwrap()
+        .unwrap();
+    let before = level(&store, p.id).await;
+    assert_eq!(before, (14, 2), "20 on hand, 4 sold, 2 held");
+
+    // Settled just now: younger than any retention.
+    assert_eq!(
+        store
+            .prune_settled(now_ms() - 3_600_000, 100)
+            .await
+            .unwrap(),
+        0
+    );
+    // Past the retention: the settled ones go, in batches; the held one stays.
+    let later = now_ms() + 1_000;
+    assert_eq!(store.prune_settled(later, 2).await.unwrap(), 2);
+    assert_eq!(store.prune_settled(later, 2).await.unwrap(), 1);
+    assert_eq!(store.prune_settled(later, 2).await.unwrap(), 0);
+    assert_eq!(level(&store, p.id).await, before, "stock is untouched");
+    assert_eq!(store.commit(sold).await.unwrap(), None, "forgotten");
+    assert_eq!(
+        store.release(released, ReleaseIf::Held).await.unwrap(),
+        None
+    );
+    // The held reservation still holds, and still settles.
+    let kept = store.release(held, ReleaseIf::Held).await.unwrap().unwrap();
+    assert_eq!(kept.status, ReservationStatus::Released);
+    assert_eq!(level(&store, p.id).await, (16, 0));
+    // The forgotten order's id may reserve again (a new reservation).
+    let (again, taken) = store
+        .reserve(
+            released,
+            &lines(&[(p.id, 1)]),
+            Hold::until(now_ms() + 60_000),
+        )
+        .await
+        .unwrap();
+    assert!(taken);
+    assert_eq!(again.status, ReservationStatus::Held);
 }
 
 async fn commit_keeps_stock_taken(store: Arc<dyn ProductStore>) {

@@ -4,14 +4,15 @@
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use kit::Problem;
 use kit::auth::{Admin, AuthUser, MaybeAuthUser, Rejection, Role, ServiceCaller, TokenIssuer};
 use kit::config::Secret;
-use kit::extract::{self, PageParams, Path, Query};
+use kit::extract::{self, Path, Query};
+use kit::page::{self, PageParams};
 use serde::Deserialize;
 use uuid::Uuid;
 
@@ -65,6 +66,9 @@ pub fn router(ctx: ApiContext) -> Router {
 /// Infrastructure failures: 503 when the database is out of reach (retry later), else 500.
 /// Either way the cause is logged, never sent.
 pub(crate) fn internal(e: StoreError) -> Problem {
+    if let StoreError::BadCursor(bad) = e {
+        return bad.into();
+    }
     tracing::error!(error = %e, "users store failed");
     if e.is_unavailable() {
         Problem::unavailable("the users database")
@@ -176,15 +180,11 @@ async fn find(ctx: &ApiContext, id: Uuid) -> Result<Json<User>, Problem> {
 async fn list_users(
     State(ctx): State<ApiContext>,
     Admin(_): Admin,
-    Query(page): Query<PageParams>,
-) -> Result<Json<Vec<User>>, Problem> {
-    let page = page.checked()?;
-    Ok(Json(
-        ctx.store
-            .list(page.skip, page.limit)
-            .await
-            .map_err(internal)?,
-    ))
+    uri: Uri,
+    Query(params): Query<PageParams>,
+) -> Result<(HeaderMap, Json<Vec<User>>), Problem> {
+    let page = ctx.store.list(&params.checked()?).await.map_err(internal)?;
+    Ok((page::link_headers(&uri, &page), Json(page.items)))
 }
 
 /// Closing an account: its owner or an administrator.

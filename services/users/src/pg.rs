@@ -15,7 +15,10 @@ use uuid::Uuid;
 use crate::domain::{Email, Phone, UserName};
 use kit::auth::Role;
 
-use crate::store::{RefreshRecord, RefreshUse, StoreError, User, UserStore, new_user, parse_role};
+use crate::store::{
+    RefreshRecord, RefreshUse, StoreError, User, UserStore, new_user, parse_role, user_cursor,
+};
+use kit::page::{Page, PageRequest};
 
 pub static PG_MIGRATIONS: &[PgStep] = &[
     (
@@ -132,18 +135,22 @@ impl UserStore for PgUserStore {
         Ok(row.as_ref().map(to_user).transpose()?)
     }
 
-    async fn list(&self, skip: u32, limit: u32) -> Result<Vec<User>, StoreError> {
+    async fn list(&self, page: &PageRequest) -> Result<Page<User>, StoreError> {
+        let ((after_at, after_id), skip) = page.row_start()?;
         // UUID order is byte order, the same as SQLite's order of their lower-case text form.
         let rows = sqlx::query(concat!(
             "SELECT ",
             columns!(),
-            " FROM users ORDER BY created_at, id LIMIT $1 OFFSET $2"
+            " FROM users WHERE (created_at, id) > ($1, $2) ORDER BY created_at, id LIMIT $3 OFFSET $4"
         ))
-        .bind(i64::from(limit))
+        .bind(after_at)
+        .bind(after_id)
+        .bind(i64::from(page.limit) + 1)
         .bind(i64::from(skip))
         .fetch_all(self.pg.pool())
         .await?;
-        Ok(rows.iter().map(to_user).collect::<Result<_, _>>()?)
+        let rows = rows.iter().map(to_user).collect::<Result<Vec<_>, _>>()?;
+        Ok(Page::from_rows(rows, page.limit, user_cursor))
     }
 
     async fn delete(&self, id: Uuid) -> Result<bool, StoreError> {

@@ -4,6 +4,7 @@
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use kit::db::{Db, DbError, Step, corrupt, is_unique_violation, now_ms};
+use kit::page::{BadCursor, Cursor, Page, PageRequest};
 use rusqlite::{OptionalExtension, Row, params};
 use serde::Serialize;
 use uuid::Uuid;
@@ -75,10 +76,17 @@ pub struct User {
     pub created_at: DateTime<Utc>,
 }
 
+/// Where the page after `user` starts.
+pub(crate) fn user_cursor(user: &User) -> Cursor {
+    Cursor::after_row(user.created_at.timestamp_millis(), user.id)
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("a user with this email already exists")]
     DuplicateEmail,
+    #[error(transparent)]
+    BadCursor(#[from] BadCursor),
     #[error(transparent)]
     Sqlite(#[from] rusqlite::Error),
     #[error(transparent)]
@@ -164,7 +172,8 @@ pub trait UserStore: Send + Sync {
 
     async fn get(&self, id: Uuid) -> Result<Option<User>, StoreError>;
 
-    async fn list(&self, skip: u32, limit: u32) -> Result<Vec<User>, StoreError>;
+    /// A page of users, oldest first, ties by id.
+    async fn list(&self, page: &PageRequest) -> Result<Page<User>, StoreError>;
 
     /// True when a user was deleted.
     async fn delete(&self, id: Uuid) -> Result<bool, StoreError>;
@@ -290,18 +299,26 @@ impl UserStore for SqliteUserStore {
             .await
     }
 
-    async fn list(&self, skip: u32, limit: u32) -> Result<Vec<User>, StoreError> {
-        self.db
+    async fn list(&self, page: &PageRequest) -> Result<Page<User>, StoreError> {
+        let ((after_at, after_id), skip) = page.row_start()?;
+        let limit = page.limit;
+        let rows = self
+            .db
             .read(move |conn| {
                 let mut q = conn.prepare_cached(&format!(
-                    "SELECT {COLUMNS} FROM users ORDER BY created_at, id LIMIT ?1 OFFSET ?2"
+                    "SELECT {COLUMNS} FROM users WHERE (created_at, id) > (?1, ?2)
+                     ORDER BY created_at, id LIMIT ?3 OFFSET ?4"
                 ))?;
                 let users = q
-                    .query_map([limit, skip], to_user)?
+                    .query_map(
+                        params![after_at, after_id.to_string(), limit + 1, skip],
+                        to_user,
+                    )?
                     .collect::<Result<Vec<_>, _>>()?;
-                Ok(users)
+                Ok::<_, StoreError>(users)
             })
-            .await
+            .await?;
+        Ok(Page::from_rows(rows, limit, user_cursor))
     }
 
     async fn delete(&self, id: Uuid) -> Result<bool, StoreError> {

@@ -10,6 +10,7 @@
 use std::sync::Arc;
 
 use kit::auth::Role;
+use kit::page::{Cursor, PageRequest, Start};
 use users::domain::{Email, Phone, UserName};
 use users::store::{RefreshRecord, RefreshUse, StoreError};
 use users::{SqliteUserStore, UserStore};
@@ -124,7 +125,7 @@ async fn a_taken_email_is_a_duplicate(store: Arc<dyn UserStore>) {
         matches!(again, Err(StoreError::DuplicateEmail)),
         "{again:?}"
     );
-    assert_eq!(store.list(0, 100).await.unwrap(), vec![first]);
+    assert_eq!(listed(&store, 0, 100).await, vec![first]);
 }
 
 async fn lists_page_in_creation_order(store: Arc<dyn UserStore>) {
@@ -141,11 +142,38 @@ async fn lists_page_in_creation_order(store: Arc<dyn UserStore>) {
                 .unwrap(),
         );
     }
-    assert_eq!(store.list(0, 100).await.unwrap(), created);
-    assert_eq!(store.list(0, 2).await.unwrap(), created[0..2]);
-    assert_eq!(store.list(2, 2).await.unwrap(), created[2..4]);
-    assert_eq!(store.list(4, 2).await.unwrap(), created[4..]);
-    assert_eq!(store.list(5, 2).await.unwrap(), vec![]);
+    assert_eq!(listed(&store, 0, 100).await, created);
+    assert_eq!(listed(&store, 0, 2).await, created[0..2]);
+    assert_eq!(listed(&store, 2, 2).await, created[2..4]);
+    assert_eq!(listed(&store, 4, 2).await, created[4..]);
+    assert_eq!(listed(&store, 5, 2).await, vec![]);
+    // The cursor visits every user once, in order, for any page size.
+    for limit in [1, 2, 3, 5, 6] {
+        let mut request = PageRequest::first(limit);
+        let mut seen = Vec::new();
+        loop {
+            let page = store.list(&request).await.unwrap();
+            seen.extend(page.items);
+            match page.next {
+                Some(next) => request.start = Start::After(next),
+                None => break,
+            }
+        }
+        assert_eq!(seen, created, "pages of {limit}");
+    }
+    let foreign = PageRequest {
+        limit: 2,
+        start: Start::After(Cursor::from_text("not a row")),
+    };
+    assert!(matches!(
+        store.list(&foreign).await,
+        Err(StoreError::BadCursor(_))
+    ));
+}
+
+async fn listed(store: &Arc<dyn UserStore>, skip: u32, limit: u32) -> Vec<users::store::User> {
+    let request = PageRequest::parse(limit, Some(skip), None).unwrap();
+    store.list(&request).await.unwrap().items
 }
 
 async fn delete_removes_once_and_frees_the_email(store: Arc<dyn UserStore>) {
@@ -161,7 +189,7 @@ async fn delete_removes_once_and_frees_the_email(store: Arc<dyn UserStore>) {
     assert!(!store.delete(ada.id).await.unwrap(), "already gone");
     assert!(!store.delete(Uuid::new_v4()).await.unwrap());
     assert_eq!(store.get(ada.id).await.unwrap(), None);
-    assert_eq!(store.list(0, 100).await.unwrap(), vec![bob]);
+    assert_eq!(listed(&store, 0, 100).await, vec![bob]);
     let again = store
         .create(&name("Ada"), &email("ada@example.com"), None)
         .await

@@ -123,6 +123,8 @@ pub struct Answer {
     pub status: StatusCode,
     pub content_type: String,
     pub body: Value,
+    /// The target of a `Link: <…>; rel="next"` header: the next page of a list.
+    pub next: Option<String>,
 }
 
 impl TestApp {
@@ -336,12 +338,20 @@ pub async fn answer(response: reqwest::Response) -> Answer {
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default()
         .to_owned();
+    let next = response
+        .headers()
+        .get("link")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|link| link.strip_suffix(">; rel=\"next\""))
+        .and_then(|link| link.strip_prefix('<'))
+        .map(str::to_owned);
     let bytes = response.bytes().await.unwrap();
     let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
     Answer {
         status,
         content_type,
         body,
+        next,
     }
 }
 

@@ -89,21 +89,23 @@ resource "aws_dynamodb_table" "notifications" {
     name = "order_id"
     type = "S"
   }
+  # Zero-padded created_at (Unix ms) + "#" + record id: oldest first, ties broken by id, so
+  # a page's cursor is a key range start (services/notifications/src/dynamo.rs).
   attribute {
-    name = "created_at"
+    name = "created_sort"
     type = "S"
   }
 
   global_secondary_index {
     name            = "user_id-created_at"
     hash_key        = "user_id"
-    range_key       = "created_at"
+    range_key       = "created_sort"
     projection_type = "ALL"
   }
   global_secondary_index {
     name            = "order_id-created_at"
     hash_key        = "order_id"
-    range_key       = "created_at"
+    range_key       = "created_sort"
     projection_type = "ALL"
   }
 

@@ -45,6 +45,8 @@ pub(crate) enum Stock {
     Held,
     Committed,
     Released,
+    /// Released, then pruned after its retention: products answers 404.
+    Pruned,
 }
 
 /// The fake products service: each order's reservation (held when never touched), and the
@@ -73,7 +75,9 @@ impl Products {
         }
         let mut all = self.reservations.lock().unwrap();
         let now = all.entry(order).or_insert(Stock::Held);
-        if *now == Stock::Held || *now == to {
+        if *now == Stock::Pruned {
+            StatusCode::NOT_FOUND
+        } else if *now == Stock::Held || *now == to {
             *now = to;
             StatusCode::NO_CONTENT
         } else {
@@ -285,6 +289,40 @@ async fn a_success_for_a_cancelled_order_is_compensated() {
     h.deliver(&succeeded).await.unwrap();
     assert_eq!(h.compensations().len(), 2);
     assert_eq!(h.queued(order).await, told);
+}
+
+#[tokio::test]
+async fn a_success_for_a_pending_order_whose_stock_was_released_cancels_and_refunds() {
+    // Its hold ran out before the order expired (the orders sweeper lagging), and products
+    // released the stock, and may have pruned the reservation since: the order cannot be
+    // filled, so it is cancelled and the money given back, not kept with the order pending.
+    for gone in [Stock::Released, Stock::Pruned] {
+        let h = Harness::new().await;
+        let order = h.order(10_000).await;
+        h.products.reservations.lock().unwrap().insert(order, gone);
+        let payment = Uuid::now_v7();
+        let succeeded = payment_event(
+            types::PAYMENT_SUCCEEDED,
+            order,
+            payment,
+            "succeeded",
+            10_000,
+            1,
+        );
+        h.deliver(&succeeded).await.unwrap();
+        assert_eq!(h.status(order).await, OrderStatus::Cancelled, "{gone:?}");
+        assert_eq!(h.compensations().len(), 1, "{gone:?}: refunded");
+        assert_eq!(
+            h.queued(order).await,
+            [
+                types::ORDER_CREATED,
+                types::ORDER_CANCELLED,
+                types::ORDER_PAYMENT_REFUNDED,
+            ],
+            "{gone:?}"
+        );
+        assert_eq!(h.products.state(order), gone, "nothing sold");
+    }
 }
 
 #[tokio::test]
