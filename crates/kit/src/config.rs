@@ -927,6 +927,17 @@ mod tests {
     }
 
     #[test]
+    fn trusted_proxies_come_from_the_environment_as_the_eks_overlay_writes_them() {
+        figment::Jail::expect_with(|jail| {
+            // deploy/k8s/overlays/aws-eks/settings.env's line, as written there.
+            jail.set_env("MERCATO_RATE_LIMIT__TRUSTED_PROXIES", r#"["10.0.0.0/16"]"#);
+            let s = Settings::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(s.rate_limit.trusted_proxies, vec!["10.0.0.0/16".to_owned()]);
+            Ok(())
+        });
+    }
+
+    #[test]
     fn layers_apply_in_order() {
         figment::Jail::expect_with(|jail| {
             jail.create_file(

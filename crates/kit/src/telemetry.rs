@@ -42,9 +42,38 @@ pub fn metrics() -> &'static PrometheusHandle {
             )
             .unwrap_or_else(|_| PrometheusBuilder::new());
         match builder.install_recorder() {
-            Ok(handle) => handle,
+            Ok(handle) => {
+                // Histogram samples pile up until drained: by a scrape, or here. Without it a
+                // process nobody scrapes grows with every request (the soak measured
+                // 40-55 MiB/min).
+                let upkept = handle.clone();
+                let _ = std::thread::Builder::new()
+                    .name("metrics-upkeep".into())
+                    .spawn(move || {
+                        loop {
+                            std::thread::sleep(std::time::Duration::from_secs(5));
+                            upkept.run_upkeep();
+                        }
+                    });
+                handle
+            }
             // Another recorder is already global (an embedding application's): keep ours private.
             Err(_) => PrometheusBuilder::new().build_recorder().handle(),
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    /// Histogram samples are drained even if nothing ever scrapes `/metrics` (the soak saw a
+    /// process grow 40-55 MiB/min without it): a thread does the upkeep.
+    #[test]
+    fn histogram_samples_are_drained_without_a_scrape() {
+        let _ = super::metrics();
+        let upkeep = std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+            .any(|name| name.trim() == "metrics-upkeep");
+        assert!(upkeep, "no metrics-upkeep thread");
+    }
 }

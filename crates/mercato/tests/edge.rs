@@ -139,9 +139,17 @@ async fn a_signed_in_user_is_limited_apart_from_others_and_sign_in_for_everyone(
 
 #[tokio::test]
 async fn services_are_told_the_client_the_gateway_saw_not_what_it_claims() {
+    // Over TCP as between pods, and in memory as in `mercato up`.
+    for in_memory in [false, true] {
+        told_the_client(in_memory).await;
+    }
+}
+
+async fn told_the_client(in_memory: bool) {
     let dir = tempfile::tempdir().unwrap();
     let mut settings = test_settings(&dir);
     settings.auth.login_client_max_failures = 3;
+    settings.http.in_process_upstreams = in_memory;
     let app = spawn_with(settings, &ServiceName::ALL, dir).await;
     app.register("throttled@example.com").await;
     let token = format!("{}/api/v1/auth/token", app.gateway);
@@ -171,7 +179,7 @@ async fn services_are_told_the_client_the_gateway_saw_not_what_it_claims() {
     }
     assert!(
         statuses.contains(&StatusCode::TOO_MANY_REQUESTS),
-        "forged origins dodged the throttle: {statuses:?}"
+        "forged origins dodged the throttle (in memory: {in_memory}): {statuses:?}"
     );
     // A different address is not throttled by the attacker's failures.
     assert_eq!(
@@ -297,9 +305,7 @@ async fn services_in_the_gateways_process_answer_in_memory_as_over_tcp() {
             "in memory: {in_memory}: {streamed}"
         );
 
-        // The service is told who the client is, in memory too: a customer's sign-in from
-        // here is throttled per address (users reads `Forwarded`), and an order works end to
-        // end.
+        // An order works end to end (who the service is told the client is: above).
         let (user, _) = app.register(&format!("mem-{in_memory}@example.com")).await;
         let order = app.place_order(&user, &[(&product, 1)]).await;
         assert!(
@@ -335,4 +341,56 @@ async fn chunked_post(base: &str, path: &str, token: &str, body: &[u8]) -> Strin
         .next()
         .unwrap_or("")
         .to_owned()
+}
+
+#[tokio::test]
+async fn clients_abandoning_uploads_do_not_open_the_breaker_of_a_healthy_service() {
+    // The soak's finding: six clients that reset their connection mid-body looked like six
+    // upstream failures, so the breaker cut the users service off for everyone.
+    use tokio::io::AsyncWriteExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = test_settings(&dir);
+    settings.http.in_process_upstreams = false; // between pods
+    let app = spawn_with(settings, &ServiceName::ALL, dir).await;
+    let addr = app.gateway.trim_start_matches("http://").to_owned();
+    for chunked in [true, false] {
+        let uploads = (0..8).map(|_| {
+            let addr = addr.clone();
+            async move {
+                let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+                let framing = if chunked {
+                    "transfer-encoding: chunked"
+                } else {
+                    "content-length: 500000"
+                };
+                let head = format!(
+                    "POST /api/v1/users HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\n{framing}\r\n\r\n"
+                );
+                stream.write_all(head.as_bytes()).await.unwrap();
+                let part = [b"{\"name\":\"".as_slice(), &[b'a'; 2000]].concat();
+                let framed = if chunked {
+                    [format!("{:x}\r\n", part.len()).as_bytes(), &part, b"\r\n"].concat()
+                } else {
+                    part
+                };
+                stream.write_all(&framed).await.unwrap();
+                tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+                // Linger 0 resets at once; the blocking-on-drop that deprecated it needs a
+                // positive linger.
+                #[allow(deprecated)]
+                stream.set_linger(Some(std::time::Duration::ZERO)).unwrap();
+                drop(stream); // a reset, as from a killed client
+            }
+        });
+        futures_util::future::join_all(uploads).await;
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        let answer = app.get("/.well-known/jwks.json").await;
+        assert_eq!(
+            answer.status,
+            StatusCode::OK,
+            "chunked: {chunked}: the users service was cut off: {}",
+            answer.body
+        );
+    }
+    app.stop().await;
 }

@@ -201,9 +201,11 @@ impl Limits {
         }
     }
 
-    /// The limits every request meets before its token is looked at: its route class for
-    /// everyone, and its address.
+    /// The limits every request meets before its token is looked at: its address, then its
+    /// route class for everyone. In that order: a flood its own address's limit refuses must
+    /// not spend the budget every other client shares.
     pub fn admit_request(&self, class: RouteClass, client: IpAddr) -> Result<(), Limited> {
+        self.check_keyed(&self.per_client, address_key(client), "per-client")?;
         let shared = match class {
             RouteClass::SignIn => (&self.sign_in, "sign-in"),
             RouteClass::Read => (&self.reads, "read"),
@@ -215,7 +217,7 @@ impl Limits {
                 scope,
             })?;
         }
-        self.check_keyed(&self.per_client, address_key(client), "per-client")
+        Ok(())
     }
 
     /// The limit of a signed-in user, once the token said who it is.
@@ -295,6 +297,29 @@ mod tests {
         assert!(refused.retry_after > Duration::ZERO);
         assert!(refused.retry_after <= Duration::from_millis(200));
         l.admit_request(RouteClass::Read, b).unwrap();
+    }
+
+    #[test]
+    fn a_flood_refused_by_its_address_limit_leaves_the_shared_budget_to_others() {
+        // The soak's finding: a flood's refused requests spent the reads budget everyone
+        // shares, so well-behaved clients got 429 too.
+        let l = Limits::new(&RateLimitSettings {
+            per_address_per_sec: 5,
+            reads_per_sec: 50,
+            ..RateLimitSettings::off()
+        })
+        .unwrap();
+        let flooder: IpAddr = "10.0.0.66".parse().unwrap();
+        for _ in 0..1_000 {
+            let _ = l.admit_request(RouteClass::Read, flooder);
+        }
+        for n in 1..=50u8 {
+            let neighbour = IpAddr::from([10, 0, 1, n]);
+            assert!(
+                l.admit_request(RouteClass::Read, neighbour).is_ok(),
+                "client {n} refused: the flood took the shared budget"
+            );
+        }
     }
 
     #[test]

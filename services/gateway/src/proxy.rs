@@ -121,6 +121,14 @@ impl Breaker {
         }
     }
 
+    /// The request ended for a reason that says nothing about the upstream (the client went
+    /// away): counts neither way, but a probe lets the next request probe.
+    fn undecided(&self, pass: &Pass) {
+        if *pass == Pass::Probe {
+            self.probing.store(false, Ordering::Release);
+        }
+    }
+
     fn failed(&self, pass: &Pass, upstream: &http::uri::Authority) {
         let failures = self
             .failures
@@ -282,8 +290,18 @@ impl Proxy {
             return self.call_in_memory(app, parts, body).await;
         }
         parts.uri = uri;
+        // Whether the client's body failed (it went away mid-upload): the upstream is not at
+        // fault then, and its breaker must not count it.
+        let client_body_failed = Arc::new(AtomicBool::new(false));
+        let watched = {
+            let failed = client_body_failed.clone();
+            http_body_util::BodyExt::map_err(body, move |e| {
+                failed.store(true, Ordering::Relaxed);
+                e
+            })
+        };
         let upstream_req =
-            Request::from_parts(parts, Body::new(Limited::new(body, self.body_limit)));
+            Request::from_parts(parts, Body::new(Limited::new(watched, self.body_limit)));
 
         match tokio::time::timeout(self.timeout, self.client.request(upstream_req)).await {
             Ok(Ok(response)) => {
@@ -296,6 +314,11 @@ impl Proxy {
                 if caused_by_body_limit(&e) {
                     upstream.breaker.succeeded(&pass);
                     return kit::extract::too_large().into_response();
+                }
+                if client_body_failed.load(Ordering::Relaxed) {
+                    // Nobody is left to read this answer; it says nothing about the upstream.
+                    upstream.breaker.undecided(&pass);
+                    return Problem::bad_request("the request body was cut off").into_response();
                 }
                 upstream.breaker.failed(&pass, &upstream.authority);
                 tracing::warn!(upstream = %upstream.authority, error = %e, "upstream request failed");
