@@ -6,6 +6,12 @@
 data "aws_caller_identity" "current" {}
 data "aws_partition" "current" {}
 
+# The cluster's VPC: its CIDR holds the ALB's addresses, the proxies the gateway trusts for
+# X-Forwarded-For (MERCATO_RATE_LIMIT__TRUSTED_PROXIES in k8s_settings_env).
+data "aws_vpc" "eks" {
+  id = var.vpc_id
+}
+
 locals {
   account_id = data.aws_caller_identity.current.account_id
   partition  = data.aws_partition.current.partition

@@ -103,7 +103,7 @@ output "k8s_values_env" {
 }
 
 output "k8s_settings_env" {
-  description = "The aws-eks overlay's settings.env: region, the DynamoDB stores of orders, payments and notifications, queue URL, Kafka endpoint, results bucket, the Cognito user pool as an external token issuer, production with Stripe as the payment provider (its keys: the mercato-stripe Secret)."
+  description = "The aws-eks overlay's settings.env: region, the DynamoDB stores of orders, payments and notifications, queue URL, Kafka endpoint, results bucket, the Cognito user pool as an external token issuer, production with Stripe as the payment provider (its keys: the mercato-stripe Secret), the VPC's CIDR as the gateway's trusted proxies (the ALB)."
   value = join("\n", [
     "AWS_REGION=${var.region}",
     "MERCATO_ORDERS__DATABASE_URL=dynamodb://${aws_dynamodb_table.orders.name}?region=${var.region}",
@@ -119,6 +119,7 @@ output "k8s_settings_env" {
     "MERCATO_PAYMENTS__PROVIDER=stripe",
     "MERCATO_PAYMENTS__STRIPE__SECRET_KEY_FILE=/etc/mercato-stripe/secret-key",
     "MERCATO_PAYMENTS__STRIPE__WEBHOOK_SECRET_FILE=/etc/mercato-stripe/webhook-secret",
+    "MERCATO_RATE_LIMIT__TRUSTED_PROXIES=[\"${data.aws_vpc.eks.cidr_block}\"]",
     "",
   ])
 }
