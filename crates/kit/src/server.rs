@@ -25,7 +25,6 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt as _;
 use tower_http::catch_panic::CatchPanicLayer;
-use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tracing::Instrument;
 
 use crate::config::HttpSettings;
@@ -72,13 +71,61 @@ pub fn app(service: &'static str, api: Router, http: &HttpSettings) -> Router {
         }))
         .layer(DefaultBodyLimit::max(http.body_limit_bytes))
         .layer(middleware::from_fn_with_state(
-            request_timeout,
-            answer_in_time,
+            Served {
+                service,
+                request_timeout,
+            },
+            serve_request,
         ))
-        .layer(middleware::from_fn_with_state(service, track_request))
-        .layer(PropagateRequestIdLayer::x_request_id())
-        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
-        .layer(middleware::from_fn(drop_unusable_request_id))
+}
+
+/// What [`serve_request`] needs: the service's name (a label) and its request timeout.
+#[derive(Debug, Clone, Copy)]
+struct Served {
+    service: &'static str,
+    request_timeout: Duration,
+}
+
+/// Every request of a service, in one middleware (each layer is an allocation and a boxed
+/// future per request; `perf` counted them on the gateway's path): a request id kept if
+/// usable, else minted, and answered back; the answer within the request timeout; the
+/// request's span, metrics and failure log.
+async fn serve_request(
+    State(served): State<Served>,
+    matched: Option<MatchedPath>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    let request_id = request_id_of(&mut req);
+    let mut response = track_request(served.service, matched, request_id.clone(), req, |req| {
+        answer_in_time(served.request_timeout, req, next)
+    })
+    .await;
+    if let Ok(value) = axum::http::HeaderValue::from_str(&request_id) {
+        response
+            .headers_mut()
+            .entry("x-request-id")
+            .or_insert(value);
+    }
+    response
+}
+
+/// The client's `x-request-id` when usable (one, short, plain characters), else a fresh UUID,
+/// set on the request either way.
+fn request_id_of(req: &mut Request) -> String {
+    let mut ids = req.headers().get_all("x-request-id").iter();
+    if let (Some(only), None) = (ids.next(), ids.next())
+        && usable_request_id(only.as_bytes())
+        && let Ok(id) = only.to_str()
+    {
+        return id.to_owned();
+    }
+    let fresh = uuid::Uuid::new_v4().to_string();
+    req.headers_mut().remove("x-request-id");
+    if let Ok(value) = axum::http::HeaderValue::from_str(&fresh) {
+        req.headers_mut().insert("x-request-id", value);
+    }
+    fresh
 }
 
 /// The longest `x-request-id` kept from a client; it goes into every log line of the request.
@@ -93,24 +140,9 @@ fn usable_request_id(id: &[u8]) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
 }
 
-/// Removes a client's request id that is too long or holds odd characters, so a fresh one is
-/// minted in its place.
-async fn drop_unusable_request_id(mut req: Request, next: Next) -> Response {
-    let mut ids = req.headers().get_all("x-request-id").iter();
-    let unusable = match (ids.next(), ids.next()) {
-        (None, _) => false,
-        (Some(only), None) => !usable_request_id(only.as_bytes()),
-        (Some(_), Some(_)) => true,
-    };
-    if unusable {
-        req.headers_mut().remove("x-request-id");
-    }
-    next.run(req).await
-}
-
 /// Answers 503 when the handler has not started its answer within the request timeout (a
 /// stuck dependency, a client trickling its body); a started stream runs on.
-async fn answer_in_time(State(limit): State<Duration>, req: Request, next: Next) -> Response {
+async fn answer_in_time(limit: Duration, req: Request, next: Next) -> Response {
     match tokio::time::timeout(limit, next.run(req)).await {
         Ok(response) => response,
         Err(_) => Problem::new(
@@ -234,35 +266,63 @@ async fn render_metrics() -> Response {
 
 /// Counts and times every request by route *template* (never the raw path, which would
 /// explode label cardinality), and scopes the request id for logs and outbound calls.
-async fn track_request(
-    State(service): State<&'static str>,
+async fn track_request<F, Fut>(
+    service: &'static str,
     matched: Option<MatchedPath>,
+    request_id: String,
     req: Request,
-    next: Next,
-) -> Response {
+    run: F,
+) -> Response
+where
+    F: FnOnce(Request) -> Fut,
+    Fut: Future<Output = Response>,
+{
     let start = Instant::now();
     let method = method_label(req.method());
     let route = matched.map_or("unmatched", |m| route_label(m.as_str()));
-    let request_id = req
-        .headers()
-        .get("x-request-id")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
-    let span = tracing::info_span!("request", service, method, route = %route, request_id = request_id.as_deref().unwrap_or(""));
+    let span =
+        tracing::info_span!("request", service, method, route = %route, request_id = %request_id);
     let response = REQUEST_ID
-        .scope(request_id, next.run(req).instrument(span.clone()))
+        .scope(Some(request_id), run(req).instrument(span.clone()))
         .await;
     let status = response.status();
     if status.is_server_error() {
         span.in_scope(|| tracing::warn!(status = status.as_u16(), "request failed"));
     }
-    // Static labels: no allocation per request for the metric keys.
-    let status = status_label(status);
-    metrics::counter!("http_requests_total", "service" => service, "method" => method, "route" => route, "status" => status)
-        .increment(1);
-    metrics::histogram!("http_request_duration_seconds", "service" => service, "method" => method, "route" => route, "status" => status)
-        .record(start.elapsed().as_secs_f64());
+    let (count, duration) = request_metrics(service, method, route, status_label(status));
+    count.increment(1);
+    duration.record(start.elapsed().as_secs_f64());
     response
+}
+
+/// The request counter and histogram of one label set. Building a metric key and looking it
+/// up in the registry costs an allocation and four string hashes per request; every label
+/// here is a `'static` str from a fixed set (interned routes, known methods and statuses), so
+/// their addresses name the set and each worker thread keeps the handles it has used.
+fn request_metrics(
+    service: &'static str,
+    method: &'static str,
+    route: &'static str,
+    status: &'static str,
+) -> (metrics::Counter, metrics::Histogram) {
+    type Handles =
+        std::collections::HashMap<[(usize, usize); 4], (metrics::Counter, metrics::Histogram)>;
+    thread_local! {
+        static HANDLES: std::cell::RefCell<Handles> = std::cell::RefCell::default();
+    }
+    let key = [service, method, route, status].map(|label| (label.as_ptr() as usize, label.len()));
+    HANDLES.with(|handles| {
+        handles
+            .borrow_mut()
+            .entry(key)
+            .or_insert_with(|| {
+                (
+                    metrics::counter!("http_requests_total", "service" => service, "method" => method, "route" => route, "status" => status),
+                    metrics::histogram!("http_request_duration_seconds", "service" => service, "method" => method, "route" => route, "status" => status),
+                )
+            })
+            .clone()
+    })
 }
 
 /// A route template as a `'static` label: templates are a fixed set (the routers'), so each

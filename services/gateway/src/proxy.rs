@@ -237,16 +237,6 @@ impl Proxy {
         if pass == Pass::Refuse {
             return unavailable();
         }
-        let path_and_query = parts.uri.path_and_query().cloned();
-        let mut uri = Uri::builder()
-            .scheme(upstream.scheme.clone())
-            .authority(upstream.authority.clone());
-        if let Some(pq) = path_and_query {
-            uri = uri.path_and_query(pq);
-        }
-        let Ok(uri) = uri.build() else {
-            return Problem::bad_request("the request target is not valid").into_response();
-        };
         if let Some(host) = parts.headers.get(header::HOST).cloned() {
             parts.headers.insert("x-forwarded-host", host);
         }
@@ -289,6 +279,16 @@ impl Proxy {
         if let Some(app) = &upstream.local {
             return self.call_in_memory(app, parts, body).await;
         }
+        let path_and_query = parts.uri.path_and_query().cloned();
+        let mut uri = Uri::builder()
+            .scheme(upstream.scheme.clone())
+            .authority(upstream.authority.clone());
+        if let Some(pq) = path_and_query {
+            uri = uri.path_and_query(pq);
+        }
+        let Ok(uri) = uri.build() else {
+            return Problem::bad_request("the request target is not valid").into_response();
+        };
         parts.uri = uri;
         // Whether the client's body failed (it went away mid-upload): the upstream is not at
         // fault then, and its breaker must not count it.

@@ -652,11 +652,12 @@ impl ProductStore for SqliteProductStore {
     }
 
     async fn get(&self, id: Uuid) -> Result<Option<Product>, StoreError> {
+        // The hottest read of the shop (every product page): on the caller's thread.
         self.db
-            .read(move |conn| {
-                let mut q =
-                    conn.prepare_cached(&format!("SELECT {COLUMNS} FROM products WHERE id = ?1"))?;
-                Ok(q.query_row([id.to_string()], to_product).optional()?)
+            .read_now(move |conn| {
+                conn.prepare_cached(&format!("SELECT {COLUMNS} FROM products WHERE id = ?1"))?
+                    .query_row([id.to_string()], to_product)
+                    .optional()
             })
             .await
     }
