@@ -41,25 +41,23 @@ pub fn metrics() -> &'static PrometheusHandle {
                 ],
             )
             .unwrap_or_else(|_| PrometheusBuilder::new());
-        match builder.install_recorder() {
-            Ok(handle) => {
-                // Histogram samples pile up until drained: by a scrape, or here. Without it a
-                // process nobody scrapes grows with every request (the soak measured
-                // 40-55 MiB/min).
-                let upkept = handle.clone();
-                let _ = std::thread::Builder::new()
-                    .name("metrics-upkeep".into())
-                    .spawn(move || {
-                        loop {
-                            std::thread::sleep(std::time::Duration::from_secs(5));
-                            upkept.run_upkeep();
-                        }
-                    });
-                handle
-            }
+        let handle = match builder.install_recorder() {
+            Ok(handle) => handle,
             // Another recorder is already global (an embedding application's): keep ours private.
             Err(_) => PrometheusBuilder::new().build_recorder().handle(),
-        }
+        };
+        // Histogram samples pile up until drained: by a scrape, or here. Without it a process
+        // nobody scrapes grows with every request (the soak measured 40-55 MiB/min).
+        let upkept = handle.clone();
+        let _ = std::thread::Builder::new()
+            .name("metrics-upkeep".into())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(std::time::Duration::from_secs(5));
+                    upkept.run_upkeep();
+                }
+            });
+        handle
     })
 }
 
@@ -70,10 +68,17 @@ mod tests {
     #[test]
     fn histogram_samples_are_drained_without_a_scrape() {
         let _ = super::metrics();
-        let upkeep = std::fs::read_dir("/proc/self/task")
-            .unwrap()
-            .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
-            .any(|name| name.trim() == "metrics-upkeep");
-        assert!(upkeep, "no metrics-upkeep thread");
+        // A new thread takes its name once it runs: look for a while.
+        let named = || {
+            std::fs::read_dir("/proc/self/task")
+                .unwrap()
+                .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+                .any(|name| name.trim() == "metrics-upkeep")
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !named() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(named(), "no metrics-upkeep thread");
     }
 }
