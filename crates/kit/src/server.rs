@@ -96,36 +96,35 @@ async fn serve_request(
     mut req: Request,
     next: Next,
 ) -> Response {
-    let request_id = request_id_of(&mut req);
-    let mut response = track_request(served.service, matched, request_id.clone(), req, |req| {
+    let (request_id, header) = request_id_of(&mut req);
+    let mut response = track_request(served.service, matched, request_id, req, |req| {
         answer_in_time(served.request_timeout, req, next)
     })
     .await;
-    if let Ok(value) = axum::http::HeaderValue::from_str(&request_id) {
-        response
-            .headers_mut()
-            .entry("x-request-id")
-            .or_insert(value);
-    }
+    // The header value the request carried, not a second parse of the text.
+    response
+        .headers_mut()
+        .entry("x-request-id")
+        .or_insert(header);
     response
 }
 
 /// The client's `x-request-id` when usable (one, short, plain characters), else a fresh UUID,
-/// set on the request either way.
-fn request_id_of(req: &mut Request) -> String {
+/// set on the request either way: as text (for logs and outbound calls) and as the header.
+fn request_id_of(req: &mut Request) -> (String, axum::http::HeaderValue) {
     let mut ids = req.headers().get_all("x-request-id").iter();
     if let (Some(only), None) = (ids.next(), ids.next())
         && usable_request_id(only.as_bytes())
         && let Ok(id) = only.to_str()
     {
-        return id.to_owned();
+        return (id.to_owned(), only.clone());
     }
-    let fresh = uuid::Uuid::new_v4().to_string();
-    req.headers_mut().remove("x-request-id");
-    if let Ok(value) = axum::http::HeaderValue::from_str(&fresh) {
-        req.headers_mut().insert("x-request-id", value);
-    }
-    fresh
+    let fresh = uuid::Uuid::new_v4();
+    // A UUID's text is always a valid header value.
+    let header = axum::http::HeaderValue::from_str(&fresh.to_string())
+        .unwrap_or_else(|_| axum::http::HeaderValue::from_static("-"));
+    req.headers_mut().insert("x-request-id", header.clone());
+    (fresh.to_string(), header)
 }
 
 /// The longest `x-request-id` kept from a client; it goes into every log line of the request.

@@ -135,16 +135,25 @@ fn sort_key(created_at_ms: i64, id: Uuid) -> String {
 }
 
 impl DynamoOrderStore {
-    /// The `user_sort` of the user's `skip`-th order (1-based), reading only that attribute;
-    /// `None` when they have fewer.
-    async fn user_sort_at(&self, user_id: Uuid, skip: u32) -> Result<Option<String>, StoreError> {
-        let mut keys = self
-            .client
+    /// A query of the user index for one user's orders (`:u`), oldest first; callers narrow
+    /// the key condition (`user_sort` ranges) and the page.
+    fn user_orders(
+        &self,
+        user_id: Uuid,
+    ) -> aws_sdk_dynamodb::operation::query::builders::QueryFluentBuilder {
+        self.client
             .query()
             .table_name(&self.table)
             .index_name(USER_INDEX)
             .key_condition_expression("user_id = :u")
             .expression_attribute_values(":u", s(user_id.to_string()))
+    }
+
+    /// The `user_sort` of the user's `skip`-th order (1-based), reading only that attribute;
+    /// `None` when they have fewer.
+    async fn user_sort_at(&self, user_id: Uuid, skip: u32) -> Result<Option<String>, StoreError> {
+        let mut keys = self
+            .user_orders(user_id)
             .projection_expression("user_sort")
             .limit(i32::try_from(skip).unwrap_or(i32::MAX).min(1000))
             .into_paginator()
@@ -469,18 +478,13 @@ impl OrderStore for DynamoOrderStore {
         }
         let limit = page.limit;
         let mut query = self
-            .client
-            .query()
-            .table_name(&self.table)
-            .index_name(USER_INDEX)
-            .expression_attribute_values(":u", s(user_id.to_string()))
+            .user_orders(user_id)
             .limit(i32::try_from(limit + 1).unwrap_or(i32::MAX));
-        query = match after {
-            Some(after) => query
+        if let Some(after) = after {
+            query = query
                 .key_condition_expression("user_id = :u AND user_sort > :after")
-                .expression_attribute_values(":after", s(after)),
-            None => query.key_condition_expression("user_id = :u"),
-        };
+                .expression_attribute_values(":after", s(after));
+        }
         // Pages until `limit + 1` orders or the end (a page stops at 1 MB).
         let mut items = query.into_paginator().items().send();
         let mut orders = Vec::new();
@@ -635,14 +639,10 @@ impl OrderStore for DynamoOrderStore {
         // The user index's range key starts with the zero-padded creation time: only the
         // window is read.
         let mut pages = self
-            .client
-            .query()
-            .table_name(&self.table)
-            .index_name(USER_INDEX)
+            .user_orders(user_id)
             .key_condition_expression("user_id = :u AND user_sort >= :since")
             .filter_expression("#status = :pending")
             .expression_attribute_names("#status", "status")
-            .expression_attribute_values(":u", s(user_id.to_string()))
             .expression_attribute_values(":since", s(format!("{:020}", since.timestamp_millis())))
             .expression_attribute_values(":pending", s(OrderStatus::Pending.as_str()))
             .into_paginator()
