@@ -134,7 +134,7 @@ impl DynamoOutbox {
         event: &Event,
         destinations: &[Destination],
     ) -> Result<Vec<TransactWriteItem>, BusError> {
-        let headers = serde_json::to_string(&event.headers())
+        let headers = serde_json::to_string(&event.outbox_headers())
             .map_err(|e| BusError::Malformed(e.to_string()))?;
         let now = now_ms();
         destinations

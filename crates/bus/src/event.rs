@@ -69,7 +69,9 @@ impl Event {
             source: source.to_owned(),
             subject,
             time: Utc::now(),
-            traceparent: None,
+            // The span that writes the event (a request's, its transaction's): the relay and
+            // every consumer continue its trace.
+            traceparent: kit::telemetry::propagation::traceparent_of(&tracing::Span::current()),
             data: serde_json::to_string(data)?,
         })
     }
@@ -90,6 +92,16 @@ impl Event {
             h.insert(attr::TRACEPARENT.into(), tp.clone());
         }
         h
+    }
+
+    /// The headers an outbox row keeps: the trace context is the span writing the row (on
+    /// SQLite the transaction's), so the relay's send continues from the transaction.
+    pub fn outbox_headers(&self) -> Headers {
+        let mut headers = self.headers();
+        if let Some(tp) = kit::telemetry::propagation::traceparent_of(&tracing::Span::current()) {
+            headers.insert(attr::TRACEPARENT.into(), tp);
+        }
+        headers
     }
 
     pub fn to_record(&self) -> Record {

@@ -147,6 +147,10 @@ impl KafkaStream {
 
 #[async_trait]
 impl Stream for KafkaStream {
+    fn system(&self) -> &'static str {
+        "kafka"
+    }
+
     /// Returns once every record is acknowledged by all in-sync replicas.
     async fn publish(&self, topic: &str, records: &[Record]) -> Result<(), BusError> {
         self.publish_each(topic, records).await.map_err(|u| u.error)

@@ -23,6 +23,7 @@ pub mod kafka;
 pub mod outbox;
 #[cfg(feature = "sqs")]
 pub mod sqs;
+pub mod trace;
 pub mod transports;
 
 use std::collections::BTreeMap;
@@ -100,6 +101,11 @@ impl Unsent {
 /// A partitioned, replayable log (Kafka's model).
 #[async_trait]
 pub trait Stream: Send + Sync {
+    /// The `messaging.system` its spans name (OpenTelemetry's value where it has one).
+    fn system(&self) -> &'static str {
+        "mercato"
+    }
+
     async fn publish(&self, topic: &str, records: &[Record]) -> Result<(), BusError>;
 
     /// Like [`Stream::publish`], but where the backend acknowledges records one by one (Kafka
@@ -161,6 +167,11 @@ pub struct ReceivedMessage {
 /// Messages with visibility timeouts, receive counts and dead-lettering (SQS's model).
 #[async_trait]
 pub trait Queue: Send + Sync {
+    /// The `messaging.system` its spans name (OpenTelemetry's value where it has one).
+    fn system(&self) -> &'static str {
+        "mercato"
+    }
+
     async fn send_batch(&self, queue: &str, messages: &[OutgoingMessage]) -> Result<(), BusError>;
 
     /// Like [`Queue::send_batch`], but where the backend answers per message (SQS does) a

@@ -58,7 +58,7 @@ pub fn enqueue(
     event: &Event,
     destinations: &[Destination],
 ) -> Result<(), rusqlite::Error> {
-    let headers = serde_json::to_string(&event.headers())
+    let headers = serde_json::to_string(&event.outbox_headers())
         .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
     let now = now_ms();
     let id = event.id.to_string();
@@ -102,8 +102,8 @@ pub async fn enqueue_pg(
     event: &Event,
     destinations: &[Destination],
 ) -> Result<(), sqlx::Error> {
-    let headers =
-        serde_json::to_string(&event.headers()).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+    let headers = serde_json::to_string(&event.outbox_headers())
+        .map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
     let now = now_ms();
     let id = event.id.to_string();
     for destination in destinations {
@@ -583,23 +583,42 @@ impl Relay {
     }
 
     async fn publish(&self, destination: &str, pending: &[Pending]) -> Result<(), Unsent> {
+        // One producer span per record, open while the batch goes out (none while traces are
+        // off); each record then carries its own span's context.
+        let mut sends = Vec::new();
         if let Some(topic) = destination.strip_prefix("stream:") {
             let records: Vec<Record> = pending
                 .iter()
-                .map(|p| Record {
-                    key: p.key.clone(),
-                    headers: p.headers.clone(),
-                    payload: p.payload.clone().into_bytes(),
+                .map(|p| {
+                    let mut headers = p.headers.clone();
+                    sends.extend(crate::trace::send_span(
+                        self.stream.system(),
+                        topic,
+                        &mut headers,
+                    ));
+                    Record {
+                        key: p.key.clone(),
+                        headers,
+                        payload: p.payload.clone().into_bytes(),
+                    }
                 })
                 .collect();
             self.stream.publish_each(topic, &records).await
         } else if let Some(queue) = destination.strip_prefix("queue:") {
             let messages: Vec<OutgoingMessage> = pending
                 .iter()
-                .map(|p| OutgoingMessage {
-                    id: p.event_id.clone(),
-                    body: p.payload.clone(),
-                    attributes: p.headers.clone(),
+                .map(|p| {
+                    let mut attributes = p.headers.clone();
+                    sends.extend(crate::trace::send_span(
+                        self.queue.system(),
+                        queue,
+                        &mut attributes,
+                    ));
+                    OutgoingMessage {
+                        id: p.event_id.clone(),
+                        body: p.payload.clone(),
+                        attributes,
+                    }
                 })
                 .collect();
             self.queue.send_each(queue, &messages).await

@@ -409,6 +409,10 @@ fn to_received(m: Message) -> Result<ReceivedMessage, BusError> {
 
 #[async_trait]
 impl Queue for SqsQueue {
+    fn system(&self) -> &'static str {
+        "aws_sqs"
+    }
+
     async fn send_batch(&self, queue: &str, messages: &[OutgoingMessage]) -> Result<(), BusError> {
         self.send_each(queue, messages).await.map_err(|u| u.error)
     }

@@ -119,7 +119,41 @@ impl ServiceClient {
         path: &str,
         body: Option<&B>,
     ) -> Result<bytes_compat::Bytes, CallError> {
+        use tracing::Instrument as _;
+        // The client side of the hop (the callee's request span is its child).
+        let span = tracing::info_span!(
+            "call",
+            otel.name = %method,
+            otel.kind = "client",
+            peer.service = self.service,
+            http.request.method = %method,
+            url.path = path,
+            http.response.status_code = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+        );
+        let answer = self
+            .exchange_in(method, path, body, &span)
+            .instrument(span.clone())
+            .await;
+        if let Err(CallError::Unavailable { .. }) = &answer {
+            span.record("otel.status_code", "ERROR");
+        }
+        answer
+    }
+
+    async fn exchange_in<B: Serialize>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+        span: &tracing::Span,
+    ) -> Result<bytes_compat::Bytes, CallError> {
         let mut request = self.http.request(method, format!("{}{}", self.base, path));
+        if crate::telemetry::traces_on() {
+            let mut headers = http::HeaderMap::new();
+            crate::telemetry::propagation::inject_into_headers(span, &mut headers);
+            request = request.headers(headers);
+        }
         if let Some(body) = body {
             request = request.json(body);
         }
@@ -137,6 +171,7 @@ impl ServiceClient {
             .await
             .map_err(|e| self.unavailable(describe(&e)))?;
         let status = response.status();
+        span.record("http.response.status_code", status.as_u16());
         let bytes = response
             .bytes()
             .await

@@ -47,10 +47,16 @@ type Job = Box<dyn FnOnce(&mut Connection) + Send>;
 #[derive(Debug)]
 struct Worker {
     jobs: mpsc::Sender<Job>,
+    /// What its jobs are, for their spans: `transaction` (the writer) or `query`.
+    operation: &'static str,
 }
 
 impl Worker {
-    fn spawn(name: String, mut conn: Connection) -> Result<Worker, DbError> {
+    fn spawn(
+        name: String,
+        operation: &'static str,
+        mut conn: Connection,
+    ) -> Result<Worker, DbError> {
         let (jobs, queue) = mpsc::channel::<Job>();
         std::thread::Builder::new().name(name).spawn(move || {
             while let Ok(job) = queue.recv() {
@@ -59,7 +65,7 @@ impl Worker {
                 let _ = std::panic::catch_unwind(AssertUnwindSafe(|| job(&mut conn)));
             }
         })?;
-        Ok(Worker { jobs })
+        Ok(Worker { jobs, operation })
     }
 
     async fn run<T, F>(&self, f: F) -> Result<T, DbError>
@@ -68,12 +74,31 @@ impl Worker {
         T: Send + 'static,
     {
         let (reply, answer) = tokio::sync::oneshot::channel();
+        let span = self.span();
         self.jobs
             .send(Box::new(move |conn| {
+                // The caller's trace continues on this thread: what the job writes (an
+                // outbox row's trace context) names this span.
+                let _inside = span.as_ref().map(tracing::Span::enter);
                 let _ = reply.send(f(conn));
             }))
             .map_err(|_| DbError::Closed)?;
         answer.await.map_err(|_| DbError::Closed)
+    }
+
+    /// The span of one write transaction, when traces are exported: the kind of work, never
+    /// the statement's values. Reads (point lookups, most of them) get none: they would double
+    /// the spans of a request for little to see.
+    fn span(&self) -> Option<tracing::Span> {
+        (self.operation == "transaction" && crate::telemetry::traces_on()).then(|| {
+            tracing::info_span!(
+                "sqlite",
+                otel.name = self.operation,
+                otel.kind = "client",
+                db.system.name = "sqlite",
+                db.operation.name = self.operation,
+            )
+        })
     }
 }
 
@@ -186,11 +211,12 @@ impl Db {
         tokio::task::spawn_blocking(move || {
             let mut conn = connect(&path, &settings, true)?;
             migrate(&mut conn, steps)?;
-            let writer = Worker::spawn(format!("sqlite-w-{name}"), conn)?;
+            let writer = Worker::spawn(format!("sqlite-w-{name}"), "transaction", conn)?;
             let readers = (0..settings.read_connections.max(1))
                 .map(|i| {
                     Worker::spawn(
                         format!("sqlite-r{i}-{name}"),
+                        "query",
                         connect(&path, &settings, false)?,
                     )
                 })

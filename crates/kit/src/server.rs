@@ -102,17 +102,18 @@ async fn serve_request(
     })
     .await;
     // The header value the request carried, not a second parse of the text.
-    response
-        .headers_mut()
-        .entry("x-request-id")
-        .or_insert(header);
+    response.headers_mut().entry(X_REQUEST_ID).or_insert(header);
     response
 }
+
+/// The request id's header, as a name: a `&str` name is parsed again on every use.
+pub const X_REQUEST_ID: axum::http::HeaderName =
+    axum::http::HeaderName::from_static("x-request-id");
 
 /// The client's `x-request-id` when usable (one, short, plain characters), else a fresh UUID,
 /// set on the request either way: as text (for logs and outbound calls) and as the header.
 fn request_id_of(req: &mut Request) -> (String, axum::http::HeaderValue) {
-    let mut ids = req.headers().get_all("x-request-id").iter();
+    let mut ids = req.headers().get_all(X_REQUEST_ID).iter();
     if let (Some(only), None) = (ids.next(), ids.next())
         && usable_request_id(only.as_bytes())
         && let Ok(id) = only.to_str()
@@ -123,9 +124,13 @@ fn request_id_of(req: &mut Request) -> (String, axum::http::HeaderValue) {
     // A UUID's text is always a valid header value.
     let header = axum::http::HeaderValue::from_str(&fresh.to_string())
         .unwrap_or_else(|_| axum::http::HeaderValue::from_static("-"));
-    req.headers_mut().insert("x-request-id", header.clone());
+    req.headers_mut().insert(X_REQUEST_ID, header.clone());
     (fresh.to_string(), header)
 }
+
+/// The service that faces the internet: its request spans start a trace of their own (linked
+/// to a caller's `traceparent`, never its child), so clients cannot pick traces or sampling.
+const EDGE: &str = "gateway";
 
 /// The longest `x-request-id` kept from a client; it goes into every log line of the request.
 pub const MAX_REQUEST_ID_LEN: usize = 64;
@@ -279,13 +284,33 @@ where
     let start = Instant::now();
     let method = method_label(req.method());
     let route = matched.map_or("unmatched", |m| route_label(m.as_str()));
-    let span =
-        tracing::info_span!("request", service, method, route = %route, request_id = %request_id);
+    let span = tracing::info_span!(
+        "request",
+        method,
+        route = %route,
+        request_id = %request_id,
+        otel.name = tracing::field::Empty,
+        otel.kind = "server",
+        mercato.service = service,
+        http.response.status_code = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
+    );
+    if crate::telemetry::traces_on() {
+        // Named as the semantic conventions say (`{method} {route}`); built only for export.
+        span.record("otel.name", format!("{method} {route}"));
+        if service == EDGE {
+            crate::telemetry::propagation::link_from_headers(&span, req.headers());
+        } else {
+            crate::telemetry::propagation::continue_from_headers(&span, req.headers());
+        }
+    }
     let response = REQUEST_ID
         .scope(Some(request_id), run(req).instrument(span.clone()))
         .await;
     let status = response.status();
+    span.record("http.response.status_code", status.as_u16());
     if status.is_server_error() {
+        span.record("otel.status_code", "ERROR");
         span.in_scope(|| tracing::warn!(status = status.as_u16(), "request failed"));
     }
     let (count, duration) = request_metrics(service, method, route, status_label(status));

@@ -1,13 +1,149 @@
-//! Logs (JSON lines by default) and the process-wide Prometheus registry.
+//! Logs (JSON lines by default), traces over OTLP when the `OTEL_*` variables ask for them
+//! ([`otel`]), trace context across HTTP calls and events ([`propagation`]), and the
+//! process-wide Prometheus registry.
+
+pub mod otel;
+pub mod propagation;
 
 use std::sync::OnceLock;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use tracing_subscriber::EnvFilter;
+use opentelemetry::trace::{TraceContextExt as _, TracerProvider as _};
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+use tracing_subscriber::filter::{EnvFilter, LevelFilter};
+use tracing_subscriber::fmt::FmtContext;
+use tracing_subscriber::fmt::format::{self, FormatEvent, FormatFields, Writer};
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::util::SubscriberInitExt as _;
+use tracing_subscriber::{Layer as _, Registry};
 
 use crate::config::LogSettings;
 
-/// Installs the global subscriber once; later calls (tests, several services in one process) are no-ops.
+/// What [`init`] started; [`Telemetry::shutdown`] sends the spans still buffered.
+#[derive(Debug, Default)]
+#[must_use = "shut it down to send the last spans"]
+pub struct Telemetry {
+    traces: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
+}
+
+impl Telemetry {
+    /// Whether spans are exported.
+    pub fn traces_on(&self) -> bool {
+        self.traces.is_some()
+    }
+
+    /// Sends what is buffered (a Lambda invocation's spans before the sandbox freezes).
+    pub fn flush(&self) {
+        if let Some(traces) = &self.traces {
+            let _ = traces.force_flush();
+        }
+    }
+
+    /// Sends what is buffered and stops the exporter. Call it outside async code (it blocks)
+    /// while the runtime still runs (the export runs there).
+    pub fn shutdown(self) {
+        if let Some(traces) = self.traces {
+            let _ = traces.shutdown();
+        }
+    }
+}
+
+static TRACES_ON: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether this process exports spans (so that span names are worth building).
+pub fn traces_on() -> bool {
+    TRACES_ON.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Installs the global subscriber once (later calls, as in tests or several services in one
+/// process, start nothing): logs as `settings` say, and, when the environment asks
+/// ([`otel::wanted`]), spans exported over OTLP with `trace_id` and `span_id` on every log
+/// line inside one. `process` names spans that belong to no service. Call it inside the
+/// tokio runtime the exporter is to use.
+pub fn init(settings: &LogSettings, process: &str) -> Telemetry {
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&settings.level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let pretty = settings.format.eq_ignore_ascii_case("pretty");
+    let traces = if otel::wanted() {
+        match otel::provider(process) {
+            Ok(provider) => Some(provider),
+            Err(e) => {
+                eprintln!("traces are off: {e}");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let logs = match (pretty, traces.is_some()) {
+        (true, _) => logs.boxed(),
+        (false, false) => logs
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .boxed(),
+        (false, true) => logs
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .event_format(WithTraceIds(
+                format::format()
+                    .json()
+                    .flatten_event(true)
+                    .with_current_span(true)
+                    .with_span_list(false),
+            ))
+            .boxed(),
+    };
+    // Spans at `info` and above whatever the log level (a quiet log must not cost the
+    // traces); events only from `warn` up, as span events (the log has the rest, with trace
+    // ids). Per span, only what the conventions ask: no source location, thread, target or
+    // busy/idle timing, and no OpenTelemetry context switched on every poll (nothing here
+    // reads it); together a third of what traces cost an order (docs/benchmarks.md).
+    let spans = traces.as_ref().map(|provider| {
+        tracing_opentelemetry::layer()
+            .with_tracer(provider.tracer("mercato"))
+            .with_location(false)
+            .with_threads(false)
+            .with_target(false)
+            .with_tracked_inactivity(false)
+            .with_context_activation(false)
+            .with_filter(tracing_subscriber::filter::filter_fn(|meta| {
+                let floor = if meta.is_span() {
+                    LevelFilter::INFO
+                } else {
+                    LevelFilter::WARN
+                };
+                *meta.level() <= floor
+            }))
+    });
+    let installed = Registry::default()
+        .with(logs.with_filter(filter))
+        .with(spans)
+        .try_init()
+        .is_ok();
+    if !installed {
+        // Another subscriber is global (a test's, an earlier call's): these spans go nowhere.
+        if let Some(provider) = traces {
+            let _ = provider.shutdown();
+        }
+        return Telemetry::default();
+    }
+    if traces.is_some() {
+        opentelemetry::global::set_text_map_propagator(
+            opentelemetry_sdk::propagation::TraceContextPropagator::new(),
+        );
+        TRACES_ON.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+    Telemetry { traces }
+}
+
+/// Logs only (no traces): for callers outside a tokio runtime.
 pub fn init_logging(settings: &LogSettings) {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&settings.level))
@@ -25,6 +161,46 @@ pub fn init_logging(settings: &LogSettings) {
             .with_span_list(false)
             .try_init()
     };
+}
+
+/// The JSON line of an event with the `trace_id` and `span_id` of the span it happened in, so
+/// a log line leads to its trace.
+struct WithTraceIds<F>(F);
+
+impl<S, N, F> FormatEvent<S, N> for WithTraceIds<F>
+where
+    S: tracing::Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+    F: FormatEvent<S, N>,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        let context = tracing::Span::current().context();
+        let span = context.span();
+        let ids = span.span_context();
+        if !ids.is_valid() {
+            return self.0.format_event(ctx, writer, event);
+        }
+        let mut line = String::with_capacity(256);
+        self.0.format_event(ctx, Writer::new(&mut line), event)?;
+        // The JSON formatter writes one object (and the layer the newline): the ids go in
+        // before its closing brace.
+        match line.trim_end().strip_suffix('}') {
+            // An event that names its trace itself (the notifier's, from the message) keeps it.
+            Some(_) if line.contains("\"trace_id\":") => writer.write_str(&line),
+            Some(object) => writeln!(
+                writer,
+                "{object},\"trace_id\":\"{}\",\"span_id\":\"{}\"}}",
+                ids.trace_id(),
+                ids.span_id()
+            ),
+            None => writer.write_str(&line),
+        }
+    }
 }
 
 static METRICS: OnceLock<PrometheusHandle> = OnceLock::new();

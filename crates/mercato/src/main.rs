@@ -8,6 +8,9 @@ use clap::{Parser, Subcommand};
 use kit::config::Settings;
 use mercato::startup::{self, ServiceName};
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 #[command(name = "mercato", version, about = "The Mercato e-commerce platform")]
 struct Cli {
@@ -139,12 +142,22 @@ fn main() -> anyhow::Result<()> {
     if open {
         settings.auth.mode = kit::config::AuthMode::Open;
     }
-    kit::telemetry::init_logging(&settings.log);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the runtime")?;
-    runtime.block_on(run(settings, services))
+    // Spans of no service (start-up) go under the one service `serve` runs, else `mercato`.
+    let process = match services.as_slice() {
+        [one] => one.as_str(),
+        _ => "mercato",
+    };
+    let telemetry = {
+        let _inside = runtime.enter();
+        kit::telemetry::init(&settings.log, process)
+    };
+    let result = runtime.block_on(run(settings, services));
+    telemetry.shutdown();
+    result
 }
 
 /// `mercato analytics replay`: the analytics engine over a file, timed.

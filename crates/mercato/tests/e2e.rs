@@ -799,3 +799,328 @@ async fn the_seeds_clients_work_in_open_mode() {
     running.signal("TERM");
     assert!(running.wait_exit().success());
 }
+
+/// An OTLP/HTTP receiver for traces (`POST /v1/traces`, protobuf), decoding with the
+/// `opentelemetry-proto` types: every span received, with its resource's `service.name`.
+mod otlp {
+    use std::sync::{Arc, Mutex};
+
+    use axum::body::Bytes;
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    use opentelemetry_proto::tonic::common::v1::any_value::Value as Any;
+    use opentelemetry_proto::tonic::trace::v1::Span;
+    use prost::Message as _;
+
+    #[derive(Debug, Clone)]
+    pub struct Received {
+        pub service: String,
+        pub span: Span,
+    }
+
+    impl Received {
+        pub fn attribute(&self, key: &str) -> Option<String> {
+            self.span
+                .attributes
+                .iter()
+                .find(|kv| kv.key == key)
+                .and_then(|kv| kv.value.as_ref()?.value.as_ref())
+                .map(|v| match v {
+                    Any::StringValue(s) => s.clone(),
+                    Any::IntValue(i) => i.to_string(),
+                    other => format!("{other:?}"),
+                })
+        }
+
+        pub fn trace_id(&self) -> String {
+            hex(&self.span.trace_id)
+        }
+    }
+
+    pub fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    pub struct Receiver {
+        pub url: String,
+        spans: Arc<Mutex<Vec<Received>>>,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    impl Drop for Receiver {
+        fn drop(&mut self) {
+            self.task.abort();
+        }
+    }
+
+    impl Receiver {
+        pub async fn start() -> Receiver {
+            let spans: Arc<Mutex<Vec<Received>>> = Arc::default();
+            let store = spans.clone();
+            let app = axum::Router::new().route(
+                "/v1/traces",
+                axum::routing::post(move |body: Bytes| {
+                    let store = store.clone();
+                    async move {
+                        let request = ExportTraceServiceRequest::decode(body).unwrap();
+                        let mut store = store.lock().unwrap();
+                        for resource in request.resource_spans {
+                            let service = resource
+                                .resource
+                                .iter()
+                                .flat_map(|r| &r.attributes)
+                                .find(|kv| kv.key == "service.name")
+                                .and_then(|kv| match kv.value.as_ref()?.value.as_ref()? {
+                                    Any::StringValue(s) => Some(s.clone()),
+                                    _ => None,
+                                })
+                                .unwrap_or_default();
+                            for scope in resource.scope_spans {
+                                for span in scope.spans {
+                                    store.push(Received {
+                                        service: service.clone(),
+                                        span,
+                                    });
+                                }
+                            }
+                        }
+                        (
+                            [("content-type", "application/x-protobuf")],
+                            Vec::<u8>::new(),
+                        )
+                    }
+                }),
+            );
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let url = format!("http://{}", listener.local_addr().unwrap());
+            let task = tokio::spawn(async move {
+                axum::serve(listener, app).await.unwrap();
+            });
+            Receiver { url, spans, task }
+        }
+
+        pub fn spans(&self) -> Vec<Received> {
+            self.spans.lock().unwrap().clone()
+        }
+    }
+}
+
+/// The environment that makes `mercato up` export its spans to `receiver`, quickly.
+fn traced(profile: &mut Profile, receiver: &otlp::Receiver) {
+    profile.env.extend(
+        [
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.url.clone()),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100".to_owned()),
+            ("MERCATO_LOG__LEVEL", "info".to_owned()),
+        ]
+        .map(|(k, v)| (k.to_owned(), v)),
+    );
+}
+
+/// The one span of `service` named `name` in `trace`, waiting for it (spans arrive in batches).
+async fn span_named(
+    receiver: &otlp::Receiver,
+    trace: Option<&str>,
+    service: &str,
+    name: &str,
+) -> otlp::Received {
+    // Kafka group joins take seconds: patience, the first span found ends the wait.
+    let found = eventually(30, || async {
+        receiver.spans().into_iter().find(|s| {
+            s.service == service && s.span.name == name && trace.is_none_or(|t| s.trace_id() == t)
+        })
+    })
+    .await;
+    found.unwrap_or_else(|| {
+        let seen: Vec<String> = receiver
+            .spans()
+            .iter()
+            .map(|s| format!("{}: {} ({})", s.service, s.span.name, s.trace_id()))
+            .collect();
+        panic!("no span `{name}` of {service} in trace {trace:?}; received: {seen:#?}")
+    })
+}
+
+/// The span whose id is `parent_of`'s parent.
+fn parent<'a>(spans: &'a [otlp::Received], child: &otlp::Received) -> &'a otlp::Received {
+    spans
+        .iter()
+        .find(|s| s.span.span_id == child.span.parent_span_id)
+        .unwrap_or_else(|| {
+            panic!(
+                "the parent of {}: {} was not received",
+                child.service, child.span.name
+            )
+        })
+}
+
+#[tokio::test]
+async fn one_order_is_one_trace_across_every_service() {
+    let receiver = otlp::Receiver::start().await;
+    let mut profile = Profile::from_env();
+    traced(&mut profile, &receiver);
+    let data = tempfile::tempdir().unwrap();
+    let running = launch(data.path(), &profile);
+    let app = client_for(&running).await;
+
+    let user = app.create_user("traced@example.com").await;
+    let product = app.create_product("TRACED-1", "10.00", 5).await;
+    let order = app.place_order(&user, &[(&product, 1)]).await;
+    let paid = app
+        .post("/api/v1/payments", json!({"order_id": order}))
+        .await;
+    assert_eq!(paid.status, StatusCode::CREATED, "{}", paid.body);
+
+    // The order's request: the gateway's span is the root; it forwards to orders, which calls
+    // products (the reservation) as a child of its own call span.
+    let root = span_named(&receiver, None, "gateway", "POST /api/v1/orders").await;
+    let trace = root.trace_id();
+    assert!(
+        root.span.parent_span_id.is_empty(),
+        "the gateway starts the trace"
+    );
+    assert_eq!(
+        root.attribute("http.response.status_code").as_deref(),
+        Some("201")
+    );
+    let at_orders = span_named(&receiver, Some(&trace), "orders", "POST /api/v1/orders").await;
+    let reserve = eventually(10, || async {
+        receiver.spans().into_iter().find(|s| {
+            s.service == "products" && s.trace_id() == trace && s.span.kind == 2 // server
+        })
+    })
+    .await
+    .expect("products' request span in the order's trace");
+    // The administrator orders for someone: users vouches for the customer.
+    let vouch = span_named(
+        &receiver,
+        Some(&trace),
+        "users",
+        "GET /internal/v1/users/{id}",
+    )
+    .await;
+    let spans = receiver.spans();
+    assert_eq!(
+        parent(&spans, parent(&spans, &vouch)).span.span_id,
+        at_orders.span.span_id
+    );
+    let forward = parent(&spans, &at_orders);
+    assert_eq!(
+        (forward.service.as_str(), forward.span.kind),
+        ("gateway", 3),
+        "client"
+    );
+    assert_eq!(parent(&spans, forward).span.span_id, root.span.span_id);
+    let call = parent(&spans, &reserve);
+    assert_eq!((call.service.as_str(), call.span.kind), ("orders", 3));
+    assert_eq!(call.attribute("peer.service").as_deref(), Some("products"));
+
+    // The payment's request: gateway, payments, and payments' call to orders.
+    let pay = span_named(&receiver, None, "gateway", "POST /api/v1/payments").await;
+    let at_payments = span_named(
+        &receiver,
+        Some(&pay.trace_id()),
+        "payments",
+        "POST /api/v1/payments",
+    )
+    .await;
+    assert_eq!(
+        parent(&receiver.spans(), parent(&receiver.spans(), &at_payments))
+            .span
+            .span_id,
+        pay.span.span_id
+    );
+
+    // The asynchronous legs. The outbox row keeps the context of the transaction that wrote
+    // it; the relay's send continues it; the notifier's processing is the send's child.
+    let spans = receiver.spans();
+    let send_to_stream = span_named(&receiver, Some(&trace), "orders", "send orders").await;
+    let send_to_queue = span_named(&receiver, Some(&trace), "orders", "send order-events").await;
+    for send in [&send_to_stream, &send_to_queue] {
+        assert_eq!(send.span.kind, 4, "producer");
+        // On SQLite the row is written inside a `transaction` span of the request; the other
+        // stores write it in the request's own span.
+        let writer = parent(&spans, send);
+        let request = if writer.span.name == "transaction" {
+            parent(&spans, writer)
+        } else {
+            writer
+        };
+        assert_eq!(request.span.span_id, at_orders.span.span_id);
+    }
+    if std::env::var("TEST_E2E_PROFILE").is_err() {
+        assert_eq!(parent(&spans, &send_to_queue).span.name, "transaction");
+    }
+    let notified = span_named(
+        &receiver,
+        Some(&trace),
+        "notifications",
+        "process order-events",
+    )
+    .await;
+    assert_eq!(notified.span.kind, 5, "consumer");
+    assert_eq!(notified.span.parent_span_id, send_to_queue.span.span_id);
+    // Analytics folds many orders into one window update: its span links to each send.
+    let linked = eventually(30, || async {
+        receiver.spans().into_iter().find(|s| {
+            s.service == "analytics"
+                && s.span.name == "process orders"
+                && s.span.links.iter().any(|l| {
+                    l.trace_id == root.span.trace_id && l.span_id == send_to_stream.span.span_id
+                })
+        })
+    })
+    .await;
+    assert!(
+        linked.is_some(),
+        "analytics' window update links to the order's send"
+    );
+    // The payment's event comes back to orders (the saga) inside the payment's trace.
+    let pay_trace = pay.trace_id();
+    let sent = span_named(&receiver, Some(&pay_trace), "payments", "send payments").await;
+    let saga = span_named(&receiver, Some(&pay_trace), "orders", "process payments").await;
+    assert_eq!(saga.span.parent_span_id, sent.span.span_id);
+
+    // A client's traceparent does not choose the trace at the edge: the gateway starts its
+    // own and links to the client's.
+    let client_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let answer = app
+        .client
+        .get(format!("{}/api/v1/products/{product}", app.gateway))
+        .header(
+            "traceparent",
+            format!("00-{client_trace}-00f067aa0ba902b7-01"),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), StatusCode::OK);
+    let edge = span_named(&receiver, None, "gateway", "GET /api/v1/products/{id}").await;
+    assert_ne!(edge.trace_id(), client_trace);
+    assert!(edge.span.parent_span_id.is_empty());
+    assert!(
+        edge.span
+            .links
+            .iter()
+            .any(|l| otlp::hex(&l.trace_id) == client_trace),
+        "the edge span links to the client's trace"
+    );
+
+    // Log lines inside the order's request carry its trace id.
+    let log = std::fs::read_to_string(data.path().join("mercato.log")).unwrap();
+    let with_trace = log
+        .lines()
+        .filter(|l| l.contains(&format!("\"trace_id\":\"{trace}\"")))
+        .count();
+    assert!(
+        with_trace > 0,
+        "no log line carries the order's trace id {trace}"
+    );
+    assert!(
+        log.lines().any(|l| l.contains("notification stored")
+            && l.contains(&format!("\"trace_id\":\"{trace}\""))),
+        "the notifier's log line carries the order's trace id"
+    );
+
+    running.signal("TERM");
+    assert!(running.wait_exit().success());
+}

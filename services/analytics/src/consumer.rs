@@ -5,6 +5,7 @@
 
 use std::sync::Arc;
 use std::time::Duration;
+use tracing::Instrument as _;
 
 use bus::event::{DecodeError, OrderEvent, attr};
 use bus::names::ORDERS_TOPIC;
@@ -83,7 +84,14 @@ pub async fn run(
                 })
                 .collect();
             let touched = event_time_span(&events);
-            match store.apply_from(events).await {
+            // One update for the whole batch: its span links to each order's send.
+            let span = bus::trace::process_batch_span(
+                "analytics",
+                stream.system(),
+                &subscription.topic,
+                batch.iter().map(|d| &d.record.headers),
+            );
+            match store.apply_from(events).instrument(span.clone()).await {
                 Ok(applied) => {
                     metrics::counter!("analytics_events_total").increment(applied.fresh as u64);
                     if applied.late > 0 {
@@ -94,9 +102,11 @@ pub async fn run(
                         metrics::counter!("late_events_total").increment(applied.late as u64);
                     }
                     if applied.fresh > 0 {
-                        publish_updates(&store, &feed, touched).await;
+                        publish_updates(&store, &feed, touched)
+                            .instrument(span.clone())
+                            .await;
                         // A sink that fails keeps its windows unemitted: retried after the next batch.
-                        if let Err(e) = emitter.emit_final().await {
+                        if let Err(e) = emitter.emit_final().instrument(span.clone()).await {
                             tracing::warn!(error = %e, "emitting final windows failed; will retry");
                         }
                     }

@@ -170,7 +170,7 @@ impl Limits {
         }
         let mut client = peer;
         let hops: Vec<&str> = headers
-            .get_all("x-forwarded-for")
+            .get_all(crate::proxy::X_FORWARDED_FOR)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
@@ -191,7 +191,7 @@ impl Limits {
     /// listener speaks plain HTTP).
     pub fn client_scheme(&self, peer: IpAddr, headers: &HeaderMap) -> &'static str {
         let said = headers
-            .get("x-forwarded-proto")
+            .get(crate::proxy::X_FORWARDED_PROTO)
             .and_then(|v| v.to_str().ok())
             .map(str::trim);
         if self.trusts(peer) && said.is_some_and(|s| s.eq_ignore_ascii_case("https")) {

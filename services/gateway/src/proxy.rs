@@ -169,18 +169,24 @@ pub struct Proxy {
     timeout: Duration,
 }
 
-/// Headers that describe one connection, not the message (RFC 9110 §7.6.1).
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1). Names, not
+/// text: a `&str` name is parsed again on every use, twice per proxied request.
+const HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    HeaderName::from_static("proxy-connection"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
 ];
+
+/// The de-facto forwarding headers, as names (see [`HOP_BY_HOP`]).
+pub(crate) const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub(crate) const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+pub(crate) const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Headers named in `Connection` are hop-by-hop too.
@@ -194,8 +200,8 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for name in named {
         headers.remove(name);
     }
-    for name in HOP_BY_HOP {
-        headers.remove(*name);
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
     }
 }
 
@@ -238,7 +244,7 @@ impl Proxy {
             return unavailable();
         }
         if let Some(host) = parts.headers.get(header::HOST).cloned() {
-            parts.headers.insert("x-forwarded-host", host);
+            parts.headers.insert(X_FORWARDED_HOST, host);
         }
         parts.headers.remove(header::HOST);
         strip_hop_by_hop(&mut parts.headers);
@@ -250,14 +256,14 @@ impl Proxy {
         {
             let chain = match parts
                 .headers
-                .get("x-forwarded-for")
+                .get(X_FORWARDED_FOR)
                 .and_then(|v| v.to_str().ok())
             {
                 Some(earlier) => format!("{earlier}, {peer}"),
                 None => peer,
             };
             if let Ok(value) = HeaderValue::from_str(&chain) {
-                parts.headers.insert("x-forwarded-for", value);
+                parts.headers.insert(X_FORWARDED_FOR, value);
             }
         }
         // The client as the gateway resolved it (RFC 7239), replacing whatever a client sent:
@@ -274,8 +280,42 @@ impl Proxy {
         }
         parts
             .headers
-            .insert("x-forwarded-proto", HeaderValue::from_static(scheme));
+            .insert(X_FORWARDED_PROTO, HeaderValue::from_static(scheme));
         parts.version = http::Version::HTTP_11;
+        if !kit::telemetry::traces_on() {
+            return self.send(upstream, parts, body, pass).await;
+        }
+        // The client side of the hop, when traces are exported (the upstream's request span
+        // is its child, in memory or over TCP alike).
+        let span = tracing::info_span!(
+            "forward",
+            otel.name = %parts.method,
+            otel.kind = "client",
+            server.address = %upstream.authority,
+            http.request.method = %parts.method,
+            http.response.status_code = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+        );
+        kit::telemetry::propagation::inject_into_headers(&span, &mut parts.headers);
+        let response =
+            tracing::Instrument::instrument(self.send(upstream, parts, body, pass), span.clone())
+                .await;
+        span.record("http.response.status_code", response.status().as_u16());
+        if response.status().is_server_error() {
+            span.record("otel.status_code", "ERROR");
+        }
+        response
+    }
+
+    /// Sends the prepared request to `upstream`: in memory when it runs in this process, else
+    /// over the pooled connections, with its breaker told how it went.
+    async fn send(
+        &self,
+        upstream: &Upstream,
+        mut parts: http::request::Parts,
+        body: Body,
+        pass: Pass,
+    ) -> Response {
         if let Some(app) = &upstream.local {
             return self.call_in_memory(app, parts, body).await;
         }

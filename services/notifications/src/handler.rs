@@ -34,13 +34,16 @@ pub async fn handle_sqs_event(
     let mut failures = Vec::new();
     let mut ids = Vec::new();
     let mut traces = Vec::new();
+    let mut spans = Vec::new();
     let mut batch = Vec::new();
     for record in &event.records {
         let message_id = record.message_id.clone().unwrap_or_default();
-        match parse_record(record) {
+        let span = process_span(record);
+        match span.in_scope(|| parse_record(record)) {
             Ok(Some(notification)) => {
                 ids.push(message_id);
                 traces.push(trace_id(record));
+                spans.push(span);
                 batch.push(notification);
             }
             Ok(None) => count(Outcome::Ignored),
@@ -56,23 +59,28 @@ pub async fn handle_sqs_event(
     }
     match store.insert_batch(&batch).await {
         Ok(stored) => {
-            for ((notification, fresh), trace_id) in batch.iter().zip(stored).zip(&traces) {
+            for (((notification, fresh), trace_id), span) in
+                batch.iter().zip(stored).zip(&traces).zip(&spans)
+            {
                 if !fresh {
                     count(Outcome::Duplicate);
                     continue;
                 }
                 count(Outcome::Stored);
-                tracing::info!(
-                    event_id = %notification.event_id,
-                    event_type = notification.event_type,
-                    order_id = %notification.order_id,
-                    trace_id = trace_id.as_deref().unwrap_or(""),
-                    "notification stored"
-                );
-                if let Err(e) = sender.send(notification).await {
-                    // The record is kept; delivery failures are visible in logs and metrics.
-                    tracing::error!(event_id = %notification.event_id, error = %e, "notification stored but not delivered");
-                }
+                let deliver = async {
+                    tracing::info!(
+                        event_id = %notification.event_id,
+                        event_type = notification.event_type,
+                        order_id = %notification.order_id,
+                        trace_id = trace_id.as_deref().unwrap_or(""),
+                        "notification stored"
+                    );
+                    if let Err(e) = sender.send(notification).await {
+                        // The record is kept; delivery failures are visible in logs and metrics.
+                        tracing::error!(event_id = %notification.event_id, error = %e, "notification stored but not delivered");
+                    }
+                };
+                tracing::Instrument::instrument(deliver, span.clone()).await;
             }
         }
         Err(e) => {
@@ -88,6 +96,28 @@ pub async fn handle_sqs_event(
     SqsBatchResponse {
         batch_item_failures: failures,
     }
+}
+
+/// The consumer span of one record: a child of the relay's send (the `traceparent`
+/// attribute), so the notification is part of the order's trace.
+fn process_span(record: &SqsMessage) -> tracing::Span {
+    let headers: bus::Headers = [attr::TRACEPARENT, attr::ID, attr::TYPE]
+        .into_iter()
+        .filter_map(|name| {
+            let value = record.message_attributes.get(name)?.string_value.clone()?;
+            Some((name.to_owned(), value))
+        })
+        .collect();
+    let queue = record
+        .event_source_arn
+        .as_deref()
+        .and_then(|arn| arn.rsplit(':').next())
+        .unwrap_or(bus::names::ORDER_EVENTS_QUEUE);
+    let system = match record.event_source.as_deref() {
+        Some("aws:sqs") => "aws_sqs",
+        _ => "mercato",
+    };
+    bus::trace::process_span("notifications", system, queue, &headers)
 }
 
 /// The W3C trace id the event travelled with (`traceparent` attribute), or X-Ray's header.

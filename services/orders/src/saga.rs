@@ -95,10 +95,19 @@ pub async fn run_payment_listener(
                 }
             };
             for (i, delivered) in batch.iter().enumerate() {
-                if let Err(reason) = handle_payment_event(
-                    &saga,
+                let span = bus::trace::process_span(
+                    "orders",
+                    stream.system(),
+                    PAYMENTS_TOPIC,
                     &delivered.record.headers,
-                    &delivered.record.payload,
+                );
+                if let Err(reason) = tracing::Instrument::instrument(
+                    handle_payment_event(
+                        &saga,
+                        &delivered.record.headers,
+                        &delivered.record.payload,
+                    ),
+                    span,
                 )
                 .await
                 {
