@@ -330,6 +330,28 @@ impl DynamoOutbox {
         }
     }
 
+    /// When the oldest row was written: the first by `seq` (a UUIDv7, so commit-time order).
+    pub(crate) async fn oldest_created_ms(&self) -> Result<Option<i64>, BusError> {
+        let page = self
+            .client
+            .query()
+            .table_name(&self.table)
+            .consistent_read(true)
+            .key_condition_expression("pk = :pk")
+            .expression_attribute_values(":pk", s(PARTITION))
+            .projection_expression("created_at")
+            .limit(1)
+            .send()
+            .await
+            .map_err(|e| dynamo_error("reading the oldest outbox row", e))?;
+        Ok(page
+            .items()
+            .first()
+            .and_then(|item| item.get("created_at"))
+            .and_then(|v| v.as_n().ok())
+            .and_then(|n| n.parse().ok()))
+    }
+
     /// Every row due now (tests: skips the backoff).
     #[cfg(test)]
     pub(crate) async fn make_all_due(&self) -> Result<(), BusError> {

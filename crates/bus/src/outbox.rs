@@ -406,6 +406,31 @@ impl Source {
     }
 }
 
+impl Source {
+    /// When the oldest row still waiting was written (Unix ms), `None` when the outbox is empty.
+    async fn oldest_created_ms(&self) -> Result<Option<i64>, BusError> {
+        match self {
+            #[cfg(feature = "dynamodb")]
+            Source::Dynamo(outbox) => outbox.oldest_created_ms().await,
+            Source::Sqlite(db) => {
+                db.read(|conn| {
+                    Ok::<_, BusError>(conn.query_row(
+                        "SELECT MIN(created_at) FROM outbox",
+                        [],
+                        |r| r.get(0),
+                    )?)
+                })
+                .await
+            }
+            #[cfg(feature = "postgres")]
+            Source::Postgres(pg) => sqlx::query_scalar("SELECT MIN(created_at) FROM outbox")
+                .fetch_one(pg.pool())
+                .await
+                .map_err(pg_error),
+        }
+    }
+}
+
 #[cfg(feature = "postgres")]
 fn pg_error(e: sqlx::Error) -> BusError {
     BusError::Postgres(e.to_string())
@@ -428,7 +453,12 @@ pub struct Relay {
     queue: Arc<dyn Queue>,
     wake: Arc<Notify>,
     batch: i64,
+    /// The service whose outbox this is, for the backlog gauges.
+    owner: &'static str,
 }
+
+/// How often a relay reports its backlog (`outbox_backlog`, `outbox_oldest_age_seconds`).
+const BACKLOG_REPORT: Duration = Duration::from_secs(5);
 
 impl Relay {
     pub fn new(db: Db, stream: Arc<dyn Stream>, queue: Arc<dyn Queue>) -> Relay {
@@ -460,7 +490,28 @@ impl Relay {
             queue,
             wake: Arc::new(Notify::new()),
             batch: 256,
+            owner: "mercato",
         }
+    }
+
+    /// Names the service whose outbox this is (the `service` label of its gauges).
+    pub fn owned_by(mut self, service: &'static str) -> Relay {
+        self.owner = service;
+        self
+    }
+
+    /// Rows waiting and the age of the oldest (zero when none), as gauges: an outbox that
+    /// grows or ages is a relay that cannot publish (the `OutboxBacklogAging` alert).
+    pub async fn report_backlog(&self) -> Result<(i64, Duration), BusError> {
+        let pending = self.source.pending().await?;
+        let oldest = self.source.oldest_created_ms().await?;
+        let age = oldest.map_or(Duration::ZERO, |at| {
+            Duration::from_millis(u64::try_from(now_ms().saturating_sub(at)).unwrap_or(0))
+        });
+        metrics::gauge!("outbox_backlog", "service" => self.owner).set(pending as f64);
+        metrics::gauge!("outbox_oldest_age_seconds", "service" => self.owner)
+            .set(age.as_secs_f64());
+        Ok((pending, age))
     }
 
     /// Call after committing outbox rows so they go out now rather than at the next poll.
@@ -474,7 +525,14 @@ impl Relay {
             tracing::warn!(error = %e, "reclaiming outbox leases failed; they expire on their own");
         }
         let mut failures: u32 = 0;
+        let mut reported = tokio::time::Instant::now() - BACKLOG_REPORT;
         loop {
+            if reported.elapsed() >= BACKLOG_REPORT {
+                reported = tokio::time::Instant::now();
+                if let Err(e) = self.report_backlog().await {
+                    tracing::warn!(error = %e, "measuring the outbox backlog failed");
+                }
+            }
             match self.relay_once().await {
                 Ok(n) if n > 0 => {
                     failures = 0;
@@ -838,6 +896,9 @@ mod tests {
             "the stream row goes out"
         );
         assert_eq!(relay.pending().await.unwrap(), 1, "the queue row waits");
+        let (backlog, age) = relay.report_backlog().await.unwrap();
+        assert_eq!(backlog, 1);
+        assert!(age < Duration::from_secs(60), "{age:?}");
         assert_eq!(
             relay.relay_once().await.unwrap(),
             0,
@@ -847,6 +908,11 @@ mod tests {
         source.make_all_due().await;
         assert_eq!(relay.relay_once().await.unwrap(), 1);
         assert_eq!(relay.pending().await.unwrap(), 0);
+        assert_eq!(
+            relay.report_backlog().await.unwrap(),
+            (0, Duration::ZERO),
+            "an empty outbox has no age"
+        );
         let got = bus.receive("q", 10, Duration::ZERO).await.unwrap();
         assert_eq!(got.len(), 1);
         assert_eq!(got[0].id, first.id.to_string());

@@ -898,3 +898,31 @@ async fn metrics_label_routes_by_template() {
     assert!(text.contains("http_request_duration_seconds_bucket"));
     app.stop().await;
 }
+
+/// The pipeline's gauges: each relay's outbox backlog and the age of its oldest row, and the
+/// notifier's queue depth, reported within seconds of start.
+#[tokio::test]
+async fn pipeline_gauges_report_the_outbox_and_the_queue() {
+    let app = spawn_app().await;
+    let ops = app.platform.as_ref().unwrap().ops_url();
+    let reported = common::eventually(10, || async {
+        let text = app
+            .client
+            .get(format!("{ops}/metrics"))
+            .send()
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        let has = |series: &str| text.lines().any(|l| l.starts_with(series));
+        (has(r#"outbox_backlog{service="orders"}"#)
+            && has(r#"outbox_backlog{service="payments"}"#)
+            && has(r#"outbox_oldest_age_seconds{service="orders"}"#)
+            && has(r#"queue_depth{queue="order-events"}"#))
+        .then_some(text)
+    })
+    .await;
+    assert!(reported.is_some(), "the pipeline gauges are on /metrics");
+    app.stop().await;
+}

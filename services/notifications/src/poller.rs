@@ -58,9 +58,29 @@ pub struct Poller {
     pub batch_size: usize,
 }
 
+/// How often the poller reports the queue's depth (`queue_depth`).
+const DEPTH_REPORT: Duration = Duration::from_secs(5);
+
 impl Poller {
+    /// The messages waiting (visible or in flight), as the `queue_depth{queue}` gauge: a queue
+    /// that grows is a notifier that cannot keep up (on Lambda, SQS's own
+    /// `ApproximateNumberOfMessagesVisible` metric says the same).
+    pub async fn report_depth(&self) {
+        match self.queue.depth(ORDER_EVENTS_QUEUE).await {
+            Ok(depth) => {
+                metrics::gauge!("queue_depth", "queue" => ORDER_EVENTS_QUEUE).set(depth as f64);
+            }
+            Err(e) => tracing::warn!(error = %e, "measuring the queue's depth failed"),
+        }
+    }
+
     pub async fn run(self, shutdown: CancellationToken) {
+        let mut measured = tokio::time::Instant::now() - DEPTH_REPORT;
         loop {
+            if measured.elapsed() >= DEPTH_REPORT {
+                measured = tokio::time::Instant::now();
+                self.report_depth().await;
+            }
             let received = tokio::select! {
                 () = shutdown.cancelled() => return,
                 r = self.queue.receive(ORDER_EVENTS_QUEUE, self.batch_size, Duration::from_secs(1)) => r,

@@ -28,7 +28,7 @@ async fn open(
             let pg = shared
                 .open_pg(&url, Service::Orders, crate::pg::MIGRATIONS)
                 .await?;
-            let relay = Relay::on_postgres(pg.clone(), stream, queue);
+            let relay = Relay::on_postgres(pg.clone(), stream, queue).owned_by("orders");
             let idempotency = shared.idempotency_on_postgres(&pg);
             let store = crate::PgOrderStore::new(pg).with_relay_waker(relay.waker());
             return Ok((Arc::new(store), relay, idempotency));
@@ -44,7 +44,7 @@ async fn open(
                     .await
                     .context("creating the orders tables")?;
             }
-            let relay = Relay::on_dynamo(store.outbox().clone(), stream, queue);
+            let relay = Relay::on_dynamo(store.outbox().clone(), stream, queue).owned_by("orders");
             let idempotency = store.idempotency_keys(shared.idempotency_ttl(), shared.body_limit());
             let store = store.with_relay_waker(relay.waker());
             return Ok((Arc::new(store), relay, idempotency));
@@ -54,7 +54,7 @@ async fn open(
     let store = SqliteOrderStore::open(&url, &shared.settings.sqlite)
         .await
         .context("opening the orders store")?;
-    let relay = Relay::new(store.db().clone(), stream, queue);
+    let relay = Relay::new(store.db().clone(), stream, queue).owned_by("orders");
     let idempotency = shared.idempotency(store.db());
     let store = store.with_relay_waker(relay.waker());
     Ok((Arc::new(store), relay, idempotency))

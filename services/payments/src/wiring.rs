@@ -96,7 +96,7 @@ async fn open(
             let pg = shared
                 .open_pg(&url, Service::Payments, crate::pg::MIGRATIONS)
                 .await?;
-            let relay = Relay::on_postgres(pg.clone(), stream, queue);
+            let relay = Relay::on_postgres(pg.clone(), stream, queue).owned_by("payments");
             let idempotency = shared.idempotency_on_postgres(&pg);
             let store = crate::PgPaymentStore::new(pg).with_relay_waker(relay.waker());
             return Ok((Arc::new(store), relay, idempotency));
@@ -112,7 +112,8 @@ async fn open(
                     .await
                     .context("creating the payments tables")?;
             }
-            let relay = Relay::on_dynamo(store.outbox().clone(), stream, queue);
+            let relay =
+                Relay::on_dynamo(store.outbox().clone(), stream, queue).owned_by("payments");
             let idempotency = store.idempotency_keys(shared.idempotency_ttl(), shared.body_limit());
             let store = store.with_relay_waker(relay.waker());
             return Ok((Arc::new(store), relay, idempotency));
@@ -122,7 +123,7 @@ async fn open(
     let store = SqlitePaymentStore::open(&url, &shared.settings.sqlite)
         .await
         .context("opening the payments store")?;
-    let relay = Relay::new(store.db().clone(), stream, queue);
+    let relay = Relay::new(store.db().clone(), stream, queue).owned_by("payments");
     let idempotency = shared.idempotency(store.db());
     let store = store.with_relay_waker(relay.waker());
     Ok((Arc::new(store), relay, idempotency))
