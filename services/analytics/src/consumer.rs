@@ -94,6 +94,13 @@ pub async fn run(
             match store.apply_from(events).instrument(span.clone()).await {
                 Ok(applied) => {
                     metrics::counter!("analytics_events_total").increment(applied.fresh as u64);
+                    // How far event time's watermark trails the clock after this batch (the
+                    // allowed lateness plus any lag in the stream).
+                    if let Ok(Some(watermark)) = store.watermark().await {
+                        let delay = Utc::now().timestamp_millis().saturating_sub(watermark);
+                        metrics::gauge!("analytics_watermark_delay_seconds")
+                            .set(delay as f64 / 1e3);
+                    }
                     if applied.late > 0 {
                         tracing::warn!(
                             late = applied.late,

@@ -25,6 +25,10 @@ fn state_url(settings: &Settings) -> String {
 /// Starts the analytics engine on `transports` (the `orders` stream it reads and the results
 /// stream it writes).
 pub async fn start(shared: &Shared<'_>, transports: &Transports) -> Result<Started, WiringError> {
+    // At zero from the start (see orders' wiring).
+    for counter in ["analytics_events_total", "late_events_total"] {
+        metrics::counter!(counter).increment(0);
+    }
     let settings = shared.settings;
     let stream = transports.stream.clone();
     let engine = &settings.analytics_engine;

@@ -11,6 +11,9 @@ use crate::store::{NotificationStore, SqliteNotificationStore};
 
 /// Starts the notifier on `transports` (the `order-events` queue it consumes).
 pub async fn start(shared: &Shared<'_>, transports: &Transports) -> Result<Started, WiringError> {
+    // At zero from the start (see orders' wiring).
+    metrics::counter!("queue_dead_lettered_total", "queue" => bus::names::ORDER_EVENTS_QUEUE)
+        .increment(0);
     let settings = shared.settings;
     let store: Arc<dyn NotificationStore> = match shared.backend(Service::Notifications)? {
         Backend::Sqlite(url) => Arc::new(

@@ -63,6 +63,15 @@ async fn open(
 /// Starts the orders service on `transports` (the `orders` stream it publishes to and the
 /// `payments` stream it listens to; the `order-events` queue).
 pub async fn start(shared: &Shared<'_>, transports: &Transports) -> Result<Started, WiringError> {
+    // Counters exist from the start, at zero: `increase()` (dashboards, the alerts) then sees
+    // the first event instead of a series that appears already at 1.
+    for counter in [
+        "orders_created_total",
+        "orders_expired_total",
+        "payment_events_dead_lettered_total",
+    ] {
+        metrics::counter!(counter).increment(0);
+    }
     shared
         .settings
         .limits
