@@ -331,6 +331,24 @@ impl StreamConsumer for EmbeddedConsumer {
         }
     }
 
+    async fn lag(&mut self) -> Result<Vec<(u32, i64)>, BusError> {
+        let (group, topic) = (self.group.clone(), self.topic.clone());
+        self.bus
+            .inner
+            .db
+            .read(move |conn| {
+                let mut q = conn.prepare_cached(
+                    "SELECT h.partition, h.next_offset - COALESCE(o.next_offset, 0)
+                     FROM stream_heads h LEFT JOIN stream_offsets o
+                       ON o.consumer_group = ?1 AND o.topic = h.topic AND o.partition = h.partition
+                     WHERE h.topic = ?2 ORDER BY h.partition",
+                )?;
+                let rows = q.query_map(params![group, topic], |r| Ok((r.get(0)?, r.get(1)?)))?;
+                Ok::<_, BusError>(rows.collect::<Result<Vec<_>, _>>()?)
+            })
+            .await
+    }
+
     async fn commit(&mut self, delivered: &[Delivered]) -> Result<(), BusError> {
         let upto: Vec<(u32, i64)> = crate::commit_points(delivered)
             .into_iter()

@@ -267,6 +267,32 @@ impl StreamConsumer for KafkaStreamConsumer {
         Ok(out)
     }
 
+    async fn lag(&mut self) -> Result<Vec<(u32, i64)>, BusError> {
+        let consumer = self.consumer.clone();
+        // Broker round trips (the committed offsets, each partition's high watermark): off the
+        // async threads.
+        tokio::task::spawn_blocking(move || {
+            let timeout = Duration::from_secs(5);
+            let assigned = consumer.assignment()?;
+            let committed = consumer.committed_offsets(assigned, timeout)?;
+            let mut lags = Vec::new();
+            for element in committed.elements() {
+                let (low, high) =
+                    consumer.fetch_watermarks(element.topic(), element.partition(), timeout)?;
+                let done = match element.offset() {
+                    Offset::Offset(next) => next,
+                    _ => low,
+                };
+                let partition = u32::try_from(element.partition())
+                    .map_err(|_| BusError::Malformed("negative partition".into()))?;
+                lags.push((partition, (high - done).max(0)));
+            }
+            Ok::<_, BusError>(lags)
+        })
+        .await
+        .map_err(|e| BusError::Kafka(e.to_string()))?
+    }
+
     async fn commit(&mut self, delivered: &[Delivered]) -> Result<(), BusError> {
         let upto = crate::commit_points(delivered);
         if upto.is_empty() {

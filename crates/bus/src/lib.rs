@@ -143,6 +143,34 @@ pub trait StreamConsumer: Send {
 
     /// Marks everything up to and including `delivered` as processed for the group.
     async fn commit(&mut self, delivered: &[Delivered]) -> Result<(), BusError>;
+
+    /// Records not yet committed by the group, per partition (of those this consumer holds,
+    /// where the backend assigns partitions): the stream's head minus the committed offset.
+    async fn lag(&mut self) -> Result<Vec<(u32, i64)>, BusError> {
+        Ok(Vec::new())
+    }
+}
+
+/// How often a consumer reports its lag (after a commit, at most this often).
+pub const LAG_REPORT: Duration = Duration::from_secs(5);
+
+/// Sets `stream_consumer_lag{topic, group, partition}` from [`StreamConsumer::lag`]: a lag that
+/// grows is a consumer that cannot keep up, or has stopped (the `MercatoConsumerLagging` alert).
+pub async fn report_lag(consumer: &mut dyn StreamConsumer, topic: &str, group: &str) {
+    match consumer.lag().await {
+        Ok(partitions) => {
+            for (partition, lag) in partitions {
+                metrics::gauge!(
+                    "stream_consumer_lag",
+                    "topic" => topic.to_owned(),
+                    "group" => group.to_owned(),
+                    "partition" => partition.to_string()
+                )
+                .set(lag as f64);
+            }
+        }
+        Err(e) => tracing::warn!(topic, group, error = %e, "measuring the consumer's lag failed"),
+    }
 }
 
 /// A message to send to a queue.

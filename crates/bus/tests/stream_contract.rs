@@ -113,9 +113,22 @@ async fn keeps_the_contract(stream: Arc<dyn Stream>, topic: &str) {
     );
     again.commit(&resumed).await.unwrap();
 
+    // Lag is what a group has not committed: nothing for this one.
+    let total = |lags: Vec<(u32, i64)>| lags.iter().map(|(_, n)| n).sum::<i64>();
+    assert_eq!(
+        total(again.lag().await.unwrap()),
+        0,
+        "contract-a committed all"
+    );
+
     // Another group has its own offsets: it sees everything.
     let mut other = stream.subscribe(topic, "contract-b").await.unwrap();
     assert_eq!(poll_until(&mut other, 60).await.len(), 60);
+    assert_eq!(
+        total(other.lag().await.unwrap()),
+        60,
+        "contract-b read all, committed nothing"
+    );
 
     // An empty poll waits at most about `wait`.
     let started = Instant::now();

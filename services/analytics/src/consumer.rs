@@ -47,6 +47,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) {
     let mut delay = Duration::from_millis(200);
+    let mut lag_measured = tokio::time::Instant::now() - bus::LAG_REPORT;
     while !shutdown.is_cancelled() {
         let mut consumer = match stream
             .subscribe(&subscription.topic, &subscription.group)
@@ -126,6 +127,10 @@ pub async fn run(
             if let Err(e) = consumer.commit(&batch).await {
                 tracing::warn!(error = %e, "committing offsets failed; the batch will be replayed and deduplicated");
                 break;
+            }
+            if lag_measured.elapsed() >= bus::LAG_REPORT {
+                lag_measured = tokio::time::Instant::now();
+                bus::report_lag(consumer.as_mut(), &subscription.topic, &subscription.group).await;
             }
             delay = Duration::from_millis(200);
         }

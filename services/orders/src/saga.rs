@@ -73,6 +73,7 @@ pub async fn run_payment_listener(
     // Failed attempts per record (partition, offset): records of committed batches are
     // forgotten, so this holds at most the records of one batch.
     let mut failures: HashMap<(u32, i64), u32> = HashMap::new();
+    let mut lag_measured = tokio::time::Instant::now() - bus::LAG_REPORT;
     while !shutdown.is_cancelled() {
         let mut consumer = match stream.subscribe(PAYMENTS_TOPIC, CONSUMER_GROUP).await {
             Ok(c) => c,
@@ -127,6 +128,10 @@ pub async fn run_payment_listener(
             if let Err(e) = consumer.commit(&batch).await {
                 tracing::warn!(error = %e, "committing payments offsets failed");
                 break 'consume;
+            }
+            if lag_measured.elapsed() >= bus::LAG_REPORT {
+                lag_measured = tokio::time::Instant::now();
+                bus::report_lag(consumer.as_mut(), PAYMENTS_TOPIC, CONSUMER_GROUP).await;
             }
             failures.clear();
             delay = saga.retry.first_pause;
