@@ -345,6 +345,15 @@ impl ProductStore for PgProductStore {
             .await?)
     }
 
+    async fn held(&self) -> Result<(i64, i64), StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT (SELECT COUNT(*) FROM reservations WHERE status = 'held'),
+                    (SELECT COALESCE(SUM(reserved), 0)::BIGINT FROM products)",
+        )
+        .fetch_one(self.pg.pool())
+        .await?)
+    }
+
     async fn create(&self, new: NewProduct) -> Result<Product, StoreError> {
         let row = sqlx::query(sqlx::AssertSqlSafe(format!(
             "INSERT INTO products (id, name, description, price_cents, on_hand, reserved, sku, category, created_at, updated_at)

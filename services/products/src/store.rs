@@ -340,6 +340,9 @@ pub(crate) fn expiry(ms: i64) -> Option<DateTime<Utc>> {
 pub trait ProductStore: Send + Sync {
     async fn count(&self) -> Result<i64, StoreError>;
 
+    /// Reservations held now, and the units they hold (the sum of every product's `reserved`).
+    async fn held(&self) -> Result<(i64, i64), StoreError>;
+
     async fn create(&self, new: NewProduct) -> Result<Product, StoreError>;
 
     async fn get(&self, id: Uuid) -> Result<Option<Product>, StoreError>;
@@ -622,6 +625,23 @@ impl ProductStore for SqliteProductStore {
     async fn count(&self) -> Result<i64, StoreError> {
         self.db
             .read(|conn| Ok(conn.query_row("SELECT COUNT(*) FROM products", [], |r| r.get(0))?))
+            .await
+    }
+
+    async fn held(&self) -> Result<(i64, i64), StoreError> {
+        self.db
+            .read(|conn| {
+                let reservations = conn.query_row(
+                    "SELECT COUNT(*) FROM reservations WHERE status = 'held'",
+                    [],
+                    |r| r.get(0),
+                )?;
+                let units =
+                    conn.query_row("SELECT COALESCE(SUM(reserved), 0) FROM products", [], |r| {
+                        r.get(0)
+                    })?;
+                Ok((reservations, units))
+            })
             .await
     }
 

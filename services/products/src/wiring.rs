@@ -51,6 +51,14 @@ pub async fn start(shared: &Shared<'_>) -> Result<Started, WiringError> {
                 Ok(n) => tracing::info!(released = n, "expired stock reservations released"),
                 Err(e) => tracing::warn!(error = %e, "releasing expired reservations failed"),
             }
+            // What is held now, for the pipeline dashboard (stock locked by unpaid orders).
+            match store.held().await {
+                Ok((reservations, units)) => {
+                    metrics::gauge!("reservations_held").set(reservations as f64);
+                    metrics::gauge!("units_held").set(units as f64);
+                }
+                Err(e) => tracing::warn!(error = %e, "counting held reservations failed"),
+            }
             let before = kit::db::now_ms().saturating_sub(retention);
             match crate::store::prune_all_settled(store.as_ref(), before, interval).await {
                 Ok(0) => {}

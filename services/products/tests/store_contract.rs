@@ -585,9 +585,11 @@ async fn expired_holds_are_released(store: Arc<dyn ProductStore>) {
         .await
         .unwrap();
     assert_eq!(level(&store, p.id).await, (0, 4));
+    assert_eq!(store.held().await.unwrap(), (2, 4), "two holds, four units");
     assert_eq!(store.release_expired(100).await.unwrap(), 1);
     assert_eq!(store.release_expired(100).await.unwrap(), 0);
     assert_eq!(level(&store, p.id).await, (3, 1));
+    assert_eq!(store.held().await.unwrap(), (1, 1));
     assert_eq!(
         store
             .release(expired, ReleaseIf::Held)
