@@ -41,6 +41,16 @@ pool of ap-south-1 as issuer the way Cognito access tokens need it (audience in 
 roles in `cognito:groups`, JWKS at ISSUER/.well-known/jwks.json); the gateway's Ingress routes
 to the gateway Service's port and its load balancer health check asks that port for a path the
 service listener serves.
+Traces: on aws-eks an OpenTelemetry Collector runs (Deployment and Service `otel-collector`, image
+pinned by digest, non-root, read-only root, probes on its health_check port 13133, an IRSA role);
+the configuration its `--config` names, read from the mounted ConfigMap, has an OTLP receiver on
+HTTP port 4318 feeding a traces pipeline that starts with memory_limiter, batches, and exports
+with awsxray; the Service's port 4318 reaches that receiver; every service has
+OTEL_EXPORTER_OTLP_ENDPOINT=http://otel-collector:4318 (and parent-based ratio sampling), may
+reach the collector on 4318 through the NetworkPolicies, nothing outside the cluster may, and the
+collector reaches none of the services but may reach HTTPS outside. On any overlay an OTLP endpoint names a Service of the render on a port it
+exposes (the local overlay sets none: traces off). deploy/observability/collector/gcp.yaml, which
+no overlay renders, is held to the same shape with the googlecloud exporter.
 Exit status 1 with one line per problem.
 """
 
@@ -50,6 +60,7 @@ import re
 import sys
 import tomllib
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -92,6 +103,16 @@ STRIPE_SECRET = "mercato-stripe"
 STRIPE_FILES = {"MERCATO_PAYMENTS__STRIPE__SECRET_KEY_FILE": "secret-key",
                 "MERCATO_PAYMENTS__STRIPE__WEBHOOK_SECRET_FILE": "webhook-secret"}
 EXTERNAL_SECRETS = {"aws-eks": {"mercato-secrets", AUTH_SECRET, STRIPE_SECRET}, "local": {AUTH_SECRET}}
+# Traces (docs/deploy.md, "Traces and the collector"): the OpenTelemetry Collector each overlay runs
+# and the exporter its traces pipeline must end in; the services send OTLP over HTTP/protobuf only
+# (crates/kit/src/telemetry/otel.rs), so to the collector's HTTP port.
+COLLECTOR = "otel-collector"
+COLLECTOR_EXPORTER = {"aws-eks": "awsxray"}
+OTLP_HTTP_PORT = 4318
+COLLECTOR_HEALTH_PORT = 13133            # the health_check extension
+COLLECTOR_ENDPOINT = f"http://{COLLECTOR}:{OTLP_HTTP_PORT}"
+# Collector configurations no overlay renders, and the exporter each must use.
+COLLECTOR_FILES = {"deploy/observability/collector/gcp.yaml": "googlecloud"}
 
 
 def source(path: str) -> str:
@@ -102,6 +123,50 @@ def function_body(text: str, name: str) -> str | None:
     """The text of `pub fn NAME(...) { ... }`, up to the `}` that closes it at column 0."""
     m = re.search(r"^pub fn %s\(.*?^\}" % re.escape(name), text, re.S | re.M)
     return m.group(0) if m else None
+
+
+def port_of(endpoint: object) -> int | None:
+    """The port of a collector `endpoint` (`host:port`, `${env:MY_POD_IP}:4318`, `:4318`)."""
+    m = re.search(r":(\d+)$", str(endpoint or ""))
+    return int(m.group(1)) if m else None
+
+
+def collector_config_problems(config: object, exporter: str) -> list[str]:
+    """What keeps an OpenTelemetry Collector configuration from taking the services' OTLP/HTTP
+    spans on 4318 and exporting them with `exporter` (receivers/processors/exporters/service)."""
+    if not isinstance(config, dict):
+        return ["is not a YAML mapping"]
+    problems = []
+    section = lambda name: config.get(name) or {}
+    receivers, processors, exporters = section("receivers"), section("processors"), section("exporters")
+    service = section("service")
+    http = ((receivers.get("otlp") or {}).get("protocols") or {})
+    if "http" not in http:
+        problems.append("has no otlp receiver with the http protocol (the services send OTLP over HTTP/protobuf only)")
+    elif port_of((http["http"] or {}).get("endpoint")) != OTLP_HTTP_PORT:
+        problems.append(f"otlp http receiver endpoint {(http['http'] or {}).get('endpoint')!r} is not on port {OTLP_HTTP_PORT}")
+    if exporter not in exporters:
+        problems.append(f"has no {exporter} exporter")
+    if port_of((section("extensions").get("health_check") or {}).get("endpoint")) != COLLECTOR_HEALTH_PORT \
+            or "health_check" not in (service.get("extensions") or []):
+        problems.append(f"has no health_check extension on port {COLLECTOR_HEALTH_PORT} enabled in service.extensions (the probes)")
+    pipelines = {name: p for name, p in (service.get("pipelines") or {}).items()
+                 if name == "traces" or name.startswith("traces/")}
+    if not any(exporter in (p.get("exporters") or []) and "otlp" in (p.get("receivers") or []) for p in pipelines.values()):
+        problems.append(f"has no traces pipeline from the otlp receiver to the {exporter} exporter")
+    for name, p in pipelines.items():
+        procs = p.get("processors") or []
+        for proc in procs:
+            if proc not in processors:
+                problems.append(f"pipeline {name} uses processor {proc}, which is not configured")
+        for e in p.get("exporters") or []:
+            if e not in exporters:
+                problems.append(f"pipeline {name} uses exporter {e}, which is not configured")
+        if not procs or procs[0] != "memory_limiter":
+            problems.append(f"pipeline {name}: processors {procs} do not start with memory_limiter")
+        if "batch" not in procs:
+            problems.append(f"pipeline {name}: processors {procs} do not batch")
+    return problems
 
 
 class Facts:
@@ -426,8 +491,10 @@ class Checker:
                 and not p["spec"].get("ingress") and not p["spec"].get("egress")]
         if not deny:
             self.fail("no default-deny NetworkPolicy (podSelector {}, Ingress and Egress, no rules)")
-        pods = {}
+        pods = {}  # the services' pods; the collector's are checked in check_traces
         for dep in self.docs_of("Deployment"):
+            if dep["metadata"]["name"] == COLLECTOR and self.overlay in COLLECTOR_EXPORTER:
+                continue
             tmpl = dep["spec"]["template"]
             pods[dep["metadata"]["name"]] = tmpl["metadata"].get("labels", {})
         allowed = set()
@@ -598,6 +665,123 @@ class Checker:
         else:
             self.fail("unknown overlay (expected local or aws-eks)")
 
+    def check_traces(self) -> None:
+        """Every service sends its spans to a collector that exports them (see the module's doc)."""
+        services = [s for s in self.services if self.get("Deployment", s)]
+        exporter = COLLECTOR_EXPORTER.get(self.overlay)
+        # Whatever the overlay: an OTLP endpoint names a Service of the render and one of its ports.
+        for svc in services:
+            env = self.environment(self.get("Deployment", svc)["spec"]["template"]["spec"]["containers"][0], f"Deployment {svc}")
+            endpoint = env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+            if exporter:
+                if endpoint != COLLECTOR_ENDPOINT:
+                    self.fail(f"Deployment {svc}: OTEL_EXPORTER_OTLP_ENDPOINT is {endpoint!r}, expected {COLLECTOR_ENDPOINT!r} (the collector)")
+                if env.get("OTEL_TRACES_SAMPLER") != "parentbased_traceidratio":
+                    self.fail(f"Deployment {svc}: OTEL_TRACES_SAMPLER is {env.get('OTEL_TRACES_SAMPLER')!r}, expected "
+                              "parentbased_traceidratio (a trace kept or dropped whole)")
+                try:
+                    ratio = float(env.get("OTEL_TRACES_SAMPLER_ARG", ""))
+                except ValueError:
+                    ratio = None
+                if ratio is None or not 0 < ratio <= 1:
+                    self.fail(f"Deployment {svc}: OTEL_TRACES_SAMPLER_ARG is {env.get('OTEL_TRACES_SAMPLER_ARG')!r}, expected a ratio in (0, 1]")
+            if endpoint:
+                url = urlsplit(endpoint)
+                target = self.get("Service", url.hostname or "")
+                ports = [p["port"] for p in (target or {}).get("spec", {}).get("ports", [])]
+                if url.scheme != "http" or target is None or (url.port or 80) not in ports:
+                    self.fail(f"Deployment {svc}: OTEL_EXPORTER_OTLP_ENDPOINT {endpoint!r} is not plain HTTP to a Service "
+                              "of this overlay on a port it exposes")
+        if not exporter:
+            if self.get("Deployment", COLLECTOR):
+                self.fail(f"Deployment {COLLECTOR} on an overlay without a collector")
+            return
+
+        dep, svc_obj = self.get("Deployment", COLLECTOR), self.get("Service", COLLECTOR)
+        if not dep or not svc_obj or not self.get("ServiceAccount", COLLECTOR):
+            self.fail(f"no Deployment, Service and ServiceAccount named {COLLECTOR} (the OpenTelemetry Collector)")
+            return
+        pod, where = dep["spec"]["template"], f"Deployment {COLLECTOR}"
+        spec = pod["spec"]
+        containers = spec.get("containers", [])
+        if len(containers) != 1:
+            self.fail(f"{where} has {len(containers)} containers, expected 1")
+            return
+        c = containers[0]
+        if not c.get("image", "").startswith("otel/opentelemetry-collector-contrib:"):
+            self.fail(f"{where}: image {c.get('image')}, expected otel/opentelemetry-collector-contrib:VERSION@sha256:...")
+        named = {p.get("name"): p["containerPort"] for p in c.get("ports", [])}
+
+        # The configuration it runs: --config=PATH, a key of a mounted ConfigMap.
+        paths = [a.split("=", 1)[1] for a in c.get("args", []) if a.startswith("--config=")]
+        volumes = {v["name"]: v for v in spec.get("volumes", [])}
+        config = None
+        if len(paths) != 1:
+            self.fail(f"{where}: args {c.get('args')} do not name one --config file")
+        else:
+            path = paths[0].removeprefix("file:")
+            mount = next((m for m in c.get("volumeMounts", []) if path.startswith(m["mountPath"].rstrip("/") + "/")), None)
+            vol = volumes.get(mount["name"]) if mount else None
+            cm = self.get("ConfigMap", vol["configMap"]["name"]) if vol and "configMap" in vol else None
+            key = path[len(mount["mountPath"].rstrip("/")) + 1:] if mount else None
+            items = {i["path"]: i["key"] for i in (vol or {}).get("configMap", {}).get("items", [])}
+            text = (cm or {}).get("data", {}).get(items.get(key, key))
+            if text is None:
+                self.fail(f"{where}: --config={path} is not a key of a mounted ConfigMap of this overlay")
+            else:
+                config = yaml.safe_load(text)
+                for p in collector_config_problems(config, exporter):
+                    self.fail(f"{where}: its configuration ({path}) {p}")
+
+        # The Service reaches the OTLP receiver; the probes ask the health_check extension.
+        sp = svc_obj["spec"].get("ports", [])
+        target = [named.get(s.get("targetPort")) if isinstance(s.get("targetPort"), str) else s.get("targetPort", s["port"])
+                  for s in sp if s["port"] == OTLP_HTTP_PORT]
+        if target != [OTLP_HTTP_PORT]:
+            self.fail(f"Service {COLLECTOR}: ports {sp}, expected {OTLP_HTTP_PORT} to the container's {OTLP_HTTP_PORT}")
+        if svc_obj["spec"].get("selector") != {"app.kubernetes.io/name": COLLECTOR} \
+                or pod["metadata"].get("labels", {}).get("app.kubernetes.io/name") != COLLECTOR:
+            self.fail(f"Service {COLLECTOR} does not select the {COLLECTOR} pods by app.kubernetes.io/name")
+        for probe in ("livenessProbe", "readinessProbe"):
+            get = (c.get(probe) or {}).get("httpGet") or {}
+            port = named.get(get.get("port")) if isinstance(get.get("port"), str) else get.get("port")
+            if port != COLLECTOR_HEALTH_PORT:
+                self.fail(f"{where}: {probe} {c.get(probe)} is not an HTTP GET on the health_check port {COLLECTOR_HEALTH_PORT}")
+
+        # The same posture as the services' pods.
+        psc, csc = spec.get("securityContext", {}), c.get("securityContext", {})
+        if not (psc.get("runAsNonRoot") or csc.get("runAsNonRoot")) or csc.get("readOnlyRootFilesystem") is not True \
+                or csc.get("allowPrivilegeEscalation") is not False or "ALL" not in csc.get("capabilities", {}).get("drop", []) \
+                or (csc.get("seccompProfile") or psc.get("seccompProfile") or {}).get("type") != "RuntimeDefault":
+            self.fail(f"{where}: not non-root, read-only root, no privilege escalation, ALL capabilities dropped, RuntimeDefault seccomp")
+        res = c.get("resources", {})
+        if any(r not in res.get(k, {}) for k in ("requests", "limits") for r in ("cpu", "memory")):
+            self.fail(f"{where}: requests and limits of cpu and memory are not all set")
+        if spec.get("serviceAccountName") != COLLECTOR or spec.get("automountServiceAccountToken") is not False:
+            self.fail(f"{where}: serviceAccountName {spec.get('serviceAccountName')!r}, automountServiceAccountToken "
+                      f"{spec.get('automountServiceAccountToken')!r}; expected {COLLECTOR!r}, false")
+        if exporter == "awsxray":
+            sa = self.get("ServiceAccount", COLLECTOR)
+            arn = sa.get("metadata", {}).get("annotations", {}).get("eks.amazonaws.com/role-arn", "")
+            if not re.match(r"^arn:aws[a-z-]*:iam::\d{12}:role/.+", arn):
+                self.fail(f"ServiceAccount {COLLECTOR}: no IRSA role (eks.amazonaws.com/role-arn), it calls X-Ray")
+
+        # NetworkPolicies: the services (and nothing from outside) reach 4318; the collector
+        # reaches HTTPS outside and none of the services.
+        policies = self.docs_of("NetworkPolicy")
+        pods = {s: self.get("Deployment", s)["spec"]["template"]["metadata"].get("labels", {}) for s in services}
+        pods[COLLECTOR] = pod["metadata"].get("labels", {})
+        for s in services:
+            if not self.allows(policies, pods, s, COLLECTOR, OTLP_HTTP_PORT):
+                self.fail(f"NetworkPolicies block {s} -> {COLLECTOR}:{OTLP_HTTP_PORT}, its spans")
+            for port in (self.ports[s], self.ops_port):
+                if self.allows(policies, pods, COLLECTOR, s, port):
+                    self.fail(f"NetworkPolicies allow {COLLECTOR} -> {s}:{port}, which the collector never calls")
+        if self.allows_from_outside(policies, pods[COLLECTOR], OTLP_HTTP_PORT, any_rule=True):
+            self.fail(f"NetworkPolicies admit traffic from outside the cluster to {COLLECTOR}:{OTLP_HTTP_PORT}")
+        if not self.allows_to_outside(policies, pods[COLLECTOR], OUTSIDE_HTTPS):
+            self.fail(f"NetworkPolicies block {COLLECTOR} -> outside:{OUTSIDE_HTTPS}, its exporter's backend")
+
     def check_payment_provider(self, deps: list) -> None:
         """Production takes real money: environment production (the simulator refuses to start
         there), Stripe as the provider, its keys files of the mercato-stripe Secret that only the
@@ -691,6 +875,8 @@ class Checker:
 
     def run(self) -> list[str]:
         names = {d for d in self.by_kind.get("Deployment", {})}
+        if self.overlay in COLLECTOR_EXPORTER:
+            names.discard(COLLECTOR)
         for extra in sorted(names - set(self.services)):
             self.fail(f"Deployment {extra} is not a service of the binary {self.services}")
         for svc in self.services:
@@ -698,6 +884,7 @@ class Checker:
         self.check_references()
         self.check_network_policies()
         self.check_overlay()
+        self.check_traces()
         return self.problems
 
 
@@ -713,6 +900,8 @@ def main(argv: list[str]) -> int:
         docs = [d for d in yaml.safe_load_all(Path(path).read_text()) if d]
         problems += Checker(overlay, docs, facts).run()
         summary.append(f"{overlay} {len(docs)} objects")
+    for path, exporter in COLLECTOR_FILES.items():
+        problems += [f"{path} {p}" for p in collector_config_problems(yaml.safe_load(source(path)), exporter)]
     if problems:
         print("\n".join(f"test_manifests: {p}" for p in problems), file=sys.stderr)
         print(f"test_manifests: {len(problems)} problem(s)", file=sys.stderr)
@@ -722,7 +911,9 @@ def main(argv: list[str]) -> int:
           f"operations listener :{facts.ops_port} {sorted(facts.ops_paths)}); keys from {AUTH_SECRET} "
           f"(signing key: {', '.join(sorted(SIGNS_TOKENS))}; service key: all but {', '.join(sorted(NO_SERVICE_KEY))}); "
           f"NetworkPolicies allow exactly {len(CALLS)} calls + {len(JWKS_CALLS - CALLS)} JWKS reads, Prometheus alone "
-          f"on :{facts.ops_port}, and HTTPS out (the token issuers' JWKS) for every service")
+          f"on :{facts.ops_port}, and HTTPS out (the token issuers' JWKS) for every service; traces over OTLP/HTTP to "
+          f"{COLLECTOR}:{OTLP_HTTP_PORT} on {', '.join(f'{o} ({e})' for o, e in COLLECTOR_EXPORTER.items())}, "
+          f"{', '.join(f'{Path(p).name} ({e})' for p, e in COLLECTOR_FILES.items())} checked too")
     return 0
 
 

@@ -1,11 +1,13 @@
 # IAM roles for service accounts (IRSA): each service that calls an AWS API assumes its own
 # role, trusted only for its own ServiceAccount in var.k8s_namespace, allowed only its own
 # tables, queue, bucket and keys. gateway, users and products call no AWS API and get no role.
+# The OpenTelemetry Collector (ServiceAccount otel-collector, deploy/k8s/overlays/aws-eks/
+# otel-collector.yaml) gets one too, to send the services' spans to X-Ray.
 
 locals {
   notifications_table_arn = "arn:${local.partition}:dynamodb:${var.region}:${local.account_id}:table/${module.notifier.table_name}"
 
-  irsa_services = toset(["orders", "payments", "notifications", "analytics"])
+  irsa_services = toset(["orders", "payments", "notifications", "analytics", "otel-collector"])
 }
 
 data "aws_iam_policy_document" "irsa_trust" {
@@ -145,12 +147,23 @@ data "aws_iam_policy_document" "analytics" {
   }
 }
 
+# otel-collector: the awsxray exporter's one call (deploy/observability/collector/eks.yaml).
+# PutTraceSegments has no resource-level permissions: "*" is the only resource it takes.
+data "aws_iam_policy_document" "otel_collector" {
+  statement {
+    sid       = "PutTraceSegments"
+    actions   = ["xray:PutTraceSegments"]
+    resources = ["*"]
+  }
+}
+
 locals {
   irsa_policies = {
-    orders        = data.aws_iam_policy_document.orders.json
-    payments      = data.aws_iam_policy_document.payments.json
-    notifications = data.aws_iam_policy_document.notifications.json
-    analytics     = data.aws_iam_policy_document.analytics.json
+    orders           = data.aws_iam_policy_document.orders.json
+    payments         = data.aws_iam_policy_document.payments.json
+    notifications    = data.aws_iam_policy_document.notifications.json
+    analytics        = data.aws_iam_policy_document.analytics.json
+    "otel-collector" = data.aws_iam_policy_document.otel_collector.json
   }
 }
 

@@ -6,7 +6,7 @@ output "ecr_repository_url" {
 }
 
 output "irsa_role_arns" {
-  description = "IAM role of each service that calls AWS APIs, by service name (eks.amazonaws.com/role-arn of its ServiceAccount)."
+  description = "IAM role of each service that calls AWS APIs, and of the OpenTelemetry Collector (otel-collector), by ServiceAccount name (eks.amazonaws.com/role-arn of that ServiceAccount)."
   value       = { for name, role in aws_iam_role.irsa : name => role.arn }
 }
 
@@ -91,12 +91,13 @@ output "cognito_login_url" {
 }
 
 output "k8s_values_env" {
-  description = "The aws-eks overlay's values.env (role ARNs, certificate) without IMAGE, which the push step appends: see docs/deploy.md."
+  description = "The aws-eks overlay's values.env (role ARNs, the OpenTelemetry Collector's included; certificate) without IMAGE, which the push step appends: see docs/deploy.md."
   value = join("\n", [
     "ORDERS_ROLE_ARN=${aws_iam_role.irsa["orders"].arn}",
     "PAYMENTS_ROLE_ARN=${aws_iam_role.irsa["payments"].arn}",
     "NOTIFICATIONS_ROLE_ARN=${aws_iam_role.irsa["notifications"].arn}",
     "ANALYTICS_ROLE_ARN=${aws_iam_role.irsa["analytics"].arn}",
+    "OTEL_COLLECTOR_ROLE_ARN=${aws_iam_role.irsa["otel-collector"].arn}",
     "CERTIFICATE_ARN=${var.certificate_arn}",
     "",
   ])
