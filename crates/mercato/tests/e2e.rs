@@ -392,6 +392,27 @@ async fn the_tour_survives_restarts() {
         app.get(&format!("/api/v1/orders/{order_id}")).await.body["status"],
         "paid"
     );
+    // Revenue is counted exactly, once: 3999.98 in paise.
+    let metrics = app
+        .client
+        .get(format!("{}/metrics", running.ops))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == r#"revenue_minor_units_total{currency="INR"} 399998"#),
+        "revenue on /metrics: {}",
+        metrics
+            .lines()
+            .filter(|l| l.contains("revenue"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
     let both = eventually(patience, || async {
         let n = app
             .get(&format!("/api/v1/notifications?user_id={user}"))

@@ -515,8 +515,26 @@ pub async fn apply_status(
             })?;
         }
     }
-    ctx.store
+    let moved = ctx
+        .store
         .transition(id, to, event_id)
         .await
-        .map_err(store_problem)
+        .map_err(store_problem)?;
+    if moved.changed {
+        count_money(&moved.order, to);
+    }
+    Ok(moved)
+}
+
+/// Revenue as counters of the currency's minor units (exact, unlike a float sum): taken when
+/// an order becomes paid, given back when it is refunded. Counted by the one call that moved
+/// the order, so a redelivered event or a retried request never counts twice.
+fn count_money(order: &Order, to: OrderStatus) {
+    let cents = u64::try_from(order.total_amount.cents()).unwrap_or(0);
+    let counter = match to {
+        OrderStatus::Paid => "revenue_minor_units_total",
+        OrderStatus::Refunded => "refunded_minor_units_total",
+        _ => return,
+    };
+    metrics::counter!(counter, "currency" => order.currency.clone()).increment(cents);
 }

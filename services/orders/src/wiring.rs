@@ -72,6 +72,9 @@ pub async fn start(shared: &Shared<'_>, transports: &Transports) -> Result<Start
     ] {
         metrics::counter!(counter).increment(0);
     }
+    for counter in ["revenue_minor_units_total", "refunded_minor_units_total"] {
+        metrics::counter!(counter, "currency" => shared.settings.currency.clone()).increment(0);
+    }
     shared
         .settings
         .limits
