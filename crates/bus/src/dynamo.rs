@@ -305,8 +305,9 @@ impl DynamoOutbox {
         Ok(())
     }
 
-    /// Rows not yet published (a counting Query of the partition, page by page).
-    pub(crate) async fn pending(&self) -> Result<i64, BusError> {
+    /// Rows not yet published, counted up to `cap` (a counting Query of the partition, page by
+    /// page: every row counted is a read paid for, so a large backlog is not read in full).
+    pub(crate) async fn pending(&self, cap: i64) -> Result<i64, BusError> {
         let mut count = 0i64;
         let mut start: Option<HashMap<String, AttributeValue>> = None;
         loop {
@@ -318,14 +319,15 @@ impl DynamoOutbox {
                 .select(Select::Count)
                 .key_condition_expression("pk = :pk")
                 .expression_attribute_values(":pk", s(PARTITION))
+                .limit(i32::try_from(cap - count).unwrap_or(i32::MAX))
                 .set_exclusive_start_key(start.take())
                 .send()
                 .await
                 .map_err(|e| dynamo_error("counting outbox rows", e))?;
             count += i64::from(page.count());
             match page.last_evaluated_key() {
-                Some(key) => start = Some(key.clone()),
-                None => return Ok(count),
+                Some(key) if count < cap => start = Some(key.clone()),
+                _ => return Ok(count),
             }
         }
     }

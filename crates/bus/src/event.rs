@@ -69,9 +69,9 @@ impl Event {
             source: source.to_owned(),
             subject,
             time: Utc::now(),
-            // The span that writes the event (a request's, its transaction's): the relay and
-            // every consumer continue its trace.
-            traceparent: kit::telemetry::propagation::traceparent_of(&tracing::Span::current()),
+            // Set where the event is written: the outbox row takes the writing span's context
+            // (`outbox_headers`).
+            traceparent: None,
             data: serde_json::to_string(data)?,
         })
     }

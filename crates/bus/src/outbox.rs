@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kit::db::{Db, now_ms};
-use rusqlite::{Connection, params};
+use rusqlite::{Connection, OptionalExtension as _, params};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -385,23 +385,29 @@ impl Source {
         }
     }
 
-    async fn pending(&self) -> Result<i64, BusError> {
+    /// Rows waiting, counted up to `cap`.
+    async fn pending(&self, cap: i64) -> Result<i64, BusError> {
         match self {
             #[cfg(feature = "dynamodb")]
-            Source::Dynamo(outbox) => outbox.pending().await,
+            Source::Dynamo(outbox) => outbox.pending(cap).await,
             Source::Sqlite(db) => {
-                db.read(|conn| {
-                    Ok::<_, BusError>(
-                        conn.query_row("SELECT COUNT(*) FROM outbox", [], |r| r.get(0))?,
-                    )
+                db.read(move |conn| {
+                    Ok::<_, BusError>(conn.query_row(
+                        "SELECT COUNT(*) FROM (SELECT 1 FROM outbox LIMIT ?1)",
+                        [cap],
+                        |r| r.get(0),
+                    )?)
                 })
                 .await
             }
             #[cfg(feature = "postgres")]
-            Source::Postgres(pg) => sqlx::query_scalar("SELECT COUNT(*) FROM outbox")
-                .fetch_one(pg.pool())
-                .await
-                .map_err(pg_error),
+            Source::Postgres(pg) => sqlx::query_scalar(
+                "SELECT COUNT(*) FROM (SELECT 1 FROM outbox LIMIT $1) AS waiting",
+            )
+            .bind(cap)
+            .fetch_one(pg.pool())
+            .await
+            .map_err(pg_error),
         }
     }
 }
@@ -413,20 +419,26 @@ impl Source {
             #[cfg(feature = "dynamodb")]
             Source::Dynamo(outbox) => outbox.oldest_created_ms().await,
             Source::Sqlite(db) => {
+                // The first row by `seq` (the primary key, in commit order): no scan.
                 db.read(|conn| {
-                    Ok::<_, BusError>(conn.query_row(
-                        "SELECT MIN(created_at) FROM outbox",
-                        [],
-                        |r| r.get(0),
-                    )?)
+                    Ok::<_, BusError>(
+                        conn.query_row(
+                            "SELECT created_at FROM outbox ORDER BY seq LIMIT 1",
+                            [],
+                            |r| r.get(0),
+                        )
+                        .optional()?,
+                    )
                 })
                 .await
             }
             #[cfg(feature = "postgres")]
-            Source::Postgres(pg) => sqlx::query_scalar("SELECT MIN(created_at) FROM outbox")
-                .fetch_one(pg.pool())
-                .await
-                .map_err(pg_error),
+            Source::Postgres(pg) => {
+                sqlx::query_scalar("SELECT created_at FROM outbox ORDER BY seq LIMIT 1")
+                    .fetch_optional(pg.pool())
+                    .await
+                    .map_err(pg_error)
+            }
         }
     }
 }
@@ -459,6 +471,10 @@ pub struct Relay {
 
 /// How often a relay reports its backlog (`outbox_backlog`, `outbox_oldest_age_seconds`).
 const BACKLOG_REPORT: Duration = Duration::from_secs(5);
+
+/// Where the backlog count stops (the gauge then reads this): counting a backlog of millions
+/// every few seconds would cost more than knowing it is large.
+pub const BACKLOG_COUNT_CAP: i64 = 10_000;
 
 impl Relay {
     pub fn new(db: Db, stream: Arc<dyn Stream>, queue: Arc<dyn Queue>) -> Relay {
@@ -503,7 +519,7 @@ impl Relay {
     /// Rows waiting and the age of the oldest (zero when none), as gauges: an outbox that
     /// grows or ages is a relay that cannot publish (the `OutboxBacklogAging` alert).
     pub async fn report_backlog(&self) -> Result<(i64, Duration), BusError> {
-        let pending = self.source.pending().await?;
+        let pending = self.source.pending(BACKLOG_COUNT_CAP).await?;
         let oldest = self.source.oldest_created_ms().await?;
         let age = oldest.map_or(Duration::ZERO, |at| {
             Duration::from_millis(u64::try_from(now_ms().saturating_sub(at)).unwrap_or(0))
@@ -650,6 +666,7 @@ impl Relay {
                 .map(|p| {
                     let mut headers = p.headers.clone();
                     sends.extend(crate::trace::send_span(
+                        self.owner,
                         self.stream.system(),
                         topic,
                         &mut headers,
@@ -668,6 +685,7 @@ impl Relay {
                 .map(|p| {
                     let mut attributes = p.headers.clone();
                     sends.extend(crate::trace::send_span(
+                        self.owner,
                         self.queue.system(),
                         queue,
                         &mut attributes,
@@ -690,7 +708,7 @@ impl Relay {
 
     /// Rows not yet published, for readiness and tests.
     pub async fn pending(&self) -> Result<i64, BusError> {
-        self.source.pending().await
+        self.source.pending(i64::MAX).await
     }
 }
 
@@ -923,6 +941,11 @@ mod tests {
                 .enqueue_for_test(event(n), &[Destination::Queue("q2")])
                 .await;
         }
+        assert_eq!(
+            source.pending(100).await.unwrap(),
+            100,
+            "counting stops at the cap"
+        );
         let other = Relay::from_source(source.clone(), Arc::new(bus.clone()), flaky.clone());
         let (a, b) = tokio::join!(
             async {

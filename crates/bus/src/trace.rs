@@ -9,18 +9,12 @@ use kit::telemetry::traces_on;
 use crate::Headers;
 use crate::event::attr;
 
-/// The service that wrote an event, from its CloudEvents source (`mercato/orders`).
-fn owner(headers: &Headers) -> &str {
-    headers
-        .get(attr::SOURCE)
-        .map(|source| source.strip_prefix("mercato/").unwrap_or(source))
-        .unwrap_or("mercato")
-}
-
 /// The producer span of one record the relay sends to `destination` (a topic or queue name),
 /// continuing the trace of the transaction that wrote it; the record's `traceparent` is set
-/// to this span, so its consumers are children of the send. `None` while traces are off.
+/// to this span, so its consumers are children of the send. `owner` is the service whose
+/// outbox it is. `None` while traces are off.
 pub fn send_span(
+    owner: &'static str,
     system: &'static str,
     destination: &str,
     headers: &mut Headers,
@@ -32,7 +26,7 @@ pub fn send_span(
         "send",
         otel.name = format!("send {destination}"),
         otel.kind = "producer",
-        mercato.service = owner(headers),
+        mercato.service = owner,
         messaging.system = system,
         messaging.operation.type = "send",
         messaging.destination.name = destination,
@@ -64,6 +58,7 @@ pub fn process_span(
         messaging.destination.name = source,
         messaging.message.id = headers.get(attr::ID).map(String::as_str),
         cloudevents.event_type = headers.get(attr::TYPE).map(String::as_str),
+        messaging.batch.message_count = tracing::field::Empty,
     );
     if traces_on() {
         span.record("otel.name", format!("process {source}"));
@@ -80,18 +75,10 @@ pub fn process_batch_span<'a>(
     source: &str,
     batch: impl ExactSizeIterator<Item = &'a Headers>,
 ) -> tracing::Span {
-    let span = tracing::info_span!(
-        "process",
-        otel.name = tracing::field::Empty,
-        otel.kind = "consumer",
-        mercato.service = service,
-        messaging.system = system,
-        messaging.operation.type = "process",
-        messaging.destination.name = source,
-        messaging.batch.message_count = batch.len(),
-    );
+    // A record's span without a record: no parent, no message id.
+    let span = process_span(service, system, source, &Headers::new());
+    span.record("messaging.batch.message_count", batch.len());
     if traces_on() {
-        span.record("otel.name", format!("process {source}"));
         for headers in batch {
             link_to_traceparent(&span, headers.get(attr::TRACEPARENT).map(String::as_str));
         }

@@ -120,6 +120,12 @@ impl ServiceClient {
         body: Option<&B>,
     ) -> Result<bytes_compat::Bytes, CallError> {
         use tracing::Instrument as _;
+        if !crate::telemetry::traces_on() {
+            // No span to export: none is made (a span per internal call costs on every call).
+            return self
+                .exchange_in(method, path, body, &tracing::Span::none())
+                .await;
+        }
         // The client side of the hop (the callee's request span is its child).
         let span = tracing::info_span!(
             "call",
@@ -149,7 +155,7 @@ impl ServiceClient {
         span: &tracing::Span,
     ) -> Result<bytes_compat::Bytes, CallError> {
         let mut request = self.http.request(method, format!("{}{}", self.base, path));
-        if crate::telemetry::traces_on() {
+        if !span.is_none() {
             let mut headers = http::HeaderMap::new();
             crate::telemetry::propagation::inject_into_headers(span, &mut headers);
             request = request.headers(headers);
@@ -164,7 +170,7 @@ impl ServiceClient {
             request = request.bearer_auth(token);
         }
         if let Ok(Some(id)) = REQUEST_ID.try_with(Clone::clone) {
-            request = request.header("x-request-id", id);
+            request = request.header(crate::server::X_REQUEST_ID, id);
         }
         let response = request
             .send()

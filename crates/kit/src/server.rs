@@ -120,17 +120,17 @@ fn request_id_of(req: &mut Request) -> (String, axum::http::HeaderValue) {
     {
         return (id.to_owned(), only.clone());
     }
-    let fresh = uuid::Uuid::new_v4();
+    let fresh = uuid::Uuid::new_v4().to_string();
     // A UUID's text is always a valid header value.
-    let header = axum::http::HeaderValue::from_str(&fresh.to_string())
+    let header = axum::http::HeaderValue::from_str(&fresh)
         .unwrap_or_else(|_| axum::http::HeaderValue::from_static("-"));
     req.headers_mut().insert(X_REQUEST_ID, header.clone());
-    (fresh.to_string(), header)
+    (fresh, header)
 }
 
 /// The service that faces the internet: its request spans start a trace of their own (linked
 /// to a caller's `traceparent`, never its child), so clients cannot pick traces or sampling.
-const EDGE: &str = "gateway";
+const EDGE: &str = crate::wiring::Service::Gateway.as_str();
 
 /// The longest `x-request-id` kept from a client; it goes into every log line of the request.
 pub const MAX_REQUEST_ID_LEN: usize = 64;

@@ -78,27 +78,15 @@ pub fn init(settings: &LogSettings, process: &str) -> Telemetry {
         None
     };
     let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let json = format::format()
+        .json()
+        .flatten_event(true)
+        .with_current_span(true)
+        .with_span_list(false);
     let logs = match (pretty, traces.is_some()) {
         (true, _) => logs.boxed(),
-        (false, false) => logs
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .with_span_list(false)
-            .boxed(),
-        (false, true) => logs
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .with_span_list(false)
-            .event_format(WithTraceIds(
-                format::format()
-                    .json()
-                    .flatten_event(true)
-                    .with_current_span(true)
-                    .with_span_list(false),
-            ))
-            .boxed(),
+        (false, false) => logs.json().event_format(json).boxed(),
+        (false, true) => logs.json().event_format(WithTraceIds(json)).boxed(),
     };
     // Spans at `info` and above whatever the log level (a quiet log must not cost the
     // traces); events only from `warn` up, as span events (the log has the rest, with trace
@@ -135,32 +123,9 @@ pub fn init(settings: &LogSettings, process: &str) -> Telemetry {
         return Telemetry::default();
     }
     if traces.is_some() {
-        opentelemetry::global::set_text_map_propagator(
-            opentelemetry_sdk::propagation::TraceContextPropagator::new(),
-        );
         TRACES_ON.store(true, std::sync::atomic::Ordering::Relaxed);
     }
     Telemetry { traces }
-}
-
-/// Logs only (no traces): for callers outside a tokio runtime.
-pub fn init_logging(settings: &LogSettings) {
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(&settings.level))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = if settings.format.eq_ignore_ascii_case("pretty") {
-        builder.try_init()
-    } else {
-        builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .with_span_list(false)
-            .try_init()
-    };
 }
 
 /// The JSON line of an event with the `trace_id` and `span_id` of the span it happened in, so

@@ -81,7 +81,7 @@ pub enum Service {
 }
 
 impl Service {
-    pub fn as_str(self) -> &'static str {
+    pub const fn as_str(self) -> &'static str {
         match self {
             Service::Gateway => "gateway",
             Service::Users => "users",

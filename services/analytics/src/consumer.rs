@@ -95,13 +95,6 @@ pub async fn run(
             match store.apply_from(events).instrument(span.clone()).await {
                 Ok(applied) => {
                     metrics::counter!("analytics_events_total").increment(applied.fresh as u64);
-                    // How far event time's watermark trails the clock after this batch (the
-                    // allowed lateness plus any lag in the stream).
-                    if let Ok(Some(watermark)) = store.watermark().await {
-                        let delay = Utc::now().timestamp_millis().saturating_sub(watermark);
-                        metrics::gauge!("analytics_watermark_delay_seconds")
-                            .set(delay as f64 / 1e3);
-                    }
                     if applied.late > 0 {
                         tracing::warn!(
                             late = applied.late,
@@ -130,6 +123,12 @@ pub async fn run(
             }
             if lag_measured.elapsed() >= bus::LAG_REPORT {
                 lag_measured = tokio::time::Instant::now();
+                // How far event time's watermark trails the clock (the allowed lateness plus
+                // any lag in the stream), with the lag: every few seconds, not every batch.
+                if let Ok(Some(watermark)) = store.watermark().await {
+                    let delay = Utc::now().timestamp_millis().saturating_sub(watermark);
+                    metrics::gauge!("analytics_watermark_delay_seconds").set(delay as f64 / 1e3);
+                }
                 bus::report_lag(consumer.as_mut(), &subscription.topic, &subscription.group).await;
             }
             delay = Duration::from_millis(200);

@@ -139,8 +139,20 @@ fn in_cidr(ip: IpAddr, (net, bits): (IpAddr, u8)) -> bool {
     }
 }
 
+/// The limits' names: the `scope` of a refusal (its problem and `gateway_rate_limited_total`).
+const PER_CLIENT: &str = "per-client";
+const PER_USER: &str = "per-user";
+const SIGN_IN: &str = "sign-in";
+const READ: &str = "read";
+const WRITE: &str = "write";
+
 impl Limits {
     pub fn new(settings: &RateLimitSettings) -> Result<Limits, BadProxy> {
+        // Each limit's refusal counter exists at zero from the start, so `increase()` (the
+        // heavy-limiting alert, the dashboard) sees its first refusal.
+        for scope in [PER_CLIENT, PER_USER, SIGN_IN, READ, WRITE] {
+            metrics::counter!("gateway_rate_limited_total", "scope" => scope).increment(0);
+        }
         Ok(Limits {
             per_client: quota(settings.per_address_per_sec).map(RateLimiter::keyed),
             per_user: quota(settings.per_user_per_sec).map(RateLimiter::keyed),
@@ -205,11 +217,11 @@ impl Limits {
     /// route class for everyone. In that order: a flood its own address's limit refuses must
     /// not spend the budget every other client shares.
     pub fn admit_request(&self, class: RouteClass, client: IpAddr) -> Result<(), Limited> {
-        self.check_keyed(&self.per_client, address_key(client), "per-client")?;
+        self.check_keyed(&self.per_client, address_key(client), PER_CLIENT)?;
         let shared = match class {
-            RouteClass::SignIn => (&self.sign_in, "sign-in"),
-            RouteClass::Read => (&self.reads, "read"),
-            RouteClass::Write => (&self.writes, "write"),
+            RouteClass::SignIn => (&self.sign_in, SIGN_IN),
+            RouteClass::Read => (&self.reads, READ),
+            RouteClass::Write => (&self.writes, WRITE),
         };
         if let (Some(limiter), scope) = shared {
             limiter.check().map_err(|not_until| Limited {
@@ -222,7 +234,7 @@ impl Limits {
 
     /// The limit of a signed-in user, once the token said who it is.
     pub fn admit_user(&self, user: Uuid) -> Result<(), Limited> {
-        self.check_keyed(&self.per_user, Client::User(user), "per-user")
+        self.check_keyed(&self.per_user, Client::User(user), PER_USER)
     }
 
     fn check_keyed(

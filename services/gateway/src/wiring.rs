@@ -27,10 +27,6 @@ pub fn start(
             Vec::new()
         },
     };
-    // At zero from the start (see orders' wiring): one series per limit.
-    for scope in ["per-client", "per-user", "sign-in", "read", "write"] {
-        metrics::counter!("gateway_rate_limited_total", "scope" => scope).increment(0);
-    }
     let timeout = Duration::from_millis(shared.settings.http.upstream_timeout_ms);
     let limits = crate::limits::Limits::new(&shared.settings.rate_limit)
         .map_err(|e| WiringError::config(e.to_string()))?;

@@ -35,6 +35,8 @@ pub fn wanted() -> bool {
 pub enum OtelError {
     #[error("traces need a tokio runtime to send from: start telemetry inside it")]
     NoRuntime,
+    #[error("the exporter's HTTP client cannot be built: {0}")]
+    Client(String),
     #[error("OTLP over {0} is not built in: use http/protobuf (a collector's port 4318)")]
     Protocol(String),
     #[error("the OTLP exporter cannot be built: {0}")]
@@ -252,7 +254,7 @@ impl RuntimeClient {
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(10))
             .build()
-            .map_err(|_| OtelError::NoRuntime)?;
+            .map_err(|e| OtelError::Client(e.to_string()))?;
         Ok(RuntimeClient { runtime, http })
     }
 }
