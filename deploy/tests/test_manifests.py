@@ -3,7 +3,7 @@
 
     test_manifests.py OVERLAY=RENDERED.yaml [OVERLAY=RENDERED.yaml ...]
 
-OVERLAY is `local` or `aws-eks`; RENDERED.yaml is `kubectl kustomize deploy/k8s/overlays/OVERLAY`.
+OVERLAY is `local`, `aws-eks` or `gcp-gke`; RENDERED.yaml is `kubectl kustomize deploy/k8s/overlays/OVERLAY`.
 What the binary serves is read from its source, so a renamed route, a moved port or a new
 service fails here instead of in a cluster:
 
@@ -38,24 +38,39 @@ service's to the users service's JWKS) and nothing more; the operations port adm
 service may reach HTTPS outside the cluster (the signing keys of the token issuers it
 verifies). On aws-eks, MERCATO_AUTH__ISSUERS is one TOML inline array naming the Cognito user
 pool of ap-south-1 as issuer the way Cognito access tokens need it (audience in `client_id`,
-roles in `cognito:groups`, JWKS at ISSUER/.well-known/jwks.json); the gateway's Ingress routes
-to the gateway Service's port and its load balancer health check asks that port for a path the
-service listener serves.
-Traces: on aws-eks an OpenTelemetry Collector runs (Deployment and Service `otel-collector`, image
-pinned by digest, non-root, read-only root, probes on its health_check port 13133, an IRSA role);
-the configuration its `--config` names, read from the mounted ConfigMap, has an OTLP receiver on
-HTTP port 4318 feeding a traces pipeline that starts with memory_limiter, batches, and exports
-with awsxray; the Service's port 4318 reaches that receiver; every service has
+roles in `cognito:groups`, JWKS at ISSUER/.well-known/jwks.json).
+On both cloud overlays (aws-eks, gcp-gke): every image is pinned by digest and no checkov
+suppression is left; payments runs Stripe in environment production; the gateway's Ingress
+routes to the gateway Service's port only and its load balancer health check asks that port for
+a path the service listener serves (aws-eks: the ALB's healthcheck-path; gcp-gke: the
+BackendConfig named by the gateway Service, else GKE's default GET /). On gcp-gke: the Ingress is
+GKE's (annotation kubernetes.io/ingress.class: gce, no ingressClassName), HTTPS only, with the
+ManagedCertificate and FrontendConfig it names; the gateway Service has container-native load
+balancing (cloud.google.com/neg, needed by a ClusterIP Service); no store is on DynamoDB and no
+ServiceAccount has an AWS role; the rate limits trust Google's front ends
+(MERCATO_RATE_LIMIT__TRUSTED_PROXIES); no service may reach GKE's metadata server.
+Traces: on aws-eks and gcp-gke an OpenTelemetry Collector runs (Deployment and Service
+`otel-collector`, image pinned by digest, non-root, read-only root, probes on its health_check
+port 13133); the configuration its `--config` names, read from the mounted ConfigMap, has an OTLP
+receiver on HTTP port 4318 feeding a traces pipeline that starts with memory_limiter, batches,
+and exports with the overlay's exporter (aws-eks awsxray, gcp-gke googlecloud); the Service's
+port 4318 reaches that receiver; every service has
 OTEL_EXPORTER_OTLP_ENDPOINT=http://otel-collector:4318 (and parent-based ratio sampling), may
 reach the collector on 4318 through the NetworkPolicies, nothing outside the cluster may, and the
-collector reaches none of the services but may reach HTTPS outside. On any overlay an OTLP endpoint names a Service of the render on a port it
-exposes (the local overlay sets none: traces off). deploy/observability/collector/gcp.yaml, which
-no overlay renders, is held to the same shape with the googlecloud exporter.
+collector reaches none of the services but may reach HTTPS outside. The collector's identity: on
+aws-eks an IRSA role; on gcp-gke Workload Identity (its ServiceAccount annotated
+iam.gke.io/gcp-service-account with a Google service account's email, on nodes running GKE's
+metadata server, which the NetworkPolicies let it reach on both dataplanes' addresses), and no
+Mercato ServiceAccount bound to a Google service account. On any overlay an OTLP endpoint names a
+Service of the render on a port it exposes (the local overlay sets none: traces off).
+Collector configurations that no overlay renders (COLLECTOR_FILES) are held to the same shape.
 Exit status 1 with one line per problem.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import re
 import sys
 import tomllib
@@ -102,17 +117,34 @@ COGNITO_ISSUER = re.compile(r"https://cognito-idp\.([a-z0-9-]+)\.amazonaws\.com/
 STRIPE_SECRET = "mercato-stripe"
 STRIPE_FILES = {"MERCATO_PAYMENTS__STRIPE__SECRET_KEY_FILE": "secret-key",
                 "MERCATO_PAYMENTS__STRIPE__WEBHOOK_SECRET_FILE": "webhook-secret"}
-EXTERNAL_SECRETS = {"aws-eks": {"mercato-secrets", AUTH_SECRET, STRIPE_SECRET}, "local": {AUTH_SECRET}}
+EXTERNAL_SECRETS = {"aws-eks": {"mercato-secrets", AUTH_SECRET, STRIPE_SECRET},
+                    "gcp-gke": {"mercato-secrets", AUTH_SECRET, STRIPE_SECRET}, "local": {AUTH_SECRET}}
+# The overlays that take real traffic and money: images by digest, Stripe, an Ingress.
+PRODUCTION = ("aws-eks", "gcp-gke")
+IRSA_ANNOTATION = "eks.amazonaws.com/role-arn"
+IAM_ROLE = re.compile(r"^arn:aws[a-z-]*:iam::\d{12}:role/.+")
+# GKE (docs/deploy.md, "Kubernetes on GKE"): Workload Identity binds a Kubernetes ServiceAccount to
+# a Google service account (GSA) by this annotation; only the collector calls a Google API.
+WORKLOAD_IDENTITY = "iam.gke.io/gcp-service-account"
+GSA_EMAIL = re.compile(r"^[a-z][a-z0-9-]{4,28}[a-z0-9]@[a-z][a-z0-9-]{4,28}[a-z0-9]\.iam\.gserviceaccount\.com$")
+# GKE's metadata server (Workload Identity tokens, the project id), as the NetworkPolicies see it:
+# 169.254.169.252:988 under Calico, 169.254.169.254:80 under Dataplane V2.
+GKE_METADATA = (("169.254.169.252", 988), ("169.254.169.254", 80))
+# Nodes that run GKE's metadata server carry this label (Workload Identity on the node pool).
+GKE_METADATA_NODES = {"iam.gke.io/gke-metadata-server-enabled": "true"}
+# Where Google's external Application Load Balancer (and its health checks) reach the pods from.
+GOOGLE_FRONT_ENDS = {"35.191.0.0/16", "130.211.0.0/22"}
 # Traces (docs/deploy.md, "Traces and the collector"): the OpenTelemetry Collector each overlay runs
 # and the exporter its traces pipeline must end in; the services send OTLP over HTTP/protobuf only
 # (crates/kit/src/telemetry/otel.rs), so to the collector's HTTP port.
 COLLECTOR = "otel-collector"
-COLLECTOR_EXPORTER = {"aws-eks": "awsxray"}
+COLLECTOR_EXPORTER = {"aws-eks": "awsxray", "gcp-gke": "googlecloud"}
 OTLP_HTTP_PORT = 4318
 COLLECTOR_HEALTH_PORT = 13133            # the health_check extension
 COLLECTOR_ENDPOINT = f"http://{COLLECTOR}:{OTLP_HTTP_PORT}"
-# Collector configurations no overlay renders, and the exporter each must use.
-COLLECTOR_FILES = {"deploy/observability/collector/gcp.yaml": "googlecloud"}
+# Collector configurations no overlay renders, and the exporter each must use (none today:
+# deploy/observability/collector/eks.yaml and gcp/gcp.yaml are rendered by aws-eks and gcp-gke).
+COLLECTOR_FILES: dict[str, str] = {}
 
 
 def source(path: str) -> str:
@@ -603,52 +635,45 @@ class Checker:
                 peer.get("ipBlock", {}).get("cidr") == "0.0.0.0/0" and not peer["ipBlock"].get("except") for peer in r["to"]))
             for p in egress for r in p["spec"].get("egress", []))
 
+    def allows_to_address(self, policies: list, labels: dict, address: str, port: int) -> bool:
+        """May a pod with these labels open TCP `port` to `address` (an ipBlock holding it, or no `to`)?"""
+        ip = ipaddress.ip_address(address)
+        def holds(block: dict) -> bool:
+            try:
+                return ip in ipaddress.ip_network(block.get("cidr", ""), strict=False) and not any(
+                    ip in ipaddress.ip_network(e, strict=False) for e in block.get("except", []))
+            except ValueError:
+                return False
+        egress = [p for p in policies if "Egress" in p["spec"].get("policyTypes", []) and self.matches(p["spec"].get("podSelector", {}), labels)]
+        return not egress or any(
+            self.port_ok(r, port) and (not r.get("to") or any("ipBlock" in peer and holds(peer["ipBlock"]) for peer in r["to"]))
+            for p in egress for r in p["spec"].get("egress", []))
+
     # ---------------------------------------------------------------- overlays
     def check_overlay(self) -> None:
         deps = self.docs_of("Deployment")
+        if self.overlay in PRODUCTION:
+            self.check_production(deps)
         if self.overlay == "aws-eks":
-            for d in deps:
-                c = d["spec"]["template"]["spec"]["containers"][0]
-                if not re.search(r"@sha256:[0-9a-f]{64}$", c["image"]):
-                    self.fail(f"Deployment {d['metadata']['name']}: image {c['image']} is not pinned by digest")
-                skips = [k for k in d["metadata"].get("annotations", {}) if k.startswith("checkov.io/skip")]
-                if skips:
-                    self.fail(f"Deployment {d['metadata']['name']}: checkov suppressions {skips} left in the production render")
             for svc in self.services:
                 sa = self.get("ServiceAccount", svc)
-                arn = (sa or {}).get("metadata", {}).get("annotations", {}).get("eks.amazonaws.com/role-arn")
-                if svc in IRSA and not (arn and re.match(r"^arn:aws[a-z-]*:iam::\d{12}:role/.+", arn)):
-                    self.fail(f"ServiceAccount {svc}: no IRSA role (eks.amazonaws.com/role-arn), it calls AWS APIs")
+                arn = (sa or {}).get("metadata", {}).get("annotations", {}).get(IRSA_ANNOTATION)
+                if svc in IRSA and not (arn and IAM_ROLE.match(arn)):
+                    self.fail(f"ServiceAccount {svc}: no IRSA role ({IRSA_ANNOTATION}), it calls AWS APIs")
                 if svc not in IRSA and arn:
                     self.fail(f"ServiceAccount {svc}: has an IAM role but calls no AWS API")
             self.check_dynamodb_urls()
             ing = self.get("Ingress", "gateway")
-            if not ing:
-                self.fail("no Ingress for the gateway")
-            else:
-                backends = [p["backend"]["service"] for r in ing["spec"]["rules"] for p in r["http"]["paths"]]
-                if any(b["name"] != "gateway" for b in backends):
-                    self.fail(f"Ingress gateway routes to {backends}, expected the gateway Service only")
-                gw = self.get("Service", "gateway")
-                names = {p.get("name"): p["port"] for p in (gw or {}).get("spec", {}).get("ports", [])}
-                for b in backends:
-                    bp = b.get("port", {})
-                    if names.get(bp.get("name"), bp.get("number")) != self.ports["gateway"]:
-                        self.fail(f"Ingress gateway routes to port {bp}, expected the gateway's service port {self.ports['gateway']}")
+            if ing:
                 ann = ing["metadata"].get("annotations", {})
-                hc_path = ann.get("alb.ingress.kubernetes.io/healthcheck-path", "/")
-                hc_port = ann.get("alb.ingress.kubernetes.io/healthcheck-port", "traffic-port")
-                if hc_port not in ("traffic-port", str(self.ports["gateway"])):
-                    self.fail(f"Ingress gateway: the load balancer's health check goes to port {hc_port}; only the "
-                              f"gateway's port {self.ports['gateway']} is open to it")
-                elif hc_path not in self.facts.service_paths:
-                    self.fail(f"Ingress gateway: the load balancer's health check path {hc_path!r} is not served on the "
-                              f"gateway's port {self.ports['gateway']} ({sorted(self.facts.service_paths)} besides the API)")
-            cm = next((c for c in self.docs_of("ConfigMap") if c["metadata"]["name"].startswith("mercato-config")), {})
-            if cm.get("data", {}).get("AWS_REGION") != "ap-south-1":
+                self.check_health_check(ann.get("alb.ingress.kubernetes.io/healthcheck-port", "traffic-port"),
+                                        ann.get("alb.ingress.kubernetes.io/healthcheck-path", "/"))
+            cm = self.mercato_config()
+            if cm.get("AWS_REGION") != "ap-south-1":
                 self.fail("the aws-eks settings do not set AWS_REGION=ap-south-1")
-            self.check_cognito_issuer(cm.get("data", {}).get("MERCATO_AUTH__ISSUERS"))
-            self.check_payment_provider(deps)
+            self.check_cognito_issuer(cm.get("MERCATO_AUTH__ISSUERS"))
+        elif self.overlay == "gcp-gke":
+            self.check_gke()
         elif self.overlay == "local":
             for d in deps:
                 c = d["spec"]["template"]["spec"]["containers"][0]
@@ -659,11 +684,139 @@ class Checker:
             for h in self.docs_of("HorizontalPodAutoscaler"):
                 if h["spec"]["maxReplicas"] != 1:
                     self.fail(f"HorizontalPodAutoscaler {h['metadata']['name']} may scale past 1 replica on embedded stores")
-            for svc, url in self.database_urls().items():
-                if url.startswith("dynamodb://"):
-                    self.fail(f"Deployment {svc}: MERCATO_{svc.upper()}__DATABASE_URL={url} on the local overlay, whose stores are embedded")
+            self.check_no_dynamodb()
         else:
-            self.fail("unknown overlay (expected local or aws-eks)")
+            self.fail(f"unknown overlay (expected local, {' or '.join(PRODUCTION)})")
+
+    def mercato_config(self) -> dict:
+        """The data of the shared ConfigMap mercato-config (its name has a content hash)."""
+        cm = next((c for c in self.docs_of("ConfigMap") if c["metadata"]["name"].startswith("mercato-config")), {})
+        return cm.get("data", {})
+
+    def check_no_dynamodb(self) -> None:
+        for svc, url in self.database_urls().items():
+            if url.startswith("dynamodb://"):
+                self.fail(f"Deployment {svc}: MERCATO_{svc.upper()}__DATABASE_URL={url} on the {self.overlay} overlay, "
+                          "which keeps no store in DynamoDB")
+
+    def check_production(self, deps: list) -> None:
+        """What both cloud overlays share: images by digest, no suppression left, Stripe, and an
+        Ingress that reaches the gateway's service port only."""
+        for d in deps:
+            c = d["spec"]["template"]["spec"]["containers"][0]
+            if not re.search(r"@sha256:[0-9a-f]{64}$", c["image"]):
+                self.fail(f"Deployment {d['metadata']['name']}: image {c['image']} is not pinned by digest")
+            skips = [k for k in d["metadata"].get("annotations", {}) if k.startswith("checkov.io/skip")]
+            if skips:
+                self.fail(f"Deployment {d['metadata']['name']}: checkov suppressions {skips} left in the production render")
+        ing = self.get("Ingress", "gateway")
+        if not ing:
+            self.fail("no Ingress for the gateway")
+        else:
+            if len(self.docs_of("Ingress")) != 1:
+                self.fail(f"Ingresses {sorted(self.by_kind['Ingress'])}: expected the gateway's alone")
+            backends = [p["backend"]["service"] for r in ing["spec"].get("rules", []) for p in r["http"]["paths"]]
+            if "defaultBackend" in ing["spec"]:
+                backends.append(ing["spec"]["defaultBackend"].get("service", {}))
+            if not backends or any(b.get("name") != "gateway" for b in backends):
+                self.fail(f"Ingress gateway routes to {backends}, expected the gateway Service only")
+            gw = self.get("Service", "gateway")
+            names = {p.get("name"): p["port"] for p in (gw or {}).get("spec", {}).get("ports", [])}
+            for b in backends:
+                bp = b.get("port", {})
+                if names.get(bp.get("name"), bp.get("number")) != self.ports["gateway"]:
+                    self.fail(f"Ingress gateway routes to port {bp}, expected the gateway's service port {self.ports['gateway']}")
+        self.check_payment_provider(deps)
+
+    def check_health_check(self, port: object, path: object) -> None:
+        """The load balancer's health check: on the gateway's service port (the only one open to
+        it), for a path that listener serves."""
+        gw = self.ports["gateway"]
+        if str(port) not in ("traffic-port", str(gw)):
+            self.fail(f"Ingress gateway: the load balancer's health check goes to port {port}; only the "
+                      f"gateway's port {gw} is open to it")
+        elif path not in self.facts.service_paths:
+            self.fail(f"Ingress gateway: the load balancer's health check path {path!r} is not served on the "
+                      f"gateway's port {gw} ({sorted(self.facts.service_paths)} besides the API)")
+
+    def check_gke(self) -> None:
+        """GKE: GKE's Ingress controller and load balancer, no AWS identity or store, the
+        metadata server out of the services' reach."""
+        ing = self.get("Ingress", "gateway")
+        gw = self.get("Service", "gateway") or {}
+        if ing:
+            ann = ing["metadata"].get("annotations") or {}
+            if ann.get("kubernetes.io/ingress.class") != "gce" or ing["spec"].get("ingressClassName"):
+                self.fail(f"Ingress gateway: class annotation {ann.get('kubernetes.io/ingress.class')!r}, ingressClassName "
+                          f"{ing['spec'].get('ingressClassName')!r}; GKE's controller takes kubernetes.io/ingress.class: gce "
+                          "and no ingressClassName")
+            if ann.get("kubernetes.io/ingress.allow-http") != "false":
+                self.fail("Ingress gateway: kubernetes.io/ingress.allow-http is not \"false\" (HTTPS only)")
+            certs = [c.strip() for c in ann.get("networking.gke.io/managed-certificates", "").split(",") if c.strip()]
+            if not certs and not ann.get("ingress.gcp.kubernetes.io/pre-shared-cert"):
+                self.fail("Ingress gateway: no certificate (networking.gke.io/managed-certificates or pre-shared-cert)")
+            for name in certs:
+                mc = self.get("ManagedCertificate", name)
+                domains = (mc or {}).get("spec", {}).get("domains") or []
+                if not domains or not all(re.fullmatch(r"(?=.{1,63}$)([a-z0-9-]+\.)+[a-z]{2,}", str(d)) for d in domains):
+                    self.fail(f"Ingress gateway: ManagedCertificate {name} is not rendered with the shop's domain names ({domains})")
+            fc = ann.get("networking.gke.io/v1beta1.FrontendConfig")
+            if fc and not (self.get("FrontendConfig", fc) or {}).get("spec", {}).get("sslPolicy"):
+                self.fail(f"Ingress gateway: FrontendConfig {fc} is not rendered with an sslPolicy")
+            # The gateway Service is a ClusterIP Service: GKE's load balancer reaches it only through
+            # network endpoint groups (container-native load balancing).
+            sann = gw.get("metadata", {}).get("annotations") or {}
+            try:
+                neg = json.loads(sann.get("cloud.google.com/neg", "{}"))
+            except ValueError:
+                neg = {}
+            if neg.get("ingress") is not True:
+                self.fail(f"Service gateway: cloud.google.com/neg {sann.get('cloud.google.com/neg')!r} does not turn on "
+                          "network endpoint groups for the Ingress (a ClusterIP Service needs them)")
+            # The health check: the BackendConfig the Service names for its port, else GKE's own,
+            # GET / on the serving port (the readiness probe is on the operations port, so GKE
+            # cannot take its path from it).
+            try:
+                bc_ref = json.loads(sann.get("cloud.google.com/backend-config", "{}"))
+            except ValueError:
+                bc_ref = {}
+            port_name = next((p.get("name") for p in gw.get("spec", {}).get("ports", [])), None)
+            bc_name = (bc_ref.get("ports") or {}).get(port_name) or (bc_ref.get("ports") or {}).get(
+                str(self.ports["gateway"])) or bc_ref.get("default")
+            hc = {}
+            if bc_name:
+                bc = self.get("BackendConfig", bc_name)
+                if bc is None:
+                    self.fail(f"Service gateway names BackendConfig {bc_name}, which is not rendered")
+                hc = (bc or {}).get("spec", {}).get("healthCheck") or {}
+                if hc and hc.get("type", "HTTP") != "HTTP":
+                    self.fail(f"BackendConfig {bc_name}: health check type {hc.get('type')}, the gateway serves plain HTTP")
+            self.check_health_check(hc.get("port", "traffic-port"), hc.get("requestPath", "/"))
+        for sa in self.docs_of("ServiceAccount"):
+            if IRSA_ANNOTATION in (sa["metadata"].get("annotations") or {}):
+                self.fail(f"ServiceAccount {sa['metadata']['name']}: an AWS role ({IRSA_ANNOTATION}) on GKE")
+        self.check_no_dynamodb()
+        cm = self.mercato_config()
+        if "SQS_QUEUE_URL" in cm:
+            self.fail("the gcp-gke settings set SQS_QUEUE_URL: no pod on GKE has AWS credentials")
+        try:
+            proxies = set(json.loads(cm.get("MERCATO_RATE_LIMIT__TRUSTED_PROXIES", "[]")))
+        except (ValueError, TypeError):
+            proxies = set()
+        if not GOOGLE_FRONT_ENDS <= proxies:
+            self.fail(f"MERCATO_RATE_LIMIT__TRUSTED_PROXIES {cm.get('MERCATO_RATE_LIMIT__TRUSTED_PROXIES')!r} does not trust "
+                      f"Google's front ends {sorted(GOOGLE_FRONT_ENDS)}, the load balancer's side of the gateway's connections")
+        # The metadata server hands out the node's credentials (or a bound Google service
+        # account's): no Mercato pod calls it.
+        policies = self.docs_of("NetworkPolicy")
+        for svc in self.services:
+            dep = self.get("Deployment", svc)
+            if not dep:
+                continue
+            labels = dep["spec"]["template"]["metadata"].get("labels", {})
+            for address, port in GKE_METADATA:
+                if self.allows_to_address(policies, labels, address, port):
+                    self.fail(f"NetworkPolicies allow {svc} -> GKE's metadata server {address}:{port}, which it never calls")
 
     def check_traces(self) -> None:
         """Every service sends its spans to a collector that exports them (see the module's doc)."""
@@ -760,11 +913,28 @@ class Checker:
         if spec.get("serviceAccountName") != COLLECTOR or spec.get("automountServiceAccountToken") is not False:
             self.fail(f"{where}: serviceAccountName {spec.get('serviceAccountName')!r}, automountServiceAccountToken "
                       f"{spec.get('automountServiceAccountToken')!r}; expected {COLLECTOR!r}, false")
+        # Its cloud identity: the one thing it may call outside is its exporter's backend.
+        sa_ann = self.get("ServiceAccount", COLLECTOR)["metadata"].get("annotations") or {}
         if exporter == "awsxray":
-            sa = self.get("ServiceAccount", COLLECTOR)
-            arn = sa.get("metadata", {}).get("annotations", {}).get("eks.amazonaws.com/role-arn", "")
-            if not re.match(r"^arn:aws[a-z-]*:iam::\d{12}:role/.+", arn):
-                self.fail(f"ServiceAccount {COLLECTOR}: no IRSA role (eks.amazonaws.com/role-arn), it calls X-Ray")
+            if not IAM_ROLE.match(sa_ann.get(IRSA_ANNOTATION, "")):
+                self.fail(f"ServiceAccount {COLLECTOR}: no IRSA role ({IRSA_ANNOTATION}), it calls X-Ray")
+        if exporter == "googlecloud":
+            gsa = sa_ann.get(WORKLOAD_IDENTITY, "")
+            if not GSA_EMAIL.match(gsa):
+                self.fail(f"ServiceAccount {COLLECTOR}: {WORKLOAD_IDENTITY} is {gsa!r}, not a Google service account's "
+                          "email (Workload Identity: it calls Cloud Trace)")
+            if IRSA_ANNOTATION in sa_ann:
+                self.fail(f"ServiceAccount {COLLECTOR}: an AWS role ({IRSA_ANNOTATION}) on a collector exporting to Cloud Trace")
+            # Only a node running GKE's metadata server gives the pod its bound account's tokens.
+            selector = spec.get("nodeSelector", {})
+            if any(selector.get(k) != v for k, v in GKE_METADATA_NODES.items()):
+                self.fail(f"{where}: nodeSelector {selector} does not ask for nodes running GKE's metadata server "
+                          f"{GKE_METADATA_NODES} (elsewhere Workload Identity gives it no tokens)")
+            for other in self.docs_of("ServiceAccount"):
+                name = other["metadata"]["name"]
+                if name != COLLECTOR and WORKLOAD_IDENTITY in (other["metadata"].get("annotations") or {}):
+                    self.fail(f"ServiceAccount {name}: bound to a Google service account ({WORKLOAD_IDENTITY}), "
+                              "but only the collector calls a Google API")
 
         # NetworkPolicies: the services (and nothing from outside) reach 4318; the collector
         # reaches HTTPS outside and none of the services.
@@ -781,6 +951,11 @@ class Checker:
             self.fail(f"NetworkPolicies admit traffic from outside the cluster to {COLLECTOR}:{OTLP_HTTP_PORT}")
         if not self.allows_to_outside(policies, pods[COLLECTOR], OUTSIDE_HTTPS):
             self.fail(f"NetworkPolicies block {COLLECTOR} -> outside:{OUTSIDE_HTTPS}, its exporter's backend")
+        if exporter == "googlecloud":
+            for address, port in GKE_METADATA:
+                if not self.allows_to_address(policies, pods[COLLECTOR], address, port):
+                    self.fail(f"NetworkPolicies block {COLLECTOR} -> GKE's metadata server {address}:{port} "
+                              "(its Workload Identity tokens and the project id)")
 
     def check_payment_provider(self, deps: list) -> None:
         """Production takes real money: environment production (the simulator refuses to start
@@ -912,8 +1087,8 @@ def main(argv: list[str]) -> int:
           f"(signing key: {', '.join(sorted(SIGNS_TOKENS))}; service key: all but {', '.join(sorted(NO_SERVICE_KEY))}); "
           f"NetworkPolicies allow exactly {len(CALLS)} calls + {len(JWKS_CALLS - CALLS)} JWKS reads, Prometheus alone "
           f"on :{facts.ops_port}, and HTTPS out (the token issuers' JWKS) for every service; traces over OTLP/HTTP to "
-          f"{COLLECTOR}:{OTLP_HTTP_PORT} on {', '.join(f'{o} ({e})' for o, e in COLLECTOR_EXPORTER.items())}, "
-          f"{', '.join(f'{Path(p).name} ({e})' for p, e in COLLECTOR_FILES.items())} checked too")
+          f"{COLLECTOR}:{OTLP_HTTP_PORT} on {', '.join(f'{o} ({e})' for o, e in COLLECTOR_EXPORTER.items())}"
+          + "".join(f", {Path(p).name} ({e}) checked too" for p, e in COLLECTOR_FILES.items()))
     return 0
 
 
