@@ -443,12 +443,28 @@ pub async fn transact(
 ) -> Result<Result<(), CancellationCodes>, BusError> {
     use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
     let count = items.len();
-    match client
-        .transact_write_items()
-        .set_transact_items(Some(items))
-        .send()
-        .await
-    {
+    // The transaction's span, as SQL stores have (kit::pg::traced): inside a trace only.
+    let span = if kit::telemetry::traces_on() && tracing::Span::current().id().is_some() {
+        tracing::info_span!(
+            "dynamodb",
+            otel.name = "TransactWriteItems",
+            otel.kind = "client",
+            db.system.name = "aws.dynamodb",
+            db.operation.name = "TransactWriteItems",
+            db.operation.batch.size = count,
+        )
+    } else {
+        tracing::Span::none()
+    };
+    let sent = tracing::Instrument::instrument(
+        client
+            .transact_write_items()
+            .set_transact_items(Some(items))
+            .send(),
+        span,
+    )
+    .await;
+    match sent {
         Ok(_) => Ok(Ok(())),
         Err(SdkError::ServiceError(e)) => match e.err() {
             TransactWriteItemsError::TransactionCanceledException(cancelled) => {

@@ -86,11 +86,16 @@ impl Worker {
         answer.await.map_err(|_| DbError::Closed)
     }
 
-    /// The span of one write transaction, when traces are exported: the kind of work, never
-    /// the statement's values. Reads (point lookups, most of them) get none: they would double
-    /// the spans of a request for little to see.
+    /// The span of one write transaction, when traces are exported and the caller is inside a
+    /// trace (a request, a consumed event): the kind of work, never the statement's values.
+    /// Reads (point lookups, most of them) get none: they would double the spans of a request
+    /// for little to see. Background writes (a relay marking rows sent, a consumer's offsets)
+    /// get none either: each would be a trace of one span, 0.6 per order, that nobody reads.
     fn span(&self) -> Option<tracing::Span> {
-        (self.operation == "transaction" && crate::telemetry::traces_on()).then(|| {
+        let wanted = self.operation == "transaction"
+            && crate::telemetry::traces_on()
+            && tracing::Span::current().id().is_some();
+        wanted.then(|| {
             tracing::info_span!(
                 "sqlite",
                 otel.name = self.operation,

@@ -168,6 +168,24 @@ async fn migrate(
     Ok(())
 }
 
+/// Runs one transaction's work, `begin` to `commit`, inside a `transaction` span as the SQLite
+/// writer does: only when traces are exported and the caller is inside a trace; `summary` says
+/// which statements (`db.query.summary`: tables and kinds), never their values.
+pub async fn traced<T>(summary: &'static str, work: impl std::future::Future<Output = T>) -> T {
+    if !crate::telemetry::traces_on() || tracing::Span::current().id().is_none() {
+        return work.await;
+    }
+    let span = tracing::info_span!(
+        "postgresql",
+        otel.name = "transaction",
+        otel.kind = "client",
+        db.system.name = "postgresql",
+        db.operation.name = "transaction",
+        db.query.summary = summary,
+    );
+    tracing::Instrument::instrument(work, span).await
+}
+
 /// True when `e` is a unique or primary-key violation (a duplicate the caller reports as 409).
 pub fn is_unique_violation(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some("23505"))

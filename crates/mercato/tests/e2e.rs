@@ -1034,6 +1034,31 @@ async fn one_order_is_one_trace_across_every_service() {
     let call = parent(&spans, &reserve);
     assert_eq!((call.service.as_str(), call.span.kind), ("orders", 3));
     assert_eq!(call.attribute("peer.service").as_deref(), Some("products"));
+    // Each store's write transaction is a client span under the request that made it: the
+    // reservation in products' store, the order (and its outbox rows) in orders'.
+    let cloud_like = std::env::var("TEST_E2E_PROFILE").is_ok();
+    let (products_db, orders_db, orders_tx) = if cloud_like {
+        ("postgresql", "aws.dynamodb", "TransactWriteItems")
+    } else {
+        ("sqlite", "sqlite", "transaction")
+    };
+    for (service, name, system, request) in [
+        ("products", "transaction", products_db, &reserve),
+        ("orders", orders_tx, orders_db, &at_orders),
+    ] {
+        let tx = eventually(10, || async {
+            receiver.spans().into_iter().find(|s| {
+                s.service == service
+                    && s.trace_id() == trace
+                    && s.span.name == name
+                    && s.span.parent_span_id == request.span.span_id
+            })
+        })
+        .await
+        .unwrap_or_else(|| panic!("{service}'s {name} span under its request"));
+        assert_eq!(tx.span.kind, 3, "{service}'s transaction is a client span");
+        assert_eq!(tx.attribute("db.system.name").as_deref(), Some(system));
+    }
 
     // The payment's request: gateway, payments, and payments' call to orders.
     let pay = span_named(&receiver, None, "gateway", "POST /api/v1/payments").await;

@@ -81,6 +81,7 @@ fn to_notification(row: &PgRow) -> Result<Notification, sqlx::Error> {
 #[async_trait]
 impl NotificationStore for PgNotificationStore {
     async fn insert_batch(&self, batch: &[Notification]) -> Result<Vec<bool>, StoreError> {
+        kit::pg::traced("INSERT notifications", async {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
@@ -112,6 +113,8 @@ impl NotificationStore for PgNotificationStore {
         }
         tx.commit().await?;
         Ok(stored)
+            })
+        .await
     }
 
     async fn find(&self, filter: &Filter) -> Result<Page<Notification>, StoreError> {

@@ -205,6 +205,7 @@ async fn mark_processed(
 #[async_trait]
 impl OrderStore for PgOrderStore {
     async fn insert(&self, order: &Order) -> Result<(), StoreError> {
+        kit::pg::traced("INSERT orders order_items outbox", async {
         let event = order.event(bus::event::types::ORDER_CREATED)?;
         let mut tx = self.pg.pool().begin().await?;
         sqlx::query(
@@ -244,6 +245,8 @@ impl OrderStore for PgOrderStore {
         tx.commit().await?;
         self.wake_relay.notify_one();
         Ok(())
+            })
+        .await
     }
 
     async fn get(&self, id: Uuid) -> Result<Option<Order>, StoreError> {
@@ -289,59 +292,62 @@ impl OrderStore for PgOrderStore {
         to: OrderStatus,
         event_id: Option<Uuid>,
     ) -> Result<Transition, StoreError> {
-        let mut tx = self.pg.pool().begin().await?;
-        if let Some(event_id) = event_id {
-            // A concurrent delivery of the same event waits here on the key until this
-            // transaction ends, then finds it taken.
-            if !mark_processed(&mut tx, event_id).await? {
-                let order = load(&mut tx, id).await?.ok_or(StoreError::NotFound)?;
+        kit::pg::traced("UPDATE orders; INSERT outbox", async {
+            let mut tx = self.pg.pool().begin().await?;
+            if let Some(event_id) = event_id {
+                // A concurrent delivery of the same event waits here on the key until this
+                // transaction ends, then finds it taken.
+                if !mark_processed(&mut tx, event_id).await? {
+                    let order = load(&mut tx, id).await?.ok_or(StoreError::NotFound)?;
+                    tx.commit().await?;
+                    return Ok(Transition {
+                        order,
+                        changed: false,
+                    });
+                }
+            }
+            let from: Vec<&str> = OrderStatus::ALL
+                .iter()
+                .filter(|s| s.can_become(to))
+                .map(|s| s.as_str())
+                .collect();
+            let now = now_ms();
+            let updated = sqlx::query(
+                "UPDATE orders SET status = $2, updated_at = $3 WHERE id = $1 AND status = ANY($4)",
+            )
+            .bind(id)
+            .bind(to.as_str())
+            .bind(now)
+            .bind(&from)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+                == 1;
+            // Within the transaction: the row as this update left it, or as the winner committed it.
+            let order = load(&mut tx, id).await?.ok_or(StoreError::NotFound)?;
+            if !updated {
+                if order.status != to {
+                    // Rolled back on drop, so a refused event is not marked as processed.
+                    return Err(StoreError::IllegalTransition {
+                        from: order.status,
+                        to,
+                    });
+                }
                 tx.commit().await?;
                 return Ok(Transition {
                     order,
                     changed: false,
                 });
             }
-        }
-        let from: Vec<&str> = OrderStatus::ALL
-            .iter()
-            .filter(|s| s.can_become(to))
-            .map(|s| s.as_str())
-            .collect();
-        let now = now_ms();
-        let updated = sqlx::query(
-            "UPDATE orders SET status = $2, updated_at = $3 WHERE id = $1 AND status = ANY($4)",
-        )
-        .bind(id)
-        .bind(to.as_str())
-        .bind(now)
-        .bind(&from)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected()
-            == 1;
-        // Within the transaction: the row as this update left it, or as the winner committed it.
-        let order = load(&mut tx, id).await?.ok_or(StoreError::NotFound)?;
-        if !updated {
-            if order.status != to {
-                // Rolled back on drop, so a refused event is not marked as processed.
-                return Err(StoreError::IllegalTransition {
-                    from: order.status,
-                    to,
-                });
-            }
+            bus::outbox::enqueue_pg(&mut tx, &order.event(&to.event_type())?, DESTINATIONS).await?;
             tx.commit().await?;
-            return Ok(Transition {
+            self.wake_relay.notify_one();
+            Ok(Transition {
                 order,
-                changed: false,
-            });
-        }
-        bus::outbox::enqueue_pg(&mut tx, &order.event(&to.event_type())?, DESTINATIONS).await?;
-        tx.commit().await?;
-        self.wake_relay.notify_one();
-        Ok(Transition {
-            order,
-            changed: true,
+                changed: true,
+            })
         })
+        .await
     }
 
     async fn announce(
@@ -350,20 +356,23 @@ impl OrderStore for PgOrderStore {
         event_type: &str,
         event_id: Uuid,
     ) -> Result<bool, StoreError> {
-        let mut tx = self.pg.pool().begin().await?;
-        if !mark_processed(&mut tx, event_id).await? {
-            return Ok(false);
-        }
-        let order = load(&mut tx, id).await?.ok_or(StoreError::NotFound)?;
-        bus::outbox::enqueue_pg(
-            &mut tx,
-            &order.event_with_id(event_id, event_type)?,
-            DESTINATIONS,
-        )
-        .await?;
-        tx.commit().await?;
-        self.wake_relay.notify_one();
-        Ok(true)
+        kit::pg::traced("UPDATE orders; INSERT outbox", async {
+            let mut tx = self.pg.pool().begin().await?;
+            if !mark_processed(&mut tx, event_id).await? {
+                return Ok(false);
+            }
+            let order = load(&mut tx, id).await?.ok_or(StoreError::NotFound)?;
+            bus::outbox::enqueue_pg(
+                &mut tx,
+                &order.event_with_id(event_id, event_type)?,
+                DESTINATIONS,
+            )
+            .await?;
+            tx.commit().await?;
+            self.wake_relay.notify_one();
+            Ok(true)
+        })
+        .await
     }
 
     async fn pending_of_user(

@@ -177,42 +177,45 @@ impl PaymentStore for PgPaymentStore {
     }
 
     async fn finish(&self, id: Uuid, settlement: &Settlement) -> Result<Finished, StoreError> {
-        let mut tx = self.pg.pool().begin().await?;
-        let row = sqlx::query("SELECT * FROM payments WHERE id = $1 FOR UPDATE")
-            .bind(id)
-            .fetch_optional(&mut *tx)
-            .await?
-            .ok_or(StoreError::NotFound)?;
-        let current = to_payment(&row)?;
-        let Some(payment) = apply_settlement(current.clone(), settlement, now_ms()) else {
-            return Ok(Finished {
-                payment: current,
-                changed: false,
-            });
-        };
-        sqlx::query(
-            "UPDATE payments SET status = $2, provider_reference = $3, failure_reason = $4,
+        kit::pg::traced("UPDATE payments; INSERT outbox", async {
+            let mut tx = self.pg.pool().begin().await?;
+            let row = sqlx::query("SELECT * FROM payments WHERE id = $1 FOR UPDATE")
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await?
+                .ok_or(StoreError::NotFound)?;
+            let current = to_payment(&row)?;
+            let Some(payment) = apply_settlement(current.clone(), settlement, now_ms()) else {
+                return Ok(Finished {
+                    payment: current,
+                    changed: false,
+                });
+            };
+            sqlx::query(
+                "UPDATE payments SET status = $2, provider_reference = $3, failure_reason = $4,
                     card_brand = $5, card_last4 = $6, version = $7, updated_at = $8
              WHERE id = $1",
-        )
-        .bind(id)
-        .bind(&payment.status)
-        .bind(&payment.provider_reference)
-        .bind(&payment.failure_reason)
-        .bind(&payment.card_brand)
-        .bind(&payment.card_last4)
-        .bind(version(payment.version))
-        .bind(payment.updated_at.timestamp_millis())
-        .execute(&mut *tx)
-        .await?;
-        let event = event_for(&payment, outcome_event(&payment), payment.amount)?;
-        bus::outbox::enqueue_pg(&mut tx, &event, DESTINATIONS).await?;
-        tx.commit().await?;
-        self.wake_relay.notify_one();
-        Ok(Finished {
-            payment,
-            changed: true,
+            )
+            .bind(id)
+            .bind(&payment.status)
+            .bind(&payment.provider_reference)
+            .bind(&payment.failure_reason)
+            .bind(&payment.card_brand)
+            .bind(&payment.card_last4)
+            .bind(version(payment.version))
+            .bind(payment.updated_at.timestamp_millis())
+            .execute(&mut *tx)
+            .await?;
+            let event = event_for(&payment, outcome_event(&payment), payment.amount)?;
+            bus::outbox::enqueue_pg(&mut tx, &event, DESTINATIONS).await?;
+            tx.commit().await?;
+            self.wake_relay.notify_one();
+            Ok(Finished {
+                payment,
+                changed: true,
+            })
         })
+        .await
     }
 
     async fn abandon(&self, id: Uuid) -> Result<bool, StoreError> {
@@ -265,6 +268,7 @@ impl PaymentStore for PgPaymentStore {
     }
 
     async fn refund(&self, new: &NewRefund) -> Result<Refund, StoreError> {
+        kit::pg::traced("INSERT refunds outbox; UPDATE payments", async {
         let mut tx = self.pg.pool().begin().await?;
         let row = sqlx::query("SELECT * FROM payments WHERE id = $1 FOR UPDATE")
             .bind(new.payment_id)
@@ -301,6 +305,8 @@ impl PaymentStore for PgPaymentStore {
         tx.commit().await?;
         self.wake_relay.notify_one();
         Ok(refund)
+            })
+        .await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

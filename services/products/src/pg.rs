@@ -234,6 +234,7 @@ impl PgProductStore {
         to: ReservationStatus,
         only: ReleaseIf,
     ) -> Result<Option<(Reservation, bool)>, StoreError> {
+        kit::pg::traced("UPDATE reservations products", async {
         let mut tx = self.pg.pool().begin().await?;
         // The row lock makes concurrent transitions of one order take turns, and the status
         // read under it is the one the previous turn committed.
@@ -282,6 +283,8 @@ impl PgProductStore {
         tx.commit().await?;
         reservation.status = to;
         Ok(Some((reservation, true)))
+            })
+        .await
     }
 }
 
@@ -474,41 +477,44 @@ impl ProductStore for PgProductStore {
         id: Uuid,
         change: StockChange,
     ) -> Result<Option<StockLevel>, StoreError> {
-        let mut tx = self.pg.pool().begin().await?;
-        // Locked, so no reservation lands between the check and the write.
-        let row =
-            sqlx::query("SELECT sku, on_hand, reserved FROM products WHERE id = $1 FOR UPDATE")
-                .bind(id)
-                .fetch_optional(&mut *tx)
-                .await?;
-        let Some(row) = row else {
-            return Ok(None);
-        };
-        let mut level = StockLevel {
-            product_id: id,
-            sku: row.try_get(0)?,
-            stock: Stock {
-                on_hand: row.try_get(1)?,
-                reserved: row.try_get(2)?,
-            },
-        };
-        let on_hand = changed_on_hand(level.stock, change)?;
-        if on_hand < level.stock.reserved {
-            return Err(StoreError::BelowReserved {
+        kit::pg::traced("UPDATE products", async {
+            let mut tx = self.pg.pool().begin().await?;
+            // Locked, so no reservation lands between the check and the write.
+            let row =
+                sqlx::query("SELECT sku, on_hand, reserved FROM products WHERE id = $1 FOR UPDATE")
+                    .bind(id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            let Some(row) = row else {
+                return Ok(None);
+            };
+            let mut level = StockLevel {
                 product_id: id,
-                reserved: level.stock.reserved,
-                on_hand,
-            });
-        }
-        sqlx::query("UPDATE products SET on_hand = $1, updated_at = $2 WHERE id = $3")
-            .bind(on_hand)
-            .bind(now_ms())
-            .bind(id)
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        level.stock.on_hand = on_hand;
-        Ok(Some(level))
+                sku: row.try_get(0)?,
+                stock: Stock {
+                    on_hand: row.try_get(1)?,
+                    reserved: row.try_get(2)?,
+                },
+            };
+            let on_hand = changed_on_hand(level.stock, change)?;
+            if on_hand < level.stock.reserved {
+                return Err(StoreError::BelowReserved {
+                    product_id: id,
+                    reserved: level.stock.reserved,
+                    on_hand,
+                });
+            }
+            sqlx::query("UPDATE products SET on_hand = $1, updated_at = $2 WHERE id = $3")
+                .bind(on_hand)
+                .bind(now_ms())
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            level.stock.on_hand = on_hand;
+            Ok(Some(level))
+        })
+        .await
     }
 
     async fn reserve(
@@ -517,6 +523,7 @@ impl ProductStore for PgProductStore {
         lines: &ReservationLines,
         hold: Hold,
     ) -> Result<(Reservation, bool), StoreError> {
+        kit::pg::traced("UPDATE products reservations; INSERT reservations", async {
         let now = now_ms();
         // Dropping `tx` on any early return rolls back the claim and every line taken so far.
         let mut tx = self.pg.pool().begin().await?;
@@ -581,6 +588,8 @@ impl ProductStore for PgProductStore {
             },
             true,
         ))
+            })
+        .await
     }
 
     async fn prune_settled(&self, settled_before_ms: i64, limit: u32) -> Result<usize, StoreError> {

@@ -154,17 +154,20 @@ impl UserStore for PgUserStore {
     }
 
     async fn delete(&self, id: Uuid) -> Result<bool, StoreError> {
-        let mut tx = self.pg.pool().begin().await?;
-        sqlx::query("DELETE FROM refresh_tokens WHERE user_id = $1")
-            .bind(id)
-            .execute(&mut *tx)
-            .await?;
-        let done = sqlx::query("DELETE FROM users WHERE id = $1")
-            .bind(id)
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(done.rows_affected() > 0)
+        kit::pg::traced("DELETE refresh_tokens users", async {
+            let mut tx = self.pg.pool().begin().await?;
+            sqlx::query("DELETE FROM refresh_tokens WHERE user_id = $1")
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+            let done = sqlx::query("DELETE FROM users WHERE id = $1")
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            Ok(done.rows_affected() > 0)
+        })
+        .await
     }
 
     async fn credentials(
@@ -221,61 +224,64 @@ impl UserStore for PgUserStore {
         replacement: &RefreshRecord,
         now_ms: i64,
     ) -> Result<RefreshUse, StoreError> {
-        let mut tx = self.pg.pool().begin().await?;
-        // Locks the row: of two concurrent uses of one token, the second sees it used.
-        let found = sqlx::query(
-            "SELECT family, user_id, expires_at, used_at, revoked
+        kit::pg::traced("UPDATE refresh_tokens; INSERT refresh_tokens", async {
+            let mut tx = self.pg.pool().begin().await?;
+            // Locks the row: of two concurrent uses of one token, the second sees it used.
+            let found = sqlx::query(
+                "SELECT family, user_id, expires_at, used_at, revoked
              FROM refresh_tokens WHERE token_hash = $1 FOR UPDATE",
-        )
-        .bind(token_hash)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some(found) = found else {
-            return Ok(RefreshUse::Invalid);
-        };
-        let family: Uuid = found.try_get(0)?;
-        let user_id: Uuid = found.try_get(1)?;
-        let expires_at: i64 = found.try_get(2)?;
-        let used_at: Option<i64> = found.try_get(3)?;
-        let revoked: bool = found.try_get(4)?;
-        if revoked {
-            return Ok(RefreshUse::Invalid);
-        }
-        if used_at.is_some() {
-            sqlx::query("UPDATE refresh_tokens SET revoked = TRUE WHERE family = $1")
-                .bind(family)
-                .execute(&mut *tx)
-                .await?;
-            tx.commit().await?;
-            return Ok(RefreshUse::Reused);
-        }
-        if expires_at <= now_ms {
-            return Ok(RefreshUse::Invalid);
-        }
-        let user = sqlx::query(concat!("SELECT ", columns!(), " FROM users WHERE id = $1"))
-            .bind(user_id)
+            )
+            .bind(token_hash)
             .fetch_optional(&mut *tx)
             .await?;
-        let Some(user) = user.as_ref().map(to_user).transpose()? else {
-            return Ok(RefreshUse::Invalid);
-        };
-        sqlx::query("UPDATE refresh_tokens SET used_at = $2 WHERE token_hash = $1")
-            .bind(token_hash)
-            .bind(now_ms)
+            let Some(found) = found else {
+                return Ok(RefreshUse::Invalid);
+            };
+            let family: Uuid = found.try_get(0)?;
+            let user_id: Uuid = found.try_get(1)?;
+            let expires_at: i64 = found.try_get(2)?;
+            let used_at: Option<i64> = found.try_get(3)?;
+            let revoked: bool = found.try_get(4)?;
+            if revoked {
+                return Ok(RefreshUse::Invalid);
+            }
+            if used_at.is_some() {
+                sqlx::query("UPDATE refresh_tokens SET revoked = TRUE WHERE family = $1")
+                    .bind(family)
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                return Ok(RefreshUse::Reused);
+            }
+            if expires_at <= now_ms {
+                return Ok(RefreshUse::Invalid);
+            }
+            let user = sqlx::query(concat!("SELECT ", columns!(), " FROM users WHERE id = $1"))
+                .bind(user_id)
+                .fetch_optional(&mut *tx)
+                .await?;
+            let Some(user) = user.as_ref().map(to_user).transpose()? else {
+                return Ok(RefreshUse::Invalid);
+            };
+            sqlx::query("UPDATE refresh_tokens SET used_at = $2 WHERE token_hash = $1")
+                .bind(token_hash)
+                .bind(now_ms)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query(
+                "INSERT INTO refresh_tokens (token_hash, family, user_id, expires_at)
+             VALUES ($1, $2, $3, $4)",
+            )
+            .bind(&replacement.token_hash)
+            .bind(family)
+            .bind(user_id)
+            .bind(replacement.expires_at_ms)
             .execute(&mut *tx)
             .await?;
-        sqlx::query(
-            "INSERT INTO refresh_tokens (token_hash, family, user_id, expires_at)
-             VALUES ($1, $2, $3, $4)",
-        )
-        .bind(&replacement.token_hash)
-        .bind(family)
-        .bind(user_id)
-        .bind(replacement.expires_at_ms)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(RefreshUse::Rotated(user))
+            tx.commit().await?;
+            Ok(RefreshUse::Rotated(user))
+        })
+        .await
     }
 
     async fn prune_refresh(&self, now_ms: i64) -> Result<usize, StoreError> {
