@@ -496,14 +496,7 @@ impl ProductStore for PgProductStore {
                     reserved: row.try_get(2)?,
                 },
             };
-            let on_hand = changed_on_hand(level.stock, change)?;
-            if on_hand < level.stock.reserved {
-                return Err(StoreError::BelowReserved {
-                    product_id: id,
-                    reserved: level.stock.reserved,
-                    on_hand,
-                });
-            }
+            let on_hand = changed_on_hand(id, level.stock, change)?;
             sqlx::query("UPDATE products SET on_hand = $1, updated_at = $2 WHERE id = $3")
                 .bind(on_hand)
                 .bind(now_ms())

@@ -305,8 +305,13 @@ impl StoreError {
     }
 }
 
-/// The on-hand figure a change leads to, if it stays in range.
-pub(crate) fn changed_on_hand(current: Stock, change: StockChange) -> Result<i64, StoreError> {
+/// The on-hand figure a change of `product_id`'s stock leads to, if it stays in range and
+/// covers what is reserved.
+pub(crate) fn changed_on_hand(
+    product_id: Uuid,
+    current: Stock,
+    change: StockChange,
+) -> Result<i64, StoreError> {
     let on_hand = match change {
         StockChange::Set(n) => n,
         StockChange::Adjust(d) => current
@@ -316,6 +321,13 @@ pub(crate) fn changed_on_hand(current: Stock, change: StockChange) -> Result<i64
     };
     if !(0..=MAX_STOCK).contains(&on_hand) {
         return Err(StoreError::StockOutOfRange);
+    }
+    if on_hand < current.reserved {
+        return Err(StoreError::BelowReserved {
+            product_id,
+            reserved: current.reserved,
+            on_hand,
+        });
     }
     Ok(on_hand)
 }
@@ -782,14 +794,7 @@ impl ProductStore for SqliteProductStore {
                 let Some(mut level) = stock_of(tx, id)? else {
                     return Ok(None);
                 };
-                let on_hand = changed_on_hand(level.stock, change)?;
-                if on_hand < level.stock.reserved {
-                    return Err(StoreError::BelowReserved {
-                        product_id: id,
-                        reserved: level.stock.reserved,
-                        on_hand,
-                    });
-                }
+                let on_hand = changed_on_hand(id, level.stock, change)?;
                 tx.execute(
                     "UPDATE products SET on_hand = ?1, updated_at = ?2 WHERE id = ?3",
                     params![on_hand, now_ms(), id.to_string()],
@@ -1032,9 +1037,24 @@ mod tests {
             on_hand: 10,
             reserved: 4,
         };
-        assert_eq!(changed_on_hand(held, StockChange::Set(7)).unwrap(), 7);
-        assert_eq!(changed_on_hand(held, StockChange::Adjust(-3)).unwrap(), 7);
-        assert_eq!(changed_on_hand(held, StockChange::Adjust(5)).unwrap(), 15);
+        let id = Uuid::nil();
+        assert_eq!(changed_on_hand(id, held, StockChange::Set(7)).unwrap(), 7);
+        assert_eq!(
+            changed_on_hand(id, held, StockChange::Adjust(-3)).unwrap(),
+            7
+        );
+        assert_eq!(
+            changed_on_hand(id, held, StockChange::Adjust(5)).unwrap(),
+            15
+        );
+        assert!(matches!(
+            changed_on_hand(id, held, StockChange::Set(3)),
+            Err(StoreError::BelowReserved {
+                reserved: 4,
+                on_hand: 3,
+                ..
+            })
+        ));
         for out in [
             StockChange::Set(-1),
             StockChange::Set(MAX_STOCK + 1),
@@ -1043,7 +1063,10 @@ mod tests {
             StockChange::Adjust(i64::MAX),
         ] {
             assert!(
-                matches!(changed_on_hand(held, out), Err(StoreError::StockOutOfRange)),
+                matches!(
+                    changed_on_hand(id, held, out),
+                    Err(StoreError::StockOutOfRange)
+                ),
                 "{out:?}"
             );
         }
