@@ -152,10 +152,35 @@ impl SpanExporter for ByService {
 /// batches.
 #[derive(Debug, Default)]
 struct Owners {
-    recent: HashMap<SpanId, Arc<str>>,
-    older: HashMap<SpanId, Arc<str>>,
+    recent: SpanMap<Arc<str>>,
+    older: SpanMap<Arc<str>>,
     waiting: Vec<SpanData>,
+    /// The services seen, each name allocated once (a handful, looked up by comparison).
+    names: Vec<Arc<str>>,
 }
+
+/// Span ids are random: their own bits are a hash already, so SipHash's work (a tenth of what
+/// traces cost an order went into this map) buys nothing. Our own: std has no identity hasher.
+#[derive(Debug, Default)]
+struct SpanIdHasher(u64);
+
+impl std::hash::Hasher for SpanIdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for byte in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*byte);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 ^= n;
+    }
+}
+
+type SpanMap<V> = HashMap<SpanId, V, std::hash::BuildHasherDefault<SpanIdHasher>>;
 
 /// How many span owners are remembered before the older half is forgotten.
 const REMEMBERED: usize = 50_000;
@@ -166,6 +191,15 @@ impl Owners {
             .get(&span)
             .or_else(|| self.older.get(&span))
             .cloned()
+    }
+
+    fn name(&mut self, service: &str) -> Arc<str> {
+        if let Some(known) = self.names.iter().find(|known| ***known == *service) {
+            return known.clone();
+        }
+        let name: Arc<str> = Arc::from(service);
+        self.names.push(name.clone());
+        name
     }
 
     fn remember(&mut self, span: SpanId, owner: Arc<str>) {
@@ -179,8 +213,10 @@ impl Owners {
     /// wait, unless they already waited once (then they go to `fallback`).
     fn assign(&mut self, batch: Vec<SpanData>, fallback: &str) -> Vec<(String, Vec<SpanData>)> {
         let waited = std::mem::take(&mut self.waiting);
-        let waited_ids: std::collections::HashSet<SpanId> =
-            waited.iter().map(|s| s.span_context.span_id()).collect();
+        let waited_ids: SpanMap<()> = waited
+            .iter()
+            .map(|s| (s.span_context.span_id(), ()))
+            .collect();
         let mut pending: Vec<SpanData> = waited.into_iter().chain(batch).collect();
         let mut placed: Vec<(Arc<str>, SpanData)> = Vec::with_capacity(pending.len());
         let key = Key::from_static_str(SERVICE_ATTRIBUTE);
@@ -190,9 +226,9 @@ impl Owners {
             let named = span.attributes.iter().position(|kv| kv.key == key);
             match named {
                 Some(at) => {
-                    let owner: Arc<str> = match &span.attributes.swap_remove(at).value {
-                        Value::String(name) => Arc::from(name.as_str()),
-                        other => Arc::from(other.to_string().as_str()),
+                    let owner = match &span.attributes.swap_remove(at).value {
+                        Value::String(name) => self.name(name.as_str()),
+                        other => self.name(&other.to_string()),
                     };
                     self.remember(span.span_context.span_id(), owner.clone());
                     placed.push((owner, span));
@@ -218,11 +254,11 @@ impl Owners {
                 break;
             }
         }
-        let fallback: Arc<str> = Arc::from(fallback);
+        let fallback = self.name(fallback);
         for span in rest {
             let parent_may_come = span.parent_span_id != SpanId::INVALID
                 && !span.parent_span_is_remote
-                && !waited_ids.contains(&span.span_context.span_id());
+                && !waited_ids.contains_key(&span.span_context.span_id());
             if parent_may_come {
                 self.waiting.push(span);
             } else {
