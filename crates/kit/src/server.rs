@@ -287,8 +287,8 @@ where
     let span = tracing::info_span!(
         "request",
         method,
-        route,
-        request_id = request_id.as_str(),
+        route = %route,
+        request_id = %request_id,
         otel.name = tracing::field::Empty,
         otel.kind = "server",
         mercato.service = service,

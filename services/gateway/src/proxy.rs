@@ -289,10 +289,10 @@ impl Proxy {
         // is its child, in memory or over TCP alike).
         let span = tracing::info_span!(
             "forward",
-            otel.name = parts.method.as_str(),
+            otel.name = %parts.method,
             otel.kind = "client",
-            server.address = upstream.authority.as_str(),
-            http.request.method = parts.method.as_str(),
+            server.address = %upstream.authority,
+            http.request.method = %parts.method,
             http.response.status_code = tracing::field::Empty,
             otel.status_code = tracing::field::Empty,
         );
