@@ -443,8 +443,8 @@ pub async fn transact(
 ) -> Result<Result<(), CancellationCodes>, BusError> {
     use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
     let count = items.len();
-    // The transaction's span, as SQL stores have (kit::pg::traced): inside a trace only.
-    let span = if kit::telemetry::traces_on() && tracing::Span::current().id().is_some() {
+    // The transaction's span, as SQL stores have (kit::pg::traced).
+    let span = if kit::telemetry::in_exported_trace() {
         tracing::info_span!(
             "dynamodb",
             otel.name = "TransactWriteItems",

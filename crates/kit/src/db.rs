@@ -86,16 +86,12 @@ impl Worker {
         answer.await.map_err(|_| DbError::Closed)
     }
 
-    /// The span of one write transaction, when traces are exported and the caller is inside a
-    /// trace (a request, a consumed event): the kind of work, never the statement's values.
-    /// Reads (point lookups, most of them) get none: they would double the spans of a request
-    /// for little to see. Background writes (a relay marking rows sent, a consumer's offsets)
-    /// get none either: each would be a trace of one span, 0.6 per order, that nobody reads.
+    /// The span of one write transaction inside an exported trace
+    /// ([`crate::telemetry::in_exported_trace`]): the kind of work, never the statement's
+    /// values. Reads (point lookups, most of them) get none: they would double the spans of a
+    /// request for little to see.
     fn span(&self) -> Option<tracing::Span> {
-        let wanted = self.operation == "transaction"
-            && crate::telemetry::traces_on()
-            && tracing::Span::current().id().is_some();
-        wanted.then(|| {
+        (self.operation == "transaction" && crate::telemetry::in_exported_trace()).then(|| {
             tracing::info_span!(
                 "sqlite",
                 otel.name = self.operation,

@@ -169,10 +169,10 @@ async fn migrate(
 }
 
 /// Runs one transaction's work, `begin` to `commit`, inside a `transaction` span as the SQLite
-/// writer does: only when traces are exported and the caller is inside a trace; `summary` says
-/// which statements (`db.query.summary`: tables and kinds), never their values.
+/// writer does ([`crate::telemetry::in_exported_trace`]); `summary` says which statements
+/// (`db.query.summary`: tables and kinds), never their values.
 pub async fn traced<T>(summary: &'static str, work: impl std::future::Future<Output = T>) -> T {
-    if !crate::telemetry::traces_on() || tracing::Span::current().id().is_none() {
+    if !crate::telemetry::in_exported_trace() {
         return work.await;
     }
     let span = tracing::info_span!(

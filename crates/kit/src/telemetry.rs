@@ -56,6 +56,13 @@ pub fn traces_on() -> bool {
     TRACES_ON.load(std::sync::atomic::Ordering::Relaxed)
 }
 
+/// Whether spans are exported and the caller is inside one (a request, a consumed event): the
+/// condition for a store's transaction span. Background writes outside any trace (a relay
+/// marking rows sent, a consumer's offsets) would each be a trace of one span nobody reads.
+pub fn in_exported_trace() -> bool {
+    traces_on() && tracing::Span::current().id().is_some()
+}
+
 /// Installs the global subscriber once (later calls, as in tests or several services in one
 /// process, start nothing): logs as `settings` say, and, when the environment asks
 /// ([`otel::wanted`]), spans exported over OTLP with `trace_id` and `span_id` on every log

@@ -881,18 +881,7 @@ async fn metrics_label_routes_by_template() {
     let app = spawn_app().await;
     let _ = app.get(&format!("/api/v1/products/{NIL}")).await;
     assert_eq!(app.get("/metrics").await.status, StatusCode::NOT_FOUND);
-    let text = app
-        .client
-        .get(format!(
-            "{}/metrics",
-            app.platform.as_ref().unwrap().ops_url()
-        ))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = common::scrape_metrics(&app.client, &app.platform.as_ref().unwrap().ops_url()).await;
     assert!(text.contains(r#"route="/api/v1/products/{id}""#), "{text}");
     assert!(!text.contains(NIL), "raw ids never become labels");
     assert!(text.contains("http_request_duration_seconds_bucket"));
