@@ -129,10 +129,10 @@ impl ServiceClient {
         // The client side of the hop (the callee's request span is its child).
         let span = tracing::info_span!(
             "call",
-            otel.name = %method,
+            otel.name = method.as_str(),
             otel.kind = "client",
             peer.service = self.service,
-            http.request.method = %method,
+            http.request.method = method.as_str(),
             url.path = path,
             http.response.status_code = tracing::field::Empty,
             otel.status_code = tracing::field::Empty,

@@ -1,7 +1,6 @@
 //! SHA-256 as lowercase hex: what the platform stores in place of a secret or a request it must
-//! recognise again but never keep (refresh tokens, idempotency fingerprints).
-
-use std::fmt::Write as _;
+//! recognise again but never keep (refresh tokens, idempotency fingerprints); and hex itself,
+//! written by table rather than through `fmt` (analytics' sketches are 4 KiB each).
 
 use sha2::{Digest as _, Sha256};
 
@@ -13,11 +12,43 @@ pub fn sha256_hex_of(prefix: &str, parts: &[&[u8]]) -> String {
     }
     let mut out = String::with_capacity(prefix.len() + 64);
     out.push_str(prefix);
-    for b in hasher.finalize() {
-        // Writing to a String cannot fail.
-        let _ = write!(out, "{b:02x}");
-    }
+    push_hex(&mut out, &hasher.finalize());
     out
+}
+
+const DIGITS: &[u8; 16] = b"0123456789abcdef";
+
+fn push_hex(out: &mut String, bytes: &[u8]) {
+    for b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 0x0f)]));
+    }
+}
+
+/// `bytes` as lowercase hex.
+pub fn to_hex(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len() * 2);
+    push_hex(&mut out, bytes);
+    out
+}
+
+/// The bytes of hex text (either case); `None` for an odd length or a non-hex character.
+pub fn from_hex(text: &str) -> Option<Vec<u8>> {
+    fn nibble(c: u8) -> Option<u8> {
+        match c {
+            b'0'..=b'9' => Some(c - b'0'),
+            b'a'..=b'f' => Some(c - b'a' + 10),
+            b'A'..=b'F' => Some(c - b'A' + 10),
+            _ => None,
+        }
+    }
+    let text = text.as_bytes();
+    if !text.len().is_multiple_of(2) {
+        return None;
+    }
+    text.chunks_exact(2)
+        .map(|pair| Some(nibble(pair[0])? << 4 | nibble(pair[1])?))
+        .collect()
 }
 
 /// The SHA-256 of `data` as 64 lowercase hex digits.
@@ -40,5 +71,17 @@ mod tests {
             format!("sha256:{}", sha256_hex(b"abc")),
             "parts hash as their concatenation"
         );
+    }
+
+    #[test]
+    fn hex_round_trips_and_refuses_what_is_not_hex() {
+        let all: Vec<u8> = (0..=255).collect();
+        let text = to_hex(&all);
+        assert!(text.starts_with("000102") && text.ends_with("fdfeff"));
+        assert_eq!(from_hex(&text), Some(all));
+        assert_eq!(from_hex("0A0b"), Some(vec![10, 11]));
+        for bad in ["abc", "0g", "+f", " 1", "é0"] {
+            assert_eq!(from_hex(bad), None, "{bad:?}");
+        }
     }
 }

@@ -13,12 +13,13 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use axum::extract::ConnectInfo;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
+use opentelemetry::trace::TraceContextExt as _;
 use serde_json::json;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
@@ -26,9 +27,11 @@ use tokio_util::sync::CancellationToken;
 use tower::ServiceExt as _;
 use tower_http::catch_panic::CatchPanicLayer;
 use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use crate::config::HttpSettings;
 use crate::problem::Problem;
+use crate::telemetry::exemplars;
 
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
@@ -260,12 +263,22 @@ pub fn ops_app(
         }))
 }
 
-async fn render_metrics() -> Response {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        crate::telemetry::metrics().render(),
-    )
-        .into_response()
+/// The 0.0.4 text format, or OpenMetrics (with exemplars) when the scraper asks for it.
+async fn render_metrics(headers: HeaderMap) -> Response {
+    let text = crate::telemetry::metrics().render();
+    let accept = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    if exemplars::wants_openmetrics(accept) {
+        (
+            [(header::CONTENT_TYPE, exemplars::OPENMETRICS)],
+            exemplars::openmetrics(&text),
+        )
+            .into_response()
+    } else {
+        ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+    }
 }
 
 /// Counts and times every request by route *template* (never the raw path, which would
@@ -287,8 +300,8 @@ where
     let span = tracing::info_span!(
         "request",
         method,
-        route = %route,
-        request_id = %request_id,
+        route,
+        request_id = request_id.as_str(),
         otel.name = tracing::field::Empty,
         otel.kind = "server",
         mercato.service = service,
@@ -313,9 +326,19 @@ where
         span.record("otel.status_code", "ERROR");
         span.in_scope(|| tracing::warn!(status = status.as_u16(), "request failed"));
     }
-    let (count, duration) = request_metrics(service, method, route, status_label(status));
+    let status = status_label(status);
+    let (count, duration) = request_metrics(service, method, route, status);
+    let seconds = start.elapsed().as_secs_f64();
     count.increment(1);
-    duration.record(start.elapsed().as_secs_f64());
+    duration.record(seconds);
+    if crate::telemetry::traces_on() {
+        exemplars::record_request([service, method, route, status], seconds, || {
+            let context = span.context();
+            let otel_span = context.span();
+            let ids = otel_span.span_context();
+            ids.is_sampled().then_some(ids.trace_id())
+        });
+    }
     response
 }
 

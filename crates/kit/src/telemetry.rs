@@ -2,7 +2,9 @@
 //! ([`otel`]), trace context across HTTP calls and events ([`propagation`]), and the
 //! process-wide Prometheus registry.
 
+pub mod exemplars;
 pub mod otel;
+mod otlp;
 pub mod propagation;
 
 use std::sync::OnceLock;
@@ -183,10 +185,7 @@ pub fn metrics() -> &'static PrometheusHandle {
         let builder = PrometheusBuilder::new()
             .set_buckets_for_metric(
                 Matcher::Suffix("duration_seconds".into()),
-                &[
-                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-                    10.0,
-                ],
+                &exemplars::DURATION_BUCKETS,
             )
             .unwrap_or_else(|_| PrometheusBuilder::new());
         let handle = match builder.install_recorder() {

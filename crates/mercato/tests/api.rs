@@ -888,6 +888,48 @@ async fn metrics_label_routes_by_template() {
     app.stop().await;
 }
 
+/// A scraper that asks for OpenMetrics (Prometheus does, first) gets it: counters' families
+/// without `_total`, no blank line, `# EOF` last. Plain text stays the default.
+#[tokio::test]
+async fn metrics_speak_openmetrics_to_a_scraper_that_asks() {
+    let app = spawn_app().await;
+    let _ = app.get(&format!("/api/v1/products/{NIL}")).await;
+    let ops = app.platform.as_ref().unwrap().ops_url();
+    let asked = app
+        .client
+        .get(format!("{ops}/metrics"))
+        .header(
+            "accept",
+            "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        asked.headers()["content-type"],
+        "application/openmetrics-text; version=1.0.0; charset=utf-8"
+    );
+    let text = asked.text().await.unwrap();
+    assert!(text.ends_with("# EOF\n"), "{text}");
+    assert!(!text.contains("\n\n"), "no blank lines in OpenMetrics");
+    assert!(text.contains("# TYPE http_requests counter\n"), "{text}");
+    assert!(text.contains("\nhttp_requests_total{"), "{text}");
+    let plain = app
+        .client
+        .get(format!("{ops}/metrics"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(plain.headers()["content-type"], "text/plain; version=0.0.4");
+    let plain = plain.text().await.unwrap();
+    assert!(
+        plain.contains("# TYPE http_requests_total counter"),
+        "{plain}"
+    );
+    assert!(!plain.contains("# EOF"));
+    app.stop().await;
+}
+
 /// The pipeline's gauges: each relay's outbox backlog and the age of its oldest row, and the
 /// notifier's queue depth, reported within seconds of start.
 #[tokio::test]

@@ -184,7 +184,7 @@ async fn a_test_reads_every_table_and_log_line_after_a_payment_and_finds_no_pan(
         text.lines().any(|l| l.contains(" access:")
             && l.contains("client=127.0.0.1")
             && l.contains("status=402")
-            && l.contains("route=/api/v1/payments")),
+            && l.contains("route=\"/api/v1/payments\"")),
         "an access line for a declined payment, with the client's address"
     );
     found.extend(card_numbers_in_logs(&text, &cards));

@@ -89,27 +89,14 @@ impl UserSketch {
 
     /// Lower-case hex, for JSON records.
     pub fn to_hex(&self) -> String {
-        use std::fmt::Write as _;
-        self.registers
-            .iter()
-            .fold(String::with_capacity(REGISTERS * 2), |mut s, r| {
-                let _ = write!(s, "{r:02x}");
-                s
-            })
+        kit::digest::to_hex(&self.registers)
     }
 
     pub fn from_hex(text: &str) -> Option<UserSketch> {
         if text.len() != REGISTERS * 2 {
             return None;
         }
-        let bytes = (0..text.len())
-            .step_by(2)
-            .map(|i| {
-                text.get(i..i + 2)
-                    .and_then(|h| u8::from_str_radix(h, 16).ok())
-            })
-            .collect::<Option<Vec<u8>>>()?;
-        UserSketch::from_bytes(&bytes)
+        UserSketch::from_bytes(&kit::digest::from_hex(text)?)
     }
 }
 

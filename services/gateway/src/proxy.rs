@@ -289,10 +289,10 @@ impl Proxy {
         // is its child, in memory or over TCP alike).
         let span = tracing::info_span!(
             "forward",
-            otel.name = %parts.method,
+            otel.name = parts.method.as_str(),
             otel.kind = "client",
-            server.address = %upstream.authority,
-            http.request.method = %parts.method,
+            server.address = upstream.authority.as_str(),
+            http.request.method = parts.method.as_str(),
             http.response.status_code = tracing::field::Empty,
             otel.status_code = tracing::field::Empty,
         );

@@ -350,24 +350,14 @@ pub fn verify_signature(
     mac.update(timestamp.to_string().as_bytes());
     mac.update(b".");
     mac.update(body);
-    let matches = signatures
-        .iter()
-        .any(|hex| decode_hex(hex).is_some_and(|bytes| mac.clone().verify_slice(&bytes).is_ok()));
+    let matches = signatures.iter().any(|hex| {
+        kit::digest::from_hex(hex).is_some_and(|bytes| mac.clone().verify_slice(&bytes).is_ok())
+    });
     if matches {
         Ok(())
     } else {
         Err(WebhookError::Mismatch)
     }
-}
-
-fn decode_hex(hex: &str) -> Option<Vec<u8>> {
-    if !hex.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..hex.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
-        .collect()
 }
 
 /// The part of a Stripe event the webhook acts on.

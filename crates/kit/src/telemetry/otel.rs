@@ -7,12 +7,13 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use opentelemetry::trace::SpanId;
-use opentelemetry::{Key, KeyValue, Value};
-use opentelemetry_http::{Bytes, HttpClient, HttpError, Request, Response};
-use opentelemetry_otlp::{Protocol, WithExportConfig as _, WithHttpConfig as _};
+use opentelemetry::{Key, Value};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
 use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter};
+use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
+
+use super::otlp;
 
 /// The span attribute that names the service a span (and every span under it) belongs to.
 /// Set on each service's entry spans (a request, a consumed event, a relay pass); the exporter
@@ -39,86 +40,191 @@ pub enum OtelError {
     Client(String),
     #[error("OTLP over {0} is not built in: use http/protobuf (a collector's port 4318)")]
     Protocol(String),
-    #[error("the OTLP exporter cannot be built: {0}")]
-    Exporter(#[from] opentelemetry_otlp::ExporterBuildError),
+    #[error("OTLP compression {0} is not built in: leave OTEL_EXPORTER_OTLP_COMPRESSION unset")]
+    Compression(String),
+    #[error("{name} is not a valid {what}: {value}")]
+    Setting {
+        name: &'static str,
+        what: &'static str,
+        value: String,
+    },
+}
+
+/// The first of the trace-specific and the general `OTEL_EXPORTER_OTLP_*` variables that is
+/// set: the variable's name and its value.
+fn setting(traces: &'static str, general: &'static str) -> Option<(&'static str, String)> {
+    [traces, general].into_iter().find_map(|name| {
+        std::env::var(name)
+            .ok()
+            .filter(|v| !v.trim().is_empty())
+            .map(|v| (name, v.trim().to_owned()))
+    })
+}
+
+/// Where and how spans are sent, from the OTLP exporter variables of the OpenTelemetry
+/// specification (endpoint, headers, timeout, protocol, compression).
+#[derive(Debug, Clone, PartialEq)]
+struct Destination {
+    url: reqwest::Url,
+    headers: HeaderMap,
+    timeout: Duration,
+}
+
+impl Destination {
+    fn from_env() -> Result<Destination, OtelError> {
+        if let Some((_, protocol)) = setting(
+            "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+            "OTEL_EXPORTER_OTLP_PROTOCOL",
+        ) && protocol != "http/protobuf"
+        {
+            return Err(OtelError::Protocol(protocol));
+        }
+        if let Some((_, compression)) = setting(
+            "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION",
+            "OTEL_EXPORTER_OTLP_COMPRESSION",
+        ) && compression != "none"
+        {
+            return Err(OtelError::Compression(compression));
+        }
+        // The signal's own endpoint is used as is; the general one is a base for /v1/traces.
+        let (name, url) = match std::env::var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") {
+            Ok(url) if !url.trim().is_empty() => {
+                ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", url.trim().to_owned())
+            }
+            _ => {
+                let base = std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT")
+                    .ok()
+                    .filter(|v| !v.trim().is_empty())
+                    .unwrap_or_else(|| "http://localhost:4318".to_owned());
+                let base = base.trim().trim_end_matches('/');
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", format!("{base}/v1/traces"))
+            }
+        };
+        let url = reqwest::Url::parse(&url)
+            .ok()
+            .filter(|u| u.scheme() == "http")
+            .ok_or_else(|| OtelError::Setting {
+                name,
+                what: "http:// URL",
+                value: url.clone(),
+            })?;
+        let headers = match setting(
+            "OTEL_EXPORTER_OTLP_TRACES_HEADERS",
+            "OTEL_EXPORTER_OTLP_HEADERS",
+        ) {
+            Some((name, list)) => parse_headers(&list).ok_or(OtelError::Setting {
+                name,
+                what: "list of key=value headers",
+                // Header values are credentials (API keys): never repeated in an error.
+                value: "(not shown)".to_owned(),
+            })?,
+            None => HeaderMap::new(),
+        };
+        let timeout = match setting(
+            "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT",
+            "OTEL_EXPORTER_OTLP_TIMEOUT",
+        ) {
+            Some((name, ms)) => ms
+                .parse::<u64>()
+                .ok()
+                .filter(|ms| *ms > 0)
+                .map(Duration::from_millis)
+                .ok_or(OtelError::Setting {
+                    name,
+                    what: "timeout in milliseconds",
+                    value: ms,
+                })?,
+            None => Duration::from_secs(10),
+        };
+        Ok(Destination {
+            url,
+            headers,
+            timeout,
+        })
+    }
+}
+
+/// `key1=value1,key2=value2`, values percent-decoded (the W3C baggage format the
+/// specification names).
+fn parse_headers(list: &str) -> Option<HeaderMap> {
+    let mut headers = HeaderMap::new();
+    for pair in list.split(',').filter(|p| !p.trim().is_empty()) {
+        let (key, value) = pair.split_once('=')?;
+        let name = HeaderName::from_bytes(key.trim().as_bytes()).ok()?;
+        let value = HeaderValue::from_bytes(&percent_decoded(value.trim())?).ok()?;
+        headers.append(name, value);
+    }
+    Some(headers)
+}
+
+/// Our own: ten lines, not worth a crate.
+fn percent_decoded(text: &str) -> Option<Vec<u8>> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+            out.push(*crate::digest::from_hex(hex)?.first()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    Some(out)
 }
 
 /// The provider: a batch of finished spans at a time (the `OTEL_BSP_*` variables tune it),
 /// sampled as `OTEL_TRACES_SAMPLER` says (the SDK's default: parent-based, always on), each
 /// span sent under its own service's resource. `fallback` names spans of no service.
 pub fn provider(fallback: &str) -> Result<SdkTracerProvider, OtelError> {
-    let protocol = std::env::var("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
-        .or_else(|_| std::env::var("OTEL_EXPORTER_OTLP_PROTOCOL"))
-        .unwrap_or_default();
-    if !matches!(protocol.trim(), "" | "http/protobuf") {
-        return Err(OtelError::Protocol(protocol));
-    }
-    let client: Arc<dyn HttpClient> = Arc::new(RuntimeClient::new()?);
+    let destination = Destination::from_env()?;
     let fallback = std::env::var("OTEL_SERVICE_NAME")
         .ok()
         .filter(|name| !name.trim().is_empty())
         .unwrap_or_else(|| fallback.to_owned());
-    // One exporter proves the configuration at start-up; the others are made as services
-    // first appear.
-    let exporter = ByService::new(client, fallback)?;
+    let exporter = ByService::new(destination, fallback)?;
     Ok(SdkTracerProvider::builder()
         .with_batch_exporter(exporter)
         .build())
 }
 
-/// Sends each span under the resource of the service it belongs to. The SDK has one resource
-/// per provider and `tracing` one subscriber per process, so nothing upstream can do this
-/// for seven services in one process (our own: no crate routes spans by service).
+/// Sends each span under the resource of the service it belongs to, every service's spans of a
+/// batch in one OTLP request. The SDK has one resource per provider and `tracing` one
+/// subscriber per process, so nothing upstream can do this for seven services in one process
+/// (our own: no crate routes spans by service).
 #[derive(Debug)]
 struct ByService {
-    client: Arc<dyn HttpClient>,
+    sender: Sender,
     fallback: String,
     /// The provider's resource (SDK, `OTEL_RESOURCE_ATTRIBUTES`), each service's name added.
     base: Resource,
-    exporters: Mutex<HashMap<String, Arc<opentelemetry_otlp::SpanExporter>>>,
+    /// Each service's resource, encoded once.
+    resources: Mutex<HashMap<Arc<str>, Arc<[u8]>>>,
     owners: Mutex<Owners>,
 }
 
 impl ByService {
-    fn new(client: Arc<dyn HttpClient>, fallback: String) -> Result<ByService, OtelError> {
-        let by_service = ByService {
-            client,
+    fn new(destination: Destination, fallback: String) -> Result<ByService, OtelError> {
+        Ok(ByService {
+            sender: Sender::new(destination)?,
             fallback,
             base: Resource::builder().build(),
-            exporters: Mutex::default(),
+            resources: Mutex::default(),
             owners: Mutex::default(),
-        };
-        let fallback = by_service.fallback.clone();
-        by_service.exporter(&fallback)?;
-        Ok(by_service)
+        })
     }
 
-    fn exporter(&self, service: &str) -> Result<Arc<opentelemetry_otlp::SpanExporter>, OtelError> {
-        let mut exporters = self
-            .exporters
+    fn resource(&self, service: &Arc<str>) -> Arc<[u8]> {
+        let mut resources = self
+            .resources
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        if let Some(exporter) = exporters.get(service) {
-            return Ok(exporter.clone());
-        }
-        let mut exporter = opentelemetry_otlp::SpanExporter::builder()
-            .with_http()
-            .with_protocol(Protocol::HttpBinary)
-            .with_shared_http_client(self.client.clone())
-            .with_timeout(Duration::from_secs(10))
-            .build()?;
-        let resource = Resource::builder_empty()
-            .with_attributes(
-                self.base
-                    .iter()
-                    .map(|(k, v)| KeyValue::new(k.clone(), v.clone())),
-            )
-            .with_service_name(service.to_owned())
-            .build();
-        opentelemetry_sdk::trace::SpanExporter::set_resource(&mut exporter, &resource);
-        let exporter = Arc::new(exporter);
-        exporters.insert(service.to_owned(), exporter.clone());
-        Ok(exporter)
+        resources
+            .entry(service.clone())
+            .or_insert_with(|| otlp::resource_field(&self.base, service).into())
+            .clone()
     }
 }
 
@@ -129,20 +235,29 @@ impl SpanExporter for ByService {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .assign(batch, &self.fallback);
-        let mut failure = None;
-        for (service, spans) in groups {
-            let exporter = self
-                .exporter(&service)
-                .map_err(|e| OTelSdkError::InternalFailure(e.to_string()))?;
-            if let Err(e) = exporter.export(spans).await {
-                failure = Some(e);
-            }
+        if groups.is_empty() {
+            return Ok(());
         }
-        failure.map_or(Ok(()), Err)
+        let resources: Vec<Arc<[u8]>> = groups.iter().map(|(s, _)| self.resource(s)).collect();
+        let services: Vec<otlp::ServiceSpans<'_>> = groups
+            .iter()
+            .zip(&resources)
+            .map(|((_, spans), resource)| otlp::ServiceSpans {
+                resource,
+                schema_url: self.base.schema_url(),
+                spans,
+            })
+            .collect();
+        let body = otlp::export_request(&services);
+        self.sender.send(body).await
     }
 
     fn set_resource(&mut self, resource: &Resource) {
         self.base = resource.clone();
+        self.resources
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
     }
 }
 
@@ -211,7 +326,7 @@ impl Owners {
 
     /// The batch (with the spans that waited) grouped by service; spans still unplaceable
     /// wait, unless they already waited once (then they go to `fallback`).
-    fn assign(&mut self, batch: Vec<SpanData>, fallback: &str) -> Vec<(String, Vec<SpanData>)> {
+    fn assign(&mut self, batch: Vec<SpanData>, fallback: &str) -> Vec<(Arc<str>, Vec<SpanData>)> {
         let waited = std::mem::take(&mut self.waiting);
         let waited_ids: SpanMap<()> = waited
             .iter()
@@ -265,59 +380,79 @@ impl Owners {
                 placed.push((fallback.clone(), span));
             }
         }
-        let mut groups: Vec<(String, Vec<SpanData>)> = Vec::new();
+        let mut groups: Vec<(Arc<str>, Vec<SpanData>)> = Vec::new();
         for (owner, span) in placed {
-            match groups.iter_mut().find(|(name, _)| **name == *owner) {
+            match groups
+                .iter_mut()
+                .find(|(name, _)| Arc::ptr_eq(name, &owner))
+            {
                 Some((_, spans)) => spans.push(span),
-                None => groups.push((owner.to_string(), vec![span])),
+                None => groups.push((owner, vec![span])),
             }
         }
         groups
     }
 }
 
-/// The exporter's HTTP client. The SDK's batch thread is not a tokio thread and hyper needs a
-/// reactor, so each export runs on the process's runtime and the batch thread waits for it.
+/// Posts OTLP requests. The SDK's batch thread is not a tokio thread and hyper needs a reactor,
+/// so each post runs on the process's runtime and the batch thread waits for it.
 #[derive(Debug)]
-struct RuntimeClient {
+struct Sender {
     runtime: tokio::runtime::Handle,
     http: reqwest::Client,
+    url: reqwest::Url,
 }
 
-impl RuntimeClient {
-    fn new() -> Result<RuntimeClient, OtelError> {
+impl Sender {
+    fn new(destination: Destination) -> Result<Sender, OtelError> {
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| OtelError::NoRuntime)?;
+        let mut headers = destination.headers;
+        headers.insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("application/x-protobuf"),
+        );
         let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(10))
+            .timeout(destination.timeout)
+            .default_headers(headers)
             .build()
             .map_err(|e| OtelError::Client(e.to_string()))?;
-        Ok(RuntimeClient { runtime, http })
+        Ok(Sender {
+            runtime,
+            http,
+            url: destination.url,
+        })
     }
-}
 
-#[async_trait::async_trait]
-impl HttpClient for RuntimeClient {
-    async fn send_bytes(&self, request: Request<Bytes>) -> Result<Response<Bytes>, HttpError> {
-        let request = reqwest::Request::try_from(request)?;
-        let http = self.http.clone();
+    async fn send(&self, body: Vec<u8>) -> OTelSdkResult {
+        let (http, url) = (self.http.clone(), self.url.clone());
+        // Built inside the task: the client's timeout is a tokio timer, and this thread is
+        // the SDK's, outside the runtime.
         let sent = self.runtime.spawn(async move {
-            let response = http.execute(request).await?;
+            let response = http.post(url).body(body).send().await?;
             let status = response.status();
-            let headers = response.headers().clone();
-            let body = response.bytes().await?;
-            Ok::<_, reqwest::Error>((status, headers, body))
+            // Read to the end, so the connection goes back to the pool.
+            response.bytes().await?;
+            Ok::<_, reqwest::Error>(status)
         });
-        let (status, headers, body) = sent.await??;
-        let mut response = Response::new(Bytes::from(body.to_vec()));
-        *response.status_mut() = status;
-        *response.headers_mut() = headers;
-        Ok(response)
+        match sent.await {
+            Ok(Ok(status)) if status.is_success() => Ok(()),
+            Ok(Ok(status)) => Err(OTelSdkError::InternalFailure(format!(
+                "the OTLP receiver answered {status}"
+            ))),
+            Ok(Err(e)) => Err(OTelSdkError::InternalFailure(format!(
+                "OTLP request failed: {e}"
+            ))),
+            Err(e) => Err(OTelSdkError::InternalFailure(format!(
+                "OTLP request did not finish: {e}"
+            ))),
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use opentelemetry::KeyValue;
     use opentelemetry::trace::{SpanContext, SpanKind, Status, TraceFlags, TraceId, TraceState};
     use opentelemetry_sdk::trace::{SpanEvents, SpanLinks};
     use std::borrow::Cow;
@@ -349,10 +484,10 @@ mod tests {
         }
     }
 
-    fn ids(groups: &[(String, Vec<SpanData>)], service: &str) -> Vec<u64> {
+    fn ids(groups: &[(Arc<str>, Vec<SpanData>)], service: &str) -> Vec<u64> {
         let mut ids: Vec<u64> = groups
             .iter()
-            .filter(|(name, _)| name == service)
+            .filter(|(name, _)| **name == *service)
             .flat_map(|(_, spans)| spans.iter())
             .map(|s| u64::from_be_bytes(s.span_context.span_id().to_bytes()))
             .collect();
@@ -399,6 +534,18 @@ mod tests {
         remote.parent_span_is_remote = true;
         let fourth = owners.assign(vec![span(12, 0, None), remote], "mercato");
         assert_eq!(ids(&fourth, "mercato"), vec![11, 12]);
+    }
+
+    #[test]
+    fn header_lists_are_parsed_and_percent_decoded() {
+        let headers = parse_headers("api-key=s3cr%3Dt%2C, x-team = shop ,").unwrap();
+        assert_eq!(headers["api-key"], "s3cr=t,");
+        assert_eq!(headers["x-team"], "shop");
+        assert!(parse_headers("no-equals-sign").is_none());
+        assert!(parse_headers("bad header=1").is_none());
+        assert!(parse_headers("k=%zz").is_none());
+        assert!(parse_headers("k=%4").is_none());
+        assert!(parse_headers("").unwrap().is_empty());
     }
 
     #[test]
