@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::time::Duration;
 
+use rusqlite::config::DbConfig;
 use rusqlite::{Connection, Transaction, TransactionBehavior};
 
 use crate::config::SqliteSettings;
@@ -150,6 +151,11 @@ fn connect(
     if !writer {
         conn.pragma_update(None, "query_only", "ON")?;
     }
+    // A cached statement keeps its plan whatever values are bound to it. Without the query
+    // planner stability guarantee this SQLite re-prepares a statement (schema parse included)
+    // whenever a bound `LIMIT ?` changes: the stream's poll did, nearly ten times an order,
+    // a quarter of an order's instructions (docs/benchmarks.md).
+    conn.set_db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)?;
     conn.set_prepared_statement_cache_capacity(64);
     Ok(conn)
 }
@@ -365,6 +371,34 @@ mod tests {
         Sqlite(#[from] rusqlite::Error),
         #[error("rolled back on purpose")]
         Abort,
+    }
+
+    /// A cached statement whose `LIMIT ?` changes from call to call keeps its plan: no
+    /// re-preparation (without the planner stability guarantee, one per new limit).
+    #[test]
+    fn a_bound_limit_does_not_re_prepare_a_cached_statement() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = connect(&dir.path().join("t.db"), &SqliteSettings::default(), true).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE t (v INTEGER PRIMARY KEY); INSERT INTO t VALUES (1), (2), (3);",
+        )
+        .unwrap();
+        let sql = "SELECT v FROM t WHERE v >= ?1 ORDER BY v LIMIT ?2";
+        for limit in 1..=3_i64 {
+            let rows: Vec<i64> = conn
+                .prepare_cached(sql)
+                .unwrap()
+                .query_map([1, limit], |r| r.get(0))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap();
+            assert_eq!(rows.len(), usize::try_from(limit).unwrap());
+        }
+        let statement = conn.prepare_cached(sql).unwrap();
+        assert_eq!(
+            statement.get_status(rusqlite::StatementStatus::RePrepare),
+            0
+        );
     }
 
     #[tokio::test]
