@@ -62,13 +62,17 @@ pub fn test_settings(dir: &tempfile::TempDir) -> Settings {
     s
 }
 
-/// A URL where nothing listens: a dependency that is down.
+/// A URL where nothing listens: a dependency that is down. Its port stays bound, never
+/// listening, until the test process ends: connections are refused, and no other test's
+/// server can be given the port and answer in its place (a released port could be).
 pub fn unreachable_url() -> String {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    socket
+        .bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    let port = socket.local_addr().unwrap().as_socket().unwrap().port();
+    std::mem::forget(socket);
     format!("http://127.0.0.1:{port}")
 }
 
