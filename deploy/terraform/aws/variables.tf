@@ -90,7 +90,7 @@ variable "kafka_bootstrap_servers" {
 }
 
 variable "notifier_package_path" {
-  description = "The notifier Lambda's zip, built by `cargo lambda build --release --arm64 -p notifications --features lambda --bin bootstrap --output-format zip` (relative to this directory)."
+  description = "The notifier Lambda's zip, built by `cargo lambda build --profile lambda-package --arm64 -p notifications --features lambda --bin bootstrap --output-format zip` (relative to this directory)."
   type        = string
   default     = "../../../target/lambda/bootstrap/bootstrap.zip"
 }

@@ -18,7 +18,7 @@ variable "table_name" {
 }
 
 variable "package_path" {
-  description = "Path of the zip built by `cargo lambda build --release --arm64 -p notifications --features lambda --bin bootstrap --output-format zip`."
+  description = "Path of the zip built by `cargo lambda build --profile lambda-package --arm64 -p notifications --features lambda --bin bootstrap --output-format zip`."
   type        = string
   default     = "../../../../target/lambda/bootstrap/bootstrap.zip"
 }
