@@ -9,5 +9,8 @@ venv() { # venv DIR PACKAGE...
         "$dir/bin/pip" install -q "$@" || { say "pip install $* failed"; exit 1; }
     fi
 }
-# The pinned version of the OTLP types the scripts' trace receiver decodes with.
-OTEL_PROTO_VERSION=1.45.2
+# Pinned versions of the Python peers the scripts share (scripts/check-aws and scripts/cloud-like
+# pin moto themselves, to the same version).
+OTEL_PROTO_VERSION=1.45.2     # the OTLP types the scripts' trace receiver decodes with
+CARGO_LAMBDA_VERSION=1.9.2    # cargo lambda watch | invoke | build
+MOTO_VERSION=5.2.1            # moto_server: DynamoDB, SQS, S3
