@@ -39,9 +39,13 @@ struct Exemplar {
 
 type Buckets = [Option<Exemplar>; DURATION_BUCKETS.len() + 1];
 
-/// Label sets are a fixed set (interned routes, known statuses), so this map stays small.
-fn recent() -> &'static Mutex<HashMap<RequestLabels, Buckets>> {
-    static RECENT: OnceLock<Mutex<HashMap<RequestLabels, Buckets>>> = OnceLock::new();
+/// Label sets are a fixed set (interned routes, known statuses), so this map stays small. It
+/// is keyed by the labels' addresses, as `server::request_metrics` keys its handles: every
+/// label is a `'static` str from that set, and a request need not hash four strings.
+type Recent = HashMap<[(usize, usize); 4], (RequestLabels, Buckets)>;
+
+fn recent() -> &'static Mutex<Recent> {
+    static RECENT: OnceLock<Mutex<Recent>> = OnceLock::new();
     RECENT.get_or_init(Mutex::default)
 }
 
@@ -52,24 +56,37 @@ fn bucket_of(seconds: f64) -> usize {
         .unwrap_or(DURATION_BUCKETS.len())
 }
 
-/// Keeps `trace` (asked for only when the bucket's exemplar is due for renewal) as the
-/// exemplar of the bucket a request of `seconds` falls in.
+/// Keeps `trace` (asked for only when the bucket's exemplar is due for renewal, and outside
+/// the lock) as the exemplar of the bucket a request of `seconds` falls in.
 pub fn record_request(
     labels: RequestLabels,
     seconds: f64,
     trace: impl FnOnce() -> Option<TraceId>,
 ) {
+    let key = labels.map(|label| (label.as_ptr() as usize, label.len()));
+    let bucket = bucket_of(seconds);
     let now = SystemTime::now();
-    let mut recent = recent().lock().unwrap_or_else(PoisonError::into_inner);
-    let slot = &mut recent.entry(labels).or_default()[bucket_of(seconds)];
-    let due = slot.is_none_or(|kept| now.duration_since(kept.at).unwrap_or_default() >= REFRESH);
-    if due && let Some(trace_id) = trace() {
-        *slot = Some(Exemplar {
-            trace_id,
-            seconds,
-            at: now,
-        });
+    let due = |recent: &Recent| {
+        recent
+            .get(&key)
+            .and_then(|(_, buckets)| buckets[bucket])
+            .is_none_or(|kept| now.duration_since(kept.at).unwrap_or_default() >= REFRESH)
+    };
+    if !due(&recent().lock().unwrap_or_else(PoisonError::into_inner)) {
+        return;
     }
+    let Some(trace_id) = trace() else {
+        return;
+    };
+    let mut recent = recent().lock().unwrap_or_else(PoisonError::into_inner);
+    recent
+        .entry(key)
+        .or_insert_with(|| (labels, Buckets::default()))
+        .1[bucket] = Some(Exemplar {
+        trace_id,
+        seconds,
+        at: now,
+    });
 }
 
 /// Whether an `Accept` header asks for OpenMetrics (with a non-zero quality).
@@ -100,7 +117,7 @@ pub fn openmetrics(text: &str) -> String {
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
         .clone();
-    let recent: HashMap<[&str; 4], &Buckets> = kept.iter().map(|(k, v)| (*k, v)).collect();
+    let recent: HashMap<[&str; 4], &Buckets> = kept.values().map(|(k, v)| (*k, v)).collect();
     let mut out = String::with_capacity(text.len() + recent.len() * 200);
     for line in text.lines() {
         if line.is_empty() {

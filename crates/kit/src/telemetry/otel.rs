@@ -63,7 +63,7 @@ fn setting(traces: &'static str, general: &'static str) -> Option<(&'static str,
 
 /// Where and how spans are sent, from the OTLP exporter variables of the OpenTelemetry
 /// specification (endpoint, headers, timeout, protocol, compression).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug)]
 struct Destination {
     url: reqwest::Url,
     headers: HeaderMap,
@@ -87,18 +87,16 @@ impl Destination {
             return Err(OtelError::Compression(compression));
         }
         // The signal's own endpoint is used as is; the general one is a base for /v1/traces.
-        let (name, url) = match std::env::var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") {
-            Ok(url) if !url.trim().is_empty() => {
-                ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", url.trim().to_owned())
-            }
-            _ => {
-                let base = std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT")
-                    .ok()
-                    .filter(|v| !v.trim().is_empty())
-                    .unwrap_or_else(|| "http://localhost:4318".to_owned());
-                let base = base.trim().trim_end_matches('/');
-                ("OTEL_EXPORTER_OTLP_ENDPOINT", format!("{base}/v1/traces"))
-            }
+        let (name, url) = match setting(
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+        ) {
+            Some((name @ "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", url)) => (name, url),
+            Some((name, base)) => (name, format!("{}/v1/traces", base.trim_end_matches('/'))),
+            None => (
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+                "http://localhost:4318/v1/traces".to_owned(),
+            ),
         };
         let url = reqwest::Url::parse(&url)
             .ok()
