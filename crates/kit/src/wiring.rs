@@ -330,6 +330,8 @@ pub struct Shared<'a> {
     pub lifecycle: &'a Lifecycle,
     /// Verifies user and service tokens; holds the key internal calls are signed with.
     pub auth: &'a Arc<Auth>,
+    /// This process's operations listener (`/ready`, `/metrics`), as a URL.
+    pub ops_url: &'a str,
 }
 
 impl Shared<'_> {

@@ -290,7 +290,19 @@ pub async fn start(settings: &Settings, services: &[ServiceName]) -> anyhow::Res
         .with_context(|| format!("creating {}", settings.data_dir.display()))?;
     let (auth, issuer) = identity(settings, services, &users_url, &http)?;
     let lifecycle = Lifecycle::new();
+    let ops_url = {
+        let addr = ops_listener
+            .local_addr()
+            .context("reading the operations address")?;
+        let host = if addr.ip().is_unspecified() {
+            std::net::IpAddr::from([127, 0, 0, 1])
+        } else {
+            addr.ip()
+        };
+        format!("http://{}", std::net::SocketAddr::new(host, addr.port()))
+    };
     let shared = Shared {
+        ops_url: &ops_url,
         settings,
         urls: &urls,
         http: &http,

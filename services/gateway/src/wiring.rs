@@ -30,8 +30,28 @@ pub fn start(
     let timeout = Duration::from_millis(shared.settings.http.upstream_timeout_ms);
     let limits = crate::limits::Limits::new(&shared.settings.rate_limit)
         .map_err(|e| WiringError::config(e.to_string()))?;
-    let router = crate::router(&upstreams, shared.body_limit(), timeout, Arc::new(limits))
+    let limits = Arc::new(limits);
+    let api = crate::router(&upstreams, shared.body_limit(), timeout, limits.clone())
         .context("configuring the gateway")?;
+    // The storefront and console call the API above in memory, as the visitor.
+    let is_https: web::IsHttps = Arc::new(move |req: &axum::extract::Request| {
+        let peer = req
+            .extensions()
+            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+            .map(|info| info.0.ip());
+        peer.is_some_and(|peer| limits.client_scheme(peer, req.headers()) == "https")
+    });
+    let pages = web::Web::new(
+        // The same identity layer as the served router gets where the platform is assembled.
+        web::Api::new(api.clone().layer(shared.auth.layer())),
+        shared.auth.clone(),
+        is_https,
+        web::WebSettings {
+            currency: shared.settings.currency.clone(),
+            ops_url: Some(shared.ops_url.to_owned()),
+        },
+    );
+    let router = api.merge(web::router(pages));
     // The gateway is ready when it runs: one sick service must not take every gateway pod
     // (and so the whole shop) out of the load balancer; its routes answer 503.
     let ready = ready_check(|| async { Ok(()) });

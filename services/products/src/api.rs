@@ -17,8 +17,8 @@ use uuid::Uuid;
 
 use crate::domain::{self, FieldError, ReservationLines};
 use crate::store::{
-    Hold, NewProduct, Product, ProductChanges, ProductStore, ReleaseIf, Reservation, StockLevel,
-    StoreError,
+    CatalogFilter, Hold, NewProduct, Product, ProductChanges, ProductStore, ReleaseIf, Reservation,
+    StockLevel, StoreError,
 };
 
 /// What every handler works with.
@@ -70,7 +70,7 @@ pub struct ChangeStock {
     pub adjust: Option<i64>,
 }
 
-/// `?limit=&cursor=&category=` (or the seed's `skip=`); see [`kit::page`].
+/// `?limit=&cursor=&category=&q=` (or the seed's `skip=`); see [`kit::page`].
 #[derive(Debug, Deserialize)]
 pub struct ListParams {
     #[serde(default = "kit::page::default_limit")]
@@ -78,7 +78,12 @@ pub struct ListParams {
     pub skip: Option<u32>,
     pub cursor: Option<String>,
     pub category: Option<String>,
+    /// Products whose name, SKU or description contain this text.
+    pub q: Option<String>,
 }
+
+/// The longest search text (`q`) a catalog page accepts, in characters.
+pub const MAX_SEARCH_CHARS: usize = 100;
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct ReserveItem {
@@ -227,9 +232,22 @@ async fn list_products(
     Query(params): Query<ListParams>,
 ) -> Result<(HeaderMap, Json<Vec<Product>>), Problem> {
     let request = PageRequest::parse(params.limit, params.skip, params.cursor.as_deref())?;
+    if params
+        .q
+        .as_ref()
+        .is_some_and(|q| q.chars().count() > MAX_SEARCH_CHARS)
+    {
+        return Err(Problem::bad_request(format!(
+            "q: at most {MAX_SEARCH_CHARS} characters"
+        )));
+    }
+    let filter = CatalogFilter {
+        category: params.category,
+        search: params.q,
+    };
     let page = catalog
         .store
-        .list(&request, params.category)
+        .list(&request, &filter)
         .await
         .map_err(store_problem)?;
     Ok((page::link_headers(&uri, &page), Json(page.items)))

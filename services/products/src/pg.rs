@@ -34,7 +34,7 @@ use uuid::Uuid;
 
 use crate::domain::ReservationLines;
 use crate::store::{
-    Hold, NewProduct, Product, ProductChanges, ProductStore, ReleaseIf, Reservation,
+    CatalogFilter, Hold, NewProduct, Product, ProductChanges, ProductStore, ReleaseIf, Reservation,
     ReservationStatus, ReservedLine, Stock, StockChange, StockLevel, StoreError, changed_on_hand,
     expiry,
 };
@@ -390,20 +390,22 @@ impl ProductStore for PgProductStore {
     async fn list(
         &self,
         page: &PageRequest,
-        category: Option<String>,
+        filter: &CatalogFilter,
     ) -> Result<Page<Product>, StoreError> {
         let ((after_at, after_id), skip) = page.row_start()?;
         // The same order as SQLite: UUIDs sort by bytes, as their lower-case text does there.
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
             "SELECT {PRODUCT_COLUMNS} FROM products WHERE ($1::TEXT IS NULL OR category = $1)
+             AND ($6::TEXT IS NULL OR strpos(lower(name || ' ' || sku || ' ' || description), $6) > 0)
              AND (created_at, id) > ($2, $3)
              ORDER BY created_at, id LIMIT $4 OFFSET $5"
         )))
-        .bind(category)
+        .bind(filter.category.as_deref())
         .bind(after_at)
         .bind(after_id)
         .bind(i64::from(page.limit) + 1)
         .bind(i64::from(skip))
+        .bind(filter.search_text())
         .fetch_all(self.pg.pool())
         .await?;
         let rows = rows.iter().map(to_product).collect::<Result<Vec<_>, _>>()?;

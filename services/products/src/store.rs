@@ -147,6 +147,25 @@ pub struct NewProduct {
     pub category: String,
 }
 
+/// Which products a catalog page lists: one category, and those whose name, SKU or
+/// description contain a text (case-insensitive for ASCII letters, as SQLite's `lower`).
+#[derive(Debug, Clone, Default)]
+pub struct CatalogFilter {
+    pub category: Option<String>,
+    pub search: Option<String>,
+}
+
+impl CatalogFilter {
+    /// The search text as the stores compare it: lower-cased; `None` when there is none.
+    pub fn search_text(&self) -> Option<String> {
+        self.search
+            .as_deref()
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_ascii_lowercase)
+    }
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct ProductChanges {
     pub name: Option<String>,
@@ -359,11 +378,11 @@ pub trait ProductStore: Send + Sync {
 
     async fn get(&self, id: Uuid) -> Result<Option<Product>, StoreError>;
 
-    /// A page of the catalog (of one category), oldest first, ties by id.
+    /// A page of the catalog (of one category, matching a search), oldest first, ties by id.
     async fn list(
         &self,
         page: &PageRequest,
-        category: Option<String>,
+        filter: &CatalogFilter,
     ) -> Result<Page<Product>, StoreError>;
 
     /// Applies the given changes; `None` when the product does not exist.
@@ -697,21 +716,23 @@ impl ProductStore for SqliteProductStore {
     async fn list(
         &self,
         page: &PageRequest,
-        category: Option<String>,
+        filter: &CatalogFilter,
     ) -> Result<Page<Product>, StoreError> {
         let ((after_at, after_id), skip) = page.row_start()?;
         let limit = page.limit;
+        let (category, search) = (filter.category.clone(), filter.search_text());
         let rows = self
             .db
             .read(move |conn| {
                 let mut q = conn.prepare_cached(&format!(
                     "SELECT {COLUMNS} FROM products WHERE (?1 IS NULL OR category = ?1)
+                     AND (?6 IS NULL OR instr(lower(name || ' ' || sku || ' ' || description), ?6) > 0)
                      AND (created_at, id) > (?2, ?3)
                      ORDER BY created_at, id LIMIT ?4 OFFSET ?5"
                 ))?;
                 let products = q
                     .query_map(
-                        params![category, after_at, after_id.to_string(), limit + 1, skip],
+                        params![category, after_at, after_id.to_string(), limit + 1, skip, search],
                         to_product,
                     )?
                     .collect::<Result<Vec<_>, _>>()?;

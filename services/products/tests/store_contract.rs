@@ -14,8 +14,8 @@ use kit::db::now_ms;
 use kit::page::{Cursor, PageRequest, Start};
 use products::domain::ReservationLines;
 use products::store::{
-    Hold, NewProduct, Product, ProductChanges, ReleaseIf, ReservationStatus, Stock, StockChange,
-    StockLevel, StoreError,
+    CatalogFilter, Hold, NewProduct, Product, ProductChanges, ReleaseIf, ReservationStatus, Stock,
+    StockChange, StockLevel, StoreError,
 };
 use products::{ProductStore, SqliteProductStore};
 use uuid::Uuid;
@@ -77,6 +77,7 @@ contract!(
     created_products_read_back_exactly,
     a_taken_sku_is_a_duplicate,
     lists_page_in_creation_order_and_filter_by_category,
+    search_finds_text_in_name_sku_or_description,
     update_changes_only_what_is_given,
     delete_removes_once,
     concurrent_reservations_never_oversell,
@@ -222,9 +223,64 @@ async fn lists_page_in_creation_order_and_filter_by_category(store: Arc<dyn Prod
         start: Start::After(Cursor::from_text("LastEvaluatedKey")),
     };
     assert!(matches!(
-        store.list(&foreign, None).await,
+        store.list(&foreign, &CatalogFilter::default()).await,
         Err(StoreError::BadCursor(_))
     ));
+}
+
+fn in_category(category: Option<&str>) -> CatalogFilter {
+    CatalogFilter {
+        category: category.map(str::to_owned),
+        search: None,
+    }
+}
+
+/// The search matches name, SKU and description in any letter case, with SQL's wildcards as
+/// plain characters, and pages like the rest of the catalog.
+async fn search_finds_text_in_name_sku_or_description(store: Arc<dyn ProductStore>) {
+    let mut made = Vec::new();
+    for (sku, name, description) in [
+        ("TEA-1", "Darjeeling Tea", "first flush"),
+        ("MUG-1", "Mug", "holds tea"),
+        ("TEAPOT", "Pot", "cast iron"),
+        ("PCT-1", "Cup 100%", "porcelain"),
+        ("PLAIN", "Plate", "porcelain_white"),
+    ] {
+        let mut new = widget(sku, 1);
+        new.name = name.into();
+        new.description = description.into();
+        made.push(store.create(new).await.unwrap());
+    }
+    let search = |text: &str| CatalogFilter {
+        category: None,
+        search: Some(text.to_owned()),
+    };
+    let found = |filter: CatalogFilter, limit: u32| {
+        let store = store.clone();
+        async move {
+            let request = PageRequest::parse(limit, None, None).unwrap();
+            let page = store.list(&request, &filter).await.unwrap();
+            (
+                page.items.into_iter().map(|p| p.sku).collect::<Vec<_>>(),
+                page.next.is_some(),
+            )
+        }
+    };
+    assert_eq!(
+        found(search("TEA"), 10).await,
+        (vec!["TEA-1".into(), "MUG-1".into(), "TEAPOT".into()], false)
+    );
+    assert_eq!(
+        found(search("  tEa "), 2).await,
+        (vec!["TEA-1".into(), "MUG-1".into()], true)
+    );
+    assert_eq!(found(search("%"), 10).await, (vec!["PCT-1".into()], false));
+    assert_eq!(found(search("_"), 10).await, (vec!["PLAIN".into()], false));
+    assert_eq!(found(search("nothing"), 10).await, (vec![], false));
+    assert_eq!(found(search(""), 10).await.0.len(), made.len());
+    let mut in_other = search("tea");
+    in_other.category = Some("elsewhere".into());
+    assert_eq!(found(in_other, 10).await, (vec![], false));
 }
 
 async fn listed(
@@ -235,7 +291,7 @@ async fn listed(
 ) -> Vec<Product> {
     let request = PageRequest::parse(limit, Some(skip), None).unwrap();
     store
-        .list(&request, category.map(str::to_owned))
+        .list(&request, &in_category(category))
         .await
         .unwrap()
         .items
@@ -246,10 +302,7 @@ async fn walk(store: &Arc<dyn ProductStore>, limit: u32, category: Option<&str>)
     let mut request = PageRequest::first(limit);
     let mut seen = Vec::new();
     loop {
-        let page = store
-            .list(&request, category.map(str::to_owned))
-            .await
-            .unwrap();
+        let page = store.list(&request, &in_category(category)).await.unwrap();
         assert!(page.items.len() <= limit as usize);
         seen.extend(page.items);
         match page.next {
