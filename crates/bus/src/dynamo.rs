@@ -22,8 +22,8 @@ use std::collections::{HashMap, HashSet};
 use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::error::{DisplayErrorContext, SdkError};
 use aws_sdk_dynamodb::types::{
-    AttributeDefinition, AttributeValue, KeySchemaElement, KeyType, Put, ScalarAttributeType,
-    Select, TransactWriteItem,
+    AttributeDefinition, AttributeValue, DeleteRequest, KeySchemaElement, KeyType, Put,
+    ScalarAttributeType, Select, TransactWriteItem, WriteRequest,
 };
 use kit::db::now_ms;
 use kit::dynamo_url::DynamoUrl;
@@ -40,6 +40,12 @@ pub const TABLE: design::TableDesign = design::TableDesign {
     ttl: None,
 };
 
+/// The most writes one `BatchWriteItem` takes.
+const BATCH_WRITE_MAX: usize = 25;
+
+/// How often the rows a `BatchWriteItem` left unprocessed are sent again before giving up.
+const UNPROCESSED_ATTEMPTS: usize = 5;
+
 /// The fixed partition every outbox row is in.
 const PARTITION: &str = "outbox";
 
@@ -54,6 +60,66 @@ pub async fn sdk_config(url: &DynamoUrl) -> aws_config::SdkConfig {
         loader = loader.endpoint_url(endpoint.clone());
     }
     loader.load().await
+}
+
+/// A DynamoDB client for `config` that counts its requests in `dynamodb_requests_total`, by
+/// operation (`PutItem`, `TransactWriteItems`, ...): what a DynamoDB bill charges, per request,
+/// and what the benchmarks and tests read per order. Every store and outbox makes its client
+/// here.
+pub fn client(config: &aws_config::SdkConfig) -> Client {
+    let conf = aws_sdk_dynamodb::config::Builder::from(config)
+        .interceptor(RequestCounter)
+        .build();
+    Client::from_conf(conf)
+}
+
+/// Counts each request as it is sent (a retry is another request, billed as one).
+#[derive(Debug)]
+struct RequestCounter;
+
+impl aws_sdk_dynamodb::config::Intercept for RequestCounter {
+    fn name(&self) -> &'static str {
+        "RequestCounter"
+    }
+
+    fn read_before_transmit(
+        &self,
+        context: &aws_sdk_dynamodb::config::interceptors::BeforeTransmitInterceptorContextRef<'_>,
+        _: &aws_sdk_dynamodb::config::RuntimeComponents,
+        _: &mut aws_sdk_dynamodb::config::ConfigBag,
+    ) -> Result<(), aws_sdk_dynamodb::error::BoxError> {
+        metrics::counter!("dynamodb_requests_total", "operation" => operation_of(context.request().headers().get("x-amz-target")))
+            .increment(1);
+        Ok(())
+    }
+}
+
+/// The operation a request's `X-Amz-Target` names (`DynamoDB_20120810.PutItem` → `PutItem`),
+/// as one of a fixed set of labels.
+fn operation_of(target: Option<&str>) -> &'static str {
+    const OPERATIONS: [&str; 14] = [
+        "GetItem",
+        "PutItem",
+        "UpdateItem",
+        "DeleteItem",
+        "Query",
+        "Scan",
+        "BatchGetItem",
+        "BatchWriteItem",
+        "TransactWriteItems",
+        "TransactGetItems",
+        "DescribeTable",
+        "CreateTable",
+        "UpdateTimeToLive",
+        "DescribeTimeToLive",
+    ];
+    let name = target
+        .and_then(|t| t.rsplit_once('.'))
+        .map_or("", |(_, op)| op);
+    OPERATIONS
+        .into_iter()
+        .find(|op| *op == name)
+        .unwrap_or("other")
 }
 
 /// A key-schema element for `create_table` (every store's and the outbox's).
@@ -234,16 +300,48 @@ impl DynamoOutbox {
         }
     }
 
+    /// Deletes published rows: one `BatchWriteItem` per 25 rows (DynamoDB's most), what it
+    /// leaves unprocessed sent again, instead of a request per row.
     pub(crate) async fn delete(&self, seqs: Vec<String>) -> Result<(), BusError> {
-        for seq in seqs {
-            self.client
-                .delete_item()
-                .table_name(&self.table)
-                .key("pk", s(PARTITION))
-                .key("seq", s(seq))
-                .send()
-                .await
-                .map_err(|e| dynamo_error("deleting a published outbox row", e))?;
+        for chunk in seqs.chunks(BATCH_WRITE_MAX) {
+            let mut requests = chunk
+                .iter()
+                .map(|seq| {
+                    let delete = DeleteRequest::builder()
+                        .key("pk", s(PARTITION))
+                        .key("seq", s(seq))
+                        .build()
+                        .map_err(|e| dynamo_error("an outbox row's delete", e))?;
+                    Ok(WriteRequest::builder().delete_request(delete).build())
+                })
+                .collect::<Result<Vec<_>, BusError>>()?;
+            for _ in 0..UNPROCESSED_ATTEMPTS {
+                let answer = self
+                    .client
+                    .batch_write_item()
+                    .request_items(&self.table, requests)
+                    .send()
+                    .await
+                    .map_err(|e| dynamo_error("deleting published outbox rows", e))?;
+                requests = answer
+                    .unprocessed_items()
+                    .and_then(|left| left.get(&self.table))
+                    .cloned()
+                    .unwrap_or_default();
+                if requests.is_empty() {
+                    break;
+                }
+                // Throttled: DynamoDB handed some back; a short pause before sending them again.
+                contention_pause().await;
+            }
+            if !requests.is_empty() {
+                // Published but not deleted: the rows are published again later (at least
+                // once), which every consumer deduplicates by event id.
+                return Err(BusError::Dynamo(format!(
+                    "{} published outbox rows stayed undeleted after {UNPROCESSED_ATTEMPTS} attempts",
+                    requests.len()
+                )));
+            }
         }
         Ok(())
     }
@@ -484,6 +582,25 @@ pub async fn transact(
             _ => Err(dynamo_error("transaction", SdkError::ServiceError(e))),
         },
         Err(e) => Err(dynamo_error("transaction", e)),
+    }
+}
+
+#[cfg(test)]
+mod request_counter_tests {
+    use super::operation_of;
+
+    #[test]
+    fn operations_are_named_by_their_target() {
+        assert_eq!(
+            operation_of(Some("DynamoDB_20120810.TransactWriteItems")),
+            "TransactWriteItems"
+        );
+        assert_eq!(operation_of(Some("DynamoDB_20120810.Query")), "Query");
+        assert_eq!(
+            operation_of(Some("DynamoDB_20120810.SomethingNew")),
+            "other"
+        );
+        assert_eq!(operation_of(None), "other");
     }
 }
 

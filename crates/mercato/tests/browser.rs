@@ -10,6 +10,7 @@
 
 mod common;
 
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -57,8 +58,10 @@ impl Driver {
             .local_addr()
             .unwrap()
             .port();
+        // A process group of its own: the browsers it starts are in it, and go with it.
         let child = Command::new(binary)
             .arg(format!("--port={port}"))
+            .process_group(0)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -90,6 +93,7 @@ impl Driver {
             json!({
                 "binary": chromium,
                 "args": ["--headless=new", "--no-sandbox", "--disable-gpu",
+                         "--disable-crash-reporter", "--disable-breakpad",
                          "--disable-dev-shm-usage", "--window-size=1280,1000",
                          "--lang=en-IN"],
             }),
@@ -113,7 +117,11 @@ impl Driver {
 }
 
 impl Drop for Driver {
+    /// Stops chromedriver and every browser it started, also when the test failed half-way
+    /// (its sessions never closed).
     fn drop(&mut self) {
+        let group = format!("-{}", self.child.id());
+        let _ = Command::new("kill").args(["-KILL", "--", &group]).status();
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

@@ -70,6 +70,40 @@ async fn following_the_cursor_visits_every_row_once_on_every_list() {
     // Exactly a page's worth: the last full page says it is the last.
     let (_, pages) = walk(&app, token.as_deref(), "/api/v1/products?limit=7", array).await;
     assert_eq!(pages, 1);
+    // A search pages the same way, its text kept in the next link; a search too long, or with
+    // a control character (which PostgreSQL would refuse), is the client's error.
+    let (found, pages) = walk(
+        &app,
+        token.as_deref(),
+        "/api/v1/products?q=page-&limit=2",
+        array,
+    )
+    .await;
+    assert_eq!(ids(&found), ids(&array(&everything.body)));
+    assert_eq!(pages, 4, "2 + 2 + 2 + 1");
+    let (none, _) = walk(
+        &app,
+        token.as_deref(),
+        "/api/v1/products?q=nothing%20like%20it",
+        array,
+    )
+    .await;
+    assert!(none.is_empty());
+    let long = format!("/api/v1/products?q={}", "x".repeat(101));
+    for bad in [
+        long.as_str(),
+        "/api/v1/products?q=a%00b",
+        "/api/v1/products?category=%07",
+    ] {
+        let answer = app.get(bad).await;
+        assert_eq!(
+            answer.status,
+            StatusCode::BAD_REQUEST,
+            "{bad}: {}",
+            answer.body
+        );
+        assert_eq!(answer.content_type, "application/problem+json", "{bad}");
+    }
 
     // A customer's orders: the body names the next cursor too.
     let (customer, customer_token) = app.register("pager@example.com").await;

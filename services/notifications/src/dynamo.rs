@@ -79,7 +79,7 @@ impl DynamoNotificationStore {
     pub async fn from_url(url: &str) -> Result<Self, StoreError> {
         let parsed = kit::dynamo_url::parse(url).map_err(|e| StoreError::Remote(e.to_string()))?;
         let config = bus::dynamo::sdk_config(&parsed).await;
-        Ok(Self::new(Client::new(&config), parsed.table))
+        Ok(Self::new(bus::dynamo::client(&config), parsed.table))
     }
 
     /// Creates the table and its two indexes where missing: for local servers and tests; AWS
@@ -162,7 +162,7 @@ impl DynamoNotificationStore {
     /// standard AWS environment, as Lambda provides it.
     pub async fn from_env(table: impl Into<String>) -> Self {
         let config = aws_config::load_from_env().await;
-        Self::new(Client::new(&config), table)
+        Self::new(bus::dynamo::client(&config), table)
     }
 }
 

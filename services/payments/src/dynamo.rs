@@ -118,7 +118,7 @@ impl DynamoPaymentStore {
     /// From `dynamodb://TABLE?region=REGION&endpoint=URL`; the outbox is `TABLE-outbox`.
     pub async fn from_url(url: &str) -> Result<Self, StoreError> {
         let parsed = kit::dynamo_url::parse(url).map_err(remote)?;
-        let client = Client::new(&bus::dynamo::sdk_config(&parsed).await);
+        let client = bus::dynamo::client(&bus::dynamo::sdk_config(&parsed).await);
         let outbox = DynamoOutbox::beside(client.clone(), &parsed.table);
         Ok(Self::new(client, parsed.table, outbox))
     }

@@ -241,6 +241,17 @@ async fn list_products(
             "q: at most {MAX_SEARCH_CHARS} characters"
         )));
     }
+    // PostgreSQL refuses a NUL in text; no name or category holds a control character anyway.
+    for (name, value) in [("q", &params.q), ("category", &params.category)] {
+        if value
+            .as_ref()
+            .is_some_and(|v| v.chars().any(char::is_control))
+        {
+            return Err(Problem::bad_request(format!(
+                "{name}: no control characters"
+            )));
+        }
+    }
     let filter = CatalogFilter {
         category: params.category,
         search: params.q,
