@@ -63,9 +63,8 @@ pub async fn sdk_config(url: &DynamoUrl) -> aws_config::SdkConfig {
 }
 
 /// A DynamoDB client for `config` that counts its requests in `dynamodb_requests_total`, by
-/// operation (`PutItem`, `TransactWriteItems`, ...): what a DynamoDB bill charges, per request,
-/// and what the benchmarks and tests read per order. Every store and outbox makes its client
-/// here.
+/// operation (`PutItem`, `TransactWriteItems`, ...): the round trips an order costs, which the
+/// benchmarks and a test read per order. Every store and outbox makes its client here.
 pub fn client(config: &aws_config::SdkConfig) -> Client {
     let conf = aws_sdk_dynamodb::config::Builder::from(config)
         .interceptor(RequestCounter)

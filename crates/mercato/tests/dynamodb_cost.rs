@@ -1,7 +1,8 @@
-//! What an order costs on DynamoDB, in requests (what the bill charges): orders, payments and
-//! notifications on the server at `TEST_DYNAMODB_ENDPOINT` (scripts/check-aws starts moto), the
-//! platform's `dynamodb_requests_total` read before and after a burst of orders, the requests
-//! the idle pollers make in that time taken off. Fails when an order costs more than the
+//! What an order costs on DynamoDB in requests (round trips; the bill counts units, see
+//! docs/benchmarks.md): orders, payments and notifications on the server at
+//! `TEST_DYNAMODB_ENDPOINT` (scripts/check-aws starts moto), the platform's
+//! `dynamodb_requests_total` read before and after a burst of orders, the requests the idle
+//! pollers make in that time taken off. Fails when an order costs more than the
 //! number docs/benchmarks.md documents. Alone in its binary: the counters are process-wide.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
