@@ -375,6 +375,10 @@ fn request_metrics(
 /// A route template as a `'static` label: templates are a fixed set (the routers'), so each
 /// is leaked once and looked up after that.
 fn route_label(template: &str) -> &'static str {
+    // A catch-all route (the gateway's page for unknown addresses) matches what no route does.
+    if template.contains("{*") {
+        return "unmatched";
+    }
     intern(template)
 }
 

@@ -319,6 +319,50 @@ async fn bad_input_gets_a_readable_page_not_a_crash() {
         .get_with_cookie(&format!("{}/cart", app.gateway), "mercato_cart=%00|x:y|zz")
         .await;
     assert_eq!(garbage.status(), StatusCode::OK);
+    // An address nothing answers: a page for a browser, problem+json for anything else.
+    let lost = client
+        .send(
+            client
+                .client
+                .get(format!("{}/no/such/page", app.gateway))
+                .header("accept", "text/html,application/xhtml+xml"),
+            None,
+        )
+        .await;
+    assert_eq!(lost.status(), StatusCode::NOT_FOUND);
+    assert!(
+        lost.headers()[CONTENT_SECURITY_POLICY]
+            .to_str()
+            .unwrap()
+            .contains("'self'")
+    );
+    assert!(
+        lost.text()
+            .await
+            .unwrap()
+            .contains("There is no page at this address")
+    );
+    for (path, accept) in [
+        ("/no/such/page", "application/json"),
+        ("/api/v1/nothing", "text/html"),
+        ("/internal/v1/orders/x", "text/html"),
+    ] {
+        let answer = client
+            .send(
+                client
+                    .client
+                    .get(format!("{}{path}", app.gateway))
+                    .header("accept", accept),
+                None,
+            )
+            .await;
+        assert_eq!(answer.status(), StatusCode::NOT_FOUND, "{path}");
+        assert_eq!(
+            answer.headers()["content-type"],
+            "application/problem+json",
+            "{path}"
+        );
+    }
     let (status, text) = page(&client, &format!("{}/?q={}", app.gateway, "x".repeat(500))).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert!(text.contains("at most 100 characters"), "{text}");

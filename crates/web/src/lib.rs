@@ -21,9 +21,9 @@ mod shop;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::Request;
+use axum::extract::{Request, State};
 use axum::middleware;
-use axum::routing::{get, post};
+use axum::routing::{any, get, post};
 use kit::auth::Auth;
 
 pub use api::Api;
@@ -77,6 +77,35 @@ impl Web {
     pub(crate) fn money(&self, amount: kit::money::Money) -> String {
         format::money(amount, &self.0.currency)
     }
+}
+
+/// A browser asking for an address nothing answers gets a page saying so; anything else (an
+/// API client, an `/api/` or `/internal/` path, any method but GET) the same problem+json 404
+/// as every service. Every method is routed here, so an unknown address is never a 405.
+async fn not_found(State(web): State<Web>, req: Request) -> axum::response::Response {
+    use axum::response::IntoResponse as _;
+    let path = req.uri().path();
+    let api = ["/api/", "/internal/", "/.well-known/"]
+        .iter()
+        .any(|prefix| path.starts_with(prefix));
+    let browser = req
+        .headers()
+        .get(http::header::ACCEPT)
+        .and_then(|accept| accept.to_str().ok())
+        .is_some_and(|accept| accept.contains("text/html"));
+    let reads = matches!(*req.method(), http::Method::GET | http::Method::HEAD);
+    if api || !browser || !reads {
+        return kit::problem::Problem::not_found("this route").into_response();
+    }
+    let https = (web.0.is_https)(&req);
+    let mut response = layout::error_page(
+        &session::Session::anonymous(https),
+        http::StatusCode::NOT_FOUND,
+        "Not found",
+        "There is no page at this address. The catalog is a good place to start.",
+    );
+    session::security_headers(response.headers_mut(), https);
+    response
 }
 
 /// The storefront's and the console's routes.
@@ -140,8 +169,9 @@ pub fn router(web: Web) -> Router {
             web.clone(),
             session::middleware,
         ))
-        // Assets need no session.
+        // Assets need no session, nor does the page for an address nothing answers.
         .route("/assets/app.css", get(assets::css))
         .route("/assets/app.js", get(assets::js))
+        .route("/{*address}", any(not_found))
         .with_state(web)
 }

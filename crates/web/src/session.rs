@@ -43,6 +43,18 @@ pub struct Session {
 }
 
 impl Session {
+    /// A visitor known by nothing (no cookie read): for pages that need no session.
+    pub fn anonymous(https: bool) -> Session {
+        Session {
+            caller: None,
+            visit: Visit::new(None, &HeaderMap::new(), None),
+            csrf: String::new(),
+            cart: Cart::default(),
+            flash: None,
+            https,
+        }
+    }
+
     pub fn is_admin(&self) -> bool {
         self.caller.as_ref().is_some_and(Caller::is_admin)
     }
@@ -259,7 +271,7 @@ pub const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'
      style-src 'self'; img-src 'self' data:; connect-src 'self'; font-src 'self'; \
      form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
 
-fn security_headers(headers: &mut HeaderMap, https: bool) {
+pub(crate) fn security_headers(headers: &mut HeaderMap, https: bool) {
     let fixed = [
         ("content-security-policy", CONTENT_SECURITY_POLICY),
         ("x-content-type-options", "nosniff"),
