@@ -44,24 +44,11 @@ fn gauge(metrics: &str, series: &str) -> Option<f64> {
 async fn an_order_costs_a_bounded_number_of_dynamodb_requests() {
     use std::time::{Duration, Instant};
 
-    use common::{eventually, scrape_metrics, spawn_with, test_settings};
+    use common::{eventually, scrape_metrics, spawn_with};
     use mercato::ServiceName;
 
-    let endpoint = std::env::var("TEST_DYNAMODB_ENDPOINT").unwrap_or_else(|_| {
-        panic!(
-            "TEST_DYNAMODB_ENDPOINT is not set: run scripts/check-aws (it starts \
-             moto[server]==5.2.1), or point it at a DynamoDB-compatible server"
-        )
-    });
-    let run = uuid::Uuid::new_v4().simple().to_string();
-    let url =
-        |table: &str| format!("dynamodb://{table}-{run}?region=us-east-1&endpoint={endpoint}");
     let dir = tempfile::tempdir().unwrap();
-    let mut settings = test_settings(&dir);
-    settings.orders.database_url = Some(url("orders"));
-    settings.payments.database_url = Some(url("payments"));
-    settings.notifications.database_url = Some(url("notifications"));
-    settings.dynamodb.create_tables = true;
+    let (settings, _) = common::on_dynamodb(&dir);
     let app = spawn_with(settings, &ServiceName::ALL, dir).await;
     let ops = app.platform.as_ref().unwrap().ops_url();
     let (user, _) = app.register("cost@example.com").await;

@@ -56,21 +56,8 @@ async fn the_saga_holds_with_orders_payments_and_notifications_on_dynamodb() {
     use orders::OrderStore as _;
     use payments::PaymentStore as _;
 
-    let endpoint = std::env::var("TEST_DYNAMODB_ENDPOINT").unwrap_or_else(|_| {
-        panic!(
-            "TEST_DYNAMODB_ENDPOINT is not set: run scripts/check-aws (it starts \
-             moto[server]==5.2.1), or point it at a DynamoDB-compatible server"
-        )
-    });
-    let run = uuid::Uuid::new_v4().simple().to_string();
-    let url =
-        |table: &str| format!("dynamodb://{table}-{run}?region=us-east-1&endpoint={endpoint}");
     let dir = tempfile::tempdir().unwrap();
-    let mut settings = test_settings(&dir);
-    settings.orders.database_url = Some(url("orders"));
-    settings.payments.database_url = Some(url("payments"));
-    settings.notifications.database_url = Some(url("notifications"));
-    settings.dynamodb.create_tables = true;
+    let (settings, url) = common::on_dynamodb(&dir);
     let app = spawn_with(settings, &ServiceName::ALL, dir).await;
     let (order, user) = common::saga_keeps_its_promises(&app, "dynamo").await;
 

@@ -76,6 +76,28 @@ pub fn unreachable_url() -> String {
     format!("http://127.0.0.1:{port}")
 }
 
+/// Test settings with orders, payments and notifications on DynamoDB, in fresh tables on the
+/// server at `TEST_DYNAMODB_ENDPOINT` (scripts/check-aws starts moto; never skipped without
+/// it), and each table's URL by its service name.
+#[cfg(feature = "dynamodb")]
+pub fn on_dynamodb(dir: &tempfile::TempDir) -> (Settings, impl Fn(&str) -> String + use<>) {
+    let endpoint = std::env::var("TEST_DYNAMODB_ENDPOINT").unwrap_or_else(|_| {
+        panic!(
+            "TEST_DYNAMODB_ENDPOINT is not set: run scripts/check-aws (it starts \
+             moto[server]==5.2.1), or point it at a DynamoDB-compatible server"
+        )
+    });
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    let url =
+        move |table: &str| format!("dynamodb://{table}-{run}?region=us-east-1&endpoint={endpoint}");
+    let mut settings = test_settings(dir);
+    settings.orders.database_url = Some(url("orders"));
+    settings.payments.database_url = Some(url("payments"));
+    settings.notifications.database_url = Some(url("notifications"));
+    settings.dynamodb.create_tables = true;
+    (settings, url)
+}
+
 /// Every service but `missing`.
 pub fn all_but(missing: ServiceName) -> Vec<ServiceName> {
     ServiceName::ALL
