@@ -336,8 +336,7 @@ pub async fn start(settings: &Settings, services: &[ServiceName]) -> anyhow::Res
                 let issuer = issuer
                     .clone()
                     .context("the users service needs the token signing key")?;
-                // `mercato up` (every service) with its demo catalog; never `serve`.
-                let demo = settings.demo && ServiceName::ALL.iter().all(|s| wants(*s));
+                let demo = demo_accounts_allowed(settings, services);
                 let (started, created) = users::wiring::start(&shared, issuer, demo).await?;
                 demo_accounts = created;
                 started
@@ -410,4 +409,45 @@ pub async fn start(settings: &Settings, services: &[ServiceName]) -> anyhow::Res
         demo_accounts,
         ops_addr,
     })
+}
+
+/// Whether this start creates the demo accounts: `mercato up` (every service in this process)
+/// with its demo data on, never `serve`, and never outside a development or test environment
+/// (the same allow-list as the payment simulator): a deployment that calls itself anything
+/// else gets no account with a password printed on its console.
+fn demo_accounts_allowed(settings: &Settings, services: &[ServiceName]) -> bool {
+    let everything = ServiceName::ALL.iter().all(|s| services.contains(s));
+    let allowed = payments::wiring::SIMULATOR_ENVIRONMENTS.contains(&settings.environment.as_str());
+    if settings.demo && everything && !allowed {
+        tracing::warn!(
+            environment = settings.environment,
+            "no demo accounts outside development and test (demo = true is ignored for them)"
+        );
+    }
+    settings.demo && everything && allowed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn demo_accounts_only_for_the_whole_platform_in_development_or_test() {
+        let mut settings = Settings {
+            demo: true,
+            ..Default::default()
+        };
+        assert!(demo_accounts_allowed(&settings, &ServiceName::ALL));
+        assert!(!demo_accounts_allowed(&settings, &[ServiceName::Users]));
+        for environment in ["production", "staging", "prod"] {
+            settings.environment = environment.into();
+            assert!(
+                !demo_accounts_allowed(&settings, &ServiceName::ALL),
+                "{environment}"
+            );
+        }
+        settings.environment = "test".into();
+        settings.demo = false;
+        assert!(!demo_accounts_allowed(&settings, &ServiceName::ALL));
+    }
 }
