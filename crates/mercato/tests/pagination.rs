@@ -90,8 +90,10 @@ async fn following_the_cursor_visits_every_row_once_on_every_list() {
     .await;
     assert!(none.is_empty());
     let long = format!("/api/v1/products?q={}", "x".repeat(101));
+    let long_category = format!("/api/v1/products?category={}", "x".repeat(101));
     for bad in [
         long.as_str(),
+        long_category.as_str(),
         "/api/v1/products?q=a%00b",
         "/api/v1/products?category=%07",
     ] {

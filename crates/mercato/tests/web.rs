@@ -86,32 +86,34 @@ impl Browser {
         url: &str,
         form: &T,
     ) -> reqwest::Response {
-        let body = serde_urlencoded_body(form);
-        self.send(
-            self.client
-                .post(url)
-                .header("content-type", "application/x-www-form-urlencoded")
-                .body(body),
-            None,
-        )
-        .await
+        self.post_form_with(url, form, &[]).await
     }
 
+    /// A form sent the way another site's page would send it.
     async fn post_form_cross_site<T: serde::Serialize + ?Sized>(
         &self,
         url: &str,
         form: &T,
     ) -> reqwest::Response {
-        let body = serde_urlencoded_body(form);
-        self.send(
-            self.client
-                .post(url)
-                .header("content-type", "application/x-www-form-urlencoded")
-                .header("sec-fetch-site", "cross-site")
-                .body(body),
-            None,
-        )
-        .await
+        self.post_form_with(url, form, &[("sec-fetch-site", "cross-site")])
+            .await
+    }
+
+    async fn post_form_with<T: serde::Serialize + ?Sized>(
+        &self,
+        url: &str,
+        form: &T,
+        headers: &[(&str, &str)],
+    ) -> reqwest::Response {
+        let mut request = self
+            .client
+            .post(url)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(serde_urlencoded_body(form));
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        self.send(request, None).await
     }
 }
 
@@ -423,5 +425,138 @@ async fn customers_and_strangers_cannot_use_the_console() {
         )
         .await;
     assert_eq!(api.status(), StatusCode::UNAUTHORIZED);
+    app.stop().await;
+}
+
+/// Who may open a page.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Owner {
+    Anyone,
+    Customer,
+    Operator,
+}
+
+/// Every page route (method, template as `crates/web/src/lib.rs` writes it) and who may open
+/// it. A route added there without a line here fails the test below.
+const PAGES: &[(&str, &str, Owner)] = &[
+    ("GET", "/", Owner::Anyone),
+    ("GET", "/products/{id}", Owner::Anyone),
+    ("GET", "/products/{id}/availability", Owner::Anyone),
+    ("GET", "/cart", Owner::Anyone),
+    ("POST", "/cart", Owner::Anyone),
+    ("POST", "/cart/update", Owner::Anyone),
+    ("GET", "/checkout", Owner::Customer),
+    ("POST", "/checkout", Owner::Customer),
+    ("GET", "/orders", Owner::Customer),
+    ("GET", "/orders/{id}", Owner::Customer),
+    ("GET", "/orders/{id}/live", Owner::Customer),
+    ("GET", "/orders/{id}/pay", Owner::Customer),
+    ("POST", "/orders/{id}/pay", Owner::Customer),
+    ("POST", "/orders/{id}/cancel", Owner::Customer),
+    ("GET", "/notifications", Owner::Customer),
+    ("GET", "/login", Owner::Anyone),
+    ("POST", "/login", Owner::Anyone),
+    ("GET", "/register", Owner::Anyone),
+    ("POST", "/register", Owner::Anyone),
+    ("POST", "/logout", Owner::Anyone),
+    ("GET", "/admin", Owner::Operator),
+    ("GET", "/admin/analytics/stream", Owner::Operator),
+    ("GET", "/admin/analytics/summary", Owner::Operator),
+    ("GET", "/admin/analytics/windows", Owner::Operator),
+    ("GET", "/admin/products", Owner::Operator),
+    ("POST", "/admin/products", Owner::Operator),
+    ("GET", "/admin/products/{id}", Owner::Operator),
+    ("POST", "/admin/products/{id}", Owner::Operator),
+    ("POST", "/admin/products/{id}/stock", Owner::Operator),
+    ("GET", "/admin/orders", Owner::Operator),
+    ("GET", "/admin/customers/{id}", Owner::Operator),
+    ("GET", "/admin/orders/{id}", Owner::Operator),
+    ("POST", "/admin/orders/{id}/status", Owner::Operator),
+    ("POST", "/admin/orders/{id}/refund", Owner::Operator),
+    ("GET", "/admin/platform", Owner::Operator),
+    ("GET", "/assets/app.css", Owner::Anyone),
+    ("GET", "/assets/app.js", Owner::Anyone),
+    ("GET", "/{*address}", Owner::Anyone),
+];
+
+#[tokio::test]
+async fn every_page_route_has_an_owner_and_keeps_to_it() {
+    // Every template the router registers is in the table.
+    let router = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../web/src/lib.rs"),
+    )
+    .unwrap();
+    for chunk in router.split(".route(").skip(1) {
+        let template = chunk.split('"').nth(1).unwrap();
+        assert!(
+            PAGES.iter().any(|(_, t, _)| *t == template),
+            "{template} has no owner in PAGES"
+        );
+    }
+
+    let app = spawn_app().await;
+    let (_, token) = app.register("owner-check@example.com").await;
+    let session = format!("mercato_session={token}");
+    let some_id = "00000000-0000-4000-8000-000000000000";
+    for (method, template, owner) in PAGES {
+        if *owner == Owner::Anyone {
+            continue;
+        }
+        let url = format!("{}{}", app.gateway, template.replace("{id}", some_id));
+        let ask = |cookie: Option<&str>| {
+            let client = reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .unwrap();
+            let mut request = match *method {
+                "GET" => client.get(&url),
+                _ => client
+                    .post(&url)
+                    .header("content-type", "application/x-www-form-urlencoded")
+                    .body("csrf=x"),
+            };
+            if let Some(cookie) = cookie {
+                request = request.header("cookie", cookie);
+            }
+            async move { request.send().await.unwrap() }
+        };
+        // A stranger is sent to sign in, whatever the method.
+        let stranger = ask(None).await;
+        assert_eq!(
+            stranger.status(),
+            StatusCode::SEE_OTHER,
+            "{method} {template}"
+        );
+        assert!(
+            stranger.headers()[LOCATION]
+                .to_str()
+                .unwrap()
+                .starts_with("/login?next="),
+            "{method} {template}"
+        );
+        // A customer may not use the console, and is not sent to sign in for their own pages.
+        let customer = ask(Some(&session)).await;
+        match owner {
+            Owner::Operator => {
+                assert_eq!(
+                    customer.status(),
+                    StatusCode::FORBIDDEN,
+                    "{method} {template}"
+                )
+            }
+            _ => {
+                let to_login = customer
+                    .headers()
+                    .get(LOCATION)
+                    .is_some_and(|l| l.to_str().unwrap().starts_with("/login"));
+                assert!(!to_login, "{method} {template}: a customer sent to sign in");
+                assert!(
+                    !customer.status().is_server_error(),
+                    "{method} {template}: {}",
+                    customer.status()
+                );
+            }
+        }
+    }
     app.stop().await;
 }

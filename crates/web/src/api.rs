@@ -27,8 +27,9 @@ const PASSED_ON: [&str; 5] = [
     "traceparent",
 ];
 
-/// Who is calling the API for a page: the visitor's token and address.
-#[derive(Clone, Debug)]
+/// Who is calling the API for a page: the visitor's token and address. Not `Debug`: the token
+/// must never reach a log line.
+#[derive(Clone)]
 pub struct Visit {
     pub token: Option<String>,
     connect_info: Option<ConnectInfo<SocketAddr>>,
@@ -91,6 +92,18 @@ impl ApiError {
                     .to_owned()
             }
         }
+    }
+}
+
+impl axum::response::IntoResponse for ApiError {
+    /// The live views' answer (`{"error": message}` with the API's status): their script
+    /// shows nothing of it and asks again.
+    fn into_response(self) -> Response {
+        (
+            self.status(),
+            axum::Json(serde_json::json!({"error": self.message()})),
+        )
+            .into_response()
     }
 }
 

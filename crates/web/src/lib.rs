@@ -27,7 +27,6 @@ use axum::routing::{any, get, post};
 use kit::auth::Auth;
 
 pub use api::Api;
-pub use session::CONTENT_SECURITY_POLICY;
 
 /// Whether a request reached the platform over TLS (decided by the gateway, which knows its
 /// trusted proxies).

@@ -110,7 +110,8 @@ pub struct User {
     pub created_at: DateTime<Utc>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+/// The token answer. Not `Debug`: its tokens must never reach a log line.
+#[derive(Clone, Deserialize)]
 pub struct SignedIn {
     pub access_token: String,
     pub expires_in: u64,

@@ -21,6 +21,7 @@ use crate::Web;
 use crate::api::{ApiError, Visit};
 use crate::cart::Cart;
 use crate::layout::{self, Flash};
+use crate::model::SignedIn;
 
 pub const ACCESS_COOKIE: &str = "mercato_session";
 pub const REFRESH_COOKIE: &str = "mercato_refresh";
@@ -135,14 +136,6 @@ fn plausible_token(value: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~'))
 }
 
-#[derive(Deserialize)]
-struct Tokens {
-    access_token: String,
-    expires_in: u64,
-    refresh_token: String,
-    refresh_expires_in: u64,
-}
-
 /// Every page request: reads the session from its cookies (renewing a lapsed access token
 /// with the refresh token once), hands it to the page, sets the cookies the page changed and
 /// the security headers every page carries.
@@ -229,7 +222,6 @@ pub async fn middleware(State(web): State<Web>, mut req: Request, next: Next) ->
         flash,
         https,
     });
-    req.extensions_mut().insert(jar.clone());
     let mut response = next.run(req).await;
     // A page's own cookies come back in its response's extensions.
     if let Some(more) = response.extensions_mut().remove::<CookieJar>() {
@@ -240,12 +232,12 @@ pub async fn middleware(State(web): State<Web>, mut req: Request, next: Next) ->
     response
 }
 
-async fn renew(web: &Web, visit: &Visit, refresh: &str) -> Option<Tokens> {
+async fn renew(web: &Web, visit: &Visit, refresh: &str) -> Option<SignedIn> {
     let body = serde_json::json!({"grant_type": "refresh_token", "refresh_token": refresh});
     match web
         .0
         .api
-        .send::<Tokens>(visit, Method::POST, "/api/v1/auth/token", &body, None)
+        .send::<SignedIn>(visit, Method::POST, "/api/v1/auth/token", &body, None)
         .await
     {
         Ok(tokens) => Some(tokens),

@@ -82,7 +82,7 @@ pub struct ListParams {
     pub q: Option<String>,
 }
 
-/// The longest search text (`q`) a catalog page accepts, in characters.
+/// The longest search text (`q`) or category filter a catalog page accepts, in characters.
 pub const MAX_SEARCH_CHARS: usize = 100;
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -239,6 +239,15 @@ async fn list_products(
     {
         return Err(Problem::bad_request(format!(
             "q: at most {MAX_SEARCH_CHARS} characters"
+        )));
+    }
+    if params
+        .category
+        .as_ref()
+        .is_some_and(|c| c.chars().count() > MAX_SEARCH_CHARS)
+    {
+        return Err(Problem::bad_request(format!(
+            "category: at most {MAX_SEARCH_CHARS} characters"
         )));
     }
     // PostgreSQL refuses a NUL in text; no name or category holds a control character anyway.

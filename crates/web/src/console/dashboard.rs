@@ -148,7 +148,7 @@ pub async fn summary(State(web): State<Web>, Operator(session): Operator) -> Res
                 .collect();
             Json(map).into_response()
         }
-        Err(e) => (e.status(), Json(serde_json::json!({"error": e.message()}))).into_response(),
+        Err(e) => e.into_response(),
     }
 }
 
@@ -167,7 +167,7 @@ pub async fn windows(State(web): State<Web>, Operator(session): Operator) -> Res
         .await
     {
         Ok(windows) => Json(windows).into_response(),
-        Err(e) => (e.status(), Json(serde_json::json!({"error": e.message()}))).into_response(),
+        Err(e) => e.into_response(),
     }
 }
 

@@ -243,6 +243,6 @@ pub async fn availability(
             "label": availability_label(stock.available),
         }))
         .into_response(),
-        Err(e) => (e.status(), Json(serde_json::json!({"error": e.message()}))).into_response(),
+        Err(e) => e.into_response(),
     }
 }

@@ -15,27 +15,27 @@ use crate::Web;
 use crate::api::Visit;
 use crate::model::Product;
 
-/// The products named by some lines, read once each (a page shows names, not ids). A product
-/// since deleted is simply absent.
+/// The products named by some lines, each read once and all at the same time (a page shows
+/// names, not ids; a cart has at most 20 lines). A product since deleted is simply absent.
 pub(crate) async fn products_by_id(
     web: &Web,
     visit: &Visit,
-    ids: Vec<Uuid>,
+    mut ids: Vec<Uuid>,
 ) -> HashMap<Uuid, Product> {
-    let mut found = HashMap::new();
-    for id in ids {
-        if found.contains_key(&id) {
-            continue;
-        }
-        if let Ok(product) = web
-            .api()
+    ids.sort_unstable();
+    ids.dedup();
+    let reads = ids.into_iter().map(|id| async move {
+        web.api()
             .get::<Product>(visit, &format!("/api/v1/products/{id}"))
             .await
-        {
-            found.insert(id, product);
-        }
-    }
-    found
+            .ok()
+            .map(|product| (id, product))
+    });
+    futures_util::future::join_all(reads)
+        .await
+        .into_iter()
+        .flatten()
+        .collect()
 }
 
 /// A short form of an id for people: its first eight characters.

@@ -239,7 +239,7 @@ pub(crate) async fn live_json(web: &Web, session: &Session, id: Uuid) -> Respons
             "settled": is_settled(&order.status),
         }))
         .into_response(),
-        Err(e) => (e.status(), Json(serde_json::json!({"error": e.message()}))).into_response(),
+        Err(e) => e.into_response(),
     }
 }
 
