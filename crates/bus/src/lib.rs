@@ -13,11 +13,14 @@
 //!   AWS SDK, dead-lettering by SQS's redrive policy.
 //! - [`transports`]: opening the stream and queue a process uses (external where configured,
 //!   else embedded), with their readiness checks, for the services' wiring.
+//! - [`faults`]: the stream and queue as consumers see them while faults may be injected
+//!   (`consumer-crash`, see `kit::faults`).
 
 #[cfg(feature = "dynamodb")]
 pub mod dynamo;
 pub mod embedded;
 pub mod event;
+pub mod faults;
 #[cfg(feature = "kafka")]
 pub mod kafka;
 pub mod outbox;
@@ -38,6 +41,10 @@ pub mod names {
     pub const ORDERS_TOPIC: &str = "orders";
     pub const PAYMENTS_TOPIC: &str = "payments";
     pub const ORDER_EVENTS_QUEUE: &str = "order-events";
+    /// The analytics consumer's group on the `orders` topic.
+    pub const ANALYTICS_GROUP: &str = "analytics";
+    /// The orders service's group on the `payments` topic (its order status listener).
+    pub const ORDERS_STATUS_GROUP: &str = "orders-status";
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +65,9 @@ pub enum BusError {
     Sqs(String),
     #[error("dynamodb: {0}")]
     Dynamo(String),
+    /// A failure injected on purpose (`kit::faults`), named by its fault.
+    #[error("fault injected: {0}")]
+    Injected(&'static str),
 }
 
 pub type Headers = BTreeMap<String, String>;

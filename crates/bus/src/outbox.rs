@@ -660,6 +660,16 @@ impl Relay {
         // One producer span per record, open while the batch goes out (none while traces are
         // off); each record then carries its own span's context.
         let mut sends = Vec::new();
+        // An injected outage of the stream or the queue (`kit::faults`): the rows stay in the
+        // outbox and are retried like any failed publish.
+        let injected = match destination.split_once(':') {
+            Some(("stream", _)) if kit::faults::stream_publish_fails() => Some("stream-publish"),
+            Some(("queue", _)) if kit::faults::queue_publish_fails() => Some("queue-publish"),
+            _ => None,
+        };
+        if let Some(fault) = injected {
+            return Err(Unsent::all(pending.len(), BusError::Injected(fault)));
+        }
         if let Some(topic) = destination.strip_prefix("stream:") {
             let records: Vec<Record> = pending
                 .iter()

@@ -56,6 +56,16 @@ impl Transports {
             Some((queue, ping)) => (queue, Some(ping)),
             None => (Arc::new(embedded.clone()), None),
         };
+        // Where faults may be injected, consumers acknowledge through the `consumer-crash`
+        // hook; elsewhere they never pass it.
+        let (stream, queue): (Arc<dyn Stream>, Arc<dyn Queue>) = if kit::faults::allowed(settings) {
+            (
+                Arc::new(crate::faults::FaultyStream(stream)),
+                Arc::new(crate::faults::FaultyQueue(queue)),
+            )
+        } else {
+            (stream, queue)
+        };
         Ok(Some(Transports {
             embedded,
             stream,

@@ -27,6 +27,10 @@ pub const SEED_ENV: &[(&str, &str)] = &[
     ("LOG_LEVEL", "log.level"),
 ];
 
+/// The environments where what only a developer may run is allowed: the payment simulator,
+/// the demo accounts, fault injection (unless `faults.allowed` says otherwise).
+pub const DEVELOPMENT_ENVIRONMENTS: [&str; 2] = ["development", "test"];
+
 #[derive(Debug, thiserror::Error)]
 #[error("invalid configuration: {0}")]
 pub struct ConfigError(#[from] Box<figment::Error>);
@@ -70,6 +74,17 @@ pub struct Settings {
     /// `development` (the default), `test`, `production`, or any other name a deployment uses.
     /// Only `development` and `test` may run what only a developer may (the payment simulator).
     pub environment: String,
+    pub faults: FaultSettings,
+}
+
+/// Run-time fault injection (`kit::faults`): who may switch faults on.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct FaultSettings {
+    /// Unset: faults may be injected only when `environment` is `development` or `test`.
+    /// `true`: in any environment (an explicit opt-in, warned about at start-up). `false`:
+    /// never.
+    pub allowed: Option<bool>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -548,6 +563,7 @@ impl Default for Settings {
             ops: OpsSettings::default(),
             rate_limit: RateLimitSettings::default(),
             environment: "development".into(),
+            faults: FaultSettings::default(),
         }
     }
 }
@@ -1035,6 +1051,25 @@ mod tests {
             );
             assert_eq!(Settings::default().environment, "development");
             assert_eq!(Settings::default().payments.port, 8004);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn faults_are_allowed_by_setting_or_by_environment() {
+        figment::Jail::expect_with(|jail| {
+            assert_eq!(
+                Settings::load(None)
+                    .map_err(|e| e.to_string())?
+                    .faults
+                    .allowed,
+                None
+            );
+            jail.set_env("MERCATO_FAULTS__ALLOWED", "true");
+            let s = Settings::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(s.faults.allowed, Some(true));
+            jail.create_file("mercato.toml", "[faults]\nallowd = true\n")?;
+            assert!(Settings::load(None).is_err(), "a typo is refused");
             Ok(())
         });
     }

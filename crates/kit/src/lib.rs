@@ -11,6 +11,7 @@ pub mod db;
 pub mod digest;
 pub mod dynamo_url;
 pub mod extract;
+pub mod faults;
 pub mod idempotency;
 pub mod money;
 pub mod page;

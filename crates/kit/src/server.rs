@@ -101,7 +101,7 @@ async fn serve_request(
 ) -> Response {
     let (request_id, header) = request_id_of(&mut req);
     let mut response = track_request(served.service, matched, request_id, req, |req| {
-        answer_in_time(served.request_timeout, req, next)
+        answer_in_time(served, req, next)
     })
     .await;
     // The header value the request carried, not a second parse of the text.
@@ -148,9 +148,19 @@ fn usable_request_id(id: &[u8]) -> bool {
 }
 
 /// Answers 503 when the handler has not started its answer within the request timeout (a
-/// stuck dependency, a client trickling its body); a started stream runs on.
-async fn answer_in_time(limit: Duration, req: Request, next: Next) -> Response {
-    match tokio::time::timeout(limit, next.run(req)).await {
+/// stuck dependency, a client trickling its body); a started stream runs on. An injected
+/// route fault (`kit::faults`: added latency, a 503) happens inside that time, as a slow or
+/// failing handler would.
+async fn answer_in_time(served: Served, req: Request, next: Next) -> Response {
+    let answer = async {
+        if crate::faults::registry().routes_touched()
+            && let Some(failed) = crate::faults::on_route(served.service, req.uri().path()).await
+        {
+            return failed;
+        }
+        next.run(req).await
+    };
+    match tokio::time::timeout(served.request_timeout, answer).await {
         Ok(response) => response,
         Err(_) => Problem::new(
             StatusCode::SERVICE_UNAVAILABLE,

@@ -81,6 +81,21 @@ pub enum Service {
 }
 
 impl Service {
+    pub const ALL: [Service; 7] = [
+        Service::Gateway,
+        Service::Users,
+        Service::Products,
+        Service::Orders,
+        Service::Payments,
+        Service::Notifications,
+        Service::Analytics,
+    ];
+
+    /// The service called `name` ([`Service::as_str`]).
+    pub fn from_name(name: &str) -> Option<Service> {
+        Service::ALL.into_iter().find(|s| s.as_str() == name)
+    }
+
     pub const fn as_str(self) -> &'static str {
         match self {
             Service::Gateway => "gateway",

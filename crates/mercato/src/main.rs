@@ -55,6 +55,13 @@ enum Command {
         #[command(subcommand)]
         command: AnalyticsCommand,
     },
+    /// Drive a running platform with weighted shop journeys (an open arrival rate or fixed
+    /// users), optionally injecting faults, and report latency per step; `--verify` checks
+    /// the books afterwards.
+    Load(Box<load::LoadArgs>),
+    /// Check a running platform's invariants (stock, orders, notifications, analytics, money,
+    /// expiry, drained pipelines); exits non-zero with a list when any fails.
+    Verify(Box<load::VerifyArgs>),
 }
 
 #[derive(Debug, Subcommand)]
@@ -104,6 +111,12 @@ macro_rules! say {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // The load tools are clients of a platform somewhere else: no settings of this one.
+    match cli.command {
+        Some(Command::Load(args)) => return client_tool(load::load_command(*args)),
+        Some(Command::Verify(args)) => return client_tool(load::verify_command(*args)),
+        _ => {}
+    }
     let mut settings = Settings::load(cli.config.as_deref())?;
     if let Some(dir) = cli.data_dir {
         settings.data_dir = dir;
@@ -135,6 +148,7 @@ fn main() -> anyhow::Result<()> {
         Some(Command::Analytics {
             command: AnalyticsCommand::Merge { input, output },
         }) => return merge(&input, output.as_deref()),
+        Some(Command::Load(_) | Command::Verify(_)) => return Ok(()),
     };
     if no_demo {
         settings.demo = false;
@@ -160,7 +174,29 @@ fn main() -> anyhow::Result<()> {
     result
 }
 
-/// `mercato analytics replay`: the analytics engine over a file, timed.
+/// Runs `mercato load` or `mercato verify`: status 1 when a check failed, 2 when the run could
+/// not be made.
+fn client_tool(
+    command: impl std::future::Future<Output = Result<bool, load::LoadError>>,
+) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    match runtime.block_on(command) {
+        Ok(true) => Ok(()),
+        Ok(false) => std::process::exit(1),
+        // A client's error is a sentence for its user (a refused sign-in, a bad plan), not a
+        // crash: no backtrace, and status 2 so a script can tell it from failed checks.
+        Err(e) => {
+            use std::io::Write as _;
+            let _ = writeln!(std::io::stderr(), "mercato: {e}");
+            std::process::exit(2)
+        }
+    }
+}
+
+/// `mercato admin create`: an administrator in the users store.
 fn create_admin(settings: &Settings, email: &str) -> anyhow::Result<()> {
     use std::io::{BufRead as _, IsTerminal as _};
     let mut line = String::new();

@@ -222,6 +222,15 @@ pub async fn start(settings: &Settings, services: &[ServiceName]) -> anyhow::Res
         .and_then(|()| settings.saga.validate())
         .map_err(|e| anyhow::anyhow!("invalid settings: {e}"))?;
     let wants = |s: ServiceName| services.contains(&s);
+    if kit::faults::allowed(settings)
+        && !kit::config::DEVELOPMENT_ENVIRONMENTS.contains(&settings.environment.as_str())
+    {
+        tracing::warn!(
+            environment = settings.environment,
+            "FAULT INJECTION IS ALLOWED (faults.allowed = true) outside development and test: \
+             administrators can make this platform fail on purpose"
+        );
+    }
 
     let mut listeners = Vec::new();
     for service in ServiceName::ALL.into_iter().filter(|s| wants(*s)) {
@@ -355,6 +364,13 @@ pub async fn start(settings: &Settings, services: &[ServiceName]) -> anyhow::Res
                     .collect();
                 gateway::wiring::start(&shared, &in_process)?
             }
+        };
+        // Every service answers the fault-injection routes for its own process; the
+        // gateway's (in its wiring) also passes changes on to the others.
+        let router = if service == ServiceName::Gateway {
+            router
+        } else {
+            router.merge(kit::faults::FaultAdmin::new(settings).router())
         };
         let app = server::app(service.as_str(), router.layer(auth.layer()), &settings.http);
         apps.push((service, app));

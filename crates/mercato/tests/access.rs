@@ -9,7 +9,7 @@ mod common;
 use std::collections::BTreeMap;
 
 use common::{Answer, TestApp, answer, spawn_app, spawn_with, test_settings};
-use gateway::routes::{Access, OPENAPI_ROUTE, PUBLIC_ROUTES};
+use gateway::routes::{Access, FAULT_ROUTES, OPENAPI_ROUTE, PUBLIC_ROUTES};
 use kit::auth::SigningKey;
 use mercato::startup::ServiceName;
 use reqwest::{Method, StatusCode};
@@ -303,6 +303,32 @@ impl World {
             ("GET", "/api/v1/notifications"),
             case("/api/v1/notifications".into(), None, [401, 200, 200, 200]),
         );
+        // Fault injection (a harmless one: a millisecond on analytics' routes, cleared by the
+        // DELETE that follows in the table's order).
+        cases.insert(
+            ("GET", "/api/v1/admin/faults"),
+            case("/api/v1/admin/faults".into(), None, [401, 403, 403, 200]),
+        );
+        cases.insert(
+            ("DELETE", "/api/v1/admin/faults"),
+            case("/api/v1/admin/faults".into(), None, [401, 403, 403, 204]),
+        );
+        cases.insert(
+            ("PUT", "/api/v1/admin/faults/{name}"),
+            case(
+                "/api/v1/admin/faults/route-latency".into(),
+                Some(json!({"service": "analytics", "ms": 1})),
+                [401, 403, 403, 200],
+            ),
+        );
+        cases.insert(
+            ("DELETE", "/api/v1/admin/faults/{name}"),
+            case(
+                "/api/v1/admin/faults/route-latency".into(),
+                None,
+                [401, 403, 403, 204],
+            ),
+        );
         for template in [
             "/api/v1/analytics/windows",
             "/api/v1/analytics/summary",
@@ -358,7 +384,11 @@ async fn every_public_route_answers_each_caller_as_its_owner_rules_say() {
     let world = world().await;
     let mut cases = world.cases().await;
     let mut wrong = Vec::new();
-    for route in PUBLIC_ROUTES.iter().chain([&OPENAPI_ROUTE]) {
+    for route in PUBLIC_ROUTES
+        .iter()
+        .chain([&OPENAPI_ROUTE])
+        .chain(FAULT_ROUTES)
+    {
         let case = cases
             .remove(&(route.method, route.template))
             .unwrap_or_else(|| {

@@ -17,7 +17,7 @@ use crate::feed::Feed;
 use crate::results::Emitter;
 use crate::store::AnalyticsStore;
 
-pub const CONSUMER_GROUP: &str = "analytics";
+pub const CONSUMER_GROUP: &str = bus::names::ANALYTICS_GROUP;
 
 /// Where the consumer reads: instances sharing a group share the topic's partitions, and
 /// their final windows merge (see [`crate::results`]).

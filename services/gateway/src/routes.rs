@@ -78,7 +78,8 @@ const fn route(
     }
 }
 
-/// Every public route. Anything else (`/internal/*`, `/metrics`, `/ready`) is a 404 here.
+/// Every public route a service answers. Anything else but the gateway's own
+/// ([`OPENAPI_ROUTE`], [`FAULT_ROUTES`]) is a 404 here (`/internal/*`, `/metrics`, `/ready`).
 pub const PUBLIC_ROUTES: &[PublicRoute] = &[
     route("POST", "/api/v1/users", Service::Users, Access::Anyone),
     route("GET", "/api/v1/users", Service::Users, Access::Admin),
@@ -225,6 +226,35 @@ pub const PUBLIC_ROUTES: &[PublicRoute] = &[
 /// The gateway's own public route (not forwarded).
 pub const OPENAPI_ROUTE: PublicRoute =
     route("GET", "/openapi.json", Service::Gateway, Access::Anyone);
+
+/// Fault injection (`kit::faults::admin`): answered by the gateway itself, which passes each
+/// change on to the services in other processes.
+pub const FAULT_ROUTES: &[PublicRoute] = &[
+    route(
+        "GET",
+        "/api/v1/admin/faults",
+        Service::Gateway,
+        Access::Admin,
+    ),
+    route(
+        "DELETE",
+        "/api/v1/admin/faults",
+        Service::Gateway,
+        Access::Admin,
+    ),
+    route(
+        "PUT",
+        "/api/v1/admin/faults/{name}",
+        Service::Gateway,
+        Access::Admin,
+    ),
+    route(
+        "DELETE",
+        "/api/v1/admin/faults/{name}",
+        Service::Gateway,
+        Access::Admin,
+    ),
+];
 
 impl Upstreams {
     fn base(&self, service: Service) -> &str {
@@ -414,7 +444,11 @@ mod tests {
             spec["components"]["securitySchemes"]["bearer"]["scheme"],
             "bearer"
         );
-        let all: Vec<&PublicRoute> = PUBLIC_ROUTES.iter().chain([&OPENAPI_ROUTE]).collect();
+        let all: Vec<&PublicRoute> = PUBLIC_ROUTES
+            .iter()
+            .chain([&OPENAPI_ROUTE])
+            .chain(FAULT_ROUTES)
+            .collect();
         for r in &all {
             let op = &spec["paths"][r.template][r.method.to_lowercase()];
             assert!(op.is_object(), "{} {} undocumented", r.method, r.template);

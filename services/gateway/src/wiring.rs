@@ -1,9 +1,12 @@
 //! How the gateway starts inside a platform process: its route table over the other
-//! services' URLs, ready whenever it runs.
+//! services' URLs, the storefront and console, the fault-injection routes, ready whenever it
+//! runs.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use kit::faults::FaultAdmin;
+use kit::faults::admin::Peer;
 use kit::server::ready_check;
 use kit::wiring::{Context as _, Service, Shared, Started, WiringError};
 
@@ -51,7 +54,27 @@ pub fn start(
             ops_url: Some(shared.ops_url.to_owned()),
         },
     );
-    let router = api.merge(web::router(pages));
+    // Fault injection: answered here and passed on to the services in other processes (those
+    // in this one share its faults).
+    let peers = Service::ALL
+        .into_iter()
+        .filter(|s| *s != Service::Gateway && !in_process.iter().any(|(p, _)| p == s))
+        // Each replica of a service named by several URLs holds faults of its own.
+        .flat_map(|s| {
+            shared
+                .url(s)
+                .split(',')
+                .map(str::trim)
+                .filter(|url| !url.is_empty())
+                .map(|url| Peer {
+                    service: s.as_str(),
+                    url: url.to_owned(),
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let faults = FaultAdmin::new(shared.settings).forwarding_to(peers, shared.http.clone());
+    let router = api.merge(web::router(pages)).merge(faults.router());
     // The gateway is ready when it runs: one sick service must not take every gateway pod
     // (and so the whole shop) out of the load balancer; its routes answer 503.
     let ready = ready_check(|| async { Ok(()) });

@@ -27,7 +27,7 @@ use crate::compensation::{PaymentsClient, worth_retrying};
 use crate::domain::OrderStatus;
 use crate::store::DeadLetter;
 
-pub const CONSUMER_GROUP: &str = "orders-status";
+pub const CONSUMER_GROUP: &str = bus::names::ORDERS_STATUS_GROUP;
 
 /// Namespace of the ids of `order.payment_refunded` notices: one per payment, so a compensation
 /// asked again (a redelivered event) tells the customer once.

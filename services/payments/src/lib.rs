@@ -14,6 +14,7 @@
 pub mod api;
 #[cfg(feature = "dynamodb")]
 pub mod dynamo;
+pub mod faults;
 pub mod flow;
 #[cfg(feature = "postgres")]
 pub mod pg;

@@ -1,7 +1,8 @@
 //! How the payments service starts inside a platform process: its store on the backend its
 //! database url names (SQLite, PostgreSQL or DynamoDB) with its outbox relay and
-//! Idempotency-Key records, its payment provider (the simulator refused in production), the
-//! reconciler of pending payments, and its router with a client of the orders service.
+//! Idempotency-Key records, its payment provider (the simulator refused in production; behind
+//! the payment faults where faults may be injected), the reconciler of pending payments, and
+//! its router with a client of the orders service.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,7 +36,7 @@ fn secret_from(path: &std::path::Path, setting: &str) -> Result<Secret, WiringEr
 }
 
 /// Where the payment simulator may run; everywhere else a real provider is required.
-pub const SIMULATOR_ENVIRONMENTS: [&str; 2] = ["development", "test"];
+pub const SIMULATOR_ENVIRONMENTS: [&str; 2] = kit::config::DEVELOPMENT_ENVIRONMENTS;
 
 /// The configured provider and, for Stripe, its webhook secret.
 pub fn provider(
@@ -132,7 +133,11 @@ async fn open(
 /// Starts the payments service on `transports` (the `payments` stream it publishes to).
 pub async fn start(shared: &Shared<'_>, transports: &Transports) -> Result<Started, WiringError> {
     // Before anything opens: a refused provider is a configuration error, not a half start.
-    let (provider, webhook_secret) = provider(shared.settings)?;
+    let (mut provider, webhook_secret) = provider(shared.settings)?;
+    if kit::faults::allowed(shared.settings) {
+        // `payment-decline` and `payment-timeout` act on whichever provider is configured.
+        provider = Arc::new(crate::faults::WithFaults(provider));
+    }
     let (store, relay, idempotency) =
         open(shared, transports.stream.clone(), transports.queue.clone()).await?;
     let closed = store.clone();
