@@ -140,6 +140,25 @@ pub enum IdempotencyError {
     #[cfg(feature = "dynamodb")]
     #[error("DynamoDB: {0}")]
     Dynamo(String),
+    /// The store did not answer in time, or refused for load (throttled).
+    #[error("idempotency store unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl IdempotencyError {
+    /// True when the store was out of reach or overloaded: a 503 the client may retry with
+    /// the same key, rather than a fault of ours.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            IdempotencyError::Unavailable(_) => true,
+            #[cfg(feature = "postgres")]
+            IdempotencyError::Postgres(e) => matches!(
+                e,
+                sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_)
+            ),
+            _ => false,
+        }
+    }
 }
 
 /// Where the keys live: the owning service's own database, whichever it is.
@@ -579,6 +598,10 @@ pub async fn guard(State(idem): State<Idempotency>, req: Request, next: Next) ->
     loop {
         let claim = match idem.claim(&key, &fingerprint).await {
             Ok(c) => c,
+            Err(e) if e.is_unavailable() => {
+                tracing::warn!(error = %e, "idempotency store unavailable");
+                return Problem::unavailable("the idempotency store").into_response();
+            }
             Err(e) => {
                 tracing::error!(error = %e, "idempotency store failed");
                 return Problem::internal().into_response();

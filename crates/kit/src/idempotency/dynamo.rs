@@ -21,7 +21,7 @@
 use std::collections::HashMap;
 
 use aws_sdk_dynamodb::Client;
-use aws_sdk_dynamodb::error::DisplayErrorContext;
+use aws_sdk_dynamodb::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_dynamodb::primitives::Blob;
 use aws_sdk_dynamodb::types::AttributeValue;
 use axum::body::Bytes;
@@ -46,8 +46,35 @@ fn n(v: i64) -> AttributeValue {
     AttributeValue::N(v.to_string())
 }
 
-fn failure<E: std::error::Error>(what: &str, e: E) -> IdempotencyError {
-    IdempotencyError::Dynamo(format!("{what}: {}", DisplayErrorContext(e)))
+/// A failed request, as unavailable (the table did not answer in time or throttled: a 503 the
+/// client may retry) or as a fault.
+fn failure<E, R>(what: &str, e: SdkError<E, R>) -> IdempotencyError
+where
+    E: std::error::Error + ProvideErrorMetadata + Send + Sync + 'static,
+    R: std::fmt::Debug + Send + Sync + 'static,
+{
+    let busy = match &e {
+        SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) | SdkError::ResponseError(_) => {
+            true
+        }
+        SdkError::ServiceError(service) => matches!(
+            service.err().code(),
+            Some(
+                "ThrottlingException"
+                    | "ProvisionedThroughputExceededException"
+                    | "RequestLimitExceeded"
+                    | "InternalServerError"
+                    | "ServiceUnavailable"
+            )
+        ),
+        _ => false,
+    };
+    let message = format!("{what}: {}", DisplayErrorContext(&e));
+    if busy {
+        IdempotencyError::Unavailable(message)
+    } else {
+        IdempotencyError::Dynamo(message)
+    }
 }
 
 impl DynamoKeys {
@@ -198,4 +225,19 @@ fn parse(
         text("content_type"),
         body,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aws_sdk_dynamodb::operation::put_item::PutItemError;
+
+    #[test]
+    fn a_table_that_does_not_answer_is_unavailable_not_a_fault() {
+        // A 503 the client retries with its key, where it used to be a 500.
+        let timeout: SdkError<PutItemError> = SdkError::timeout_error("no answer in time");
+        assert!(failure("claiming an idempotency key", timeout).is_unavailable());
+        let unsendable: SdkError<PutItemError> = SdkError::construction_failure("bad request");
+        assert!(!failure("claiming an idempotency key", unsendable).is_unavailable());
+    }
 }
