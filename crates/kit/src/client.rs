@@ -50,11 +50,14 @@ pub fn http_client(settings: &HttpSettings) -> Result<reqwest::Client, reqwest::
         .build()
 }
 
-/// A client for one named dependency at one base URL.
+/// A client for one named dependency at one base URL, or at several (its replicas,
+/// `http://a:8002,http://b:8002`), taken in turn; a replica that refuses the connection (the
+/// call was not sent) passes the call to the next.
 #[derive(Debug, Clone)]
 pub struct ServiceClient {
     http: reqwest::Client,
-    base: Arc<str>,
+    bases: Arc<[Arc<str>]>,
+    next: Arc<std::sync::atomic::AtomicUsize>,
     service: &'static str,
     /// The calling service's credential for the callee's `/internal/*` routes.
     credentials: Option<(Arc<ServiceKey>, &'static str)>,
@@ -62,9 +65,20 @@ pub struct ServiceClient {
 
 impl ServiceClient {
     pub fn new(service: &'static str, base_url: &str, http: reqwest::Client) -> Self {
+        let mut bases: Vec<Arc<str>> = base_url
+            .split(',')
+            .map(|b| b.trim().trim_end_matches('/'))
+            .filter(|b| !b.is_empty())
+            .map(Arc::from)
+            .collect();
+        if bases.is_empty() {
+            // Calls then fail as unavailable, naming the empty URL, as they always did.
+            bases.push(Arc::from(""));
+        }
         ServiceClient {
             http,
-            base: Arc::from(base_url.trim_end_matches('/')),
+            bases: bases.into(),
+            next: Arc::default(),
             service,
             credentials: None,
         }
@@ -76,8 +90,9 @@ impl ServiceClient {
         self
     }
 
+    /// The first replica's base URL.
     pub fn base_url(&self) -> &str {
-        &self.base
+        self.bases.first().map_or("", |b| b)
     }
 
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, CallError> {
@@ -154,28 +169,36 @@ impl ServiceClient {
         body: Option<&B>,
         span: &tracing::Span,
     ) -> Result<bytes_compat::Bytes, CallError> {
-        let mut request = self.http.request(method, format!("{}{}", self.base, path));
-        if !span.is_none() {
-            let mut headers = http::HeaderMap::new();
-            crate::telemetry::propagation::inject_into_headers(span, &mut headers);
-            request = request.headers(headers);
-        }
-        if let Some(body) = body {
-            request = request.json(body);
-        }
-        if let Some((key, caller)) = &self.credentials {
-            let token = key
-                .token_for(caller)
-                .map_err(|e| self.unavailable(format!("cannot sign the call: {e}")))?;
-            request = request.bearer_auth(token);
-        }
-        if let Ok(Some(id)) = REQUEST_ID.try_with(Clone::clone) {
-            request = request.header(crate::server::X_REQUEST_ID, id);
-        }
-        let response = request
-            .send()
-            .await
-            .map_err(|e| self.unavailable(describe(&e)))?;
+        let n = self.bases.len();
+        let start = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % n;
+        let mut attempt = 0;
+        let response = loop {
+            let base = &self.bases[(start + attempt) % n];
+            let mut request = self.http.request(method.clone(), format!("{base}{path}"));
+            if !span.is_none() {
+                let mut headers = http::HeaderMap::new();
+                crate::telemetry::propagation::inject_into_headers(span, &mut headers);
+                request = request.headers(headers);
+            }
+            if let Some(body) = body {
+                request = request.json(body);
+            }
+            if let Some((key, caller)) = &self.credentials {
+                let token = key
+                    .token_for(caller)
+                    .map_err(|e| self.unavailable(format!("cannot sign the call: {e}")))?;
+                request = request.bearer_auth(token);
+            }
+            if let Ok(Some(id)) = REQUEST_ID.try_with(Clone::clone) {
+                request = request.header(crate::server::X_REQUEST_ID, id);
+            }
+            match request.send().await {
+                Ok(response) => break response,
+                // Refused: nothing was sent, so another replica may take the same call.
+                Err(e) if e.is_connect() && attempt + 1 < n => attempt += 1,
+                Err(e) => return Err(self.unavailable(describe(&e))),
+            }
+        };
         let status = response.status();
         span.record("http.response.status_code", status.as_u16());
         let bytes = response
@@ -214,5 +237,49 @@ fn describe(e: &reqwest::Error) -> String {
         "connection refused".into()
     } else {
         "transport error".into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[tokio::test]
+    async fn a_replica_refusing_connections_passes_the_call_to_the_next() {
+        let app = axum::Router::new().route(
+            "/internal/echo",
+            axum::routing::post(|axum::Json(v): axum::Json<serde_json::Value>| async move {
+                axum::Json(v)
+            }),
+        );
+        let live = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let live_url = format!("http://{}", live.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(live, app).await });
+        // A port nothing listens on any more: connections to it are refused.
+        let gone = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let gone_url = format!("http://{}", gone.local_addr().unwrap());
+        drop(gone);
+
+        let client = ServiceClient::new(
+            "echo",
+            &format!("{gone_url}, {live_url}/"),
+            reqwest::Client::new(),
+        );
+        assert_eq!(client.base_url(), gone_url);
+        // Every call lands, whichever replica its turn starts at, body included.
+        for i in 0..6 {
+            let answer: serde_json::Value = client
+                .post("/internal/echo", &serde_json::json!({"n": i}))
+                .await
+                .unwrap();
+            assert_eq!(answer["n"], i);
+        }
+        // With only the refusing one, the call fails as unavailable.
+        let alone = ServiceClient::new("echo", &gone_url, reqwest::Client::new());
+        let failed = alone
+            .post::<_, serde_json::Value>("/internal/echo", &serde_json::json!({}))
+            .await;
+        assert!(matches!(failed, Err(CallError::Unavailable { .. })));
     }
 }

@@ -394,3 +394,50 @@ async fn clients_abandoning_uploads_do_not_open_the_breaker_of_a_healthy_service
     }
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_replica_that_is_down_is_skipped_and_its_requests_go_to_the_next() {
+    // Every service but the gateway in one platform; a gateway of its own in front, told of
+    // two products replicas: one refusing connections, one real.
+    let dir = tempfile::tempdir().unwrap();
+    let settings = test_settings(&dir);
+    let backend = spawn_with(
+        settings.clone(),
+        &common::all_but(ServiceName::Gateway),
+        tempfile::tempdir().unwrap(),
+    )
+    .await;
+    let platform = backend.platform.as_ref().unwrap();
+    let mut front = settings.clone();
+    for (service, url) in [
+        (ServiceName::Users, &mut front.users.url),
+        (ServiceName::Orders, &mut front.orders.url),
+        (ServiceName::Payments, &mut front.payments.service.url),
+        (ServiceName::Notifications, &mut front.notifications.url),
+        (ServiceName::Analytics, &mut front.analytics.url),
+    ] {
+        *url = platform.url(service);
+    }
+    let down = common::unreachable_url();
+    front.products.url = Some(format!(
+        "{down},{}",
+        platform.url(ServiceName::Products).unwrap()
+    ));
+    let gateway = spawn_with(front, &[ServiceName::Gateway], dir).await;
+
+    // Reads, and writes with a body: the refused connection sent nothing, so the same request
+    // (body included) goes to the other replica and no client sees the dead one.
+    for i in 0..20 {
+        assert_eq!(gateway.get("/api/v1/products").await.status, StatusCode::OK);
+        let created = gateway
+            .post(
+                "/api/v1/products",
+                serde_json::json!({"name": format!("Replica {i}"), "price": 10.5, "stock": 3, "sku": format!("REPLICA-{i}")}),
+            )
+            .await;
+        assert_eq!(created.status, StatusCode::CREATED, "{}", created.body);
+        assert_eq!(created.body["name"], format!("Replica {i}"));
+    }
+    gateway.stop().await;
+    backend.stop().await;
+}

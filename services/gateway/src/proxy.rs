@@ -1,7 +1,10 @@
-//! Forwarding one request to one upstream, streaming both bodies.
+//! Forwarding one request to a service's upstream, streaming both bodies. An upstream may be
+//! several replicas (`http://a:8003,http://b:8003`): each request goes to the next one in
+//! turn whose circuit breaker lets it through, and a replica that refuses the connection
+//! (nothing was sent) hands the request to the next.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::body::Body;
@@ -16,20 +19,32 @@ use kit::Problem;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
-    #[error("invalid upstream url `{0}`: expected http://host:port")]
+    #[error(
+        "invalid upstream url `{0}`: expected http://host:port, or several separated by commas"
+    )]
     InvalidUpstream(String),
     #[error("invalid method `{0}` in the route table")]
     Method(&'static str),
 }
 
-/// An upstream's scheme and authority, and its circuit breaker; and, when the service runs
-/// in this process, its app, called in memory.
+/// Replicas of one service at most (a comma-separated url longer than this is refused).
+const MAX_REPLICAS: usize = 64;
+
+/// A service's upstream: its replicas, each with its circuit breaker, taken in turn; or, when
+/// the service runs in this process, its app, called in memory.
 #[derive(Debug)]
 pub struct Upstream {
+    members: Vec<Member>,
+    next: AtomicUsize,
+    local: Option<axum::Router>,
+}
+
+/// One replica: where it listens, and how it has been answering.
+#[derive(Debug)]
+struct Member {
     scheme: http::uri::Scheme,
     authority: http::uri::Authority,
     breaker: Breaker,
-    local: Option<axum::Router>,
 }
 
 impl Upstream {
@@ -40,18 +55,44 @@ impl Upstream {
         self
     }
 
+    /// `http://host:port`, or several separated by commas (the replicas of one service).
     pub fn parse(base: &str) -> Result<Upstream, ProxyError> {
-        let uri: Uri = base
-            .parse()
-            .map_err(|_| ProxyError::InvalidUpstream(base.to_owned()))?;
+        let members = base
+            .split(',')
+            .map(str::trim)
+            .filter(|one| !one.is_empty())
+            .map(|one| {
+                Member::parse(one).ok_or_else(|| ProxyError::InvalidUpstream(base.to_owned()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if members.is_empty() || members.len() > MAX_REPLICAS {
+            return Err(ProxyError::InvalidUpstream(base.to_owned()));
+        }
+        Ok(Upstream {
+            members,
+            next: AtomicUsize::new(0),
+            local: None,
+        })
+    }
+
+    /// The replicas in the order one request tries them: round robin from the next one.
+    fn in_turn(&self) -> impl Iterator<Item = &Member> {
+        let n = self.members.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
+        (0..n).map(move |i| &self.members[(start + i) % n])
+    }
+}
+
+impl Member {
+    fn parse(base: &str) -> Option<Member> {
+        let uri: Uri = base.parse().ok()?;
         match (uri.scheme(), uri.authority()) {
-            (Some(scheme), Some(authority)) if scheme == &http::uri::Scheme::HTTP => Ok(Upstream {
+            (Some(scheme), Some(authority)) if scheme == &http::uri::Scheme::HTTP => Some(Member {
                 scheme: scheme.clone(),
                 authority: authority.clone(),
                 breaker: Breaker::default(),
-                local: None,
             }),
-            _ => Err(ProxyError::InvalidUpstream(base.to_owned())),
+            _ => None,
         }
     }
 }
@@ -239,10 +280,6 @@ impl Proxy {
         if declared.is_some_and(|n| n > self.body_limit as u64) {
             return kit::extract::too_large().into_response();
         }
-        let pass = upstream.breaker.pass();
-        if pass == Pass::Refuse {
-            return unavailable();
-        }
         if let Some(host) = parts.headers.get(header::HOST).cloned() {
             parts.headers.insert(X_FORWARDED_HOST, host);
         }
@@ -283,7 +320,7 @@ impl Proxy {
             .insert(X_FORWARDED_PROTO, HeaderValue::from_static(scheme));
         parts.version = http::Version::HTTP_11;
         if !kit::telemetry::traces_on() {
-            return self.send(upstream, parts, body, pass).await;
+            return self.send(upstream, parts, body).await;
         }
         // The client side of the hop, when traces are exported (the upstream's request span
         // is its child, in memory or over TCP alike).
@@ -291,15 +328,14 @@ impl Proxy {
             "forward",
             otel.name = parts.method.as_str(),
             otel.kind = "client",
-            server.address = upstream.authority.as_str(),
+            server.address = tracing::field::Empty,
             http.request.method = parts.method.as_str(),
             http.response.status_code = tracing::field::Empty,
             otel.status_code = tracing::field::Empty,
         );
         kit::telemetry::propagation::inject_into_headers(&span, &mut parts.headers);
         let response =
-            tracing::Instrument::instrument(self.send(upstream, parts, body, pass), span.clone())
-                .await;
+            tracing::Instrument::instrument(self.send(upstream, parts, body), span.clone()).await;
         span.record("http.response.status_code", response.status().as_u16());
         if response.status().is_server_error() {
             span.record("otel.status_code", "ERROR");
@@ -308,26 +344,67 @@ impl Proxy {
     }
 
     /// Sends the prepared request to `upstream`: in memory when it runs in this process, else
-    /// over the pooled connections, with its breaker told how it went.
-    async fn send(
-        &self,
-        upstream: &Upstream,
-        mut parts: http::request::Parts,
-        body: Body,
-        pass: Pass,
-    ) -> Response {
+    /// to its replicas in turn.
+    async fn send(&self, upstream: &Upstream, parts: http::request::Parts, body: Body) -> Response {
         if let Some(app) = &upstream.local {
             return self.call_in_memory(app, parts, body).await;
         }
+        if let [only] = upstream.members.as_slice() {
+            let pass = only.breaker.pass();
+            if pass == Pass::Refuse {
+                return unavailable();
+            }
+            return match self.send_to(only, parts, Body::new(body), pass).await {
+                Ok(response) | Err(Unsent(response)) => response,
+            };
+        }
+        // Several replicas: the body is read first (it is at most the body limit), so a
+        // replica that refuses the connection can hand the same request to the next one.
+        let body = match http_body_util::BodyExt::collect(Limited::new(body, self.body_limit)).await
+        {
+            Ok(collected) => collected.to_bytes(),
+            Err(e) if caused_by_body_limit(e.as_ref()) => {
+                return kit::extract::too_large().into_response();
+            }
+            Err(_) => return Problem::bad_request("the request body was cut off").into_response(),
+        };
+        let mut last = None;
+        for member in upstream.in_turn() {
+            let pass = member.breaker.pass();
+            if pass == Pass::Refuse {
+                continue;
+            }
+            match self
+                .send_to(member, parts.clone(), Body::from(body.clone()), pass)
+                .await
+            {
+                Ok(response) => return response,
+                Err(Unsent(response)) => last = Some(response),
+            }
+        }
+        last.unwrap_or_else(unavailable)
+    }
+
+    /// Sends the request to one replica, with its breaker told how it went. `Err` when the
+    /// connection was refused and nothing was sent: the next replica may take it.
+    async fn send_to(
+        &self,
+        member: &Member,
+        mut parts: http::request::Parts,
+        body: Body,
+        pass: Pass,
+    ) -> Result<Response, Unsent> {
+        tracing::Span::current().record("server.address", member.authority.as_str());
         let path_and_query = parts.uri.path_and_query().cloned();
         let mut uri = Uri::builder()
-            .scheme(upstream.scheme.clone())
-            .authority(upstream.authority.clone());
+            .scheme(member.scheme.clone())
+            .authority(member.authority.clone());
         if let Some(pq) = path_and_query {
             uri = uri.path_and_query(pq);
         }
         let Ok(uri) = uri.build() else {
-            return Problem::bad_request("the request target is not valid").into_response();
+            member.breaker.undecided(&pass);
+            return Ok(Problem::bad_request("the request target is not valid").into_response());
         };
         parts.uri = uri;
         // Whether the client's body failed (it went away mid-upload): the upstream is not at
@@ -345,33 +422,41 @@ impl Proxy {
 
         match tokio::time::timeout(self.timeout, self.client.request(upstream_req)).await {
             Ok(Ok(response)) => {
-                upstream.breaker.succeeded(&pass);
+                member.breaker.succeeded(&pass);
                 let (mut parts, body) = response.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
-                Response::from_parts(parts, Body::new(body))
+                Ok(Response::from_parts(parts, Body::new(body)))
             }
             Ok(Err(e)) => {
                 if caused_by_body_limit(&e) {
-                    upstream.breaker.succeeded(&pass);
-                    return kit::extract::too_large().into_response();
+                    member.breaker.succeeded(&pass);
+                    return Ok(kit::extract::too_large().into_response());
                 }
                 if client_body_failed.load(Ordering::Relaxed) {
                     // Nobody is left to read this answer; it says nothing about the upstream.
-                    upstream.breaker.undecided(&pass);
-                    return Problem::bad_request("the request body was cut off").into_response();
+                    member.breaker.undecided(&pass);
+                    return Ok(Problem::bad_request("the request body was cut off").into_response());
                 }
-                upstream.breaker.failed(&pass, &upstream.authority);
-                tracing::warn!(upstream = %upstream.authority, error = %e, "upstream request failed");
-                unavailable()
+                member.breaker.failed(&pass, &member.authority);
+                tracing::warn!(upstream = %member.authority, error = %e, "upstream request failed");
+                if e.is_connect() {
+                    Err(Unsent(unavailable()))
+                } else {
+                    Ok(unavailable())
+                }
             }
             Err(_) => {
-                upstream.breaker.failed(&pass, &upstream.authority);
-                tracing::warn!(upstream = %upstream.authority, "upstream timed out");
-                timed_out()
+                member.breaker.failed(&pass, &member.authority);
+                tracing::warn!(upstream = %member.authority, "upstream timed out");
+                Ok(timed_out())
             }
         }
     }
 }
+
+/// A request a replica never received (its connection was refused), with the answer to give
+/// if no other replica takes it.
+struct Unsent(Response);
 
 impl Proxy {
     /// Hands the request to an app in this process, as its listener would: a fresh request
