@@ -8,7 +8,7 @@
 //! hash lookup instead of a signature check.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, JwkSet};
@@ -59,7 +59,9 @@ struct RemoteKeys {
     url: String,
     http: reqwest::Client,
     keys: RwLock<Arc<HashMap<String, (DecodingKey, Algorithm)>>>,
-    fetched: Mutex<Option<Instant>>,
+    /// When the JWKS was last asked for; held across the fetch, so requests that arrive
+    /// while it runs wait for its keys instead of finding none (a cold replica's first burst).
+    fetched: tokio::sync::Mutex<Option<Instant>>,
 }
 
 impl RemoteKeys {
@@ -68,17 +70,14 @@ impl RemoteKeys {
         keys.get(kid).cloned()
     }
 
-    /// Fetches the JWKS again unless that was done less than [`REFETCH_AFTER`] ago.
+    /// Fetches the JWKS again unless that was done less than [`REFETCH_AFTER`] ago; a caller
+    /// that finds a fetch under way waits for it, then looks for its key again.
     async fn refresh(&self) -> Result<(), TokenError> {
-        {
-            let Ok(mut fetched) = self.fetched.lock() else {
-                return Ok(());
-            };
-            if fetched.is_some_and(|at| at.elapsed() < REFETCH_AFTER) {
-                return Ok(());
-            }
-            *fetched = Some(Instant::now());
+        let mut fetched = self.fetched.lock().await;
+        if fetched.is_some_and(|at| at.elapsed() < REFETCH_AFTER) {
+            return Ok(());
         }
+        *fetched = Some(Instant::now());
         let set: JwkSet = self
             .http
             .get(&self.url)
@@ -252,7 +251,7 @@ impl Verifier {
                 url: url.to_owned(),
                 http: http.clone(),
                 keys: RwLock::new(Arc::new(HashMap::new())),
-                fetched: Mutex::new(None),
+                fetched: tokio::sync::Mutex::new(None),
             })
         };
         let own_keys = match own_keys {
