@@ -205,6 +205,26 @@ struct IdOnly {
     id: Uuid,
 }
 
+/// `GET path` as `T`, with the next page's path from its Link header.
+async fn get_json<T: serde::de::DeserializeOwned>(
+    target: &Target,
+    token: &str,
+    path: &str,
+) -> Result<(T, Option<String>), LoadError> {
+    let reply = target.call(Call::get(path, Some(token.to_owned()))).await;
+    if let Some(failure) = reply.failure {
+        return Err(LoadError::Target {
+            what: format!("{failure} to GET {path}"),
+            detail: "the verifier reads as an administrator".into(),
+        });
+    }
+    let value = reply.json().map_err(|detail| LoadError::Target {
+        what: format!("GET {path}"),
+        detail,
+    })?;
+    Ok((value, reply.next))
+}
+
 /// Every item of a list route, following its `Link: rel="next"` pages.
 async fn read_pages<T: serde::de::DeserializeOwned>(
     target: &Target,
@@ -214,21 +234,9 @@ async fn read_pages<T: serde::de::DeserializeOwned>(
     let mut items = Vec::new();
     let mut next = Some(first.to_owned());
     while let Some(path) = next.take() {
-        let reply = target
-            .call(Call::get(path.clone(), Some(token.to_owned())))
-            .await;
-        if let Some(failure) = reply.failure {
-            return Err(LoadError::Target {
-                what: format!("{failure} to GET {path}"),
-                detail: "the verifier reads as an administrator".into(),
-            });
-        }
-        let page: Vec<T> = reply.json().map_err(|detail| LoadError::Target {
-            what: format!("GET {path}"),
-            detail,
-        })?;
+        let (page, after): (Vec<T>, _) = get_json(target, token, &path).await?;
         items.extend(page);
-        next = reply.next;
+        next = after;
     }
     Ok(items)
 }
@@ -241,21 +249,9 @@ async fn read_orders(target: &Target, token: &str, user: Uuid) -> Result<Vec<Ord
     let mut orders = Vec::new();
     let mut next = Some(format!("/api/v1/orders/user/{user}?limit=1000"));
     while let Some(path) = next.take() {
-        let reply = target
-            .call(Call::get(path.clone(), Some(token.to_owned())))
-            .await;
-        if let Some(failure) = reply.failure {
-            return Err(LoadError::Target {
-                what: format!("{failure} to GET {path}"),
-                detail: "reading a user's orders".into(),
-            });
-        }
-        let page: UserOrders = reply.json().map_err(|detail| LoadError::Target {
-            what: format!("GET {path}"),
-            detail,
-        })?;
+        let (page, after): (UserOrders, _) = get_json(target, token, &path).await?;
         orders.extend(page.orders);
-        next = reply.next;
+        next = after;
     }
     Ok(orders)
 }
@@ -365,19 +361,7 @@ async fn stock_adds_up(
         futures_util::stream::iter(products.iter().copied())
             .map(|(id, initial)| async move {
                 let path = format!("/api/v1/products/{id}/stock");
-                let reply = target
-                    .call(Call::get(path.clone(), Some(token.to_owned())))
-                    .await;
-                if let Some(failure) = reply.failure {
-                    return Err(LoadError::Target {
-                        what: format!("{failure} to GET {path}"),
-                        detail: "reading stock".into(),
-                    });
-                }
-                let stock: Stock = reply.json().map_err(|detail| LoadError::Target {
-                    what: format!("GET {path}"),
-                    detail,
-                })?;
+                let (stock, _): (Stock, _) = get_json(target, token, &path).await?;
                 Ok((stock, initial))
             })
             .buffer_unordered(CONCURRENCY)
@@ -450,19 +434,7 @@ async fn per_order_checks(
                     payments: Vec<Payment>,
                 }
                 let path = format!("/api/v1/payments/order/{id}");
-                let reply = target
-                    .call(Call::get(path.clone(), Some(token.to_owned())))
-                    .await;
-                if let Some(failure) = reply.failure {
-                    return Err(LoadError::Target {
-                        what: format!("{failure} to GET {path}"),
-                        detail: "reading payments".into(),
-                    });
-                }
-                let payments: Payments = reply.json().map_err(|detail| LoadError::Target {
-                    what: format!("GET {path}"),
-                    detail,
-                })?;
+                let (payments, _): (Payments, _) = get_json(target, token, &path).await?;
                 Ok((notifications, payments.payments))
             }
             .await;
@@ -597,19 +569,7 @@ async fn analytics_counts_orders(
         now.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
             .replace('+', "%2B")
     );
-    let reply = target
-        .call(Call::get(path.clone(), Some(token.to_owned())))
-        .await;
-    if let Some(failure) = reply.failure {
-        return Err(LoadError::Target {
-            what: format!("{failure} to GET {path}"),
-            detail: "reading analytics".into(),
-        });
-    }
-    let windows: Vec<Window> = reply.json().map_err(|detail| LoadError::Target {
-        what: format!("GET {path}"),
-        detail,
-    })?;
+    let (windows, _): (Vec<Window>, _) = get_json(target, token, &path).await?;
     let mut problems = Vec::new();
     let mut counted = 0i64;
     let mut seen_starts = HashSet::new();

@@ -4,6 +4,8 @@
 //! ways, which the verifier must name.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -102,21 +104,7 @@ impl Platform {
 
     /// `mercato <args>` against this platform, as its administrator.
     fn tool(&self, args: &[&str]) -> Output {
-        let output = Command::new(env!("CARGO_BIN_EXE_mercato"))
-            .args(args)
-            .args(["--target", &self.gateway])
-            .env("MERCATO_AUTH__ADMIN_EMAIL", ADMIN_EMAIL)
-            .env("MERCATO_AUTH__ADMIN_PASSWORD", ADMIN_PASSWORD)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
-        eprintln!(
-            "mercato {}\n--- stdout\n{}\n--- stderr\n{}",
-            args.join(" "),
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
-        output
+        common::mercato_tool(&self.gateway, (ADMIN_EMAIL, ADMIN_PASSWORD), args)
     }
 
     fn metrics(&self) -> String {

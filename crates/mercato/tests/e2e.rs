@@ -59,7 +59,7 @@ struct Profile {
     patience_secs: u64,
     /// Held for its `Drop`: the database goes when the test ends.
     #[cfg(feature = "postgres")]
-    _database: Option<FreshDatabase>,
+    _database: Option<common::FreshDatabase>,
 }
 
 impl Profile {
@@ -96,7 +96,7 @@ impl Profile {
                 panic!("{name} is not set: run scripts/test, which starts the cloud-like peers")
             })
         };
-        let database = FreshDatabase::create();
+        let database = common::FreshDatabase::create("mercato_e2e");
         let run = uuid::Uuid::new_v4().simple();
         let dynamo = |table: &str| {
             format!(
@@ -134,61 +134,6 @@ impl Profile {
             patience_secs: 60,
             _database: Some(database),
         }
-    }
-}
-
-/// A PostgreSQL database for one test, dropped with it.
-#[cfg(feature = "postgres")]
-struct FreshDatabase {
-    name: String,
-    url: String,
-}
-
-#[cfg(feature = "postgres")]
-impl FreshDatabase {
-    /// Runs `sql` on the test server's own database, from a thread of its own (the tests'
-    /// runtime cannot be blocked on).
-    fn admin(sql: String) {
-        let admin = kit::pg::test_database_url();
-        std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            runtime.block_on(async {
-                use sqlx::Executor as _;
-                let pool = sqlx::PgPool::connect(&admin).await.unwrap_or_else(|e| {
-                    panic!(
-                        "PostgreSQL at {admin} (TEST_DATABASE_URL): {e}; scripts/test starts one"
-                    )
-                });
-                pool.execute(sqlx::AssertSqlSafe(sql)).await.unwrap();
-                pool.close().await;
-            });
-        })
-        .join()
-        .unwrap();
-    }
-
-    fn create() -> FreshDatabase {
-        let name = format!("mercato_e2e_{}", uuid::Uuid::new_v4().simple());
-        FreshDatabase::admin(format!("CREATE DATABASE {name}"));
-        let base = kit::pg::test_database_url();
-        let (server, _) = base.rsplit_once('/').unwrap();
-        FreshDatabase {
-            url: format!("{server}/{name}"),
-            name,
-        }
-    }
-}
-
-#[cfg(feature = "postgres")]
-impl Drop for FreshDatabase {
-    fn drop(&mut self) {
-        FreshDatabase::admin(format!(
-            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-            self.name
-        ));
     }
 }
 

@@ -6,6 +6,8 @@
 #![cfg(feature = "postgres")]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -23,56 +25,6 @@ const SERVICES: [&str; 7] = [
     "analytics",
     "gateway",
 ];
-
-/// A PostgreSQL database for this test, dropped with it.
-struct FreshDatabase {
-    name: String,
-    url: String,
-}
-
-impl FreshDatabase {
-    fn admin(sql: String) {
-        let admin = kit::pg::test_database_url();
-        std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            runtime.block_on(async {
-                use sqlx::Executor as _;
-                let pool = sqlx::PgPool::connect(&admin).await.unwrap_or_else(|e| {
-                    panic!(
-                        "PostgreSQL at {admin} (TEST_DATABASE_URL): {e}; scripts/test starts one"
-                    )
-                });
-                pool.execute(sqlx::AssertSqlSafe(sql)).await.unwrap();
-                pool.close().await;
-            });
-        })
-        .join()
-        .unwrap();
-    }
-
-    fn create() -> FreshDatabase {
-        let name = format!("mercato_replicas_{}", uuid::Uuid::new_v4().simple());
-        FreshDatabase::admin(format!("CREATE DATABASE {name}"));
-        let base = kit::pg::test_database_url();
-        let (server, _) = base.rsplit_once('/').unwrap();
-        FreshDatabase {
-            url: format!("{server}/{name}"),
-            name,
-        }
-    }
-}
-
-impl Drop for FreshDatabase {
-    fn drop(&mut self) {
-        FreshDatabase::admin(format!(
-            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-            self.name
-        ));
-    }
-}
 
 /// `n` distinct free ports: all held bound while they are chosen, so none is handed out twice.
 fn free_ports(n: usize) -> Vec<u16> {
@@ -253,21 +205,7 @@ impl Cluster {
     }
 
     fn tool(&self, args: &[&str]) -> std::process::Output {
-        let output = Command::new(env!("CARGO_BIN_EXE_mercato"))
-            .args(args)
-            .args(["--target", &self.gateway])
-            .env("MERCATO_AUTH__ADMIN_EMAIL", ADMIN_EMAIL)
-            .env("MERCATO_AUTH__ADMIN_PASSWORD", ADMIN_PASSWORD)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
-        eprintln!(
-            "mercato {}\n--- stdout\n{}\n--- stderr\n{}",
-            args.join(" "),
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
-        output
+        common::mercato_tool(&self.gateway, (ADMIN_EMAIL, ADMIN_PASSWORD), args)
     }
 
     /// Stream records that carry the same event id more than once (a row published twice).
@@ -314,7 +252,7 @@ async fn token(client: &reqwest::Client, gateway: &str, email: &str, password: &
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_replicas_of_each_stateful_service_keep_every_promise() {
     let dir = tempfile::tempdir().unwrap();
-    let database = FreshDatabase::create();
+    let database = common::FreshDatabase::create("mercato_replicas");
     let mut cluster = Cluster::start(dir.path(), &database.url);
     let gateway = cluster.gateway.clone();
     let client = reqwest::Client::new();

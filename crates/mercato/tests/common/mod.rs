@@ -482,3 +482,79 @@ pub async fn saga_keeps_its_promises(app: &TestApp, tag: &str) -> (String, Strin
     assert!(app.notified(&order, "order.paid").await);
     (order, user)
 }
+
+/// A PostgreSQL database for one test, dropped with it.
+#[cfg(feature = "postgres")]
+pub struct FreshDatabase {
+    name: String,
+    pub url: String,
+}
+
+#[cfg(feature = "postgres")]
+impl FreshDatabase {
+    /// Runs `sql` on the test server's own database, from a thread of its own (the tests'
+    /// runtime cannot be blocked on).
+    pub fn admin(sql: String) {
+        let admin = kit::pg::test_database_url();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                use sqlx::Executor as _;
+                let pool = sqlx::PgPool::connect(&admin).await.unwrap_or_else(|e| {
+                    panic!(
+                        "PostgreSQL at {admin} (TEST_DATABASE_URL): {e}; scripts/test starts one"
+                    )
+                });
+                pool.execute(sqlx::AssertSqlSafe(sql)).await.unwrap();
+                pool.close().await;
+            });
+        })
+        .join()
+        .unwrap();
+    }
+
+    /// A database named `<prefix>_<uuid>`.
+    pub fn create(prefix: &str) -> FreshDatabase {
+        let name = format!("{prefix}_{}", uuid::Uuid::new_v4().simple());
+        FreshDatabase::admin(format!("CREATE DATABASE {name}"));
+        let base = kit::pg::test_database_url();
+        let (server, _) = base.rsplit_once('/').unwrap();
+        FreshDatabase {
+            url: format!("{server}/{name}"),
+            name,
+        }
+    }
+}
+
+#[cfg(feature = "postgres")]
+impl Drop for FreshDatabase {
+    fn drop(&mut self) {
+        FreshDatabase::admin(format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            self.name
+        ));
+    }
+}
+
+/// `mercato <args> --target <target>` as the administrator (`mercato load`, `mercato verify`),
+/// its output echoed for a failing test's log.
+pub fn mercato_tool(target: &str, admin: (&str, &str), args: &[&str]) -> std::process::Output {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_mercato"))
+        .args(args)
+        .args(["--target", target])
+        .env("MERCATO_AUTH__ADMIN_EMAIL", admin.0)
+        .env("MERCATO_AUTH__ADMIN_PASSWORD", admin.1)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    eprintln!(
+        "mercato {}\n--- stdout\n{}\n--- stderr\n{}",
+        args.join(" "),
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
+}
