@@ -152,10 +152,7 @@ impl IdempotencyError {
         match self {
             IdempotencyError::Unavailable(_) => true,
             #[cfg(feature = "postgres")]
-            IdempotencyError::Postgres(e) => matches!(
-                e,
-                sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_)
-            ),
+            IdempotencyError::Postgres(e) => crate::pg::is_out_of_reach(e),
             _ => false,
         }
     }

@@ -191,6 +191,15 @@ pub fn is_unique_violation(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some("23505"))
 }
 
+/// True when the database could not be reached in time (pool exhausted or closed, connection
+/// lost): a 503 the client may retry, rather than a fault of ours.
+pub fn is_out_of_reach(e: &sqlx::Error) -> bool {
+    matches!(
+        e,
+        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_)
+    )
+}
+
 /// For tests: the database named by `TEST_DATABASE_URL`, else the local server every
 /// development machine here runs (`postgres://postgres@127.0.0.1:5432/test`).
 pub fn test_database_url() -> String {

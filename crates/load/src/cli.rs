@@ -14,8 +14,8 @@ use crate::run;
 use crate::target::Target;
 use crate::verify;
 
-/// Where and as whom.
-#[derive(Debug, Clone, Args)]
+/// Where and as whom. `Debug` by hand: the password never reaches a log line.
+#[derive(Clone, Args)]
 pub struct Connection {
     /// The platform's public URL (the gateway, or an ingress in front of it).
     #[arg(long, default_value = "http://127.0.0.1:8000")]
@@ -29,6 +29,17 @@ pub struct Connection {
     /// Per-request timeout.
     #[arg(long, default_value = "10s")]
     pub timeout: Span,
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection")
+            .field("target", &self.target)
+            .field("admin_email", &self.admin_email)
+            .field("admin_password", &"<redacted>")
+            .field("timeout", &self.timeout)
+            .finish()
+    }
 }
 
 /// What the verifier reads besides the API.

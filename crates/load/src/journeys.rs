@@ -174,15 +174,19 @@ impl World {
     }
 }
 
-/// Signs `who` in again with their password.
-pub async fn sign_in(target: &Target, who: &Account) -> Result<(), String> {
+/// A password sign-in: the access token and the account's id.
+pub async fn request_tokens(
+    target: &Target,
+    email: &str,
+    password: &str,
+) -> Result<(String, Uuid), String> {
     let reply = target
         .call(
             Call::send(
                 Method::POST,
                 "/api/v1/auth/token",
                 None,
-                json!({"email": who.email, "password": who.password}),
+                json!({"email": email, "password": password}),
             )
             .expecting(&[200]),
         )
@@ -191,11 +195,22 @@ pub async fn sign_in(target: &Target, who: &Account) -> Result<(), String> {
         return Err(failure);
     }
     #[derive(Deserialize)]
+    struct User {
+        id: Uuid,
+    }
+    #[derive(Deserialize)]
     struct Tokens {
         access_token: String,
+        user: User,
     }
     let tokens: Tokens = reply.json()?;
-    who.set_token(tokens.access_token);
+    Ok((tokens.access_token, tokens.user.id))
+}
+
+/// Signs `who` in again with their password.
+pub async fn sign_in(target: &Target, who: &Account) -> Result<(), String> {
+    let (token, _) = request_tokens(target, &who.email, &who.password).await?;
+    who.set_token(token);
     Ok(())
 }
 

@@ -61,43 +61,19 @@ pub async fn sign_in_admin(
     email: &str,
     password: &str,
 ) -> Result<Account, LoadError> {
-    #[derive(Deserialize)]
-    struct User {
-        id: Uuid,
-    }
-    #[derive(Deserialize)]
-    struct Tokens {
-        access_token: String,
-        user: User,
-    }
-    let reply = target
-        .call(
-            Call::send(
-                Method::POST,
-                "/api/v1/auth/token",
-                None,
-                json!({"email": email, "password": password}),
-            )
-            .expecting(&[200]),
-        )
-        .await;
-    if let Some(failure) = reply.failure {
-        return Err(LoadError::Target {
+    let (token, id) = journeys::request_tokens(target, email, password)
+        .await
+        .map_err(|failure| LoadError::Target {
             what: format!("{failure} to the administrator's sign-in ({email})"),
             detail: "give --admin-email and --admin-password (or MERCATO_AUTH__ADMIN_EMAIL and \
                      MERCATO_AUTH__ADMIN_PASSWORD) of an administrator"
                 .into(),
-        });
-    }
-    let tokens: Tokens = reply.json().map_err(|e| LoadError::Target {
-        what: "the administrator's sign-in".into(),
-        detail: e,
-    })?;
+        })?;
     Ok(Account::new(
-        tokens.user.id,
+        id,
         email.to_owned(),
         password.to_owned(),
-        tokens.access_token,
+        token,
     ))
 }
 

@@ -148,6 +148,7 @@ fn main() -> anyhow::Result<()> {
         Some(Command::Analytics {
             command: AnalyticsCommand::Merge { input, output },
         }) => return merge(&input, output.as_deref()),
+        // Answered above, before any settings were read.
         Some(Command::Load(_) | Command::Verify(_)) => return Ok(()),
     };
     if no_demo {

@@ -16,6 +16,20 @@ use serde_json::{Value, json};
 
 const ADMIN_EMAIL: &str = "replicas-admin@example.com";
 const ADMIN_PASSWORD: &str = "a replicas administrator password";
+/// The runs' traffic: orders, payments and cancels at 20 journeys/s from 10 customers.
+const ORDER_HEAVY_RUN: [&str; 11] = [
+    "load",
+    "--rate",
+    "20/s",
+    "--think",
+    "0s",
+    "--mix",
+    "order=2,buy=2,cancel=1",
+    "--customers",
+    "10",
+    "--products",
+    "3",
+];
 const SERVICES: [&str; 7] = [
     "users",
     "products",
@@ -323,26 +337,14 @@ async fn two_replicas_of_each_stateful_service_keep_every_promise() {
 
     // 2. Both replicas' relays at work on the same outboxes: each event published once.
     let run = dir.path().join("steady.json");
-    let steady = cluster.tool(&[
-        "load",
-        "--rate",
-        "20/s",
-        "--duration",
-        "8s",
-        "--think",
-        "0s",
-        "--mix",
-        "order=2,buy=2,cancel=1",
-        "--customers",
-        "10",
-        "--products",
-        "3",
-        "--run-file",
-        run.to_str().unwrap(),
-        "--verify",
-        "--settle",
-        "60s",
-    ]);
+    let steady = cluster.tool(
+        &[
+            &ORDER_HEAVY_RUN[..],
+            &["--duration", "8s", "--run-file", run.to_str().unwrap()],
+            &["--verify", "--settle", "60s"],
+        ]
+        .concat(),
+    );
     assert!(
         steady.status.success(),
         "the steady run on two replicas did not verify"
@@ -362,40 +364,19 @@ async fn two_replicas_of_each_stateful_service_keep_every_promise() {
     // the gateway carry on.
     let run = dir.path().join("killed.json");
     let load = {
-        let gateway = gateway.clone();
-        let run = run.clone();
+        let (gateway, run) = (gateway.clone(), run.clone());
         std::thread::spawn(move || {
-            Command::new(env!("CARGO_BIN_EXE_mercato"))
-                .args([
-                    "load",
-                    "--rate",
-                    "20/s",
-                    "--duration",
-                    "10s",
-                    "--think",
-                    "0s",
-                    "--mix",
-                    "order=2,buy=2,cancel=1",
-                    "--customers",
-                    "10",
-                    "--products",
-                    "3",
-                    "--run-file",
-                    run.to_str().unwrap(),
-                    "--target",
-                    &gateway,
-                ])
-                .env("MERCATO_AUTH__ADMIN_EMAIL", ADMIN_EMAIL)
-                .env("MERCATO_AUTH__ADMIN_PASSWORD", ADMIN_PASSWORD)
-                .stdin(Stdio::null())
-                .output()
-                .unwrap()
+            let args = [
+                &ORDER_HEAVY_RUN[..],
+                &["--duration", "10s", "--run-file", run.to_str().unwrap()],
+            ]
+            .concat();
+            common::mercato_tool(&gateway, (ADMIN_EMAIL, ADMIN_PASSWORD), &args)
         })
     };
     tokio::time::sleep(Duration::from_secs(5)).await;
     cluster.kill("orders");
     let load = load.join().unwrap();
-    eprintln!("{}", String::from_utf8_lossy(&load.stdout));
     assert!(
         load.status.success(),
         "the run under the kill could not be made"

@@ -394,7 +394,9 @@ impl Proxy {
         body: Body,
         pass: Pass,
     ) -> Result<Response, Unsent> {
-        tracing::Span::current().record("server.address", member.authority.as_str());
+        if kit::telemetry::traces_on() {
+            tracing::Span::current().record("server.address", member.authority.as_str());
+        }
         let path_and_query = parts.uri.path_and_query().cloned();
         let mut uri = Uri::builder()
             .scheme(member.scheme.clone())

@@ -35,10 +35,7 @@ impl StoreError {
     pub fn is_unavailable(&self) -> bool {
         match self {
             #[cfg(feature = "postgres")]
-            StoreError::Postgres(e) => matches!(
-                e,
-                sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_)
-            ),
+            StoreError::Postgres(e) => kit::pg::is_out_of_reach(e),
             _ => false,
         }
     }
