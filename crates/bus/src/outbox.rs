@@ -95,32 +95,81 @@ pub const PG_MIGRATION: &str = "CREATE TABLE outbox (
 );
 CREATE INDEX outbox_due ON outbox (next_attempt_at, seq);";
 
-/// Writes one row per destination for `event`, inside the caller's PostgreSQL transaction.
+/// Writes one row per destination for `event`, inside the caller's PostgreSQL transaction:
+/// one statement for all destinations.
 #[cfg(feature = "postgres")]
 pub async fn enqueue_pg(
     conn: &mut sqlx::PgConnection,
     event: &Event,
     destinations: &[Destination],
 ) -> Result<(), sqlx::Error> {
-    let headers = serde_json::to_string(&event.outbox_headers())
-        .map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
-    let now = now_ms();
-    let id = event.id.to_string();
-    for destination in destinations {
-        sqlx::query(
-            "INSERT INTO outbox (event_id, destination, key, headers, payload, created_at, next_attempt_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $6)",
-        )
-        .bind(&id)
-        .bind(destination.encode())
-        .bind(&event.subject)
-        .bind(&headers)
-        .bind(&event.data)
-        .bind(now)
-        .execute(&mut *conn)
-        .await?;
-    }
+    static SQL: std::sync::LazyLock<String> =
+        std::sync::LazyLock::new(|| PgOutboxRows::insert_sql(1));
+    let rows = PgOutboxRows::of(event, destinations)?;
+    rows.bind(sqlx::query(SQL.as_str())).execute(conn).await?;
     Ok(())
+}
+
+/// An event's outbox rows as the parameters of one `INSERT`, for a caller that folds them into
+/// a statement of its own (a new order, its lines and its outbox rows in one round trip and
+/// one commit). Rows go in destination order, so their `seq` keeps that order.
+#[cfg(feature = "postgres")]
+#[derive(Debug)]
+pub struct PgOutboxRows {
+    event_id: String,
+    destinations: Vec<String>,
+    key: String,
+    headers: String,
+    payload: String,
+    now: i64,
+}
+
+#[cfg(feature = "postgres")]
+impl PgOutboxRows {
+    /// How many parameters [`PgOutboxRows::insert_sql`] uses.
+    pub const PARAMETERS: usize = 6;
+
+    pub fn of(event: &Event, destinations: &[Destination]) -> Result<PgOutboxRows, sqlx::Error> {
+        Ok(PgOutboxRows {
+            event_id: event.id.to_string(),
+            destinations: destinations.iter().map(|d| d.encode()).collect(),
+            key: event.subject.clone(),
+            headers: serde_json::to_string(&event.outbox_headers())
+                .map_err(|e| sqlx::Error::Encode(Box::new(e)))?,
+            payload: event.data.clone(),
+            now: now_ms(),
+        })
+    }
+
+    /// The `INSERT` of the rows, its parameters numbered from `$first` (bind them with
+    /// [`PgOutboxRows::bind`] right after the `first - 1` before them).
+    pub fn insert_sql(first: usize) -> String {
+        let p = |i: usize| format!("${}", first + i);
+        format!(
+            "INSERT INTO outbox (event_id, destination, key, headers, payload, created_at, next_attempt_at)
+             SELECT {id}, d.destination, {key}, {headers}, {payload}, {now}, {now}
+             FROM unnest({destinations}::text[]) WITH ORDINALITY AS d (destination, n) ORDER BY d.n",
+            id = p(0),
+            destinations = p(1),
+            key = p(2),
+            headers = p(3),
+            payload = p(4),
+            now = p(5),
+        )
+    }
+
+    pub fn bind<'q>(
+        &'q self,
+        query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+        query
+            .bind(self.event_id.as_str())
+            .bind(self.destinations.as_slice())
+            .bind(self.key.as_str())
+            .bind(self.headers.as_str())
+            .bind(self.payload.as_str())
+            .bind(self.now)
+    }
 }
 
 /// Where a service's outbox rows are: its own database, whichever it is.
@@ -587,9 +636,15 @@ impl Relay {
         for (destination, pending) in rows {
             by_destination.entry(destination).or_default().push(pending);
         }
-        let mut published = 0;
+        // The rows sent to every destination go in one delete: under load a pass carries many
+        // orders' events, and each statement is a round trip and a commit.
+        let mut sent = Vec::new();
         for (destination, rows) in by_destination {
-            published += self.relay_to(&destination, rows).await?;
+            sent.extend(self.relay_to(&destination, rows).await?);
+        }
+        let published = sent.len();
+        if !sent.is_empty() {
+            self.source.delete(sent).await?;
         }
         Ok(published)
     }
@@ -597,7 +652,12 @@ impl Relay {
     /// Publishes `rows` (oldest first) to one destination in rounds holding at most one row per
     /// key: the first round takes each key's oldest row, the next each key's second, and so on.
     /// A key whose row fails sits out the later rounds; its untried rows are given back.
-    async fn relay_to(&self, destination: &str, rows: Vec<Pending>) -> Result<usize, BusError> {
+    /// Returns the rows sent, for the caller to delete.
+    async fn relay_to(
+        &self,
+        destination: &str,
+        rows: Vec<Pending>,
+    ) -> Result<Vec<RowId>, BusError> {
         let mut rounds: Vec<Vec<Pending>> = Vec::new();
         let mut per_key: HashMap<String, usize> = HashMap::new();
         for row in rows {
@@ -610,7 +670,7 @@ impl Relay {
         }
         let mut failed_keys: HashSet<String> = HashSet::new();
         let mut untried: Vec<RowId> = Vec::new();
-        let mut published = 0;
+        let mut published = Vec::new();
         for round in rounds {
             let (held, round): (Vec<Pending>, Vec<Pending>) = round
                 .into_iter()
@@ -640,10 +700,7 @@ impl Relay {
                 .increment(sent.len() as u64);
             metrics::counter!("outbox_events_total", "destination" => destination.to_owned(), "outcome" => "failed")
                 .increment(retry.len() as u64);
-            published += sent.len();
-            if !sent.is_empty() {
-                self.source.delete(sent).await?;
-            }
+            published.extend(sent);
             if !retry.is_empty() {
                 let retry_at =
                     now_ms() + i64::try_from(backoff(attempts).as_millis()).unwrap_or(30_000);

@@ -277,6 +277,23 @@ impl Idempotency {
             }
             #[cfg(feature = "postgres")]
             Backend::Postgres(pg) => {
+                // A key seen for the first time (nearly every key) is claimed by one statement
+                // committed on its own; only a key already there needs the transaction below.
+                let first_claim = sqlx::query(
+                    "INSERT INTO idempotency_keys (key, fingerprint, created_at, expires_at)
+                     VALUES ($1, $2, $3, $4) ON CONFLICT (key) DO NOTHING",
+                )
+                .bind(&key)
+                .bind(&fingerprint)
+                .bind(now)
+                .bind(now.saturating_add(ttl))
+                .execute(pg.pool())
+                .await?
+                .rows_affected()
+                    == 1;
+                if first_claim {
+                    return Ok(Claim::Mine);
+                }
                 let mut tx = pg.pool().begin().await?;
                 sqlx::query(
                     "DELETE FROM idempotency_keys WHERE key = $1

@@ -7,6 +7,8 @@
 //! sees its own schema through `search_path`. Migrations run under a transaction-level
 //! advisory lock, so replicas starting together apply each step exactly once.
 
+pub mod batch;
+
 use std::str::FromStr;
 use std::time::Duration;
 

@@ -441,3 +441,111 @@ async fn a_replica_that_is_down_is_skipped_and_its_requests_go_to_the_next() {
     gateway.stop().await;
     backend.stop().await;
 }
+
+#[tokio::test]
+async fn a_replica_that_hangs_is_taken_out_of_turn_by_its_health_checks_and_back_when_it_answers() {
+    // A gateway of its own over two products replicas: a real one, and one that accepts
+    // connections and never answers (what a wedged process looks like: nothing is refused, so
+    // only the health checks can tell).
+    let dir = tempfile::tempdir().unwrap();
+    let settings = test_settings(&dir);
+    let backend = spawn_with(
+        settings.clone(),
+        &common::all_but(ServiceName::Gateway),
+        tempfile::tempdir().unwrap(),
+    )
+    .await;
+    let platform = backend.platform.as_ref().unwrap();
+    let hung = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hung_address = hung.local_addr().unwrap();
+    let held = tokio::spawn(async move {
+        let mut sockets = Vec::new();
+        while let Ok((socket, _)) = hung.accept().await {
+            sockets.push(socket);
+        }
+    });
+    let mut front = settings.clone();
+    for (service, url) in [
+        (ServiceName::Users, &mut front.users.url),
+        (ServiceName::Orders, &mut front.orders.url),
+        (ServiceName::Payments, &mut front.payments.service.url),
+        (ServiceName::Notifications, &mut front.notifications.url),
+        (ServiceName::Analytics, &mut front.analytics.url),
+    ] {
+        *url = platform.url(service);
+    }
+    front.products.url = Some(format!(
+        "http://{hung_address},{}",
+        platform.url(ServiceName::Products).unwrap()
+    ));
+    // A request sent to the hung replica would fail with 504 after this long.
+    front.http.upstream_timeout_ms = 1_500;
+    let gateway = spawn_with(front, &[ServiceName::Gateway], dir).await;
+    let ops = gateway.platform.as_ref().unwrap().ops_url();
+    let health_gauge = |healthy: u8| {
+        let (client, ops) = (gateway.client.clone(), ops.clone());
+        move || {
+            let (client, ops) = (client.clone(), ops.clone());
+            async move {
+                let text = common::scrape_metrics(&client, &ops).await;
+                text.lines()
+                    .any(|l| {
+                        l.starts_with("gateway_upstream_healthy{")
+                            && l.contains(&format!("upstream=\"{hung_address}\""))
+                            && l.ends_with(&format!(" {healthy}"))
+                    })
+                    .then_some(())
+            }
+        }
+    };
+    assert!(
+        common::eventually(20, health_gauge(0)).await.is_some(),
+        "the hung replica was never taken out of turn"
+    );
+    // Every request now goes to the replica that answers: no 504 from the hung one.
+    let created = gateway
+        .post(
+            "/api/v1/products",
+            serde_json::json!({"name": "Kept", "price": 10.5, "stock": 3, "sku": "HEALTH-1"}),
+        )
+        .await;
+    assert_eq!(created.status, StatusCode::CREATED, "{}", created.body);
+    for _ in 0..20 {
+        let listed = gateway.get("/api/v1/products").await;
+        assert_eq!(listed.status, StatusCode::OK, "{}", listed.body);
+        assert_eq!(
+            listed.body.as_array().map(Vec::len),
+            Some(1),
+            "{}",
+            listed.body
+        );
+    }
+
+    // The replica recovers (a real products service on its address): back in turn.
+    held.abort();
+    let _ = held.await;
+    let revived_dir = tempfile::tempdir().unwrap();
+    let mut revived_settings = test_settings(&revived_dir);
+    revived_settings.products.port = hung_address.port();
+    let revived = spawn_with(revived_settings, &[ServiceName::Products], revived_dir).await;
+    assert!(
+        common::eventually(20, health_gauge(1)).await.is_some(),
+        "the replica answering again was never taken back"
+    );
+    let served_by_revived = common::eventually(20, || async {
+        // The revived replica has an empty catalog of its own (the other one holds a product):
+        // an empty page is its answer.
+        let listed = gateway.get("/api/v1/products").await;
+        (listed.status == StatusCode::OK
+            && listed.body.as_array().is_some_and(|items| items.is_empty()))
+        .then_some(())
+    })
+    .await;
+    assert!(
+        served_by_revived.is_some(),
+        "no request reached the revived replica"
+    );
+    revived.stop().await;
+    gateway.stop().await;
+    backend.stop().await;
+}

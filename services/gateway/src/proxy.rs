@@ -1,7 +1,10 @@
 //! Forwarding one request to a service's upstream, streaming both bodies. An upstream may be
 //! several replicas (`http://a:8003,http://b:8003`): each request goes to the next one in
 //! turn whose circuit breaker lets it through, and a replica that refuses the connection
-//! (nothing was sent) hands the request to the next.
+//! (nothing was sent) hands the request to the next. Replicas are also checked actively
+//! ([`Upstream::watch_health`]): one whose `/health` does not answer 2xx twice in a row gets
+//! no requests until it answers again, so a replica that hangs (accepts connections, never
+//! answers) costs no client a timeout.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -45,7 +48,17 @@ struct Member {
     scheme: http::uri::Scheme,
     authority: http::uri::Authority,
     breaker: Breaker,
+    /// What the last health checks said (true until they say otherwise).
+    healthy: AtomicBool,
+    /// Health checks failed in a row.
+    checks_failed: AtomicU32,
 }
+
+/// How often each replica's `/health` is asked, and how long it has to answer.
+const HEALTH_EVERY: Duration = Duration::from_secs(2);
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(1);
+/// Failed checks in a row that take a replica out of turn (one passed check brings it back).
+const UNHEALTHY_AFTER: u32 = 2;
 
 impl Upstream {
     /// The same upstream, served in memory by `app` (the service's whole app, as its listener
@@ -75,11 +88,46 @@ impl Upstream {
         })
     }
 
-    /// The replicas in the order one request tries them: round robin from the next one.
+    /// The replicas in the order one request tries them: round robin from the next one, the
+    /// healthy ones first. Those the health checks took out come last rather than never, so a
+    /// check that is wrong (or every replica out at once) cannot take the service down.
     fn in_turn(&self) -> impl Iterator<Item = &Member> {
         let n = self.members.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
-        (0..n).map(move |i| &self.members[(start + i) % n])
+        let turn = move |i| &self.members[(start + i) % n];
+        let healthy = (0..n)
+            .map(turn)
+            .filter(|m| m.healthy.load(Ordering::Relaxed));
+        let unhealthy = (0..n)
+            .map(turn)
+            .filter(|m| !m.healthy.load(Ordering::Relaxed));
+        healthy.chain(unhealthy)
+    }
+
+    /// Checks each replica's `/health` every [`HEALTH_EVERY`] while the upstream is in use
+    /// (the task ends when the last route holding it is dropped). Only for several replicas
+    /// reached over TCP: one replica has nowhere else to send its requests.
+    pub fn watch_health(self: &Arc<Upstream>, proxy: &Proxy) {
+        if self.members.len() < 2 || self.local.is_some() {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let upstream = Arc::downgrade(self);
+        let client = proxy.client.clone();
+        runtime.spawn(async move {
+            let mut every = tokio::time::interval(HEALTH_EVERY);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                every.tick().await;
+                let Some(upstream) = upstream.upgrade() else {
+                    return;
+                };
+                let checks = upstream.members.iter().map(|m| m.check_health(&client));
+                futures_util::future::join_all(checks).await;
+            }
+        });
     }
 }
 
@@ -91,9 +139,63 @@ impl Member {
                 scheme: scheme.clone(),
                 authority: authority.clone(),
                 breaker: Breaker::default(),
+                healthy: AtomicBool::new(true),
+                checks_failed: AtomicU32::new(0),
             }),
             _ => None,
         }
+    }
+
+    /// Asks the replica's `/health` (the service's own listener: it answers while the process
+    /// serves requests) and records the answer.
+    async fn check_health(&self, client: &Client<HttpConnector, Body>) {
+        let uri = Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query("/health")
+            .build();
+        let passed = match uri {
+            Ok(uri) => {
+                let request = Request::get(uri).body(Body::empty());
+                match request {
+                    Ok(request) => matches!(
+                        tokio::time::timeout(HEALTH_TIMEOUT, client.request(request)).await,
+                        Ok(Ok(response)) if response.status().is_success()
+                    ),
+                    Err(_) => false,
+                }
+            }
+            Err(_) => false,
+        };
+        let upstream = self.authority.as_str();
+        if passed {
+            self.checks_failed.store(0, Ordering::Relaxed);
+            if !self.healthy.swap(true, Ordering::Relaxed) {
+                tracing::info!(
+                    upstream,
+                    "a replica passes its health check again; back in turn"
+                );
+            }
+        } else {
+            let failed = self
+                .checks_failed
+                .fetch_add(1, Ordering::Relaxed)
+                .saturating_add(1);
+            if failed >= UNHEALTHY_AFTER && self.healthy.swap(false, Ordering::Relaxed) {
+                tracing::warn!(
+                    upstream,
+                    failed,
+                    "a replica fails its health checks; out of turn until it passes"
+                );
+            }
+        }
+        metrics::gauge!("gateway_upstream_healthy", "upstream" => upstream.to_owned()).set(
+            if self.healthy.load(Ordering::Relaxed) {
+                1.0
+            } else {
+                0.0
+            },
+        );
     }
 }
 

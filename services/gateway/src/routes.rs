@@ -303,7 +303,9 @@ pub fn router(
             if let Some((_, app)) = upstreams.in_process.iter().find(|(s, _)| *s == r.service) {
                 upstream = upstream.served_by(app.clone());
             }
-            by_service.push((r.service, Arc::new(upstream)));
+            let upstream = Arc::new(upstream);
+            upstream.watch_health(&proxy);
+            by_service.push((r.service, upstream));
         }
     }
     let upstream_of = |service: Service| {

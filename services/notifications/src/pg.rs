@@ -13,6 +13,7 @@ use kit::config::PostgresSettings;
 use kit::pg::{Pg, PgError, PgStep};
 use sqlx::Row as _;
 use sqlx::postgres::PgRow;
+use uuid::Uuid;
 
 use crate::content::Notification;
 use crate::store::{Filter, NotificationStore, StoreError, notification_cursor};
@@ -85,34 +86,36 @@ impl NotificationStore for PgNotificationStore {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
-        // One transaction: one commit (one fsync) per batch, as in SQLite.
-        let mut tx = self.pg.pool().begin().await?;
-        let mut stored = Vec::with_capacity(batch.len());
-        for n in batch {
-            // One row per event id: a repeat (stored before or earlier in this batch)
-            // changes nothing.
-            let changed = sqlx::query(
-                "INSERT INTO notifications (id, event_id, event_type, order_id, user_id, recipient, subject, body, amount_cents, currency, created_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) ON CONFLICT (event_id) DO NOTHING",
-            )
-            .bind(n.id)
-            .bind(n.event_id)
-            .bind(&n.event_type)
-            .bind(n.order_id)
-            .bind(n.user_id)
-            .bind(&n.recipient)
-            .bind(&n.subject)
-            .bind(&n.body)
-            .bind(n.amount.cents())
-            .bind(&n.currency)
-            .bind(n.created_at.timestamp_millis())
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-            stored.push(changed == 1);
-        }
-        tx.commit().await?;
-        Ok(stored)
+        // One statement for the whole batch: one round trip and one commit (one WAL flush).
+        // One row per event id: a repeat (stored before, or earlier in this batch) changes
+        // nothing; the batch's own repeats are left out before they reach the statement.
+        let mut seen = std::collections::HashSet::with_capacity(batch.len());
+        let firsts: Vec<&Notification> =
+            batch.iter().filter(|n| seen.insert(n.event_id)).collect();
+        let column = |f: fn(&Notification) -> String| firsts.iter().map(|n| f(n)).collect::<Vec<_>>();
+        let inserted: Vec<Uuid> = sqlx::query_scalar(
+            "INSERT INTO notifications (id, event_id, event_type, order_id, user_id, recipient, subject, body, amount_cents, currency, created_at)
+             SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::uuid[], $5::uuid[], $6::text[],
+                                  $7::text[], $8::text[], $9::bigint[], $10::text[], $11::bigint[])
+             ON CONFLICT (event_id) DO NOTHING
+             RETURNING event_id",
+        )
+        .bind(firsts.iter().map(|n| n.id).collect::<Vec<_>>())
+        .bind(firsts.iter().map(|n| n.event_id).collect::<Vec<_>>())
+        .bind(column(|n| n.event_type.clone()))
+        .bind(firsts.iter().map(|n| n.order_id).collect::<Vec<_>>())
+        .bind(firsts.iter().map(|n| n.user_id).collect::<Vec<_>>())
+        .bind(column(|n| n.recipient.clone()))
+        .bind(column(|n| n.subject.clone()))
+        .bind(column(|n| n.body.clone()))
+        .bind(firsts.iter().map(|n| n.amount.cents()).collect::<Vec<_>>())
+        .bind(column(|n| n.currency.clone()))
+        .bind(firsts.iter().map(|n| n.created_at.timestamp_millis()).collect::<Vec<_>>())
+        .fetch_all(self.pg.pool())
+        .await?;
+        let mut inserted: std::collections::HashSet<Uuid> = inserted.into_iter().collect();
+        // Each new event id counts as stored once: for its first row in the batch.
+        Ok(batch.iter().map(|n| inserted.remove(&n.event_id)).collect())
             })
         .await
     }

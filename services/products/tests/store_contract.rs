@@ -81,6 +81,7 @@ contract!(
     update_changes_only_what_is_given,
     delete_removes_once,
     concurrent_reservations_never_oversell,
+    concurrent_multi_product_reservations_never_oversell_or_deadlock,
     reservation_is_all_or_nothing,
     re_reserving_for_the_same_order_takes_nothing,
     concurrent_retries_of_one_order_reserve_once,
@@ -388,6 +389,74 @@ async fn concurrent_reservations_never_oversell(store: Arc<dyn ProductStore>) {
     }
     assert_eq!((ok, short), (30, 70));
     assert_eq!(level(&store, p.id).await, (0, 30));
+}
+
+/// Orders of overlapping sets of products at once (on PostgreSQL they are batched into shared
+/// transactions): every product ends with exactly the units of the reservations that won, never
+/// more than its stock, each reservation whole or absent, and nothing deadlocks.
+async fn concurrent_multi_product_reservations_never_oversell_or_deadlock(
+    store: Arc<dyn ProductStore>,
+) {
+    let mut products = Vec::new();
+    for (i, stock) in [40, 25, 60, 10].into_iter().enumerate() {
+        products.push(
+            store
+                .create(widget(&format!("MIX-{i}"), stock))
+                .await
+                .unwrap()
+                .id,
+        );
+    }
+    // Every non-empty subset of the four products, in both orders of listing, 300 orders.
+    let baskets: Vec<Vec<(Uuid, i64)>> = (0..300usize)
+        .map(|n| {
+            let subset = n % 15 + 1;
+            let mut basket: Vec<(Uuid, i64)> = (0..4)
+                .filter(|bit| subset & (1 << bit) != 0)
+                .map(|bit| (products[bit], (n % 3 + 1) as i64))
+                .collect();
+            if n % 2 == 1 {
+                basket.reverse();
+            }
+            basket
+        })
+        .collect();
+    let tasks: Vec<_> = baskets
+        .iter()
+        .map(|basket| {
+            let (store, basket) = (store.clone(), lines(basket));
+            tokio::spawn(async move {
+                store
+                    .reserve(Uuid::new_v4(), &basket, Hold::until(i64::MAX))
+                    .await
+            })
+        })
+        .collect();
+    let mut taken: std::collections::HashMap<Uuid, i64> = Default::default();
+    let mut won = 0;
+    for (task, basket) in tasks.into_iter().zip(&baskets) {
+        match task.await.unwrap() {
+            Ok((reservation, true)) => {
+                won += 1;
+                assert_eq!(reservation.items.len(), basket.len(), "a whole reservation");
+                for (product, quantity) in basket {
+                    *taken.entry(*product).or_default() += quantity;
+                }
+            }
+            Err(StoreError::InsufficientStock { .. }) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(won > 0, "some orders fit");
+    for (product, stock) in products.iter().zip([40, 25, 60, 10]) {
+        let reserved = taken.get(product).copied().unwrap_or(0);
+        assert!(reserved <= stock, "{reserved} reserved of {stock}");
+        assert_eq!(
+            level(&store, *product).await,
+            (stock - reserved, reserved),
+            "available and reserved are what the winners took"
+        );
+    }
 }
 
 async fn reservation_is_all_or_nothing(store: Arc<dyn ProductStore>) {
