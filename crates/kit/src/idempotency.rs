@@ -279,19 +279,7 @@ impl Idempotency {
             Backend::Postgres(pg) => {
                 // A key seen for the first time (nearly every key) is claimed by one statement
                 // committed on its own; only a key already there needs the transaction below.
-                let first_claim = sqlx::query(
-                    "INSERT INTO idempotency_keys (key, fingerprint, created_at, expires_at)
-                     VALUES ($1, $2, $3, $4) ON CONFLICT (key) DO NOTHING",
-                )
-                .bind(&key)
-                .bind(&fingerprint)
-                .bind(now)
-                .bind(now.saturating_add(ttl))
-                .execute(pg.pool())
-                .await?
-                .rows_affected()
-                    == 1;
-                if first_claim {
+                if insert_claim_pg(pg.pool(), &key, &fingerprint, now, ttl).await? {
                     return Ok(Claim::Mine);
                 }
                 let mut tx = pg.pool().begin().await?;
@@ -305,19 +293,7 @@ impl Idempotency {
                 .execute(&mut *tx)
                 .await?;
                 // A concurrent insert of the same key waits here for the first to commit.
-                let mine = sqlx::query(
-                    "INSERT INTO idempotency_keys (key, fingerprint, created_at, expires_at)
-                     VALUES ($1, $2, $3, $4) ON CONFLICT (key) DO NOTHING",
-                )
-                .bind(&key)
-                .bind(&fingerprint)
-                .bind(now)
-                .bind(now.saturating_add(ttl))
-                .execute(&mut *tx)
-                .await?
-                .rows_affected()
-                    == 1;
-                let claim = if mine {
+                let claim = if insert_claim_pg(&mut *tx, &key, &fingerprint, now, ttl).await? {
                     Claim::Mine
                 } else {
                     let (stored, status, content_type, body): (
@@ -707,6 +683,29 @@ fn replay(status: u16, content_type: Option<String>, body: Vec<u8>) -> Response 
         .headers_mut()
         .insert(REPLAYED_HEADER, HeaderValue::from_static("true"));
     response
+}
+
+/// Inserts the claim of `key` unless the key is there: true when this call inserted it.
+#[cfg(feature = "postgres")]
+async fn insert_claim_pg<'e>(
+    executor: impl sqlx::PgExecutor<'e>,
+    key: &str,
+    fingerprint: &str,
+    now: i64,
+    ttl: i64,
+) -> Result<bool, sqlx::Error> {
+    Ok(sqlx::query(
+        "INSERT INTO idempotency_keys (key, fingerprint, created_at, expires_at)
+         VALUES ($1, $2, $3, $4) ON CONFLICT (key) DO NOTHING",
+    )
+    .bind(key)
+    .bind(fingerprint)
+    .bind(now)
+    .bind(now.saturating_add(ttl))
+    .execute(executor)
+    .await?
+    .rows_affected()
+        == 1)
 }
 
 #[cfg(test)]

@@ -395,19 +395,26 @@ async fn clients_abandoning_uploads_do_not_open_the_breaker_of_a_healthy_service
     app.stop().await;
 }
 
-#[tokio::test]
-async fn a_replica_that_is_down_is_skipped_and_its_requests_go_to_the_next() {
-    // Every service but the gateway in one platform; a gateway of its own in front, told of
-    // two products replicas: one refusing connections, one real.
-    let dir = tempfile::tempdir().unwrap();
-    let settings = test_settings(&dir);
+/// Every service but the gateway, in one platform, with the settings it was started with.
+async fn every_service_but_the_gateway(
+    dir: &tempfile::TempDir,
+) -> (kit::config::Settings, common::TestApp) {
+    let settings = test_settings(dir);
     let backend = spawn_with(
         settings.clone(),
         &common::all_but(ServiceName::Gateway),
         tempfile::tempdir().unwrap(),
     )
     .await;
-    let platform = backend.platform.as_ref().unwrap();
+    (settings, backend)
+}
+
+/// Settings for a gateway of its own in front of `platform`'s services (all but products,
+/// whose replicas each test names).
+fn gateway_in_front_of(
+    settings: &kit::config::Settings,
+    platform: &mercato::startup::Platform,
+) -> kit::config::Settings {
     let mut front = settings.clone();
     for (service, url) in [
         (ServiceName::Users, &mut front.users.url),
@@ -418,6 +425,17 @@ async fn a_replica_that_is_down_is_skipped_and_its_requests_go_to_the_next() {
     ] {
         *url = platform.url(service);
     }
+    front
+}
+
+#[tokio::test]
+async fn a_replica_that_is_down_is_skipped_and_its_requests_go_to_the_next() {
+    // Every service but the gateway in one platform; a gateway of its own in front, told of
+    // two products replicas: one refusing connections, one real.
+    let dir = tempfile::tempdir().unwrap();
+    let (settings, backend) = every_service_but_the_gateway(&dir).await;
+    let platform = backend.platform.as_ref().unwrap();
+    let mut front = gateway_in_front_of(&settings, platform);
     let down = common::unreachable_url();
     front.products.url = Some(format!(
         "{down},{}",
@@ -448,13 +466,7 @@ async fn a_replica_that_hangs_is_taken_out_of_turn_by_its_health_checks_and_back
     // connections and never answers (what a wedged process looks like: nothing is refused, so
     // only the health checks can tell).
     let dir = tempfile::tempdir().unwrap();
-    let settings = test_settings(&dir);
-    let backend = spawn_with(
-        settings.clone(),
-        &common::all_but(ServiceName::Gateway),
-        tempfile::tempdir().unwrap(),
-    )
-    .await;
+    let (settings, backend) = every_service_but_the_gateway(&dir).await;
     let platform = backend.platform.as_ref().unwrap();
     let hung = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let hung_address = hung.local_addr().unwrap();
@@ -464,16 +476,7 @@ async fn a_replica_that_hangs_is_taken_out_of_turn_by_its_health_checks_and_back
             sockets.push(socket);
         }
     });
-    let mut front = settings.clone();
-    for (service, url) in [
-        (ServiceName::Users, &mut front.users.url),
-        (ServiceName::Orders, &mut front.orders.url),
-        (ServiceName::Payments, &mut front.payments.service.url),
-        (ServiceName::Notifications, &mut front.notifications.url),
-        (ServiceName::Analytics, &mut front.analytics.url),
-    ] {
-        *url = platform.url(service);
-    }
+    let mut front = gateway_in_front_of(&settings, platform);
     front.products.url = Some(format!(
         "http://{hung_address},{}",
         platform.url(ServiceName::Products).unwrap()

@@ -169,10 +169,11 @@ enum Fresh {
     Exists,
 }
 
-/// A new order's reservation in one statement, committed on its own: claim the order id, lock
-/// the lines' products in ascending id, and take every line only if every line is there. One
-/// round trip and one commit, so a much-ordered product's row lock is held for the statement
-/// and its WAL flush only (with BEGIN … COMMIT it was held across three round trips).
+/// A new order's reservation in one statement: claim the order id, lock the lines' products
+/// in ascending id, and take every line only if every line is there. One round trip, committed
+/// with the others of its batch ([`FreshReservation`]) or on its own; a much-ordered product's
+/// row lock is held for the batch and its one WAL flush (with BEGIN … COMMIT per order it was
+/// held across three round trips and a flush for every order).
 ///
 /// All or nothing within one statement: `locked` takes the row locks (in id order, the order
 /// every writer here uses) and reads the newest committed stock (READ COMMITTED re-reads a
