@@ -126,9 +126,6 @@ pub struct PgOutboxRows {
 
 #[cfg(feature = "postgres")]
 impl PgOutboxRows {
-    /// How many parameters [`PgOutboxRows::insert_sql`] uses.
-    pub const PARAMETERS: usize = 6;
-
     pub fn of(event: &Event, destinations: &[Destination]) -> Result<PgOutboxRows, sqlx::Error> {
         Ok(PgOutboxRows {
             event_id: event.id.to_string(),

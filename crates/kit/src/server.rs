@@ -33,10 +33,11 @@ use crate::config::HttpSettings;
 use crate::problem::Problem;
 use crate::telemetry::exemplars;
 
-pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+/// A boxed future that may borrow for `'a` (readiness checks, `kit::pg::batch` writes).
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// A service's readiness probe: `Err` names what is not ready.
-pub type ReadyCheck = Arc<dyn Fn() -> BoxFuture<Result<(), String>> + Send + Sync>;
+pub type ReadyCheck = Arc<dyn Fn() -> BoxFuture<'static, Result<(), String>> + Send + Sync>;
 
 pub fn ready_check<F, Fut>(check: F) -> ReadyCheck
 where

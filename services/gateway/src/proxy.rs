@@ -149,23 +149,19 @@ impl Member {
     /// Asks the replica's `/health` (the service's own listener: it answers while the process
     /// serves requests) and records the answer.
     async fn check_health(&self, client: &Client<HttpConnector, Body>) {
-        let uri = Uri::builder()
+        let request = Uri::builder()
             .scheme(self.scheme.clone())
             .authority(self.authority.clone())
             .path_and_query("/health")
-            .build();
-        let passed = match uri {
-            Ok(uri) => {
-                let request = Request::get(uri).body(Body::empty());
-                match request {
-                    Ok(request) => matches!(
-                        tokio::time::timeout(HEALTH_TIMEOUT, client.request(request)).await,
-                        Ok(Ok(response)) if response.status().is_success()
-                    ),
-                    Err(_) => false,
-                }
-            }
-            Err(_) => false,
+            .build()
+            .ok()
+            .and_then(|uri| Request::get(uri).body(Body::empty()).ok());
+        let passed = match request {
+            Some(request) => matches!(
+                tokio::time::timeout(HEALTH_TIMEOUT, client.request(request)).await,
+                Ok(Ok(response)) if response.status().is_success()
+            ),
+            None => false,
         };
         let upstream = self.authority.as_str();
         if passed {

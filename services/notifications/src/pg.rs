@@ -92,7 +92,7 @@ impl NotificationStore for PgNotificationStore {
         let mut seen = std::collections::HashSet::with_capacity(batch.len());
         let firsts: Vec<&Notification> =
             batch.iter().filter(|n| seen.insert(n.event_id)).collect();
-        let column = |f: fn(&Notification) -> String| firsts.iter().map(|n| f(n)).collect::<Vec<_>>();
+        let text = |f: fn(&Notification) -> &str| firsts.iter().map(|n| f(n)).collect::<Vec<&str>>();
         let inserted: Vec<Uuid> = sqlx::query_scalar(
             "INSERT INTO notifications (id, event_id, event_type, order_id, user_id, recipient, subject, body, amount_cents, currency, created_at)
              SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::uuid[], $5::uuid[], $6::text[],
@@ -102,14 +102,14 @@ impl NotificationStore for PgNotificationStore {
         )
         .bind(firsts.iter().map(|n| n.id).collect::<Vec<_>>())
         .bind(firsts.iter().map(|n| n.event_id).collect::<Vec<_>>())
-        .bind(column(|n| n.event_type.clone()))
+        .bind(text(|n| n.event_type.as_str()))
         .bind(firsts.iter().map(|n| n.order_id).collect::<Vec<_>>())
         .bind(firsts.iter().map(|n| n.user_id).collect::<Vec<_>>())
-        .bind(column(|n| n.recipient.clone()))
-        .bind(column(|n| n.subject.clone()))
-        .bind(column(|n| n.body.clone()))
+        .bind(text(|n| n.recipient.as_str()))
+        .bind(text(|n| n.subject.as_str()))
+        .bind(text(|n| n.body.as_str()))
         .bind(firsts.iter().map(|n| n.amount.cents()).collect::<Vec<_>>())
-        .bind(column(|n| n.currency.clone()))
+        .bind(text(|n| n.currency.as_str()))
         .bind(firsts.iter().map(|n| n.created_at.timestamp_millis()).collect::<Vec<_>>())
         .fetch_all(self.pg.pool())
         .await?;

@@ -27,8 +27,9 @@ use kit::Money;
 use kit::config::PostgresSettings;
 use kit::db::now_ms;
 use kit::page::{Cursor, Page, PageRequest};
-use kit::pg::batch::{BatchWrite, Batcher, BoxFuture};
+use kit::pg::batch::{BatchWrite, Batcher};
 use kit::pg::{Pg, PgError, PgStep, is_unique_violation};
+use kit::server::BoxFuture;
 use sqlx::postgres::PgRow;
 use sqlx::{PgConnection, Row as _};
 use uuid::Uuid;
@@ -231,18 +232,20 @@ async fn reserve_fresh(
     };
     let claimed = first.try_get::<i64, _>(0)? == 1;
     let existed: bool = first.try_get(1)?;
-    let mut found: std::collections::HashMap<Uuid, (i64, Option<i64>)> = Default::default();
+    // (product, available, price if taken): a handful of lines, searched in place.
+    let mut found: Vec<(Uuid, i64, Option<i64>)> = Vec::with_capacity(rows.len());
     for row in &rows {
         if let Some(id) = row.try_get::<Option<Uuid>, _>(2)? {
-            found.insert(id, (row.try_get(3)?, row.try_get(4)?));
+            found.push((id, row.try_get(3)?, row.try_get(4)?));
         }
     }
+    let found_line = |product: &Uuid| found.iter().find(|(id, ..)| id == product);
     if claimed {
         let items = lines
             .lines()
             .iter()
             .map(|(product_id, quantity)| {
-                let price = found.get(product_id).and_then(|(_, price)| *price);
+                let price = found_line(product_id).and_then(|(.., price)| *price);
                 Ok(ReservedLine {
                     product_id: *product_id,
                     quantity: *quantity,
@@ -262,9 +265,9 @@ async fn reserve_fresh(
         lines
             .lines()
             .iter()
-            .find_map(|(product_id, requested)| match found.get(product_id) {
+            .find_map(|(product_id, requested)| match found_line(product_id) {
                 None => Some(StoreError::UnknownProduct(*product_id)),
-                Some((available, _)) if available < requested => {
+                Some((_, available, _)) if available < requested => {
                     Some(StoreError::InsufficientStock {
                         product_id: *product_id,
                         requested: *requested,

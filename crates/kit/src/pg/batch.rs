@@ -25,9 +25,7 @@ use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use super::Pg;
-
-/// What a write returns: its future, borrowing the connection.
-pub type BoxFuture<'c, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'c>>;
+use crate::server::BoxFuture;
 
 /// One write of a batch.
 pub trait BatchWrite: Send + Sync + 'static {
