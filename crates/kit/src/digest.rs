@@ -18,7 +18,8 @@ pub fn sha256_hex_of(prefix: &str, parts: &[&[u8]]) -> String {
 
 const DIGITS: &[u8; 16] = b"0123456789abcdef";
 
-fn push_hex(out: &mut String, bytes: &[u8]) {
+/// Appends `bytes` to `out` as lowercase hex.
+pub fn push_hex(out: &mut String, bytes: &[u8]) {
     for b in bytes {
         out.push(char::from(DIGITS[usize::from(b >> 4)]));
         out.push(char::from(DIGITS[usize::from(b & 0x0f)]));

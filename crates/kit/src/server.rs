@@ -19,7 +19,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
-use opentelemetry::trace::TraceContextExt as _;
 use serde_json::json;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
@@ -27,7 +26,6 @@ use tokio_util::sync::CancellationToken;
 use tower::ServiceExt as _;
 use tower_http::catch_panic::CatchPanicLayer;
 use tracing::Instrument;
-use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use crate::config::HttpSettings;
 use crate::problem::Problem;
@@ -344,10 +342,7 @@ where
     duration.record(seconds);
     if crate::telemetry::traces_on() {
         exemplars::record_request([service, method, route, status], seconds, || {
-            let context = span.context();
-            let otel_span = context.span();
-            let ids = otel_span.span_context();
-            ids.is_sampled().then_some(ids.trace_id())
+            crate::telemetry::sampled_trace_id(&span)
         });
     }
     response

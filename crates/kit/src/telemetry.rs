@@ -6,12 +6,15 @@ pub mod exemplars;
 pub mod otel;
 mod otlp;
 pub mod propagation;
+mod spans;
 
 use std::sync::OnceLock;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use opentelemetry::trace::{TraceContextExt as _, TracerProvider as _};
-use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+use std::sync::Arc;
+
+use opentelemetry::trace::TraceId;
+use opentelemetry_sdk::trace::{BatchSpanProcessor, SpanProcessor as _};
 use tracing_subscriber::filter::{EnvFilter, LevelFilter};
 use tracing_subscriber::fmt::FmtContext;
 use tracing_subscriber::fmt::format::{self, FormatEvent, FormatFields, Writer};
@@ -26,7 +29,7 @@ use crate::config::LogSettings;
 #[derive(Debug, Default)]
 #[must_use = "shut it down to send the last spans"]
 pub struct Telemetry {
-    traces: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
+    traces: Option<Arc<BatchSpanProcessor>>,
 }
 
 impl Telemetry {
@@ -65,6 +68,16 @@ pub fn in_exported_trace() -> bool {
     traces_on() && tracing::Span::current().id().is_some()
 }
 
+/// The trace id of `span` if it is exported (sampled): what an exemplar points to.
+pub fn sampled_trace_id(span: &tracing::Span) -> Option<TraceId> {
+    if !traces_on() {
+        return None;
+    }
+    spans::span_context(span)
+        .filter(|context| context.is_sampled())
+        .map(|context| context.trace_id())
+}
+
 /// Installs the global subscriber once (later calls, as in tests or several services in one
 /// process, start nothing): logs as `settings` say, and, when the environment asks
 /// ([`otel::wanted`]), spans exported over OTLP with `trace_id` and `span_id` on every log
@@ -76,8 +89,8 @@ pub fn init(settings: &LogSettings, process: &str) -> Telemetry {
         .unwrap_or_else(|_| EnvFilter::new("info"));
     let pretty = settings.format.eq_ignore_ascii_case("pretty");
     let traces = if otel::wanted() {
-        match otel::provider(process) {
-            Ok(provider) => Some(provider),
+        match otel::processor(process) {
+            Ok((processor, sampler)) => Some((Arc::new(processor), sampler)),
             Err(e) => {
                 eprintln!("traces are off: {e}");
                 None
@@ -99,26 +112,23 @@ pub fn init(settings: &LogSettings, process: &str) -> Telemetry {
     };
     // Spans at `info` and above whatever the log level (a quiet log must not cost the
     // traces); events only from `warn` up, as span events (the log has the rest, with trace
-    // ids). Per span, only what the conventions ask: no source location, thread, target or
-    // busy/idle timing, and no OpenTelemetry context switched on every poll (nothing here
-    // reads it); together a third of what traces cost an order (docs/benchmarks.md).
-    let spans = traces.as_ref().map(|provider| {
-        tracing_opentelemetry::layer()
-            .with_tracer(provider.tracer("mercato"))
-            .with_location(false)
-            .with_threads(false)
-            .with_target(false)
-            .with_tracked_inactivity(false)
-            .with_context_activation(false)
-            .with_filter(tracing_subscriber::filter::filter_fn(|meta| {
-                let floor = if meta.is_span() {
-                    LevelFilter::INFO
-                } else {
-                    LevelFilter::WARN
-                };
-                *meta.level() <= floor
-            }))
-    });
+    // ids).
+    let (traces, spans) = match traces {
+        Some((processor, sampler)) => {
+            let layer = spans::SpanLayer::new(processor.clone(), sampler).with_filter(
+                tracing_subscriber::filter::filter_fn(|meta| {
+                    let floor = if meta.is_span() {
+                        LevelFilter::INFO
+                    } else {
+                        LevelFilter::WARN
+                    };
+                    *meta.level() <= floor
+                }),
+            );
+            (Some(processor), Some(layer))
+        }
+        None => (None, None),
+    };
     let installed = Registry::default()
         .with(logs.with_filter(filter))
         .with(spans)
@@ -126,8 +136,8 @@ pub fn init(settings: &LogSettings, process: &str) -> Telemetry {
         .is_ok();
     if !installed {
         // Another subscriber is global (a test's, an earlier call's): these spans go nowhere.
-        if let Some(provider) = traces {
-            let _ = provider.shutdown();
+        if let Some(processor) = traces {
+            let _ = processor.shutdown();
         }
         return Telemetry::default();
     }
@@ -153,12 +163,9 @@ where
         mut writer: Writer<'_>,
         event: &tracing::Event<'_>,
     ) -> std::fmt::Result {
-        let context = tracing::Span::current().context();
-        let span = context.span();
-        let ids = span.span_context();
-        if !ids.is_valid() {
+        let Some(ids) = spans::span_context(&tracing::Span::current()) else {
             return self.0.format_event(ctx, writer, event);
-        }
+        };
         let mut line = String::with_capacity(256);
         self.0.format_event(ctx, Writer::new(&mut line), event)?;
         // The JSON formatter writes one object (and the layer the newline): the ids go in

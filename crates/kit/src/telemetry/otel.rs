@@ -6,11 +6,12 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use opentelemetry::trace::SpanId;
+use std::borrow::Cow;
+
 use opentelemetry::{Key, Value};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
-use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter};
+use opentelemetry_sdk::trace::{BatchSpanProcessor, Config, ShouldSample, SpanData, SpanExporter};
 use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
 
 use super::otlp;
@@ -173,44 +174,46 @@ fn percent_decoded(text: &str) -> Option<Vec<u8>> {
     Some(out)
 }
 
-/// The provider: a batch of finished spans at a time (the `OTEL_BSP_*` variables tune it),
-/// sampled as `OTEL_TRACES_SAMPLER` says (the SDK's default: parent-based, always on), each
-/// span sent under its own service's resource. `fallback` names spans of no service.
-pub fn provider(fallback: &str) -> Result<SdkTracerProvider, OtelError> {
+/// The batch processor the span layer hands finished spans to (the `OTEL_BSP_*` variables
+/// tune it), and the sampler `OTEL_TRACES_SAMPLER` names (the SDK's default: parent-based,
+/// always on). Each span is sent under its own service's resource; `fallback` names spans of
+/// no service.
+pub(crate) fn processor(
+    fallback: &str,
+) -> Result<(BatchSpanProcessor, Box<dyn ShouldSample>), OtelError> {
     let destination = Destination::from_env()?;
     let fallback = std::env::var("OTEL_SERVICE_NAME")
         .ok()
         .filter(|name| !name.trim().is_empty())
         .unwrap_or_else(|| fallback.to_owned());
     let exporter = ByService::new(destination, fallback)?;
-    Ok(SdkTracerProvider::builder()
-        .with_batch_exporter(exporter)
-        .build())
+    let sampler = Config::default().sampler;
+    Ok((BatchSpanProcessor::builder(exporter).build(), sampler))
 }
 
 /// Sends each span under the resource of the service it belongs to, every service's spans of a
 /// batch in one OTLP request. The SDK has one resource per provider and `tracing` one
 /// subscriber per process, so nothing upstream can do this for seven services in one process
-/// (our own: no crate routes spans by service).
+/// (our own: no crate routes spans by service). The span layer names each span's service in
+/// its [`SERVICE_ATTRIBUTE`] (inherited from its parent), which is taken out here.
 #[derive(Debug)]
 struct ByService {
     sender: Sender,
-    fallback: String,
-    /// The provider's resource (SDK, `OTEL_RESOURCE_ATTRIBUTES`), each service's name added.
+    fallback: Arc<str>,
+    /// The process's resource (SDK detectors, `OTEL_RESOURCE_ATTRIBUTES`), each service's name
+    /// added.
     base: Resource,
     /// Each service's resource, encoded once.
     resources: Mutex<HashMap<Arc<str>, Arc<[u8]>>>,
-    owners: Mutex<Owners>,
 }
 
 impl ByService {
     fn new(destination: Destination, fallback: String) -> Result<ByService, OtelError> {
         Ok(ByService {
             sender: Sender::new(destination)?,
-            fallback,
+            fallback: fallback.into(),
             base: Resource::builder().build(),
             resources: Mutex::default(),
-            owners: Mutex::default(),
         })
     }
 
@@ -226,13 +229,30 @@ impl ByService {
     }
 }
 
+/// `batch` grouped by the service each span names (its attribute taken out), in order of
+/// first appearance; spans that name none go to `fallback`.
+fn by_service(batch: Vec<SpanData>, fallback: &Arc<str>) -> Vec<(Arc<str>, Vec<SpanData>)> {
+    let key = Key::from_static_str(SERVICE_ATTRIBUTE);
+    let mut groups: Vec<(Arc<str>, Vec<SpanData>)> = Vec::new();
+    for mut span in batch {
+        let named = span.attributes.iter().rposition(|kv| kv.key == key);
+        let named = named.map(|at| span.attributes.swap_remove(at).value);
+        let owner: Cow<'_, str> = match &named {
+            Some(Value::String(name)) => Cow::Borrowed(name.as_str()),
+            Some(other) => Cow::Owned(other.to_string()),
+            None => Cow::Borrowed(&**fallback),
+        };
+        match groups.iter_mut().find(|(name, _)| **name == *owner) {
+            Some((_, spans)) => spans.push(span),
+            None => groups.push((Arc::from(owner.as_ref()), vec![span])),
+        }
+    }
+    groups
+}
+
 impl SpanExporter for ByService {
     async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
-        let groups = self
-            .owners
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .assign(batch, &self.fallback);
+        let groups = by_service(batch, &self.fallback);
         if groups.is_empty() {
             return Ok(());
         }
@@ -248,147 +268,6 @@ impl SpanExporter for ByService {
             .collect();
         let body = otlp::export_request(&services);
         self.sender.send(body).await
-    }
-
-    fn set_resource(&mut self, resource: &Resource) {
-        self.base = resource.clone();
-        self.resources
-            .get_mut()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clear();
-    }
-}
-
-/// Which service each span belongs to: its own [`SERVICE_ATTRIBUTE`], else its parent's. A
-/// child ends (and is exported) before its parent, so a span whose parent has not been seen
-/// waits for the next batch, once; spans remembered recently answer for parents of earlier
-/// batches.
-#[derive(Debug, Default)]
-struct Owners {
-    recent: SpanMap<Arc<str>>,
-    older: SpanMap<Arc<str>>,
-    waiting: Vec<SpanData>,
-    /// The services seen, each name allocated once (a handful, looked up by comparison).
-    names: Vec<Arc<str>>,
-}
-
-/// Span ids are random: their own bits are a hash already, so SipHash's work (a tenth of what
-/// traces cost an order went into this map) buys nothing. Our own: std has no identity hasher.
-#[derive(Debug, Default)]
-struct SpanIdHasher(u64);
-
-impl std::hash::Hasher for SpanIdHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for byte in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(*byte);
-        }
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        self.0 ^= n;
-    }
-}
-
-type SpanMap<V> = HashMap<SpanId, V, std::hash::BuildHasherDefault<SpanIdHasher>>;
-
-/// How many span owners are remembered before the older half is forgotten.
-const REMEMBERED: usize = 50_000;
-
-impl Owners {
-    fn owner_of(&self, span: SpanId) -> Option<Arc<str>> {
-        self.recent
-            .get(&span)
-            .or_else(|| self.older.get(&span))
-            .cloned()
-    }
-
-    fn name(&mut self, service: &str) -> Arc<str> {
-        if let Some(known) = self.names.iter().find(|known| ***known == *service) {
-            return known.clone();
-        }
-        let name: Arc<str> = Arc::from(service);
-        self.names.push(name.clone());
-        name
-    }
-
-    fn remember(&mut self, span: SpanId, owner: Arc<str>) {
-        if self.recent.len() >= REMEMBERED {
-            self.older = std::mem::take(&mut self.recent);
-        }
-        self.recent.insert(span, owner);
-    }
-
-    /// The batch (with the spans that waited) grouped by service; spans still unplaceable
-    /// wait, unless they already waited once (then they go to `fallback`).
-    fn assign(&mut self, batch: Vec<SpanData>, fallback: &str) -> Vec<(Arc<str>, Vec<SpanData>)> {
-        let waited = std::mem::take(&mut self.waiting);
-        let waited_ids: SpanMap<()> = waited
-            .iter()
-            .map(|s| (s.span_context.span_id(), ()))
-            .collect();
-        let mut pending: Vec<SpanData> = waited.into_iter().chain(batch).collect();
-        let mut placed: Vec<(Arc<str>, SpanData)> = Vec::with_capacity(pending.len());
-        let key = Key::from_static_str(SERVICE_ATTRIBUTE);
-        // Spans that name their service.
-        let mut rest = Vec::with_capacity(pending.len());
-        for mut span in pending.drain(..) {
-            let named = span.attributes.iter().position(|kv| kv.key == key);
-            match named {
-                Some(at) => {
-                    let owner = match &span.attributes.swap_remove(at).value {
-                        Value::String(name) => self.name(name.as_str()),
-                        other => self.name(&other.to_string()),
-                    };
-                    self.remember(span.span_context.span_id(), owner.clone());
-                    placed.push((owner, span));
-                }
-                None => rest.push(span),
-            }
-        }
-        // The others from their parents, as deep as the chain goes.
-        loop {
-            let before = rest.len();
-            let mut unplaced = Vec::with_capacity(rest.len());
-            for span in rest {
-                match self.owner_of(span.parent_span_id) {
-                    Some(owner) => {
-                        self.remember(span.span_context.span_id(), owner.clone());
-                        placed.push((owner, span));
-                    }
-                    None => unplaced.push(span),
-                }
-            }
-            rest = unplaced;
-            if rest.len() == before || rest.is_empty() {
-                break;
-            }
-        }
-        let fallback = self.name(fallback);
-        for span in rest {
-            let parent_may_come = span.parent_span_id != SpanId::INVALID
-                && !span.parent_span_is_remote
-                && !waited_ids.contains_key(&span.span_context.span_id());
-            if parent_may_come {
-                self.waiting.push(span);
-            } else {
-                placed.push((fallback.clone(), span));
-            }
-        }
-        let mut groups: Vec<(Arc<str>, Vec<SpanData>)> = Vec::new();
-        for (owner, span) in placed {
-            match groups
-                .iter_mut()
-                .find(|(name, _)| Arc::ptr_eq(name, &owner))
-            {
-                Some((_, spans)) => spans.push(span),
-                None => groups.push((owner, vec![span])),
-            }
-        }
-        groups
     }
 }
 
@@ -451,9 +330,10 @@ impl Sender {
 mod tests {
     use super::*;
     use opentelemetry::KeyValue;
-    use opentelemetry::trace::{SpanContext, SpanKind, Status, TraceFlags, TraceId, TraceState};
+    use opentelemetry::trace::{
+        SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceId, TraceState,
+    };
     use opentelemetry_sdk::trace::{SpanEvents, SpanLinks};
-    use std::borrow::Cow;
     use std::time::SystemTime;
 
     fn span(id: u64, parent: u64, service: Option<&str>) -> SpanData {
@@ -494,19 +374,19 @@ mod tests {
     }
 
     #[test]
-    fn spans_follow_their_parents_service_however_deep() {
-        let mut owners = Owners::default();
-        // Children end first: grandchild, child, then the gateway's request; products' request
-        // (a child of the gateway's client call) names itself.
+    fn spans_are_grouped_by_the_service_they_name_and_the_name_is_not_exported() {
         let batch = vec![
-            span(4, 3, None),
-            span(3, 2, Some("products")),
+            span(4, 3, Some("products")),
+            span(3, 2, Some("orders")),
             span(5, 1, None),
-            span(1, 0, Some("gateway")),
+            span(1, 0, Some("products")),
         ];
-        let groups = owners.assign(batch, "mercato");
-        assert_eq!(ids(&groups, "gateway"), vec![1, 5]);
-        assert_eq!(ids(&groups, "products"), vec![3, 4]);
+        let groups = by_service(batch, &Arc::from("mercato"));
+        let names: Vec<&str> = groups.iter().map(|(name, _)| &**name).collect();
+        assert_eq!(names, ["products", "orders", "mercato"]);
+        assert_eq!(ids(&groups, "products"), vec![1, 4]);
+        assert_eq!(ids(&groups, "orders"), vec![3]);
+        assert_eq!(ids(&groups, "mercato"), vec![5]);
         assert!(
             groups
                 .iter()
@@ -514,24 +394,6 @@ mod tests {
                 .all(|s| s.attributes.is_empty()),
             "the routing attribute is not exported"
         );
-    }
-
-    #[test]
-    fn a_span_whose_parent_ends_in_the_next_batch_waits_for_it_once() {
-        let mut owners = Owners::default();
-        let first = owners.assign(vec![span(2, 1, None)], "mercato");
-        assert!(first.is_empty(), "the child waits for its parent");
-        let second = owners.assign(vec![span(1, 0, Some("orders"))], "mercato");
-        assert_eq!(ids(&second, "orders"), vec![1, 2]);
-        // A parent that never comes: the span goes out under the fallback after one wait.
-        assert!(owners.assign(vec![span(9, 8, None)], "mercato").is_empty());
-        let third = owners.assign(vec![], "mercato");
-        assert_eq!(ids(&third, "mercato"), vec![9]);
-        // Roots and spans continuing a remote parent never wait.
-        let mut remote = span(11, 10, None);
-        remote.parent_span_is_remote = true;
-        let fourth = owners.assign(vec![span(12, 0, None), remote], "mercato");
-        assert_eq!(ids(&fourth, "mercato"), vec![11, 12]);
     }
 
     #[test]
@@ -544,13 +406,5 @@ mod tests {
         assert!(parse_headers("k=%zz").is_none());
         assert!(parse_headers("k=%4").is_none());
         assert!(parse_headers("").unwrap().is_empty());
-    }
-
-    #[test]
-    fn later_batches_find_parents_exported_earlier() {
-        let mut owners = Owners::default();
-        owners.assign(vec![span(1, 0, Some("payments"))], "mercato");
-        let later = owners.assign(vec![span(2, 1, None)], "mercato");
-        assert_eq!(ids(&later, "payments"), vec![2]);
     }
 }

@@ -1,50 +1,103 @@
 //! W3C trace context (`traceparent`, `tracestate`) in and out: HTTP headers on every hop, and
 //! the `traceparent` text events carry through the outbox, the stream and the queue. All of
 //! it is a no-op while traces are off ([`super::traces_on`]).
+//!
+//! The header is parsed and written here (our own: OpenTelemetry's propagator goes through
+//! text maps, a `HashMap` per event and a context per call, for a 55-byte string).
 
-use std::collections::HashMap;
+use std::str::FromStr as _;
 
-use http::HeaderMap;
-use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator as _};
-use opentelemetry::trace::TraceContextExt as _;
-use opentelemetry_sdk::propagation::TraceContextPropagator;
-use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+use http::{HeaderMap, HeaderValue};
+use opentelemetry::trace::{SpanContext, SpanId, TraceFlags, TraceId, TraceState};
 
-struct Headers<'a>(&'a HeaderMap);
+use super::spans;
 
-impl Extractor for Headers<'_> {
-    fn get(&self, key: &str) -> Option<&str> {
-        self.0.get(key).and_then(|v| v.to_str().ok())
+const TRACEPARENT: &str = "traceparent";
+const TRACESTATE: &str = "tracestate";
+
+/// The remote span a `traceparent` value names (and the `tracestate` beside it, if any), or
+/// `None` when it is not a valid one (the W3C rules: version `ff` never, version `00` exactly
+/// four parts, lowercase hex, ids not all zeros).
+fn parse(traceparent: &str, tracestate: Option<&str>) -> Option<SpanContext> {
+    // `vv-<32 hex>-<16 hex>-ff`: 55 bytes, dashes at fixed places; a later version may go on
+    // after another dash.
+    let text = traceparent.trim();
+    let bytes = text.as_bytes();
+    let dashes = [2, 35, 52].iter().all(|&at| bytes.get(at) == Some(&b'-'));
+    let rest = bytes.get(55..)?;
+    if !dashes || !(rest.is_empty() || rest.first() == Some(&b'-')) {
+        return None;
     }
-
-    fn keys(&self) -> Vec<&str> {
-        self.0.keys().map(http::HeaderName::as_str).collect()
+    let [version] = hex::<1>(text.get(0..2)?)?;
+    let trace_id = TraceId::from_bytes(hex::<16>(text.get(3..35)?)?);
+    let span_id = SpanId::from_bytes(hex::<8>(text.get(36..52)?)?);
+    let [flags] = hex::<1>(text.get(53..55)?)?;
+    if version == 0xff
+        || (version == 0 && !rest.is_empty())
+        || trace_id == TraceId::INVALID
+        || span_id == SpanId::INVALID
+    {
+        return None;
     }
+    let state = tracestate
+        .and_then(|state| TraceState::from_str(state).ok())
+        .unwrap_or_default();
+    Some(SpanContext::new(
+        trace_id,
+        span_id,
+        TraceFlags::new(flags) & TraceFlags::SAMPLED,
+        true,
+        state,
+    ))
 }
 
-struct HeadersMut<'a>(&'a mut HeaderMap);
-
-impl Injector for HeadersMut<'_> {
-    fn set(&mut self, key: &str, value: String) {
-        if let (Ok(name), Ok(value)) = (
-            http::HeaderName::from_bytes(key.as_bytes()),
-            http::HeaderValue::from_str(&value),
-        ) {
-            self.0.insert(name, value);
+/// `N` bytes from exactly `2N` lowercase hex digits (what the W3C format allows).
+fn hex<const N: usize>(text: &str) -> Option<[u8; N]> {
+    fn nibble(c: u8) -> Option<u8> {
+        match c {
+            b'0'..=b'9' => Some(c - b'0'),
+            b'a'..=b'f' => Some(c - b'a' + 10),
+            _ => None,
         }
     }
+    let text = text.as_bytes();
+    if text.len() != 2 * N {
+        return None;
+    }
+    let mut out = [0u8; N];
+    for (byte, pair) in out.iter_mut().zip(text.chunks_exact(2)) {
+        *byte = nibble(pair[0])? << 4 | nibble(pair[1])?;
+    }
+    Some(out)
+}
+
+/// `context` as a `traceparent` value (version 00).
+fn format(context: &SpanContext) -> String {
+    let mut out = String::with_capacity(55);
+    out.push_str("00-");
+    crate::digest::push_hex(&mut out, &context.trace_id().to_bytes());
+    out.push('-');
+    crate::digest::push_hex(&mut out, &context.span_id().to_bytes());
+    out.push('-');
+    crate::digest::push_hex(&mut out, &[context.trace_flags().to_u8() & 1]);
+    out
+}
+
+fn from_headers(headers: &HeaderMap) -> Option<SpanContext> {
+    let traceparent = headers.get(TRACEPARENT)?.to_str().ok()?;
+    let tracestate = headers.get(TRACESTATE).and_then(|v| v.to_str().ok());
+    parse(traceparent, tracestate)
 }
 
 /// Makes `span` continue the trace the request's headers carry (the caller's span as its
-/// parent). Without a `traceparent` the span keeps its place (a new trace, or the span it
-/// was created in).
+/// parent). Without a valid `traceparent` the span keeps its place (a new trace, or the span
+/// it was created in).
 pub fn continue_from_headers(span: &tracing::Span, headers: &HeaderMap) {
-    if !super::traces_on() || !headers.contains_key("traceparent") {
+    if !super::traces_on() {
         return;
     }
-    let parent = TraceContextPropagator::new().extract(&Headers(headers));
-    if parent.span().span_context().is_valid() {
-        let _ = span.set_parent(parent);
+    if let Some(parent) = from_headers(headers) {
+        spans::set_remote_parent(span, &parent);
     }
 }
 
@@ -52,13 +105,11 @@ pub fn continue_from_headers(span: &tracing::Span, headers: &HeaderMap) {
 /// edge, where a client must not choose the trace (nor, through its sampled flag, force every
 /// span of the request to be recorded and exported).
 pub fn link_from_headers(span: &tracing::Span, headers: &HeaderMap) {
-    if !super::traces_on() || !headers.contains_key("traceparent") {
+    if !super::traces_on() {
         return;
     }
-    let caller = TraceContextPropagator::new().extract(&Headers(headers));
-    let caller = caller.span().span_context().clone();
-    if caller.is_valid() {
-        span.add_link(caller);
+    if let Some(caller) = from_headers(headers) {
+        spans::add_link(span, caller);
     }
 }
 
@@ -67,7 +118,18 @@ pub fn inject_into_headers(span: &tracing::Span, headers: &mut HeaderMap) {
     if !super::traces_on() {
         return;
     }
-    TraceContextPropagator::new().inject_context(&span.context(), &mut HeadersMut(headers));
+    let Some(context) = spans::span_context(span) else {
+        return;
+    };
+    if let Ok(value) = HeaderValue::from_str(&format(&context)) {
+        headers.insert(TRACEPARENT, value);
+    }
+    let state = context.trace_state().header();
+    if !state.is_empty()
+        && let Ok(value) = HeaderValue::from_str(&state)
+    {
+        headers.insert(TRACESTATE, value);
+    }
 }
 
 /// `span`'s context as a `traceparent` value (what an event carries), if it has one.
@@ -75,16 +137,7 @@ pub fn traceparent_of(span: &tracing::Span) -> Option<String> {
     if !super::traces_on() {
         return None;
     }
-    let mut fields = HashMap::new();
-    TraceContextPropagator::new().inject_context(&span.context(), &mut fields);
-    fields.remove("traceparent")
-}
-
-/// The trace context a `traceparent` value names.
-fn context_of(traceparent: &str) -> Option<opentelemetry::Context> {
-    let fields = HashMap::from([("traceparent".to_owned(), traceparent.to_owned())]);
-    let context = TraceContextPropagator::new().extract(&fields);
-    context.span().span_context().is_valid().then_some(context)
+    spans::span_context(span).map(|context| format(&context))
 }
 
 /// Makes `span` (a consumer's, a relay's) a child of the span that wrote the event.
@@ -92,8 +145,8 @@ pub fn continue_from_traceparent(span: &tracing::Span, traceparent: Option<&str>
     if !super::traces_on() {
         return;
     }
-    if let Some(parent) = traceparent.and_then(context_of) {
-        let _ = span.set_parent(parent);
+    if let Some(parent) = traceparent.and_then(|t| parse(t, None)) {
+        spans::set_remote_parent(span, &parent);
     }
 }
 
@@ -103,7 +156,68 @@ pub fn link_to_traceparent(span: &tracing::Span, traceparent: Option<&str>) {
     if !super::traces_on() {
         return;
     }
-    if let Some(context) = traceparent.and_then(context_of) {
-        span.add_link(context.span().span_context().clone());
+    if let Some(context) = traceparent.and_then(|t| parse(t, None)) {
+        spans::add_link(span, context);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_traceparent_is_read_and_written_back_the_same() {
+        let value = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let context = parse(value, None).unwrap();
+        assert_eq!(
+            context.trace_id(),
+            TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").unwrap()
+        );
+        assert_eq!(
+            context.span_id(),
+            SpanId::from_hex("00f067aa0ba902b7").unwrap()
+        );
+        assert!(context.is_sampled() && context.is_remote());
+        assert_eq!(format(&context), value);
+        let unsampled = parse(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00",
+            None,
+        );
+        assert!(!unsampled.unwrap().is_sampled());
+        // Unknown flag bits are not carried on.
+        let flags = parse(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-ff",
+            None,
+        );
+        assert_eq!(format(&flags.unwrap()), value);
+        // A later version may add parts.
+        assert!(
+            parse(
+                "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-x",
+                None
+            )
+            .is_some()
+        );
+        let state = parse(value, Some("vendor=a,other=b")).unwrap();
+        assert_eq!(state.trace_state().header(), "vendor=a,other=b");
+    }
+
+    #[test]
+    fn invalid_traceparents_are_refused() {
+        for bad in [
+            "",
+            "00",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e473-600f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-1",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902bg-01",
+        ] {
+            assert!(parse(bad, None).is_none(), "{bad:?} was accepted");
+        }
     }
 }
