@@ -33,16 +33,17 @@ pub fn to_hex(bytes: &[u8]) -> String {
     out
 }
 
+fn nibble(c: u8) -> Option<u8> {
+    match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        b'A'..=b'F' => Some(c - b'A' + 10),
+        _ => None,
+    }
+}
+
 /// The bytes of hex text (either case); `None` for an odd length or a non-hex character.
 pub fn from_hex(text: &str) -> Option<Vec<u8>> {
-    fn nibble(c: u8) -> Option<u8> {
-        match c {
-            b'0'..=b'9' => Some(c - b'0'),
-            b'a'..=b'f' => Some(c - b'a' + 10),
-            b'A'..=b'F' => Some(c - b'A' + 10),
-            _ => None,
-        }
-    }
     let text = text.as_bytes();
     if !text.len().is_multiple_of(2) {
         return None;
@@ -50,6 +51,19 @@ pub fn from_hex(text: &str) -> Option<Vec<u8>> {
     text.chunks_exact(2)
         .map(|pair| Some(nibble(pair[0])? << 4 | nibble(pair[1])?))
         .collect()
+}
+
+/// Exactly `N` bytes of hex text (either case), without an allocation (a trace id, a span id).
+pub fn from_hex_array<const N: usize>(text: &str) -> Option<[u8; N]> {
+    let text = text.as_bytes();
+    if text.len() != 2 * N {
+        return None;
+    }
+    let mut out = [0u8; N];
+    for (byte, pair) in out.iter_mut().zip(text.chunks_exact(2)) {
+        *byte = nibble(pair[0])? << 4 | nibble(pair[1])?;
+    }
+    Some(out)
 }
 
 /// The SHA-256 of `data` as 64 lowercase hex digits.
@@ -60,6 +74,14 @@ pub fn sha256_hex(data: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fixed_size_hex_takes_exactly_its_length() {
+        assert_eq!(from_hex_array::<2>("0aFf"), Some([0x0a, 0xff]));
+        assert_eq!(from_hex_array::<2>("0aff00"), None);
+        assert_eq!(from_hex_array::<2>("0af"), None);
+        assert_eq!(from_hex_array::<1>("0g"), None);
+    }
 
     #[test]
     fn known_digests() {

@@ -8,11 +8,9 @@ mod otlp;
 pub mod propagation;
 mod spans;
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use std::sync::Arc;
-
 use opentelemetry::trace::TraceId;
 use opentelemetry_sdk::trace::{BatchSpanProcessor, SpanProcessor as _};
 use tracing_subscriber::filter::{EnvFilter, LevelFilter};
@@ -69,7 +67,7 @@ pub fn in_exported_trace() -> bool {
 }
 
 /// The trace id of `span` if it is exported (sampled): what an exemplar points to.
-pub fn sampled_trace_id(span: &tracing::Span) -> Option<TraceId> {
+pub(crate) fn sampled_trace_id(span: &tracing::Span) -> Option<TraceId> {
     if !traces_on() {
         return None;
     }

@@ -164,7 +164,8 @@ fn percent_decoded(text: &str) -> Option<Vec<u8>> {
     while i < bytes.len() {
         if bytes[i] == b'%' {
             let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
-            out.push(*crate::digest::from_hex(hex)?.first()?);
+            let [byte] = crate::digest::from_hex_array::<1>(hex)?;
+            out.push(byte);
             i += 3;
         } else {
             out.push(bytes[i]);

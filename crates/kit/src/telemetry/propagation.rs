@@ -14,6 +14,7 @@ use super::spans;
 
 const TRACEPARENT: &str = "traceparent";
 const TRACESTATE: &str = "tracestate";
+const MAX_TRACESTATE: usize = 512;
 
 /// The remote span a `traceparent` value names (and the `tracestate` beside it, if any), or
 /// `None` when it is not a valid one (the W3C rules: version `ff` never, version `00` exactly
@@ -39,7 +40,10 @@ fn parse(traceparent: &str, tracestate: Option<&str>) -> Option<SpanContext> {
     {
         return None;
     }
+    // A client may send any `tracestate`: past what the W3C asks a vendor to carry on (512
+    // characters) it is dropped, not parsed and exported.
     let state = tracestate
+        .filter(|state| state.len() <= MAX_TRACESTATE)
         .and_then(|state| TraceState::from_str(state).ok())
         .unwrap_or_default();
     Some(SpanContext::new(
@@ -51,24 +55,12 @@ fn parse(traceparent: &str, tracestate: Option<&str>) -> Option<SpanContext> {
     ))
 }
 
-/// `N` bytes from exactly `2N` lowercase hex digits (what the W3C format allows).
+/// `N` bytes from exactly `2N` lowercase hex digits (the W3C format allows no capitals).
 fn hex<const N: usize>(text: &str) -> Option<[u8; N]> {
-    fn nibble(c: u8) -> Option<u8> {
-        match c {
-            b'0'..=b'9' => Some(c - b'0'),
-            b'a'..=b'f' => Some(c - b'a' + 10),
-            _ => None,
-        }
-    }
-    let text = text.as_bytes();
-    if text.len() != 2 * N {
+    if text.bytes().any(|b| b.is_ascii_uppercase()) {
         return None;
     }
-    let mut out = [0u8; N];
-    for (byte, pair) in out.iter_mut().zip(text.chunks_exact(2)) {
-        *byte = nibble(pair[0])? << 4 | nibble(pair[1])?;
-    }
-    Some(out)
+    crate::digest::from_hex_array(text)
 }
 
 /// `context` as a `traceparent` value (version 00).
@@ -200,6 +192,13 @@ mod tests {
         );
         let state = parse(value, Some("vendor=a,other=b")).unwrap();
         assert_eq!(state.trace_state().header(), "vendor=a,other=b");
+        let long = format!("vendor={}", "a".repeat(MAX_TRACESTATE));
+        let dropped = parse(value, Some(&long)).unwrap();
+        assert_eq!(
+            dropped.trace_state().header(),
+            "",
+            "an oversized tracestate is dropped"
+        );
     }
 
     #[test]

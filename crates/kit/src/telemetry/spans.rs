@@ -140,6 +140,9 @@ fn new_span_id() -> SpanId {
         .map_or(SpanId::INVALID, |tracer| tracer.ids.new_span_id())
 }
 
+/// How many service names a thread keeps; past it a name is allocated each time.
+const SERVICE_NAMES: usize = 32;
+
 /// Each service's name, allocated once per thread (a handful of names, found by comparison).
 fn service_name(name: &str) -> Arc<str> {
     thread_local! {
@@ -150,7 +153,9 @@ fn service_name(name: &str) -> Arc<str> {
             return known.clone();
         }
         let known: Arc<str> = Arc::from(name);
-        names.push(known.clone());
+        if names.len() < SERVICE_NAMES {
+            names.push(known.clone());
+        }
         known
     })
 }
@@ -232,12 +237,17 @@ impl Visit for Fields<'_> {
 }
 
 fn kind(value: &str) -> SpanKind {
-    match value.to_ascii_lowercase().as_str() {
-        "server" => SpanKind::Server,
-        "client" => SpanKind::Client,
-        "producer" => SpanKind::Producer,
-        "consumer" => SpanKind::Consumer,
-        _ => SpanKind::Internal,
+    let is = |name: &str| value.eq_ignore_ascii_case(name);
+    if is("server") {
+        SpanKind::Server
+    } else if is("client") {
+        SpanKind::Client
+    } else if is("producer") {
+        SpanKind::Producer
+    } else if is("consumer") {
+        SpanKind::Consumer
+    } else {
+        SpanKind::Internal
     }
 }
 
@@ -420,13 +430,18 @@ where
     }
 }
 
-/// Runs `f` on the layer's record of `span`, if it has one (traces on, span enabled).
-fn with_span<T>(span: &tracing::Span, f: impl FnOnce(&mut OtelSpan) -> T) -> Option<T> {
+/// Runs `f` on the layer's record of `span`, if it has one (traces on, span enabled), with the
+/// span's static name.
+fn with_span<T>(
+    span: &tracing::Span,
+    f: impl FnOnce(&mut OtelSpan, &'static str) -> T,
+) -> Option<T> {
     span.with_subscriber(|(id, dispatch)| {
         let registry = dispatch.downcast_ref::<Registry>()?;
         let span = registry.span(id)?;
+        let name = span.metadata().name();
         let mut extensions = span.extensions_mut();
-        extensions.get_mut::<OtelSpan>().map(f)
+        extensions.get_mut::<OtelSpan>().map(|otel| f(otel, name))
     })
     .flatten()
 }
@@ -448,12 +463,7 @@ pub(crate) fn span_context(span: &tracing::Span) -> Option<SpanContext> {
 /// decision again with that parent (parent-based samplers follow the remote flag). Call it
 /// before the span has children.
 pub(crate) fn set_remote_parent(span: &tracing::Span, parent: &SpanContext) {
-    span.with_subscriber(|(id, dispatch)| {
-        let registry = dispatch.downcast_ref::<Registry>()?;
-        let span = registry.span(id)?;
-        let name = span.metadata().name();
-        let mut extensions = span.extensions_mut();
-        let otel = extensions.get_mut::<OtelSpan>()?;
+    with_span(span, |otel, name| {
         // A span under an unsampled local parent recorded no fields; if the remote parent is
         // sampled it is exported under its static name.
         let pending = otel.pending.get_or_insert_with(|| Pending::new(name));
@@ -467,13 +477,12 @@ pub(crate) fn set_remote_parent(span: &tracing::Span, parent: &SpanContext) {
         );
         otel.parent = parent.span_id();
         otel.parent_is_remote = true;
-        Some(())
     });
 }
 
 /// Links `span` to `linked` (a span of another trace it serves or was started by).
 pub(crate) fn add_link(span: &tracing::Span, linked: SpanContext) {
-    with_span(span, |otel| {
+    with_span(span, |otel, _| {
         if let Some(pending) = otel.pending.as_deref_mut() {
             if pending.links.len() < MAX_LINKS {
                 pending.links.links.push(Link::new(linked, Vec::new(), 0));
