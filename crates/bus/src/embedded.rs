@@ -2,7 +2,9 @@
 //! offsets) and a queue (visibility timeout, receive count, dead-lettering), both in one
 //! SQLite file, so `mercato up` needs nothing installed. Several processes may share the
 //! file (`mercato serve` on one host); waiting consumers are woken at once in-process and
-//! by a short poll across processes.
+//! by a short poll across processes. The members of a consumer group share its partitions
+//! the way Kafka's do: each partition is leased to one live member at a time (see
+//! [`Membership`]), so two replicas of a service never both read one record.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -70,10 +72,38 @@ static STEPS: &[Step] = &[
             SELECT topic, partition, MAX(offset) + 1 FROM stream_records GROUP BY topic, partition;
         CREATE INDEX stream_records_age ON stream_records (appended_at);",
     ),
+    (
+        3,
+        "consumer group members and partition leases",
+        // A member is live while it renews its row; a partition is read only by the member
+        // holding its unexpired lease.
+        "CREATE TABLE stream_members (
+            consumer_group TEXT NOT NULL,
+            topic TEXT NOT NULL,
+            member TEXT NOT NULL,
+            expires_at INTEGER NOT NULL,
+            PRIMARY KEY (consumer_group, topic, member)
+        ) WITHOUT ROWID;
+        CREATE TABLE stream_leases (
+            consumer_group TEXT NOT NULL,
+            topic TEXT NOT NULL,
+            partition INTEGER NOT NULL,
+            member TEXT NOT NULL,
+            expires_at INTEGER NOT NULL,
+            PRIMARY KEY (consumer_group, topic, partition)
+        ) WITHOUT ROWID;",
+    ),
 ];
 
 /// How often a waiting consumer re-checks for records written by another process.
 const CROSS_PROCESS_POLL: Duration = Duration::from_millis(25);
+
+/// How often a member renews its row and leases, and sees members come and go (more often
+/// when the session is shorter than four of these).
+const HEARTBEAT: Duration = Duration::from_secs(1);
+/// How soon a member tries again for partitions it should hold but another still does (it
+/// gives them up at its own next heartbeat).
+const HANDOVER_RETRY: Duration = Duration::from_millis(100);
 
 #[derive(Debug)]
 struct Inner {
@@ -81,6 +111,7 @@ struct Inner {
     partitions: u32,
     visibility: Duration,
     max_receives: i64,
+    session: Duration,
     appended: Notify,
 }
 
@@ -95,6 +126,9 @@ pub struct EmbeddedOptions {
     pub partitions: u32,
     pub visibility_timeout: Duration,
     pub max_receives: i64,
+    /// How long a consumer group member and its partitions live without a heartbeat: a
+    /// process that dies (SIGKILL) hands its partitions over this long after its last one.
+    pub session_timeout: Duration,
 }
 
 impl Default for EmbeddedOptions {
@@ -103,6 +137,7 @@ impl Default for EmbeddedOptions {
             partitions: 1,
             visibility_timeout: Duration::from_secs(30),
             max_receives: 5,
+            session_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -120,6 +155,7 @@ impl EmbeddedBus {
                 partitions: options.partitions.max(1),
                 visibility: options.visibility_timeout,
                 max_receives: options.max_receives.max(1),
+                session: options.session_timeout.max(Duration::from_millis(100)),
                 appended: Notify::new(),
             }),
         })
@@ -233,42 +269,192 @@ impl Stream for EmbeddedBus {
         topic: &str,
         group: &str,
     ) -> Result<Box<dyn StreamConsumer>, BusError> {
-        let (t, g) = (topic.to_owned(), group.to_owned());
-        let committed: Vec<(u32, i64)> = self
-            .inner
+        let membership = Membership {
+            group: group.to_owned(),
+            topic: topic.to_owned(),
+            member: uuid::Uuid::now_v7().to_string(),
+            partitions: self.inner.partitions,
+            session: self.inner.session,
+        };
+        // Joining at once lets the members already there make room at their next heartbeat.
+        let join = membership.clone();
+        self.inner
             .db
-            .read(move |conn| {
-                let mut q = conn.prepare_cached(
-                    "SELECT partition, next_offset FROM stream_offsets WHERE consumer_group = ?1 AND topic = ?2",
-                )?;
-                let rows = q.query_map(params![g, t], |r| Ok((r.get(0)?, r.get(1)?)))?;
-                Ok::<_, BusError>(rows.collect::<Result<Vec<_>, _>>()?)
-            })
+            .write(move |tx| Ok::<_, BusError>(join.renew_member(tx, now_ms())?))
             .await?;
-        let mut positions: HashMap<u32, i64> = (0..self.inner.partitions).map(|p| (p, 0)).collect();
-        positions.extend(committed);
         Ok(Box::new(EmbeddedConsumer {
             bus: self.clone(),
-            topic: topic.to_owned(),
-            group: group.to_owned(),
-            positions,
+            membership,
+            positions: HashMap::new(),
+            next_heartbeat: Instant::now(),
+            delivered: metrics::counter!(
+                "stream_records_delivered_total",
+                "topic" => topic.to_owned(),
+                "group" => group.to_owned()
+            ),
         }))
     }
 }
 
+/// One member of a consumer group on one topic. Written here because SQLite has no group
+/// coordinator: partition `p` belongs to the `p mod n`-th of the `n` live members (ordered by
+/// id), and a member reads it only once it holds the partition's lease, which the previous
+/// holder gives up at its next heartbeat (after committing what it read) or loses when it
+/// stops renewing. So one record goes to one member at a time; a member that dies without
+/// committing leaves its records to the next holder (at least once, as with Kafka).
+#[derive(Debug, Clone)]
+struct Membership {
+    group: String,
+    topic: String,
+    member: String,
+    partitions: u32,
+    session: Duration,
+}
+
+impl Membership {
+    fn renew_member(&self, tx: &rusqlite::Transaction<'_>, now: i64) -> rusqlite::Result<()> {
+        tx.prepare_cached(
+            "INSERT INTO stream_members (consumer_group, topic, member, expires_at) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (consumer_group, topic, member) DO UPDATE SET expires_at = excluded.expires_at",
+        )?
+        .execute(params![self.group, self.topic, self.member, now + millis(self.session)])?;
+        Ok(())
+    }
+
+    /// Renews this member, forgets the dead ones, gives up the partitions that are no longer
+    /// its share and takes those of its share that are free. Returns the partitions it holds
+    /// (with their committed offsets) and whether it holds its whole share.
+    fn rebalance(
+        &self,
+        tx: &rusqlite::Transaction<'_>,
+        now: i64,
+    ) -> rusqlite::Result<(Vec<(u32, i64)>, bool)> {
+        self.renew_member(tx, now)?;
+        tx.prepare_cached(
+            "DELETE FROM stream_members WHERE consumer_group = ?1 AND topic = ?2 AND expires_at < ?3",
+        )?
+        .execute(params![self.group, self.topic, now])?;
+        let live: Vec<String> = tx
+            .prepare_cached(
+                "SELECT member FROM stream_members WHERE consumer_group = ?1 AND topic = ?2 ORDER BY member",
+            )?
+            .query_map(params![self.group, self.topic], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
+        let share: Vec<u32> = match live.iter().position(|m| *m == self.member) {
+            Some(index) => (0..self.partitions)
+                .filter(|p| *p as usize % live.len() == index)
+                .collect(),
+            None => Vec::new(),
+        };
+        let mut give_up = tx.prepare_cached(
+            "DELETE FROM stream_leases
+             WHERE consumer_group = ?1 AND topic = ?2 AND member = ?3 AND partition = ?4",
+        )?;
+        for partition in (0..self.partitions).filter(|p| !share.contains(p)) {
+            give_up.execute(params![self.group, self.topic, self.member, partition])?;
+        }
+        let mut take = tx.prepare_cached(
+            "INSERT INTO stream_leases (consumer_group, topic, partition, member, expires_at)
+             VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (consumer_group, topic, partition) DO UPDATE
+                SET member = excluded.member, expires_at = excluded.expires_at
+                WHERE stream_leases.member = excluded.member OR stream_leases.expires_at < ?6",
+        )?;
+        for partition in &share {
+            take.execute(params![
+                self.group,
+                self.topic,
+                partition,
+                self.member,
+                now + millis(self.session),
+                now
+            ])?;
+        }
+        let held: Vec<(u32, i64)> = tx
+            .prepare_cached(
+                "SELECT l.partition, COALESCE(o.next_offset, 0) FROM stream_leases l
+                 LEFT JOIN stream_offsets o ON o.consumer_group = l.consumer_group
+                    AND o.topic = l.topic AND o.partition = l.partition
+                 WHERE l.consumer_group = ?1 AND l.topic = ?2 AND l.member = ?3",
+            )?
+            .query_map(params![self.group, self.topic, self.member], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })?
+            .collect::<Result<_, _>>()?;
+        let whole = held.len() == share.len();
+        Ok((held, whole))
+    }
+
+    /// Leaves the group: its partitions go to the others at their next heartbeat.
+    fn leave(&self, tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
+        let who = params![self.group, self.topic, self.member];
+        tx.execute(
+            "DELETE FROM stream_leases WHERE consumer_group = ?1 AND topic = ?2 AND member = ?3",
+            who,
+        )?;
+        tx.execute(
+            "DELETE FROM stream_members WHERE consumer_group = ?1 AND topic = ?2 AND member = ?3",
+            who,
+        )?;
+        Ok(())
+    }
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX / 2)
+}
+
 struct EmbeddedConsumer {
     bus: EmbeddedBus,
-    topic: String,
-    group: String,
-    /// Next offset to read per partition (ahead of the committed one until `commit`).
+    membership: Membership,
+    /// Next offset to read per partition this member holds (ahead of the committed one until
+    /// `commit`); only held partitions are here.
     positions: HashMap<u32, i64>,
+    next_heartbeat: Instant,
+    delivered: metrics::Counter,
+}
+
+impl Drop for EmbeddedConsumer {
+    fn drop(&mut self) {
+        let membership = self.membership.clone();
+        self.bus
+            .inner
+            .db
+            .write_detached(move |tx| membership.leave(tx));
+    }
 }
 
 impl EmbeddedConsumer {
+    /// Takes part in the group when a heartbeat is due: keeps the positions of partitions it
+    /// still holds, starts the new ones at their committed offsets, drops the lost ones.
+    async fn heartbeat_if_due(&mut self) -> Result<(), BusError> {
+        if Instant::now() < self.next_heartbeat {
+            return Ok(());
+        }
+        let membership = self.membership.clone();
+        let (held, whole) = self
+            .bus
+            .inner
+            .db
+            .write(move |tx| Ok::<_, BusError>(membership.rebalance(tx, now_ms())?))
+            .await?;
+        self.positions
+            .retain(|p, _| held.iter().any(|(h, _)| h == p));
+        for (partition, committed) in held {
+            self.positions.entry(partition).or_insert(committed);
+        }
+        let heartbeat = HEARTBEAT.min(self.membership.session / 4);
+        self.next_heartbeat = Instant::now() + if whole { heartbeat } else { HANDOVER_RETRY };
+        Ok(())
+    }
+
     async fn read_available(&mut self, max: usize) -> Result<Vec<Delivered>, BusError> {
         let mut from: Vec<(u32, i64)> = self.positions.iter().map(|(p, o)| (*p, *o)).collect();
+        if from.is_empty() {
+            return Ok(Vec::new());
+        }
         from.sort_unstable();
-        let topic = self.topic.clone();
+        let topic = self.membership.topic.clone();
         let rows: Vec<(u32, i64, String, String, Vec<u8>)> = self
             .bus
             .inner
@@ -298,7 +484,7 @@ impl EmbeddedConsumer {
         for (partition, offset, key, headers, payload) in rows {
             self.positions.insert(partition, offset + 1);
             out.push(Delivered {
-                topic: self.topic.clone(),
+                topic: self.membership.topic.clone(),
                 partition,
                 offset,
                 record: Record {
@@ -308,6 +494,7 @@ impl EmbeddedConsumer {
                 },
             });
         }
+        self.delivered.increment(out.len() as u64);
         Ok(out)
     }
 }
@@ -322,6 +509,7 @@ impl StreamConsumer for EmbeddedConsumer {
             let notified = bus.inner.appended.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
+            self.heartbeat_if_due().await?;
             let batch = self.read_available(max.max(1)).await?;
             if !batch.is_empty() || Instant::now() >= deadline {
                 return Ok(batch);
@@ -332,7 +520,7 @@ impl StreamConsumer for EmbeddedConsumer {
     }
 
     async fn lag(&mut self) -> Result<Vec<(u32, i64)>, BusError> {
-        let (group, topic) = (self.group.clone(), self.topic.clone());
+        let (group, topic) = (self.membership.group.clone(), self.membership.topic.clone());
         self.bus
             .inner
             .db
@@ -344,9 +532,14 @@ impl StreamConsumer for EmbeddedConsumer {
                      WHERE h.topic = ?2 ORDER BY h.partition",
                 )?;
                 let rows = q.query_map(params![group, topic], |r| Ok((r.get(0)?, r.get(1)?)))?;
-                Ok::<_, BusError>(rows.collect::<Result<Vec<_>, _>>()?)
+                Ok::<_, BusError>(rows.collect::<Result<Vec<(u32, i64)>, _>>()?)
             })
             .await
+            // Only the partitions this member holds: the others are another member's to report.
+            .map(|mut lags| {
+                lags.retain(|(p, _)| self.positions.contains_key(p));
+                lags
+            })
     }
 
     async fn commit(&mut self, delivered: &[Delivered]) -> Result<(), BusError> {
@@ -357,7 +550,7 @@ impl StreamConsumer for EmbeddedConsumer {
         if upto.is_empty() {
             return Ok(());
         }
-        let (group, topic) = (self.group.clone(), self.topic.clone());
+        let (group, topic) = (self.membership.group.clone(), self.membership.topic.clone());
         self.bus
             .inner
             .db
@@ -623,6 +816,101 @@ mod tests {
         // Another group starts from the beginning.
         let mut other = bus.subscribe("t", "other").await.unwrap();
         assert_eq!(other.poll(100, Duration::ZERO).await.unwrap().len(), 10);
+    }
+
+    /// A member that dies without leaving (a SIGKILLed replica: nothing runs at its end) keeps
+    /// its partition until its session runs out; then another reads it from the committed
+    /// offset.
+    #[tokio::test]
+    async fn a_dead_member_hands_its_partition_over_after_its_session() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = EmbeddedOptions {
+            session_timeout: Duration::from_millis(600),
+            ..Default::default()
+        };
+        // Two handles on one file, as two processes.
+        let (one, two) = (
+            bus(&dir, options.clone()).await,
+            bus(&dir, options.clone()).await,
+        );
+        one.publish("t", &[record("a", 1), record("b", 2)])
+            .await
+            .unwrap();
+        let mut first = one.subscribe("t", "g").await.unwrap();
+        let got = first.poll(1, Duration::ZERO).await.unwrap();
+        assert_eq!(got.len(), 1);
+        first.commit(&got).await.unwrap();
+        let uncommitted = first.poll(10, Duration::ZERO).await.unwrap();
+        assert_eq!(uncommitted.len(), 1);
+        std::mem::forget(first);
+
+        let mut second = two.subscribe("t", "g").await.unwrap();
+        let started = Instant::now();
+        let mut taken = Vec::new();
+        while taken.is_empty() && started.elapsed() < Duration::from_secs(10) {
+            taken = second.poll(10, Duration::from_millis(100)).await.unwrap();
+        }
+        assert!(
+            started.elapsed() >= Duration::from_millis(300),
+            "not before the dead member's session ran out"
+        );
+        assert_eq!(
+            taken
+                .iter()
+                .map(|d| d.record.payload[0])
+                .collect::<Vec<_>>(),
+            vec![2],
+            "the dead member's uncommitted record, and not its committed one"
+        );
+    }
+
+    /// With more members than partitions, the extra one waits: it reads nothing while the
+    /// holder lives, and takes over at once when the holder leaves.
+    #[tokio::test]
+    async fn a_spare_member_reads_nothing_until_the_holder_leaves() {
+        let dir = tempfile::tempdir().unwrap();
+        let (one, two) = (
+            bus(&dir, EmbeddedOptions::default()).await,
+            bus(&dir, EmbeddedOptions::default()).await,
+        );
+        let mut holder = one.subscribe("t", "g").await.unwrap();
+        let mut spare = two.subscribe("t", "g").await.unwrap();
+        let (mut by_holder, mut by_spare) = (Vec::new(), Vec::new());
+        // Whichever member the partition settles on, a record goes to one of them only.
+        for n in 0..20 {
+            one.publish("t", &[record("k", n)]).await.unwrap();
+            for (consumer, seen) in [(&mut holder, &mut by_holder), (&mut spare, &mut by_spare)] {
+                let got = consumer.poll(10, Duration::from_millis(100)).await.unwrap();
+                consumer.commit(&got).await.unwrap();
+                seen.extend(got.iter().map(|d| d.record.payload[0]));
+            }
+        }
+        let mut all: Vec<u8> = by_holder.iter().chain(&by_spare).copied().collect();
+        all.sort_unstable();
+        assert_eq!(
+            all,
+            (0..20).collect::<Vec<u8>>(),
+            "each record once, none lost"
+        );
+        // Make `holder` the one that held the partition last, then let it leave.
+        if by_spare.last() > by_holder.last() {
+            std::mem::swap(&mut holder, &mut spare);
+        }
+        drop(holder);
+        one.publish("t", &[record("k", 20)]).await.unwrap();
+        let started = Instant::now();
+        let mut taken = Vec::new();
+        while taken.is_empty() && started.elapsed() < Duration::from_secs(5) {
+            taken = spare.poll(10, Duration::from_millis(100)).await.unwrap();
+        }
+        assert_eq!(
+            taken
+                .iter()
+                .map(|d| d.record.payload[0])
+                .collect::<Vec<_>>(),
+            vec![20],
+            "taken over well before a session (10 s) ran out"
+        );
     }
 
     #[tokio::test]

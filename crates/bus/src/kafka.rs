@@ -211,12 +211,18 @@ impl Stream for KafkaStream {
         consumer.subscribe(&[topic])?;
         Ok(Box::new(KafkaStreamConsumer {
             consumer: Arc::new(consumer),
+            delivered: metrics::counter!(
+                "stream_records_delivered_total",
+                "topic" => topic.to_owned(),
+                "group" => group.to_owned()
+            ),
         }))
     }
 }
 
 struct KafkaStreamConsumer {
     consumer: Arc<KafkaConsumer>,
+    delivered: metrics::Counter,
 }
 
 fn headers_of(message: &impl rdkafka::message::Message) -> Headers {
@@ -264,6 +270,7 @@ impl StreamConsumer for KafkaStreamConsumer {
                 },
             });
         }
+        self.delivered.increment(out.len() as u64);
         Ok(out)
     }
 

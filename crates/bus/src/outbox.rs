@@ -216,14 +216,39 @@ type Due = Vec<(String, Pending)>;
 // their key and destination waiting (backing off, or leased by another relay), found as each
 // key's oldest waiting row.
 
-// Every backend leases the rows they take by pushing their next attempt out, in the statement
-// that selects them, so two relays over one outbox never publish a row twice.
+// SQLite and DynamoDB lease the rows they take by pushing their next attempt out, in the
+// statement that selects them, so two relays over one outbox never publish a row twice.
+// PostgreSQL instead holds a lock of the outbox for the whole pass (select, publish, delete,
+// one transaction): a lease is an update of every row, a new row version and index entry each,
+// which the next pass's scans then walk; under load that statement was the costliest of an
+// order. The rows are never written before they are deleted.
+
+/// A relay pass's hold on the rows it took: their leases, or on PostgreSQL the open
+/// transaction holding the outbox's lock, committed when the pass ends.
+enum Pass {
+    Leased,
+    #[cfg(feature = "postgres")]
+    Locked(sqlx::Transaction<'static, sqlx::Postgres>),
+}
+
+/// Runs `$query` in the pass's transaction when it holds one, else on the pool.
+#[cfg(feature = "postgres")]
+macro_rules! on_pass {
+    ($pass:expr, $pg:expr, $query:expr) => {
+        match $pass {
+            Pass::Locked(tx) => $query.execute(&mut **tx).await,
+            Pass::Leased => $query.execute($pg.pool()).await,
+        }
+        .map(|_| ())
+        .map_err(pg_error)
+    };
+}
 
 impl Source {
-    async fn due(&self, batch: i64) -> Result<Due, BusError> {
+    async fn due(&self, batch: i64) -> Result<(Due, Pass), BusError> {
         let rows: Vec<(i64, String, String, String, String, String, i64)> = match self {
             #[cfg(feature = "dynamodb")]
-            Source::Dynamo(outbox) => return outbox.due(batch).await,
+            Source::Dynamo(outbox) => return Ok((outbox.due(batch).await?, Pass::Leased)),
             Source::Sqlite(db) => {
                 let now = now_ms();
                 let mut rows = db
@@ -259,9 +284,11 @@ impl Source {
             }
             #[cfg(feature = "postgres")]
             Source::Postgres(pg) => {
-                // Replicas share the table. Each takes its rows under a lock of this schema's
-                // outbox, so the next one's snapshot sees those leases and holds back the later
-                // rows of their keys (with SKIP LOCKED alone it would not see them yet).
+                // Replicas share the table. A pass holds a lock of this schema's outbox until
+                // it commits the deletes of what it sent, so the next pass (its rows read in
+                // a statement that starts after the lock is taken) never sees them. The
+                // lock waits rather than fails: a relay that found it taken would otherwise
+                // spin on it at every order its replica writes.
                 let now = now_ms();
                 let mut tx = pg.pool().begin().await.map_err(pg_error)?;
                 sqlx::query(
@@ -270,54 +297,93 @@ impl Source {
                 .execute(&mut *tx)
                 .await
                 .map_err(pg_error)?;
-                let rows: Vec<(i64, String, String, String, String, String, i32)> =
-                    sqlx::query_as(
-                        "UPDATE outbox SET next_attempt_at = $1 WHERE seq IN (
-                           SELECT o.seq FROM outbox o
-                           LEFT JOIN (SELECT destination, key, MIN(seq) AS first FROM outbox
-                                      WHERE next_attempt_at > $2 GROUP BY destination, key) waiting
-                                  ON waiting.destination = o.destination AND waiting.key = o.key
-                           WHERE o.next_attempt_at <= $2 AND (waiting.first IS NULL OR o.seq < waiting.first)
-                           ORDER BY o.seq LIMIT $3)
-                         RETURNING seq, event_id, destination, key, headers, payload, attempts",
-                    )
-                    .bind(now + LEASE_MS)
-                    .bind(now)
-                    .bind(batch)
-                    .fetch_all(&mut *tx)
-                    .await
-                    .map_err(pg_error)?;
-                tx.commit().await.map_err(pg_error)?;
-                let mut rows: Vec<_> = rows
+                // The due rows in `seq` order, and the first row of each key backing off
+                // after a failure (flagged; rows after it wait for it). Two plain parts, not a
+                // join: the first walks the primary key, whose index entries of deleted rows
+                // its scans mark dead; a join made PostgreSQL bitmap-scan every deleted row
+                // version not yet vacuumed (thousands under load: 1.4 ms a pass), or estimate
+                // the plan so high that it compiled it with JIT at every pass.
+                let found: Vec<FoundRow> = sqlx::query_as(
+                    "(SELECT seq, event_id, destination, key, headers, payload, attempts, FALSE
+                            FROM outbox WHERE next_attempt_at <= $1 ORDER BY seq LIMIT $2)
+                         UNION ALL
+                         (SELECT MIN(seq), '', destination, key, '', '', 0, TRUE
+                            FROM outbox WHERE next_attempt_at > $1 GROUP BY destination, key)",
+                )
+                .bind(now)
+                .bind(batch)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(pg_error)?;
+                let keep: Vec<bool> = {
+                    let backing_off: HashMap<(&str, &str), i64> = found
+                        .iter()
+                        .filter(|row| row.7)
+                        .map(|row| ((row.2.as_str(), row.3.as_str()), row.0))
+                        .collect();
+                    found
+                        .iter()
+                        .map(|row| {
+                            !row.7
+                                && backing_off
+                                    .get(&(row.2.as_str(), row.3.as_str()))
+                                    .is_none_or(|first| row.0 < *first)
+                        })
+                        .collect()
+                };
+                let mut rows: Vec<DueRow> = found
                     .into_iter()
-                    .map(|(a, b, c, d, e, f, g)| (a, b, c, d, e, f, i64::from(g)))
+                    .zip(keep)
+                    .filter(|(_, keep)| *keep)
+                    .map(|((a, b, c, d, e, f, g, _), _)| (a, b, c, d, e, f, i64::from(g)))
                     .collect();
                 rows.sort_by_key(|r| r.0);
-                rows
+                return Ok((decode_due(rows)?, Pass::Locked(tx)));
             }
         };
-        rows.into_iter()
-            .map(
-                |(seq, event_id, destination, key, headers, payload, attempts)| {
-                    let headers = serde_json::from_str(&headers)
-                        .map_err(|e| BusError::Malformed(e.to_string()))?;
-                    Ok((
-                        destination,
-                        Pending {
-                            seq: RowId::Seq(seq),
-                            key,
-                            event_id,
-                            headers,
-                            payload,
-                            attempts,
-                        },
-                    ))
-                },
-            )
-            .collect()
+        Ok((decode_due(rows)?, Pass::Leased))
     }
 
-    async fn delete(&self, ids: Vec<RowId>) -> Result<(), BusError> {
+    /// Ends a pass: commits what it did on PostgreSQL (and lets the next pass take the lock).
+    async fn finish(&self, pass: Pass) -> Result<(), BusError> {
+        match pass {
+            Pass::Leased => Ok(()),
+            #[cfg(feature = "postgres")]
+            Pass::Locked(tx) => tx.commit().await.map_err(pg_error),
+        }
+    }
+}
+
+type DueRow = (i64, String, String, String, String, String, i64);
+/// A row of the PostgreSQL pass's query: a due row, or (flagged) a key's first row backing off.
+#[cfg(feature = "postgres")]
+type FoundRow = (i64, String, String, String, String, String, i32, bool);
+
+fn decode_due(rows: Vec<DueRow>) -> Result<Due, BusError> {
+    rows.into_iter()
+        .map(
+            |(seq, event_id, destination, key, headers, payload, attempts)| {
+                let headers = serde_json::from_str(&headers)
+                    .map_err(|e| BusError::Malformed(e.to_string()))?;
+                Ok((
+                    destination,
+                    Pending {
+                        seq: RowId::Seq(seq),
+                        key,
+                        event_id,
+                        headers,
+                        payload,
+                        attempts,
+                    },
+                ))
+            },
+        )
+        .collect()
+}
+
+impl Source {
+    #[cfg_attr(not(feature = "postgres"), allow(unused_variables))]
+    async fn delete(&self, pass: &mut Pass, ids: Vec<RowId>) -> Result<(), BusError> {
         match self {
             #[cfg(feature = "dynamodb")]
             Source::Dynamo(outbox) => outbox.delete(keys(ids)).await,
@@ -333,18 +399,21 @@ impl Source {
                 .await
             }
             #[cfg(feature = "postgres")]
-            Source::Postgres(pg) => {
-                sqlx::query("DELETE FROM outbox WHERE seq = ANY($1)")
-                    .bind(seqs(ids))
-                    .execute(pg.pool())
-                    .await
-                    .map_err(pg_error)?;
-                Ok(())
-            }
+            Source::Postgres(pg) => on_pass!(
+                pass,
+                pg,
+                sqlx::query("DELETE FROM outbox WHERE seq = ANY($1)").bind(seqs(ids))
+            ),
         }
     }
 
-    async fn reschedule(&self, ids: Vec<RowId>, retry_at: i64) -> Result<(), BusError> {
+    #[cfg_attr(not(feature = "postgres"), allow(unused_variables))]
+    async fn reschedule(
+        &self,
+        pass: &mut Pass,
+        ids: Vec<RowId>,
+        retry_at: i64,
+    ) -> Result<(), BusError> {
         match self {
             #[cfg(feature = "dynamodb")]
             Source::Dynamo(outbox) => outbox.reschedule(keys(ids), retry_at).await,
@@ -362,23 +431,21 @@ impl Source {
                 .await
             }
             #[cfg(feature = "postgres")]
-            Source::Postgres(pg) => {
+            Source::Postgres(pg) => on_pass!(
+                pass,
+                pg,
                 sqlx::query(
                     "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = $1 WHERE seq = ANY($2)",
                 )
                 .bind(retry_at)
                 .bind(seqs(ids))
-                .execute(pg.pool())
-                .await
-                .map_err(pg_error)?;
-                Ok(())
-            }
+            ),
         }
     }
 
     /// Gives back leased rows that were not tried (a predecessor of their key failed): due
     /// again at once, yet held back until that predecessor goes out.
-    async fn release(&self, ids: Vec<RowId>) -> Result<(), BusError> {
+    async fn release(&self, _pass: &mut Pass, ids: Vec<RowId>) -> Result<(), BusError> {
         let now = now_ms();
         match self {
             #[cfg(feature = "dynamodb")]
@@ -395,16 +462,10 @@ impl Source {
                 })
                 .await
             }
+            // Never leased: their next attempt was not moved, and the failed row before them
+            // holds them back.
             #[cfg(feature = "postgres")]
-            Source::Postgres(pg) => {
-                sqlx::query("UPDATE outbox SET next_attempt_at = $1 WHERE seq = ANY($2)")
-                    .bind(now)
-                    .bind(seqs(ids))
-                    .execute(pg.pool())
-                    .await
-                    .map_err(pg_error)?;
-                Ok(())
-            }
+            Source::Postgres(_) => Ok(()),
         }
     }
 
@@ -625,8 +686,9 @@ impl Relay {
     /// One pass: publishes every row it may take now (up to a batch). Returns how many went
     /// out.
     pub async fn relay_once(&self) -> Result<usize, BusError> {
-        let rows = self.source.due(self.batch).await?;
+        let (rows, mut pass) = self.source.due(self.batch).await?;
         if rows.is_empty() {
+            self.source.finish(pass).await?;
             return Ok(0);
         }
         let mut by_destination: BTreeMap<String, Vec<Pending>> = BTreeMap::new();
@@ -637,12 +699,13 @@ impl Relay {
         // orders' events, and each statement is a round trip and a commit.
         let mut sent = Vec::new();
         for (destination, rows) in by_destination {
-            sent.extend(self.relay_to(&destination, rows).await?);
+            sent.extend(self.relay_to(&mut pass, &destination, rows).await?);
         }
         let published = sent.len();
         if !sent.is_empty() {
-            self.source.delete(sent).await?;
+            self.source.delete(&mut pass, sent).await?;
         }
+        self.source.finish(pass).await?;
         Ok(published)
     }
 
@@ -652,6 +715,7 @@ impl Relay {
     /// Returns the rows sent, for the caller to delete.
     async fn relay_to(
         &self,
+        pass: &mut Pass,
         destination: &str,
         rows: Vec<Pending>,
     ) -> Result<Vec<RowId>, BusError> {
@@ -701,11 +765,11 @@ impl Relay {
             if !retry.is_empty() {
                 let retry_at =
                     now_ms() + i64::try_from(backoff(attempts).as_millis()).unwrap_or(30_000);
-                self.source.reschedule(retry, retry_at).await?;
+                self.source.reschedule(pass, retry, retry_at).await?;
             }
         }
         if !untried.is_empty() {
-            self.source.release(untried).await?;
+            self.source.release(pass, untried).await?;
         }
         Ok(published)
     }

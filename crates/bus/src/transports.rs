@@ -44,6 +44,8 @@ impl Transports {
             partitions: settings.bus.stream_partitions,
             visibility_timeout: Duration::from_millis(settings.bus.visibility_timeout_ms),
             max_receives: settings.bus.max_receives,
+            // As the Kafka consumer's `session.timeout.ms`.
+            ..EmbeddedOptions::default()
         };
         let embedded = EmbeddedBus::open(&settings.bus_url(), &settings.sqlite, options)
             .await

@@ -137,6 +137,99 @@ async fn keeps_the_contract(stream: Arc<dyn Stream>, topic: &str) {
     assert!(started.elapsed() < Duration::from_secs(5));
 }
 
+/// Two consumers in one group, each through its own connection (as two replicas would be),
+/// share three partitions: no record goes to both; when one stops, the other takes over its
+/// partitions from the committed offsets: nothing committed is repeated, nothing is lost.
+async fn a_group_shares_partitions_and_survives_a_member_leaving(
+    stream: Arc<dyn Stream>,
+    other_connection: Arc<dyn Stream>,
+    topic: &str,
+) {
+    let mut a = stream.subscribe(topic, "shared").await.unwrap();
+    let mut b = other_connection.subscribe(topic, "shared").await.unwrap();
+    let (mut seen_a, mut seen_b) = (Vec::new(), Vec::new());
+    let mut published = 0;
+    let started = Instant::now();
+    // Publish in waves until both members have received work (the join takes seconds).
+    while seen_a.is_empty() || seen_b.is_empty() {
+        assert!(
+            started.elapsed() < PATIENCE,
+            "the group never split the partitions"
+        );
+        let wave: Vec<Record> = (published..published + 12)
+            .map(|n| record(&format!("k{n}"), n))
+            .collect();
+        published += wave.len();
+        stream.publish(topic, &wave).await.unwrap();
+        let got_a = a.poll(100, Duration::from_millis(300)).await.unwrap();
+        a.commit(&got_a).await.unwrap();
+        seen_a.extend(got_a);
+        let got_b = b.poll(100, Duration::from_millis(300)).await.unwrap();
+        b.commit(&got_b).await.unwrap();
+        seen_b.extend(got_b);
+    }
+    // `a` leaves after committing what it processed; `b` must take over its partitions.
+    drop(a);
+    let tail: Vec<Record> = (published..published + 60)
+        .map(|n| record(&format!("k{n}"), n))
+        .collect();
+    published += tail.len();
+    stream.publish(topic, &tail).await.unwrap();
+    let distinct = |a: &[Delivered], b: &[Delivered]| {
+        payloads(a)
+            .into_iter()
+            .chain(payloads(b))
+            .collect::<BTreeSet<_>>()
+            .len()
+    };
+    let started = Instant::now();
+    while distinct(&seen_a, &seen_b) < published && started.elapsed() < PATIENCE {
+        let rest = b.poll(200, Duration::from_millis(500)).await.unwrap();
+        b.commit(&rest).await.unwrap();
+        seen_b.extend(rest);
+    }
+
+    let all_a: Vec<String> = payloads(&seen_a);
+    let all_b: Vec<String> = payloads(&seen_b);
+    let set_a: BTreeSet<&String> = all_a.iter().collect();
+    let set_b: BTreeSet<&String> = all_b.iter().collect();
+    // Delivery is at least once: across a rebalance tansu 0.6 may hand `b` again records
+    // `b` itself had committed (Kafka would not); consumers deduplicate by event id, so
+    // this costs work, never correctness. What must hold on any broker: nothing lost, and
+    // nothing `a` committed is handed to `b`.
+    if set_b.len() != all_b.len() {
+        eprintln!("b was handed {} records twice", all_b.len() - set_b.len());
+    }
+    assert!(
+        set_a.is_disjoint(&set_b),
+        "nothing committed by a was repeated by b"
+    );
+    assert_eq!(set_a.len() + set_b.len(), published, "nothing lost");
+    let parts_b: BTreeSet<u32> = seen_b.iter().map(|d| d.partition).collect();
+    assert_eq!(parts_b.len(), 3, "b owns every partition now");
+}
+
+/// Two processes sharing the embedded stream are two handles on one SQLite file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_group_shares_partitions_and_survives_a_member_leaving() {
+    let dir = tempfile::tempdir().unwrap();
+    let open = || async {
+        let bus = bus::embedded::EmbeddedBus::open(
+            &format!("sqlite://{}/bus.db", dir.path().display()),
+            &Default::default(),
+            bus::embedded::EmbeddedOptions {
+                partitions: 3,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        Arc::new(bus)
+    };
+    let (first, second) = (open().await, open().await);
+    a_group_shares_partitions_and_survives_a_member_leaving(first, second, "group").await;
+}
+
 #[tokio::test]
 async fn embedded_stream_keeps_the_contract() {
     let dir = tempfile::tempdir().unwrap();
@@ -190,74 +283,15 @@ mod kafka {
         keeps_the_contract(Arc::new(stream), &topic).await;
     }
 
-    /// Two consumers in one group share three partitions; when one stops, the other takes
-    /// over its partitions from the committed offsets: nothing committed is repeated, nothing
-    /// is lost.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_group_shares_partitions_and_survives_a_member_leaving() {
-        let stream = Arc::new(broker());
+    async fn kafka_group_shares_partitions_and_survives_a_member_leaving() {
+        let stream = broker();
         let topic = fresh_topic(&stream, "group").await;
-        let mut a = stream.subscribe(&topic, "shared").await.unwrap();
-        let mut b = stream.subscribe(&topic, "shared").await.unwrap();
-        let (mut seen_a, mut seen_b) = (Vec::new(), Vec::new());
-        let mut published = 0;
-        let started = Instant::now();
-        // Publish in waves until both members have received work (the join takes seconds).
-        while seen_a.is_empty() || seen_b.is_empty() {
-            assert!(
-                started.elapsed() < PATIENCE,
-                "the group never split the partitions"
-            );
-            let wave: Vec<Record> = (published..published + 12)
-                .map(|n| record(&format!("k{n}"), n))
-                .collect();
-            published += wave.len();
-            stream.publish(&topic, &wave).await.unwrap();
-            let got_a = a.poll(100, Duration::from_millis(300)).await.unwrap();
-            a.commit(&got_a).await.unwrap();
-            seen_a.extend(got_a);
-            let got_b = b.poll(100, Duration::from_millis(300)).await.unwrap();
-            b.commit(&got_b).await.unwrap();
-            seen_b.extend(got_b);
-        }
-        // `a` leaves after committing what it processed; `b` must take over its partitions.
-        drop(a);
-        let tail: Vec<Record> = (published..published + 60)
-            .map(|n| record(&format!("k{n}"), n))
-            .collect();
-        published += tail.len();
-        stream.publish(&topic, &tail).await.unwrap();
-        let distinct = |a: &[Delivered], b: &[Delivered]| {
-            payloads(a)
-                .into_iter()
-                .chain(payloads(b))
-                .collect::<BTreeSet<_>>()
-                .len()
-        };
-        let started = Instant::now();
-        while distinct(&seen_a, &seen_b) < published && started.elapsed() < PATIENCE {
-            let rest = b.poll(200, Duration::from_millis(500)).await.unwrap();
-            b.commit(&rest).await.unwrap();
-            seen_b.extend(rest);
-        }
-
-        let all_a: Vec<String> = payloads(&seen_a);
-        let all_b: Vec<String> = payloads(&seen_b);
-        let set_a: BTreeSet<&String> = all_a.iter().collect();
-        let set_b: BTreeSet<&String> = all_b.iter().collect();
-        // Delivery is at least once: across a rebalance tansu 0.6 may hand `b` again records
-        // `b` itself had committed (Kafka would not); consumers deduplicate by event id, so
-        // this costs work, never correctness. What must hold on any broker: nothing lost, and
-        // nothing `a` committed is handed to `b`.
-        if set_b.len() != all_b.len() {
-            eprintln!("b was handed {} records twice", all_b.len() - set_b.len());
-        }
-        assert!(
-            set_a.is_disjoint(&set_b),
-            "nothing committed by a was repeated by b"
-        );
-        assert_eq!(set_a.len() + set_b.len(), published, "nothing lost");
-        let parts_b: BTreeSet<u32> = seen_b.iter().map(|d| d.partition).collect();
-        assert_eq!(parts_b.len(), 3, "b owns every partition now");
+        a_group_shares_partitions_and_survives_a_member_leaving(
+            Arc::new(stream),
+            Arc::new(broker()),
+            &topic,
+        )
+        .await;
     }
 }

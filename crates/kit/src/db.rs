@@ -185,6 +185,19 @@ fn migrate(conn: &mut Connection, steps: &[Step]) -> Result<(), DbError> {
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(fail)?;
+        // Processes sharing the file (`mercato serve` replicas starting together) race here:
+        // the step is applied by whichever takes the write lock first, and skipped by the
+        // others once they hold it.
+        let done: bool = tx
+            .query_row(
+                "SELECT EXISTS (SELECT 1 FROM schema_migrations WHERE version = ?1)",
+                [version],
+                |r| r.get(0),
+            )
+            .map_err(fail)?;
+        if done {
+            continue;
+        }
         tx.execute_batch(sql).map_err(fail)?;
         tx.execute(
             "INSERT INTO schema_migrations (version, description, applied_at) VALUES (?1, ?2, ?3)",
@@ -266,6 +279,22 @@ impl Db {
             })
             .await
             .map_err(E::from)?
+    }
+
+    /// Queues `f` as a write transaction without waiting for it: for clean-up from `Drop`,
+    /// where nothing can be awaited. Writes run one at a time in the order they were queued,
+    /// so a later [`Db::write`] on this handle sees its effect. Its outcome is not reported.
+    pub fn write_detached<F>(&self, f: F)
+    where
+        F: FnOnce(&Transaction<'_>) -> Result<(), rusqlite::Error> + Send + 'static,
+    {
+        let _ = self.inner.writer.jobs.send(Box::new(move |conn| {
+            if let Ok(tx) = conn.transaction_with_behavior(TransactionBehavior::Immediate)
+                && f(&tx).is_ok()
+            {
+                let _ = tx.commit();
+            }
+        }));
     }
 
     /// Runs `f` on a reader connection (round-robin); it sees the last committed state.
@@ -399,6 +428,47 @@ mod tests {
             statement.get_status(rusqlite::StatementStatus::RePrepare),
             0
         );
+    }
+
+    #[tokio::test]
+    async fn processes_opening_one_new_file_together_apply_each_step_once() {
+        let dir = tempfile::tempdir().unwrap();
+        static STEPS: &[Step] = &[
+            (1, "a", "CREATE TABLE a (v INTEGER)"),
+            (2, "b", "CREATE TABLE b (v INTEGER)"),
+            (
+                3,
+                "c",
+                "CREATE TABLE c (v INTEGER); INSERT INTO c VALUES (1)",
+            ),
+        ];
+        // Fresh files, each opened by many at once: each open has its own connections, as
+        // each replica's process would.
+        for file in 0..20 {
+            let url = format!("sqlite://{}/shared-{file}.db", dir.path().display());
+            let mut opens = tokio::task::JoinSet::new();
+            for _ in 0..16 {
+                let url = url.clone();
+                opens.spawn(async move { Db::open(&url, &SqliteSettings::default(), STEPS).await });
+            }
+            while let Some(opened) = opens.join_next().await {
+                opened.unwrap().unwrap();
+            }
+            let check = Db::open(&url, &SqliteSettings::default(), STEPS)
+                .await
+                .unwrap();
+            let (steps, rows): (i64, i64) = check
+                .read(|c| {
+                    Ok::<_, TestError>(c.query_row(
+                        "SELECT (SELECT COUNT(*) FROM schema_migrations), (SELECT COUNT(*) FROM c)",
+                        [],
+                        |r| Ok((r.get(0)?, r.get(1)?)),
+                    )?)
+                })
+                .await
+                .unwrap();
+            assert_eq!((steps, rows), (3, 1), "every step applied once");
+        }
     }
 
     #[tokio::test]

@@ -1,7 +1,8 @@
 //! Two replicas of each stateful service (products, orders, payments) on one PostgreSQL
 //! database, as separate `mercato serve` processes behind one gateway that names both of each
 //! (`http://a,http://b`), sharing the embedded bus: the oversell race across replicas, relays
-//! on both replicas publishing each event once, and one orders replica SIGKILLed under load
+//! on both replicas publishing each event once, each event delivered to one replica of its
+//! consumer group only, and one orders replica SIGKILLed under load
 //! with every accepted order and every event still there once (`mercato verify`).
 #![cfg(feature = "postgres")]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -234,6 +235,43 @@ impl Cluster {
         .unwrap()
     }
 
+    /// Records of `topic` in the embedded stream.
+    fn records_of(&self, topic: &str) -> i64 {
+        let bus = rusqlite::Connection::open(self.data.join("bus.db")).unwrap();
+        bus.busy_timeout(Duration::from_secs(10)).unwrap();
+        bus.query_row(
+            "SELECT COUNT(*) FROM stream_records WHERE topic = ?1",
+            [topic],
+            |r| r.get(0),
+        )
+        .unwrap()
+    }
+
+    /// Records of `topic` handed to consumer group `group`, summed over the replicas of
+    /// `service` (their `stream_records_delivered_total`).
+    async fn delivered_to(&self, service: &str, topic: &str, group: &str) -> i64 {
+        let mut total = 0;
+        for replica in self.replicas.iter().filter(|r| r.service == service) {
+            let text = reqwest::get(format!("http://127.0.0.1:{}/metrics", replica.ops))
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            let (topic, group) = (format!("topic=\"{topic}\""), format!("group=\"{group}\""));
+            total += text
+                .lines()
+                .filter(|l| {
+                    l.starts_with("stream_records_delivered_total{")
+                        && l.contains(&topic)
+                        && l.contains(&group)
+                })
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum::<f64>() as i64;
+        }
+        total
+    }
+
     fn stream_records(&self) -> i64 {
         let bus = rusqlite::Connection::open(self.data.join("bus.db")).unwrap();
         bus.busy_timeout(Duration::from_secs(10)).unwrap();
@@ -358,6 +396,30 @@ async fn two_replicas_of_each_stateful_service_keep_every_promise() {
         0,
         "a row was published twice"
     );
+    // Both orders replicas are members of one consumer group on the payments topic: each
+    // payment event went to one of them, once (the group's partitions are leased to one
+    // member at a time), not to both.
+    let payments = cluster.records_of("payments");
+    assert!(payments > 20, "too few payment events to say anything");
+    let started = Instant::now();
+    let mut delivered = 0;
+    while started.elapsed() < Duration::from_secs(30) {
+        delivered = cluster
+            .delivered_to("orders", "payments", "orders-status")
+            .await;
+        assert!(
+            delivered <= payments,
+            "{delivered} deliveries of {payments} payment events to the orders replicas"
+        );
+        if delivered == payments {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        delivered, payments,
+        "every payment event delivered once to the orders group"
+    );
 
     // 3. One orders replica SIGKILLed in the middle of a run: every accepted order exists
     // once, every event reached each consumer once (the verifier), the other replica and
@@ -390,7 +452,9 @@ async fn two_replicas_of_each_stateful_service_keep_every_promise() {
     ]);
     assert!(
         verdict.status.success(),
-        "the books after the kill do not balance"
+        "the books after the kill do not balance:\n{}{}",
+        String::from_utf8_lossy(&verdict.stdout),
+        String::from_utf8_lossy(&verdict.stderr)
     );
     let report = String::from_utf8_lossy(&load.stdout);
     assert!(report.contains("orders accepted"), "{report}");
