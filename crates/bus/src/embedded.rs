@@ -535,10 +535,22 @@ impl StreamConsumer for EmbeddedConsumer {
                 Ok::<_, BusError>(rows.collect::<Result<Vec<(u32, i64)>, _>>()?)
             })
             .await
-            // Only the partitions this member holds: the others are another member's to report.
-            .map(|mut lags| {
-                lags.retain(|(p, _)| self.positions.contains_key(p));
-                lags
+            // The partitions this member does not hold are another member's to report: 0 here,
+            // so the gauges' sum over a group's replicas is the group's lag, and a partition
+            // handed over does not leave a stale figure behind.
+            .map(|lags| {
+                lags.into_iter()
+                    .map(|(p, lag)| {
+                        (
+                            p,
+                            if self.positions.contains_key(&p) {
+                                lag
+                            } else {
+                                0
+                            },
+                        )
+                    })
+                    .collect()
             })
     }
 
@@ -896,6 +908,16 @@ mod tests {
         if by_spare.last() > by_holder.last() {
             std::mem::swap(&mut holder, &mut spare);
         }
+        // One record not yet read: the group's lag, summed over its members as a dashboard
+        // sums the replicas' gauges, counts it once.
+        one.publish("t", &[record("k", 99)]).await.unwrap();
+        let lag = |lags: Vec<(u32, i64)>| lags.iter().map(|(_, n)| n).sum::<i64>();
+        assert_eq!(
+            lag(holder.lag().await.unwrap()) + lag(spare.lag().await.unwrap()),
+            1
+        );
+        let got = holder.poll(10, Duration::from_millis(100)).await.unwrap();
+        holder.commit(&got).await.unwrap();
         drop(holder);
         one.publish("t", &[record("k", 20)]).await.unwrap();
         let started = Instant::now();
