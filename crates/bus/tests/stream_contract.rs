@@ -209,32 +209,10 @@ async fn a_group_shares_partitions_and_survives_a_member_leaving(
     assert_eq!(parts_b.len(), 3, "b owns every partition now");
 }
 
-/// Two processes sharing the embedded stream are two handles on one SQLite file.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn embedded_group_shares_partitions_and_survives_a_member_leaving() {
-    let dir = tempfile::tempdir().unwrap();
-    let open = || async {
-        let bus = bus::embedded::EmbeddedBus::open(
-            &format!("sqlite://{}/bus.db", dir.path().display()),
-            &Default::default(),
-            bus::embedded::EmbeddedOptions {
-                partitions: 3,
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
-        Arc::new(bus)
-    };
-    let (first, second) = (open().await, open().await);
-    a_group_shares_partitions_and_survives_a_member_leaving(first, second, "group").await;
-}
-
-#[tokio::test]
-async fn embedded_stream_keeps_the_contract() {
-    let dir = tempfile::tempdir().unwrap();
+/// The embedded stream in `dir`, three partitions; each call is another handle on the file.
+async fn embedded_bus(dir: &std::path::Path) -> Arc<bus::embedded::EmbeddedBus> {
     let bus = bus::embedded::EmbeddedBus::open(
-        &format!("sqlite://{}/bus.db", dir.path().display()),
+        &format!("sqlite://{}/bus.db", dir.display()),
         &Default::default(),
         bus::embedded::EmbeddedOptions {
             partitions: 3,
@@ -243,7 +221,24 @@ async fn embedded_stream_keeps_the_contract() {
     )
     .await
     .unwrap();
-    keeps_the_contract(Arc::new(bus), "contract").await;
+    Arc::new(bus)
+}
+
+/// Two processes sharing the embedded stream are two handles on one SQLite file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_group_shares_partitions_and_survives_a_member_leaving() {
+    let dir = tempfile::tempdir().unwrap();
+    let (first, second) = (
+        embedded_bus(dir.path()).await,
+        embedded_bus(dir.path()).await,
+    );
+    a_group_shares_partitions_and_survives_a_member_leaving(first, second, "group").await;
+}
+
+#[tokio::test]
+async fn embedded_stream_keeps_the_contract() {
+    let dir = tempfile::tempdir().unwrap();
+    keeps_the_contract(embedded_bus(dir.path()).await, "contract").await;
 }
 
 #[cfg(feature = "kafka")]
