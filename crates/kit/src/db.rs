@@ -160,6 +160,42 @@ fn connect(
     Ok(conn)
 }
 
+/// The writer's connection, migrated. Processes that create one new file together (replicas
+/// starting at once on a fresh data directory) can find it locked while another switches it
+/// to WAL: SQLite answers busy at once there instead of waiting, so that is tried again, for
+/// at most the busy timeout (a second at least).
+fn open_writer(
+    path: &Path,
+    settings: &SqliteSettings,
+    steps: &[Step],
+) -> Result<Connection, DbError> {
+    let deadline =
+        std::time::Instant::now() + Duration::from_millis(settings.busy_timeout_ms.max(1_000));
+    loop {
+        let opened = connect(path, settings, true)
+            .map_err(DbError::from)
+            .and_then(|mut conn| migrate(&mut conn, steps).map(|()| conn));
+        match opened {
+            Err(e) if is_busy(&e) && std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            done => return done,
+        }
+    }
+}
+
+fn is_busy(e: &DbError) -> bool {
+    let sqlite = match e {
+        DbError::Sqlite(e) | DbError::Migration { source: e, .. } => e,
+        _ => return false,
+    };
+    matches!(
+        sqlite,
+        rusqlite::Error::SqliteFailure(f, _)
+            if matches!(f.code, rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+    )
+}
+
 /// Connections for reads on the caller's thread: one per async worker of a 2-core machine.
 const INLINE_CONNECTIONS: usize = 2;
 
@@ -229,8 +265,7 @@ impl Db {
             .to_owned();
         let settings = settings.clone();
         tokio::task::spawn_blocking(move || {
-            let mut conn = connect(&path, &settings, true)?;
-            migrate(&mut conn, steps)?;
+            let conn = open_writer(&path, &settings, steps)?;
             let writer = Worker::spawn(format!("sqlite-w-{name}"), "transaction", conn)?;
             let readers = (0..settings.read_connections.max(1))
                 .map(|i| {
