@@ -830,6 +830,21 @@ mod tests {
         assert_eq!(other.poll(100, Duration::ZERO).await.unwrap().len(), 10);
     }
 
+    /// Polls until records arrive or `patience` runs out: their payloads' bytes, and how long
+    /// that took.
+    async fn first_records(
+        consumer: &mut Box<dyn StreamConsumer>,
+        patience: Duration,
+    ) -> (Vec<u8>, Duration) {
+        let started = Instant::now();
+        let mut taken = Vec::new();
+        while taken.is_empty() && started.elapsed() < patience {
+            taken = consumer.poll(10, Duration::from_millis(100)).await.unwrap();
+        }
+        let payloads = taken.iter().map(|d| d.record.payload[0]).collect();
+        (payloads, started.elapsed())
+    }
+
     /// A member that dies without leaving (a SIGKILLed replica: nothing runs at its end) keeps
     /// its partition until its session runs out; then another reads it from the committed
     /// offset.
@@ -857,20 +872,13 @@ mod tests {
         std::mem::forget(first);
 
         let mut second = two.subscribe("t", "g").await.unwrap();
-        let started = Instant::now();
-        let mut taken = Vec::new();
-        while taken.is_empty() && started.elapsed() < Duration::from_secs(10) {
-            taken = second.poll(10, Duration::from_millis(100)).await.unwrap();
-        }
+        let (taken, waited) = first_records(&mut second, Duration::from_secs(10)).await;
         assert!(
-            started.elapsed() >= Duration::from_millis(300),
+            waited >= Duration::from_millis(300),
             "not before the dead member's session ran out"
         );
         assert_eq!(
-            taken
-                .iter()
-                .map(|d| d.record.payload[0])
-                .collect::<Vec<_>>(),
+            taken,
             vec![2],
             "the dead member's uncommitted record, and not its committed one"
         );
@@ -920,16 +928,9 @@ mod tests {
         holder.commit(&got).await.unwrap();
         drop(holder);
         one.publish("t", &[record("k", 20)]).await.unwrap();
-        let started = Instant::now();
-        let mut taken = Vec::new();
-        while taken.is_empty() && started.elapsed() < Duration::from_secs(5) {
-            taken = spare.poll(10, Duration::from_millis(100)).await.unwrap();
-        }
+        let (taken, _) = first_records(&mut spare, Duration::from_secs(5)).await;
         assert_eq!(
-            taken
-                .iter()
-                .map(|d| d.record.payload[0])
-                .collect::<Vec<_>>(),
+            taken,
             vec![20],
             "taken over well before a session (10 s) ran out"
         );

@@ -206,8 +206,9 @@ fn keys(ids: Vec<RowId>) -> Vec<String> {
         .collect()
 }
 
-/// How long a relay holds the rows it took before another relay may take them: a relay that
-/// dies mid-publish delays its rows by this much, never loses them.
+/// How long a relay holds the rows it took before another relay may take them (SQLite and
+/// DynamoDB, which lease rows): a relay that dies mid-publish delays its rows by this much,
+/// never loses them.
 pub(crate) const LEASE_MS: i64 = 30_000;
 
 type Due = Vec<(String, Pending)>;
@@ -231,19 +232,21 @@ enum Pass {
     Locked(sqlx::Transaction<'static, sqlx::Postgres>),
 }
 
-/// Runs `$query` in the pass's transaction when it holds one, else on the pool.
+/// Runs `query` in the pass's transaction (a PostgreSQL pass always holds one; without it the
+/// statement would commit on its own).
 #[cfg(feature = "postgres")]
-macro_rules! on_pass {
-    ($pass:expr, $pg:expr, $query:expr) => {
-        match $pass {
-            Pass::Locked(tx) => $query.execute(&mut **tx).await,
-            Pass::Leased => $query.execute($pg.pool()).await,
-        }
-        .map(|_| ())
-        .map_err(pg_error)
-    };
+async fn execute_in_pass(
+    pass: &mut Pass,
+    pg: &kit::pg::Pg,
+    query: sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments>,
+) -> Result<(), BusError> {
+    match pass {
+        Pass::Locked(tx) => query.execute(&mut **tx).await,
+        Pass::Leased => query.execute(pg.pool()).await,
+    }
+    .map(|_| ())
+    .map_err(pg_error)
 }
-
 impl Source {
     async fn due(&self, batch: i64) -> Result<(Due, Pass), BusError> {
         let rows: Vec<(i64, String, String, String, String, String, i64)> = match self {
@@ -399,11 +402,14 @@ impl Source {
                 .await
             }
             #[cfg(feature = "postgres")]
-            Source::Postgres(pg) => on_pass!(
-                pass,
-                pg,
-                sqlx::query("DELETE FROM outbox WHERE seq = ANY($1)").bind(seqs(ids))
-            ),
+            Source::Postgres(pg) => {
+                execute_in_pass(
+                    pass,
+                    pg,
+                    sqlx::query("DELETE FROM outbox WHERE seq = ANY($1)").bind(seqs(ids)),
+                )
+                .await
+            }
         }
     }
 
@@ -431,15 +437,18 @@ impl Source {
                 .await
             }
             #[cfg(feature = "postgres")]
-            Source::Postgres(pg) => on_pass!(
-                pass,
-                pg,
-                sqlx::query(
-                    "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = $1 WHERE seq = ANY($2)",
+            Source::Postgres(pg) => {
+                execute_in_pass(
+                    pass,
+                    pg,
+                    sqlx::query(
+                        "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = $1 WHERE seq = ANY($2)",
+                    )
+                    .bind(retry_at)
+                    .bind(seqs(ids)),
                 )
-                .bind(retry_at)
-                .bind(seqs(ids))
-            ),
+                .await
+            }
         }
     }
 
@@ -471,7 +480,8 @@ impl Source {
 
     /// An embedded database belongs to one process, so at start-up any lease in it was taken
     /// by a process that died mid-publish: its rows go out now rather than when the lease
-    /// runs out. (PostgreSQL and DynamoDB are shared by replicas, whose leases must stand.)
+    /// runs out. (DynamoDB is shared by replicas, whose leases must stand; a PostgreSQL pass
+    /// takes no lease, and one that died rolled back.)
     async fn reclaim_at_start(&self) -> Result<(), BusError> {
         match self {
             Source::Sqlite(db) => {

@@ -87,6 +87,11 @@ impl Worker {
         answer.await.map_err(|_| DbError::Closed)
     }
 
+    /// Queues `f` and returns at once; a closed worker drops it.
+    fn detach(&self, f: impl FnOnce(&mut Connection) + Send + 'static) {
+        let _ = self.jobs.send(Box::new(f));
+    }
+
     /// The span of one write transaction inside an exported trace
     /// ([`crate::telemetry::in_exported_trace`]): the kind of work, never the statement's
     /// values. Reads (point lookups, most of them) get none: they would double the spans of a
@@ -176,7 +181,9 @@ fn open_writer(
             .map_err(DbError::from)
             .and_then(|mut conn| migrate(&mut conn, steps).map(|()| conn));
         match opened {
-            Err(e) if is_busy(&e) && std::time::Instant::now() < deadline => {
+            Err(DbError::Sqlite(e) | DbError::Migration { source: e, .. })
+                if is_busy(&e) && std::time::Instant::now() < deadline =>
+            {
                 std::thread::sleep(Duration::from_millis(10));
             }
             done => return done,
@@ -184,16 +191,26 @@ fn open_writer(
     }
 }
 
-fn is_busy(e: &DbError) -> bool {
-    let sqlite = match e {
-        DbError::Sqlite(e) | DbError::Migration { source: e, .. } => e,
-        _ => return false,
-    };
+/// The database is locked by another connection (a checkpoint, a write, a switch to WAL).
+fn is_busy(e: &rusqlite::Error) -> bool {
     matches!(
-        sqlite,
+        e,
         rusqlite::Error::SqliteFailure(f, _)
             if matches!(f.code, rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
     )
+}
+
+/// `f` in a write transaction (`BEGIN IMMEDIATE`): committed if it returns `Ok`, rolled back
+/// (dropped) if it returns `Err`.
+fn in_write_transaction<T, E, F>(conn: &mut Connection, f: F) -> Result<T, E>
+where
+    F: FnOnce(&Transaction<'_>) -> Result<T, E>,
+    E: From<rusqlite::Error>,
+{
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let out = f(&tx)?;
+    tx.commit()?;
+    Ok(out)
 }
 
 /// Connections for reads on the caller's thread: one per async worker of a 2-core machine.
@@ -306,12 +323,7 @@ impl Db {
     {
         self.inner
             .writer
-            .run(move |conn| {
-                let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-                let out = f(&tx)?;
-                tx.commit()?;
-                Ok(out)
-            })
+            .run(move |conn| in_write_transaction(conn, f))
             .await
             .map_err(E::from)?
     }
@@ -323,13 +335,9 @@ impl Db {
     where
         F: FnOnce(&Transaction<'_>) -> Result<(), rusqlite::Error> + Send + 'static,
     {
-        let _ = self.inner.writer.jobs.send(Box::new(move |conn| {
-            if let Ok(tx) = conn.transaction_with_behavior(TransactionBehavior::Immediate)
-                && f(&tx).is_ok()
-            {
-                let _ = tx.commit();
-            }
-        }));
+        self.inner.writer.detach(move |conn| {
+            let _ = in_write_transaction(conn, f);
+        });
     }
 
     /// Runs `f` on a reader connection (round-robin); it sees the last committed state.
@@ -362,14 +370,7 @@ impl Db {
                 continue;
             };
             match f(&conn) {
-                Err(rusqlite::Error::SqliteFailure(e, _))
-                    if matches!(
-                        e.code,
-                        rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
-                    ) =>
-                {
-                    break;
-                }
+                Err(e) if is_busy(&e) => break,
                 done => return done.map_err(E::from),
             }
         }

@@ -381,7 +381,6 @@ pub async fn answer(response: reqwest::Response) -> Answer {
     }
 }
 
-/// Polls `check` until it returns `Some`, for at most `secs` seconds.
 /// The text of an operations listener's `/metrics` (`ops`: its base URL).
 pub async fn scrape_metrics(client: &reqwest::Client, ops: &str) -> String {
     client
@@ -394,6 +393,7 @@ pub async fn scrape_metrics(client: &reqwest::Client, ops: &str) -> String {
         .unwrap()
 }
 
+/// Polls `check` until it returns `Some`, for at most `secs` seconds.
 pub async fn eventually<T, F, Fut>(secs: u64, mut check: F) -> Option<T>
 where
     F: FnMut() -> Fut,
