@@ -95,6 +95,14 @@ pub const PG_MIGRATION: &str = "CREATE TABLE outbox (
 );
 CREATE INDEX outbox_due ON outbox (next_attempt_at, seq);";
 
+/// The PostgreSQL outbox's second step (a service's migration after [`PG_MIGRATION`]): the
+/// relay finds the rows waiting out a failed publish through an index of the rows that failed
+/// (none, mostly), not of every row's due time, which each order's rows paid to write and each
+/// pass to read (the due rows come from the primary key).
+#[cfg(feature = "postgres")]
+pub const PG_MIGRATION_RETRYING_INDEX: &str = "DROP INDEX IF EXISTS outbox_due;
+CREATE INDEX outbox_retrying ON outbox (seq) WHERE attempts > 0;";
+
 /// Writes one row per destination for `event`, inside the caller's PostgreSQL transaction:
 /// one statement for all destinations.
 #[cfg(feature = "postgres")]
@@ -293,25 +301,29 @@ impl Source {
                 // lock waits rather than fails: a relay that found it taken would otherwise
                 // spin on it at every order its replica writes.
                 let now = now_ms();
-                let mut tx = pg.pool().begin().await.map_err(pg_error)?;
-                sqlx::query(
-                    "SELECT pg_advisory_xact_lock(hashtext(current_schema() || '.outbox'))",
-                )
-                .execute(&mut *tx)
-                .await
-                .map_err(pg_error)?;
-                // The due rows in `seq` order, and the first row of each key backing off
-                // after a failure (flagged; rows after it wait for it). Two plain parts, not a
+                // The lock is taken with the transaction's BEGIN, in one round trip.
+                let mut tx = pg
+                    .pool()
+                    .begin_with(
+                        "BEGIN; SELECT pg_advisory_xact_lock(hashtext(current_schema() || '.outbox'))",
+                    )
+                    .await
+                    .map_err(pg_error)?;
+                // The due rows in `seq` order, and the rows backing off after a failure
+                // (flagged; a key's later rows wait for its first). Two plain parts, not a
                 // join: the first walks the primary key, whose index entries of deleted rows
                 // its scans mark dead; a join made PostgreSQL bitmap-scan every deleted row
                 // version not yet vacuumed (thousands under load: 1.4 ms a pass), or estimate
-                // the plan so high that it compiled it with JIT at every pass.
+                // the plan so high that it compiled it with JIT at every pass. The second
+                // reads the partial index of failed rows ([`PG_MIGRATION_RETRYING_INDEX`]),
+                // empty but for an outage; grouping them by key here made PostgreSQL set up a
+                // hash table at every pass (0.4-0.5 ms a pass under load), so Rust does it.
                 let found: Vec<FoundRow> = sqlx::query_as(
                     "(SELECT seq, event_id, destination, key, headers, payload, attempts, FALSE
                             FROM outbox WHERE next_attempt_at <= $1 ORDER BY seq LIMIT $2)
                          UNION ALL
-                         (SELECT MIN(seq), '', destination, key, '', '', 0, TRUE
-                            FROM outbox WHERE next_attempt_at > $1 GROUP BY destination, key)",
+                         (SELECT seq, '', destination, key, '', '', 0, TRUE
+                            FROM outbox WHERE attempts > 0 AND next_attempt_at > $1)",
                 )
                 .bind(now)
                 .bind(batch)
@@ -319,11 +331,14 @@ impl Source {
                 .await
                 .map_err(pg_error)?;
                 let keep: Vec<bool> = {
-                    let backing_off: HashMap<(&str, &str), i64> = found
-                        .iter()
-                        .filter(|row| row.7)
-                        .map(|row| ((row.2.as_str(), row.3.as_str()), row.0))
-                        .collect();
+                    // Each backing-off key's first row.
+                    let mut backing_off: HashMap<(&str, &str), i64> = HashMap::new();
+                    for row in found.iter().filter(|row| row.7) {
+                        backing_off
+                            .entry((row.2.as_str(), row.3.as_str()))
+                            .and_modify(|first| *first = (*first).min(row.0))
+                            .or_insert(row.0);
+                    }
                     found
                         .iter()
                         .map(|row| {
@@ -586,6 +601,11 @@ pub struct Relay {
     owner: &'static str,
 }
 
+/// How long a relay lets rows gather after a pass that found some (see [`Relay::run`]): a
+/// few milliseconds more until an event goes out, against half the passes under load
+/// (docs/benchmarks.md, "The relay's linger").
+const LINGER: Duration = Duration::from_millis(5);
+
 /// How often a relay reports its backlog (`outbox_backlog`, `outbox_oldest_age_seconds`).
 const BACKLOG_REPORT: Duration = Duration::from_secs(5);
 
@@ -671,6 +691,17 @@ impl Relay {
                     failures = 0;
                     if shutdown.is_cancelled() {
                         return;
+                    }
+                    // Rows came in while this pass ran: under load, let the next ones gather
+                    // for a moment (a producer's linger), so a pass (its transaction, round
+                    // trips and commit) carries several orders' events, not one or two. A
+                    // full batch goes again at once; the first rows after a quiet spell wait
+                    // for nothing.
+                    if i64::try_from(n).unwrap_or(i64::MAX) < self.batch {
+                        tokio::select! {
+                            () = shutdown.cancelled() => return,
+                            () = tokio::time::sleep(LINGER) => {},
+                        }
                     }
                     continue;
                 }
@@ -1209,17 +1240,23 @@ mod tests {
         keeps_each_keys_order(Source::Sqlite(db), dir.path()).await;
     }
 
+    /// The outbox's steps as a service migrates them.
+    #[cfg(feature = "postgres")]
+    static OUTBOX_PG_STEPS: &[kit::pg::PgStep] = &[
+        (1, "outbox", PG_MIGRATION),
+        (2, "outbox retrying index", PG_MIGRATION_RETRYING_INDEX),
+    ];
+
     #[cfg(feature = "postgres")]
     #[tokio::test]
     async fn postgres_outbox_keeps_each_keys_order() {
-        static PG_STEPS: &[kit::pg::PgStep] = &[(1, "outbox", PG_MIGRATION)];
         let dir = tempfile::tempdir().unwrap();
         let url = kit::pg::test_database_url();
         let pg = kit::pg::Pg::open(
             &url,
             &kit::pg::unique_schema("outbox_order"),
             &kit::config::PostgresSettings::default(),
-            PG_STEPS,
+            OUTBOX_PG_STEPS,
         )
         .await
         .unwrap_or_else(|e| {
@@ -1269,14 +1306,13 @@ mod tests {
     #[cfg(feature = "postgres")]
     #[tokio::test]
     async fn postgres_outbox_keeps_the_contract() {
-        static PG_STEPS: &[kit::pg::PgStep] = &[(1, "outbox", PG_MIGRATION)];
         let dir = tempfile::tempdir().unwrap();
         let url = kit::pg::test_database_url();
         let pg = kit::pg::Pg::open(
             &url,
             &kit::pg::unique_schema("outbox"),
             &kit::config::PostgresSettings::default(),
-            PG_STEPS,
+            OUTBOX_PG_STEPS,
         )
         .await
         .unwrap_or_else(|e| {

@@ -1,6 +1,10 @@
 //! Service-to-service HTTP: JSON in and out, a hard timeout on every call, the caller's
 //! request id forwarded, and failures sorted into "the other side said no" (4xx, with its
 //! problem) and "the other side is not there" (timeouts, refused connections, 5xx).
+//!
+//! A callee running in the same process (`mercato up`) can be called in memory instead
+//! ([`LocalApp`]): the same request, headers and whole middleware stack of the callee, without
+//! a socket, a connection pool or HTTP encoding in between.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -61,7 +65,36 @@ pub struct ServiceClient {
     service: &'static str,
     /// The calling service's credential for the callee's `/internal/*` routes.
     credentials: Option<(Arc<ServiceKey>, &'static str)>,
+    /// The callee's app when it runs in this process (filled once it is built).
+    local: Option<LocalApp>,
 }
+
+/// A service's app in this process, filled in once the service is assembled (services call
+/// each other both ways, so a client is made before its callee's app exists), with the time
+/// limit a call over the network would have.
+#[derive(Debug, Clone)]
+pub struct LocalApp {
+    app: Arc<std::sync::OnceLock<axum::Router>>,
+    timeout: Duration,
+}
+
+impl LocalApp {
+    pub fn new(timeout: Duration) -> LocalApp {
+        LocalApp {
+            app: Arc::default(),
+            timeout,
+        }
+    }
+
+    /// Serves the calls from now on; a second app for the same service is ignored.
+    pub fn serve(&self, app: axum::Router) {
+        let _ = self.app.set(app);
+    }
+}
+
+/// The most an in-memory answer may hold: the callee is this process's own code, whose
+/// internal answers are pages of bounded size; this only bounds a bug.
+const LOCAL_ANSWER_LIMIT: usize = 16 * 1024 * 1024;
 
 impl ServiceClient {
     pub fn new(service: &'static str, base_url: &str, http: reqwest::Client) -> Self {
@@ -81,7 +114,14 @@ impl ServiceClient {
             next: Arc::default(),
             service,
             credentials: None,
+            local: None,
         }
+    }
+
+    /// Calls go to `local`'s app in memory once it is there (over the network until then).
+    pub fn served_by(mut self, local: LocalApp) -> Self {
+        self.local = Some(local);
+        self
     }
 
     /// Signs every call as coming from `caller` (a service token in `Authorization`).
@@ -169,6 +209,13 @@ impl ServiceClient {
         body: Option<&B>,
         span: &tracing::Span,
     ) -> Result<bytes_compat::Bytes, CallError> {
+        if let Some(local) = &self.local
+            && let Some(app) = local.app.get()
+        {
+            return self
+                .exchange_in_memory(app, local.timeout, method, path, body, span)
+                .await;
+        }
         let n = self.bases.len();
         let start = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % n;
         let mut attempt = 0;
@@ -200,11 +247,85 @@ impl ServiceClient {
             }
         };
         let status = response.status();
-        span.record("http.response.status_code", status.as_u16());
         let bytes = response
             .bytes()
             .await
             .map_err(|e| self.unavailable(describe(&e)))?;
+        self.answer(status, bytes, span)
+    }
+
+    /// The call as [`exchange_in`](Self::exchange_in) sends it, handed to `app` as its
+    /// listener would hand it over: the same headers, an origin-form target, the same limit.
+    async fn exchange_in_memory<B: Serialize>(
+        &self,
+        app: &axum::Router,
+        timeout: Duration,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+        span: &tracing::Span,
+    ) -> Result<bytes_compat::Bytes, CallError> {
+        use tower::ServiceExt as _;
+        let mut request = http::Request::builder().method(method).uri(path);
+        let headers = request
+            .headers_mut()
+            .ok_or_else(|| self.unavailable("invalid request".into()))?;
+        if !span.is_none() {
+            crate::telemetry::propagation::inject_into_headers(span, headers);
+        }
+        if let Some((key, caller)) = &self.credentials {
+            let token = key
+                .token_for(caller)
+                .map_err(|e| self.unavailable(format!("cannot sign the call: {e}")))?;
+            let value = http::HeaderValue::try_from(format!("Bearer {token}"))
+                .map_err(|_| self.unavailable("cannot sign the call".into()))?;
+            headers.insert(http::header::AUTHORIZATION, value);
+        }
+        if let Ok(Some(id)) = REQUEST_ID.try_with(Clone::clone)
+            && let Ok(value) = http::HeaderValue::try_from(id)
+        {
+            headers.insert(crate::server::X_REQUEST_ID, value);
+        }
+        let body = match body {
+            Some(body) => {
+                headers.insert(
+                    http::header::CONTENT_TYPE,
+                    http::HeaderValue::from_static("application/json"),
+                );
+                let json = serde_json::to_vec(body)
+                    .map_err(|e| self.unavailable(format!("unwritable request: {e}")))?;
+                axum::body::Body::from(json)
+            }
+            None => axum::body::Body::empty(),
+        };
+        let request = request
+            .body(body)
+            .map_err(|_| self.unavailable(format!("invalid path {path}")))?;
+        let call = async {
+            let response = match app.clone().oneshot(request).await {
+                Ok(response) => response,
+                Err(never) => match never {},
+            };
+            let status = response.status();
+            axum::body::to_bytes(response.into_body(), LOCAL_ANSWER_LIMIT)
+                .await
+                .map(|bytes| (status, bytes))
+                .map_err(|_| self.unavailable("unreadable answer".into()))
+        };
+        let (status, bytes) = tokio::time::timeout(timeout, call)
+            .await
+            .map_err(|_| self.unavailable("timed out".into()))??;
+        self.answer(status, bytes, span)
+    }
+
+    /// Sorts an answer into its body, a refusal or an outage.
+    fn answer(
+        &self,
+        status: StatusCode,
+        bytes: bytes_compat::Bytes,
+        span: &tracing::Span,
+    ) -> Result<bytes_compat::Bytes, CallError> {
+        span.record("http.response.status_code", status.as_u16());
         if status.is_success() {
             Ok(bytes)
         } else if status.is_client_error() {
@@ -281,5 +402,103 @@ mod tests {
             .post::<_, serde_json::Value>("/internal/echo", &serde_json::json!({}))
             .await;
         assert!(matches!(failed, Err(CallError::Unavailable { .. })));
+    }
+
+    /// The app an in-memory callee runs: echoes the body with the headers a callee reads.
+    fn echo_app() -> axum::Router {
+        use axum::response::IntoResponse as _;
+        axum::Router::new()
+            .route(
+                "/internal/echo",
+                axum::routing::post(
+                    |headers: http::HeaderMap, axum::Json(v): axum::Json<serde_json::Value>| async move {
+                        let header = |name: &str| {
+                            headers
+                                .get(name)
+                                .and_then(|v| v.to_str().ok())
+                                .map(str::to_owned)
+                        };
+                        axum::Json(serde_json::json!({
+                            "body": v,
+                            "authorization": header("authorization"),
+                            "request_id": header("x-request-id"),
+                        }))
+                    },
+                ),
+            )
+            .route(
+                "/internal/missing",
+                axum::routing::get(|| async {
+                    Problem::not_found("the thing").into_response()
+                }),
+            )
+            .route(
+                "/internal/slow",
+                axum::routing::get(|| async {
+                    tokio::time::sleep(Duration::from_secs(30)).await;
+                    "late"
+                }),
+            )
+    }
+
+    #[tokio::test]
+    async fn a_callee_in_this_process_is_called_in_memory_once_it_is_served() {
+        // Nothing listens at the URL: a call over the network is refused.
+        let gone = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let gone_url = format!("http://{}", gone.local_addr().unwrap());
+        drop(gone);
+        let key = Arc::new(ServiceKey::new(
+            crate::auth::SigningKey::generate().unwrap(),
+        ));
+        let local = LocalApp::new(Duration::from_millis(200));
+        let client = ServiceClient::new("echo", &gone_url, reqwest::Client::new())
+            .signed_by(key.clone(), "orders")
+            .served_by(local.clone());
+        let before = client
+            .post::<_, serde_json::Value>("/internal/echo", &serde_json::json!({"n": 1}))
+            .await;
+        assert!(
+            matches!(before, Err(CallError::Unavailable { .. })),
+            "{before:?}"
+        );
+
+        local.serve(echo_app());
+        let answer: serde_json::Value = REQUEST_ID
+            .scope(Some("req-7".into()), async {
+                client
+                    .post("/internal/echo", &serde_json::json!({"n": 2}))
+                    .await
+            })
+            .await
+            .unwrap();
+        assert_eq!(answer["body"]["n"], 2);
+        assert_eq!(answer["request_id"], "req-7");
+        // Signed as over the network: the callee checks the same service token.
+        let token = answer["authorization"]
+            .as_str()
+            .unwrap()
+            .strip_prefix("Bearer ")
+            .unwrap();
+        assert_eq!(key.verify(token).unwrap(), "orders");
+
+        // A refusal keeps its status and problem; a callee too slow times out as unavailable.
+        let missing = client
+            .get::<serde_json::Value>("/internal/missing")
+            .await
+            .unwrap_err();
+        match missing {
+            CallError::Rejected {
+                status, problem, ..
+            } => {
+                assert_eq!(status, StatusCode::NOT_FOUND);
+                assert!(problem.is_some());
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        let slow = client.get::<serde_json::Value>("/internal/slow").await;
+        match slow {
+            Err(CallError::Unavailable { reason, .. }) => assert_eq!(reason, "timed out"),
+            other => panic!("expected a time-out, got {other:?}"),
+        }
     }
 }

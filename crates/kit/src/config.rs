@@ -255,9 +255,9 @@ pub struct HttpSettings {
     pub body_limit_bytes: usize,
     /// Gateway: how long an upstream may take to answer.
     pub upstream_timeout_ms: u64,
-    /// Gateway: a service running in the same process (`mercato up`) is handed its requests in
-    /// memory, through its whole middleware stack, instead of over its TCP port. `false` sends
-    /// them over TCP as between pods.
+    /// Gateway and services: a service running in the same process (`mercato up`) is handed
+    /// their requests in memory, through its whole middleware stack, instead of over its TCP
+    /// port. `false` sends them over TCP as between pods.
     pub in_process_upstreams: bool,
     /// How long an `Idempotency-Key` and its stored answer are kept.
     pub idempotency_ttl_secs: u64,

@@ -14,7 +14,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Auth;
-use crate::client::ServiceClient;
+use crate::client::{LocalApp, ServiceClient};
 use crate::config::{ServiceSettings, Settings};
 use crate::db::Db;
 use crate::idempotency::Idempotency;
@@ -347,6 +347,9 @@ pub struct Shared<'a> {
     pub auth: &'a Arc<Auth>,
     /// This process's operations listener (`/ready`, `/metrics`), as a URL.
     pub ops_url: &'a str,
+    /// The services in this process that the others call in memory, not over their port
+    /// (`http.in_process_upstreams`).
+    pub local: &'a [(Service, LocalApp)],
 }
 
 impl Shared<'_> {
@@ -361,8 +364,12 @@ impl Shared<'_> {
 
     /// A client of `service`'s internal routes, signed as `caller`.
     pub fn client(&self, caller: Service, service: Service) -> ServiceClient {
-        ServiceClient::new(service.as_str(), &self.url(service), self.http.clone())
-            .signed_by(self.auth.service_key().clone(), caller.as_str())
+        let client = ServiceClient::new(service.as_str(), &self.url(service), self.http.clone())
+            .signed_by(self.auth.service_key().clone(), caller.as_str());
+        match self.local.iter().find(|(s, _)| *s == service) {
+            Some((_, app)) => client.served_by(app.clone()),
+            None => client,
+        }
     }
 
     /// The database `service`'s store opens ([`backend`]).

@@ -310,7 +310,23 @@ pub async fn start(settings: &Settings, services: &[ServiceName]) -> anyhow::Res
         };
         format!("http://{}", std::net::SocketAddr::new(host, addr.port()))
     };
+    // The services here that the others call in memory: those whose URL is not configured
+    // elsewhere (the gateway's own upstreams follow the same rule, in its wiring).
+    let local: Vec<(Service, kit::client::LocalApp)> = if settings.http.in_process_upstreams {
+        ServiceName::ALL
+            .into_iter()
+            .filter(|s| wants(*s) && *s != ServiceName::Gateway)
+            .filter(|s| s.settings(settings).url.is_none())
+            .map(|s| {
+                let timeout = Duration::from_millis(settings.http.client_timeout_ms);
+                (s.service(), kit::client::LocalApp::new(timeout))
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
     let shared = Shared {
+        local: &local,
         ops_url: &ops_url,
         settings,
         urls: &urls,
@@ -373,6 +389,9 @@ pub async fn start(settings: &Settings, services: &[ServiceName]) -> anyhow::Res
             router.merge(kit::faults::FaultAdmin::new(settings).router())
         };
         let app = server::app(service.as_str(), router.layer(auth.layer()), &settings.http);
+        if let Some((_, local)) = local.iter().find(|(s, _)| *s == service.service()) {
+            local.serve(app.clone());
+        }
         apps.push((service, app));
         readiness.push((service.as_str(), ready));
         dependencies.extend(

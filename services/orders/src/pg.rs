@@ -86,6 +86,11 @@ pub static MIGRATIONS: &[PgStep] = &[
             PRIMARY KEY (topic, partition, record_offset)
         );",
     ),
+    (
+        6,
+        "outbox retrying index",
+        bus::outbox::PG_MIGRATION_RETRYING_INDEX,
+    ),
 ];
 
 #[derive(Debug, Clone)]

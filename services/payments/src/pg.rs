@@ -75,6 +75,11 @@ pub static MIGRATIONS: &[PgStep] = &[
         CREATE INDEX payments_pending ON payments (created_at) WHERE status = 'pending';
         ALTER TABLE refunds ADD COLUMN provider_reference TEXT, ADD COLUMN reason TEXT;",
     ),
+    (
+        5,
+        "outbox retrying index",
+        bus::outbox::PG_MIGRATION_RETRYING_INDEX,
+    ),
 ];
 
 #[derive(Debug, Clone)]
