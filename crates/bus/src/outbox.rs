@@ -603,8 +603,8 @@ pub struct Relay {
 
 /// How long a relay lets rows gather after a pass that found some (see [`Relay::run`]): a
 /// few milliseconds more until an event goes out, against half the passes under load
-/// (docs/benchmarks.md, "The relay's linger").
-const LINGER: Duration = Duration::from_millis(5);
+/// (docs/benchmarks.md, "Reservations in memory, a relay that lingers").
+const LINGER: Duration = Duration::from_millis(10);
 
 /// How often a relay reports its backlog (`outbox_backlog`, `outbox_oldest_age_seconds`).
 const BACKLOG_REPORT: Duration = Duration::from_secs(5);
