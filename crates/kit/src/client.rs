@@ -219,25 +219,15 @@ impl ServiceClient {
         let n = self.bases.len();
         let start = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % n;
         let mut attempt = 0;
+        let headers = self.call_headers(span)?;
         let response = loop {
             let base = &self.bases[(start + attempt) % n];
-            let mut request = self.http.request(method.clone(), format!("{base}{path}"));
-            if !span.is_none() {
-                let mut headers = http::HeaderMap::new();
-                crate::telemetry::propagation::inject_into_headers(span, &mut headers);
-                request = request.headers(headers);
-            }
+            let mut request = self
+                .http
+                .request(method.clone(), format!("{base}{path}"))
+                .headers(headers.clone());
             if let Some(body) = body {
                 request = request.json(body);
-            }
-            if let Some((key, caller)) = &self.credentials {
-                let token = key
-                    .token_for(caller)
-                    .map_err(|e| self.unavailable(format!("cannot sign the call: {e}")))?;
-                request = request.bearer_auth(token);
-            }
-            if let Ok(Some(id)) = REQUEST_ID.try_with(Clone::clone) {
-                request = request.header(crate::server::X_REQUEST_ID, id);
             }
             match request.send().await {
                 Ok(response) => break response,
@@ -266,26 +256,7 @@ impl ServiceClient {
         span: &tracing::Span,
     ) -> Result<bytes_compat::Bytes, CallError> {
         use tower::ServiceExt as _;
-        let mut request = http::Request::builder().method(method).uri(path);
-        let headers = request
-            .headers_mut()
-            .ok_or_else(|| self.unavailable("invalid request".into()))?;
-        if !span.is_none() {
-            crate::telemetry::propagation::inject_into_headers(span, headers);
-        }
-        if let Some((key, caller)) = &self.credentials {
-            let token = key
-                .token_for(caller)
-                .map_err(|e| self.unavailable(format!("cannot sign the call: {e}")))?;
-            let value = http::HeaderValue::try_from(format!("Bearer {token}"))
-                .map_err(|_| self.unavailable("cannot sign the call".into()))?;
-            headers.insert(http::header::AUTHORIZATION, value);
-        }
-        if let Ok(Some(id)) = REQUEST_ID.try_with(Clone::clone)
-            && let Ok(value) = http::HeaderValue::try_from(id)
-        {
-            headers.insert(crate::server::X_REQUEST_ID, value);
-        }
+        let mut headers = self.call_headers(span)?;
         let body = match body {
             Some(body) => {
                 headers.insert(
@@ -298,9 +269,12 @@ impl ServiceClient {
             }
             None => axum::body::Body::empty(),
         };
-        let request = request
+        let mut request = http::Request::builder()
+            .method(method)
+            .uri(path)
             .body(body)
             .map_err(|_| self.unavailable(format!("invalid path {path}")))?;
+        *request.headers_mut() = headers;
         let call = async {
             let response = match app.clone().oneshot(request).await {
                 Ok(response) => response,
@@ -316,6 +290,29 @@ impl ServiceClient {
             .await
             .map_err(|_| self.unavailable("timed out".into()))??;
         self.answer(status, bytes, span)
+    }
+
+    /// What every call carries, over the network or in memory: the trace context, the
+    /// service token and the request id.
+    fn call_headers(&self, span: &tracing::Span) -> Result<http::HeaderMap, CallError> {
+        let mut headers = http::HeaderMap::new();
+        if !span.is_none() {
+            crate::telemetry::propagation::inject_into_headers(span, &mut headers);
+        }
+        if let Some((key, caller)) = &self.credentials {
+            let token = key
+                .token_for(caller)
+                .map_err(|e| self.unavailable(format!("cannot sign the call: {e}")))?;
+            let value = http::HeaderValue::try_from(format!("Bearer {token}"))
+                .map_err(|_| self.unavailable("cannot sign the call".into()))?;
+            headers.insert(http::header::AUTHORIZATION, value);
+        }
+        if let Ok(Some(id)) = REQUEST_ID.try_with(Clone::clone)
+            && let Ok(value) = http::HeaderValue::try_from(id)
+        {
+            headers.insert(crate::server::X_REQUEST_ID, value);
+        }
+        Ok(headers)
     }
 
     /// Sorts an answer into its body, a refusal or an outage.
