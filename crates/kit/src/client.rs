@@ -90,6 +90,11 @@ impl LocalApp {
     pub fn serve(&self, app: axum::Router) {
         let _ = self.app.set(app);
     }
+
+    /// The app, once it is served.
+    pub fn app(&self) -> Option<axum::Router> {
+        self.app.get().cloned()
+    }
 }
 
 /// The most an in-memory answer may hold: the callee is this process's own code, whose
@@ -300,11 +305,9 @@ impl ServiceClient {
             crate::telemetry::propagation::inject_into_headers(span, &mut headers);
         }
         if let Some((key, caller)) = &self.credentials {
-            let token = key
-                .token_for(caller)
+            let value = key
+                .authorization_for(caller)
                 .map_err(|e| self.unavailable(format!("cannot sign the call: {e}")))?;
-            let value = http::HeaderValue::try_from(format!("Bearer {token}"))
-                .map_err(|_| self.unavailable("cannot sign the call".into()))?;
             headers.insert(http::header::AUTHORIZATION, value);
         }
         if let Ok(Some(id)) = REQUEST_ID.try_with(Clone::clone)

@@ -310,17 +310,19 @@ pub async fn start(settings: &Settings, services: &[ServiceName]) -> anyhow::Res
         };
         format!("http://{}", std::net::SocketAddr::new(host, addr.port()))
     };
-    // The services here that the others call in memory: those whose URL is not configured
-    // elsewhere (the gateway's own upstreams follow the same rule, in its wiring).
+    // The services here, but for the gateway; one whose URL is configured is reached there,
+    // even from here. With `http.in_process_upstreams` the gateway and the other services call
+    // these in memory.
+    let here: Vec<Service> = ServiceName::ALL
+        .into_iter()
+        .filter(|s| wants(*s) && *s != ServiceName::Gateway)
+        .filter(|s| s.settings(settings).url.is_none())
+        .map(ServiceName::service)
+        .collect();
     let local: Vec<(Service, kit::client::LocalApp)> = if settings.http.in_process_upstreams {
-        ServiceName::ALL
-            .into_iter()
-            .filter(|s| wants(*s) && *s != ServiceName::Gateway)
-            .filter(|s| s.settings(settings).url.is_none())
-            .map(|s| {
-                let timeout = Duration::from_millis(settings.http.client_timeout_ms);
-                (s.service(), kit::client::LocalApp::new(timeout))
-            })
+        let timeout = Duration::from_millis(settings.http.client_timeout_ms);
+        here.iter()
+            .map(|s| (*s, kit::client::LocalApp::new(timeout)))
             .collect()
     } else {
         Vec::new()
@@ -371,15 +373,7 @@ pub async fn start(settings: &Settings, services: &[ServiceName]) -> anyhow::Res
             ServiceName::Payments => payments::wiring::start(&shared, bus()?).await?,
             ServiceName::Notifications => notifications::wiring::start(&shared, bus()?).await?,
             ServiceName::Analytics => analytics::wiring::start(&shared, bus()?).await?,
-            ServiceName::Gateway => {
-                // A service whose URL is configured is reached there, even from here.
-                let in_process: Vec<_> = apps
-                    .iter()
-                    .filter(|(s, _)| s.settings(settings).url.is_none())
-                    .map(|(s, app)| (s.service(), app.clone()))
-                    .collect();
-                gateway::wiring::start(&shared, &in_process)?
-            }
+            ServiceName::Gateway => gateway::wiring::start(&shared, &here)?,
         };
         // Every service answers the fault-injection routes for its own process; the
         // gateway's (in its wiring) also passes changes on to the others.

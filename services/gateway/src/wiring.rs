@@ -10,13 +10,10 @@ use kit::faults::admin::Peer;
 use kit::server::ready_check;
 use kit::wiring::{Context as _, Service, Shared, Started, WiringError};
 
-/// Starts the gateway in front of the services at `shared`'s URLs; `in_process` are the apps
-/// of those running in this process (handed their requests in memory when
-/// `http.in_process_upstreams` is on).
-pub fn start(
-    shared: &Shared<'_>,
-    in_process: &[(Service, axum::Router)],
-) -> Result<Started, WiringError> {
+/// Starts the gateway in front of the services at `shared`'s URLs; those in `shared.local`
+/// are handed their requests in memory. `here` are the services running in this process (they
+/// share its faults).
+pub fn start(shared: &Shared<'_>, here: &[Service]) -> Result<Started, WiringError> {
     let upstreams = crate::Upstreams {
         users: shared.url(Service::Users),
         products: shared.url(Service::Products),
@@ -24,11 +21,11 @@ pub fn start(
         payments: shared.url(Service::Payments),
         notifications: shared.url(Service::Notifications),
         analytics: shared.url(Service::Analytics),
-        in_process: if shared.settings.http.in_process_upstreams {
-            in_process.to_vec()
-        } else {
-            Vec::new()
-        },
+        in_process: shared
+            .local
+            .iter()
+            .filter_map(|(service, local)| local.app().map(|app| (*service, app)))
+            .collect(),
     };
     let timeout = Duration::from_millis(shared.settings.http.upstream_timeout_ms);
     let limits = crate::limits::Limits::new(&shared.settings.rate_limit)
@@ -58,7 +55,7 @@ pub fn start(
     // in this one share its faults).
     let peers = Service::ALL
         .into_iter()
-        .filter(|s| *s != Service::Gateway && !in_process.iter().any(|(p, _)| p == s))
+        .filter(|s| *s != Service::Gateway && !here.contains(s))
         // Each replica of a service named by several URLs holds faults of its own.
         .flat_map(|s| {
             shared

@@ -28,6 +28,8 @@ pub enum KeyError {
     Random(String),
     #[error("signing failed: {0}")]
     Sign(#[from] jsonwebtoken::errors::Error),
+    #[error("a signed token is not a valid header value")]
+    Unprintable,
 }
 
 /// An Ed25519 public key with its `kid`.

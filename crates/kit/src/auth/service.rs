@@ -34,8 +34,8 @@ struct ServiceClaims {
 pub struct ServiceKey {
     key: SigningKey,
     validation: Validation,
-    /// Tokens minted per calling service, with their expiry.
-    minted: Mutex<Vec<(&'static str, String, u64)>>,
+    /// Tokens minted per calling service, as `Authorization` values, with their expiry.
+    minted: Mutex<Vec<(&'static str, http::HeaderValue, u64)>>,
     /// Tokens verified, with the caller they name and their expiry: a caller reuses its token
     /// for minutes, so the hot path is a lookup, not a signature check per internal call.
     verified: RwLock<HashMap<String, (String, u64)>>,
@@ -61,13 +61,21 @@ impl ServiceKey {
 
     /// A token for `caller`'s calls, reused while it has more than a minute left.
     pub fn token_for(&self, caller: &'static str) -> Result<String, KeyError> {
+        let value = self.authorization_for(caller)?;
+        let header = value.to_str().map_err(|_| KeyError::Unprintable)?;
+        Ok(header.strip_prefix("Bearer ").unwrap_or(header).to_owned())
+    }
+
+    /// `Bearer <token for caller>`, the `Authorization` value of `caller`'s calls: made once a
+    /// token, so a call costs a lookup and a reference count, not a copy and a format.
+    pub fn authorization_for(&self, caller: &'static str) -> Result<http::HeaderValue, KeyError> {
         let now = jsonwebtoken::get_current_timestamp();
         if let Ok(minted) = self.minted.lock()
-            && let Some((_, token, _)) = minted
+            && let Some((_, value, _)) = minted
                 .iter()
                 .find(|(c, _, exp)| *c == caller && *exp > now + RENEW_BEFORE_SECS)
         {
-            return Ok(token.clone());
+            return Ok(value.clone());
         }
         let exp = now + LIFETIME_SECS;
         let token = self.key.sign(
@@ -80,11 +88,15 @@ impl ServiceKey {
                 exp,
             },
         )?;
+        let mut value = http::HeaderValue::try_from(format!("Bearer {token}"))
+            .map_err(|_| KeyError::Unprintable)?;
+        // Kept out of `Debug` output (and of HTTP/2 header compression tables).
+        value.set_sensitive(true);
         if let Ok(mut minted) = self.minted.lock() {
             minted.retain(|(c, _, _)| *c != caller);
-            minted.push((caller, token.clone(), exp));
+            minted.push((caller, value.clone(), exp));
         }
-        Ok(token)
+        Ok(value)
     }
 
     /// The calling service's name, if `token` is a valid service token.
@@ -141,5 +153,15 @@ mod tests {
         let mut tampered = token.clone();
         tampered.insert(token.len() - 2, 'A');
         assert!(services.verify(&tampered).is_err());
+    }
+
+    #[test]
+    fn the_authorization_value_carries_the_token_and_stays_out_of_debug_output() {
+        let services = ServiceKey::new(SigningKey::generate().unwrap());
+        let value = services.authorization_for("orders").unwrap();
+        let token = services.token_for("orders").unwrap();
+        assert_eq!(value.to_str().unwrap(), format!("Bearer {token}"));
+        assert!(value.is_sensitive());
+        assert!(!format!("{value:?}").contains(&token));
     }
 }
