@@ -21,13 +21,15 @@
 //!   reading its status, so two of them for one order run one after the other and stock comes
 //!   back, or is taken again, only once.
 
+use std::collections::{HashMap, HashSet};
+
 use async_trait::async_trait;
 use chrono::DateTime;
 use kit::Money;
 use kit::config::PostgresSettings;
 use kit::db::now_ms;
 use kit::page::{Cursor, Page, PageRequest};
-use kit::pg::batch::{BatchWrite, Batcher};
+use kit::pg::batch::{BatchWrite, Batcher, Together};
 use kit::pg::{Pg, PgError, PgStep, is_unique_violation};
 use kit::server::BoxFuture;
 use sqlx::postgres::PgRow;
@@ -316,6 +318,241 @@ impl BatchWrite for FreshReservation {
             }
         })
     }
+
+    /// The batch in two statements, whatever its size: one locks every product of the batch
+    /// (ascending id) and finds which orders hold a reservation already; Rust decides each
+    /// order in the batch's order ([`allot`]); one writes the claims, their lines and each
+    /// product's new total. A much-ordered product's row is locked and written once a batch,
+    /// not once an order.
+    fn write_together<'c>(
+        writes: &'c [&'c Self],
+        conn: &'c mut PgConnection,
+    ) -> BoxFuture<'c, Result<Together<Self::Output>, sqlx::Error>> {
+        Box::pin(async move {
+            match reserve_together(conn, writes).await {
+                Err(StoreError::Postgres(e)) => Err(e),
+                // A corrupt row: run alone, only the reservations that meet it fail.
+                Err(_) => Ok(Together::EachAlone),
+                Ok(outcome) => Ok(outcome),
+            }
+        })
+    }
+}
+
+/// Each order of a batch decided in turn against the stock its products had when locked: the
+/// outcome of running them one after another, in that order.
+#[derive(Debug)]
+enum Allotment {
+    /// Every line can be had: the order claims its reservation and takes them.
+    Take,
+    /// A reservation exists for this order (a retry): nothing taken here.
+    Exists,
+    /// A line cannot be had (the first, in product id order): nothing taken.
+    Refuse(StoreError),
+}
+
+/// A locked product: what it can still give and its price.
+#[derive(Debug, Clone, Copy)]
+struct Shelf {
+    available: i64,
+    price_cents: i64,
+}
+
+/// Decides the batch's orders in turn; `shelves` loses what each taking order takes.
+fn allot(
+    orders: &[(Uuid, &ReservationLines)],
+    existing: &HashSet<Uuid>,
+    shelves: &mut HashMap<Uuid, Shelf>,
+) -> Vec<Allotment> {
+    // An order twice in one batch finds, the second time, what the first claimed.
+    let mut claimed_here: HashSet<Uuid> = HashSet::new();
+    orders
+        .iter()
+        .map(|(order_id, lines)| {
+            if existing.contains(order_id) || claimed_here.contains(order_id) {
+                return Allotment::Exists;
+            }
+            let shortfall = lines
+                .lines()
+                .iter()
+                .find_map(|(product_id, requested)| match shelves.get(product_id) {
+                    None => Some(StoreError::UnknownProduct(*product_id)),
+                    Some(shelf) if shelf.available < *requested => {
+                        Some(StoreError::InsufficientStock {
+                            product_id: *product_id,
+                            requested: *requested,
+                            available: shelf.available,
+                        })
+                    }
+                    Some(_) => None,
+                });
+            if let Some(refusal) = shortfall {
+                return Allotment::Refuse(refusal);
+            }
+            for (product_id, quantity) in lines.lines() {
+                if let Some(shelf) = shelves.get_mut(product_id) {
+                    shelf.available -= quantity;
+                }
+            }
+            claimed_here.insert(*order_id);
+            Allotment::Take
+        })
+        .collect()
+}
+
+/// A batch of new reservations in two statements (see [`FreshReservation::write_together`]).
+async fn reserve_together(
+    conn: &mut PgConnection,
+    writes: &[&FreshReservation],
+) -> Result<Together<Result<Fresh, StoreError>>, StoreError> {
+    let orders: Vec<Uuid> = writes.iter().map(|w| w.order_id).collect();
+    let mut products: Vec<Uuid> = writes
+        .iter()
+        .flat_map(|w| w.lines.lines().iter().map(|(product, _)| *product))
+        .collect();
+    products.sort_unstable();
+    products.dedup();
+    // Products (a price) and existing reservations (none) in one round trip; the products by
+    // primary key, locked in ascending id like every other writer's.
+    let rows = sqlx::query(
+        "SELECT p.id, p.available, p.price_cents FROM (
+            SELECT id, on_hand - reserved AS available, price_cents FROM products
+            WHERE id = ANY($1::uuid[]) ORDER BY id FOR UPDATE) p
+         UNION ALL
+         SELECT r.order_id, NULL, NULL FROM reservations r WHERE r.order_id = ANY($2::uuid[])",
+    )
+    .bind(&products)
+    .bind(&orders)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut shelves: HashMap<Uuid, Shelf> = HashMap::with_capacity(products.len());
+    let mut existing: HashSet<Uuid> = HashSet::new();
+    for row in &rows {
+        let id: Uuid = row.try_get(0)?;
+        match (
+            row.try_get::<Option<i64>, _>(1)?,
+            row.try_get::<Option<i64>, _>(2)?,
+        ) {
+            (Some(available), Some(price_cents)) => {
+                shelves.insert(
+                    id,
+                    Shelf {
+                        available,
+                        price_cents,
+                    },
+                );
+            }
+            _ => {
+                existing.insert(id);
+            }
+        }
+    }
+    let prices: HashMap<Uuid, i64> = shelves
+        .iter()
+        .map(|(id, shelf)| (*id, shelf.price_cents))
+        .collect();
+    let decided = allot(
+        &writes
+            .iter()
+            .map(|w| (w.order_id, &w.lines))
+            .collect::<Vec<_>>(),
+        &existing,
+        &mut shelves,
+    );
+    let taking: Vec<&FreshReservation> = writes
+        .iter()
+        .zip(&decided)
+        .filter(|(_, a)| matches!(a, Allotment::Take))
+        .map(|(w, _)| *w)
+        .collect();
+    let mut claimed: HashSet<Uuid> = HashSet::new();
+    if !taking.is_empty() {
+        let mut line_orders = Vec::new();
+        let mut line_products = Vec::new();
+        let mut line_quantities = Vec::new();
+        let mut line_prices = Vec::new();
+        for w in &taking {
+            for (product_id, quantity) in w.lines.lines() {
+                line_orders.push(w.order_id);
+                line_products.push(*product_id);
+                line_quantities.push(*quantity);
+                line_prices.push(prices.get(product_id).copied().ok_or(StoreError::Corrupt)?);
+            }
+        }
+        let now = taking.iter().map(|w| w.now).max().unwrap_or_default();
+        // Lines and stock follow the claims actually inserted: a reservation committed by
+        // another transaction since the first statement is skipped, and takes nothing here.
+        let inserted: Vec<Uuid> = sqlx::query_scalar(
+            "WITH claimed AS (
+                INSERT INTO reservations (order_id, status, created_at, updated_at, expires_at, attempt)
+                SELECT c.order_id, 'held', c.now, c.now, c.until_ms, c.attempt
+                FROM unnest($1::uuid[], $2::bigint[], $3::bigint[], $4::uuid[]) AS c (order_id, now, until_ms, attempt)
+                ON CONFLICT (order_id) DO NOTHING
+                RETURNING order_id
+             ), lines AS (
+                SELECT l.order_id, l.product_id, l.quantity, l.price_cents
+                FROM unnest($5::uuid[], $6::uuid[], $7::bigint[], $8::bigint[]) AS l (order_id, product_id, quantity, price_cents)
+                WHERE l.order_id IN (SELECT order_id FROM claimed)
+             ), items AS (
+                INSERT INTO reservation_items (order_id, product_id, quantity, unit_price_cents)
+                SELECT order_id, product_id, quantity, price_cents FROM lines
+             ), taken AS (
+                UPDATE products p
+                SET reserved = p.reserved + (SELECT COALESCE(SUM(l.quantity), 0) FROM lines l WHERE l.product_id = p.id)::bigint,
+                    updated_at = $9
+                WHERE p.id = ANY($10::uuid[])
+             )
+             SELECT order_id FROM claimed",
+        )
+        .bind(taking.iter().map(|w| w.order_id).collect::<Vec<_>>())
+        .bind(taking.iter().map(|w| w.now).collect::<Vec<_>>())
+        .bind(taking.iter().map(|w| w.hold.until_ms).collect::<Vec<_>>())
+        .bind(taking.iter().map(|w| w.hold.attempt).collect::<Vec<_>>())
+        .bind(&line_orders)
+        .bind(&line_products)
+        .bind(&line_quantities)
+        .bind(&line_prices)
+        .bind(now)
+        .bind(&products)
+        .fetch_all(&mut *conn)
+        .await?;
+        claimed.extend(inserted);
+    }
+    let skipped = taking.len().saturating_sub(claimed.len());
+    if skipped > 0 && decided.iter().any(|a| matches!(a, Allotment::Refuse(_))) {
+        // A skipped claim left stock a refused order might have had: decided alone, in turn.
+        return Ok(Together::EachAlone);
+    }
+    let mut outcomes = Vec::with_capacity(writes.len());
+    for (w, allotment) in writes.iter().zip(decided) {
+        outcomes.push(Ok(match allotment {
+            Allotment::Take if claimed.contains(&w.order_id) => {
+                let items = w
+                    .lines
+                    .lines()
+                    .iter()
+                    .map(|(product_id, quantity)| {
+                        Ok(ReservedLine {
+                            product_id: *product_id,
+                            quantity: *quantity,
+                            unit_price: money(
+                                prices.get(product_id).copied().ok_or(StoreError::Corrupt)?,
+                            )?,
+                        })
+                    })
+                    .collect::<Result<Vec<_>, StoreError>>()?;
+                Fresh::Held(Reservation {
+                    order_id: w.order_id,
+                    status: ReservationStatus::Held,
+                    expires_at: expiry(w.hold.until_ms),
+                    items,
+                })
+            }
+            Allotment::Take | Allotment::Exists => Fresh::Exists,
+            Allotment::Refuse(refusal) => Fresh::Refused(refusal),
+        }));
+    }
+    Ok(Together::Written(outcomes))
 }
 
 /// Takes every line for `order_id` (whose reservation row exists) at the current price, in
@@ -842,5 +1079,180 @@ impl ProductStore for PgProductStore {
 
     async fn close(&self) {
         self.pg.close().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    fn lines(items: &[(Uuid, i64)]) -> ReservationLines {
+        ReservationLines::parse(items).unwrap()
+    }
+
+    fn shelf(available: i64) -> Shelf {
+        Shelf {
+            available,
+            price_cents: 100,
+        }
+    }
+
+    #[test]
+    fn allotting_decides_each_order_in_turn_against_what_the_ones_before_left() {
+        let (a, b, unknown) = (Uuid::from_u128(1), Uuid::from_u128(2), Uuid::from_u128(9));
+        let (o1, o2, o3, o4, o5, o6) = (
+            Uuid::new_v4(),
+            Uuid::new_v4(),
+            Uuid::new_v4(),
+            Uuid::new_v4(),
+            Uuid::new_v4(),
+            Uuid::new_v4(),
+        );
+        let mut shelves = HashMap::from([(a, shelf(5)), (b, shelf(3))]);
+        let existing = HashSet::from([o5]);
+        let (two_a, two_a_three_b, one_a, with_unknown) = (
+            lines(&[(a, 2)]),
+            lines(&[(a, 2), (b, 3)]),
+            lines(&[(a, 1)]),
+            lines(&[(a, 1), (unknown, 1)]),
+        );
+        let orders = [
+            (o1, &two_a),
+            (o2, &two_a_three_b),
+            // 1 of A left: refused, and it takes nothing.
+            (o3, &two_a),
+            (o4, &with_unknown),
+            (o5, &one_a),
+            // The same order again in one batch: the first claimed it.
+            (o1, &one_a),
+            (o6, &one_a),
+        ];
+        let decided = allot(&orders, &existing, &mut shelves);
+        assert!(matches!(decided[0], Allotment::Take));
+        assert!(matches!(decided[1], Allotment::Take));
+        assert!(matches!(
+            decided[2],
+            Allotment::Refuse(StoreError::InsufficientStock {
+                requested: 2,
+                available: 1,
+                ..
+            })
+        ));
+        assert!(
+            matches!(decided[3], Allotment::Refuse(StoreError::UnknownProduct(p)) if p == unknown)
+        );
+        assert!(matches!(decided[4], Allotment::Exists));
+        assert!(matches!(decided[5], Allotment::Exists));
+        assert!(matches!(decided[6], Allotment::Take));
+        assert_eq!(shelves[&a].available, 0);
+        assert_eq!(shelves[&b].available, 0);
+    }
+
+    fn widget(sku: &str, on_hand: i64, cents: i64) -> crate::store::NewProduct {
+        crate::store::NewProduct {
+            name: sku.into(),
+            description: String::new(),
+            price: Money::from_cents(cents).unwrap(),
+            on_hand,
+            sku: sku.into(),
+            category: "tools".into(),
+        }
+    }
+
+    fn fresh(order_id: Uuid, items: &[(Uuid, i64)]) -> FreshReservation {
+        FreshReservation {
+            order_id,
+            lines: lines(items),
+            hold: Hold::until(i64::MAX),
+            now: now_ms(),
+        }
+    }
+
+    /// The two-statement batch against a database: outcomes as one after another, stock and
+    /// lines written once for the orders that took, nothing for the others.
+    #[tokio::test]
+    async fn a_batch_reserved_together_has_each_orders_outcome_and_takes_stock_once() {
+        let url = kit::pg::test_database_url();
+        let store = PgProductStore::open(
+            &url,
+            &kit::pg::unique_schema("products"),
+            &Default::default(),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("PostgreSQL at {url} (TEST_DATABASE_URL) is needed: {e}"));
+        let a = store.create(widget("A", 5, 250)).await.unwrap();
+        let b = store.create(widget("B", 3, 1_000)).await.unwrap();
+        let retried = Uuid::new_v4();
+        store
+            .reserve(retried, &lines(&[(b.id, 1)]), Hold::until(i64::MAX))
+            .await
+            .unwrap();
+        let (o1, o2, o3, o4) = (
+            Uuid::new_v4(),
+            Uuid::new_v4(),
+            Uuid::new_v4(),
+            Uuid::new_v4(),
+        );
+        let batch = [
+            fresh(o1, &[(a.id, 2)]),
+            fresh(o2, &[(a.id, 2), (b.id, 2)]),
+            fresh(o3, &[(a.id, 2)]),
+            fresh(retried, &[(a.id, 1)]),
+            fresh(o4, &[(a.id, 1)]),
+        ];
+        let writes: Vec<&FreshReservation> = batch.iter().collect();
+        let mut tx = store.pg.pool().begin().await.unwrap();
+        let Together::Written(outcomes) = reserve_together(&mut tx, &writes).await.unwrap() else {
+            panic!("no race here: the batch is written together");
+        };
+        tx.commit().await.unwrap();
+        let held = |i: usize| match &outcomes[i] {
+            Ok(Fresh::Held(r)) => r
+                .items
+                .iter()
+                .map(|l| (l.product_id, l.quantity, l.unit_price.cents()))
+                .collect::<Vec<_>>(),
+            _ => panic!("order {i} should be held"),
+        };
+        assert_eq!(held(0), vec![(a.id, 2, 250)]);
+        let mut two = vec![(a.id, 2, 250), (b.id, 2, 1_000)];
+        two.sort();
+        assert_eq!(held(1), two);
+        assert!(matches!(
+            outcomes[2],
+            Ok(Fresh::Refused(StoreError::InsufficientStock {
+                requested: 2,
+                available: 1,
+                ..
+            }))
+        ));
+        assert!(matches!(outcomes[3], Ok(Fresh::Exists)));
+        assert_eq!(held(4), vec![(a.id, 1, 250)]);
+        // What the database holds agrees: A all reserved, B 1 (the retry's) + 2.
+        let reserved = |id| {
+            let store = store.clone();
+            async move { store.stock(id).await.unwrap().unwrap().stock.reserved }
+        };
+        assert_eq!(reserved(a.id).await, 5);
+        assert_eq!(reserved(b.id).await, 3);
+        for (order, lines) in [(o1, 1), (o2, 2), (o4, 1), (retried, 1)] {
+            let (r, _, _) = load_reservation(
+                store.pg.pool().acquire().await.unwrap().as_mut(),
+                order,
+                false,
+            )
+            .await
+            .unwrap()
+            .unwrap();
+            assert_eq!((r.status, r.items.len()), (ReservationStatus::Held, lines));
+        }
+        let refused =
+            load_reservation(store.pg.pool().acquire().await.unwrap().as_mut(), o3, false)
+                .await
+                .unwrap();
+        assert!(refused.is_none());
+        store.pg.clone().drop_schema().await.unwrap();
     }
 }

@@ -16,6 +16,9 @@
 //! already holds: each transaction takes its row locks in ascending key order, as every other
 //! transaction of the caller's must, so batches cannot deadlock, and the oldest write always
 //! goes next, so none waits forever. Our own batcher: sqlx has no pipelining or group commit.
+//!
+//! A write may also say how to do a whole batch at once ([`BatchWrite::write_together`]): a few
+//! statements for the batch instead of one a write, each a round trip.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -41,6 +44,32 @@ pub trait BatchWrite: Send + Sync + 'static {
         &'c self,
         conn: &'c mut PgConnection,
     ) -> BoxFuture<'c, Result<Self::Output, sqlx::Error>>;
+
+    /// Does every write of a batch (at least two, in the batch's order) inside its
+    /// transaction, with the same outcomes as one after another in that order. The default
+    /// has no such form and answers [`Together::OneAfterAnother`] without touching `conn`.
+    fn write_together<'c>(
+        writes: &'c [&'c Self],
+        conn: &'c mut PgConnection,
+    ) -> BoxFuture<'c, Result<Together<Self::Output>, sqlx::Error>>
+    where
+        Self: Sized,
+    {
+        let _ = (writes, conn);
+        Box::pin(async { Ok(Together::OneAfterAnother) })
+    }
+}
+
+/// What [`BatchWrite::write_together`] did.
+#[derive(Debug)]
+pub enum Together<O> {
+    /// Every write's outcome, in the batch's order: the batch commits.
+    Written(Vec<O>),
+    /// Nothing done: run the writes one after another in the same transaction.
+    OneAfterAnother,
+    /// The outcomes would depend on a race (a write met a concurrent transaction's row): roll
+    /// the batch back and run each write alone.
+    EachAlone,
 }
 
 /// Most writes in one transaction.
@@ -159,15 +188,30 @@ async fn run_batch<W: BatchWrite>(pg: &Pg, batch: Vec<Waiting<W>>) {
     if batch.len() > 1 {
         let together = async {
             let mut tx = pg.pool().begin().await?;
-            let mut outputs = Vec::with_capacity(batch.len());
-            for w in &batch {
-                outputs.push(w.write.write(&mut tx).await?);
-            }
+            let writes: Vec<&W> = batch.iter().map(|w| &w.write).collect();
+            let outputs = match W::write_together(&writes, &mut tx).await? {
+                Together::Written(outputs) if outputs.len() == batch.len() => outputs,
+                // A wrong count is a bug in the write; nothing it did is kept.
+                Together::Written(_) | Together::EachAlone => return Ok(None),
+                Together::OneAfterAnother => {
+                    let mut outputs = Vec::with_capacity(batch.len());
+                    for w in &batch {
+                        outputs.push(w.write.write(&mut tx).await?);
+                    }
+                    outputs
+                }
+            };
             tx.commit().await?;
-            Ok::<_, sqlx::Error>(outputs)
+            Ok::<_, sqlx::Error>(Some(outputs))
         };
         match together.await {
-            Ok(outputs) => {
+            Ok(None) => {
+                tracing::debug!(
+                    writes = batch.len(),
+                    "a batch's outcome met a race; each write runs again alone"
+                );
+            }
+            Ok(Some(outputs)) => {
                 for (w, output) in batch.into_iter().zip(outputs) {
                     // The caller may be gone (its request was cancelled): nothing to tell.
                     let _ = w.answer.send(Ok(output));
