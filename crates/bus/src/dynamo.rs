@@ -16,6 +16,7 @@
 //! and [`design`]: each table's design as data, created locally and checked against Terraform.
 
 pub mod design;
+pub mod write_units;
 
 use std::collections::{HashMap, HashSet};
 
@@ -64,7 +65,8 @@ pub async fn sdk_config(url: &DynamoUrl) -> aws_config::SdkConfig {
 
 /// A DynamoDB client for `config` that counts its requests in `dynamodb_requests_total`, by
 /// operation (`PutItem`, `TransactWriteItems`, ...): the round trips an order costs, which the
-/// benchmarks and a test read per order. Every store and outbox makes its client here.
+/// benchmarks and a test read per order; and the write units they bill in
+/// `dynamodb_write_units_total` ([`write_units`]). Every store and outbox makes its client here.
 pub fn client(config: &aws_config::SdkConfig) -> Client {
     let conf = aws_sdk_dynamodb::config::Builder::from(config)
         .interceptor(RequestCounter)
@@ -89,6 +91,46 @@ impl aws_sdk_dynamodb::config::Intercept for RequestCounter {
     ) -> Result<(), aws_sdk_dynamodb::error::BoxError> {
         metrics::counter!("dynamodb_requests_total", "operation" => operation_of(context.request().headers().get("x-amz-target")))
             .increment(1);
+        Ok(())
+    }
+
+    /// Once an operation, however often it is retried: a write refused is not billed.
+    fn read_before_execution(
+        &self,
+        context: &aws_sdk_dynamodb::config::interceptors::BeforeSerializationInterceptorContextRef<
+            '_,
+        >,
+        _: &mut aws_sdk_dynamodb::config::ConfigBag,
+    ) -> Result<(), aws_sdk_dynamodb::error::BoxError> {
+        use aws_sdk_dynamodb::operation;
+        let input = context.input();
+        let written = if let Some(put) = input.downcast_ref::<operation::put_item::PutItemInput>() {
+            Some(("PutItem", write_units::of_put(put)))
+        } else if let Some(t) =
+            input.downcast_ref::<operation::transact_write_items::TransactWriteItemsInput>()
+        {
+            Some(("TransactWriteItems", write_units::of_transaction(t)))
+        } else if let Some(b) =
+            input.downcast_ref::<operation::batch_write_item::BatchWriteItemInput>()
+        {
+            Some(("BatchWriteItem", write_units::of_batch(b)))
+        } else if input
+            .downcast_ref::<operation::update_item::UpdateItemInput>()
+            .is_some()
+        {
+            Some(("UpdateItem", 1))
+        } else if input
+            .downcast_ref::<operation::delete_item::DeleteItemInput>()
+            .is_some()
+        {
+            Some(("DeleteItem", 1))
+        } else {
+            None
+        };
+        if let Some((operation, units)) = written {
+            metrics::counter!("dynamodb_write_units_total", "operation" => operation)
+                .increment(units);
+        }
         Ok(())
     }
 }

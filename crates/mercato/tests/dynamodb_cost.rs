@@ -2,8 +2,10 @@
 //! docs/benchmarks.md): orders, payments and notifications on the server at
 //! `TEST_DYNAMODB_ENDPOINT` (scripts/check-aws starts moto), the platform's
 //! `dynamodb_requests_total` read before and after a burst of orders, the requests the idle
-//! pollers make in that time taken off. Fails when an order costs more than the
-//! number docs/benchmarks.md documents. Alone in its binary: the counters are process-wide.
+//! pollers make in that time taken off; and the write units they bill
+//! (`dynamodb_write_units_total`, DynamoDB's sizing rules applied to each item written). Fails
+//! when an order costs more of either than docs/benchmarks.md documents. Alone in its binary:
+//! the counters are process-wide.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -14,11 +16,26 @@ mod common;
 #[cfg(feature = "dynamodb")]
 const MAX_REQUESTS_PER_ORDER: f64 = 5.0;
 
+/// The most write units one order may bill, all told (DynamoDB's sizing rules applied to each
+/// item written, `bus::dynamo::write_units`; docs/benchmarks.md).
+#[cfg(feature = "dynamodb")]
+const MAX_WRITE_UNITS_PER_ORDER: f64 = 13.0;
+
 #[cfg(feature = "dynamodb")]
 fn requests_by_operation(metrics: &str) -> std::collections::BTreeMap<String, f64> {
+    by_operation(metrics, "dynamodb_requests_total{")
+}
+
+#[cfg(feature = "dynamodb")]
+fn write_units_by_operation(metrics: &str) -> std::collections::BTreeMap<String, f64> {
+    by_operation(metrics, "dynamodb_write_units_total{")
+}
+
+#[cfg(feature = "dynamodb")]
+fn by_operation(metrics: &str, series: &str) -> std::collections::BTreeMap<String, f64> {
     let mut found = std::collections::BTreeMap::new();
     for line in metrics.lines() {
-        if let Some(rest) = line.strip_prefix("dynamodb_requests_total{") {
+        if let Some(rest) = line.strip_prefix(series) {
             let (labels, value) = rest.rsplit_once("} ").unwrap();
             let operation = labels
                 .split(',')
@@ -87,11 +104,47 @@ async fn an_order_costs_a_bounded_number_of_dynamodb_requests() {
     let idle_secs = idle_started.elapsed().as_secs_f64();
 
     const ORDERS: usize = 40;
-    let from = requests_by_operation(&scrape_metrics(&app.client, &ops).await);
+    let before = scrape_metrics(&app.client, &ops).await;
+    let (from, units_from) = (
+        requests_by_operation(&before),
+        write_units_by_operation(&before),
+    );
     let started = Instant::now();
     burst(ORDERS).await;
-    let to = requests_by_operation(&scrape_metrics(&app.client, &ops).await);
+    let after = scrape_metrics(&app.client, &ops).await;
+    let (to, units_to) = (
+        requests_by_operation(&after),
+        write_units_by_operation(&after),
+    );
     let secs = started.elapsed().as_secs_f64();
+
+    // Write units: the idle pollers only read, so all of these are the orders'.
+    let units_per_order = |operation: &str| {
+        (units_to.get(operation).unwrap_or(&0.0) - units_from.get(operation).unwrap_or(&0.0))
+            / ORDERS as f64
+    };
+    let units: f64 = units_to.keys().map(|op| units_per_order(op)).sum();
+    let unit_lines: Vec<String> = units_to
+        .keys()
+        .map(|op| format!("{op}: {:.2} write units per order", units_per_order(op)))
+        .collect();
+    eprintln!(
+        "DynamoDB write units per order: {units:.2}\n{}",
+        unit_lines.join("\n")
+    );
+    // The order's transaction puts the order, its counter shard and two outbox rows: 8 units
+    // (twice 4) only while each is under 1 KB, which is also what makes the relay's leases
+    // and deletes of those rows one unit each, as they are counted.
+    assert_eq!(
+        units_per_order("TransactWriteItems"),
+        8.0,
+        "the order's transaction: {unit_lines:?}"
+    );
+    assert!(
+        units <= MAX_WRITE_UNITS_PER_ORDER,
+        "an order bills {units:.2} write units, more than the documented {MAX_WRITE_UNITS_PER_ORDER}:\n{}",
+        unit_lines.join("\n")
+    );
 
     let mut total = 0.0;
     let mut lines = Vec::new();

@@ -480,6 +480,10 @@ async fn reserve_together(
             }
         }
         let now = taking.iter().map(|w| w.now).max().unwrap_or_default();
+        // Only the products some order takes get a new row version.
+        let mut taken_products = line_products.clone();
+        taken_products.sort_unstable();
+        taken_products.dedup();
         // Lines and stock follow the claims actually inserted: a reservation committed by
         // another transaction since the first statement is skipped, and takes nothing here.
         let inserted: Vec<Uuid> = sqlx::query_scalar(
@@ -513,7 +517,7 @@ async fn reserve_together(
         .bind(&line_quantities)
         .bind(&line_prices)
         .bind(now)
-        .bind(&products)
+        .bind(&taken_products)
         .fetch_all(&mut *conn)
         .await?;
         claimed.extend(inserted);
