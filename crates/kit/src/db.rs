@@ -120,6 +120,11 @@ fn connect(
     conn.busy_timeout(Duration::from_millis(settings.busy_timeout_ms))?;
     if writer {
         conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(
+            None,
+            "wal_autocheckpoint",
+            settings.wal_autocheckpoint_pages.max(1),
+        )?;
     }
     let synchronous = match settings.synchronous.to_ascii_lowercase().as_str() {
         "full" => "FULL",
