@@ -243,41 +243,14 @@ async fn reserve_fresh(
     }
     let found_line = |product: &Uuid| found.iter().find(|(id, ..)| id == product);
     if claimed {
-        let items = lines
-            .lines()
-            .iter()
-            .map(|(product_id, quantity)| {
-                let price = found_line(product_id).and_then(|(.., price)| *price);
-                Ok(ReservedLine {
-                    product_id: *product_id,
-                    quantity: *quantity,
-                    unit_price: money(price.ok_or(StoreError::Corrupt)?)?,
-                })
-            })
-            .collect::<Result<Vec<_>, StoreError>>()?;
-        return Ok(Fresh::Held(Reservation {
-            order_id,
-            status: ReservationStatus::Held,
-            expires_at: expiry(hold.until_ms),
-            items,
-        }));
+        return held(order_id, lines, hold, |product| {
+            found_line(product).and_then(|(.., price)| *price)
+        });
     }
-    // The first line (in product id order) that cannot be had, as the transaction reported it.
-    let shortfall =
-        lines
-            .lines()
-            .iter()
-            .find_map(|(product_id, requested)| match found_line(product_id) {
-                None => Some(StoreError::UnknownProduct(*product_id)),
-                Some((_, available, _)) if available < requested => {
-                    Some(StoreError::InsufficientStock {
-                        product_id: *product_id,
-                        requested: *requested,
-                        available: *available,
-                    })
-                }
-                Some(_) => None,
-            });
+    // The first line that cannot be had, as the transaction reported it.
+    let shortfall = first_shortfall(lines, |product| {
+        found_line(product).map(|(_, available, _)| *available)
+    });
     // The statement's snapshot shows a reservation committed before it (a retry). One being
     // committed concurrently for the same order is not in the snapshot: its claim made ours
     // wait and then do nothing, so a claim skipped with every line available means the same.
@@ -358,6 +331,52 @@ struct Shelf {
     price_cents: i64,
 }
 
+/// The first line (in product id order) that cannot be had, given what each product can still
+/// give (`None`: no such product): the refusal of a reservation, alone or in a batch.
+fn first_shortfall(
+    lines: &ReservationLines,
+    available: impl Fn(&Uuid) -> Option<i64>,
+) -> Option<StoreError> {
+    lines
+        .lines()
+        .iter()
+        .find_map(|(product_id, requested)| match available(product_id) {
+            None => Some(StoreError::UnknownProduct(*product_id)),
+            Some(available) if available < *requested => Some(StoreError::InsufficientStock {
+                product_id: *product_id,
+                requested: *requested,
+                available,
+            }),
+            Some(_) => None,
+        })
+}
+
+/// A reservation just held for `order_id`: its lines at the prices their products had.
+fn held(
+    order_id: Uuid,
+    lines: &ReservationLines,
+    hold: Hold,
+    price_cents: impl Fn(&Uuid) -> Option<i64>,
+) -> Result<Fresh, StoreError> {
+    let items = lines
+        .lines()
+        .iter()
+        .map(|(product_id, quantity)| {
+            Ok(ReservedLine {
+                product_id: *product_id,
+                quantity: *quantity,
+                unit_price: money(price_cents(product_id).ok_or(StoreError::Corrupt)?)?,
+            })
+        })
+        .collect::<Result<Vec<_>, StoreError>>()?;
+    Ok(Fresh::Held(Reservation {
+        order_id,
+        status: ReservationStatus::Held,
+        expires_at: expiry(hold.until_ms),
+        items,
+    }))
+}
+
 /// Decides the batch's orders in turn; `shelves` loses what each taking order takes.
 fn allot(
     orders: &[(Uuid, &ReservationLines)],
@@ -372,20 +391,9 @@ fn allot(
             if existing.contains(order_id) || claimed_here.contains(order_id) {
                 return Allotment::Exists;
             }
-            let shortfall = lines
-                .lines()
-                .iter()
-                .find_map(|(product_id, requested)| match shelves.get(product_id) {
-                    None => Some(StoreError::UnknownProduct(*product_id)),
-                    Some(shelf) if shelf.available < *requested => {
-                        Some(StoreError::InsufficientStock {
-                            product_id: *product_id,
-                            requested: *requested,
-                            available: shelf.available,
-                        })
-                    }
-                    Some(_) => None,
-                });
+            let shortfall = first_shortfall(lines, |product| {
+                shelves.get(product).map(|shelf| shelf.available)
+            });
             if let Some(refusal) = shortfall {
                 return Allotment::Refuse(refusal);
             }
@@ -447,10 +455,6 @@ async fn reserve_together(
             }
         }
     }
-    let prices: HashMap<Uuid, i64> = shelves
-        .iter()
-        .map(|(id, shelf)| (*id, shelf.price_cents))
-        .collect();
     let decided = allot(
         &writes
             .iter()
@@ -459,6 +463,8 @@ async fn reserve_together(
         &existing,
         &mut shelves,
     );
+    // `allot` lowers only what is available: the prices are those the products were locked at.
+    let price_of = |product: &Uuid| shelves.get(product).map(|shelf| shelf.price_cents);
     let taking: Vec<&FreshReservation> = writes
         .iter()
         .zip(&decided)
@@ -476,7 +482,7 @@ async fn reserve_together(
                 line_orders.push(w.order_id);
                 line_products.push(*product_id);
                 line_quantities.push(*quantity);
-                line_prices.push(prices.get(product_id).copied().ok_or(StoreError::Corrupt)?);
+                line_prices.push(price_of(product_id).ok_or(StoreError::Corrupt)?);
             }
         }
         let now = taking.iter().map(|w| w.now).max().unwrap_or_default();
@@ -531,26 +537,7 @@ async fn reserve_together(
     for (w, allotment) in writes.iter().zip(decided) {
         outcomes.push(Ok(match allotment {
             Allotment::Take if claimed.contains(&w.order_id) => {
-                let items = w
-                    .lines
-                    .lines()
-                    .iter()
-                    .map(|(product_id, quantity)| {
-                        Ok(ReservedLine {
-                            product_id: *product_id,
-                            quantity: *quantity,
-                            unit_price: money(
-                                prices.get(product_id).copied().ok_or(StoreError::Corrupt)?,
-                            )?,
-                        })
-                    })
-                    .collect::<Result<Vec<_>, StoreError>>()?;
-                Fresh::Held(Reservation {
-                    order_id: w.order_id,
-                    status: ReservationStatus::Held,
-                    expires_at: expiry(w.hold.until_ms),
-                    items,
-                })
+                held(w.order_id, &w.lines, w.hold, price_of)?
             }
             Allotment::Take | Allotment::Exists => Fresh::Exists,
             Allotment::Refuse(refusal) => Fresh::Refused(refusal),

@@ -48,14 +48,12 @@ fn value_size(value: &AttributeValue) -> usize {
 
 /// A number: one byte per two significant digits, plus one.
 fn number_size(n: &str) -> usize {
-    let digits: String = n
-        .split(['e', 'E'])
-        .next()
-        .unwrap_or("")
-        .chars()
-        .filter(char::is_ascii_digit)
-        .collect();
-    let significant = digits.trim_start_matches('0').trim_end_matches('0').len();
+    let mantissa = n.split(['e', 'E']).next().unwrap_or("");
+    let digits = || mantissa.bytes().filter(u8::is_ascii_digit);
+    // Significant: from the first non-zero digit to the last.
+    let leading = digits().take_while(|d| *d == b'0').count();
+    let trailing = digits().rev().take_while(|d| *d == b'0').count();
+    let significant = digits().count().saturating_sub(leading + trailing);
     significant.max(1).div_ceil(2) + 1
 }
 
